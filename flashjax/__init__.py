@@ -1,0 +1,16 @@
+"""flashjax: IO-aware and sparsity-aware attention for JAX.
+
+Public API:
+  dot_product_attention   blocked (block-sparse) attention, jax.nn layout [B, T, N, H]
+  decode_attention        one-token (head-sparse) decode attention over a KV cache
+  masks                   host-side mask library; masks.BlockMask is what kernels consume
+"""
+
+from flashjax import masks
+from flashjax.masks import BlockMask
+from flashjax.ops.attention.api import dot_product_attention
+from flashjax.ops.decode.api import decode_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["BlockMask", "decode_attention", "dot_product_attention", "masks"]
