@@ -1,0 +1,56 @@
+"""Block-size configuration shared by the Pallas attention backends."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def _is_pow2(x: int) -> bool:
+  return x > 0 and (x & (x - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes and launch parameters of a blocked attention kernel.
+
+  The forward pass tiles queries by `block_q` and keys by `block_kv`; these are also the
+  tiles of the BlockMask the kernel consumes. The backward pass uses
+  `block_q_bwd` x `block_kv_bwd` (None: same as the forward) with its own BlockMask when the
+  mask can be rebuilt at that tiling, and the forward tiling when the caller passed a
+  BlockMask.
+
+  Attributes:
+    block_q: query rows per tile (power of two >= 16).
+    block_kv: keys per tile (power of two >= 16).
+    block_q_bwd: query rows per backward tile, or None.
+    block_kv_bwd: keys per backward tile, or None.
+    num_warps: GPU warps per program (Triton), None for the backend default.
+    num_stages: software-pipelining depth (GPU), None for the backend default.
+  """
+
+  block_q: int = 128
+  block_kv: int = 64
+  block_q_bwd: int | None = None
+  block_kv_bwd: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+      value = getattr(self, name)
+      if value is None and name.endswith("_bwd"):
+        continue
+      if not isinstance(value, int) or not _is_pow2(value) or value < 16:
+        raise ValueError(f"BlockSizes.{name}={value!r} must be a power of two >= 16")
+    for name in ("num_warps", "num_stages"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"BlockSizes.{name}={value!r} must be a positive int or None")
+
+  @property
+  def bwd_q(self) -> int:
+    return self.block_q_bwd or self.block_q
+
+  @property
+  def bwd_kv(self) -> int:
+    return self.block_kv_bwd or self.block_kv
