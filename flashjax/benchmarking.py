@@ -1,0 +1,349 @@
+"""Timing, FLOP / byte counting and hardware ceilings for benchmarks.
+
+Two timers:
+
+* `time_fn` times whole calls from Python: the first call (trace + compile + one run) is
+  reported separately as `compile_s`, then `warmup` untimed calls, then `iters` timed calls,
+  each ended by `jax.block_until_ready`. Good for kernels that run much longer than JAX's
+  dispatch overhead (tens of microseconds).
+* `time_in_loop` runs the function many times inside one jitted `lax.fori_loop`, so dispatch
+  is paid once per loop, and reports the time per iteration. Use it for small kernels such as
+  batched decode. Each iteration's inputs pass through `lax.optimization_barrier` together
+  with the loop carry so XLA cannot hoist the work out of the loop, and the outputs are summed
+  into the carry so it cannot drop the work either (one extra reduction over the outputs per
+  iteration is part of the measured time).
+
+Both accept several input sets (`arg_sets`) and rotate among them, so consecutive calls do not
+hit inputs that are still in the GPU's L2 cache.
+
+FLOP conventions (DESIGN.md): dense attention forward 4*B*N*T*S*D (QK^T and PV, 2 FLOPs per
+multiply-add), half of that for causal, backward 2.5x forward; "useful" FLOPs of a masked
+attention count only allowed (query, key) pairs: 4*N*D per pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+# Ceilings measured on an NVIDIA H200 (DESIGN.md): dense bf16 matmul, and achieved HBM copy
+# bandwidth (the spec sheet says 4.8 TB/s; copies reach about 4.3-4.6).
+H200_BF16_MATMUL_FLOPS_PER_S = 790e12
+H200_HBM_BYTES_PER_S = 4.3e12
+H200_HBM_SPEC_BYTES_PER_S = 4.8e12
+
+_MODES = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """Result of a timer.
+
+  Attributes:
+    compile_s: seconds of the first call (trace, compile and one run).
+    times_s: seconds per call of each timed run (for `time_in_loop`, each entry is one whole
+      loop divided by its number of calls).
+    method: "wall" (`time_fn`) or "loop" (`time_in_loop`).
+    calls_per_sample: calls behind each entry of `times_s`.
+  """
+
+  compile_s: float
+  times_s: tuple[float, ...]
+  method: str
+  calls_per_sample: int = 1
+
+  @property
+  def median_s(self) -> float:
+    return float(np.median(self.times_s))
+
+  @property
+  def p10_s(self) -> float:
+    return float(np.percentile(self.times_s, 10))
+
+  @property
+  def p90_s(self) -> float:
+    return float(np.percentile(self.times_s, 90))
+
+  @property
+  def mean_s(self) -> float:
+    return float(np.mean(self.times_s))
+
+  @property
+  def min_s(self) -> float:
+    return float(np.min(self.times_s))
+
+  def summary(self) -> dict[str, Any]:
+    """Milliseconds summary for JSON results."""
+    ms = lambda s: 1e3 * s
+    return {
+        "compile_s": self.compile_s,
+        "median_ms": ms(self.median_s),
+        "p10_ms": ms(self.p10_s),
+        "p90_ms": ms(self.p90_s),
+        "mean_ms": ms(self.mean_s),
+        "min_ms": ms(self.min_s),
+        "samples": len(self.times_s),
+        "calls_per_sample": self.calls_per_sample,
+        "timing": self.method,
+    }
+
+
+def _input_sets(args: tuple, arg_sets: Sequence[Sequence[Any]] | None) -> list[tuple]:
+  if arg_sets is None:
+    return [tuple(args)]
+  if args:
+    raise ValueError(f"pass inputs either positionally or as arg_sets, not both: "
+                     f"{len(args)=}, {len(arg_sets)=}")
+  if not arg_sets:
+    raise ValueError(f"arg_sets must not be empty: {arg_sets=}")
+  return [tuple(a) for a in arg_sets]
+
+
+def time_fn(fn: Callable[..., Any], *args: Any, warmup: int = 3, iters: int = 20,
+            arg_sets: Sequence[Sequence[Any]] | None = None) -> Timing:
+  """Times `fn(*inputs)` call by call, each call synchronised with block_until_ready.
+
+  Args:
+    fn: the function to time, normally jitted (its first call then compiles).
+    *args: inputs of every call (when `arg_sets` is None).
+    warmup: untimed calls after the first one.
+    iters: timed calls; DESIGN.md asks for >= 20 for reported numbers.
+    arg_sets: several input tuples; call i uses arg_sets[i % len(arg_sets)].
+
+  Returns:
+    Timing with method "wall".
+  """
+  if iters < 1 or warmup < 0:
+    raise ValueError(f"need iters >= 1 and warmup >= 0: {iters=}, {warmup=}")
+  sets = _input_sets(args, arg_sets)
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*sets[0]))
+  compile_s = time.perf_counter() - start
+  for i in range(warmup):
+    jax.block_until_ready(fn(*sets[(i + 1) % len(sets)]))
+  times = []
+  for i in range(iters):
+    inputs = sets[(warmup + 1 + i) % len(sets)]
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*inputs))
+    times.append(time.perf_counter() - start)
+  return Timing(compile_s, tuple(times), "wall")
+
+
+def _sum_leaves(tree: Any) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return sum((jnp.sum(x, dtype=jnp.float32) for x in leaves), jnp.zeros((), jnp.float32))
+
+
+def time_in_loop(fn: Callable[..., Any], *args: Any, iters: int = 100, repeats: int = 5,
+                 arg_sets: Sequence[Sequence[Any]] | None = None) -> Timing:
+  """Times `fn` per iteration of a jitted `lax.fori_loop` (for kernels shorter than dispatch).
+
+  Every loop iteration calls `fn` once on each input set (in order), so the loop runs
+  ceil(iters / len(arg_sets)) iterations and makes that many times len(arg_sets) calls.
+
+  Args:
+    fn: a traceable function of arrays.
+    *args: inputs (when `arg_sets` is None).
+    iters: calls per loop (rounded up to a multiple of the number of input sets).
+    repeats: how many times the whole loop is timed after the compiling call.
+    arg_sets: several input tuples to rotate among.
+
+  Returns:
+    Timing with method "loop"; `times_s` holds one per-call time per repeat.
+  """
+  if iters < 1 or repeats < 1:
+    raise ValueError(f"need iters >= 1 and repeats >= 1: {iters=}, {repeats=}")
+  sets = _input_sets(args, arg_sets)
+  trips = -(-iters // len(sets))
+  calls = trips * len(sets)
+
+  @jax.jit
+  def loop(sets):
+    def body(_, acc):
+      for inputs in sets:
+        # The barrier makes the inputs depend on the carry: nothing is loop invariant.
+        inputs, acc = jax.lax.optimization_barrier((inputs, acc))
+        acc = acc + _sum_leaves(fn(*inputs))
+      return acc
+
+    return jax.lax.fori_loop(0, trips, body, jnp.zeros((), jnp.float32))
+
+  start = time.perf_counter()
+  jax.block_until_ready(loop(sets))
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(loop(sets))
+    times.append((time.perf_counter() - start) / calls)
+  return Timing(compile_s, tuple(times), "loop", calls_per_sample=calls)
+
+
+def _check_mode(mode: str) -> float:
+  if mode not in _MODES:
+    raise ValueError(f"{mode=} must be one of {sorted(_MODES)}")
+  return _MODES[mode]
+
+
+def attention_flops(batch: int, q_len: int, kv_len: int, num_heads: int, head_dim: int,
+                    causal: bool = False, mode: str = "fwd") -> float:
+  """Nominal FLOPs of dense attention: 4*B*N*T*S*D forward, half if causal.
+
+  Args:
+    batch: B.
+    q_len: T.
+    kv_len: S.
+    num_heads: query heads Nq.
+    head_dim: D.
+    causal: halve the count (the usual FlashAttention convention).
+    mode: "fwd", "bwd" (2.5x forward) or "fwd_bwd" (3.5x forward).
+
+  Returns:
+    FLOPs as a float.
+  """
+  factor = _check_mode(mode)
+  flops = 4.0 * batch * num_heads * q_len * kv_len * head_dim
+  if causal:
+    flops /= 2
+  return flops * factor
+
+
+def masked_attention_flops(num_heads: int, head_dim: int, allowed_pairs: float,
+                           mode: str = "fwd") -> float:
+  """"Useful" FLOPs of masked attention: 4*N*D per allowed (query, key) pair.
+
+  Args:
+    num_heads: query heads Nq.
+    head_dim: D.
+    allowed_pairs: allowed (query, key) pairs per head, summed over the batch (see
+      `count_allowed_pairs`).
+    mode: "fwd", "bwd" or "fwd_bwd".
+
+  Returns:
+    FLOPs as a float.
+  """
+  return 4.0 * num_heads * head_dim * float(allowed_pairs) * _check_mode(mode)
+
+
+def count_allowed_pairs(mask: Any, batch: int = 1) -> float:
+  """Allowed (query, key) pairs per head, summed over the batch.
+
+  Args:
+    mask: bool array [T, S] or [B|1, N|1, T, S], or anything with `.to_dense()` returning one
+      (a flashjax.masks.Mask).
+    batch: B; a mask without a batch axis (or with batch 1) counts once per batch row.
+
+  Returns:
+    The count (averaged over the head axis when heads differ).
+  """
+  dense = np.asarray(mask.to_dense() if hasattr(mask, "to_dense") else mask, dtype=bool)
+  if dense.ndim == 2:
+    dense = dense[None, None]
+  if dense.ndim != 4:
+    raise ValueError(f"mask must be 2-D or 4-D: {dense.shape=}")
+  if dense.shape[0] not in (1, batch):
+    raise ValueError(f"mask batch axis does not match: {dense.shape=}, {batch=}")
+  per_row = dense.sum(axis=(2, 3), dtype=np.int64).mean(axis=1)  # [B|1]
+  return float(per_row.sum() * (batch // dense.shape[0]))
+
+
+def decode_kv_bytes(lengths: Any, num_kv_heads: int, head_dim: int, dtype: Any,
+                    head_indices: Any = None) -> float:
+  """Bytes of K and V a decode step must read: valid entries of the selected heads only.
+
+  Args:
+    lengths: [B] valid cache entries per sequence.
+    num_kv_heads: Nkv of the cache.
+    head_dim: D.
+    dtype: cache dtype (its itemsize counts).
+    head_indices: None (all KV heads) or [B, K] KV-head ids read per sequence; duplicate ids
+      in a row count once.
+
+  Returns:
+    Bytes as a float.
+  """
+  lengths = np.asarray(lengths, dtype=np.int64)
+  if lengths.ndim != 1:
+    raise ValueError(f"lengths must be [B]: {lengths.shape=}")
+  if head_indices is None:
+    heads = np.full(lengths.shape, num_kv_heads, dtype=np.int64)
+  else:
+    head_indices = np.asarray(head_indices)
+    if head_indices.ndim != 2 or head_indices.shape[0] != lengths.shape[0]:
+      raise ValueError(f"head_indices must be [B, K]: {head_indices.shape=}, "
+                       f"{lengths.shape=}")
+    heads = np.array([len(np.unique(row)) for row in head_indices], dtype=np.int64)
+  itemsize = np.dtype(dtype).itemsize
+  return float(2 * itemsize * head_dim * np.sum(lengths * heads))
+
+
+def percent_of_ceiling(value: float, ceiling: float) -> float:
+  """100 * value / ceiling (e.g. achieved FLOP/s against the device's matmul ceiling)."""
+  if not ceiling > 0:
+    raise ValueError(f"{ceiling=} must be positive")
+  return 100.0 * value / ceiling
+
+
+def device_ceilings(device_kind: str, dtype: Any = jnp.bfloat16) -> dict[str, float] | None:
+  """Known ceilings of a device kind, or None when it was not measured.
+
+  Args:
+    device_kind: `jax.devices()[0].device_kind`, e.g. "NVIDIA H200".
+    dtype: compute dtype; the matmul ceiling is given for bf16 and fp16 only.
+
+  Returns:
+    {"flops_per_s": ... (absent for other dtypes), "hbm_bytes_per_s": ...} or None.
+  """
+  if "H200" not in device_kind:
+    return None
+  ceilings = {"hbm_bytes_per_s": H200_HBM_BYTES_PER_S}
+  if np.dtype(dtype) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
+    ceilings["flops_per_s"] = H200_BF16_MATMUL_FLOPS_PER_S
+  return ceilings
+
+
+@functools.cache
+def _git_state() -> tuple[str | None, bool | None]:
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True,
+                            text=True, timeout=10, check=True).stdout.strip()
+    status = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                            capture_output=True, text=True, timeout=10, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None, None
+  return commit, bool(status.strip())
+
+
+def environment_info() -> dict[str, Any]:
+  """What a result row must record about where it was measured.
+
+  Returns:
+    jax / jaxlib versions, backend, device kind and count, Python version, host name, the
+    git commit of the flashjax checkout (None outside a git checkout) and whether the
+    checkout had uncommitted changes to tracked files.
+  """
+  commit, dirty = _git_state()
+  return {
+      "jax_version": jax.__version__,
+      "jaxlib_version": jaxlib.__version__,
+      "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind,
+      "device_count": jax.device_count(),
+      "python_version": platform.python_version(),
+      "hostname": platform.node(),
+      "git_commit": commit,
+      "git_dirty": dirty,
+  }
