@@ -1,0 +1,308 @@
+"""torch SDPA and FlexAttention peers, run in a process of their own.
+
+JAX preallocates most of the GPU's memory, so torch cannot share the benchmark's process.
+`TorchPeer.run(case, arrays)` (called from the JAX side) writes the case to a temporary
+directory and runs
+
+  python -m third_party.torch_peers --case DIR/case.json --out DIR/out.json
+
+which builds inputs from the case's seed, times the peer (CUDA events on a GPU, wall clock on
+CPU), checks its output against a float32 torch reference computed in the same run, and writes
+a JSON result: compile_s, median_ms, p10_ms, p90_ms, mean_ms, min_ms, samples, max_abs_err,
+torch_version, torch_device -- or {"error": "..."} when the peer cannot run the case.
+
+case.json keys:
+  op            "attention" or "decode"
+  peer          "torch_sdpa" or "torch_flex" (attention); "torch_sdpa" (decode)
+  batch, num_heads, num_kv_heads, head_dim, dtype ("bfloat16", "float16", "float32")
+  q_len, kv_len (attention) / kv_len = S_max (decode)
+  scale         float or null (1/sqrt(D))
+  mode          "fwd" or "fwd_bwd" (attention)
+  warmup, iters, input_sets, seed
+  structured, band_lo, band_hi (attention; see third_party.peers.PeerMask)
+case.npz arrays (all optional): dense [B|1, N|1, T, S] bool, q_segment_ids, kv_segment_ids,
+  lengths [B], head_indices [B, K].
+
+This module imports torch only inside the child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from third_party.peers import Availability
+
+ATTENTION = ("torch_sdpa", "torch_flex")
+DECODE = ("torch_sdpa",)
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class TorchPeer:
+  """A torch peer; `run` measures one case in a child process."""
+
+  def __init__(self, name: str, op: str):
+    allowed = ATTENTION if op == "attention" else DECODE if op == "decode" else ()
+    if name not in allowed:
+      raise ValueError(f"unknown torch peer {name=} for {op=}")
+    self.name = name
+    self.op = op
+
+  def __repr__(self):
+    return f"TorchPeer({self.name!r}, {self.op!r})"
+
+  def available(self) -> Availability:
+    if importlib.util.find_spec("torch") is None:
+      return Availability(False, "torch is not importable in this environment")
+    return Availability(True, "runs in a separate process")
+
+  def run(self, case: dict[str, Any], arrays: dict[str, np.ndarray],
+          timeout_s: float = 900) -> dict[str, Any]:
+    """Measures `case` in a child process.
+
+    Args:
+      case: the case.json fields (module docstring); `op` and `peer` are filled in.
+      arrays: the case.npz arrays.
+      timeout_s: limit for the child process.
+
+    Returns:
+      The child's result dict.
+
+    Raises:
+      RuntimeError: the child failed or reported an error.
+    """
+    case = dict(case, op=self.op, peer=self.name)
+    with tempfile.TemporaryDirectory(prefix="flashjax_torch_") as tmp:
+      case_path = os.path.join(tmp, "case.json")
+      out_path = os.path.join(tmp, "out.json")
+      with open(case_path, "w") as f:
+        json.dump(case, f)
+      np.savez_compressed(os.path.join(tmp, "case.npz"), **arrays)
+      env = dict(os.environ)
+      env["PYTHONPATH"] = os.pathsep.join(
+          p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
+      env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+      proc = subprocess.run(
+          [sys.executable, "-m", "third_party.torch_peers", "--case", case_path, "--out",
+           out_path], capture_output=True, text=True, timeout=timeout_s, env=env,
+          cwd=_REPO_ROOT, check=False)
+      if proc.returncode != 0 or not os.path.exists(out_path):
+        raise RuntimeError(f"{self.name} child process failed ({proc.returncode=}): "
+                           f"{proc.stderr[-2000:]}")
+      with open(out_path) as f:
+        result = json.load(f)
+    if "error" in result:
+      raise RuntimeError(f"{self.name}: {result['error']}")
+    return result
+
+
+# ---------------------------------------------------------------- child process (torch) ---
+
+
+def _timed(torch, call, warmup: int, iters: int, n_sets: int) -> dict[str, Any]:
+  """Times call(i) for rotating input set i; CUDA events on a GPU, wall clock on CPU."""
+  cuda = torch.cuda.is_available()
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
+  start = time.perf_counter()
+  call(0)
+  sync()
+  compile_s = time.perf_counter() - start
+  for i in range(warmup):
+    call((i + 1) % n_sets)
+  sync()
+  times_ms = []
+  for i in range(iters):
+    idx = (warmup + 1 + i) % n_sets
+    if cuda:
+      begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+      begin.record()
+      call(idx)
+      end.record()
+      end.synchronize()
+      times_ms.append(begin.elapsed_time(end))
+    else:
+      begin = time.perf_counter()
+      call(idx)
+      times_ms.append(1e3 * (time.perf_counter() - begin))
+  t = np.asarray(times_ms)
+  return {"compile_s": compile_s, "median_ms": float(np.median(t)),
+          "p10_ms": float(np.percentile(t, 10)), "p90_ms": float(np.percentile(t, 90)),
+          "mean_ms": float(t.mean()), "min_ms": float(t.min()), "samples": len(t),
+          "calls_per_sample": 1, "timing": "cuda_events" if cuda else "wall"}
+
+
+def _reference(torch, q, k, v, allowed, scale: float):
+  """float32 attention, [B, N, T, D] layout; allowed: bool [B|1, N|1, T, S] or None.
+
+  Rows with no allowed key give zeros. Computed per batch row and group of heads to bound
+  the memory of the logits.
+  """
+  group = q.shape[1] // k.shape[1]
+  k = k.float().repeat_interleave(group, dim=1)
+  v = v.float().repeat_interleave(group, dim=1)
+  out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+  chunk = 4
+  for b in range(q.shape[0]):
+    for h in range(0, q.shape[1], chunk):
+      hs = slice(h, h + chunk)
+      logits = scale * torch.einsum("ntd,nsd->nts", q[b, hs].float(), k[b, hs])
+      if allowed is not None:
+        ok = allowed[b if allowed.shape[0] > 1 else 0]
+        ok = ok[hs] if ok.shape[0] > 1 else ok
+        logits = logits.masked_fill(~ok, -math.inf)
+      m = logits.amax(dim=-1, keepdim=True).clamp_min(-1e30)
+      p = torch.exp(logits - m)
+      denom = p.sum(dim=-1, keepdim=True)
+      out[b, hs] = torch.einsum("nts,nsd->ntd", p, v[b, hs]) / denom.clamp_min(1e-30)
+  return out
+
+
+def _flex_mask_mod(torch, case, arrays, device):
+  """mask_mod for FlexAttention: structured band / segments, or a dense lookup."""
+  if case["structured"]:
+    lo, hi = case["band_lo"], case["band_hi"]
+    q_seg = kv_seg = None
+    if "q_segment_ids" in arrays:
+      q_seg = torch.as_tensor(arrays["q_segment_ids"], device=device)
+      kv_seg = torch.as_tensor(arrays["kv_segment_ids"], device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+      del h
+      ok = q_idx >= 0
+      if lo is not None:
+        ok = ok & (kv_idx - q_idx >= lo)
+      if hi is not None:
+        ok = ok & (kv_idx - q_idx <= hi)
+      if q_seg is not None:
+        qb = b if q_seg.shape[0] > 1 else 0
+        kb = b if kv_seg.shape[0] > 1 else 0
+        ok = ok & (q_seg[qb, q_idx] == kv_seg[kb, kv_idx])
+      return ok
+
+    return mask_mod
+  dense = torch.as_tensor(arrays["dense"], device=device)
+
+  def dense_mod(b, h, q_idx, kv_idx):
+    return dense[b if dense.shape[0] > 1 else 0, h if dense.shape[1] > 1 else 0, q_idx, kv_idx]
+
+  return dense_mod
+
+
+def _attention(torch, case, arrays) -> dict[str, Any]:
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  dtype = getattr(torch, case["dtype"])
+  b, t, s = case["batch"], case["q_len"], case["kv_len"]
+  nq, nkv, d = case["num_heads"], case["num_kv_heads"], case["head_dim"]
+  scale = case["scale"] or 1.0 / math.sqrt(d)
+  fwd_bwd = case["mode"] == "fwd_bwd"
+  gen = torch.Generator(device=device).manual_seed(case["seed"])
+  rand = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype,
+                                    requires_grad=fwd_bwd)
+  sets = [(rand(b, nq, t, d), rand(b, nkv, s, d), rand(b, nkv, s, d))
+          for _ in range(case["input_sets"])]
+  allowed = torch.as_tensor(arrays["dense"], device=device) if "dense" in arrays else None
+  gqa = dict(enable_gqa=True) if nq != nkv else {}
+  sdpa = torch.nn.functional.scaled_dot_product_attention
+  if case["peer"] == "torch_sdpa":
+    causal_only = (case["structured"] and case["band_lo"] is None and case["band_hi"] == 0
+                   and "q_segment_ids" not in arrays)
+    if allowed is None:
+      attend = lambda q, k, v: sdpa(q, k, v, scale=scale, **gqa)
+    elif causal_only:
+      attend = lambda q, k, v: sdpa(q, k, v, is_causal=True, scale=scale, **gqa)
+    else:
+      attend = lambda q, k, v: sdpa(q, k, v, attn_mask=allowed, scale=scale, **gqa)
+  else:
+    from torch.nn.attention import flex_attention as flex
+    block_mask = None
+    if allowed is not None:
+      mask_b = b if allowed.shape[0] > 1 or "q_segment_ids" in arrays else None
+      mask_h = nq if allowed.shape[1] > 1 and not case["structured"] else None
+      block_mask = flex.create_block_mask(_flex_mask_mod(torch, case, arrays, device),
+                                          mask_b, mask_h, t, s, device=device)
+    compiled = torch.compile(flex.flex_attention)
+    attend = lambda q, k, v: compiled(q, k, v, block_mask=block_mask, scale=scale, **gqa)
+  if fwd_bwd:
+    grads_out = [torch.randn(q.shape, generator=gen, device=device, dtype=dtype)
+                 for q, _, _ in sets]
+    call = lambda i: torch.autograd.grad(attend(*sets[i]), sets[i], grads_out[i])
+  else:
+    call = lambda i: attend(*sets[i])
+  result = _timed(torch, call, case["warmup"], case["iters"], len(sets))
+  with torch.no_grad():
+    out = attend(*sets[0]).float()
+    ref = _reference(torch, *sets[0], allowed, scale)
+  result["max_abs_err"] = float((out - ref).abs().max())
+  return result
+
+
+def _decode(torch, case, arrays) -> dict[str, Any]:
+  if "head_indices" in arrays:
+    raise NotImplementedError("torch_sdpa decode computes every head (no head_indices)")
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  dtype = getattr(torch, case["dtype"])
+  b, s = case["batch"], case["kv_len"]
+  nq, nkv, d = case["num_heads"], case["num_kv_heads"], case["head_dim"]
+  scale = case["scale"] or 1.0 / math.sqrt(d)
+  gen = torch.Generator(device=device).manual_seed(case["seed"])
+  rand = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+  sets = [(rand(b, nq, 1, d), rand(b, nkv, s, d), rand(b, nkv, s, d))
+          for _ in range(case["input_sets"])]
+  lengths = torch.as_tensor(arrays["lengths"], device=device)
+  allowed = (torch.arange(s, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+  gqa = dict(enable_gqa=True) if nq != nkv else {}
+  sdpa = torch.nn.functional.scaled_dot_product_attention
+  attend = lambda q, k, v: sdpa(q, k, v, attn_mask=allowed, scale=scale, **gqa)
+  with torch.no_grad():
+    result = _timed(torch, lambda i: attend(*sets[i]), case["warmup"], case["iters"],
+                    len(sets))
+    out = attend(*sets[0]).float()
+    ref = _reference(torch, *sets[0], allowed, scale)
+  result["max_abs_err"] = float((out - ref).abs().max())
+  return result
+
+
+def measure(case: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Runs one case with torch (in the current process) and returns its result dict."""
+  import torch
+
+  torch.backends.cuda.matmul.allow_tf32 = False
+  run = {"attention": _attention, "decode": _decode}[case["op"]]
+  result = run(torch, case, arrays)
+  result["torch_version"] = torch.__version__
+  result["torch_device"] = (torch.cuda.get_device_name() if torch.cuda.is_available()
+                            else "cpu")
+  return result
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--case", required=True, help="case.json (case.npz beside it)")
+  parser.add_argument("--out", required=True, help="where to write the result JSON")
+  args = parser.parse_args(argv)
+  with open(args.case) as f:
+    case = json.load(f)
+  npz = os.path.splitext(args.case)[0] + ".npz"
+  arrays = dict(np.load(npz)) if os.path.exists(npz) else {}
+  try:
+    result = measure(case, arrays)
+  except Exception as e:  # any failure is reported to the parent, not raised
+    result = {"error": f"{type(e).__name__}: {e}"}
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
