@@ -1,0 +1,139 @@
+"""Reference attention: dense float32 at Precision.HIGHEST, the oracle of the backend tests.
+
+`mha_reference` takes the backend keyword protocol of docs/architecture.md, materialises
+the whole [B|1, Nq|1, T, S] mask (Mask.to_dense(), expand_block_mask for a BlockMask),
+repeats K/V heads for GQA and runs a plain softmax. It is deliberately simple rather than
+fast; the array part is jitted, and the whole function can be jitted with Mask objects
+closed over.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flashjax.masks.block_mask import BlockMask
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def dense_mask(
+    *,
+    mask: Any,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    is_causal: bool,
+    q_len: int,
+    kv_len: int,
+) -> jax.Array | None:
+  """AND of all mask arguments as a bool [B|1, Nq|1, T, S] array (None: all allowed).
+
+  Args:
+    mask: None | Mask | BlockMask | bool array of rank 2 to 4.
+    q_segment_ids: None or int [B, T].
+    kv_segment_ids: None or int [B, S].
+    is_causal: allow only j <= i.
+    q_len: T.
+    kv_len: S.
+
+  Returns:
+    bool [B|1, Nq|1, T, S] or None.
+  """
+  parts = []
+  if isinstance(mask, BlockMask):
+    from flashjax.masks.builders import expand_block_mask  # pylint: disable=g-import-not-at-top
+    parts.append(jnp.asarray(expand_block_mask(mask), dtype=bool))
+  elif hasattr(mask, "to_dense"):
+    parts.append(jnp.asarray(mask.to_dense(), dtype=bool))
+  elif mask is not None:
+    parts.append(jnp.asarray(mask, dtype=bool))
+  if is_causal:
+    parts.append(jnp.tril(jnp.ones((q_len, kv_len), dtype=bool)))
+  if q_segment_ids is not None:
+    q_ids, kv_ids = jnp.asarray(q_segment_ids), jnp.asarray(kv_segment_ids)
+    parts.append((q_ids[:, :, None] == kv_ids[:, None, :])[:, None])
+  if not parts:
+    return None
+  out = None
+  for part in parts:
+    part = part.reshape((1,) * (4 - part.ndim) + part.shape)
+    out = part if out is None else out & part
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "logits_soft_cap"))
+def _attend(query, key, value, bias, allowed, *, scale, logits_soft_cap):
+  dtype = query.dtype
+  q_heads, kv_heads = query.shape[2], key.shape[2]
+  query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
+  key = jnp.repeat(key, q_heads // kv_heads, axis=2)
+  value = jnp.repeat(value, q_heads // kv_heads, axis=2)
+  logits = jnp.einsum("btnd,bsnd->bnts", query, key, precision=_HIGHEST) * scale
+  if logits_soft_cap is not None:
+    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if allowed is None:
+    allowed = jnp.ones(logits.shape, dtype=bool)
+  allowed = jnp.broadcast_to(allowed, logits.shape)
+  # Rows without any allowed key: softmax over a constant row, zeroed afterwards; the
+  # inner where keeps their gradients finite (and zero).
+  has_key = jnp.any(allowed, axis=-1, keepdims=True)
+  logits = jnp.where(allowed, logits, -jnp.inf)
+  logits = jnp.where(has_key, logits, 0.0)
+  probs = jnp.where(has_key, jax.nn.softmax(logits, axis=-1), 0.0)
+  out = jnp.einsum("bnts,bsnd->btnd", probs, value, precision=_HIGHEST)
+  return out.astype(dtype)
+
+
+def mha_reference(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    mask: Any = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    block_sizes: Any = None,
+    interpret: bool = False,
+) -> jax.Array:
+  """Dense float32 multi-head (grouped-query) attention.
+
+  Args:
+    query: [B, T, Nq, D].
+    key: [B, S, Nkv, D].
+    value: [B, S, Nkv, D].
+    bias: None or float [B|1, Nq|1, T, S], added after the soft cap.
+    mask: None | Mask | BlockMask | bool array broadcastable to [B, Nq, T, S].
+    q_segment_ids: None or int [B, T].
+    kv_segment_ids: None or int [B, S].
+    is_causal: allow only j <= i.
+    scale: logit scale (None: 1 / sqrt(D)).
+    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
+    block_sizes: ignored.
+    interpret: ignored.
+
+  Returns:
+    [B, T, Nq, D] in query's dtype; rows with no allowed key are zeros.
+  """
+  del block_sizes, interpret
+  t, d = query.shape[1], query.shape[3]
+  allowed = dense_mask(mask=mask, q_segment_ids=q_segment_ids,
+                       kv_segment_ids=kv_segment_ids, is_causal=is_causal, q_len=t,
+                       kv_len=key.shape[1])
+  if scale is None:
+    scale = 1.0 / math.sqrt(d)
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+  return _attend(query, key, value, bias, allowed, scale=float(scale),
+                 logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))

@@ -1,0 +1,127 @@
+"""Public entry point of (head-sparse) decode attention: validation and backend dispatch.
+
+Registered backends (name -> module.function, imported lazily; dispatch rules as in
+flashjax.ops.attention.api):
+
+  xla                flashjax.ops.decode.xla.decode_attention
+  pallas_triton      flashjax.ops.decode.pallas_triton.decode_attention
+  pallas_tpu         flashjax.ops.decode.pallas_tpu.decode_attention
+  pallas_mosaic_gpu  flashjax.ops.decode.pallas_mosaic_gpu.decode_attention
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashjax.ops.attention.api import check_positive, dispatch
+
+DECODE_BACKENDS: dict[str, tuple[str, str]] = {
+    name: (f"flashjax.ops.decode.{name}", "decode_attention")
+    for name in ("xla", "pallas_triton", "pallas_tpu", "pallas_mosaic_gpu")
+}
+
+
+def _concrete(x: jax.Array) -> np.ndarray | None:
+  """Host copy of x, or None when x is traced."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return None
+
+
+def decode_attention(
+    query: jax.Array,
+    key_cache: jax.Array,
+    value_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    head_indices: jax.Array | None = None,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    implementation: str | Sequence[str] | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+  """One-token attention over a KV cache, optionally computing only selected KV groups.
+
+  Query head n reads KV head n // (Nq // Nkv). Sequence b attends to cache entries
+  j < lengths[b]; a sequence of length 0 outputs zeros. With `head_indices`, only the KV
+  groups listed in head_indices[b] are computed for sequence b and the query heads of the
+  other groups output zeros (repeated ids are allowed and count once).
+
+  Args:
+    query: [B, Nq, D] float array.
+    key_cache: [B, S_max, Nkv, D], same dtype as query, Nq % Nkv == 0.
+    value_cache: [B, S_max, Nkv, D], same dtype and shape as key_cache.
+    lengths: int [B], 0 <= lengths[b] <= S_max (checked when not traced).
+    head_indices: None (all groups) or int [B, K], 1 <= K <= Nkv, ids in [0, Nkv)
+      (checked when not traced).
+    scale: logit scale, default 1 / sqrt(D).
+    logits_soft_cap: optional positive cap: logits = cap * tanh(logits / cap).
+    implementation: None (best for the default device, falling back to "xla"), a backend
+      name, or a sequence of names tried in order.
+    interpret: run Pallas backends in interpret mode.
+
+  Returns:
+    [B, Nq, D] array of query's dtype.
+  """
+  for name, x, rank in (("query", query, 3), ("key_cache", key_cache, 4),
+                        ("value_cache", value_cache, 4)):
+    if not isinstance(x, (np.ndarray, jax.Array)):
+      raise ValueError(f"{name} must be a jax or numpy array, got {type(x)=}")
+    if x.ndim != rank:
+      raise ValueError(f"{name}.shape={tuple(x.shape)} must have rank {rank}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name}.dtype={x.dtype} must be floating point")
+  if not query.dtype == key_cache.dtype == value_cache.dtype:
+    raise ValueError(f"dtypes differ: {query.dtype=}, {key_cache.dtype=}, "
+                     f"{value_cache.dtype=}")
+  if key_cache.shape != value_cache.shape:
+    raise ValueError(f"{key_cache.shape=} != {value_cache.shape=}")
+  batch, q_heads, head_dim = query.shape
+  cache_batch, max_len, kv_heads, cache_head_dim = key_cache.shape
+  if cache_batch != batch or cache_head_dim != head_dim:
+    raise ValueError(f"{query.shape=} does not match {key_cache.shape=} (batch, head dim)")
+  if q_heads % kv_heads:
+    raise ValueError(f"query heads must be a multiple of kv heads: {q_heads=}, {kv_heads=}")
+
+  if not isinstance(lengths, (np.ndarray, jax.Array)):
+    lengths = np.asarray(lengths)
+  if tuple(lengths.shape) != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths (shape={tuple(lengths.shape)}, dtype={lengths.dtype}) must "
+                     f"be an int array of shape [B] = ({batch},)")
+  host = _concrete(lengths)
+  if host is not None and (host.min() < 0 or host.max() > max_len):
+    raise ValueError(f"lengths={host.tolist()} must lie in [0, S_max={max_len}]")
+  lengths = lengths.astype(np.int32)
+
+  if head_indices is not None:
+    if not isinstance(head_indices, (np.ndarray, jax.Array)):
+      head_indices = np.asarray(head_indices)
+    if (head_indices.ndim != 2 or head_indices.shape[0] != batch or
+        not 1 <= head_indices.shape[1] <= kv_heads):
+      raise ValueError(f"head_indices.shape={tuple(head_indices.shape)} must be [B, K] "
+                       f"with B={batch} and 1 <= K <= Nkv={kv_heads}")
+    if not jnp.issubdtype(head_indices.dtype, jnp.integer):
+      raise ValueError(f"head_indices.dtype={head_indices.dtype} must be an integer dtype")
+    host = _concrete(head_indices)
+    if host is not None and (host.min() < 0 or host.max() >= kv_heads):
+      raise ValueError(f"head_indices={host.tolist()} must lie in [0, Nkv={kv_heads})")
+    head_indices = head_indices.astype(np.int32)
+
+  scale = check_positive("scale", scale)
+  if scale is None:
+    scale = 1.0 / math.sqrt(head_dim)
+  logits_soft_cap = check_positive("logits_soft_cap", logits_soft_cap)
+  if not isinstance(interpret, (bool, np.bool_)):
+    raise ValueError(f"{interpret=} must be a bool")
+
+  def call(backend):
+    return backend(query, key_cache, value_cache, lengths, head_indices=head_indices,
+                   scale=scale, logits_soft_cap=logits_soft_cap, interpret=bool(interpret))
+
+  return dispatch(implementation, DECODE_BACKENDS, call, "decode")
