@@ -1,0 +1,489 @@
+"""Block-sparse FlashAttention forward for TPU (Pallas Mosaic TPU), backend "pallas_tpu".
+
+The kernel consumes a `flashjax.masks.BlockMask` (binary block masking, Sharma & Geiping 2024):
+its compacted per-query-block lists of non-empty kv blocks are scalar-prefetched into SMEM and
+drive the grid (B, Nq, num_q_blocks, Lf), whose last axis walks the list. The k/v BlockSpec
+index_maps read the list, so only non-empty kv blocks are ever copied into VMEM; padding slots
+repeat the previous block id (no new DMA) and do no work. FULL blocks skip all mask arithmetic;
+PARTIAL blocks AND the ElementRule (band, segment ids, prefix flags evaluated on iota), the
+stored tile (`BlockMask.tiles`, fetched through an index_map reading the tile list) and bounds.
+
+Layout on the kernel side is head-major [B, N, T, D] with D padded to a multiple of 128 and
+T, S padded to block multiples (done in XLA around the kernels). Softmax statistics live in
+float32 VMEM scratch, lane-broadcast to [block_q, 128]; the logsumexp output is likewise
+lane-broadcast. A query row with no allowed key outputs 0 and gets logsumexp +inf, so the
+backward recomputes P = exp(s - lse) = 0 for it.
+
+No TPU was reachable while writing this: correctness is checked in interpret mode on CPU and
+the TPU lowering is traced on CPU; speed is unmeasured (docs/tpu.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from flashjax.masks import block_mask as block_mask_lib
+from flashjax.masks.block_mask import BlockMask
+from flashjax.masks.rule import element_mask
+from flashjax.ops.attention.configs import BlockSizes
+
+LANES = 128
+SUBLANES = 8
+DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_kv=128)
+
+# Contract the last dims of both operands: [m, d] x [n, d] -> [m, n].
+NT_DIMS = (((1,), (1,)), ((), ()))
+# Plain matmul: [m, k] x [k, n] -> [m, n].
+NN_DIMS = (((1,), (0,)), ((), ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Static parameters shared by the forward and backward kernels.
+
+  Attributes:
+    scale: multiplier of q.k.
+    soft_cap: logits soft cap (cap * tanh(logits / cap)) or None.
+    q_len: logical query length T (rows >= T are padding).
+    kv_len: logical key length S (columns >= S are padding).
+    interpret: run the Pallas calls in interpret mode.
+  """
+
+  scale: float
+  soft_cap: float | None
+  q_len: int
+  kv_len: int
+  interpret: bool
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def min_block_q(dtype) -> int:
+  """Smallest legal block_q for `dtype`: 8 sublanes of 32 bits, packed for narrower types."""
+  return SUBLANES * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
+def validate_block_shape(block_q: int, block_kv: int, dtype, what: str = "") -> None:
+  """Raises ValueError unless (block_q, block_kv) fits the TPU (8, 128) tiling for `dtype`."""
+  if block_kv % LANES:
+    raise ValueError(f"pallas_tpu{what}: {block_kv=} must be a multiple of {LANES} (TPU lanes)")
+  need = min_block_q(dtype)
+  if block_q % need:
+    raise ValueError(
+        f"pallas_tpu{what}: {block_q=} must be a multiple of {need} for {jnp.dtype(dtype).name}")
+
+
+def interpret_arg(interpret: bool) -> Any:
+  """The `interpret` argument of pl.pallas_call: the TPU interpreter, or False to compile."""
+  return True if interpret else False
+
+
+def precision_for(dtype) -> lax.Precision:
+  """float32 inputs are multiplied at full precision, narrower types natively."""
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+@dataclasses.dataclass(frozen=True)
+class ListIndexer:
+  """Flat indices into compacted BlockMask lists [Bm, Nm, rows, L] kept 1-D in SMEM.
+
+  SMEM pads multi-dimensional arrays, so the lists are flattened; broadcast axes (Bm or Nm
+  equal to 1) always index 0.
+  """
+
+  bm: int
+  nm: int
+  rows: int
+  length: int
+
+  def row(self, b, h, r):
+    b = b if self.bm > 1 else 0
+    h = h if self.nm > 1 else 0
+    return (b * self.nm + h) * self.rows + r
+
+  def slot(self, b, h, r, s):
+    return self.row(b, h, r) * self.length + s
+
+
+def _fill_tile_ids(kind: jax.Array, tile: jax.Array) -> jax.Array:
+  """Tile id to fetch at every slot: non-PARTIAL slots repeat the nearest PARTIAL tile id.
+
+  Slots that need no stored tile (FULL or padding) then keep the tile index_map constant, so
+  they trigger no tile DMA.
+
+  Args:
+    kind: int32 [..., L] block kinds of a list.
+    tile: int32 [..., L] tile ids of the same list.
+
+  Returns:
+    int32 [..., L].
+  """
+  slots = lax.broadcasted_iota(jnp.int32, kind.shape, kind.ndim - 1)
+  partial = kind == block_mask_lib.PARTIAL
+  last = lax.cummax(jnp.where(partial, slots, -1), axis=kind.ndim - 1)
+  first = jnp.argmax(partial, axis=-1, keepdims=True).astype(jnp.int32)
+  return jnp.take_along_axis(tile, jnp.where(last < 0, first, last), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskOperands:
+  """Kernel operands derived from one BlockMask and one direction of its lists.
+
+  Attributes:
+    indexer: static ListIndexer of the lists.
+    prefetch: (count, block, kind, tile_fetch) flat int32 arrays for scalar prefetch.
+    q_seg: [Bs, Tp, 128] int32 (lane-broadcast query segment ids) or None.
+    kv_seg: [Bs, 1, Sp] int32 key segment ids or None.
+    kv_prefix: [Bs, 1, Sp] int32 prefix-LM flags or None.
+    tiles: [n_tiles, block_q, block_kv] int8 (int32 when block_q % 32) stored tiles or None.
+    band: static band of the rule (None when the mask has no rule).
+  """
+
+  indexer: ListIndexer
+  prefetch: tuple[jax.Array, ...]
+  q_seg: jax.Array | None
+  kv_seg: jax.Array | None
+  kv_prefix: jax.Array | None
+  tiles: jax.Array | None
+  band: Any
+
+
+def mask_operands(bm: BlockMask, direction: str, t_pad: int, s_pad: int) -> MaskOperands:
+  """Flattens `bm`'s lists for scalar prefetch and lays out its rule arrays and tiles.
+
+  Args:
+    bm: the BlockMask.
+    direction: "fwd" (lists per query block) or "bwd" (lists per kv block).
+    t_pad: padded query length (multiple of bm.block_q).
+    s_pad: padded key length (multiple of bm.block_kv).
+
+  Returns:
+    MaskOperands.
+  """
+  count, block, kind, tile = (jnp.asarray(getattr(bm, f"{direction}_{n}"), jnp.int32)
+                              for n in ("count", "block", "kind", "tile"))
+  bm_, nm, rows, length = block.shape
+  indexer = ListIndexer(bm_, nm, rows, length)
+  prefetch = (count.reshape(-1), block.reshape(-1), kind.reshape(-1),
+              _fill_tile_ids(kind, tile).reshape(-1))
+  q_seg = kv_seg = kv_prefix = band = None
+  rule = bm.rule
+  if rule is not None:
+    band = rule.band
+    if rule.has_segments:
+      qs = jnp.asarray(rule.q_segment_ids, jnp.int32)
+      qs = jnp.pad(qs, ((0, 0), (0, t_pad - qs.shape[1])))
+      q_seg = jnp.broadcast_to(qs[:, :, None], (*qs.shape, LANES))
+      ks = jnp.asarray(rule.kv_segment_ids, jnp.int32)
+      kv_seg = jnp.pad(ks, ((0, 0), (0, s_pad - ks.shape[1])))[:, None, :]
+      if rule.kv_in_prefix is not None:
+        pre = jnp.asarray(rule.kv_in_prefix).astype(jnp.int32)
+        kv_prefix = jnp.pad(pre, ((0, 0), (0, s_pad - pre.shape[1])))[:, None, :]
+  tiles = None
+  if bm.tiles is not None:
+    tile_dtype = jnp.int8 if bm.block_q % 32 == 0 else jnp.int32
+    tiles = jnp.asarray(bm.tiles).astype(tile_dtype)
+  return MaskOperands(indexer, prefetch, q_seg, kv_seg, kv_prefix, tiles, band)
+
+
+def rule_specs(ops: MaskOperands, block_q: int, block_kv: int, q_block_fn, kv_block_fn):
+  """BlockSpecs and arrays for the optional mask operands.
+
+  Args:
+    ops: MaskOperands.
+    block_q: query tile size.
+    block_kv: key tile size.
+    q_block_fn: (grid ids, prefetch refs) -> (batch, query block id).
+    kv_block_fn: (grid ids, prefetch refs) -> (batch, kv block id).
+
+  Returns:
+    (arrays, specs, flags) where flags says which of q_seg / kv_seg / kv_prefix / tiles exist.
+  """
+  arrays, specs = [], []
+
+  def batch(b, arr):
+    return b if arr.shape[0] > 1 else 0
+
+  if ops.q_seg is not None:
+    def q_seg_map(*args, arr=ops.q_seg):
+      b, qb = q_block_fn(*args)
+      return batch(b, arr), qb, 0
+    arrays.append(ops.q_seg)
+    specs.append(pl.BlockSpec((None, block_q, LANES), q_seg_map))
+  for arr in (ops.kv_seg, ops.kv_prefix):
+    if arr is not None:
+      def kv_map(*args, arr=arr):
+        b, kb = kv_block_fn(*args)
+        return batch(b, arr), 0, kb
+      arrays.append(arr)
+      specs.append(pl.BlockSpec((None, 1, block_kv), kv_map))
+  flags = (ops.q_seg is not None, ops.kv_seg is not None, ops.kv_prefix is not None,
+           ops.tiles is not None)
+  return arrays, specs, flags
+
+
+def tile_spec(block_q: int, block_kv: int, slot_fn):
+  """BlockSpec of the stored tiles; `slot_fn(grid ids, prefetch refs)` is the flat slot."""
+  def tile_map(*args):
+    tile_ref = args[-1]
+    return tile_ref[slot_fn(*args)], 0, 0
+  return pl.BlockSpec((None, block_q, block_kv), tile_map)
+
+
+def partial_mask(refs: dict, band, q_start, kv_start, block_q: int, block_kv: int,
+                 cfg: KernelConfig) -> jax.Array:
+  """Element mask of a PARTIAL tile: rule AND stored tile AND bounds.
+
+  Args:
+    refs: VMEM refs of the present optional operands: "q_seg" [block_q, 128],
+      "kv_seg" / "kv_prefix" [1, block_kv], "tile" [block_q, block_kv].
+    band: static Band of the rule, or None.
+    q_start: first query position of the tile.
+    kv_start: first key position of the tile.
+    block_q: tile rows.
+    block_kv: tile columns.
+    cfg: KernelConfig (logical lengths).
+
+  Returns:
+    bool [block_q, block_kv].
+  """
+  shape = (block_q, block_kv)
+  q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
+  kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, shape, 1)
+  mask = (q_pos < cfg.q_len) & (kv_pos < cfg.kv_len)
+  if band is not None:
+    q_seg = refs["q_seg"][...][:, :1] if "q_seg" in refs else None
+    kv_seg = refs["kv_seg"][...] if "kv_seg" in refs else None
+    prefix = refs["kv_prefix"][...] != 0 if "kv_prefix" in refs else None
+    mask &= element_mask(q_pos, kv_pos, band, q_seg, kv_seg, prefix)
+  if "tile" in refs:
+    mask &= refs["tile"][...].astype(jnp.int32) != 0
+  return mask
+
+
+def split_optional_refs(refs, flags) -> tuple[dict, list]:
+  """Names the optional mask refs (in rule_specs order, then the tile) and returns the rest."""
+  refs = list(refs)
+  out = {}
+  for name, present in zip(("q_seg", "kv_seg", "kv_prefix", "tile"), flags):
+    if present:
+      out[name] = refs.pop(0)
+  return out, refs
+
+
+def scaled_logits(q: jax.Array, k: jax.Array, cfg: KernelConfig) -> jax.Array:
+  """float32 [block_q, block_kv] logits q k^T * scale, soft-capped if configured."""
+  s = lax.dot_general(q, k, NT_DIMS, precision=precision_for(q.dtype),
+                      preferred_element_type=jnp.float32) * cfg.scale
+  if cfg.soft_cap is not None:
+    s = cfg.soft_cap * jnp.tanh(s / cfg.soft_cap)
+  return s
+
+
+def _fwd_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, *refs,
+                flags, band, indexer: ListIndexer, cfg: KernelConfig, block_q: int,
+                block_kv: int):
+  """One (batch, head, query block, list slot) step of the forward."""
+  opt, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = split_optional_refs(refs, flags)
+  del tile_ref
+  b, h, qi, slot = (pl.program_id(i) for i in range(4))
+  flat = indexer.slot(b, h, qi, slot)
+
+  @pl.when(slot == 0)
+  def _init():
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  def step(masked: bool):
+    s = scaled_logits(q_ref[...], k_ref[...], cfg)
+    if masked:
+      mask = partial_mask(opt, band, qi * block_q, block_ref[flat] * block_kv, block_q,
+                          block_kv, cfg)
+      s = jnp.where(mask, s, -jnp.inf)
+    m_prev = m_ref[...]                                            # [bq, 128]
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    # Rows that have seen no allowed key yet keep m = -inf; shift them by 0 instead.
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    alpha = jnp.exp(m_prev - m_safe)
+    p = jnp.exp(s - m_safe[:, :1])
+    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    v = v_ref[...]
+    pv = lax.dot_general(p.astype(v.dtype), v, NN_DIMS, precision=precision_for(v.dtype),
+                         preferred_element_type=jnp.float32)
+    acc_ref[...] = acc_ref[...] * alpha[:, :1] + pv
+    m_ref[...] = m_next
+
+  live = slot < count_ref[indexer.row(b, h, qi)]
+  full = kind_ref[flat] == block_mask_lib.FULL
+  pl.when(live & full)(lambda: step(False))
+  pl.when(live & jnp.logical_not(full))(lambda: step(True))
+
+  @pl.when(slot == indexer.length - 1)
+  def _finish():
+    l = l_ref[...]
+    empty = l == 0.0
+    o_ref[...] = (acc_ref[...] / jnp.where(empty, 1.0, l)[:, :1]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m_ref[...] + jnp.log(jnp.where(empty, 1.0, l)))
+
+
+def flash_fwd(q: jax.Array, k: jax.Array, v: jax.Array, bm: BlockMask,
+              cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
+  """Runs the forward kernel.
+
+  Args:
+    q: [B, Nq, T, D] head-major queries, D a multiple of 128.
+    k: [B, Nkv, S, D] keys.
+    v: [B, Nkv, S, D] values.
+    bm: BlockMask of logical shape (Bm, Nm, T, S) at the kernel tiling.
+    cfg: KernelConfig.
+
+  Returns:
+    (out [B, Nq, T, D] in q.dtype, logsumexp [B, Nq, T] float32; +inf on rows with no key).
+  """
+  batch, num_q_heads, q_len, head_dim = q.shape
+  num_kv_heads = k.shape[1]
+  group = num_q_heads // num_kv_heads
+  block_q, block_kv = bm.block_q, bm.block_kv
+  nq = bm.num_q_blocks
+  t_pad, s_pad = nq * block_q, bm.num_kv_blocks * block_kv
+  qp = jnp.pad(q, ((0, 0), (0, 0), (0, t_pad - q_len), (0, 0)))
+  kp, vp = (jnp.pad(x, ((0, 0), (0, 0), (0, s_pad - x.shape[2]), (0, 0))) for x in (k, v))
+  ops = mask_operands(bm, "fwd", t_pad, s_pad)
+  ix = ops.indexer
+
+  def kv_block(b, h, i, s, count_ref, block_ref, *_):
+    return b, block_ref[ix.slot(b, h, i, s)]
+
+  def q_block(b, h, i, s, *_):
+    return b, i
+
+  def q_map(b, h, i, s, *_):
+    return b, h, i, 0
+
+  def kv_map(b, h, i, s, count_ref, block_ref, *_):
+    return b, lax.div(h, group), block_ref[ix.slot(b, h, i, s)], 0
+
+  in_specs = [pl.BlockSpec((None, None, block_q, head_dim), q_map),
+              pl.BlockSpec((None, None, block_kv, head_dim), kv_map),
+              pl.BlockSpec((None, None, block_kv, head_dim), kv_map)]
+  arrays, specs, flags = rule_specs(ops, block_q, block_kv, q_block, kv_block)
+  in_specs += specs
+  if ops.tiles is not None:
+    arrays.append(ops.tiles)
+    in_specs.append(tile_spec(block_q, block_kv, lambda b, h, i, s, *_: ix.slot(b, h, i, s)))
+  kernel = functools.partial(_fwd_kernel, flags=flags, band=ops.band, indexer=ix, cfg=cfg,
+                             block_q=block_q, block_kv=block_kv)
+  out, lse = pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((batch, num_q_heads, t_pad, head_dim), q.dtype),
+                 jax.ShapeDtypeStruct((batch, num_q_heads, t_pad, LANES), jnp.float32)),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4,
+          grid=(batch, num_q_heads, nq, ix.length),
+          in_specs=in_specs,
+          out_specs=(pl.BlockSpec((None, None, block_q, head_dim), q_map),
+                     pl.BlockSpec((None, None, block_q, LANES), q_map)),
+          scratch_shapes=[pltpu.VMEM((block_q, LANES), jnp.float32),
+                          pltpu.VMEM((block_q, LANES), jnp.float32),
+                          pltpu.VMEM((block_q, head_dim), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret_arg(cfg.interpret),
+      name="flashjax_tpu_fwd",
+  )(*ops.prefetch, qp, kp, vp, *arrays)
+  return out[:, :, :q_len], lse[:, :, :q_len, 0]
+
+
+def _kernel_tiling(mask: Any, block_sizes: BlockSizes | None) -> tuple[int, int, int, int]:
+  """(block_q, block_kv, block_q_bwd, block_kv_bwd) for these inputs.
+
+  A BlockMask fixes the tiling of both passes; `block_sizes` must then agree with it.
+  """
+  if isinstance(mask, BlockMask):
+    if block_sizes is not None and (block_sizes.block_q, block_sizes.block_kv) != (
+        mask.block_q, mask.block_kv):
+      raise ValueError(
+          f"pallas_tpu: {block_sizes=} disagrees with the BlockMask tiles "
+          f"{mask.block_q=}, {mask.block_kv=}")
+    return mask.block_q, mask.block_kv, mask.block_q, mask.block_kv
+  sizes = block_sizes or DEFAULT_BLOCK_SIZES
+  return sizes.block_q, sizes.block_kv, sizes.bwd_q, sizes.bwd_kv
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    mask: Any = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+  """Block-sparse FlashAttention on TPU (the "pallas_tpu" backend protocol).
+
+  Args:
+    query: [B, T, Nq, D].
+    key: [B, S, Nkv, D], Nq % Nkv == 0 (query head n reads kv head n // (Nq // Nkv)).
+    value: [B, S, Nkv, D].
+    bias: must be None (additive bias is not supported).
+    mask: None | flashjax.masks.Mask | BlockMask | bool array [B|1, Nq|1, T, S].
+    q_segment_ids: None or int32 [B, T].
+    kv_segment_ids: None or int32 [B, S] (with q_segment_ids).
+    is_causal: AND a causal mask (j <= i).
+    scale: logits multiplier, default 1/sqrt(D).
+    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
+    block_sizes: BlockSizes; default 128 x 128. block_kv must be a multiple of 128 and
+      block_q of 8 (16 for 16-bit inputs).
+    interpret: run the kernels with the TPU interpreter (CPU tests).
+
+  Returns:
+    [B, T, Nq, D] in query.dtype; rows with no allowed key are 0.
+  """
+  # Imported here: pallas_tpu_vjp builds on this module.
+  from flashjax.masks import builders
+  from flashjax.ops.attention import pallas_tpu_vjp
+
+  if bias is not None:
+    raise NotImplementedError("pallas_tpu: additive bias is not supported; use the xla "
+                              "backend or express the bias as a mask")
+  batch, q_len, num_q_heads, head_dim = query.shape
+  kv_len, num_kv_heads = key.shape[1], key.shape[2]
+  if num_q_heads % num_kv_heads:
+    raise ValueError(f"pallas_tpu: {num_q_heads=} must be a multiple of {num_kv_heads=}")
+  block_q, block_kv, block_q_bwd, block_kv_bwd = _kernel_tiling(mask, block_sizes)
+  validate_block_shape(block_q, block_kv, query.dtype)
+  validate_block_shape(block_q_bwd, block_kv_bwd, query.dtype, " backward")
+  make_mask = functools.partial(
+      builders.block_mask_for, q_len=q_len, kv_len=kv_len, mask=mask, is_causal=is_causal,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+  fwd_mask = make_mask(block_q=block_q, block_kv=block_kv)
+  bwd_mask = fwd_mask
+  if (block_q_bwd, block_kv_bwd) != (block_q, block_kv):
+    bwd_mask = make_mask(block_q=block_q_bwd, block_kv=block_kv_bwd)
+  cfg = KernelConfig(
+      scale=float(scale if scale is not None else 1.0 / head_dim**0.5),
+      soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+      q_len=q_len, kv_len=kv_len, interpret=bool(interpret))
+  # [B, T, N, D] -> head-major [B, N, T, Dp]; zero lanes added to D change no dot product.
+  d_pad = _round_up(head_dim, LANES) - head_dim
+  q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, d_pad))).transpose(0, 2, 1, 3)
+             for x in (query, key, value))
+  out = pallas_tpu_vjp.attention(q, k, v, fwd_mask, bwd_mask, cfg)
+  return out[..., :head_dim].transpose(0, 2, 1, 3)

@@ -1,0 +1,295 @@
+"""Block-sparse FlashAttention backward for TPU (Pallas Mosaic TPU) and its custom_vjp.
+
+The backward recomputes P = exp(s - lse) tile by tile (FlashAttention-2):
+
+  Delta = rowsum(dO * O)                     (XLA, float32)
+  dV_j = sum_i P_ij^T dO_i,  dS_ij = P_ij * (dO_i V_j^T - Delta_i)
+  dK_j = sum_i dS_ij^T Q_i,  dQ_i = sum_j dS_ij K_j   (times scale and the soft-cap slope)
+
+Two kernels, both driven by scalar-prefetched BlockMask lists:
+  * dK/dV: grid (B, Nkv, num_kv_blocks, G, Lb) iterating the backward lists (query blocks of
+    each kv block, the transposed block map). For GQA the inner axis G walks the group's query
+    heads, so each K/V block accumulates its whole group in VMEM before one store: no per-head
+    dK/dV in HBM and no repeated K/V.
+  * dQ: grid (B, Nq, num_q_blocks, Lf) iterating the forward lists.
+Empty blocks are never fetched; padding slots repeat the last block id and do no work.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from flashjax.masks import block_mask as block_mask_lib
+from flashjax.masks.block_mask import BlockMask
+from flashjax.ops.attention import pallas_tpu as fwd_lib
+from flashjax.ops.attention.pallas_tpu import LANES, NN_DIMS, NT_DIMS, KernelConfig
+
+
+def _dlogits(q, k, v, do, lse, delta, mask, cfg: KernelConfig):
+  """P and dS/d(q.k) of one tile.
+
+  Args:
+    q: [bq, D] queries.
+    k: [bkv, D] keys.
+    v: [bkv, D] values.
+    do: [bq, D] output cotangent.
+    lse: [bq, 1] float32 logsumexp (+inf on rows with no key).
+    delta: [bq, 1] float32 rowsum(dO * O).
+    mask: bool [bq, bkv] or None (FULL tile).
+    cfg: KernelConfig.
+
+  Returns:
+    (p, ds) float32 [bq, bkv]; ds already includes the soft-cap slope and the scale.
+  """
+  s = fwd_lib.scaled_logits(q, k, cfg)
+  if mask is not None:
+    s = jnp.where(mask, s, -jnp.inf)
+  p = jnp.exp(s - lse)
+  dp = lax.dot_general(do, v, NT_DIMS, precision=fwd_lib.precision_for(do.dtype),
+                       preferred_element_type=jnp.float32)
+  ds = p * (dp - delta)
+  if cfg.soft_cap is not None:
+    # d(cap * tanh(x / cap))/dx = 1 - tanh^2; s holds the capped logits (or -inf where p = 0).
+    t = jnp.where(p > 0.0, s / cfg.soft_cap, 0.0)
+    ds = ds * (1.0 - t * t)
+  return p, ds * cfg.scale
+
+
+def _dkv_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref,
+                lse_ref, delta_ref, *refs, flags, band, indexer, group: int,
+                cfg: KernelConfig, block_q: int, block_kv: int):
+  """One (batch, kv head, kv block, group member, list slot) step of dK/dV."""
+  opt, (dk_ref, dv_ref, dk_acc, dv_acc) = fwd_lib.split_optional_refs(refs, flags)
+  del tile_ref
+  b, kvh, kj, g, slot = (pl.program_id(i) for i in range(5))
+  h = kvh * group + g
+  flat = indexer.slot(b, h, kj, slot)
+  first = (g == 0) & (slot == 0)
+  last = (g == group - 1) & (slot == indexer.length - 1)
+
+  @pl.when(first)
+  def _init():
+    dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+    dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+  def step(masked: bool):
+    mask = None
+    if masked:
+      mask = fwd_lib.partial_mask(opt, band, block_ref[flat] * block_q, kj * block_kv,
+                                  block_q, block_kv, cfg)
+    q, do = q_ref[...], do_ref[...]
+    p, ds = _dlogits(q, k_ref[...], v_ref[...], do, lse_ref[...][:, :1],
+                     delta_ref[...][:, :1], mask, cfg)
+    prec = fwd_lib.precision_for(q.dtype)
+    dv_acc[...] += lax.dot_general(p.T.astype(do.dtype), do, NN_DIMS, precision=prec,
+                                   preferred_element_type=jnp.float32)
+    dk_acc[...] += lax.dot_general(ds.T.astype(q.dtype), q, NN_DIMS, precision=prec,
+                                   preferred_element_type=jnp.float32)
+
+  live = slot < count_ref[indexer.row(b, h, kj)]
+  full = kind_ref[flat] == block_mask_lib.FULL
+  pl.when(live & full)(lambda: step(False))
+  pl.when(live & jnp.logical_not(full))(lambda: step(True))
+
+  @pl.when(last)
+  def _finish():
+    dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _dq_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref,
+               lse_ref, delta_ref, *refs, flags, band, indexer, cfg: KernelConfig,
+               block_q: int, block_kv: int):
+  """One (batch, head, query block, list slot) step of dQ."""
+  opt, (dq_ref, dq_acc) = fwd_lib.split_optional_refs(refs, flags)
+  del tile_ref
+  b, h, qi, slot = (pl.program_id(i) for i in range(4))
+  flat = indexer.slot(b, h, qi, slot)
+
+  @pl.when(slot == 0)
+  def _init():
+    dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
+
+  def step(masked: bool):
+    mask = None
+    if masked:
+      mask = fwd_lib.partial_mask(opt, band, qi * block_q, block_ref[flat] * block_kv,
+                                  block_q, block_kv, cfg)
+    k = k_ref[...]
+    _, ds = _dlogits(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...][:, :1],
+                     delta_ref[...][:, :1], mask, cfg)
+    dq_acc[...] += lax.dot_general(ds.astype(k.dtype), k, NN_DIMS,
+                                   precision=fwd_lib.precision_for(k.dtype),
+                                   preferred_element_type=jnp.float32)
+
+  live = slot < count_ref[indexer.row(b, h, qi)]
+  full = kind_ref[flat] == block_mask_lib.FULL
+  pl.when(live & full)(lambda: step(False))
+  pl.when(live & jnp.logical_not(full))(lambda: step(True))
+
+  @pl.when(slot == indexer.length - 1)
+  def _finish():
+    dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
+
+
+def flash_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array,
+              do: jax.Array, bm: BlockMask, cfg: KernelConfig):
+  """Gradients of the attention output with respect to q, k and v.
+
+  Args:
+    q: [B, Nq, T, D] head-major queries, D a multiple of 128.
+    k: [B, Nkv, S, D] keys.
+    v: [B, Nkv, S, D] values.
+    out: [B, Nq, T, D] forward output.
+    lse: [B, Nq, T] float32 forward logsumexp.
+    do: [B, Nq, T, D] output cotangent.
+    bm: BlockMask at the backward tiling.
+    cfg: KernelConfig.
+
+  Returns:
+    (dq [B, Nq, T, D], dk [B, Nkv, S, D], dv [B, Nkv, S, D]) in the input dtypes.
+  """
+  batch, num_q_heads, q_len, head_dim = q.shape
+  num_kv_heads, kv_len = k.shape[1], k.shape[2]
+  group = num_q_heads // num_kv_heads
+  block_q, block_kv = bm.block_q, bm.block_kv
+  nq, nk = bm.num_q_blocks, bm.num_kv_blocks
+  t_pad, s_pad = nq * block_q, nk * block_kv
+
+  delta = jnp.einsum("bntd,bntd->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
+  pad_t = lambda x, value=0.0: jnp.pad(x, ((0, 0), (0, 0), (0, t_pad - q_len), (0, 0)),
+                                       constant_values=value)
+  qp, dop = pad_t(q), pad_t(do.astype(q.dtype))
+  kp, vp = (jnp.pad(x, ((0, 0), (0, 0), (0, s_pad - kv_len), (0, 0))) for x in (k, v))
+  # Padding rows get lse = +inf, hence P = 0; stats are lane-broadcast to [.., T, 128].
+  lse_b = pad_t(jnp.broadcast_to(lse[..., None], (*lse.shape, LANES)), jnp.inf)
+  delta_b = pad_t(jnp.broadcast_to(delta[..., None], (*delta.shape, LANES)))
+  interpret = fwd_lib.interpret_arg(cfg.interpret)
+  q_rows = (None, None, block_q, head_dim)
+  kv_rows = (None, None, block_kv, head_dim)
+  stat_rows = (None, None, block_q, LANES)
+
+  # dK / dV over the backward lists.
+  ops = fwd_lib.mask_operands(bm, "bwd", t_pad, s_pad)
+  ix = ops.indexer
+
+  def qb(b, kvh, j, g, s, count_ref, block_ref, *_):
+    return block_ref[ix.slot(b, kvh * group + g, j, s)]
+
+  def q_map(b, kvh, j, g, s, *refs):
+    return b, kvh * group + g, qb(b, kvh, j, g, s, *refs), 0
+
+  def kv_map(b, kvh, j, g, s, *_):
+    return b, kvh, j, 0
+
+  in_specs = [pl.BlockSpec(q_rows, q_map), pl.BlockSpec(kv_rows, kv_map),
+              pl.BlockSpec(kv_rows, kv_map), pl.BlockSpec(q_rows, q_map),
+              pl.BlockSpec(stat_rows, q_map), pl.BlockSpec(stat_rows, q_map)]
+  arrays, specs, flags = fwd_lib.rule_specs(
+      ops, block_q, block_kv, lambda b, kvh, j, g, s, *r: (b, qb(b, kvh, j, g, s, *r)),
+      lambda b, kvh, j, g, s, *_: (b, j))
+  in_specs += specs
+  if ops.tiles is not None:
+    arrays.append(ops.tiles)
+    in_specs.append(fwd_lib.tile_spec(
+        block_q, block_kv, lambda b, kvh, j, g, s, *_: ix.slot(b, kvh * group + g, j, s)))
+  kernel = functools.partial(_dkv_kernel, flags=flags, band=ops.band, indexer=ix, group=group,
+                             cfg=cfg, block_q=block_q, block_kv=block_kv)
+  dk, dv = pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct(kp.shape, k.dtype),
+                 jax.ShapeDtypeStruct(vp.shape, v.dtype)),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4,
+          grid=(batch, num_kv_heads, nk, group, ix.length),
+          in_specs=in_specs,
+          out_specs=(pl.BlockSpec(kv_rows, kv_map), pl.BlockSpec(kv_rows, kv_map)),
+          scratch_shapes=[pltpu.VMEM((block_kv, head_dim), jnp.float32),
+                          pltpu.VMEM((block_kv, head_dim), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=(
+          "parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+      interpret=interpret,
+      name="flashjax_tpu_bwd_dkv",
+  )(*ops.prefetch, qp, kp, vp, dop, lse_b, delta_b, *arrays)
+
+  # dQ over the forward lists.
+  ops = fwd_lib.mask_operands(bm, "fwd", t_pad, s_pad)
+  ix_f = ops.indexer
+
+  def kvb(b, h, i, s, count_ref, block_ref, *_):
+    return block_ref[ix_f.slot(b, h, i, s)]
+
+  def row_map(b, h, i, s, *_):
+    return b, h, i, 0
+
+  def kv_map_f(b, h, i, s, *refs):
+    return b, lax.div(h, group), kvb(b, h, i, s, *refs), 0
+
+  in_specs = [pl.BlockSpec(q_rows, row_map), pl.BlockSpec(kv_rows, kv_map_f),
+              pl.BlockSpec(kv_rows, kv_map_f), pl.BlockSpec(q_rows, row_map),
+              pl.BlockSpec(stat_rows, row_map), pl.BlockSpec(stat_rows, row_map)]
+  arrays, specs, flags = fwd_lib.rule_specs(
+      ops, block_q, block_kv, lambda b, h, i, s, *_: (b, i),
+      lambda b, h, i, s, *r: (b, kvb(b, h, i, s, *r)))
+  in_specs += specs
+  if ops.tiles is not None:
+    arrays.append(ops.tiles)
+    in_specs.append(fwd_lib.tile_spec(block_q, block_kv,
+                                      lambda b, h, i, s, *_: ix_f.slot(b, h, i, s)))
+  kernel = functools.partial(_dq_kernel, flags=flags, band=ops.band, indexer=ix_f, cfg=cfg,
+                             block_q=block_q, block_kv=block_kv)
+  dq = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4,
+          grid=(batch, num_q_heads, nq, ix_f.length),
+          in_specs=in_specs,
+          out_specs=pl.BlockSpec(q_rows, row_map),
+          scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="flashjax_tpu_bwd_dq",
+  )(*ops.prefetch, qp, kp, vp, dop, lse_b, delta_b, *arrays)
+  return dq[:, :, :q_len], dk[:, :, :kv_len], dv[:, :, :kv_len]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, fwd_mask: BlockMask,
+              bwd_mask: BlockMask, cfg: KernelConfig) -> jax.Array:
+  """Differentiable block-sparse attention on head-major arrays.
+
+  Args:
+    q: [B, Nq, T, D] queries, D a multiple of 128.
+    k: [B, Nkv, S, D] keys.
+    v: [B, Nkv, S, D] values.
+    fwd_mask: BlockMask at the forward tiling.
+    bwd_mask: BlockMask at the backward tiling (may be `fwd_mask`).
+    cfg: static KernelConfig.
+
+  Returns:
+    [B, Nq, T, D] in q.dtype.
+  """
+  del bwd_mask
+  return fwd_lib.flash_fwd(q, k, v, fwd_mask, cfg)[0]
+
+
+def _attention_fwd(q, k, v, fwd_mask, bwd_mask, cfg):
+  out, lse = fwd_lib.flash_fwd(q, k, v, fwd_mask, cfg)
+  return out, (q, k, v, out, lse, bwd_mask)
+
+
+def _attention_bwd(cfg, residuals, do):
+  q, k, v, out, lse, bwd_mask = residuals
+  dq, dk, dv = flash_bwd(q, k, v, out, lse, do, bwd_mask, cfg)
+  return dq, dk, dv, None, None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
