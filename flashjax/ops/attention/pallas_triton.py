@@ -1,0 +1,663 @@
+"""Block-sparse FlashAttention in Pallas with the Triton lowering (the portable GPU backend).
+
+Forward and backward kernels plus the `jax.custom_vjp` wiring live in this one module (the
+backward needs the forward's tile math and the custom_vjp needs both, so one file keeps the
+imports acyclic). Entry point: `dot_product_attention`, called by `api.py` with the keyword
+arguments of docs/architecture.md "Attention backend protocol".
+
+Design (DESIGN.md ideas 1 and 2):
+
+* Masks reach the kernels as a `BlockMask` at the kernel tiling, built by
+  `flashjax.masks.builders.block_mask_for` unless the caller passed one. The forward program
+  (query block i, batch b, query head h) reads `fwd_count[b', h', i]` and loops over the
+  compacted kv block ids only, so EMPTY tiles are never loaded. FULL tiles do no mask
+  arithmetic; PARTIAL tiles (one `lax.cond`, an `scf.if` in Triton, around the masking only,
+  so the K/V loads and both matmuls stay in the loop body) AND the ElementRule (band from static
+  ints, segment ids and prefix flags loaded for the tile), the stored tile and the sequence
+  bounds. When a BlockMask can have no PARTIAL masking at all (no rule, no tiles, lengths that
+  are block multiples) the cond is not emitted.
+* Softmax statistics are float32 and base 2: logits are multiplied by log2(e) so the kernels use
+  exp2, and the saved statistic is lse2 = max + log2(sum) per row. A row without an allowed key
+  gets output 0 and lse2 = +inf, so the backward recomputes P = exp2(s - lse2) = 0 and its
+  gradients are 0 (no NaN, no inf * 0).
+* GQA: query head h reads kv head h // (Nq // Nkv) through the BlockSpec index maps; K/V are
+  never repeated in memory. The dK/dV program of one kv head loops over the query heads of its
+  group inside the kernel, accumulating dK/dV in registers, and writes them once per kv head.
+* Backward (FlashAttention-2): Delta = rowsum(dO * O) in XLA, a dK/dV kernel over kv blocks
+  iterating the `bwd_*` lists and a dQ kernel over query blocks iterating the `fwd_*` lists,
+  both of the BlockMask at the backward tiling. Residuals: q, k, v, out, lse2 and that
+  BlockMask.
+* Sequences are zero-padded to block multiples and the head dim to a power of two >= 16 in XLA
+  (no copy when already aligned); padded keys are masked by the bounds check, padded rows and
+  columns are sliced off.
+* f32 inputs: the Triton lowering runs f32 x f32 dots in IEEE precision (no TF32), so f32
+  results match the float32 reference to ~1e-5. bf16/fp16 inputs: P and dS are cast to the
+  input dtype before their matmuls (as FlashAttention-2), accumulation is f32.
+
+Block sizes (`default_block_sizes`): on GPU 128x64 forward and 64x64 backward tiles for
+head dim <= 128 (4 warps up to D=64, 8 above), 64x32 / 32x32 for head dim 256; in interpret
+mode 32x32 so that small CPU tests still see many tiles. Defaults shrink to the sequence
+(power of two >= 16). A caller's `BlockSizes` is used as given. A BlockMask fixes the tiling of
+both passes; a `block_sizes` that disagrees with it is a ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+import jax.numpy as jnp
+
+from flashjax.masks import builders
+from flashjax.masks.block_mask import PARTIAL, BlockMask
+from flashjax.masks.rule import Band, element_mask
+from flashjax.ops.attention.configs import BlockSizes
+
+_LOG2E = math.log2(math.e)
+_MAX_HEAD_DIM = 256
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _pow2_ceil(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
+                        interpret: bool = False) -> BlockSizes:
+  """Heuristic tiling by head dim (see the module docstring), shrunk to the sequence.
+
+  Args:
+    head_dim: D of the query/key/value.
+    q_len: T.
+    kv_len: S.
+    interpret: True for Pallas interpret mode (CPU tests): small 32x32 tiles.
+
+  Returns:
+    BlockSizes with forward and backward tiles, num_warps and num_stages.
+  """
+  if interpret:
+    sizes = BlockSizes(32, 32)
+  elif head_dim <= 64:
+    sizes = BlockSizes(128, 64, 64, 64, num_warps=4, num_stages=3)
+  elif head_dim <= 128:
+    sizes = BlockSizes(128, 64, 64, 64, num_warps=8, num_stages=3)
+  else:
+    sizes = BlockSizes(64, 32, 32, 32, num_warps=8, num_stages=2)
+  fit_q = lambda b: min(b, max(16, _pow2_ceil(q_len)))
+  fit_kv = lambda b: min(b, max(16, _pow2_ceil(kv_len)))
+  return dataclasses.replace(
+      sizes, block_q=fit_q(sizes.block_q), block_kv=fit_kv(sizes.block_kv),
+      block_q_bwd=fit_q(sizes.bwd_q), block_kv_bwd=fit_kv(sizes.bwd_kv))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Params:
+  """Static (hashable) kernel parameters."""
+
+  scale: float
+  soft_cap: float | None
+  num_warps: int | None
+  num_stages: int | None
+  interpret: bool
+
+  def compiler_params(self) -> plt.CompilerParams:
+    return plt.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MaskLayout:
+  """Static description of a BlockMask as seen by a kernel (which operands it gets)."""
+
+  block_q: int
+  block_kv: int
+  q_len: int
+  kv_len: int
+  batch_bcast: bool       # BlockMask Bm == 1
+  head_bcast: bool        # BlockMask Nm == 1
+  band: Band | None       # None: no ElementRule to evaluate
+  rule_batch_bcast: bool  # segment / prefix arrays have batch 1
+  has_segments: bool
+  has_prefix: bool
+  has_tiles: bool
+
+  @classmethod
+  def of(cls, bm: BlockMask) -> _MaskLayout:
+    rule = bm.rule
+    if rule is not None and rule.band.unbounded and not rule.has_segments:
+      rule = None
+    seg = None if rule is None else rule.q_segment_ids
+    return cls(
+        block_q=bm.block_q, block_kv=bm.block_kv, q_len=bm.shape[2], kv_len=bm.shape[3],
+        batch_bcast=bm.shape[0] == 1, head_bcast=bm.shape[1] == 1,
+        band=None if rule is None else rule.band,
+        rule_batch_bcast=seg is None or seg.shape[0] == 1,
+        has_segments=seg is not None,
+        has_prefix=rule is not None and rule.kv_in_prefix is not None,
+        has_tiles=bm.tiles is not None and bm.tiles.shape[0] > 0)
+
+  @property
+  def q_bounds(self) -> bool:
+    return self.q_len % self.block_q != 0
+
+  @property
+  def kv_bounds(self) -> bool:
+    return self.kv_len % self.block_kv != 0
+
+  @property
+  def has_partial(self) -> bool:
+    """Whether any tile can need element masking."""
+    return self.band is not None or self.has_tiles or self.q_bounds or self.kv_bounds
+
+
+class _MaskRefs(NamedTuple):
+  """Kernel refs of one direction's block lists and of the element-mask parts."""
+
+  count: Any            # [Bm, Nm, n_outer] int32
+  block: Any            # [Bm, Nm, n_outer, L] int32
+  kind: Any = None      # [Bm, Nm, n_outer, L] int32 (only if some tile can be partial)
+  tile: Any = None      # [Bm, Nm, n_outer, L] int32 (only with stored tiles)
+  q_seg: Any = None     # [B|1, T_pad] int32
+  kv_seg: Any = None    # [B|1, S_pad] int32
+  prefix: Any = None    # [B|1, S_pad] int8
+  tiles: Any = None     # [n_tiles, block_q, block_kv] int8
+
+
+def _mask_operands(bm: BlockMask, layout: _MaskLayout, *, backward: bool, q_pad: int,
+                   kv_pad: int) -> list[jax.Array]:
+  """Flat list of the arrays a kernel needs, in `_MaskRefs` order (absent parts skipped)."""
+  lists = ((bm.bwd_count, bm.bwd_block, bm.bwd_kind, bm.bwd_tile) if backward else
+           (bm.fwd_count, bm.fwd_block, bm.fwd_kind, bm.fwd_tile))
+  count, block, kind, tile = (jnp.asarray(x, jnp.int32) for x in lists)
+  ops = [count, block]
+  if layout.has_partial:
+    ops.append(kind)
+  if layout.has_tiles:
+    ops.append(tile)
+  pad_seq = lambda x, n, dtype: jnp.pad(jnp.asarray(x, dtype), ((0, 0), (0, n - x.shape[1])))
+  if layout.has_segments:
+    ops.append(pad_seq(bm.rule.q_segment_ids, q_pad, jnp.int32))
+    ops.append(pad_seq(bm.rule.kv_segment_ids, kv_pad, jnp.int32))
+  if layout.has_prefix:
+    ops.append(pad_seq(bm.rule.kv_in_prefix, kv_pad, jnp.int8))
+  if layout.has_tiles:
+    ops.append(jnp.asarray(bm.tiles, jnp.int8))
+  return ops
+
+
+def _unpack_mask_refs(layout: _MaskLayout, refs) -> _MaskRefs:
+  it = iter(refs)
+  take = lambda present: next(it) if present else None
+  return _MaskRefs(
+      count=next(it), block=next(it), kind=take(layout.has_partial),
+      tile=take(layout.has_tiles), q_seg=take(layout.has_segments),
+      kv_seg=take(layout.has_segments), prefix=take(layout.has_prefix),
+      tiles=take(layout.has_tiles))
+
+
+def _tile_mask(layout: _MaskLayout, refs: _MaskRefs, batch, list_index, q_start, kv_start):
+  """Element mask [block_q, block_kv] of a partial tile: rule AND stored tile AND bounds."""
+  bq, bk = layout.block_q, layout.block_kv
+  q_pos = q_start + jnp.arange(bq, dtype=jnp.int32)[:, None]
+  kv_pos = kv_start + jnp.arange(bk, dtype=jnp.int32)[None, :]
+  parts = []
+  if layout.band is not None:
+    rb = 0 if layout.rule_batch_bcast else batch
+    q_seg = kv_seg = prefix = None
+    if layout.has_segments:
+      q_seg = refs.q_seg[rb, pl.ds(q_start, bq)][:, None]
+      kv_seg = refs.kv_seg[rb, pl.ds(kv_start, bk)][None, :]
+    if layout.has_prefix:
+      prefix = refs.prefix[rb, pl.ds(kv_start, bk)][None, :] != 0
+    parts.append(element_mask(q_pos, kv_pos, layout.band, q_seg, kv_seg, prefix))
+  if layout.has_tiles:
+    parts.append(refs.tiles[refs.tile[list_index]] != 0)
+  if layout.q_bounds:
+    parts.append(q_pos < layout.q_len)
+  if layout.kv_bounds:
+    parts.append(kv_pos < layout.kv_len)
+  return functools.reduce(jnp.logical_and, parts)
+
+
+def _mask_logits(s, layout: _MaskLayout, refs: _MaskRefs, batch, list_index, q_start,
+                 kv_start):
+  """Sets disallowed logits of a PARTIAL tile to -inf; FULL tiles pass through untouched."""
+  if not layout.has_partial:
+    return s
+
+  def masked(s):
+    keep = _tile_mask(layout, refs, batch, list_index, q_start, kv_start)
+    return jnp.where(keep, s, -jnp.inf)
+
+  return lax.cond(refs.kind[list_index] == PARTIAL, masked, lambda s: s, s)
+
+
+def _logits(q, k, params: _Params):
+  """Base-2 logits [bq, bk] (f32) and, with a soft cap, t = tanh(scale * q k^T / cap)."""
+  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  if params.soft_cap is None:
+    return s * (params.scale * _LOG2E), None
+  t = jnp.tanh(s * (params.scale / params.soft_cap))
+  return t * (params.soft_cap * _LOG2E), t
+
+
+def _dot_t(a, b):
+  """a^T b with f32 accumulation: [n, m], [n, d] -> [m, d]."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _mask_batch_head(layout: _MaskLayout, batch, head):
+  return (0 if layout.batch_bcast else batch), (0 if layout.head_bcast else head)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout: _MaskLayout, params: _Params,
+                    num_heads: int):
+  """One query block of one (batch, query head): online softmax over its kv block list.
+
+  Refs: q [bq, Dp], k/v [S_pad, Dp] (the kv head of this query head), mask operands, then
+  outputs o [bq, Dp] and lse2 [bq].
+  """
+  *mask_refs, o_ref, lse_ref = refs
+  m = _unpack_mask_refs(layout, mask_refs)
+  qi, bh = pl.program_id(0), pl.program_id(1)
+  batch, head = bh // num_heads, bh % num_heads
+  mb, mh = _mask_batch_head(layout, batch, head)
+  bq, bk = layout.block_q, layout.block_kv
+  q = q_ref[...]
+  q_start = qi * bq
+
+  def body(slot, carry):
+    acc, row_max, row_sum = carry
+    kv_start = pl.multiple_of(m.block[mb, mh, qi, slot] * bk, bk)
+    k = k_ref[pl.ds(kv_start, bk), :]
+    s, _ = _logits(q, k, params)
+    s = _mask_logits(s, layout, m, batch, (mb, mh, qi, slot), q_start, kv_start)
+    new_max = jnp.maximum(row_max, s.max(axis=1))
+    shift = new_max
+    if layout.has_partial:
+      # A row with no allowed key yet has max -inf: shift by 0 so exp2(-inf - shift) = 0.
+      shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+    alpha = jnp.exp2(row_max - shift)
+    p = jnp.exp2(s - shift[:, None])
+    v = v_ref[pl.ds(kv_start, bk), :]
+    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return alpha[:, None] * acc + pv, new_max, alpha * row_sum + p.sum(axis=1)
+
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  acc, row_max, row_sum = lax.fori_loop(0, m.count[mb, mh, qi], body, init)
+  empty = row_sum == 0.0
+  o_ref[...] = (acc / jnp.where(empty, 1.0, row_sum)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log2(row_sum))
+
+
+def _head_dim_padded(head_dim: int) -> int:
+  return max(16, _pow2_ceil(head_dim))
+
+
+def _pad_to(x: jax.Array, seq_len: int, head_dim: int) -> jax.Array:
+  """Zero-pads [B, L, N, D] to [B, seq_len, N, head_dim]; no copy when already that size."""
+  pads = ((0, 0), (0, seq_len - x.shape[1]), (0, 0), (0, head_dim - x.shape[3]))
+  if all(p == (0, 0) for p in pads):
+    return x
+  return jnp.pad(x, pads)
+
+
+def _forward(q, k, v, bm: BlockMask, params: _Params):
+  """Forward pass.
+
+  Args:
+    q: [B, T, Nq, D].
+    k: [B, S, Nkv, D].
+    v: [B, S, Nkv, D].
+    bm: BlockMask of logical shape (Bm, Nm, T, S).
+    params: static kernel parameters.
+
+  Returns:
+    out [B, T, Nq, D] (dtype of q) and lse2 [B * Nq, T] float32 (base-2 logsumexp of the
+    scaled logits, +inf for rows without an allowed key).
+  """
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  group = num_heads // num_kv_heads
+  layout = _MaskLayout.of(bm)
+  bq, bk = layout.block_q, layout.block_kv
+  nq, nk = _cdiv(q_len, bq), _cdiv(kv_len, bk)
+  dp = _head_dim_padded(head_dim)
+  mask_ops = _mask_operands(bm, layout, backward=False, q_pad=nq * bq, kv_pad=nk * bk)
+  q_spec = pl.BlockSpec((None, bq, None, dp),
+                        lambda i, bh: (bh // num_heads, i, bh % num_heads, 0))
+  kv_spec = pl.BlockSpec((None, nk * bk, None, dp),
+                         lambda i, bh: (bh // num_heads, 0, (bh % num_heads) // group, 0))
+  kernel = functools.partial(_forward_kernel, layout=layout, params=params,
+                             num_heads=num_heads)
+  out, lse = pl.pallas_call(
+      kernel,
+      grid=(nq, batch * num_heads),
+      in_specs=[q_spec, kv_spec, kv_spec] + [pl.BlockSpec()] * len(mask_ops),
+      out_specs=[q_spec, pl.BlockSpec((None, bq), lambda i, bh: (bh, i))],
+      out_shape=[jax.ShapeDtypeStruct((batch, nq * bq, num_heads, dp), q.dtype),
+                 jax.ShapeDtypeStruct((batch * num_heads, nq * bq), jnp.float32)],
+      compiler_params=params.compiler_params(),
+      interpret=params.interpret,
+      name="flashjax_triton_fwd",
+  )(_pad_to(q, nq * bq, dp), _pad_to(k, nk * bk, dp), _pad_to(v, nk * bk, dp), *mask_ops)
+  return out[:, :q_len, :, :head_dim], lse[:, :q_len]
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+def _probs_and_dscores(q, k, v, do, lse, delta, s_mask, params: _Params):
+  """Recomputes P [bq, bk] and dS = dLoss/d(q k^T) / scale for one tile (f32)."""
+  s, t = _logits(q, k, params)
+  s = s_mask(s)
+  p = jnp.exp2(s - lse[:, None])
+  dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  ds = p * (dp - delta[:, None])
+  if t is not None:
+    ds = ds * (1.0 - t * t)  # d/dx cap * tanh(x / cap)
+  return p, ds
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout: _MaskLayout,
+                 params: _Params, num_kv_heads: int, group: int):
+  """dK, dV of one kv block of one (batch, kv head), summed over the group's query heads.
+
+  Refs: q/do [T_pad, group, Dp], k/v [bk, Dp], lse2/delta [group, T_pad], mask operands
+  (bwd lists), then outputs dk/dv [bk, Dp].
+  """
+  *mask_refs, dk_ref, dv_ref = refs
+  m = _unpack_mask_refs(layout, mask_refs)
+  kj, bh = pl.program_id(0), pl.program_id(1)
+  batch, kv_head = bh // num_kv_heads, bh % num_kv_heads
+  bq, bk = layout.block_q, layout.block_kv
+  k = k_ref[...]
+  v = v_ref[...]
+  kv_start = kj * bk
+
+  def head_body(j, carry):
+    mb, mh = _mask_batch_head(layout, batch, kv_head * group + j)
+
+    def body(slot, carry):
+      dk, dv = carry
+      q_start = pl.multiple_of(m.block[mb, mh, kj, slot] * bq, bq)
+      q = q_ref[pl.ds(q_start, bq), j, :]
+      do = do_ref[pl.ds(q_start, bq), j, :]
+      s_mask = functools.partial(_mask_logits, layout=layout, refs=m, batch=batch,
+                                 list_index=(mb, mh, kj, slot), q_start=q_start,
+                                 kv_start=kv_start)
+      p, ds = _probs_and_dscores(q, k, v, do, lse_ref[j, pl.ds(q_start, bq)],
+                                 delta_ref[j, pl.ds(q_start, bq)], s_mask, params)
+      return dk + _dot_t(ds.astype(q.dtype), q), dv + _dot_t(p.astype(do.dtype), do)
+
+    return lax.fori_loop(0, m.count[mb, mh, kj], body, carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
+  dk_ref[...] = (dk * params.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout: _MaskLayout,
+               params: _Params, num_heads: int):
+  """dQ of one query block of one (batch, query head) over its forward kv block list.
+
+  Refs: q/do [bq, Dp], k/v [S_pad, Dp], lse2/delta [bq], mask operands (fwd lists), then
+  the output dq [bq, Dp].
+  """
+  *mask_refs, dq_ref = refs
+  m = _unpack_mask_refs(layout, mask_refs)
+  qi, bh = pl.program_id(0), pl.program_id(1)
+  batch, head = bh // num_heads, bh % num_heads
+  mb, mh = _mask_batch_head(layout, batch, head)
+  bq, bk = layout.block_q, layout.block_kv
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q_start = qi * bq
+
+  def body(slot, dq):
+    kv_start = pl.multiple_of(m.block[mb, mh, qi, slot] * bk, bk)
+    k = k_ref[pl.ds(kv_start, bk), :]
+    v = v_ref[pl.ds(kv_start, bk), :]
+    s_mask = functools.partial(_mask_logits, layout=layout, refs=m, batch=batch,
+                               list_index=(mb, mh, qi, slot), q_start=q_start,
+                               kv_start=kv_start)
+    _, ds = _probs_and_dscores(q, k, v, do, lse, delta, s_mask, params)
+    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  dq = lax.fori_loop(0, m.count[mb, mh, qi], body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * params.scale).astype(dq_ref.dtype)
+
+
+def _pad_rows(x: jax.Array, length: int, value: float) -> jax.Array:
+  """Pads [R, L] to [R, length] with `value`."""
+  if x.shape[1] == length:
+    return x
+  return jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
+
+
+def _backward(q, k, v, out, lse, do, bm: BlockMask, params: _Params):
+  """Backward pass at the tiling of `bm`.
+
+  Args:
+    q: [B, T, Nq, D].
+    k: [B, S, Nkv, D].
+    v: [B, S, Nkv, D].
+    out: [B, T, Nq, D] forward output.
+    lse: [B * Nq, T] float32 base-2 logsumexp from the forward.
+    do: [B, T, Nq, D] output cotangent.
+    bm: BlockMask at the backward tiling.
+    params: static kernel parameters.
+
+  Returns:
+    dq [B, T, Nq, D], dk and dv [B, S, Nkv, D], in the input dtypes.
+  """
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  group = num_heads // num_kv_heads
+  layout = _MaskLayout.of(bm)
+  bq, bk = layout.block_q, layout.block_kv
+  nq, nk = _cdiv(q_len, bq), _cdiv(kv_len, bk)
+  q_pad, kv_pad, dp = nq * bq, nk * bk, _head_dim_padded(head_dim)
+  # Delta = rowsum(dO * O) [B * Nq, T]; elementwise in f32 (no TF32 matmul).
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = _pad_rows(delta.transpose(0, 2, 1).reshape(batch * num_heads, q_len), q_pad, 0.0)
+  lse = _pad_rows(lse, q_pad, jnp.inf)
+  qp, dop = _pad_to(q, q_pad, dp), _pad_to(do.astype(q.dtype), q_pad, dp)
+  kp, vp = _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp)
+
+  kv_block = pl.BlockSpec((None, bk, None, dp),
+                          lambda j, bh: (bh // num_kv_heads, j, bh % num_kv_heads, 0))
+  q_group = pl.BlockSpec((None, q_pad, group, dp),
+                         lambda j, bh: (bh // num_kv_heads, 0, bh % num_kv_heads, 0))
+  stat_group = pl.BlockSpec((group, q_pad), lambda j, bh: (bh, 0))
+  bwd_ops = _mask_operands(bm, layout, backward=True, q_pad=q_pad, kv_pad=kv_pad)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkdv_kernel, layout=layout, params=params,
+                        num_kv_heads=num_kv_heads, group=group),
+      grid=(nk, batch * num_kv_heads),
+      in_specs=[q_group, kv_block, kv_block, q_group, stat_group, stat_group]
+      + [pl.BlockSpec()] * len(bwd_ops),
+      out_specs=[kv_block, kv_block],
+      out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype),
+                 jax.ShapeDtypeStruct(vp.shape, v.dtype)],
+      compiler_params=params.compiler_params(),
+      interpret=params.interpret,
+      name="flashjax_triton_dkdv",
+  )(qp, kp, vp, dop, lse, delta, *bwd_ops)
+
+  q_block = pl.BlockSpec((None, bq, None, dp),
+                         lambda i, bh: (bh // num_heads, i, bh % num_heads, 0))
+  kv_all = pl.BlockSpec((None, kv_pad, None, dp),
+                        lambda i, bh: (bh // num_heads, 0, (bh % num_heads) // group, 0))
+  stat_block = pl.BlockSpec((None, bq), lambda i, bh: (bh, i))
+  fwd_ops = _mask_operands(bm, layout, backward=False, q_pad=q_pad, kv_pad=kv_pad)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, layout=layout, params=params, num_heads=num_heads),
+      grid=(nq, batch * num_heads),
+      in_specs=[q_block, kv_all, kv_all, q_block, stat_block, stat_block]
+      + [pl.BlockSpec()] * len(fwd_ops),
+      out_specs=q_block,
+      out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+      compiler_params=params.compiler_params(),
+      interpret=params.interpret,
+      name="flashjax_triton_dq",
+  )(qp, kp, vp, dop, lse, delta, *fwd_ops)
+  return (dq[:, :q_len, :, :head_dim], dk[:, :kv_len, :, :head_dim],
+          dv[:, :kv_len, :, :head_dim])
+
+
+# ---------------------------------------------------------------------- custom_vjp wiring
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, fwd_mask: BlockMask, bwd_mask: BlockMask, params: _Params):
+  return _forward(q, k, v, fwd_mask, params)[0]
+
+
+def _attention_fwd(q, k, v, fwd_mask, bwd_mask, params):
+  out, lse = _forward(q, k, v, fwd_mask, params)
+  return out, (q, k, v, out, lse, bwd_mask)
+
+
+def _attention_bwd(params, residuals, do):
+  q, k, v, out, lse, bwd_mask = residuals
+  dq, dk, dv = _backward(q, k, v, out, lse, do, bwd_mask, params)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# -------------------------------------------------------------------------- entry point
+
+
+def _check_inputs(query, key, value):
+  if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+    raise ValueError(f"expected rank-4 [B, T, N, D] inputs: {query.shape=} {key.shape=} "
+                     f"{value.shape=}")
+  if key.shape != value.shape or key.shape[0] != query.shape[0] or (
+      key.shape[3] != query.shape[3]):
+    raise ValueError(f"incompatible shapes: {query.shape=} {key.shape=} {value.shape=}")
+  if query.shape[2] % key.shape[2]:
+    raise ValueError(f"query heads must be a multiple of kv heads: {query.shape=} "
+                     f"{key.shape=}")
+  if not query.dtype == key.dtype == value.dtype:
+    raise ValueError(f"dtypes differ: {query.dtype=} {key.dtype=} {value.dtype=}")
+  if query.dtype not in _DTYPES:
+    raise NotImplementedError(f"pallas_triton: {query.dtype=} is not supported (float32, "
+                              "bfloat16, float16)")
+  if query.shape[3] > _MAX_HEAD_DIM:
+    raise NotImplementedError(f"pallas_triton: head_dim={query.shape[3]} > {_MAX_HEAD_DIM} "
+                              "is not supported")
+
+
+def _check_block_mask(bm: BlockMask, query, key):
+  batch, q_len, num_heads, _ = query.shape
+  kv_len = key.shape[1]
+  bm_batch, bm_heads, bm_q, bm_kv = bm.shape
+  if (bm_q, bm_kv) != (q_len, kv_len) or bm_batch not in (1, batch) or (
+      bm_heads not in (1, num_heads)):
+    raise ValueError(f"BlockMask shape {bm.shape} does not fit {query.shape=} {key.shape=}")
+
+
+def _block_masks(mask, query, key, *, is_causal, q_segment_ids, kv_segment_ids, block_sizes,
+                 interpret):
+  """Forward and backward BlockMasks plus the BlockSizes whose launch parameters apply."""
+  q_len, kv_len, head_dim = query.shape[1], key.shape[1], query.shape[3]
+  extra = is_causal or q_segment_ids is not None
+  build = functools.partial(
+      builders.block_mask_for, q_len=q_len, kv_len=kv_len, mask=mask, is_causal=is_causal,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+  if isinstance(mask, BlockMask):
+    tiling = (mask.block_q, mask.block_kv)
+    if block_sizes is not None and (
+        (block_sizes.block_q, block_sizes.block_kv) != tiling
+        or (block_sizes.block_q_bwd or mask.block_q) != mask.block_q
+        or (block_sizes.block_kv_bwd or mask.block_kv) != mask.block_kv):
+      raise ValueError(f"{block_sizes=} disagrees with the BlockMask tiling "
+                       f"block_q={mask.block_q}, block_kv={mask.block_kv}")
+    bm = build(block_q=mask.block_q, block_kv=mask.block_kv) if extra else mask
+    return bm, bm, block_sizes or BlockSizes(*tiling)
+  sizes = block_sizes or default_block_sizes(head_dim, q_len, kv_len, interpret=interpret)
+  fwd = build(block_q=sizes.block_q, block_kv=sizes.block_kv)
+  if (sizes.bwd_q, sizes.bwd_kv) == (sizes.block_q, sizes.block_kv) or fwd.q_perm is not None:
+    # A permuted (RCM) BlockMask is reused as is so both passes share one permutation.
+    return fwd, fwd, sizes
+  return fwd, build(block_q=sizes.bwd_q, block_kv=sizes.bwd_kv), sizes
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    mask: Any = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+  """Block-sparse FlashAttention (Pallas Triton backend); differentiable in q, k, v.
+
+  Args:
+    query: [B, T, Nq, D] float32, bfloat16 or float16; D <= 256.
+    key: [B, S, Nkv, D], Nq % Nkv == 0; query head n uses kv head n // (Nq // Nkv).
+    value: [B, S, Nkv, D].
+    bias: must be None (additive bias is not supported by this backend).
+    mask: None | flashjax.masks.Mask | BlockMask | bool array [B|1, Nq|1, T, S].
+    q_segment_ids: None or int32 [B, T].
+    kv_segment_ids: None or int32 [B, S] (given together with q_segment_ids).
+    is_causal: AND the mask with j <= i.
+    scale: logit scale (default 1 / sqrt(D)).
+    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
+    block_sizes: BlockSizes or None for `default_block_sizes`.
+    interpret: run the kernels in Pallas interpret mode (CPU).
+
+  Returns:
+    [B, T, Nq, D] in the query's dtype; rows with no allowed key are 0.
+
+  Raises:
+    NotImplementedError: for bias, unsupported dtypes or D > 256.
+    ValueError: for inconsistent shapes or a block_sizes that disagrees with a BlockMask.
+  """
+  if bias is not None:
+    raise NotImplementedError(
+        "pallas_triton: additive bias is not supported; use the xla backend")
+  _check_inputs(query, key, value)
+  if logits_soft_cap is not None and logits_soft_cap <= 0:
+    raise ValueError(f"{logits_soft_cap=} must be > 0")
+  fwd_mask, bwd_mask, sizes = _block_masks(
+      mask, query, key, is_causal=is_causal, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, block_sizes=block_sizes, interpret=interpret)
+  for bm in (fwd_mask, bwd_mask):
+    _check_block_mask(bm, query, key)
+  params = _Params(
+      scale=1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale),
+      soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+      num_warps=sizes.num_warps, num_stages=sizes.num_stages, interpret=bool(interpret))
+  q_perm, kv_perm = fwd_mask.q_perm, fwd_mask.kv_perm
+  if q_perm is not None:
+    query = jnp.take(query, q_perm, axis=1)
+  if kv_perm is not None:
+    key, value = jnp.take(key, kv_perm, axis=1), jnp.take(value, kv_perm, axis=1)
+  out = _attention(query, key, value, fwd_mask, bwd_mask, params)
+  if q_perm is not None:
+    out = jnp.take(out, jnp.argsort(q_perm), axis=1)
+  return out
