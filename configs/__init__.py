@@ -1,0 +1,1 @@
+"""Study configs: one module per study with `get_config(arg) -> ConfigDict`."""

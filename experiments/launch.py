@@ -1,0 +1,233 @@
+r"""Runs a study: a sweep of points, one JSON line of results per point.
+
+  python -m experiments.launch --config=configs/quickstart.py --workdir=/tmp/fj_quick
+  python -m experiments.launch --config=configs/quickstart.py:gpu --workdir=DIR \
+      --config.iters=50
+
+The config file's `get_config(arg)` returns a ConfigDict with at least
+  experiment  module under experiments/ (else any importable module) with
+              `run_point(config, point) -> dict`
+  sweep       list of axes; the points are the product of the axes in order, and an axis with
+              several fields zips them: [{"mask": [...]}, {"seq_len": [...], "block": [...]}]
+and optionally `report` (see experiments.report). docs/studies.md describes the schema.
+
+The launcher writes DIR/config.json, skips points whose results are already in
+DIR/results.jsonl (so a re-run after a crash resumes), calls run_point with the config where
+the point's fields are set, appends one row per point (flush + fsync; a failing point is
+recorded with its error and the sweep goes on), and renders DIR/report.md and plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import importlib
+import itertools
+import json
+import os
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import tqdm
+
+from experiments import report
+from flashjax import benchmarking
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file (get_config).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, results, report.")
+_RETRY_FAILED = flags.DEFINE_bool("retry_failed", True,
+                                  "Re-run points whose latest row is an error.")
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.jsonl"
+# Config fields that may change between runs sharing a workdir (the sweep may grow).
+_MUTABLE_FIELDS = ("sweep", "report")
+
+
+def expand_sweep(sweep: Sequence[Mapping[str, Sequence[Any]]] | None) -> list[dict[str, Any]]:
+  """Points of a sweep: the product of its axes, each axis zipping its fields.
+
+  Args:
+    sweep: list of axes, each a mapping field -> list of values (all lists of one axis have
+      the same length). None or [] gives one empty point.
+
+  Returns:
+    List of points (dicts field -> value), first axis outermost.
+  """
+  axes = []
+  seen = set()
+  for axis in sweep or ():
+    if not isinstance(axis, Mapping) or not axis:
+      raise ValueError(f"each sweep axis must be a non-empty mapping field -> values: {axis=}")
+    lengths = {name: len(values) for name, values in axis.items()}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(f"zipped sweep fields must have equal lengths: {lengths=}")
+    if seen & set(axis):
+      raise ValueError(f"sweep fields repeated across axes: {sorted(seen & set(axis))}")
+    seen |= set(axis)
+    names = list(axis)
+    axes.append([dict(zip(names, values)) for values in zip(*(axis[n] for n in names))])
+  return [dict(item for part in combo for item in part.items())
+          for combo in itertools.product(*axes)]
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if hasattr(value, "tolist"):  # jax arrays
+    return np.asarray(value).tolist()
+  return str(value)
+
+
+def to_json(value: Any) -> Any:
+  """Plain-JSON copy (tuples become lists, numpy scalars Python numbers)."""
+  return json.loads(json.dumps(value, default=_json_default))
+
+
+def point_key(point: Mapping[str, Any]) -> str:
+  """Identity of a point in results.jsonl: its parameters as sorted JSON."""
+  return json.dumps(to_json(dict(point)), sort_keys=True)
+
+
+def apply_point(config: ml_collections.ConfigDict,
+                point: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Copy of `config` with the point's fields set (dotted names reach nested fields)."""
+  config = copy.deepcopy(config)
+  for name, value in point.items():
+    *parents, leaf = name.split(".")
+    node = config
+    for part in parents:
+      if part not in node:
+        raise ValueError(f"sweep field {name!r} is not in the config")
+      node = node[part]
+    if leaf not in node:
+      raise ValueError(f"sweep field {name!r} is not in the config")
+    with node.unlocked():
+      node[leaf] = value
+  return config
+
+
+def load_experiment(name: str) -> ModuleType:
+  """The experiment module: experiments.<name> if it exists, else the module `name`."""
+  try:
+    module = importlib.import_module(f"experiments.{name}")
+  except ModuleNotFoundError as e:
+    if e.name != f"experiments.{name}":
+      raise
+    module = importlib.import_module(name)
+  if not callable(getattr(module, "run_point", None)):
+    raise ValueError(f"experiment {name=} has no run_point(config, point) function")
+  return module
+
+
+def append_row(path: str, row: Mapping[str, Any]) -> None:
+  """Appends one JSON line with a single write, then flush and fsync."""
+  line = json.dumps(row, default=_json_default) + "\n"
+  with open(path, "a") as f:
+    f.write(line)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _drop_torn_tail(path: str) -> None:
+  """Truncates a last line left without its newline by a crash (it is not valid JSON)."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      end = data.rfind(b"\n") + 1
+      logging.warning("dropping a torn last line of %s (%d bytes)", path, len(data) - end)
+      f.truncate(end)
+
+
+def _check_config(workdir: str, config_json: dict[str, Any]) -> None:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(os.path.join(workdir, RESULTS_FILE)) or not os.path.exists(path):
+    return
+  with open(path) as f:
+    previous = json.load(f)
+  strip = lambda c: {k: v for k, v in c.items() if k not in _MUTABLE_FIELDS}
+  if strip(previous) != strip(config_json):
+    changed = sorted(k for k in set(previous) | set(config_json)
+                     if k not in _MUTABLE_FIELDS and previous.get(k) != config_json.get(k))
+    raise ValueError(f"{workdir=} holds results of a different config (fields {changed}); "
+                     "use a new workdir")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool = True,
+        progress: bool = True) -> list[dict[str, Any]]:
+  """Runs the sweep of `config` in `workdir` (see the module docstring).
+
+  Args:
+    config: the study config.
+    workdir: output directory (created if missing).
+    retry_failed: re-run points whose latest row is an error.
+    progress: show a tqdm progress bar.
+
+  Returns:
+    The latest row of every point of the sweep that has one.
+  """
+  experiment = load_experiment(config.experiment)
+  points = expand_sweep(config.get("sweep"))
+  for point in points[:1]:
+    apply_point(config, point)  # fails early on a misspelt sweep field
+  os.makedirs(workdir, exist_ok=True)
+  config_json = to_json(json.loads(config.to_json_best_effort()))
+  _check_config(workdir, config_json)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    json.dump(config_json, f, indent=2)
+  results = os.path.join(workdir, RESULTS_FILE)
+  _drop_torn_tail(results)
+  latest = {row["key"]: row for row in report.latest_rows(report.read_rows(workdir))}
+  done = {key for key, row in latest.items()
+          if row["status"] == "ok" or not retry_failed}
+  todo = [p for p in points if point_key(p) not in done]
+  logging.info("%d points, %d already done, %d to run", len(points), len(points) - len(todo),
+               len(todo))
+  env = benchmarking.environment_info()
+  bar = tqdm.tqdm(total=len(points), initial=len(points) - len(todo), unit="point",
+                  desc=str(config.experiment), disable=not progress)
+  for point in todo:
+    start = time.perf_counter()
+    row = {"key": point_key(point), "point": to_json(point)}
+    try:
+      metrics = experiment.run_point(apply_point(config, point), point)
+      row.update(status="ok", metrics=to_json(metrics))
+    except Exception as e:  # a failing point is recorded; the sweep goes on
+      logging.exception("point %s failed", row["key"])
+      row.update(status="error", error=f"{type(e).__name__}: {e}",
+                 traceback=traceback.format_exc(limit=20))
+    row.update(wall_s=time.perf_counter() - start,
+               finished=datetime.datetime.now(datetime.timezone.utc).isoformat(), env=env)
+    append_row(results, row)
+    latest[row["key"]] = row
+    bar.set_postfix_str(f"{row['status']}: {row['key'][:60]}")
+    bar.update()
+  bar.close()
+  rows = [latest[point_key(p)] for p in points if point_key(p) in latest]
+  print(report.format_table(rows, report.table_columns(config_json, rows)))
+  report.render(workdir, config_json)
+  return rows
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,231 @@
+"""Reads DIR/results.jsonl and renders DIR/report.md (a markdown table) and PNG plots.
+
+  python -m experiments.report --workdir=DIR
+
+The launcher calls `render` at the end of every run. What to show comes from the config's
+optional `report` field (read from DIR/config.json when run standalone):
+
+  report.columns  metric names for the table (default: every metric, in first-seen order)
+  report.plots    list of {"x": point field, "y": metric, "logy": bool, "logx": bool};
+                  one PNG per entry, one series per combination of the other point fields
+                  that vary. Default: the first table metric against the first sweep field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+from matplotlib.figure import Figure
+
+RESULTS_FILE = "results.jsonl"
+REPORT_FILE = "report.md"
+CONFIG_FILE = "config.json"
+
+
+def read_rows(workdir: str) -> list[dict[str, Any]]:
+  """Every complete row of DIR/results.jsonl in file order; a torn line is skipped."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        logging.warning("%s:%d is not valid JSON (torn write?); skipped", path, number)
+        continue
+      if isinstance(row, dict) and "key" in row and "status" in row:
+        rows.append(row)
+  return rows
+
+
+def latest_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """The last row of each point key, in the order the keys first appear."""
+  latest: dict[str, dict[str, Any]] = {}
+  for row in rows:
+    latest[row["key"]] = dict(row)
+  return list(latest.values())
+
+
+def flatten(row: Mapping[str, Any]) -> dict[str, Any]:
+  """Point fields, status, error and metrics of a row in one flat dict."""
+  flat = dict(row.get("metrics") or {})
+  flat.update(row["point"])
+  flat["status"] = row["status"]
+  if row.get("error"):
+    flat["error"] = row["error"]
+  return flat
+
+
+def _first_seen(dicts: Iterable[Mapping[str, Any]]) -> list[str]:
+  names: dict[str, None] = {}
+  for d in dicts:
+    names.update(dict.fromkeys(d))
+  return list(names)
+
+
+def table_columns(config: Mapping[str, Any] | None, rows: Sequence[Mapping[str, Any]]
+                  ) -> list[str]:
+  """Point fields, status, the configured (or all) metrics, and error when any failed."""
+  point_fields = _first_seen(r["point"] for r in rows)
+  metrics = ((config or {}).get("report") or {}).get("columns")
+  if metrics is None:
+    metrics = _first_seen(r.get("metrics") or {} for r in rows)
+  columns = point_fields + ["status"] + [m for m in metrics if m not in point_fields]
+  if any(r.get("error") for r in rows):
+    columns.append("error")
+  return columns
+
+
+def _cell(value: Any, width: int = 80) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    text = f"{value:.4g}"
+  elif isinstance(value, (list, dict)):
+    text = json.dumps(value)
+  else:
+    text = str(value)
+  text = text.replace("|", "\\|").replace("\n", " ")
+  return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
+                 ) -> str:
+  """Markdown table of rows (results.jsonl rows); columns default to `table_columns`."""
+  if not rows:
+    return "(no results)"
+  columns = list(columns or table_columns(None, rows))
+  flat = [flatten(r) for r in rows]
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(_cell(f.get(c)) for c in columns) + " |" for f in flat]
+  return "\n".join(lines)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def default_plots(config: Mapping[str, Any] | None, rows: Sequence[Mapping[str, Any]]
+                  ) -> list[dict[str, Any]]:
+  """The first numeric table metric against the first sweep field."""
+  point_fields = _first_seen(r["point"] for r in rows)
+  ok = [flatten(r) for r in rows if r["status"] == "ok"]
+  numeric = [c for c in table_columns(config, rows)
+             if c not in point_fields and any(_is_number(f.get(c)) for f in ok)]
+  if not point_fields or not numeric:
+    return []
+  return [{"x": point_fields[0], "y": numeric[0]}]
+
+
+def plot(rows: Sequence[Mapping[str, Any]], spec: Mapping[str, Any], path: str) -> bool:
+  """Draws metric spec["y"] against point field spec["x"]; False when nothing to draw.
+
+  Numeric x gives lines, other x grouped bars; one series per combination of the other
+  point fields that vary among the plotted rows.
+  """
+  x, y = spec["x"], spec["y"]
+  flat = [flatten(r) for r in rows if r["status"] == "ok"]
+  flat = [f for f in flat if x in f and _is_number(f.get(y))]
+  if not flat:
+    return False
+  others = [k for k in _first_seen(r["point"] for r in rows)
+            if k != x and len({json.dumps(f.get(k)) for f in flat}) > 1]
+  series: dict[str, list[tuple[Any, float]]] = {}
+  for f in flat:
+    label = ", ".join(f"{k}={_cell(f.get(k), 30)}" for k in others)
+    series.setdefault(label, []).append((f[x], f[y]))
+  fig = Figure(figsize=(8, 4.5))
+  ax = fig.subplots()
+  if all(_is_number(f[x]) for f in flat):
+    for label, pts in series.items():
+      pts.sort()
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or None)
+  else:
+    categories = list(dict.fromkeys(_cell(f[x]) for f in flat))
+    width = 0.8 / len(series)
+    for i, (label, pts) in enumerate(series.items()):
+      pos = [categories.index(_cell(p[0])) + (i - (len(series) - 1) / 2) * width for p in pts]
+      ax.bar(pos, [p[1] for p in pts], width=width, label=label or None)
+    ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right")
+  ax.set_xlabel(x)
+  ax.set_ylabel(y)
+  if spec.get("logy"):
+    ax.set_yscale("log")
+  if spec.get("logx"):
+    ax.set_xscale("log")
+  if any(series):
+    ax.legend(fontsize="small")
+  ax.grid(alpha=0.3)
+  ax.set_title(f"{y} vs {x}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return True
+
+
+def _environment_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  lines = []
+  for name in ("device_kind", "backend", "jax_version", "git_commit", "git_dirty"):
+    values = sorted({str((r.get("env") or {}).get(name)) for r in rows})
+    lines.append(f"- {name}: {', '.join(values)}")
+  return lines
+
+
+def render(workdir: str, config: Mapping[str, Any] | None = None) -> str:
+  """Writes DIR/report.md and its PNG plots from DIR/results.jsonl.
+
+  Args:
+    workdir: the study's directory.
+    config: the study config as a dict; None reads DIR/config.json (if present).
+
+  Returns:
+    Path of report.md.
+  """
+  if config is None:
+    path = os.path.join(workdir, CONFIG_FILE)
+    config = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        config = json.load(f)
+  rows = latest_rows(read_rows(workdir))
+  failed = [r for r in rows if r["status"] != "ok"]
+  lines = [f"# {config.get('experiment', 'study')} report", "",
+           f"{len(rows)} points: {len(rows) - len(failed)} ok, {len(failed)} failed.", ""]
+  lines += _environment_lines(rows) + ["", format_table(rows, table_columns(config, rows)), ""]
+  specs = ((config.get("report") or {}).get("plots")) or default_plots(config, rows)
+  for spec in specs:
+    name = f"{spec['y']}_vs_{spec['x']}.png"
+    if plot(rows, spec, os.path.join(workdir, name)):
+      lines += [f"![{spec['y']} vs {spec['x']}]({name})", ""]
+  if failed:
+    lines += ["## Failed points", ""]
+    lines += [f"- `{r['key']}`: {_cell(r.get('error'), 300)}" for r in failed]
+    lines.append("")
+  out = os.path.join(workdir, REPORT_FILE)
+  with open(out, "w") as f:
+    f.write("\n".join(lines))
+  return out
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdir = flags.FLAGS.workdir
+  print(format_table(latest_rows(read_rows(workdir))))
+  print(f"wrote {render(workdir)}")
+
+
+if __name__ == "__main__":
+  # Defined only when run as a script: the launcher imports this module and has its own.
+  flags.DEFINE_string("workdir", None, "Study directory holding results.jsonl.")
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
