@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,14 +55,14 @@ class KernelConfig:
     soft_cap: logits soft cap (cap * tanh(logits / cap)) or None.
     q_len: logical query length T (rows >= T are padding).
     kv_len: logical key length S (columns >= S are padding).
-    interpret: run the Pallas calls in interpret mode.
+    interpret: False, True or a pltpu.InterpretParams (see interpret_arg).
   """
 
   scale: float
   soft_cap: float | None
   q_len: int
   kv_len: int
-  interpret: bool
+  interpret: Any
 
 
 def _round_up(x: int, m: int) -> int:
@@ -83,9 +84,17 @@ def validate_block_shape(block_q: int, block_kv: int, dtype, what: str = "") -> 
         f"pallas_tpu{what}: {block_q=} must be a multiple of {need} for {jnp.dtype(dtype).name}")
 
 
-def interpret_arg(interpret: bool) -> Any:
-  """The `interpret` argument of pl.pallas_call: the TPU interpreter, or False to compile."""
-  return True if interpret else False
+def interpret_arg(interpret: Any) -> Any:
+  """The `interpret` argument of pl.pallas_call.
+
+  Args:
+    interpret: False (compile for TPU), True (Pallas interpret mode), or a
+      pltpu.InterpretParams (the TPU interpreter: uninitialised memory reads as NaN, optional
+      race detection; slower).
+  """
+  if isinstance(interpret, pltpu.InterpretParams):
+    return interpret
+  return bool(interpret)
 
 
 def precision_for(dtype) -> lax.Precision:
@@ -196,48 +205,102 @@ def mask_operands(bm: BlockMask, direction: str, t_pad: int, s_pad: int) -> Mask
   return MaskOperands(indexer, prefetch, q_seg, kv_seg, kv_prefix, tiles, band)
 
 
-def rule_specs(ops: MaskOperands, block_q: int, block_kv: int, q_block_fn, kv_block_fn):
-  """BlockSpecs and arrays for the optional mask operands.
+class Step(NamedTuple):
+  """Block coordinates of one grid step, read from the prefetched lists.
+
+  Attributes:
+    batch: batch index.
+    q_head: query head.
+    kv_head: key/value head (q_head // group).
+    q_block: query block id.
+    kv_block: key block id.
+    row: flat index of the list row (into the count list).
+    slot: flat index of the list slot (into the block / kind / tile lists).
+    pos: position of the step in its list (padding when >= count).
+  """
+
+  batch: Any
+  q_head: Any
+  kv_head: Any
+  q_block: Any
+  kv_block: Any
+  row: Any
+  slot: Any
+  pos: Any
+
+
+def fwd_steps(ix: ListIndexer, group: int) -> Callable[..., Step]:
+  """Step map of the forward / dQ grid (B, Nq, num_q_blocks, Lf) over the forward lists.
 
   Args:
-    ops: MaskOperands.
-    block_q: query tile size.
-    block_kv: key tile size.
-    q_block_fn: (grid ids, prefetch refs) -> (batch, query block id).
-    kv_block_fn: (grid ids, prefetch refs) -> (batch, kv block id).
+    ix: ListIndexer of the forward lists.
+    group: query heads per kv head.
 
   Returns:
-    (arrays, specs, flags) where flags says which of q_seg / kv_seg / kv_prefix / tiles exist.
+    steps(b, h, qi, s, count_ref, block_ref, kind_ref, tile_ref) -> Step.
   """
-  arrays, specs = [], []
+  def steps(b, h, qi, s, count_ref, block_ref, kind_ref, tile_ref):
+    del count_ref, kind_ref, tile_ref
+    slot = ix.slot(b, h, qi, s)
+    return Step(b, h, lax.div(h, group), qi, block_ref[slot], ix.row(b, h, qi), slot, s)
+  return steps
 
-  def batch(b, arr):
-    return b if arr.shape[0] > 1 else 0
 
+def block_specs(steps: Callable[..., Step], ops: MaskOperands, block_q: int, block_kv: int,
+                head_dim: int) -> tuple[dict, list, list, tuple[bool, ...]]:
+  """BlockSpecs of a kernel whose grid steps are described by `steps`.
+
+  Args:
+    steps: (grid ids..., 4 prefetch refs) -> Step.
+    ops: MaskOperands of the lists `steps` walks.
+    block_q: query tile size.
+    block_kv: key tile size.
+    head_dim: padded head dim.
+
+  Returns:
+    (specs, mask_arrays, mask_specs, flags): specs["q"] / ["kv"] / ["stat"] map query rows
+    [B, Nq, T, D], key rows [B, Nkv, S, D] and lane-broadcast row statistics [B, Nq, T, 128];
+    mask_arrays / mask_specs are the optional mask operands (q_seg, kv_seg, kv_prefix, tiles,
+    those present, in that order) and flags says which are present.
+  """
+  def q_map(*args):
+    st = steps(*args)
+    return st.batch, st.q_head, st.q_block, 0
+
+  def kv_map(*args):
+    st = steps(*args)
+    return st.batch, st.kv_head, st.kv_block, 0
+
+  specs = dict(q=pl.BlockSpec((None, None, block_q, head_dim), q_map),
+               kv=pl.BlockSpec((None, None, block_kv, head_dim), kv_map),
+               stat=pl.BlockSpec((None, None, block_q, LANES), q_map))
+
+  def batch_of(st, arr):
+    return st.batch if arr.shape[0] > 1 else 0
+
+  arrays, mask_specs = [], []
   if ops.q_seg is not None:
     def q_seg_map(*args, arr=ops.q_seg):
-      b, qb = q_block_fn(*args)
-      return batch(b, arr), qb, 0
+      st = steps(*args)
+      return batch_of(st, arr), st.q_block, 0
     arrays.append(ops.q_seg)
-    specs.append(pl.BlockSpec((None, block_q, LANES), q_seg_map))
+    mask_specs.append(pl.BlockSpec((None, block_q, LANES), q_seg_map))
   for arr in (ops.kv_seg, ops.kv_prefix):
     if arr is not None:
-      def kv_map(*args, arr=arr):
-        b, kb = kv_block_fn(*args)
-        return batch(b, arr), 0, kb
+      def kv_row_map(*args, arr=arr):
+        st = steps(*args)
+        return batch_of(st, arr), 0, st.kv_block
       arrays.append(arr)
-      specs.append(pl.BlockSpec((None, 1, block_kv), kv_map))
+      mask_specs.append(pl.BlockSpec((None, 1, block_kv), kv_row_map))
+  if ops.tiles is not None:
+    def tile_map(*args):
+      tile_ref = args[-1]
+      return tile_ref[steps(*args).slot], 0, 0
+    arrays.append(ops.tiles)
+    mask_specs.append(pl.BlockSpec((None, block_q, block_kv), tile_map))
   flags = (ops.q_seg is not None, ops.kv_seg is not None, ops.kv_prefix is not None,
            ops.tiles is not None)
-  return arrays, specs, flags
-
-
-def tile_spec(block_q: int, block_kv: int, slot_fn):
-  """BlockSpec of the stored tiles; `slot_fn(grid ids, prefetch refs)` is the flat slot."""
-  def tile_map(*args):
-    tile_ref = args[-1]
-    return tile_ref[slot_fn(*args)], 0, 0
-  return pl.BlockSpec((None, block_q, block_kv), tile_map)
+  return specs, arrays, mask_specs, flags
 
 
 def partial_mask(refs: dict, band, q_start, kv_start, block_q: int, block_kv: int,
@@ -290,16 +353,29 @@ def scaled_logits(q: jax.Array, k: jax.Array, cfg: KernelConfig) -> jax.Array:
   return s
 
 
+def run_steps(step_fn: Callable[[bool], None], st: Step, count_ref, kind_ref) -> None:
+  """Runs `step_fn(masked)` on live list slots: unmasked on FULL blocks, masked otherwise.
+
+  Padding slots (position >= count) do nothing.
+  """
+  live = st.pos < count_ref[st.row]
+  full = kind_ref[st.slot] == block_mask_lib.FULL
+  pl.when(live & full)(lambda: step_fn(False))
+  pl.when(live & jnp.logical_not(full))(lambda: step_fn(True))
+
+
+def grid_ids(rank: int) -> tuple[jax.Array, ...]:
+  return tuple(pl.program_id(i) for i in range(rank))
+
+
 def _fwd_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, *refs,
-                flags, band, indexer: ListIndexer, cfg: KernelConfig, block_q: int,
+                steps, flags, band, last_pos: int, cfg: KernelConfig, block_q: int,
                 block_kv: int):
   """One (batch, head, query block, list slot) step of the forward."""
   opt, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = split_optional_refs(refs, flags)
-  del tile_ref
-  b, h, qi, slot = (pl.program_id(i) for i in range(4))
-  flat = indexer.slot(b, h, qi, slot)
+  st = steps(*grid_ids(4), count_ref, block_ref, kind_ref, tile_ref)
 
-  @pl.when(slot == 0)
+  @pl.when(st.pos == 0)
   def _init():
     m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
@@ -308,7 +384,7 @@ def _fwd_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, *
   def step(masked: bool):
     s = scaled_logits(q_ref[...], k_ref[...], cfg)
     if masked:
-      mask = partial_mask(opt, band, qi * block_q, block_ref[flat] * block_kv, block_q,
+      mask = partial_mask(opt, band, st.q_block * block_q, st.kv_block * block_kv, block_q,
                           block_kv, cfg)
       s = jnp.where(mask, s, -jnp.inf)
     m_prev = m_ref[...]                                            # [bq, 128]
@@ -324,17 +400,22 @@ def _fwd_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, *
     acc_ref[...] = acc_ref[...] * alpha[:, :1] + pv
     m_ref[...] = m_next
 
-  live = slot < count_ref[indexer.row(b, h, qi)]
-  full = kind_ref[flat] == block_mask_lib.FULL
-  pl.when(live & full)(lambda: step(False))
-  pl.when(live & jnp.logical_not(full))(lambda: step(True))
+  run_steps(step, st, count_ref, kind_ref)
 
-  @pl.when(slot == indexer.length - 1)
+  @pl.when(st.pos == last_pos)
   def _finish():
     l = l_ref[...]
     empty = l == 0.0
-    o_ref[...] = (acc_ref[...] / jnp.where(empty, 1.0, l)[:, :1]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, jnp.inf, m_ref[...] + jnp.log(jnp.where(empty, 1.0, l)))
+    l = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc_ref[...] / l[:, :1]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m_ref[...] + jnp.log(l))
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value: float = 0) -> jax.Array:
+  """Pads `x` at the end of `axis` up to `size`."""
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
 
 
 def flash_fwd(q: jax.Array, k: jax.Array, v: jax.Array, bm: BlockMask,
@@ -352,48 +433,25 @@ def flash_fwd(q: jax.Array, k: jax.Array, v: jax.Array, bm: BlockMask,
     (out [B, Nq, T, D] in q.dtype, logsumexp [B, Nq, T] float32; +inf on rows with no key).
   """
   batch, num_q_heads, q_len, head_dim = q.shape
-  num_kv_heads = k.shape[1]
-  group = num_q_heads // num_kv_heads
+  group = num_q_heads // k.shape[1]
   block_q, block_kv = bm.block_q, bm.block_kv
   nq = bm.num_q_blocks
   t_pad, s_pad = nq * block_q, bm.num_kv_blocks * block_kv
-  qp = jnp.pad(q, ((0, 0), (0, 0), (0, t_pad - q_len), (0, 0)))
-  kp, vp = (jnp.pad(x, ((0, 0), (0, 0), (0, s_pad - x.shape[2]), (0, 0))) for x in (k, v))
   ops = mask_operands(bm, "fwd", t_pad, s_pad)
-  ix = ops.indexer
-
-  def kv_block(b, h, i, s, count_ref, block_ref, *_):
-    return b, block_ref[ix.slot(b, h, i, s)]
-
-  def q_block(b, h, i, s, *_):
-    return b, i
-
-  def q_map(b, h, i, s, *_):
-    return b, h, i, 0
-
-  def kv_map(b, h, i, s, count_ref, block_ref, *_):
-    return b, lax.div(h, group), block_ref[ix.slot(b, h, i, s)], 0
-
-  in_specs = [pl.BlockSpec((None, None, block_q, head_dim), q_map),
-              pl.BlockSpec((None, None, block_kv, head_dim), kv_map),
-              pl.BlockSpec((None, None, block_kv, head_dim), kv_map)]
-  arrays, specs, flags = rule_specs(ops, block_q, block_kv, q_block, kv_block)
-  in_specs += specs
-  if ops.tiles is not None:
-    arrays.append(ops.tiles)
-    in_specs.append(tile_spec(block_q, block_kv, lambda b, h, i, s, *_: ix.slot(b, h, i, s)))
-  kernel = functools.partial(_fwd_kernel, flags=flags, band=ops.band, indexer=ix, cfg=cfg,
-                             block_q=block_q, block_kv=block_kv)
+  steps = fwd_steps(ops.indexer, group)
+  specs, mask_arrays, mask_specs, flags = block_specs(steps, ops, block_q, block_kv, head_dim)
+  kernel = functools.partial(_fwd_kernel, steps=steps, flags=flags, band=ops.band,
+                             last_pos=ops.indexer.length - 1, cfg=cfg, block_q=block_q,
+                             block_kv=block_kv)
   out, lse = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((batch, num_q_heads, t_pad, head_dim), q.dtype),
                  jax.ShapeDtypeStruct((batch, num_q_heads, t_pad, LANES), jnp.float32)),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
-          grid=(batch, num_q_heads, nq, ix.length),
-          in_specs=in_specs,
-          out_specs=(pl.BlockSpec((None, None, block_q, head_dim), q_map),
-                     pl.BlockSpec((None, None, block_q, LANES), q_map)),
+          grid=(batch, num_q_heads, nq, ops.indexer.length),
+          in_specs=[specs["q"], specs["kv"], specs["kv"], *mask_specs],
+          out_specs=(specs["q"], specs["stat"]),
           scratch_shapes=[pltpu.VMEM((block_q, LANES), jnp.float32),
                           pltpu.VMEM((block_q, LANES), jnp.float32),
                           pltpu.VMEM((block_q, head_dim), jnp.float32)]),
@@ -401,7 +459,8 @@ def flash_fwd(q: jax.Array, k: jax.Array, v: jax.Array, bm: BlockMask,
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret_arg(cfg.interpret),
       name="flashjax_tpu_fwd",
-  )(*ops.prefetch, qp, kp, vp, *arrays)
+  )(*ops.prefetch, pad_axis(q, 2, t_pad), pad_axis(k, 2, s_pad), pad_axis(v, 2, s_pad),
+    *mask_arrays)
   return out[:, :, :q_len], lse[:, :, :q_len, 0]
 
 
@@ -480,7 +539,7 @@ def dot_product_attention(
   cfg = KernelConfig(
       scale=float(scale if scale is not None else 1.0 / head_dim**0.5),
       soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-      q_len=q_len, kv_len=kv_len, interpret=bool(interpret))
+      q_len=q_len, kv_len=kv_len, interpret=interpret)
   # [B, T, N, D] -> head-major [B, N, T, Dp]; zero lanes added to D change no dot product.
   d_pad = _round_up(head_dim, LANES) - head_dim
   q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, d_pad))).transpose(0, 2, 1, 3)

@@ -18,6 +18,7 @@ Empty blocks are never fetched; padding slots repeat the last block id and do no
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from flashjax.masks import block_mask as block_mask_lib
 from flashjax.masks.block_mask import BlockMask
 from flashjax.ops.attention import pallas_tpu as fwd_lib
 from flashjax.ops.attention.pallas_tpu import LANES, NN_DIMS, NT_DIMS, KernelConfig
@@ -61,19 +61,34 @@ def _dlogits(q, k, v, do, lse, delta, mask, cfg: KernelConfig):
   return p, ds * cfg.scale
 
 
+def dkv_steps(ix: fwd_lib.ListIndexer, group: int) -> Callable[..., fwd_lib.Step]:
+  """Step map of the dK/dV grid (B, Nkv, num_kv_blocks, G, Lb) over the backward lists.
+
+  Args:
+    ix: ListIndexer of the backward lists (rows are kv blocks).
+    group: query heads per kv head.
+
+  Returns:
+    steps(b, kvh, kj, g, s, count_ref, block_ref, kind_ref, tile_ref) -> Step.
+  """
+  def steps(b, kvh, kj, g, s, count_ref, block_ref, kind_ref, tile_ref):
+    del count_ref, kind_ref, tile_ref
+    h = kvh * group + g
+    slot = ix.slot(b, h, kj, s)
+    return fwd_lib.Step(b, h, kvh, block_ref[slot], kj, ix.row(b, h, kj), slot, s)
+  return steps
+
+
 def _dkv_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref,
-                lse_ref, delta_ref, *refs, flags, band, indexer, group: int,
+                lse_ref, delta_ref, *refs, steps, flags, band, last_pos: int, group: int,
                 cfg: KernelConfig, block_q: int, block_kv: int):
   """One (batch, kv head, kv block, group member, list slot) step of dK/dV."""
   opt, (dk_ref, dv_ref, dk_acc, dv_acc) = fwd_lib.split_optional_refs(refs, flags)
-  del tile_ref
-  b, kvh, kj, g, slot = (pl.program_id(i) for i in range(5))
-  h = kvh * group + g
-  flat = indexer.slot(b, h, kj, slot)
-  first = (g == 0) & (slot == 0)
-  last = (g == group - 1) & (slot == indexer.length - 1)
+  ids = fwd_lib.grid_ids(5)
+  st = steps(*ids, count_ref, block_ref, kind_ref, tile_ref)
+  g = ids[3]
 
-  @pl.when(first)
+  @pl.when((g == 0) & (st.pos == 0))
   def _init():
     dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
@@ -81,7 +96,7 @@ def _dkv_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, d
   def step(masked: bool):
     mask = None
     if masked:
-      mask = fwd_lib.partial_mask(opt, band, block_ref[flat] * block_q, kj * block_kv,
+      mask = fwd_lib.partial_mask(opt, band, st.q_block * block_q, st.kv_block * block_kv,
                                   block_q, block_kv, cfg)
     q, do = q_ref[...], do_ref[...]
     p, ds = _dlogits(q, k_ref[...], v_ref[...], do, lse_ref[...][:, :1],
@@ -92,34 +107,29 @@ def _dkv_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, d
     dk_acc[...] += lax.dot_general(ds.T.astype(q.dtype), q, NN_DIMS, precision=prec,
                                    preferred_element_type=jnp.float32)
 
-  live = slot < count_ref[indexer.row(b, h, kj)]
-  full = kind_ref[flat] == block_mask_lib.FULL
-  pl.when(live & full)(lambda: step(False))
-  pl.when(live & jnp.logical_not(full))(lambda: step(True))
+  fwd_lib.run_steps(step, st, count_ref, kind_ref)
 
-  @pl.when(last)
+  @pl.when((g == group - 1) & (st.pos == last_pos))
   def _finish():
     dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
 def _dq_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref,
-               lse_ref, delta_ref, *refs, flags, band, indexer, cfg: KernelConfig,
-               block_q: int, block_kv: int):
+               lse_ref, delta_ref, *refs, steps, flags, band, last_pos: int,
+               cfg: KernelConfig, block_q: int, block_kv: int):
   """One (batch, head, query block, list slot) step of dQ."""
   opt, (dq_ref, dq_acc) = fwd_lib.split_optional_refs(refs, flags)
-  del tile_ref
-  b, h, qi, slot = (pl.program_id(i) for i in range(4))
-  flat = indexer.slot(b, h, qi, slot)
+  st = steps(*fwd_lib.grid_ids(4), count_ref, block_ref, kind_ref, tile_ref)
 
-  @pl.when(slot == 0)
+  @pl.when(st.pos == 0)
   def _init():
     dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
 
   def step(masked: bool):
     mask = None
     if masked:
-      mask = fwd_lib.partial_mask(opt, band, qi * block_q, block_ref[flat] * block_kv,
+      mask = fwd_lib.partial_mask(opt, band, st.q_block * block_q, st.kv_block * block_kv,
                                   block_q, block_kv, cfg)
     k = k_ref[...]
     _, ds = _dlogits(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...][:, :1],
@@ -128,12 +138,9 @@ def _dq_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do
                                    precision=fwd_lib.precision_for(k.dtype),
                                    preferred_element_type=jnp.float32)
 
-  live = slot < count_ref[indexer.row(b, h, qi)]
-  full = kind_ref[flat] == block_mask_lib.FULL
-  pl.when(live & full)(lambda: step(False))
-  pl.when(live & jnp.logical_not(full))(lambda: step(True))
+  fwd_lib.run_steps(step, st, count_ref, kind_ref)
 
-  @pl.when(slot == indexer.length - 1)
+  @pl.when(st.pos == last_pos)
   def _finish():
     dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
 
@@ -163,101 +170,60 @@ def flash_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax
   t_pad, s_pad = nq * block_q, nk * block_kv
 
   delta = jnp.einsum("bntd,bntd->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
-  pad_t = lambda x, value=0.0: jnp.pad(x, ((0, 0), (0, 0), (0, t_pad - q_len), (0, 0)),
-                                       constant_values=value)
-  qp, dop = pad_t(q), pad_t(do.astype(q.dtype))
-  kp, vp = (jnp.pad(x, ((0, 0), (0, 0), (0, s_pad - kv_len), (0, 0))) for x in (k, v))
-  # Padding rows get lse = +inf, hence P = 0; stats are lane-broadcast to [.., T, 128].
-  lse_b = pad_t(jnp.broadcast_to(lse[..., None], (*lse.shape, LANES)), jnp.inf)
-  delta_b = pad_t(jnp.broadcast_to(delta[..., None], (*delta.shape, LANES)))
+  # Row statistics lane-broadcast to [B, Nq, T, 128]; padding rows get lse = +inf (P = 0).
+  lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, LANES))
+  operands = (fwd_lib.pad_axis(q, 2, t_pad), fwd_lib.pad_axis(k, 2, s_pad),
+              fwd_lib.pad_axis(v, 2, s_pad), fwd_lib.pad_axis(do.astype(q.dtype), 2, t_pad),
+              fwd_lib.pad_axis(lanes(lse), 2, t_pad, jnp.inf),
+              fwd_lib.pad_axis(lanes(delta), 2, t_pad))
   interpret = fwd_lib.interpret_arg(cfg.interpret)
-  q_rows = (None, None, block_q, head_dim)
-  kv_rows = (None, None, block_kv, head_dim)
-  stat_rows = (None, None, block_q, LANES)
+  tiles = dict(cfg=cfg, block_q=block_q, block_kv=block_kv)
 
-  # dK / dV over the backward lists.
+  def in_specs(specs, mask_specs):
+    return [specs["q"], specs["kv"], specs["kv"], specs["q"], specs["stat"], specs["stat"],
+            *mask_specs]
+
   ops = fwd_lib.mask_operands(bm, "bwd", t_pad, s_pad)
-  ix = ops.indexer
-
-  def qb(b, kvh, j, g, s, count_ref, block_ref, *_):
-    return block_ref[ix.slot(b, kvh * group + g, j, s)]
-
-  def q_map(b, kvh, j, g, s, *refs):
-    return b, kvh * group + g, qb(b, kvh, j, g, s, *refs), 0
-
-  def kv_map(b, kvh, j, g, s, *_):
-    return b, kvh, j, 0
-
-  in_specs = [pl.BlockSpec(q_rows, q_map), pl.BlockSpec(kv_rows, kv_map),
-              pl.BlockSpec(kv_rows, kv_map), pl.BlockSpec(q_rows, q_map),
-              pl.BlockSpec(stat_rows, q_map), pl.BlockSpec(stat_rows, q_map)]
-  arrays, specs, flags = fwd_lib.rule_specs(
-      ops, block_q, block_kv, lambda b, kvh, j, g, s, *r: (b, qb(b, kvh, j, g, s, *r)),
-      lambda b, kvh, j, g, s, *_: (b, j))
-  in_specs += specs
-  if ops.tiles is not None:
-    arrays.append(ops.tiles)
-    in_specs.append(fwd_lib.tile_spec(
-        block_q, block_kv, lambda b, kvh, j, g, s, *_: ix.slot(b, kvh * group + g, j, s)))
-  kernel = functools.partial(_dkv_kernel, flags=flags, band=ops.band, indexer=ix, group=group,
-                             cfg=cfg, block_q=block_q, block_kv=block_kv)
+  steps = dkv_steps(ops.indexer, group)
+  specs, mask_arrays, mask_specs, flags = fwd_lib.block_specs(steps, ops, block_q, block_kv,
+                                                              head_dim)
   dk, dv = pl.pallas_call(
-      kernel,
-      out_shape=(jax.ShapeDtypeStruct(kp.shape, k.dtype),
-                 jax.ShapeDtypeStruct(vp.shape, v.dtype)),
+      functools.partial(_dkv_kernel, steps=steps, flags=flags, band=ops.band,
+                        last_pos=ops.indexer.length - 1, group=group, **tiles),
+      out_shape=(jax.ShapeDtypeStruct((batch, num_kv_heads, s_pad, head_dim), k.dtype),
+                 jax.ShapeDtypeStruct((batch, num_kv_heads, s_pad, head_dim), v.dtype)),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
-          grid=(batch, num_kv_heads, nk, group, ix.length),
-          in_specs=in_specs,
-          out_specs=(pl.BlockSpec(kv_rows, kv_map), pl.BlockSpec(kv_rows, kv_map)),
+          grid=(batch, num_kv_heads, nk, group, ops.indexer.length),
+          in_specs=in_specs(specs, mask_specs),
+          out_specs=(specs["kv"], specs["kv"]),
           scratch_shapes=[pltpu.VMEM((block_kv, head_dim), jnp.float32),
                           pltpu.VMEM((block_kv, head_dim), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(dimension_semantics=(
           "parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
       name="flashjax_tpu_bwd_dkv",
-  )(*ops.prefetch, qp, kp, vp, dop, lse_b, delta_b, *arrays)
+  )(*ops.prefetch, *operands, *mask_arrays)
 
-  # dQ over the forward lists.
   ops = fwd_lib.mask_operands(bm, "fwd", t_pad, s_pad)
-  ix_f = ops.indexer
-
-  def kvb(b, h, i, s, count_ref, block_ref, *_):
-    return block_ref[ix_f.slot(b, h, i, s)]
-
-  def row_map(b, h, i, s, *_):
-    return b, h, i, 0
-
-  def kv_map_f(b, h, i, s, *refs):
-    return b, lax.div(h, group), kvb(b, h, i, s, *refs), 0
-
-  in_specs = [pl.BlockSpec(q_rows, row_map), pl.BlockSpec(kv_rows, kv_map_f),
-              pl.BlockSpec(kv_rows, kv_map_f), pl.BlockSpec(q_rows, row_map),
-              pl.BlockSpec(stat_rows, row_map), pl.BlockSpec(stat_rows, row_map)]
-  arrays, specs, flags = fwd_lib.rule_specs(
-      ops, block_q, block_kv, lambda b, h, i, s, *_: (b, i),
-      lambda b, h, i, s, *r: (b, kvb(b, h, i, s, *r)))
-  in_specs += specs
-  if ops.tiles is not None:
-    arrays.append(ops.tiles)
-    in_specs.append(fwd_lib.tile_spec(block_q, block_kv,
-                                      lambda b, h, i, s, *_: ix_f.slot(b, h, i, s)))
-  kernel = functools.partial(_dq_kernel, flags=flags, band=ops.band, indexer=ix_f, cfg=cfg,
-                             block_q=block_q, block_kv=block_kv)
+  steps = fwd_lib.fwd_steps(ops.indexer, group)
+  specs, mask_arrays, mask_specs, flags = fwd_lib.block_specs(steps, ops, block_q, block_kv,
+                                                              head_dim)
   dq = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+      functools.partial(_dq_kernel, steps=steps, flags=flags, band=ops.band,
+                        last_pos=ops.indexer.length - 1, **tiles),
+      out_shape=jax.ShapeDtypeStruct((batch, num_q_heads, t_pad, head_dim), q.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
-          grid=(batch, num_q_heads, nq, ix_f.length),
-          in_specs=in_specs,
-          out_specs=pl.BlockSpec(q_rows, row_map),
+          grid=(batch, num_q_heads, nq, ops.indexer.length),
+          in_specs=in_specs(specs, mask_specs),
+          out_specs=specs["q"],
           scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="flashjax_tpu_bwd_dq",
-  )(*ops.prefetch, qp, kp, vp, dop, lse_b, delta_b, *arrays)
+  )(*ops.prefetch, *operands, *mask_arrays)
   return dq[:, :, :q_len], dk[:, :, :kv_len], dv[:, :, :kv_len]
 
 
