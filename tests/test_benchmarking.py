@@ -1,0 +1,159 @@
+"""Tests of flashjax.benchmarking: FLOP / byte counters, ceilings, timers, environment."""
+
+import time
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashjax import benchmarking
+
+
+class CountersTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      (f"{mode=}_{causal=}", mode, causal, factor)
+      for mode, mult in (("fwd", 1.0), ("bwd", 2.5), ("fwd_bwd", 3.5))
+      for causal, half in ((False, 1.0), (True, 0.5))
+      for factor in [mult * half])
+  def test_attention_flops(self, mode, causal, factor):
+    b, t, s, n, d = 2, 384, 640, 3, 80
+    flops = benchmarking.attention_flops(b, t, s, n, d, causal=causal, mode=mode)
+    self.assertEqual(flops, 4 * b * n * t * s * d * factor)
+
+  def test_bad_mode_raises(self):
+    with self.assertRaisesRegex(ValueError, "mode='bogus'"):
+      benchmarking.attention_flops(1, 8, 8, 1, 8, mode="bogus")
+
+  def test_masked_flops_of_full_mask_equal_dense(self):
+    rng = np.random.default_rng(0)
+    b, t, s, n, d = 3, 40, 56, 2, 16
+    pairs = benchmarking.count_allowed_pairs(np.ones((t, s), bool), batch=b)
+    self.assertEqual(pairs, b * t * s)
+    for mode in ("fwd", "fwd_bwd"):
+      self.assertEqual(benchmarking.masked_attention_flops(n, d, pairs, mode),
+                       benchmarking.attention_flops(b, t, s, n, d, mode=mode))
+    mask = rng.random((t, s)) < 0.3
+    self.assertEqual(benchmarking.masked_attention_flops(n, d, mask.sum()),
+                     4 * n * d * mask.sum())
+
+  def test_count_allowed_pairs(self):
+    rng = np.random.default_rng(1)
+    t = 33
+    causal = np.tril(np.ones((t, t), bool))
+    self.assertEqual(benchmarking.count_allowed_pairs(causal, batch=4), 4 * t * (t + 1) / 2)
+    per_batch_head = rng.random((2, 3, t, t)) < 0.5
+    want = per_batch_head.sum() / 3  # per head, summed over the batch
+    self.assertAlmostEqual(benchmarking.count_allowed_pairs(per_batch_head, batch=2), want)
+
+    class HasDense:
+      def to_dense(self):
+        return causal
+
+    self.assertEqual(benchmarking.count_allowed_pairs(HasDense(), batch=2), t * (t + 1))
+    with self.assertRaisesRegex(ValueError, "batch"):
+      benchmarking.count_allowed_pairs(per_batch_head, batch=5)
+
+  def test_decode_kv_bytes(self):
+    lengths = np.array([3, 17, 0])
+    nkv, d = 4, 8
+    got = benchmarking.decode_kv_bytes(lengths, nkv, d, jnp.bfloat16)
+    self.assertEqual(got, 2 * 2 * d * nkv * lengths.sum())
+    heads = np.array([[0, 2], [1, 1], [3, 0]])  # row 1 reads one head twice: counts once
+    got = benchmarking.decode_kv_bytes(lengths, nkv, d, np.float32, head_indices=heads)
+    self.assertEqual(got, 2 * 4 * d * (3 * 2 + 17 * 1 + 0))
+    with self.assertRaisesRegex(ValueError, "head_indices"):
+      benchmarking.decode_kv_bytes(lengths, nkv, d, np.float32, head_indices=heads[:2])
+
+  def test_ceilings(self):
+    self.assertAlmostEqual(benchmarking.percent_of_ceiling(395e12, 790e12), 50.0)
+    with self.assertRaisesRegex(ValueError, "ceiling=0"):
+      benchmarking.percent_of_ceiling(1.0, 0)
+    h200 = benchmarking.device_ceilings("NVIDIA H200", jnp.bfloat16)
+    self.assertEqual(h200["flops_per_s"], benchmarking.H200_BF16_MATMUL_FLOPS_PER_S)
+    self.assertEqual(h200["hbm_bytes_per_s"], benchmarking.H200_HBM_BYTES_PER_S)
+    self.assertNotIn("flops_per_s", benchmarking.device_ceilings("NVIDIA H200", np.float32))
+    self.assertIsNone(benchmarking.device_ceilings("cpu"))
+
+  def test_environment_info(self):
+    info = benchmarking.environment_info()
+    self.assertEqual(info["jax_version"], jax.__version__)
+    self.assertEqual(info["backend"], jax.default_backend())
+    self.assertEqual(info["device_kind"], jax.devices()[0].device_kind)
+    if info["git_commit"] is not None:
+      self.assertRegex(info["git_commit"], r"^[0-9a-f]{40}$")
+
+
+class TimersTest(parameterized.TestCase):
+
+  def test_time_fn_counts_and_rotates(self):
+    seen = []
+
+    def fn(x):
+      seen.append(int(x[0]))
+      return x * 2
+
+    sets = [(jnp.full((4,), i),) for i in range(3)]
+    timing = benchmarking.time_fn(fn, warmup=2, iters=20, arg_sets=sets)
+    self.assertLen(seen, 1 + 2 + 20)
+    self.assertEqual(seen[:6], [0, 1, 2, 0, 1, 2])
+    self.assertLen(timing.times_s, 20)
+    self.assertEqual(timing.method, "wall")
+    self.assertLessEqual(timing.p10_s, timing.median_s)
+    self.assertLessEqual(timing.median_s, timing.p90_s)
+    self.assertLessEqual(timing.min_s, timing.mean_s)
+    summary = timing.summary()
+    self.assertEqual(summary["samples"], 20)
+    self.assertAlmostEqual(summary["median_ms"], 1e3 * timing.median_s)
+
+  def test_time_fn_reports_first_call_separately(self):
+    calls = []
+
+    def fn(x):
+      if not calls:
+        time.sleep(0.2)  # stands in for compilation
+      calls.append(1)
+      return x + 1
+
+    timing = benchmarking.time_fn(fn, jnp.ones(3), warmup=0, iters=20)
+    self.assertGreaterEqual(timing.compile_s, 0.2)
+    self.assertLess(timing.median_s, 0.1)
+
+  def test_time_fn_rejects_mixed_inputs(self):
+    with self.assertRaisesRegex(ValueError, "arg_sets"):
+      benchmarking.time_fn(lambda x: x, jnp.ones(2), arg_sets=[(jnp.ones(2),)])
+    with self.assertRaisesRegex(ValueError, "iters=0"):
+      benchmarking.time_fn(lambda x: x, jnp.ones(2), iters=0)
+
+  def test_time_in_loop_calls_fn_every_iteration(self):
+    calls = []
+
+    def fn(x, y):
+      jax.debug.callback(lambda: calls.append(1))
+      return x @ y
+
+    rng = np.random.default_rng(2)
+    sets = [tuple(jnp.asarray(rng.standard_normal((16, 16)), jnp.float32) for _ in range(2))
+            for _ in range(2)]
+    timing = benchmarking.time_in_loop(fn, iters=7, repeats=3, arg_sets=sets)
+    self.assertEqual(timing.calls_per_sample, 8)  # 7 rounded up to 2 sets x 4 trips
+    self.assertLen(calls, 8 * (1 + 3))
+    self.assertLen(timing.times_s, 3)
+    self.assertEqual(timing.method, "loop")
+
+  def test_time_in_loop_is_not_hoisted(self):
+    # With the work hoisted out of the loop, 4x the iterations would cost about the same
+    # total time; per-iteration time would then drop about 4x.
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((384, 384)), jnp.float32)
+    fn = lambda a: jnp.tanh(a @ a) @ a
+    short = benchmarking.time_in_loop(fn, x, iters=4, repeats=5)
+    long = benchmarking.time_in_loop(fn, x, iters=16, repeats=5)
+    self.assertGreater(long.median_s, 0.4 * short.median_s)
+    self.assertEqual(long.calls_per_sample, 16)
+
+
+if __name__ == "__main__":
+  absltest.main()
