@@ -1,0 +1,379 @@
+"""Backend-agnostic attention test suite.
+
+Each backend subclasses `AttentionSuite` in its own test file and sets the class
+attributes; subclasses are collected by pytest automatically (the base class is not):
+
+  class TestMyBackend(attention_suite.AttentionSuite):
+    IMPLEMENTATION = "pallas_triton"
+    INTERPRET = True
+    SUPPORTS_BIAS = False                  # the backend must then raise NotImplementedError
+    BLOCK_SIZES = BlockSizes(block_q=64, block_kv=32)
+    SKIP_CASES = {"test_grad_*": "backward pass not written yet"}
+
+Every case calls `flashjax.dot_product_attention(..., implementation=IMPLEMENTATION,
+interpret=INTERPRET, block_sizes=BLOCK_SIZES)` on fresh random inputs (seeded by the test
+id) and compares with `flashjax.ops.attention.reference.mha_reference` (float32, HIGHEST)
+and with the float64 oracle of tests/oracle.py, whose masks come from their definitions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+
+import flashjax
+from flashjax.ops.attention import reference
+from tests import oracle
+
+ALL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _named(name: str, values) -> list[dict[str, Any]]:
+  """named_parameters cases `name=value` for each value."""
+  return [{"testcase_name": f"{name}={v!r}", name: v} for v in values]
+
+
+class AttentionSuite(parameterized.TestCase):
+  """Cases every attention backend must pass; configure through the class attributes.
+
+  Attributes:
+    IMPLEMENTATION: backend name given to flashjax.dot_product_attention.
+    INTERPRET: run Pallas backends in interpret mode.
+    SUPPORTS_BIAS: False: the backend must raise NotImplementedError for a bias.
+    SUPPORTS_GRAD: False: gradient cases are skipped.
+    SUPPORTS_MASK_OBJECTS: False: flashjax.masks Mask / BlockMask inputs must raise
+      NotImplementedError.
+    SUPPORTS_SOFT_CAP: False: logits_soft_cap must raise NotImplementedError.
+    DTYPES: input dtypes to test, a subset of ALL_DTYPES.
+    HEAD_DIMS: head dims of the dense cases.
+    SEQ_LENS: (T, S) pairs of the dense cases; include lengths that are not block multiples.
+    MASK_SEQ_LEN: T = S of the mask-family cases.
+    BLOCK_SIZES: None or the backend's BlockSizes, passed as block_sizes=.
+    SKIP_CASES: {fnmatch pattern on the test method name: reason} of skipped cases.
+    TOLERANCES: {dtype name: (atol, rtol)} of forward outputs.
+    GRAD_TOLERANCES: {dtype name: (atol, rtol)} of gradients.
+  """
+
+  __test__ = False
+
+  IMPLEMENTATION: str = "xla"
+  INTERPRET: bool = False
+  SUPPORTS_BIAS: bool = True
+  SUPPORTS_GRAD: bool = True
+  SUPPORTS_MASK_OBJECTS: bool = True
+  SUPPORTS_SOFT_CAP: bool = True
+  DTYPES: tuple[str, ...] = ALL_DTYPES
+  HEAD_DIMS: tuple[int, ...] = (32, 64)
+  SEQ_LENS: tuple[tuple[int, int], ...] = ((128, 128), (72, 200))
+  MASK_SEQ_LEN: int = 160
+  BLOCK_SIZES: Any = None
+  SKIP_CASES: Mapping[str, str] = {}
+  TOLERANCES: Mapping[str, tuple[float, float]] = {
+      "float32": (5e-5, 1e-5), "bfloat16": (2e-2, 0.0), "float16": (5e-3, 0.0)}
+  GRAD_TOLERANCES: Mapping[str, tuple[float, float]] = {
+      "float32": (2e-4, 1e-4), "bfloat16": (5e-2, 2e-2), "float16": (1e-2, 1e-2)}
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    cls.__test__ = cls.__dict__.get("__test__", True)
+
+  def setUp(self):
+    super().setUp()
+    for pattern, reason in self.SKIP_CASES.items():
+      if fnmatch.fnmatchcase(self._testMethodName, pattern):
+        self.skipTest(reason)
+
+  # Helpers.
+
+  def rng(self) -> np.random.Generator:
+    """A generator seeded by the test id: fresh inputs per case, reproducible runs."""
+    if not hasattr(self, "_rng"):
+      self._rng = np.random.default_rng(zlib.crc32(self.id().encode()))
+    return self._rng
+
+  def skip_unless_dtype(self, dtype: str) -> None:
+    if dtype not in self.DTYPES:
+      self.skipTest(f"{self.IMPLEMENTATION} does not test {dtype=}")
+
+  def normal(self, shape, dtype: str = "float32", scale: float = 1.0) -> jax.Array:
+    return jnp.asarray(self.rng().standard_normal(shape) * scale, dtype=dtype)
+
+  def qkv(self, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int,
+          head_dim: int, dtype: str = "float32", scale: float = 1.0):
+    return (self.normal((batch, q_len, q_heads, head_dim), dtype, scale),
+            self.normal((batch, kv_len, kv_heads, head_dim), dtype, scale),
+            self.normal((batch, kv_len, kv_heads, head_dim), dtype))
+
+  def attention(self, query, key, value, **kwargs) -> jax.Array:
+    """flashjax.dot_product_attention with this backend's settings."""
+    kwargs.setdefault("block_sizes", self.BLOCK_SIZES)
+    return flashjax.dot_product_attention(query, key, value,
+                                          implementation=self.IMPLEMENTATION,
+                                          interpret=self.INTERPRET, **kwargs)
+
+  @staticmethod
+  def reference_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Public-API keyword arguments -> backend-protocol ones for mha_reference."""
+    kwargs = dict(kwargs)
+    kwargs.pop("block_sizes", None)
+    segment_ids = kwargs.pop("segment_ids", None)
+    if segment_ids is not None:
+      q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
+      kwargs.update(q_segment_ids=q_ids, kv_segment_ids=kv_ids)
+    mask = kwargs.get("mask")
+    if isinstance(mask, (np.ndarray, jax.Array)):
+      kwargs["mask"] = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    return kwargs
+
+  def assert_close(self, actual, expected, dtype: str, grad: bool = False,
+                   what: str = "") -> None:
+    atol, rtol = (self.GRAD_TOLERANCES if grad else self.TOLERANCES)[dtype]
+    actual = np.asarray(jnp.asarray(actual, jnp.float32))
+    chex.assert_tree_all_finite(actual)
+    chex.assert_trees_all_close(actual, np.asarray(jnp.asarray(expected, jnp.float32)), atol=atol,
+                                rtol=rtol, custom_message=what)
+
+  def check(self, query, key, value, *, allowed=None, **kwargs) -> jax.Array:
+    """Runs the backend and checks it against the reference and the float64 oracle.
+
+    Args:
+      query: [B, T, Nq, D].
+      key: [B, S, Nkv, D].
+      value: [B, S, Nkv, D].
+      allowed: the mask's definition for the oracle, bool broadcastable to [B, Nq, T, S]
+        (None: everything allowed).
+      **kwargs: dot_product_attention keyword arguments.
+
+    Returns:
+      The backend output.
+    """
+    dtype = jnp.dtype(query.dtype).name
+    out = self.attention(query, key, value, **kwargs)
+    chex.assert_shape(out, query.shape)
+    chex.assert_type(out, query.dtype)
+    ref = reference.mha_reference(query, key, value, **self.reference_kwargs(kwargs))
+    self.assert_close(out, ref, dtype, what="vs mha_reference")
+    expected = oracle.attention_oracle(
+        query, key, value, allowed=allowed, bias=kwargs.get("bias"),
+        scale=kwargs.get("scale"), logits_soft_cap=kwargs.get("logits_soft_cap"))
+    self.assert_close(out, expected, dtype, what="vs float64 oracle")
+    return out
+
+  def check_grads(self, query, key, value, **kwargs) -> tuple[jax.Array, ...]:
+    """Checks d(sum(out * ct))/d(q, k, v) against jax.grad of the reference."""
+    if not self.SUPPORTS_GRAD:
+      self.skipTest(f"{self.IMPLEMENTATION} has no gradients")
+    dtype = jnp.dtype(query.dtype).name
+    cotangent = self.normal(query.shape)
+    ref_kwargs = self.reference_kwargs(kwargs)
+
+    def loss(fn, q, k, v, **kw):
+      return jnp.sum(fn(q, k, v, **kw).astype(jnp.float32) * cotangent)
+
+    grads = jax.grad(lambda q, k, v: loss(self.attention, q, k, v, **kwargs),
+                     argnums=(0, 1, 2))(query, key, value)
+    expected = jax.grad(lambda q, k, v: loss(reference.mha_reference, q, k, v, **ref_kwargs),
+                        argnums=(0, 1, 2))(query, key, value)
+    for name, g, e, x in zip("qkv", grads, expected, (query, key, value)):
+      chex.assert_shape(g, x.shape)
+      self.assert_close(g, e, dtype, grad=True, what=f"d{name}")
+    return grads
+
+  # Dense cases.
+
+  @parameterized.named_parameters(_named("is_causal", (False, True)))
+  def test_dense(self, is_causal):
+    for q_len, kv_len in self.SEQ_LENS:
+      for head_dim in self.HEAD_DIMS:
+        with self.subTest(q_len=q_len, kv_len=kv_len, head_dim=head_dim):
+          q, k, v = self.qkv(2, q_len, kv_len, 2, 2, head_dim)
+          allowed = oracle.causal_mask(q_len, kv_len) if is_causal else None
+          self.check(q, k, v, is_causal=is_causal, allowed=allowed)
+
+  @parameterized.named_parameters(
+      {"testcase_name": f"{q_heads=}_{kv_heads=}_{is_causal=}", "q_heads": q_heads,
+       "kv_heads": kv_heads, "is_causal": is_causal}
+      for q_heads, kv_heads in ((4, 1), (4, 2)) for is_causal in (False, True))
+  def test_gqa(self, q_heads, kv_heads, is_causal):
+    q_len, kv_len = self.SEQ_LENS[-1]
+    q, k, v = self.qkv(2, q_len, kv_len, q_heads, kv_heads, self.HEAD_DIMS[0])
+    allowed = oracle.causal_mask(q_len, kv_len) if is_causal else None
+    self.check(q, k, v, is_causal=is_causal, allowed=allowed)
+
+  @parameterized.named_parameters(_named("scale", (0.05, 0.5)))
+  def test_scale(self, scale):
+    q_len, kv_len = self.SEQ_LENS[0]
+    q, k, v = self.qkv(2, q_len, kv_len, 2, 1, self.HEAD_DIMS[0])
+    self.check(q, k, v, scale=scale, is_causal=True,
+               allowed=oracle.causal_mask(q_len, kv_len))
+
+  @parameterized.named_parameters(_named("logits_soft_cap", (2.0, 30.0)))
+  def test_soft_cap(self, logits_soft_cap):
+    q_len, kv_len = self.SEQ_LENS[0]
+    # Large inputs so that the cap changes the result.
+    q, k, v = self.qkv(2, q_len, kv_len, 2, 2, self.HEAD_DIMS[0], scale=3.0)
+    if not self.SUPPORTS_SOFT_CAP:
+      with self.assertRaises(NotImplementedError):
+        self.attention(q, k, v, logits_soft_cap=logits_soft_cap)
+      return
+    self.check(q, k, v, logits_soft_cap=logits_soft_cap, is_causal=True,
+               allowed=oracle.causal_mask(q_len, kv_len))
+
+  @parameterized.named_parameters(_named("bias_shape", ("BNTS", "1NTS", "B1TS", "TS")))
+  def test_bias(self, bias_shape):
+    q_len, kv_len = self.SEQ_LENS[-1]
+    b, n = 2, 2
+    q, k, v = self.qkv(b, q_len, kv_len, n, n, self.HEAD_DIMS[0])
+    sizes = {"B": b, "N": n, "T": q_len, "S": kv_len, "1": 1}
+    bias = self.normal(tuple(sizes[c] for c in bias_shape), scale=2.0)
+    if not self.SUPPORTS_BIAS:
+      with self.assertRaises(NotImplementedError):
+        self.attention(q, k, v, bias=bias)
+      return
+    self.check(q, k, v, bias=bias, is_causal=True, allowed=oracle.causal_mask(q_len, kv_len))
+
+  @parameterized.named_parameters(_named("dtype", ("bfloat16", "float16")))
+  def test_low_precision(self, dtype):
+    self.skip_unless_dtype(dtype)
+    for q_len, kv_len in self.SEQ_LENS:
+      with self.subTest(q_len=q_len, kv_len=kv_len):
+        q, k, v = self.qkv(2, q_len, kv_len, 4, 2, self.HEAD_DIMS[-1], dtype)
+        self.check(q, k, v, is_causal=True, allowed=oracle.causal_mask(q_len, kv_len))
+
+  # Masks given as arrays and segment ids.
+
+  def _segment_ids(self, batch: int, length: int, num_segments: int = 3) -> np.ndarray:
+    """Sorted (packed documents) int32 [batch, length] ids with random boundaries."""
+    out = np.zeros((batch, length), np.int32)
+    for row in range(batch):
+      cuts = np.sort(self.rng().choice(np.arange(1, length), num_segments - 1, replace=False))
+      out[row] = np.searchsorted(cuts, np.arange(length), side="right")
+    return out
+
+  @parameterized.named_parameters(_named("is_causal", (False, True)))
+  def test_segment_ids(self, is_causal):
+    length = self.MASK_SEQ_LEN
+    q, k, v = self.qkv(2, length, length, 2, 2, self.HEAD_DIMS[0])
+    ids = self._segment_ids(2, length)
+    allowed = oracle.segment_mask(ids, ids)
+    if is_causal:
+      allowed = allowed & oracle.causal_mask(length, length)
+    self.check(q, k, v, segment_ids=jnp.asarray(ids), is_causal=is_causal, allowed=allowed)
+
+  def test_segment_ids_cross(self):
+    q_len, kv_len = self.SEQ_LENS[-1]
+    q, k, v = self.qkv(2, q_len, kv_len, 2, 1, self.HEAD_DIMS[0])
+    q_ids, kv_ids = self._segment_ids(2, q_len), self._segment_ids(2, kv_len)
+    self.check(q, k, v, segment_ids=(jnp.asarray(q_ids), jnp.asarray(kv_ids)),
+               allowed=oracle.segment_mask(q_ids, kv_ids))
+
+  @parameterized.named_parameters(_named("mask_shape", ("BNTS", "B1TS", "1NTS", "TS", "B11S",
+                                                        "numpy_TS")))
+  def test_bool_array(self, mask_shape):
+    q_len, kv_len = self.SEQ_LENS[-1]
+    b, n = 2, 2
+    q, k, v = self.qkv(b, q_len, kv_len, n, n, self.HEAD_DIMS[0])
+    sizes = {"B": b, "N": n, "T": q_len, "S": kv_len, "1": 1}
+    shape = tuple(sizes[c] for c in mask_shape.removeprefix("numpy_"))
+    mask = self.rng().random(shape) < 0.3
+    if not mask_shape.startswith("numpy_"):
+      mask = jnp.asarray(mask)
+    self.check(q, k, v, mask=mask, allowed=np.asarray(mask))
+
+  def test_bool_array_and_causal_and_segments(self):
+    length = self.MASK_SEQ_LEN
+    q, k, v = self.qkv(2, length, length, 2, 2, self.HEAD_DIMS[0])
+    ids = self._segment_ids(2, length, num_segments=2)
+    mask = self.rng().random((2, 1, length, length)) < 0.5
+    allowed = mask & oracle.causal_mask(length, length) & oracle.segment_mask(ids, ids)
+    self.check(q, k, v, mask=jnp.asarray(mask), is_causal=True, segment_ids=jnp.asarray(ids),
+               allowed=allowed)
+
+  # Rows without any allowed key.
+
+  def _zero_row_inputs(self):
+    q_len, kv_len = self.SEQ_LENS[-1]
+    q, k, v = self.qkv(2, q_len, kv_len, 2, 2, self.HEAD_DIMS[0])
+    mask = self.rng().random((2, 2, q_len, kv_len)) < 0.5
+    empty_rows = (np.array([0, 1, 1]), np.array([1, 0, 1]), np.array([0, q_len - 1, 3]))
+    mask[empty_rows] = False
+    return q, k, v, mask, empty_rows
+
+  def test_zero_rows(self):
+    q, k, v, mask, (bs, ns, ts) = self._zero_row_inputs()
+    out = self.check(q, k, v, mask=jnp.asarray(mask), allowed=mask)
+    chex.assert_trees_all_equal(np.asarray(out)[bs, ts, ns], np.zeros_like(out[bs, ts, ns]))
+
+  def test_zero_rows_segment_ids(self):
+    # Query segment 7 appears in no key: those rows attend to nothing.
+    q_len, kv_len = self.SEQ_LENS[-1]
+    q, k, v = self.qkv(2, q_len, kv_len, 2, 2, self.HEAD_DIMS[0])
+    q_ids, kv_ids = self._segment_ids(2, q_len), self._segment_ids(2, kv_len)
+    q_ids[:, :5] = 7
+    out = self.check(q, k, v, segment_ids=(jnp.asarray(q_ids), jnp.asarray(kv_ids)),
+                     allowed=oracle.segment_mask(q_ids, kv_ids))
+    chex.assert_trees_all_equal(np.asarray(out[:, :5]), np.zeros_like(out[:, :5]))
+
+  def test_grad_zero_rows(self):
+    q, k, v, mask, (bs, ns, ts) = self._zero_row_inputs()
+    dq, _, _ = self.check_grads(q, k, v, mask=jnp.asarray(mask))
+    chex.assert_trees_all_equal(np.asarray(dq)[bs, ts, ns], np.zeros_like(dq[bs, ts, ns]))
+
+  # Gradients.
+
+  @parameterized.named_parameters(_named("is_causal", (False, True)))
+  def test_grad_dense(self, is_causal):
+    q_len, kv_len = self.SEQ_LENS[-1]
+    q, k, v = self.qkv(2, q_len, kv_len, 2, 2, self.HEAD_DIMS[0])
+    self.check_grads(q, k, v, is_causal=is_causal)
+
+  def test_grad_gqa(self):
+    q_len, kv_len = self.SEQ_LENS[0]
+    q, k, v = self.qkv(1, q_len, kv_len, 4, 2, self.HEAD_DIMS[-1])
+    self.check_grads(q, k, v, is_causal=True)
+
+  def test_grad_segment_ids(self):
+    length = self.MASK_SEQ_LEN
+    q, k, v = self.qkv(2, length, length, 2, 1, self.HEAD_DIMS[0])
+    self.check_grads(q, k, v, is_causal=True,
+                     segment_ids=jnp.asarray(self._segment_ids(2, length)))
+
+  def test_grad_soft_cap_scale(self):
+    if not self.SUPPORTS_SOFT_CAP:
+      self.skipTest(f"{self.IMPLEMENTATION} has no soft cap")
+    q_len, kv_len = self.SEQ_LENS[0]
+    q, k, v = self.qkv(1, q_len, kv_len, 2, 2, self.HEAD_DIMS[0], scale=3.0)
+    self.check_grads(q, k, v, is_causal=True, logits_soft_cap=5.0, scale=0.3)
+
+  @parameterized.named_parameters(_named("dtype", ("bfloat16", "float16")))
+  def test_grad_low_precision(self, dtype):
+    self.skip_unless_dtype(dtype)
+    q_len, kv_len = self.SEQ_LENS[0]
+    q, k, v = self.qkv(1, q_len, kv_len, 2, 2, self.HEAD_DIMS[0], dtype)
+    self.check_grads(q, k, v, is_causal=True)
+
+  # Transformations.
+
+  def test_jit(self):
+    length = self.MASK_SEQ_LEN
+    q, k, v = self.qkv(2, length, length, 4, 2, self.HEAD_DIMS[0])
+    ids = self._segment_ids(2, length)
+    mask = self.rng().random((2, 1, length, length)) < 0.7
+
+    @jax.jit
+    def fn(q, k, v, mask, ids):
+      return self.attention(q, k, v, mask=mask, segment_ids=ids, is_causal=True)
+
+    out = fn(q, k, v, jnp.asarray(mask), jnp.asarray(ids))
+    expected = oracle.attention_oracle(
+        q, k, v, allowed=mask & oracle.segment_mask(ids, ids) & oracle.causal_mask(length,
+                                                                                   length))
+    self.assert_close(out, expected, "float32")
