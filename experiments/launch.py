@@ -14,7 +14,8 @@ and optionally `report` (see experiments.report). docs/studies.md describes the 
 The launcher writes DIR/config.json, skips points whose results are already in
 DIR/results.jsonl (so a re-run after a crash resumes), calls run_point with the config where
 the point's fields are set, appends one row per point (flush + fsync; a failing point is
-recorded with its error and the sweep goes on), and renders DIR/report.md and plots.
+recorded with its error and the sweep goes on; NotImplementedError gives status
+"unsupported", which a re-run does not retry), and renders DIR/report.md and plots.
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ from flashjax import benchmarking
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file (get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, results, report.")
 _RETRY_FAILED = flags.DEFINE_bool("retry_failed", True,
-                                  "Re-run points whose latest row is an error.")
+                                  "Re-run points whose latest row has status 'error'.")
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
-# Config fields that may change between runs sharing a workdir (the sweep may grow).
+# Config fields that may change between runs sharing a workdir (the sweep may grow), besides
+# the fields the sweep references.
 _MUTABLE_FIELDS = ("sweep", "report")
 
 
@@ -57,8 +59,8 @@ def expand_sweep(sweep: Sequence[Mapping[str, Sequence[Any]]] | None) -> list[di
   """Points of a sweep: the product of its axes, each axis zipping its fields.
 
   Args:
-    sweep: list of axes, each a mapping field -> list of values (all lists of one axis have
-      the same length). None or [] gives one empty point.
+    sweep: list of axes, each a mapping field -> list of values (or a FieldReference to
+      one); all lists of one axis have the same length. None or [] gives one empty point.
 
   Returns:
     List of points (dicts field -> value), first axis outermost.
@@ -68,6 +70,9 @@ def expand_sweep(sweep: Sequence[Mapping[str, Sequence[Any]]] | None) -> list[di
   for axis in sweep or ():
     if not isinstance(axis, Mapping) or not axis:
       raise ValueError(f"each sweep axis must be a non-empty mapping field -> values: {axis=}")
+    # A value may be config.get_ref("field"): `--config.field=...` then changes the sweep.
+    axis = {name: values.get() if isinstance(values, ml_collections.FieldReference) else values
+            for name, values in axis.items()}
     lengths = {name: len(values) for name, values in axis.items()}
     if len(set(lengths.values())) != 1:
       raise ValueError(f"zipped sweep fields must have equal lengths: {lengths=}")
@@ -152,16 +157,48 @@ def _drop_torn_tail(path: str) -> None:
       f.truncate(end)
 
 
-def _check_config(workdir: str, config_json: dict[str, Any]) -> None:
+def _sweep_fields(config: ml_collections.ConfigDict) -> set[str]:
+  """Dotted names of the config fields that sweep axes reference with get_ref."""
+  probe = copy.deepcopy(config)  # get_ref turns a plain field into a reference: not here
+  refs = [values for axis in probe.get("sweep") or () for values in axis.values()
+          if isinstance(values, ml_collections.FieldReference)]
+  names = set()
+
+  def visit(node, prefix):
+    for name in list(node.keys()):
+      if isinstance(node[name], ml_collections.ConfigDict):
+        visit(node[name], f"{prefix}{name}.")
+      elif any(node.get_ref(name) is ref for ref in refs):
+        names.add(prefix + name)
+
+  visit(probe, "")
+  return names
+
+
+def _without(config_json: dict[str, Any], names: set[str]) -> dict[str, Any]:
+  out = copy.deepcopy(config_json)
+  for name in names:
+    *parents, leaf = name.split(".")
+    node = out
+    for part in parents:
+      node = node.get(part, {})
+    node.pop(leaf, None)
+  return out
+
+
+def _check_config(workdir: str, config: ml_collections.ConfigDict,
+                  config_json: dict[str, Any]) -> None:
+  """Refuses a workdir whose results came from another config (the sweep may change)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(os.path.join(workdir, RESULTS_FILE)) or not os.path.exists(path):
     return
   with open(path) as f:
     previous = json.load(f)
-  strip = lambda c: {k: v for k, v in c.items() if k not in _MUTABLE_FIELDS}
-  if strip(previous) != strip(config_json):
-    changed = sorted(k for k in set(previous) | set(config_json)
-                     if k not in _MUTABLE_FIELDS and previous.get(k) != config_json.get(k))
+  mutable = set(_MUTABLE_FIELDS) | _sweep_fields(config)
+  previous, current = _without(previous, mutable), _without(config_json, mutable)
+  if previous != current:
+    changed = sorted(k for k in set(previous) | set(current)
+                     if previous.get(k) != current.get(k))
     raise ValueError(f"{workdir=} holds results of a different config (fields {changed}); "
                      "use a new workdir")
 
@@ -173,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool =
   Args:
     config: the study config.
     workdir: output directory (created if missing).
-    retry_failed: re-run points whose latest row is an error.
+    retry_failed: re-run points whose latest row has status "error".
     progress: show a tqdm progress bar.
 
   Returns:
@@ -185,14 +222,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool =
     apply_point(config, point)  # fails early on a misspelt sweep field
   os.makedirs(workdir, exist_ok=True)
   config_json = to_json(json.loads(config.to_json_best_effort()))
-  _check_config(workdir, config_json)
+  _check_config(workdir, config, config_json)
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     json.dump(config_json, f, indent=2)
   results = os.path.join(workdir, RESULTS_FILE)
   _drop_torn_tail(results)
   latest = {row["key"]: row for row in report.latest_rows(report.read_rows(workdir))}
   done = {key for key, row in latest.items()
-          if row["status"] == "ok" or not retry_failed}
+          if row["status"] != "error" or not retry_failed}
   todo = [p for p in points if point_key(p) not in done]
   logging.info("%d points, %d already done, %d to run", len(points), len(points) - len(todo),
                len(todo))
@@ -205,6 +242,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool =
     try:
       metrics = experiment.run_point(apply_point(config, point), point)
       row.update(status="ok", metrics=to_json(metrics))
+    except NotImplementedError as e:  # the implementation cannot run this point
+      row.update(status="unsupported", error=f"NotImplementedError: {e}")
     except Exception as e:  # a failing point is recorded; the sweep goes on
       logging.exception("point %s failed", row["key"])
       row.update(status="error", error=f"{type(e).__name__}: {e}",

@@ -198,8 +198,10 @@ def render(workdir: str, config: Mapping[str, Any] | None = None) -> str:
         config = json.load(f)
   rows = latest_rows(read_rows(workdir))
   failed = [r for r in rows if r["status"] != "ok"]
+  counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}"
+                     for s in dict.fromkeys(r["status"] for r in rows))
   lines = [f"# {config.get('experiment', 'study')} report", "",
-           f"{len(rows)} points: {len(rows) - len(failed)} ok, {len(failed)} failed.", ""]
+           f"{len(rows)} points: {counts or 'none'}.", ""]
   lines += _environment_lines(rows) + ["", format_table(rows, table_columns(config, rows)), ""]
   specs = ((config.get("report") or {}).get("plots")) or default_plots(config, rows)
   for spec in specs:
@@ -207,8 +209,9 @@ def render(workdir: str, config: Mapping[str, Any] | None = None) -> str:
     if plot(rows, spec, os.path.join(workdir, name)):
       lines += [f"![{spec['y']} vs {spec['x']}]({name})", ""]
   if failed:
-    lines += ["## Failed points", ""]
-    lines += [f"- `{r['key']}`: {_cell(r.get('error'), 300)}" for r in failed]
+    lines += ["## Points that did not run", ""]
+    lines += [f"- `{r['key']}` ({r['status']}): {_cell(r.get('error'), 300)}"
+              for r in failed]
     lines.append("")
   out = os.path.join(workdir, REPORT_FILE)
   with open(out, "w") as f:

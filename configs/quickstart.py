@@ -1,0 +1,112 @@
+r"""Quickstart study: flashjax.dot_product_attention over mask families and implementations.
+
+CPU (the default there; small shapes, Pallas backends in interpret mode, a few minutes):
+
+  python -m experiments.launch --config=configs/quickstart.py --workdir=/tmp/fj_quick
+
+GPU (B=2, T=S=4096, N=16, D=128, bf16; flashjax backends beside cuDNN, Pallas and torch
+peers):
+
+  python -m experiments.launch --config=configs/quickstart.py:gpu --workdir=/tmp/fj_gpu
+
+Each point times one (implementation, mask) pair, checks its output against the float32
+reference in the same run, and reports time, useful TFLOP/s, mask density and block density.
+Change the lists with e.g. `--config.implementations="('xla', 'pallas_triton')"` or
+`--config.masks="('causal', 'document')"`; `--config.iters=50` etc. for the rest.
+CPU timings only show that everything runs (interpret mode is not a performance number).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import ml_collections
+
+# flashjax backends tried per platform (the ones whose module imports are kept).
+_BACKENDS = {
+    "cpu": ("xla", "pallas_triton", "pallas_tpu"),  # Pallas in interpret mode
+    "gpu": ("xla", "pallas_triton", "pallas_mosaic_gpu"),
+    "tpu": ("xla", "pallas_tpu"),
+}
+_PEERS = {
+    "cpu": ("jax_nn_xla",),
+    "gpu": ("jax_nn_cudnn", "pallas_triton_mha", "torch_sdpa", "torch_flex"),
+    "tpu": ("jax_nn_xla",),
+}
+MASKS = ("dense", "causal", "sliding_window", "document", "tree", "random_banded")
+
+
+def _importable_backends(names: tuple[str, ...]) -> tuple[str, ...]:
+  found = []
+  for name in names:
+    try:
+      importlib.import_module(f"flashjax.ops.attention.{name}")
+    except ImportError:
+      continue
+    found.append(name)
+  return tuple(found)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Quickstart config; arg "cpu" or "gpu" (default: "cpu" when JAX runs on CPU, else gpu).
+
+  Args:
+    arg: "cpu" (small shapes, float32) or "gpu" (benchmark shapes, bfloat16; on a TPU host
+      the same shapes with the TPU backends).
+
+  Returns:
+    The ConfigDict.
+  """
+  platform = jax.default_backend()
+  arg = arg or ("cpu" if platform == "cpu" else "gpu")
+  if arg not in ("cpu", "gpu"):
+    raise ValueError(f"{arg=} must be 'cpu' or 'gpu'")
+  small = arg == "cpu"
+  backend_key = "cpu" if small else ("tpu" if platform == "tpu" else "gpu")
+
+  c = ml_collections.ConfigDict()
+  c.experiment = "attention_bench"
+  c.implementations = (_importable_backends(_BACKENDS[backend_key])
+                       + tuple(f"peer:{p}" for p in _PEERS[backend_key]))
+  c.masks = MASKS
+  # Product of the two lists; the fields below are what each point runs with.
+  c.sweep = [{"implementation": c.get_ref("implementations")}, {"mask": c.get_ref("masks")}]
+  c.implementation = "xla"
+  c.mask = "dense"
+
+  c.batch = 1 if small else 2
+  c.q_len = c.kv_len = 512 if small else 4096
+  c.num_heads = c.num_kv_heads = 4 if small else 16
+  c.head_dim = 64 if small else 128
+  c.dtype = "float32" if small else "bfloat16"
+  c.block_q = 64 if small else 128
+  c.block_kv = 64
+  c.mode = "fwd"
+
+  # Mask family parameters (sliding window / dilated / global: window; document and
+  # prefix_lm: mean document length; tree: parent within tree_span earlier nodes).
+  c.window = 64 if small else 512
+  c.window_right = 0
+  c.doc_len = 64 if small else 512
+  c.tree_span = 16
+  c.band_width = 64 if small else 512
+  c.band_density = 0.3
+  c.dilation = 2
+  c.num_global = 8 if small else 32
+
+  c.timing = "wall"
+  c.warmup = 1 if small else 5
+  c.iters = 5 if small else 50
+  c.input_sets = 1 if small else 3
+  c.seed = 0
+  c.interpret = ml_collections.FieldReference(None, field_type=bool)
+  c.check = True
+
+  c.report = ml_collections.ConfigDict({
+      "columns": ["median_ms", "compile_s", "useful_tflops", "pct_of_peak", "density",
+                  "block_density", "max_abs_err", "within_tol"],
+      "plots": [{"x": "mask", "y": "median_ms", "logy": True},
+                {"x": "mask", "y": "useful_tflops"}],
+  })
+  return c
