@@ -90,8 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.window_right = 0
   c.doc_len = 64 if small else 512
   c.tree_span = 16
-  c.band_width = 64 if small else 512
-  c.band_density = 0.3
+  c.band_peak = 0.5  # random_banded: P(allowed) = max(peak * exp(-decay |i - j|), floor)
+  c.band_decay = 0.05 if small else 0.01
+  c.band_floor = 2e-3 if small else 2e-4
   c.dilation = 2
   c.num_global = 8 if small else 32
 

@@ -13,8 +13,8 @@ Config fields read by `run_point` (configs/quickstart.py sets all of them):
   warmup, iters, input_sets, seed
   interpret        None: Pallas backends in interpret mode exactly when running on CPU
   check            compare the output (and gradients) with the float32 reference
-  mask parameters  window, window_right, doc_len, tree_span, band_width, band_density,
-                   dilation, num_global
+  mask parameters  window, window_right, doc_len, tree_span, band_peak, band_decay,
+                   band_floor, dilation, num_global
 
 Every point is checked against flashjax's float32 reference on the same inputs in the same
 run (max_abs_err; within_tol by dtype: float32 1e-4, bfloat16 2e-2, float16 5e-3 absolute),
@@ -89,8 +89,8 @@ def build_mask(config: ml_collections.ConfigDict, rng: np.random.Generator) -> A
                                for i in range(1, t)], np.int32)
     return masks.tree(parents)
   if family == "random_banded":
-    return masks.random_banded(t, s, config.band_width, config.band_density,
-                               seed=int(rng.integers(2**31)))
+    return masks.random_banded(t, s, seed=int(rng.integers(2**31)), peak=config.band_peak,
+                               decay=config.band_decay, floor=config.band_floor)
   if family == "dilated":
     return masks.dilated(t, s, config.window, config.dilation)
   global_ids = np.sort(rng.choice(t, size=config.num_global, replace=False)).astype(np.int32)
@@ -241,17 +241,18 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
       metrics.update(_errors(config, fn, sets, mask))
 
   b, t, s = config.batch, config.q_len, config.kv_len
-  pairs = float(b * t * s) if mask is None else benchmarking.count_allowed_pairs(mask, b)
+  density = 1.0 if mask is None else mask.density  # mean over the mask's batch and heads
+  pairs = density * b * t * s
   flops = benchmarking.masked_attention_flops(config.num_heads, config.head_dim, pairs,
                                               config.mode)
   seconds = metrics["median_ms"] / 1e3 if "median_ms" in metrics else math.nan
   block_sizes = _block_sizes(config) or BlockSizes()
   block_density = 1.0
   if mask is not None:
-    block_mask = masks.BlockMask.from_mask(mask, block_sizes.block_q, block_sizes.block_kv)
-    block_density = float(np.asarray(block_mask.block_density))
+    kinds = mask.block_kinds(block_sizes.block_q, block_sizes.block_kv)
+    block_density = float(np.mean(kinds != masks.EMPTY))
   metrics.update(
-      density=pairs / (b * t * s), block_density=block_density,
+      density=density, block_density=block_density,
       bd_tiles=f"{block_sizes.block_q}x{block_sizes.block_kv}",
       useful_tflops=flops / seconds / 1e12,
       dense_equiv_tflops=benchmarking.attention_flops(

@@ -6,6 +6,7 @@ it records every call in a log file, fails on one point and is "unsupported" on 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -217,6 +218,21 @@ class LaunchTest(parameterized.TestCase):
         capture_output=True, text=True, cwd=_REPO, env=env, timeout=120, check=False)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertTrue(os.path.exists(os.path.join(self.workdir, report.REPORT_FILE)))
+
+
+class CiTest(absltest.TestCase):
+
+  def test_readme_test_command_is_what_ci_runs(self):
+    with open(os.path.join(_REPO, "README.md")) as f:
+      readme = f.read()
+    with open(os.path.join(_REPO, ".ci", "run")) as f:
+      ci = f.read()
+    commands = re.findall(r'^pip install -e "\.\[test\]" && (python -m pytest[^\n]*)$', readme,
+                          re.MULTILINE)
+    self.assertLen(commands, 1)
+    self.assertIn(f"\n{commands[0]} || status=$?\n", ci)
+    self.assertIn('python -m pip install -e ".[test]"', ci)
+    self.assertIn('"$status" -eq 5', ci)
 
 
 if __name__ == "__main__":
