@@ -1,14 +1,18 @@
-"""Tests of flashjax.benchmarking: FLOP / byte counters, ceilings, timers, environment."""
+"""Tests of flashjax.benchmarking (counters, ceilings, timers) and the third_party peers."""
 
+import importlib.util
 import time
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flashjax import benchmarking
+from flashjax.masks.rule import Band, ElementRule
+import third_party
 
 
 class CountersTest(parameterized.TestCase):
@@ -153,6 +157,120 @@ class TimersTest(parameterized.TestCase):
     long = benchmarking.time_in_loop(fn, x, iters=16, repeats=5)
     self.assertGreater(long.median_s, 0.4 * short.median_s)
     self.assertEqual(long.calls_per_sample, 16)
+
+
+def _reference(q, k, v, allowed):
+  """float32 HIGHEST attention of [B, T, N, D] inputs, allowed bool [B|1, N|1, T, S]."""
+  group = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  logits = jnp.einsum("btnd,bsnd->bnts", q, k, precision=jax.lax.Precision.HIGHEST)
+  logits = jnp.where(allowed, logits / np.sqrt(q.shape[-1]), -jnp.inf)
+  return jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(logits, axis=-1), v,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+class _FakeMask:
+  """The parts of flashjax.masks.Mask that PeerMask reads."""
+
+  def __init__(self, dense, rule):
+    self._dense, self._rule = dense, rule
+
+  def to_dense(self):
+    return self._dense
+
+  def rule(self):
+    return self._rule
+
+
+def _masks(t, batch, rng):
+  """name -> (mask object, dense [B|1, 1, T, T]) for causal, document, window, random."""
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  causal = j <= i
+  seg = np.sort(rng.integers(0, 4, size=(batch, t)), axis=1).astype(np.int32)
+  doc = (seg[:, :, None] == seg[:, None, :]) & causal
+  window = causal & (j >= i - 16)
+  random = (rng.random((t, t)) < 0.3) | (i == j)
+  return {
+      "causal": (_FakeMask(causal, ElementRule(Band(None, 0))), causal[None, None]),
+      "document": (_FakeMask(doc[:, None], ElementRule(Band(None, 0), seg, seg)),
+                   doc[:, None]),
+      "window": (_FakeMask(window, ElementRule(Band(-16, 0))), window[None, None]),
+      "random": (_FakeMask(random, None), random[None, None]),
+  }
+
+
+class PeersTest(parameterized.TestCase):
+
+  def test_peer_mask_views(self):
+    masks = _masks(64, 2, np.random.default_rng(4))
+    causal = third_party.PeerMask.from_mask(masks["causal"][0], 64, 64)
+    self.assertTrue(causal.is_causal)
+    self.assertEqual(causal.window(), (64, 0))
+    doc = third_party.PeerMask.from_mask(masks["document"][0], 64, 64)
+    self.assertTrue(doc.self_segments)
+    self.assertEqual(third_party.PeerMask.from_mask(masks["window"][0], 64, 64).window(),
+                     (16, 0))
+    random = third_party.PeerMask.from_mask(masks["random"][0], 64, 64)
+    self.assertFalse(random.structured)
+    chex.assert_shape(random.dense, (1, 1, 64, 64))
+    self.assertTrue(third_party.PeerMask.from_mask(None, 64, 64).is_full)
+    with self.assertRaisesRegex(ValueError, "q_len=32"):
+      third_party.PeerMask.from_mask(masks["random"][0], 32, 64)
+
+  @parameterized.named_parameters(
+      (f"{peer=}_{mask=}", peer, mask)
+      for peer in ("jax_nn_xla", "pallas_triton_mha")
+      for mask in ("full", "causal", "document", "window", "random"))
+  def test_attention_peer_matches_reference(self, peer, mask):
+    b, t, n, d = 2, 64, 2, 32
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, d)), jnp.float32) for _ in range(3))
+    mask_obj, allowed = (None, np.ones((1, 1, t, t), bool)) if mask == "full" else _masks(
+        t, b, rng)[mask]
+    peer_mask = third_party.PeerMask.from_mask(mask_obj, t, t)
+    adapter = third_party.attention_peers(interpret=True)[peer]
+    self.assertTrue(adapter.available())
+    if peer == "pallas_triton_mha" and mask in ("window", "random"):
+      with self.assertRaises(NotImplementedError):
+        adapter.make(peer_mask)
+      return
+    out = adapter.make(peer_mask)(q, k, v)
+    chex.assert_trees_all_close(out, _reference(q, k, v, allowed), atol=2e-5, rtol=1e-5)
+
+  @parameterized.named_parameters((f"{peer=}", peer) for peer in ("jax_nn_xla", "pallas_decode"))
+  def test_decode_peer_matches_reference(self, peer):
+    b, s, nq, nkv, d = 3, 256, 4, 2, 32
+    rng = np.random.default_rng(6)
+    q = jnp.asarray(rng.standard_normal((b, nq, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, s, nkv, d)), jnp.float32) for _ in range(2))
+    lengths = jnp.asarray([1, 100, 256], jnp.int32)
+    allowed = (np.arange(s)[None, :] < np.asarray(lengths)[:, None])[:, None, None, :]
+    want = _reference(q[:, None], k, v, allowed)[:, 0]
+    adapter = third_party.decode_peers(interpret=True)[peer]
+    out = adapter.make()(q, k, v, lengths)
+    chex.assert_trees_all_close(out, want, atol=2e-5, rtol=1e-5)
+    with self.assertRaises(NotImplementedError):
+      adapter.make(head_indices=jnp.zeros((b, 1), jnp.int32))
+
+  def test_unavailable_peers_say_why(self):
+    if jax.default_backend() != "gpu":
+      cudnn = third_party.attention_peers()["jax_nn_cudnn"].available()
+      self.assertFalse(cudnn)
+      self.assertIn("GPU", cudnn.reason)
+      self.assertFalse(third_party.attention_peers()["pallas_triton_mha"].available())
+    torch_peer = third_party.attention_peers()["torch_sdpa"]
+    if importlib.util.find_spec("torch") is None:
+      self.assertFalse(torch_peer.available())
+      self.assertIn("torch", torch_peer.available().reason)
+
+  def test_torch_child_reports_errors(self):
+    # Without torch the child reports the import error; with it, a bad dtype fails.
+    case = {"batch": 1, "q_len": 16, "kv_len": 16, "num_heads": 1, "num_kv_heads": 1,
+            "head_dim": 8, "dtype": "no_such_dtype", "mode": "fwd", "warmup": 0,
+            "iters": 1, "input_sets": 1, "seed": 0, "scale": None, "structured": True,
+            "band_lo": None, "band_hi": 0}
+    with self.assertRaisesRegex(RuntimeError, "torch_sdpa: .*Error"):
+      third_party.TorchPeer("torch_sdpa", "attention").run(case, {}, timeout_s=120)
 
 
 if __name__ == "__main__":
