@@ -17,6 +17,8 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import ml_collections
 
+from configs import quickstart
+from experiments import attention_bench
 from experiments import launch
 from experiments import report
 
@@ -218,6 +220,54 @@ class LaunchTest(parameterized.TestCase):
         capture_output=True, text=True, cwd=_REPO, env=env, timeout=120, check=False)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertTrue(os.path.exists(os.path.join(self.workdir, report.REPORT_FILE)))
+
+
+class AttentionBenchTest(parameterized.TestCase):
+  """The quickstart's experiment kind on tiny shapes (CPU; Pallas in interpret mode)."""
+
+  def config(self, **overrides):
+    config = quickstart.get_config("cpu")
+    config.update(dict(q_len=128, kv_len=128, batch=2, num_heads=2, num_kv_heads=1,
+                       head_dim=32, block_q=64, block_kv=64, window=16, doc_len=24,
+                       warmup=0, iters=2))
+    config.update(overrides)
+    return config
+
+  @parameterized.named_parameters(
+      (f"{implementation=}_{mask=}_{mode=}", implementation, mask, mode)
+      for implementation, mask, mode in (
+          ("xla", "causal", "fwd"), ("xla", "document", "fwd_bwd"), ("xla", "tree", "fwd"),
+          ("xla", "prefix_lm", "fwd"), ("xla", "global", "fwd"), ("xla", "dilated", "fwd"),
+          ("pallas_triton", "sliding_window", "fwd"), ("peer:jax_nn_xla", "document", "fwd"),
+          ("xla", "random_banded", "fwd")))
+  def test_point(self, implementation, mask, mode):
+    config = self.config(implementation=implementation, mask=mask, mode=mode)
+    metrics = attention_bench.run_point(config, {})
+    self.assertTrue(metrics["within_tol"], metrics)
+    self.assertLess(metrics["max_abs_err"], 1e-4)
+    self.assertEqual(metrics["samples"], 2)
+    self.assertGreater(metrics["useful_tflops"], 0)
+    self.assertBetween(metrics["density"], 1e-3, 1.0)
+    self.assertGreaterEqual(metrics["block_density"], metrics["density"])
+    if mode == "fwd_bwd":
+      self.assertContainsSubset({"max_abs_err_dq", "max_abs_err_dk", "max_abs_err_dv"},
+                                metrics)
+
+  def test_unsupported_peer_and_unknown_mask(self):
+    config = self.config(implementation="peer:pallas_triton_mha", mask="sliding_window")
+    with self.assertRaises(NotImplementedError):
+      attention_bench.run_point(config, {})
+    with self.assertRaisesRegex(ValueError, "family='nope'"):
+      attention_bench.run_point(self.config(mask="nope"), {})
+
+  @parameterized.named_parameters((f"{arg=}", arg) for arg in ("cpu", "gpu"))
+  def test_quickstart_points_are_valid(self, arg):
+    config = quickstart.get_config(arg)
+    points = launch.expand_sweep(config.sweep)
+    self.assertLen(points, len(config.implementations) * len(config.masks))
+    self.assertIn("xla", config.implementations)
+    for point in points:
+      launch.apply_point(config, point)
 
 
 class CiTest(absltest.TestCase):
