@@ -87,6 +87,29 @@ class BlockMask:
                    "bwd_block", "bwd_kind", "bwd_tile", "tiles", "density", "block_density",
                    "q_perm", "kv_perm")
 
+  @classmethod
+  def from_mask(cls, mask: Any, block_q: int, block_kv: int, *,
+                reorder: str | None = None) -> "BlockMask":
+    """Host BlockMask of a flashjax.masks Mask, cached per Mask object and block sizes.
+
+    Args:
+      mask: a flashjax.masks Mask of shape (T, S) or (B|1, N|1, T, S).
+      block_q: query tile size.
+      block_kv: key tile size.
+      reorder: None, or "rcm" for the Reverse Cuthill-McKee reordered mask (T == S; sets
+        q_perm / kv_perm, see flashjax.masks.rcm).
+
+    Returns:
+      BlockMask with numpy arrays and tight list lengths.
+    """
+    from flashjax.masks import builders  # pylint: disable=g-import-not-at-top
+    return builders.block_mask_from_mask(mask, block_q, block_kv, reorder=reorder)
+
+  def expand(self) -> Any:
+    """The element mask the kernels apply, bool [Bm, Nm, T, S] (jnp)."""
+    from flashjax.masks import builders  # pylint: disable=g-import-not-at-top
+    return builders.expand_block_mask(self)
+
   @property
   def num_q_blocks(self) -> int:
     return -(-self.shape[2] // self.block_q)

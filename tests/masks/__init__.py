@@ -1,0 +1,1 @@
+"""Tests of flashjax.masks: mask library, BlockMask builders, RCM."""
