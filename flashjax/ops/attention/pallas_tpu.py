@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from flashjax.masks import block_mask as block_mask_lib
+from flashjax.masks import builders, rcm
 from flashjax.masks.block_mask import BlockMask
 from flashjax.masks.rule import element_mask
 from flashjax.ops.attention.configs import BlockSizes
@@ -516,7 +517,6 @@ def dot_product_attention(
     [B, T, Nq, D] in query.dtype; rows with no allowed key are 0.
   """
   # Imported here: pallas_tpu_vjp builds on this module.
-  from flashjax.masks import builders
   from flashjax.ops.attention import pallas_tpu_vjp
 
   if bias is not None:
@@ -526,6 +526,12 @@ def dot_product_attention(
   kv_len, num_kv_heads = key.shape[1], key.shape[2]
   if num_q_heads % num_kv_heads:
     raise ValueError(f"pallas_tpu: {num_q_heads=} must be a multiple of {num_kv_heads=}")
+  permuted = isinstance(mask, BlockMask) and (mask.q_perm is not None
+                                              or mask.kv_perm is not None)
+  if permuted and (is_causal or q_segment_ids is not None):
+    # The kernels would apply them in the permuted order.
+    raise NotImplementedError("pallas_tpu: an RCM-reordered BlockMask cannot be combined "
+                              "with is_causal or segment ids")
   block_q, block_kv, block_q_bwd, block_kv_bwd = _kernel_tiling(mask, block_sizes)
   validate_block_shape(block_q, block_kv, query.dtype)
   validate_block_shape(block_q_bwd, block_kv_bwd, query.dtype, " backward")
@@ -540,9 +546,13 @@ def dot_product_attention(
       scale=float(scale if scale is not None else 1.0 / head_dim**0.5),
       soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
       q_len=q_len, kv_len=kv_len, interpret=interpret)
+  if permuted:
+    # An RCM BlockMask describes the sequences reordered by q_perm / kv_perm.
+    query, key, value = rcm.permute_qkv(query, key, value, fwd_mask)
   # [B, T, N, D] -> head-major [B, N, T, Dp]; zero lanes added to D change no dot product.
   d_pad = _round_up(head_dim, LANES) - head_dim
   q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, d_pad))).transpose(0, 2, 1, 3)
              for x in (query, key, value))
   out = pallas_tpu_vjp.attention(q, k, v, fwd_mask, bwd_mask, cfg)
-  return out[..., :head_dim].transpose(0, 2, 1, 3)
+  out = out[..., :head_dim].transpose(0, 2, 1, 3)
+  return rcm.unpermute_output(out, fwd_mask) if permuted else out
