@@ -221,7 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool =
   for point in points[:1]:
     apply_point(config, point)  # fails early on a misspelt sweep field
   os.makedirs(workdir, exist_ok=True)
-  config_json = to_json(json.loads(config.to_json_best_effort()))
+  config_json = json.loads(config.to_json_best_effort())
   _check_config(workdir, config, config_json)
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     json.dump(config_json, f, indent=2)

@@ -181,14 +181,11 @@ class JaxNnAttention(JaxPeer):
 
   def make(self, mask: PeerMask, *, scale: float | None = None) -> Callable[..., jax.Array]:
     kwargs = dict(scale=scale, implementation=self.implementation)
-    if mask.is_full:
-      core = jax.jit(functools.partial(jax.nn.dot_product_attention, **kwargs))
-      return core
-    if mask.structured and mask.q_segment_ids is None:
+    if mask.structured and mask.q_segment_ids is None:  # also the no-mask case
       if mask.is_causal:
         kwargs["is_causal"] = True
       else:
-        kwargs["local_window_size"] = mask.window()
+        kwargs["local_window_size"] = mask.window()  # None: no band
       return jax.jit(functools.partial(jax.nn.dot_product_attention, **kwargs))
     # The dense mask is a jit argument, not a constant baked into the program.
     dense = jnp.asarray(mask.dense)
