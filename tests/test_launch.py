@@ -4,6 +4,7 @@ The launcher is driven with a tiny experiment module written into a temporary di
 it records every call in a log file, fails on one point and is "unsupported" on another.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -49,7 +50,8 @@ _CONFIG = textwrap.dedent("""\
       c.fail_x = 2
       c.nested = ml_collections.ConfigDict({{"scale": 1.5}})
       c.modes = ("a", "b")
-      c.sweep = [{{"mode": c.get_ref("modes")}}, {{"x": [1, 2, 3], "nested.scale": [1.0, 2.0, 3.0]}}]
+      c.sweep = [{{"mode": c.get_ref("modes")}},
+                 {{"x": [1, 2, 3], "nested.scale": [1.0, 2.0, 3.0]}}]
       c.report = ml_collections.ConfigDict({{"plots": [{{"x": "x", "y": "y"}}]}})
       return c
     """)
@@ -113,10 +115,10 @@ class LaunchTest(parameterized.TestCase):
     self.workdir = os.path.join(self.dir, "work")
 
   def config(self):
-    namespace = {}
-    with open(self.config_path) as f:
-      exec(f.read(), namespace)  # pylint: disable=exec-used
-    return namespace["get_config"]()
+    spec = importlib.util.spec_from_file_location(f"{self.module}_config", self.config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
   def calls(self):
     if not os.path.exists(self.call_log):
