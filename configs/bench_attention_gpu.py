@@ -1,0 +1,94 @@
+r"""Side-by-side attention benchmark on a GPU: flashjax kernels against cuDNN, XLA, Pallas and torch.
+
+The cases of the Pallas-kernel issues (bf16, N=32): dense causal and non-causal forward at
+B=4 T=4k and B=1 T=16k (D=128) and B=8 T=2k (D=64); forward+backward at B=4 T=4k; causal
+document masks at B=2 T=8k (mean document 512 and 2048), forward and forward+backward; a
+causal 1k sliding window at B=1 T=16k; MEDUSA-style tree and LongFormer (dilated, global)
+masks at 4k-8k. Every point is checked against the float32 reference in the same run.
+
+  python -m experiments.launch --config=configs/bench_attention_gpu.py --workdir=/tmp/fj_bench
+
+`--config.implementations="('pallas_triton', 'peer:jax_nn_cudnn')"` narrows the columns;
+`--config.case_set=masked` runs only the masked cases (`dense`, `masked`, `all`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+IMPLEMENTATIONS = ("pallas_triton", "pallas_mosaic_gpu", "peer:jax_nn_cudnn", "peer:jax_nn_xla",
+                   "peer:pallas_triton_mha", "peer:torch_sdpa", "peer:torch_flex")
+
+# (name, batch, q_len, head_dim, mask, mode, doc_len, window)
+_DENSE = (
+    ("B4-T4k", 4, 4096, 128, "dense", "fwd", 512, 1024),
+    ("B4-T4k", 4, 4096, 128, "causal", "fwd", 512, 1024),
+    ("B1-T16k", 1, 16384, 128, "dense", "fwd", 512, 1024),
+    ("B1-T16k", 1, 16384, 128, "causal", "fwd", 512, 1024),
+    ("B8-T2k-D64", 8, 2048, 64, "dense", "fwd", 512, 1024),
+    ("B8-T2k-D64", 8, 2048, 64, "causal", "fwd", 512, 1024),
+    ("B4-T4k", 4, 4096, 128, "dense", "fwd_bwd", 512, 1024),
+    ("B4-T4k", 4, 4096, 128, "causal", "fwd_bwd", 512, 1024),
+)
+_MASKED = (
+    ("B2-T8k-doc512", 2, 8192, 128, "document", "fwd", 512, 1024),
+    ("B2-T8k-doc2048", 2, 8192, 128, "document", "fwd", 2048, 1024),
+    ("B2-T8k-doc512", 2, 8192, 128, "document", "fwd_bwd", 512, 1024),
+    ("B2-T8k-doc2048", 2, 8192, 128, "document", "fwd_bwd", 2048, 1024),
+    ("B1-T16k-win1k", 1, 16384, 128, "sliding_window", "fwd", 512, 1024),
+    ("B1-T4k-tree", 1, 4096, 128, "tree", "fwd", 512, 1024),
+    ("B1-T8k-dilated", 1, 8192, 128, "dilated", "fwd", 512, 256),
+    ("B1-T8k-global", 1, 8192, 128, "global", "fwd", 512, 256),
+)
+CASE_SETS = {"dense": _DENSE, "masked": _MASKED, "all": _DENSE + _MASKED}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Benchmark config; arg selects the case set ("all" by default, "dense", "masked")."""
+  case_set = arg or "all"
+  if case_set not in CASE_SETS:
+    raise ValueError(f"{case_set=} must be one of {sorted(CASE_SETS)}")
+  cases = CASE_SETS[case_set]
+  c = ml_collections.ConfigDict()
+  c.experiment = "attention_bench"
+  c.implementations = IMPLEMENTATIONS
+  fields = ("case", "batch", "q_len", "head_dim", "mask", "mode", "doc_len", "window")
+  case_axis = {f: [row[i] for row in cases] for i, f in enumerate(fields)}
+  case_axis["kv_len"] = case_axis["q_len"]
+  c.sweep = [case_axis, {"implementation": c.get_ref("implementations")}]
+  c.case = cases[0][0]
+  c.implementation = IMPLEMENTATIONS[0]
+  c.mask = "dense"
+  c.mode = "fwd"
+  c.batch = 4
+  c.q_len = c.kv_len = 4096
+  c.num_heads = c.num_kv_heads = 32
+  c.head_dim = 128
+  c.dtype = "bfloat16"
+  c.block_q = ml_collections.FieldReference(None, field_type=int)
+  c.block_kv = ml_collections.FieldReference(None, field_type=int)
+
+  c.window = 1024
+  c.window_right = 0
+  c.doc_len = 512
+  c.tree_span = 16
+  c.band_peak = 0.5
+  c.band_decay = 0.01
+  c.band_floor = 2e-4
+  c.dilation = 2
+  c.num_global = 32
+
+  c.timing = "wall"
+  c.warmup = 3
+  c.iters = 30
+  c.input_sets = 2
+  c.seed = 0
+  c.interpret = False
+  c.check = True
+
+  c.report = ml_collections.ConfigDict({
+      "columns": ["median_ms", "useful_tflops", "dense_equiv_tflops", "pct_of_peak",
+                  "compile_s", "density", "block_density", "max_abs_err", "within_tol"],
+      "plots": [{"x": "case", "y": "median_ms", "logy": True}],
+  })
+  return c
