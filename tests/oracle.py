@@ -118,3 +118,28 @@ def tree_mask(parents) -> np.ndarray:
   n = parents.shape[0]
   i, j = np.arange(n)[:, None], np.arange(n)[None, :]
   return (j == i) | (j == parents[:, None])
+
+
+def prefix_lm_mask(segment_ids, prefix_length: int) -> np.ndarray:
+  """[B, 1, T, T]: same segment and (j <= i or j is among its segment's first tokens)."""
+  ids = np.asarray(segment_ids)
+  b, t = ids.shape
+  out = np.zeros((b, 1, t, t), dtype=bool)
+  for row in range(b):
+    for i in range(t):
+      same = np.flatnonzero(ids[row] == ids[row, i])  # positions of i's segment, ascending
+      visible = same[(same <= i) | (np.arange(same.size) < prefix_length)]
+      out[row, 0, i, visible] = True
+  return out
+
+
+def dilated_mask(q_len: int, kv_len: int, window: int, dilation: int) -> np.ndarray:
+  """[T, S]: |i - j| <= window * dilation and (i - j) % dilation == 0."""
+  diff = np.arange(q_len)[:, None] - np.arange(kv_len)[None, :]
+  return (np.abs(diff) <= window * dilation) & (diff % dilation == 0)
+
+
+def global_tokens_mask(q_len: int, kv_len: int, window: int, global_ids) -> np.ndarray:
+  """[T, S]: |i - j| <= window, or i or j is a global position."""
+  i, j = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+  return (np.abs(i - j) <= window) | np.isin(i, global_ids) | np.isin(j, global_ids)

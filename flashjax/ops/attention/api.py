@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flashjax.masks import masks as masks_lib
 from flashjax.masks.block_mask import BlockMask
 
 ATTENTION_BACKENDS: dict[str, tuple[str, str]] = {
@@ -120,11 +121,6 @@ def dispatch(implementation: Any, registry: Mapping[str, tuple[str, str]],
                             f"{list(names)}): " + "; ".join(reasons))
 
 
-def _is_mask_object(mask: Any) -> bool:
-  """flashjax.masks Mask objects (host side): they have `.to_dense()` and `.rule()`."""
-  return hasattr(mask, "to_dense") and hasattr(mask, "rule") and hasattr(mask, "shape")
-
-
 def _is_array(x: Any) -> bool:
   return isinstance(x, (np.ndarray, jax.Array))
 
@@ -162,7 +158,7 @@ def _check_mask(mask: Any, batch: int, heads: int, q_len: int, kv_len: int,
       raise ValueError(f"{block_sizes=} disagrees with the BlockMask tiles "
                        f"{mask.block_q=}, {mask.block_kv=}")
     return mask
-  if _is_mask_object(mask):
+  if isinstance(mask, masks_lib.Mask):
     shape = tuple(mask.shape)
     ok = len(shape) in (2, 4) and shape[-2:] == (q_len, kv_len)
     if len(shape) == 4:

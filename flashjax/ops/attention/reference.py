@@ -1,10 +1,10 @@
 """Reference attention: dense float32 at Precision.HIGHEST, the oracle of the backend tests.
 
 `mha_reference` takes the backend keyword protocol of docs/architecture.md, materialises
-the whole [B|1, Nq|1, T, S] mask (Mask.to_dense(), expand_block_mask for a BlockMask),
-repeats K/V heads for GQA and runs a plain softmax. It is deliberately simple rather than
-fast; the array part is jitted, and the whole function can be jitted with Mask objects
-closed over.
+the whole [B|1, Nq|1, T, S] mask (Mask.to_dense(), or the expanded BlockMask with an RCM
+permutation undone), repeats K/V heads for GQA and runs a plain softmax. It is deliberately
+simple rather than fast; the array part is jitted, and the whole function can be jitted with
+Mask objects closed over.
 """
 
 from __future__ import annotations
@@ -17,9 +17,27 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flashjax.masks import builders
+from flashjax.masks import masks as masks_lib
 from flashjax.masks.block_mask import BlockMask
 
 _HIGHEST = lax.Precision.HIGHEST
+
+
+def expand_block_mask(bm: BlockMask) -> jax.Array:
+  """The element mask of a BlockMask in the original token order, bool [Bm, Nm, T, S].
+
+  An RCM BlockMask describes the permuted sequences (mask[q_perm][:, kv_perm]); its
+  expansion is un-permuted here, so the result always refers to the caller's q/k/v.
+  """
+  # jnp leaves: a host-built rule holds numpy ids, which cannot be indexed by traced
+  # positions when this runs under jit.
+  dense = builders.expand_block_mask(jax.tree_util.tree_map(jnp.asarray, bm))
+  if bm.q_perm is not None:
+    dense = jnp.take(dense, jnp.argsort(jnp.asarray(bm.q_perm)), axis=2)
+  if bm.kv_perm is not None:
+    dense = jnp.take(dense, jnp.argsort(jnp.asarray(bm.kv_perm)), axis=3)
+  return dense
 
 
 def dense_mask(
@@ -46,9 +64,8 @@ def dense_mask(
   """
   parts = []
   if isinstance(mask, BlockMask):
-    from flashjax.masks.builders import expand_block_mask  # pylint: disable=g-import-not-at-top
-    parts.append(jnp.asarray(expand_block_mask(mask), dtype=bool))
-  elif hasattr(mask, "to_dense"):
+    parts.append(expand_block_mask(mask))
+  elif isinstance(mask, masks_lib.Mask):
     parts.append(jnp.asarray(mask.to_dense(), dtype=bool))
   elif mask is not None:
     parts.append(jnp.asarray(mask, dtype=bool))

@@ -7,9 +7,9 @@ against the Nkv key heads directly.
 
 Masks are evaluated from their cheapest description: `is_causal`, segment ids and the
 `ElementRule` of a flashjax.masks Mask are computed from positions (per chunk in
-"xla_chunked"); Mask objects without a rule use `to_dense()`, a BlockMask is expanded with
-`flashjax.masks.builders.expand_block_mask`, and bool arrays are used as given (sliced per
-chunk in "xla_chunked").
+"xla_chunked"); Mask objects without a rule use `to_dense()`, a BlockMask is expanded to
+its element mask in the original token order (reference.expand_block_mask, which undoes an
+RCM permutation), and bool arrays are used as given (sliced per chunk in "xla_chunked").
 
 Numerics: logits and softmax statistics are float32 (float32 inputs contract at
 Precision.HIGHEST, low-precision inputs at the default precision with float32
@@ -33,8 +33,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flashjax.masks import masks as masks_lib
 from flashjax.masks.block_mask import BlockMask
 from flashjax.masks.rule import ElementRule
+from flashjax.ops.attention.reference import expand_block_mask
 
 DEFAULT_CHUNK = 512
 
@@ -118,9 +120,8 @@ class MaskParts:
     self.kv_seg = None if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
     self.rule, dense = None, None
     if isinstance(mask, BlockMask):
-      from flashjax.masks.builders import expand_block_mask  # pylint: disable=g-import-not-at-top
       dense = expand_block_mask(mask)
-    elif hasattr(mask, "rule") and hasattr(mask, "to_dense"):
+    elif isinstance(mask, masks_lib.Mask):
       rule = mask.rule()
       if rule is None:
         dense = mask.to_dense()

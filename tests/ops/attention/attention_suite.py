@@ -30,6 +30,7 @@ import numpy as np
 from absl.testing import parameterized
 
 import flashjax
+from flashjax import masks
 from flashjax.ops.attention import reference
 from tests import oracle
 
@@ -142,7 +143,7 @@ class AttentionSuite(parameterized.TestCase):
                                 rtol=rtol, custom_message=what)
 
   def check(self, query, key, value, *, allowed=None, **kwargs) -> jax.Array:
-    """Runs the backend and checks it against the reference and the float64 oracle.
+    """Runs the backend (jitted, kwargs closed over) against the reference and the oracle.
 
     Args:
       query: [B, T, Nq, D].
@@ -156,7 +157,7 @@ class AttentionSuite(parameterized.TestCase):
       The backend output.
     """
     dtype = jnp.dtype(query.dtype).name
-    out = self.attention(query, key, value, **kwargs)
+    out = jax.jit(lambda q, k, v: self.attention(q, k, v, **kwargs))(query, key, value)
     chex.assert_shape(out, query.shape)
     chex.assert_type(out, query.dtype)
     ref = reference.mha_reference(query, key, value, **self.reference_kwargs(kwargs))
@@ -178,8 +179,8 @@ class AttentionSuite(parameterized.TestCase):
     def loss(fn, q, k, v, **kw):
       return jnp.sum(fn(q, k, v, **kw).astype(jnp.float32) * cotangent)
 
-    grads = jax.grad(lambda q, k, v: loss(self.attention, q, k, v, **kwargs),
-                     argnums=(0, 1, 2))(query, key, value)
+    grads = jax.jit(jax.grad(lambda q, k, v: loss(self.attention, q, k, v, **kwargs),
+                             argnums=(0, 1, 2)))(query, key, value)
     expected = jax.grad(lambda q, k, v: loss(reference.mha_reference, q, k, v, **ref_kwargs),
                         argnums=(0, 1, 2))(query, key, value)
     for name, g, e, x in zip("qkv", grads, expected, (query, key, value)):
@@ -297,6 +298,129 @@ class AttentionSuite(parameterized.TestCase):
     self.check(q, k, v, mask=jnp.asarray(mask), is_causal=True, segment_ids=jnp.asarray(ids),
                allowed=allowed)
 
+  # flashjax.masks Mask objects and BlockMasks.
+
+  def block_mask_tiles(self) -> tuple[int, int]:
+    """Tile sizes of the BlockMasks given to the backend."""
+    if self.BLOCK_SIZES is None:
+      return 32, 64
+    return self.BLOCK_SIZES.block_q, self.BLOCK_SIZES.block_kv
+
+  def _parents(self, length: int) -> np.ndarray:
+    """Random tree over `length` nodes: node i's parent is an earlier node (0 is the root)."""
+    return np.array([-1] + [self.rng().integers(0, i) for i in range(1, length)])
+
+  def mask_case(self, family: str, batch: int, heads: int):
+    """(T, S, mask, allowed): a Mask or BlockMask of `family` and its definition.
+
+    Args:
+      family: one of MASK_FAMILIES.
+      batch: B.
+      heads: Nq.
+
+    Returns:
+      T, S, the mask argument and the oracle's bool mask broadcastable to [B, Nq, T, S].
+    """
+    n = self.MASK_SEQ_LEN
+    ids = self._segment_ids(batch, n)
+    doc_window = masks.document(ids) & masks.sliding_window(n, n, left=40)
+    doc_window_def = oracle.segment_mask(ids, ids) & oracle.sliding_window_mask(n, n, 40)
+    if family == "causal":
+      return n, n, masks.causal(n, n), oracle.causal_mask(n, n)
+    if family == "causal_offset":  # the first 3 rows attend to nothing
+      return n, n, masks.causal(n, n, offset=-3), oracle.causal_mask(n, n, -3)
+    if family == "causal_cross":  # bottom-right aligned, T != S
+      t, s = self.SEQ_LENS[-1]
+      return t, s, masks.causal(t, s, offset=s - t), oracle.causal_mask(t, s, s - t)
+    if family == "sliding_window":
+      return n, n, masks.sliding_window(n, n, 19, 5), oracle.sliding_window_mask(n, n, 19, 5)
+    if family == "document":
+      return n, n, masks.document(ids), oracle.segment_mask(ids, ids) & oracle.causal_mask(
+          n, n)
+    if family == "document_bidirectional":
+      return n, n, masks.document(ids, causal=False), oracle.segment_mask(ids, ids)
+    if family == "prefix_lm":
+      return n, n, masks.prefix_lm(ids, 6), oracle.prefix_lm_mask(ids, 6)
+    if family == "tree":
+      parents = self._parents(n)
+      return n, n, masks.tree(parents), oracle.tree_mask(parents)
+    if family == "dilated":
+      return n, n, masks.dilated(n, n, 4, 3), oracle.dilated_mask(n, n, 4, 3)
+    if family == "global_tokens":
+      g = [0, 37, n - 1]
+      return n, n, masks.global_tokens(n, n, 8, g), oracle.global_tokens_mask(n, n, 8, g)
+    if family == "random_banded":
+      mask = masks.random_banded(n, n, seed=int(self.rng().integers(1 << 16)))
+      return n, n, mask, mask.to_dense()
+    if family == "from_dense":
+      dense = self.rng().random((batch, heads, n, n)) < 0.2
+      return n, n, masks.from_dense(dense), dense
+    if family == "and_computable":
+      return n, n, doc_window, doc_window_def
+    if family == "and_dense":
+      dense = self.rng().random((n, n)) < 0.5
+      return n, n, masks.from_dense(dense) & masks.causal(n, n), dense & oracle.causal_mask(
+          n, n)
+    if family == "or":
+      g = [5, 70]
+      return n, n, masks.dilated(n, n, 3, 4) | masks.global_tokens(n, n, 2, g), (
+          oracle.dilated_mask(n, n, 3, 4) | oracle.global_tokens_mask(n, n, 2, g))
+    if family == "block_mask":
+      return n, n, masks.BlockMask.from_mask(doc_window, *self.block_mask_tiles()), (
+          doc_window_def)
+    if family == "block_mask_dense":
+      dense = self.rng().random((batch, 1, n, n)) < 0.1
+      return n, n, masks.BlockMask.from_mask(masks.from_dense(dense),
+                                             *self.block_mask_tiles()), dense
+    if family == "block_mask_rcm":
+      parents = self._parents(n)
+      tree_mask = masks.tree(parents)
+      return n, n, masks.BlockMask.from_mask(tree_mask, *self.block_mask_tiles(),
+                                             reorder="rcm"), oracle.tree_mask(parents)
+    raise ValueError(f"unknown {family=}")
+
+  MASK_FAMILIES = ("causal", "causal_offset", "causal_cross", "sliding_window", "document",
+                   "document_bidirectional", "prefix_lm", "tree", "dilated", "global_tokens",
+                   "random_banded", "from_dense", "and_computable", "and_dense", "or",
+                   "block_mask", "block_mask_dense", "block_mask_rcm")
+
+  @parameterized.named_parameters(_named("family", MASK_FAMILIES))
+  def test_mask_family(self, family):
+    b, n = 2, 2
+    q_len, kv_len, mask, allowed = self.mask_case(family, b, n)
+    q, k, v = self.qkv(b, q_len, kv_len, n, n, self.HEAD_DIMS[0])
+    if not self.SUPPORTS_MASK_OBJECTS:
+      with self.assertRaises(NotImplementedError):
+        self.attention(q, k, v, mask=mask)
+      return
+    self.check(q, k, v, mask=mask, allowed=allowed)
+
+  @parameterized.named_parameters(_named("family", ("sliding_window", "tree", "block_mask")))
+  def test_mask_family_gqa_causal_segments(self, family):
+    """A Mask ANDed with is_causal and segment ids, under GQA."""
+    if not self.SUPPORTS_MASK_OBJECTS:
+      self.skipTest(f"{self.IMPLEMENTATION} takes no Mask objects")
+    b = 2
+    q_len, kv_len, mask, allowed = self.mask_case(family, b, 4)
+    if family == "block_mask":
+      # A BlockMask already carries its tiles: combine with causal only.
+      kwargs, allowed = {}, allowed & oracle.causal_mask(q_len, kv_len)
+    else:
+      ids = self._segment_ids(b, q_len, num_segments=2)
+      kwargs = {"segment_ids": jnp.asarray(ids)}
+      allowed = allowed & oracle.causal_mask(q_len, kv_len) & oracle.segment_mask(ids, ids)
+    q, k, v = self.qkv(b, q_len, kv_len, 4, 2, self.HEAD_DIMS[-1])
+    self.check(q, k, v, mask=mask, is_causal=True, allowed=allowed, **kwargs)
+
+  @parameterized.named_parameters(_named("family", ("sliding_window", "tree", "block_mask",
+                                                    "block_mask_rcm")))
+  def test_grad_mask_family(self, family):
+    if not self.SUPPORTS_MASK_OBJECTS:
+      self.skipTest(f"{self.IMPLEMENTATION} takes no Mask objects")
+    q_len, kv_len, mask, _ = self.mask_case(family, 2, 2)
+    q, k, v = self.qkv(2, q_len, kv_len, 2, 2, self.HEAD_DIMS[0])
+    self.check_grads(q, k, v, mask=mask)
+
   # Rows without any allowed key.
 
   def _zero_row_inputs(self):
@@ -361,6 +485,13 @@ class AttentionSuite(parameterized.TestCase):
     self.check_grads(q, k, v, is_causal=True)
 
   # Transformations.
+
+  def test_eager(self):
+    q_len, kv_len = self.SEQ_LENS[0]
+    q, k, v = self.qkv(1, q_len, kv_len, 2, 2, self.HEAD_DIMS[0])
+    out = self.attention(q, k, v, is_causal=True)
+    self.assert_close(out, oracle.attention_oracle(q, k, v, allowed=oracle.causal_mask(
+        q_len, kv_len)), "float32")
 
   def test_jit(self):
     length = self.MASK_SEQ_LEN
