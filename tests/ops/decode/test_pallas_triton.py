@@ -1,0 +1,216 @@
+"""Pallas Triton split-K decode kernel, in interpret mode (CPU) against a jnp oracle."""
+
+import functools
+import zlib
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flashjax
+from flashjax.ops.decode import configs
+from flashjax.ops.decode import pallas_triton
+from flashjax.ops.decode import reference
+
+TOLERANCES = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def oracle(query, key_cache, value_cache, lengths, head_indices, scale, logits_soft_cap):
+  """float32 HIGHEST decode attention: [B, Nq, D]; entries past the length never count."""
+  batch, num_heads, head_dim = query.shape
+  max_len, num_kv_heads = key_cache.shape[1:3]
+  q = query.astype(jnp.float32).reshape(batch, num_kv_heads, -1, head_dim)
+  logits = scale * jnp.einsum(
+      "bngd,bsnd->bngs", q, key_cache.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+  )
+  if logits_soft_cap is not None:
+    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+  live = (jnp.arange(max_len)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
+  peak = jnp.max(jnp.where(live, logits, -jnp.inf), axis=-1, keepdims=True)
+  weights = jnp.where(live, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0)), 0)
+  weights = weights / jnp.maximum(weights.sum(axis=-1, keepdims=True), 1e-30)
+  values = jnp.where(live[:, 0, 0, :, None, None], value_cache.astype(jnp.float32), 0)
+  out = jnp.einsum("bngs,bsnd->bngd", weights, values, precision=jax.lax.Precision.HIGHEST)
+  if head_indices is not None:
+    chosen = jnp.zeros((batch, num_kv_heads), bool)
+    chosen = chosen.at[jnp.arange(batch)[:, None], head_indices].set(True)
+    out = jnp.where(chosen[:, :, None, None], out, 0)
+  return out.reshape(batch, num_heads, head_dim)
+
+
+_jit_reference = jax.jit(reference.decode_reference,
+                         static_argnames=("scale", "logits_soft_cap", "interpret"))
+
+
+def make_inputs(seed, batch, max_len, num_heads, num_kv_heads, head_dim, dtype, lengths):
+  """Random query and caches (fresh per test) and int32 lengths."""
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  query = jax.random.normal(kq, (batch, num_heads, head_dim), jnp.float32).astype(dtype)
+  cache_shape = (batch, max_len, num_kv_heads, head_dim)
+  key_cache = jax.random.normal(kk, cache_shape, jnp.float32).astype(dtype)
+  value_cache = jax.random.normal(kv, cache_shape, jnp.float32).astype(dtype)
+  return query, key_cache, value_cache, jnp.asarray(lengths, jnp.int32)
+
+
+class PallasTritonDecodeTest(parameterized.TestCase):
+  """Kernel-level cases of a split-K decode backend (pallas_tpu's tests reuse them)."""
+
+  IMPLEMENTATION = "pallas_triton"
+  BACKEND = pallas_triton
+
+  def decode(self, *args, **kwargs):
+    return self.BACKEND.decode_attention(*args, interpret=True, **kwargs)
+
+  def seed(self) -> int:
+    return zlib.crc32(self.id().encode())
+
+  def check(self, out, args, head_indices, scale, logits_soft_cap):
+    """Compares with the jnp oracle and with flashjax's decode reference."""
+    dtype = args[0].dtype
+    expected = oracle(*args, head_indices, scale, logits_soft_cap)
+    chex.assert_shape(out, expected.shape)
+    chex.assert_tree_all_finite(out)
+    self.assertEqual(out.dtype, dtype)
+    tol = TOLERANCES[dtype.type]
+    chex.assert_trees_all_close(out.astype(jnp.float32), expected, atol=tol, rtol=tol)
+    ref = _jit_reference(*args, head_indices=head_indices, scale=scale,
+                         logits_soft_cap=logits_soft_cap)
+    chex.assert_trees_all_close(out.astype(jnp.float32), ref.astype(jnp.float32), atol=tol,
+                                rtol=tol)
+
+  @parameterized.named_parameters(
+      dict(testcase_name=f"{num_heads=}_{num_kv_heads=}_{num_splits=}", num_heads=num_heads,
+           num_kv_heads=num_kv_heads, num_splits=num_splits)
+      for (num_heads, num_kv_heads), num_splits in (((4, 4), 3), ((8, 2), 1), ((8, 2), 3),
+                                                     ((8, 1), 3))
+  )
+  def test_dense_ragged(self, num_heads, num_kv_heads, num_splits):
+    lengths = [200, 0, 1, 131]  # S_max = 200 is not a multiple of block_kv = 64
+    args = make_inputs(self.seed(), 4, 200, num_heads, num_kv_heads, 64, jnp.float32, lengths)
+    config = configs.DecodeConfig(block_kv=64, num_splits=num_splits)
+    out = self.decode(*args, head_indices=None, scale=0.125, logits_soft_cap=None,
+                      config=config)
+    self.check(out, args, None, 0.125, None)
+
+  @parameterized.named_parameters(
+      dict(testcase_name=f"{num_selected=}_{num_splits=}", num_selected=num_selected,
+           num_splits=num_splits)
+      for num_selected, num_splits in ((1, 1), (3, 2))
+  )
+  def test_head_sparse(self, num_selected, num_splits):
+    seed = self.seed()
+    args = make_inputs(seed, 3, 160, 8, 4, 64, jnp.float32, [160, 97, 33])
+    perms = jax.vmap(lambda k: jax.random.permutation(k, 4))(
+        jax.random.split(jax.random.key(seed + 1), 3))
+    heads = perms[:, :num_selected].astype(jnp.int32)
+    config = configs.DecodeConfig(block_kv=32, num_splits=num_splits)
+    out = self.decode(*args, head_indices=heads, scale=0.2, logits_soft_cap=None,
+                      config=config)
+    self.check(out, args, heads, 0.2, None)
+
+  def test_repeated_head_ids_count_once(self):
+    args = make_inputs(self.seed(), 2, 64, 4, 4, 64, jnp.float32, [64, 40])
+    heads = jnp.array([[2, 2], [0, 3]], jnp.int32)
+    out = self.decode(*args, head_indices=heads, scale=0.125, logits_soft_cap=None)
+    self.check(out, args, heads, 0.125, None)
+
+  @parameterized.named_parameters(
+      dict(testcase_name=f"dtype={jnp.dtype(dtype).name}_{soft_cap=}", dtype=dtype,
+           soft_cap=soft_cap)
+      for dtype, soft_cap in ((jnp.bfloat16, None), (jnp.bfloat16, 2.0), (jnp.float16, None))
+  )
+  def test_low_precision(self, dtype, soft_cap):
+    args = make_inputs(self.seed(), 2, 256, 8, 2, 64, dtype, [256, 150])
+    heads = jnp.array([[1], [0]], jnp.int32)
+    config = configs.DecodeConfig(block_kv=64, num_splits=2)
+    out = self.decode(*args, head_indices=heads, scale=0.125, logits_soft_cap=soft_cap,
+                      config=config)
+    self.check(out, args, heads, 0.125, soft_cap)
+
+  def test_soft_cap_float32(self):
+    # Large logits so the cap changes the result.
+    args = make_inputs(self.seed(), 2, 96, 4, 2, 64, jnp.float32, [96, 50])
+    out = self.decode(*args, head_indices=None, scale=1.0, logits_soft_cap=3.0)
+    self.check(out, args, None, 1.0, 3.0)
+    uncapped = oracle(*args, None, 1.0, None)
+    self.assertGreater(float(jnp.abs(out - uncapped).max()), 1e-2)
+
+  def test_cache_tail_is_never_read(self):
+    query, key_cache, value_cache, lengths = make_inputs(
+        self.seed(), 2, 100, 4, 2, 64, jnp.float32, [70, 1])
+    tail = (jnp.arange(100)[None, :] >= lengths[:, None])[:, :, None, None]
+    poisoned_k = jnp.where(tail, jnp.nan, key_cache)
+    poisoned_v = jnp.where(tail, jnp.inf, value_cache)
+    out = self.decode(query, poisoned_k, poisoned_v, lengths, head_indices=None, scale=0.125,
+                      logits_soft_cap=None, config=configs.DecodeConfig(block_kv=32))
+    self.check(out, (query, key_cache, value_cache, lengths), None, 0.125, None)
+
+  def test_public_api(self):
+    args = make_inputs(self.seed(), 2, 80, 4, 2, 64, jnp.float32, [80, 3])
+    heads = jnp.array([[1], [0]], jnp.int32)
+    out = flashjax.decode_attention(*args, head_indices=heads, scale=0.3,
+                                    implementation=self.IMPLEMENTATION, interpret=True)
+    self.check(out, args, heads, 0.3, None)
+
+  def test_short_cache_and_default_config(self):
+    # S_max below the smallest tile; the split heuristic picks the split count.
+    args = make_inputs(self.seed(), 2, 9, 2, 1, 64, jnp.float32, [9, 5])
+    out = self.decode(*args, head_indices=None, scale=0.125, logits_soft_cap=None)
+    self.check(out, args, None, 0.125, None)
+
+
+class TritonOnlyTest(parameterized.TestCase):
+
+  def test_bnsd_layout_matches(self):
+    query, key_cache, value_cache, lengths = make_inputs(
+        zlib.crc32(self.id().encode()), 2, 128, 8, 2, 64, jnp.float32, [128, 77])
+    heads = jnp.array([[1], [0]], jnp.int32)
+    out = pallas_triton.decode_attention(
+        query, key_cache.transpose(0, 2, 1, 3), value_cache.transpose(0, 2, 1, 3), lengths,
+        head_indices=heads, scale=0.125, logits_soft_cap=None, interpret=True,
+        config=configs.DecodeConfig(block_kv=32, num_splits=2), kv_layout="BNSD")
+    expected = oracle(query, key_cache, value_cache, lengths, heads, 0.125, None)
+    chex.assert_trees_all_close(out, expected, atol=2e-5, rtol=1e-5)
+
+  def test_non_power_of_two_head_dim_is_not_implemented(self):
+    args = make_inputs(1, 1, 32, 2, 1, 48, jnp.float32, [32])
+    with self.assertRaisesRegex(NotImplementedError, "head_dim=48"):
+      pallas_triton.decode_attention(*args, head_indices=None, scale=0.1,
+                                     logits_soft_cap=None, interpret=True)
+
+
+class SplitHeuristicTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      # One split fills 4 waves of 132 SMs once B * K >= 528.
+      dict(testcase_name="batch=128_groups=8", batch=128, groups=8, expected=1),
+      dict(testcase_name="batch=8_groups=8", batch=8, groups=8, expected=9),
+      # Capped so that a split keeps >= 2 blocks of the cache.
+      dict(testcase_name="batch=1_groups=8", batch=1, groups=8, expected=16),
+  )
+  def test_gpu_heuristic(self, batch, groups, expected):
+    got = configs.num_splits_heuristic(batch, groups, 4096, 128, num_cores=132, waves=4)
+    self.assertEqual(got, expected)
+
+  def test_config_validation(self):
+    with self.assertRaisesRegex(ValueError, "block_kv=48"):
+      configs.DecodeConfig(block_kv=48)
+    with self.assertRaisesRegex(ValueError, "num_splits=0"):
+      configs.DecodeConfig(num_splits=0)
+
+  def test_merge_ignores_dead_splits(self):
+    # Split 0 read keys (m = 1, l = 2, o = 4 -> output 2); split 1 read nothing (m = -inf,
+    # l = 0), whatever its o holds; a sequence of length 0 has only dead splits.
+    o = jnp.stack([jnp.full((16, 8), 4.0), jnp.full((16, 8), 7.0)])[None, None]
+    m = jnp.array([1.0, -jnp.inf])[None, None, :, None] * jnp.ones((1, 1, 2, 16))
+    l = jnp.array([2.0, 0.0])[None, None, :, None] * jnp.ones((1, 1, 2, 16))
+    chex.assert_trees_all_close(configs.merge_splits(o, m, l), jnp.full((1, 1, 16, 8), 2.0))
+    dead = configs.merge_splits(o, jnp.full_like(m, -jnp.inf), jnp.zeros_like(l))
+    chex.assert_trees_all_equal(dead, jnp.zeros((1, 1, 16, 8)))
+
+if __name__ == "__main__":
+  absltest.main()
