@@ -168,10 +168,10 @@ def _check_mask(mask: Any, batch: int, heads: int, q_len: int, kv_len: int,
                        f"(B|1, N|1, T, S) with (B, N) = {(batch, heads)}")
     return mask
   if not _is_array(mask):
-    raise ValueError(f"{type(mask)=} must be None, a bool array, a flashjax.masks Mask or "
-                     f"a BlockMask")
+    raise ValueError(f"mask of type {type(mask).__name__} must be None, a bool array, a "
+                     "flashjax.masks Mask or a BlockMask")
   if mask.dtype != np.bool_:
-    raise ValueError(f"{mask.dtype=} must be bool (pass additive masks as bias)")
+    raise ValueError(f"{mask.dtype=!s} must be bool (pass additive masks as bias)")
   return _check_4d_like("mask", mask, batch, heads, q_len, kv_len)
 
 
@@ -259,13 +259,13 @@ def dot_product_attention(
   """
   for name, x in (("query", query), ("key", key), ("value", value)):
     if not _is_array(x):
-      raise ValueError(f"{name} must be a jax or numpy array, got {type(x)=}")
+      raise ValueError(f"{name} must be a jax or numpy array, got {type(x).__name__}")
     if x.ndim != 4:
       raise ValueError(f"{name}.shape={tuple(x.shape)} must have rank 4 [B, T|S, N, D]")
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"{name}.dtype={x.dtype} must be floating point")
   if not query.dtype == key.dtype == value.dtype:
-    raise ValueError(f"dtypes differ: {query.dtype=}, {key.dtype=}, {value.dtype=}")
+    raise ValueError(f"dtypes differ: {query.dtype=!s}, {key.dtype=!s}, {value.dtype=!s}")
   batch, q_len, q_heads, head_dim = query.shape
   if key.shape != value.shape:
     raise ValueError(f"{key.shape=} != {value.shape=}")
@@ -279,8 +279,8 @@ def dot_product_attention(
 
   if bias is not None:
     if not _is_array(bias) or not jnp.issubdtype(bias.dtype, jnp.floating):
-      raise ValueError(f"bias must be a floating point array, got {type(bias)=}, "
-                       f"dtype={getattr(bias, 'dtype', None)}")
+      raise ValueError(f"bias must be a floating point array, got {type(bias).__name__} "
+                       f"with dtype={getattr(bias, 'dtype', None)}")
     bias = _check_4d_like("bias", bias, batch, q_heads, q_len, kv_len)
   if block_sizes is not None and not (hasattr(block_sizes, "block_q") and
                                       hasattr(block_sizes, "block_kv")):

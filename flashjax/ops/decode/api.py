@@ -72,14 +72,14 @@ def decode_attention(
   for name, x, rank in (("query", query, 3), ("key_cache", key_cache, 4),
                         ("value_cache", value_cache, 4)):
     if not isinstance(x, (np.ndarray, jax.Array)):
-      raise ValueError(f"{name} must be a jax or numpy array, got {type(x)=}")
+      raise ValueError(f"{name} must be a jax or numpy array, got {type(x).__name__}")
     if x.ndim != rank:
       raise ValueError(f"{name}.shape={tuple(x.shape)} must have rank {rank}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"{name}.dtype={x.dtype} must be floating point")
   if not query.dtype == key_cache.dtype == value_cache.dtype:
-    raise ValueError(f"dtypes differ: {query.dtype=}, {key_cache.dtype=}, "
-                     f"{value_cache.dtype=}")
+    raise ValueError(f"dtypes differ: {query.dtype=!s}, {key_cache.dtype=!s}, "
+                     f"{value_cache.dtype=!s}")
   if key_cache.shape != value_cache.shape:
     raise ValueError(f"{key_cache.shape=} != {value_cache.shape=}")
   batch, q_heads, head_dim = query.shape
