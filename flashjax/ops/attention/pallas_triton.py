@@ -38,7 +38,8 @@ Block sizes (`default_block_sizes`): on GPU 128x64 forward and 64x64 backward ti
 head dim <= 128 (4 warps up to D=64, 8 above), 64x32 / 32x32 for head dim 256; in interpret
 mode 32x32 so that small CPU tests still see many tiles. Defaults shrink to the sequence
 (power of two >= 16). A caller's `BlockSizes` is used as given. A BlockMask fixes the tiling of
-both passes; a `block_sizes` that disagrees with it is a ValueError.
+both passes: `block_sizes` whose forward tiles disagree with it is a ValueError, its backward
+tiles are then ignored (only num_warps / num_stages apply).
 """
 
 from __future__ import annotations
@@ -583,10 +584,7 @@ def _block_masks(mask, query, key, *, is_causal, q_segment_ids, kv_segment_ids, 
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   if isinstance(mask, BlockMask):
     tiling = (mask.block_q, mask.block_kv)
-    if block_sizes is not None and (
-        (block_sizes.block_q, block_sizes.block_kv) != tiling
-        or (block_sizes.block_q_bwd or mask.block_q) != mask.block_q
-        or (block_sizes.block_kv_bwd or mask.block_kv) != mask.block_kv):
+    if block_sizes is not None and (block_sizes.block_q, block_sizes.block_kv) != tiling:
       raise ValueError(f"{block_sizes=} disagrees with the BlockMask tiling "
                        f"block_q={mask.block_q}, block_kv={mask.block_kv}")
     bm = build(block_q=mask.block_q, block_kv=mask.block_kv) if extra else mask
