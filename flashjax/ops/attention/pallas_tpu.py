@@ -336,7 +336,7 @@ def partial_mask(refs: dict, band, q_start, kv_start, block_q: int, block_kv: in
 
 
 def split_optional_refs(refs, flags) -> tuple[dict, list]:
-  """Names the optional mask refs (in rule_specs order, then the tile) and returns the rest."""
+  """Names the optional mask refs (in block_specs order) and returns the remaining refs."""
   refs = list(refs)
   out = {}
   for name, present in zip(("q_seg", "kv_seg", "kv_prefix", "tile"), flags):
@@ -494,7 +494,7 @@ def dot_product_attention(
     scale: float | None = None,
     logits_soft_cap: float | None = None,
     block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
+    interpret: Any = False,
 ) -> jax.Array:
   """Block-sparse FlashAttention on TPU (the "pallas_tpu" backend protocol).
 
@@ -511,7 +511,8 @@ def dot_product_attention(
     logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
     block_sizes: BlockSizes; default 128 x 128. block_kv must be a multiple of 128 and
       block_q of 8 (16 for 16-bit inputs).
-    interpret: run the kernels with the TPU interpreter (CPU tests).
+    interpret: run the kernels in Pallas interpret mode (CPU tests); a
+      pltpu.InterpretParams selects the TPU interpreter instead.
 
   Returns:
     [B, T, Nq, D] in query.dtype; rows with no allowed key are 0.
@@ -522,7 +523,7 @@ def dot_product_attention(
   if bias is not None:
     raise NotImplementedError("pallas_tpu: additive bias is not supported; use the xla "
                               "backend or express the bias as a mask")
-  batch, q_len, num_q_heads, head_dim = query.shape
+  _, q_len, num_q_heads, head_dim = query.shape
   kv_len, num_kv_heads = key.shape[1], key.shape[2]
   if num_q_heads % num_kv_heads:
     raise ValueError(f"pallas_tpu: {num_q_heads=} must be a multiple of {num_kv_heads=}")

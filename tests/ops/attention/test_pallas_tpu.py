@@ -11,6 +11,7 @@ block once per list row and never an empty one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from unittest import mock
 
@@ -102,35 +103,29 @@ class PallasTpuKernelTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       {"testcase_name": f"{family=}", "family": family}
-      for family in ("prefix_lm", "tree", "global_tokens_and_causal", "rcm_random_banded"))
-  def test_mask_objects(self, family):
-    # Rule with prefix flags (per batch row), stored tiles, tiles AND a band, RCM order.
-    length, sizes = 256, BlockSizes(block_q=64, block_kv=128)
+      for family in ("prefix_lm", "global_tokens_and_causal"))
+  def test_grad_mask_objects(self, family):
+    # Gradients the suite does not take: prefix flags per batch row; stored tiles AND a band.
+    length = 256
     q, k, v = self.qkv(2, length, length, 4, 2, 64)
     if family == "prefix_lm":
       ids = np.repeat(np.arange(3), [100, 60, 96])[None].repeat(2, axis=0)
       mask = masks.prefix_lm(ids, np.array([[30, 0, 50], [5, 60, 70]]))
-    elif family == "tree":
-      mask = masks.tree(np.array([self.rng().integers(-1, i) if i else -1
-                                  for i in range(length)]))
-    elif family == "global_tokens_and_causal":
-      mask = masks.global_tokens(length, length, 16, [0, 150]) & masks.causal(length, length)
     else:
-      shuffle = self.rng().permutation(length)
-      band = masks.random_banded(length, length, seed=3).to_dense()
-      mask = masks.BlockMask.from_mask(masks.from_dense(band[shuffle][:, shuffle]), 64, 128,
-                                       reorder="rcm")
-      sizes = None
-    self.check_fwd_and_grads(q, k, v, mask=mask, block_sizes=sizes)
+      mask = masks.global_tokens(length, length, 16, [0, 150]) & masks.causal(length, length)
+    self.check_fwd_and_grads(q, k, v, mask=mask, block_sizes=BlockSizes(64, 128))
 
   def test_bf16_block_q_16(self):
     q, k, v = self.qkv(2, 96, 160, 2, 1, 32, "bfloat16")
     ids = jnp.asarray(np.repeat(np.arange(2)[None], 2, 0).repeat([40, 56], axis=1), jnp.int32)
     kv_ids = jnp.asarray(np.repeat(np.arange(2)[None], 2, 0).repeat([70, 90], axis=1),
                          jnp.int32)
-    self.check_fwd_and_grads(q, k, v, q_segment_ids=ids, kv_segment_ids=kv_ids,
-                             block_sizes=BlockSizes(block_q=16, block_kv=128), atol=2e-2,
-                             grad_atol=5e-2)
+    out = pallas_tpu.dot_product_attention(q, k, v, **_backend_kwargs(
+        q_segment_ids=ids, kv_segment_ids=kv_ids, block_sizes=BlockSizes(16, 128)))
+    expected = reference.mha_reference(q, k, v, q_segment_ids=ids, kv_segment_ids=kv_ids)
+    chex.assert_type(out, jnp.bfloat16)
+    chex.assert_trees_all_close(out.astype(jnp.float32), expected.astype(jnp.float32),
+                                atol=2e-2)
 
   def test_interpret_params(self):
     # The TPU interpreter fills uninitialised buffers with NaN: any read before write shows.
@@ -147,7 +142,25 @@ class PallasTpuKernelTest(parameterized.TestCase):
     expected = reference.mha_reference(q, k, v, mask=mask)
     chex.assert_trees_all_close(fn(q, k, v, mask), expected, atol=5e-5, rtol=1e-5)
 
+  def test_vmap_segment_ids(self):
+    # Batched segment ids make the scalar-prefetched lists batched too.
+    q, k, v = self.qkv(3, 160, 160, 2, 1, 32)
+    q, k, v = (x[:, None] for x in (q, k, v))
+    ids = jnp.asarray(np.sort(self.rng().integers(0, 3, (3, 1, 160)), axis=-1), jnp.int32)
+    fn = lambda fn_, q, k, v, i, **kw: fn_(q, k, v, q_segment_ids=i, kv_segment_ids=i, **kw)
+    out = jax.vmap(functools.partial(fn, pallas_tpu.dot_product_attention, interpret=True))(
+        q, k, v, ids)
+    expected = jax.vmap(functools.partial(fn, reference.mha_reference))(q, k, v, ids)
+    chex.assert_trees_all_close(out, expected, atol=5e-5, rtol=1e-5)
+
   # Validation.
+
+  def test_rcm_block_mask_with_causal_not_implemented(self):
+    q, k, v = self.qkv(1, 128, 128, 1, 1, 32)
+    bm = masks.BlockMask.from_mask(masks.sliding_window(128, 128, 4, 4), 32, 128,
+                                   reorder="rcm")
+    with self.assertRaisesRegex(NotImplementedError, "RCM"):
+      pallas_tpu.dot_product_attention(q, k, v, **_backend_kwargs(mask=bm, is_causal=True))
 
   @parameterized.named_parameters(
       {"testcase_name": f"{block_kv=}_{block_kv_bwd=}", "block_kv": block_kv,
@@ -289,8 +302,10 @@ class PallasTpuKernelTest(parameterized.TestCase):
       {"testcase_name": f"{dtype=}_{mask_kind=}", "dtype": dtype, "mask_kind": mask_kind}
       for dtype in ("float32", "bfloat16") for mask_kind in ("causal", "segments", "tiles"))
   def test_lowers_for_tpu(self, dtype, mask_kind):
+    # bfloat16 at its smallest block_q (int32 tiles), float32 with int8 tiles.
     q, k, v = self.qkv(2, 200, 300, 4, 2, 64, dtype)
-    kwargs = dict(block_sizes=BlockSizes(block_q=32, block_kv=128), logits_soft_cap=5.0,
+    block_q = 16 if dtype == "bfloat16" else 32
+    kwargs = dict(block_sizes=BlockSizes(block_q=block_q, block_kv=128), logits_soft_cap=5.0,
                   interpret=False)
     if mask_kind == "causal":
       kwargs["is_causal"] = True
