@@ -177,7 +177,7 @@ def flash_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax
               fwd_lib.pad_axis(lanes(lse), 2, t_pad, jnp.inf),
               fwd_lib.pad_axis(lanes(delta), 2, t_pad))
   interpret = fwd_lib.interpret_arg(cfg.interpret)
-  tiles = dict(cfg=cfg, block_q=block_q, block_kv=block_kv)
+  static = dict(cfg=cfg, block_q=block_q, block_kv=block_kv)
 
   def in_specs(specs, mask_specs):
     return [specs["q"], specs["kv"], specs["kv"], specs["q"], specs["stat"], specs["stat"],
@@ -189,7 +189,7 @@ def flash_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax
                                                               head_dim)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, steps=steps, flags=flags, band=ops.band,
-                        last_pos=ops.indexer.length - 1, group=group, **tiles),
+                        last_pos=ops.indexer.length - 1, group=group, **static),
       out_shape=(jax.ShapeDtypeStruct((batch, num_kv_heads, s_pad, head_dim), k.dtype),
                  jax.ShapeDtypeStruct((batch, num_kv_heads, s_pad, head_dim), v.dtype)),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -211,7 +211,7 @@ def flash_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax
                                                               head_dim)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, steps=steps, flags=flags, band=ops.band,
-                        last_pos=ops.indexer.length - 1, **tiles),
+                        last_pos=ops.indexer.length - 1, **static),
       out_shape=jax.ShapeDtypeStruct((batch, num_q_heads, t_pad, head_dim), q.dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
