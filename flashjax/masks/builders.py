@@ -341,7 +341,18 @@ def block_mask_from_rule(rule: ElementRule, q_len: int, kv_len: int, block_q: in
   """
   q_len, kv_len = _check_size("q_len", q_len), _check_size("kv_len", kv_len)
   block_q, block_kv = _check_size("block_q", block_q), _check_size("block_kv", block_kv)
-  rule = _device_rule(rule, q_len, kv_len)
+  return _rule_block_mask(rule.q_segment_ids, rule.kv_segment_ids, rule.kv_in_prefix,
+                          band=(rule.band.lo, rule.band.hi), q_len=q_len, kv_len=kv_len,
+                          block_q=block_q, block_kv=block_kv)
+
+
+@functools.partial(jax.jit, static_argnames=("band", "q_len", "kv_len", "block_q",
+                                             "block_kv"))
+def _rule_block_mask(q_segment_ids, kv_segment_ids, kv_in_prefix, *, band, q_len, kv_len,
+                     block_q, block_kv) -> BlockMask:
+  """block_mask_from_rule as one jitted computation (fast when called eagerly)."""
+  rule = _device_rule(ElementRule(Band(*band), q_segment_ids, kv_segment_ids, kv_in_prefix),
+                      q_len, kv_len)
   kinds = _device_rule_kinds(rule, q_len, kv_len, block_q, block_kv)
   density = jnp.mean(_device_rule_counts(rule, q_len, kv_len), dtype=jnp.float32) / kv_len
   return _assemble(kinds, None, rule, None, density, q_len, kv_len, block_q, block_kv,
@@ -362,13 +373,21 @@ def block_mask_from_dense(mask_array: jax.Array, block_q: int, block_kv: int) ->
     ((b * Nm + n) * nq + qb) * nk + kb.
   """
   block_q, block_kv = _check_size("block_q", block_q), _check_size("block_kv", block_kv)
+  dtype, ndim = jnp.result_type(mask_array), jnp.ndim(mask_array)
+  if dtype != jnp.bool_:
+    raise ValueError(f"mask_array.dtype={dtype} must be bool")
+  if ndim not in (2, 4):
+    raise ValueError(f"mask_array.shape={jnp.shape(mask_array)} must be [B|1, N|1, T, S] "
+                     "or [T, S]")
+  return _dense_block_mask(mask_array, block_q=block_q, block_kv=block_kv)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv"))
+def _dense_block_mask(mask_array, *, block_q: int, block_kv: int) -> BlockMask:
+  """block_mask_from_dense as one jitted computation."""
   m = jnp.asarray(mask_array)
-  if m.dtype != jnp.bool_:
-    raise ValueError(f"mask_array.dtype={m.dtype} must be bool")
   if m.ndim == 2:
     m = m[None, None]
-  if m.ndim != 4:
-    raise ValueError(f"mask_array.shape={m.shape} must be [B|1, N|1, T, S] or [T, S]")
   bm, nm, q_len, kv_len = m.shape
   nq, nk = _cdiv(q_len, block_q), _cdiv(kv_len, block_kv)
   padded = jnp.pad(m, ((0, 0), (0, 0), (0, nq * block_q - q_len), (0, nk * block_kv - kv_len)))
@@ -408,6 +427,7 @@ def _rule_dense(rule: ElementRule, q_len: int, kv_len: int) -> jax.Array:
   return dense.reshape((-1, 1, q_len, kv_len))
 
 
+@jax.jit
 def expand_block_mask(bm: BlockMask) -> jax.Array:
   """The exact element mask a kernel applies for `bm` (kinds, rule, tiles and bounds).
 

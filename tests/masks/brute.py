@@ -84,18 +84,13 @@ def tile(dense: np.ndarray, block_q: int, block_kv: int, b: int, n: int, qb: int
 
 
 def kinds(dense: np.ndarray, block_q: int, block_kv: int) -> np.ndarray:
-  """Exact kinds [Bm, Nm, nq, nk] by looking at every tile."""
+  """Exact kinds [Bm, Nm, nq, nk]: any / all allowed over each zero-padded tile."""
   p = padded(dense, block_q, block_kv)
   t, s = dense.shape[-2:]
-  bm, nm = p.shape[:2]
   nq, nk = p.shape[2] // block_q, p.shape[3] // block_kv
-  out = np.zeros((bm, nm, nq, nk), np.int8)
-  for b in range(bm):
-    for n in range(nm):
-      for qb in range(nq):
-        for kb in range(nk):
-          x = p[b, n, qb * block_q:(qb + 1) * block_q, kb * block_kv:(kb + 1) * block_kv]
-          inside = (qb + 1) * block_q <= t and (kb + 1) * block_kv <= s
-          out[b, n, qb, kb] = (FULL if x.all() and inside else
-                               PARTIAL if x.any() else EMPTY)
-  return out
+  tiles = p.reshape(*p.shape[:2], nq, block_q, nk, block_kv)
+  inside = ((np.arange(1, nq + 1) * block_q <= t)[:, None] &
+            (np.arange(1, nk + 1) * block_kv <= s)[None, :])
+  full = tiles.all(axis=(3, 5)) & inside
+  return np.where(full, FULL, np.where(tiles.any(axis=(3, 5)), PARTIAL, EMPTY)).astype(
+      np.int8)
