@@ -260,6 +260,21 @@ def _mask_batch_head(layout: _MaskLayout, batch, head):
   return (0 if layout.batch_bcast else batch), (0 if layout.head_bcast else head)
 
 
+def _split_bh(bh, num_heads: int):
+  """Grid axis 1 (batch * heads) -> (batch, head)."""
+  return lax.div(bh, num_heads), lax.rem(bh, num_heads)
+
+
+def _head_spec(rows: int, head_dim: int, num_heads: int, *, group: int = 1,
+               tiled: bool = True) -> pl.BlockSpec:
+  """[B, L, N', Dp] seen by program (i, b * num_heads + h): head h // group, rows of tile i
+  (tiled) or all rows."""
+  def index_map(i, bh):
+    batch, head = _split_bh(bh, num_heads)
+    return batch, i if tiled else 0, lax.div(head, group), 0
+  return pl.BlockSpec((None, rows, None, head_dim), index_map)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -273,7 +288,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout: _MaskLayout, params: _Pa
   *mask_refs, o_ref, lse_ref = refs
   m = _unpack_mask_refs(layout, mask_refs)
   qi, bh = pl.program_id(0), pl.program_id(1)
-  batch, head = bh // num_heads, bh % num_heads
+  batch, head = _split_bh(bh, num_heads)
   mb, mh = _mask_batch_head(layout, batch, head)
   bq, bk = layout.block_q, layout.block_kv
   q = q_ref[...]
@@ -338,10 +353,8 @@ def _forward(q, k, v, bm: BlockMask, params: _Params):
   nq, nk = _cdiv(q_len, bq), _cdiv(kv_len, bk)
   dp = _head_dim_padded(head_dim)
   mask_ops = _mask_operands(bm, layout, backward=False, q_pad=nq * bq, kv_pad=nk * bk)
-  q_spec = pl.BlockSpec((None, bq, None, dp),
-                        lambda i, bh: (bh // num_heads, i, bh % num_heads, 0))
-  kv_spec = pl.BlockSpec((None, nk * bk, None, dp),
-                         lambda i, bh: (bh // num_heads, 0, (bh % num_heads) // group, 0))
+  q_spec = _head_spec(bq, dp, num_heads)
+  kv_spec = _head_spec(nk * bk, dp, num_heads, group=group, tiled=False)
   kernel = functools.partial(_forward_kernel, layout=layout, params=params,
                              num_heads=num_heads)
   out, lse = pl.pallas_call(
@@ -383,7 +396,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout:
   *mask_refs, dk_ref, dv_ref = refs
   m = _unpack_mask_refs(layout, mask_refs)
   kj, bh = pl.program_id(0), pl.program_id(1)
-  batch, kv_head = bh // num_kv_heads, bh % num_kv_heads
+  batch, kv_head = _split_bh(bh, num_kv_heads)
   bq, bk = layout.block_q, layout.block_kv
   k = k_ref[...]
   v = v_ref[...]
@@ -422,7 +435,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout: _
   *mask_refs, dq_ref = refs
   m = _unpack_mask_refs(layout, mask_refs)
   qi, bh = pl.program_id(0), pl.program_id(1)
-  batch, head = bh // num_heads, bh % num_heads
+  batch, head = _split_bh(bh, num_heads)
   mb, mh = _mask_batch_head(layout, batch, head)
   bq, bk = layout.block_q, layout.block_kv
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
@@ -479,10 +492,14 @@ def _backward(q, k, v, out, lse, do, bm: BlockMask, params: _Params):
   qp, dop = _pad_to(q, q_pad, dp), _pad_to(do.astype(q.dtype), q_pad, dp)
   kp, vp = _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp)
 
-  kv_block = pl.BlockSpec((None, bk, None, dp),
-                          lambda j, bh: (bh // num_kv_heads, j, bh % num_kv_heads, 0))
-  q_group = pl.BlockSpec((None, q_pad, group, dp),
-                         lambda j, bh: (bh // num_kv_heads, 0, bh % num_kv_heads, 0))
+  kv_block = _head_spec(bk, dp, num_kv_heads)
+
+  def q_group_index(j, bh):  # all rows of the `group` query heads of kv head bh % Nkv
+    del j
+    b, kv_head = _split_bh(bh, num_kv_heads)
+    return b, 0, kv_head, 0
+
+  q_group = pl.BlockSpec((None, q_pad, group, dp), q_group_index)
   stat_group = pl.BlockSpec((group, q_pad), lambda j, bh: (bh, 0))
   bwd_ops = _mask_operands(bm, layout, backward=True, q_pad=q_pad, kv_pad=kv_pad)
   dk, dv = pl.pallas_call(
@@ -499,10 +516,8 @@ def _backward(q, k, v, out, lse, do, bm: BlockMask, params: _Params):
       name="flashjax_triton_dkdv",
   )(qp, kp, vp, dop, lse, delta, *bwd_ops)
 
-  q_block = pl.BlockSpec((None, bq, None, dp),
-                         lambda i, bh: (bh // num_heads, i, bh % num_heads, 0))
-  kv_all = pl.BlockSpec((None, kv_pad, None, dp),
-                        lambda i, bh: (bh // num_heads, 0, (bh % num_heads) // group, 0))
+  q_block = _head_spec(bq, dp, num_heads)
+  kv_all = _head_spec(kv_pad, dp, num_heads, group=group, tiled=False)
   stat_block = pl.BlockSpec((None, bq), lambda i, bh: (bh, i))
   fwd_ops = _mask_operands(bm, layout, backward=False, q_pad=q_pad, kv_pad=kv_pad)
   dq = pl.pallas_call(
