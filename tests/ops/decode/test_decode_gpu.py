@@ -11,6 +11,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import chex
 import jax
+from jax.experimental.pallas.ops.gpu import decode_attention as upstream_decode
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -192,8 +193,7 @@ class TritonDecodeGpuTest(parameterized.TestCase):
 def _peer_gqa(query, key_cache, value_cache, lengths, head_indices=None):
   """jax.experimental.pallas.ops.gpu.decode_attention.gqa, the upstream split-K kernel."""
   del head_indices
-  from jax.experimental.pallas.ops.gpu import decode_attention as peer  # pylint: disable=g-import-not-at-top
-  return peer.gqa(query, key_cache, value_cache, kv_seq_len=lengths,
+  return upstream_decode.gqa(query, key_cache, value_cache, kv_seq_len=lengths,
                   sm_scale=1.0 / np.sqrt(query.shape[-1]))
 
 

@@ -1,7 +1,6 @@
 """Pallas Mosaic TPU split-K decode kernel, run by the TPU interpreter on CPU."""
 
 import itertools
-import zlib
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -10,21 +9,25 @@ import jax.numpy as jnp
 
 from flashjax.ops.decode import configs
 from flashjax.ops.decode import pallas_tpu
+from tests.ops.decode import decode_suite
 from tests.ops.decode import test_pallas_triton as cases
 
 
-class PallasTpuDecodeTest(cases.PallasTritonDecodeTest):
-  """The Triton kernel's cases (D = 64 with Nkv = 1, 2, 4 covers three lane tilings)."""
+class TestPallasTpuDecode(decode_suite.DecodeSuite):
+  """The suite's D = 64 / 32 with Nkv = 1, 2, 4 covers the whole-row and shared lane tiles."""
 
   IMPLEMENTATION = "pallas_tpu"
+  INTERPRET = True
+
+
+class PallasTpuKernelTest(cases.PallasTritonKernelTest):
+  """The Triton kernel's cases, plus the lane tilings the suite does not reach."""
+
   BACKEND = pallas_tpu
 
   @parameterized.named_parameters(
       # D % 128 == 0: one group per tile.
       dict(testcase_name="head_dim=128", num_kv_heads=2, head_dim=128, dtype=jnp.float32),
-      # 128 % D == 0: four groups share a 128-lane tile.
-      dict(testcase_name="head_dim=32_num_kv_heads=8", num_kv_heads=8, head_dim=32,
-           dtype=jnp.bfloat16),
       # Neither: D is zero-padded to 128.
       dict(testcase_name="head_dim=48_num_kv_heads=3", num_kv_heads=3, head_dim=48,
            dtype=jnp.float32),

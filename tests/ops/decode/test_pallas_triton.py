@@ -1,4 +1,4 @@
-"""Pallas Triton split-K decode kernel, in interpret mode (CPU) against a jnp oracle."""
+"""Pallas Triton split-K decode kernel in interpret mode (CPU): shared suite + kernel cases."""
 
 import functools
 import zlib
@@ -8,12 +8,11 @@ from absl.testing import parameterized
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-import flashjax
 from flashjax.ops.decode import configs
 from flashjax.ops.decode import pallas_triton
 from flashjax.ops.decode import reference
+from tests.ops.decode import decode_suite
 
 TOLERANCES = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
@@ -56,10 +55,17 @@ def make_inputs(seed, batch, max_len, num_heads, num_kv_heads, head_dim, dtype, 
   return query, key_cache, value_cache, jnp.asarray(lengths, jnp.int32)
 
 
-class PallasTritonDecodeTest(parameterized.TestCase):
-  """Kernel-level cases of a split-K decode backend (pallas_tpu's tests reuse them)."""
-
+class TestPallasTritonDecode(decode_suite.DecodeSuite):
   IMPLEMENTATION = "pallas_triton"
+  INTERPRET = True
+
+
+class PallasTritonKernelTest(parameterized.TestCase):
+  """Kernel-level cases the shared suite cannot reach (forced splits, cache garbage).
+
+  pallas_tpu's tests reuse them through `BACKEND`.
+  """
+
   BACKEND = pallas_triton
 
   def decode(self, *args, **kwargs):
@@ -82,62 +88,24 @@ class PallasTritonDecodeTest(parameterized.TestCase):
     chex.assert_trees_all_close(out.astype(jnp.float32), ref.astype(jnp.float32), atol=tol,
                                 rtol=tol)
 
-  @parameterized.named_parameters(
-      dict(testcase_name=f"{num_heads=}_{num_kv_heads=}_{num_splits=}", num_heads=num_heads,
-           num_kv_heads=num_kv_heads, num_splits=num_splits)
-      for (num_heads, num_kv_heads), num_splits in (((4, 4), 3), ((8, 2), 1), ((8, 2), 3),
-                                                     ((8, 1), 3))
-  )
-  def test_dense_ragged(self, num_heads, num_kv_heads, num_splits):
-    lengths = [200, 0, 1, 131]  # S_max = 200 is not a multiple of block_kv = 64
-    args = make_inputs(self.seed(), 4, 200, num_heads, num_kv_heads, 64, jnp.float32, lengths)
-    config = configs.DecodeConfig(block_kv=64, num_splits=num_splits)
+  def test_splits_gqa_ragged(self):
+    # S_max = 200 is not a multiple of block_kv = 64; lengths 0 and 1 leave dead splits.
+    args = make_inputs(self.seed(), 4, 200, 8, 2, 64, jnp.float32, [200, 0, 1, 131])
+    config = configs.DecodeConfig(block_kv=64, num_splits=3)
     out = self.decode(*args, head_indices=None, scale=0.125, logits_soft_cap=None,
                       config=config)
     self.check(out, args, None, 0.125, None)
 
-  @parameterized.named_parameters(
-      dict(testcase_name=f"{num_selected=}_{num_splits=}", num_selected=num_selected,
-           num_splits=num_splits)
-      for num_selected, num_splits in ((1, 1), (3, 2))
-  )
-  def test_head_sparse(self, num_selected, num_splits):
+  def test_splits_head_sparse_bfloat16_soft_cap(self):
     seed = self.seed()
-    args = make_inputs(seed, 3, 160, 8, 4, 64, jnp.float32, [160, 97, 33])
+    args = make_inputs(seed, 3, 160, 8, 4, 64, jnp.bfloat16, [160, 97, 33])
     perms = jax.vmap(lambda k: jax.random.permutation(k, 4))(
         jax.random.split(jax.random.key(seed + 1), 3))
-    heads = perms[:, :num_selected].astype(jnp.int32)
-    config = configs.DecodeConfig(block_kv=32, num_splits=num_splits)
-    out = self.decode(*args, head_indices=heads, scale=0.2, logits_soft_cap=None,
+    heads = perms[:, :3].astype(jnp.int32)
+    config = configs.DecodeConfig(block_kv=32, num_splits=4)
+    out = self.decode(*args, head_indices=heads, scale=0.5, logits_soft_cap=2.0,
                       config=config)
-    self.check(out, args, heads, 0.2, None)
-
-  def test_repeated_head_ids_count_once(self):
-    args = make_inputs(self.seed(), 2, 64, 4, 4, 64, jnp.float32, [64, 40])
-    heads = jnp.array([[2, 2], [0, 3]], jnp.int32)
-    out = self.decode(*args, head_indices=heads, scale=0.125, logits_soft_cap=None)
-    self.check(out, args, heads, 0.125, None)
-
-  @parameterized.named_parameters(
-      dict(testcase_name=f"dtype={jnp.dtype(dtype).name}_{soft_cap=}", dtype=dtype,
-           soft_cap=soft_cap)
-      for dtype, soft_cap in ((jnp.bfloat16, None), (jnp.bfloat16, 2.0), (jnp.float16, None))
-  )
-  def test_low_precision(self, dtype, soft_cap):
-    args = make_inputs(self.seed(), 2, 256, 8, 2, 64, dtype, [256, 150])
-    heads = jnp.array([[1], [0]], jnp.int32)
-    config = configs.DecodeConfig(block_kv=64, num_splits=2)
-    out = self.decode(*args, head_indices=heads, scale=0.125, logits_soft_cap=soft_cap,
-                      config=config)
-    self.check(out, args, heads, 0.125, soft_cap)
-
-  def test_soft_cap_float32(self):
-    # Large logits so the cap changes the result.
-    args = make_inputs(self.seed(), 2, 96, 4, 2, 64, jnp.float32, [96, 50])
-    out = self.decode(*args, head_indices=None, scale=1.0, logits_soft_cap=3.0)
-    self.check(out, args, None, 1.0, 3.0)
-    uncapped = oracle(*args, None, 1.0, None)
-    self.assertGreater(float(jnp.abs(out - uncapped).max()), 1e-2)
+    self.check(out, args, heads, 0.5, 2.0)
 
   def test_cache_tail_is_never_read(self):
     query, key_cache, value_cache, lengths = make_inputs(
@@ -146,15 +114,9 @@ class PallasTritonDecodeTest(parameterized.TestCase):
     poisoned_k = jnp.where(tail, jnp.nan, key_cache)
     poisoned_v = jnp.where(tail, jnp.inf, value_cache)
     out = self.decode(query, poisoned_k, poisoned_v, lengths, head_indices=None, scale=0.125,
-                      logits_soft_cap=None, config=configs.DecodeConfig(block_kv=32))
+                      logits_soft_cap=None,
+                      config=configs.DecodeConfig(block_kv=32, num_splits=2))
     self.check(out, (query, key_cache, value_cache, lengths), None, 0.125, None)
-
-  def test_public_api(self):
-    args = make_inputs(self.seed(), 2, 80, 4, 2, 64, jnp.float32, [80, 3])
-    heads = jnp.array([[1], [0]], jnp.int32)
-    out = flashjax.decode_attention(*args, head_indices=heads, scale=0.3,
-                                    implementation=self.IMPLEMENTATION, interpret=True)
-    self.check(out, args, heads, 0.3, None)
 
   def test_short_cache_and_default_config(self):
     # S_max below the smallest tile; the split heuristic picks the split count.
