@@ -202,7 +202,7 @@ def _build_host(mask: masks_lib.Mask, block_q: int, block_kv: int) -> BlockMask:
     return _assemble(kinds, None, _int32_rule(rule), None, mask.density, mask.q_len,
                      mask.kv_len, block_q, block_kv, host=True)
   coords = np.nonzero(kinds == PARTIAL)
-  tile_fn = functools.partial(mask._block_tiles, block_q, block_kv)  # pylint: disable=protected-access
+  tile_fn = functools.partial(mask.block_tiles, block_q, block_kv)
   tiles, ids, partial_allowed = _dedup_tiles(tile_fn, coords, block_q, block_kv)
   grid = np.zeros(kinds.shape, np.int32)
   grid[coords] = ids
@@ -479,7 +479,7 @@ def _rule_into_tiles(bm: BlockMask) -> BlockMask:
 
   def tile_fn(b, n, qb, kb):
     rb = b if rule_mask.lead[0] > 1 else np.zeros_like(b)
-    tiles = rule_mask._block_tiles(bm.block_q, bm.block_kv, rb, np.zeros_like(n), qb, kb)  # pylint: disable=protected-access
+    tiles = rule_mask.block_tiles(bm.block_q, bm.block_kv, rb, np.zeros_like(n), qb, kb)
     if old_tiles is not None:
       tiles = tiles & old_tiles[old_grid[b, n, qb, kb]]
     return tiles

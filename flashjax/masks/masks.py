@@ -8,7 +8,7 @@ Masks built from positions and segment ids (full, causal, sliding_window, docume
 prefix_lm, and `&` of those with at most one segment source) are *computable*: `.rule()`
 returns an `ElementRule` and neither this module nor the BlockMask builders ever
 materialise T x S for them. The others (tree, dilated, global_tokens, random_banded,
-from_dense, unions) return None from `.rule()`; they classify their tiles from sparse
+from_dense, most unions) return None from `.rule()`; they classify their tiles from sparse
 coordinates or closed-form geometry where they can, and produce bool tiles on demand.
 
 Every mask knows its exact tile classification (`block_kinds`): a tile is EMPTY with no
@@ -431,6 +431,34 @@ class Mask:
       self._memo[key] = kinds
     return self._memo[key]
 
+  def block_tiles(self, block_q: int, block_kv: int, b: np.ndarray, n: np.ndarray,
+                  qb: np.ndarray, kb: np.ndarray) -> np.ndarray:
+    """Bool tiles of grid tiles, zero past T and S (what BlockMask.tiles stores).
+
+    Args:
+      block_q: query tile size.
+      block_kv: key tile size.
+      b: int [M] batch indices (0 on a broadcast axis).
+      n: int [M] head indices (0 on a broadcast axis).
+      qb: int [M] query block ids.
+      kb: int [M] key block ids.
+
+    Returns:
+      bool [M, block_q, block_kv].
+    """
+    return self._block_tiles(block_q, block_kv, *(np.asarray(x, np.int64)
+                                                  for x in (b, n, qb, kb)))
+
+  def nonzero(self) -> tuple[np.ndarray, ...]:
+    """Indices of the allowed elements, as np.nonzero(self.to_dense()) gives them.
+
+    The order is np.nonzero's for 2-D masks; 4-D masks are scanned in chunks of rows.
+
+    Returns:
+      (rows, cols) for a 2-D mask, else (b, n, rows, cols); int arrays.
+    """
+    return self._nonzero()
+
   def __and__(self, other: Mask) -> Mask:
     if not isinstance(other, Mask):
       return NotImplemented
@@ -474,7 +502,7 @@ class Mask:
                for q0 in range(0, self.q_len, rows))
 
   def _nonzero(self) -> tuple[np.ndarray, ...]:
-    """Indices of allowed elements, like np.nonzero(self.to_dense()), in row chunks."""
+    """np.nonzero of the dense mask, computed over chunks of rows."""
     bm, nm = self.lead
     rows = max(1, _CHUNK_ELEMENTS // (self.kv_len * bm * nm))
     parts = []

@@ -39,7 +39,7 @@ def _square_mask(mask: Any) -> masks_lib.Mask:
 
 def _pattern(mask: masks_lib.Mask) -> tuple[np.ndarray, np.ndarray]:
   """(rows, cols) of the allowed elements of a square mask."""
-  idx = mask._nonzero()  # pylint: disable=protected-access
+  idx = mask.nonzero()
   return idx[-2], idx[-1]
 
 

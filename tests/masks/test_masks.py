@@ -192,7 +192,7 @@ class MaskConstructorTest(parameterized.TestCase):
   def test_random_banded_statistics(self):
     size = 2048
     mask = masks.random_banded(size, size, seed=3)
-    rows, cols = mask._nonzero()  # pylint: disable=protected-access
+    rows, cols = mask.nonzero()
     dist = np.abs(rows - cols)
     self.assertTrue(np.all(np.bincount(rows[dist == 0], minlength=size) == 1))
     for d in (1, 3):
