@@ -54,8 +54,9 @@ class AttentionSuite(parameterized.TestCase):
       NotImplementedError.
     SUPPORTS_SOFT_CAP: False: logits_soft_cap must raise NotImplementedError.
     DTYPES: input dtypes to test, a subset of ALL_DTYPES.
-    HEAD_DIMS: head dims of the dense cases.
-    SEQ_LENS: (T, S) pairs of the dense cases; include lengths that are not block multiples.
+    HEAD_DIMS: head dims; the dense cases cycle through them along SEQ_LENS.
+    SEQ_LENS: (T, S) pairs of the dense cases (the last one is used by most other cases);
+      include lengths that are not block multiples.
     MASK_SEQ_LEN: T = S of the mask-family cases.
     BLOCK_SIZES: None or the backend's BlockSizes, passed as block_sizes=.
     SKIP_CASES: {fnmatch pattern on the test method name: reason} of skipped cases.
@@ -192,12 +193,12 @@ class AttentionSuite(parameterized.TestCase):
 
   @parameterized.named_parameters(_named("is_causal", (False, True)))
   def test_dense(self, is_causal):
-    for q_len, kv_len in self.SEQ_LENS:
-      for head_dim in self.HEAD_DIMS:
-        with self.subTest(q_len=q_len, kv_len=kv_len, head_dim=head_dim):
-          q, k, v = self.qkv(2, q_len, kv_len, 2, 2, head_dim)
-          allowed = oracle.causal_mask(q_len, kv_len) if is_causal else None
-          self.check(q, k, v, is_causal=is_causal, allowed=allowed)
+    for i, (q_len, kv_len) in enumerate(self.SEQ_LENS):
+      head_dim = self.HEAD_DIMS[i % len(self.HEAD_DIMS)]
+      with self.subTest(q_len=q_len, kv_len=kv_len, head_dim=head_dim):
+        q, k, v = self.qkv(2, q_len, kv_len, 2, 2, head_dim)
+        allowed = oracle.causal_mask(q_len, kv_len) if is_causal else None
+        self.check(q, k, v, is_causal=is_causal, allowed=allowed)
 
   @parameterized.named_parameters(
       {"testcase_name": f"{q_heads=}_{kv_heads=}_{is_causal=}", "q_heads": q_heads,
@@ -244,10 +245,9 @@ class AttentionSuite(parameterized.TestCase):
   @parameterized.named_parameters(_named("dtype", ("bfloat16", "float16")))
   def test_low_precision(self, dtype):
     self.skip_unless_dtype(dtype)
-    for q_len, kv_len in self.SEQ_LENS:
-      with self.subTest(q_len=q_len, kv_len=kv_len):
-        q, k, v = self.qkv(2, q_len, kv_len, 4, 2, self.HEAD_DIMS[-1], dtype)
-        self.check(q, k, v, is_causal=True, allowed=oracle.causal_mask(q_len, kv_len))
+    q_len, kv_len = self.SEQ_LENS[-1]
+    q, k, v = self.qkv(2, q_len, kv_len, 4, 2, self.HEAD_DIMS[-1], dtype)
+    self.check(q, k, v, is_causal=True, allowed=oracle.causal_mask(q_len, kv_len))
 
   # Masks given as arrays and segment ids.
 
