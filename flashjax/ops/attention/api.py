@@ -179,7 +179,7 @@ def _check_segment_ids(segment_ids: Any, batch: int, q_len: int,
                        kv_len: int) -> tuple[Any, Any]:
   if segment_ids is None:
     return None, None
-  if isinstance(segment_ids, (tuple, list)):
+  if isinstance(segment_ids, tuple):
     if len(segment_ids) != 2:
       raise ValueError(f"{len(segment_ids)=} must be 2: (q_segment_ids, kv_segment_ids)")
     q_ids, kv_ids = segment_ids
