@@ -23,23 +23,26 @@ Design (DESIGN.md ideas 1 and 2):
 * GQA: query head h reads kv head h // (Nq // Nkv) through the BlockSpec index maps; K/V are
   never repeated in memory. The dK/dV program of one kv head loops over the query heads of its
   group inside the kernel, accumulating dK/dV in registers, and writes them once per kv head.
-* Backward (FlashAttention-2): Delta = rowsum(dO * O) in XLA, a dK/dV kernel over kv blocks
-  iterating the `bwd_*` lists and a dQ kernel over query blocks iterating the `fwd_*` lists,
-  both of the BlockMask at the backward tiling. Residuals: q, k, v, out, lse2 and that
-  BlockMask.
+* Backward (FlashAttention-2): Delta = rowsum(dO * O) in XLA; a dK/dV kernel over kv blocks
+  iterating the `bwd_*` lists of the BlockMask at the backward tiling (block_q_bwd x
+  block_kv_bwd), and a dQ kernel over query blocks iterating the `fwd_*` lists of the forward
+  BlockMask, i.e. at the forward tiling (tall query tiles suit dQ as they suit the forward;
+  dK/dV prefers its own tiles). Residuals: q, k, v, out, lse2 and both BlockMasks.
 * Sequences are zero-padded to block multiples and the head dim to a power of two >= 16 in XLA
   (no copy when already aligned); padded keys are masked by the bounds check, padded rows and
   columns are sliced off.
-* f32 inputs: the Triton lowering runs f32 x f32 dots in IEEE precision (no TF32), so f32
-  results match the float32 reference to ~1e-5. bf16/fp16 inputs: P and dS are cast to the
-  input dtype before their matmuls (as FlashAttention-2), accumulation is f32.
+* Precision: every kernel matmul is issued at Precision.HIGHEST, which the Triton lowering runs
+  as IEEE f32 for f32 inputs (its default would be TF32), so f32 results match the float32
+  reference to ~1e-5. bf16/fp16 inputs: P and dS are cast to the input dtype before their
+  matmuls (as in FlashAttention-2); accumulation and softmax are f32.
 
-Block sizes (`default_block_sizes`): on GPU 128x64 forward and 64x64 backward tiles for
-head dim <= 128 (4 warps up to D=64, 8 above), 64x32 / 32x32 for head dim 256; in interpret
-mode 32x32 so that small CPU tests still see many tiles. Defaults shrink to the sequence
-(power of two >= 16). A caller's `BlockSizes` is used as given. A BlockMask fixes the tiling of
-both passes: `block_sizes` whose forward tiles disagree with it is a ValueError, its backward
-tiles are then ignored (only num_warps / num_stages apply).
+Block sizes (`default_block_sizes`): on GPU 128x64 forward (and dQ) tiles and 64x64 dK/dV tiles
+for head dim <= 128, 64x32 / 32x32 for head dim 256; in interpret mode 32x32 so that small CPU
+tests still see many tiles. Defaults shrink to the sequence (power of two >= 16). Warps and
+stages default per kernel (`_launch_params`); a `BlockSizes` with num_warps / num_stages set
+applies them to all three kernels. A caller's `BlockSizes` is used as given. A BlockMask fixes
+the tiling of both passes: `block_sizes` whose forward tiles disagree with it is a ValueError,
+its backward tiles are then ignored (only num_warps / num_stages apply).
 """
 
 from __future__ import annotations
@@ -84,16 +87,15 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
     interpret: True for Pallas interpret mode (CPU tests): small 32x32 tiles.
 
   Returns:
-    BlockSizes with forward and backward tiles, num_warps and num_stages.
+    BlockSizes with forward (also dQ) and dK/dV tiles; num_warps and num_stages are left None
+    so that each kernel picks its own (`_launch_params`).
   """
   if interpret:
     sizes = BlockSizes(32, 32)
-  elif head_dim <= 64:
-    sizes = BlockSizes(128, 64, 64, 64, num_warps=4, num_stages=3)
   elif head_dim <= 128:
-    sizes = BlockSizes(128, 64, 64, 64, num_warps=8, num_stages=3)
+    sizes = BlockSizes(128, 64, 64, 64)
   else:
-    sizes = BlockSizes(64, 32, 32, 32, num_warps=8, num_stages=2)
+    sizes = BlockSizes(64, 32, 32, 32)
   fit_q = lambda b: min(b, max(16, _pow2_ceil(q_len)))
   fit_kv = lambda b: min(b, max(16, _pow2_ceil(kv_len)))
   return dataclasses.replace(
@@ -102,17 +104,41 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
 
 
 @dataclasses.dataclass(frozen=True)
+class _Launch:
+  """Triton launch parameters of one kernel (None: the backend default)."""
+
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+  def compiler_params(self) -> plt.CompilerParams:
+    return plt.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _launch_params(sizes: BlockSizes, head_dim: int, dkdv_tile: tuple[int, int]
+                   ) -> tuple[_Launch, _Launch]:
+  """(forward and dQ, dK/dV) launch parameters: the caller's, else by tile and head dim."""
+  dp = _head_dim_padded(head_dim)
+  stages = 3 if dp <= 128 else 2
+  fwd = _Launch(4 if dp <= 64 else 8, stages)
+  # dK/dV keeps two f32 [block_kv, Dp] accumulators in registers.
+  dkdv = _Launch(4 if dkdv_tile[1] * dp <= 64 * 128 else 8, stages)
+  if sizes.num_warps is not None:
+    fwd = dkdv = _Launch(sizes.num_warps, stages)
+  if sizes.num_stages is not None:
+    fwd = _Launch(fwd.num_warps, sizes.num_stages)
+    dkdv = _Launch(dkdv.num_warps, sizes.num_stages)
+  return fwd, dkdv
+
+
+@dataclasses.dataclass(frozen=True)
 class _Params:
   """Static (hashable) kernel parameters."""
 
   scale: float
   soft_cap: float | None
-  num_warps: int | None
-  num_stages: int | None
   interpret: bool
-
-  def compiler_params(self) -> plt.CompilerParams:
-    return plt.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+  fwd_launch: _Launch = _Launch()   # forward and dQ kernels (forward tiling)
+  dkdv_launch: _Launch = _Launch()  # dK/dV kernel (backward tiling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,18 +268,24 @@ def _mask_logits(s, layout: _MaskLayout, refs: _MaskRefs, batch, list_index, q_s
   return lax.cond(refs.kind[list_index] == PARTIAL, masked, lambda s: s, s)
 
 
+def _dot(a, b, contract: tuple[int, int]):
+  """2-D matmul contracting a's axis contract[0] with b's axis contract[1], f32 result.
+
+  HIGHEST makes the Triton lowering run f32 x f32 at IEEE precision (its default is TF32);
+  for bf16/fp16 inputs it changes nothing.
+  """
+  dims = (((contract[0],), (contract[1],)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)
+
+
 def _logits(q, k, params: _Params):
   """Base-2 logits [bq, bk] (f32) and, with a soft cap, t = tanh(scale * q k^T / cap)."""
-  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  s = _dot(q, k, (1, 1))
   if params.soft_cap is None:
     return s * (params.scale * _LOG2E), None
   t = jnp.tanh(s * (params.scale / params.soft_cap))
   return t * (params.soft_cap * _LOG2E), t
-
-
-def _dot_t(a, b):
-  """a^T b with f32 accumulation: [n, m], [n, d] -> [m, d]."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _mask_batch_head(layout: _MaskLayout, batch, head):
@@ -308,7 +340,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout: _MaskLayout, params: _Pa
     alpha = jnp.exp2(row_max - shift)
     p = jnp.exp2(s - shift[:, None])
     v = v_ref[pl.ds(kv_start, bk), :]
-    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    pv = _dot(p.astype(v.dtype), v, (1, 0))
     return alpha[:, None] * acc + pv, new_max, alpha * row_sum + p.sum(axis=1)
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
@@ -364,7 +396,7 @@ def _forward(q, k, v, bm: BlockMask, params: _Params):
       out_specs=[q_spec, pl.BlockSpec((None, bq), lambda i, bh: (bh, i))],
       out_shape=[jax.ShapeDtypeStruct((batch, nq * bq, num_heads, dp), q.dtype),
                  jax.ShapeDtypeStruct((batch * num_heads, nq * bq), jnp.float32)],
-      compiler_params=params.compiler_params(),
+      compiler_params=params.fwd_launch.compiler_params(),
       interpret=params.interpret,
       name="flashjax_triton_fwd",
   )(_pad_to(q, nq * bq, dp), _pad_to(k, nk * bk, dp), _pad_to(v, nk * bk, dp), *mask_ops)
@@ -379,7 +411,7 @@ def _probs_and_dscores(q, k, v, do, lse, delta, s_mask, params: _Params):
   s, t = _logits(q, k, params)
   s = s_mask(s)
   p = jnp.exp2(s - lse[:, None])
-  dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  dp = _dot(do, v, (1, 1))
   ds = p * (dp - delta[:, None])
   if t is not None:
     ds = ds * (1.0 - t * t)  # d/dx cap * tanh(x / cap)
@@ -415,7 +447,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout:
                                  kv_start=kv_start)
       p, ds = _probs_and_dscores(q, k, v, do, lse_ref[j, pl.ds(q_start, bq)],
                                  delta_ref[j, pl.ds(q_start, bq)], s_mask, params)
-      return dk + _dot_t(ds.astype(q.dtype), q), dv + _dot_t(p.astype(do.dtype), do)
+      return (dk + _dot(ds.astype(q.dtype), q, (0, 0)),
+              dv + _dot(p.astype(do.dtype), do, (0, 0)))
 
     return lax.fori_loop(0, m.count[mb, mh, kj], body, carry)
 
@@ -449,7 +482,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout: _
                                list_index=(mb, mh, qi, slot), q_start=q_start,
                                kv_start=kv_start)
     _, ds = _probs_and_dscores(q, k, v, do, lse, delta, s_mask, params)
-    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+    return dq + _dot(ds.astype(k.dtype), k, (1, 0))
 
   dq = lax.fori_loop(0, m.count[mb, mh, qi], body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * params.scale).astype(dq_ref.dtype)
@@ -462,36 +495,26 @@ def _pad_rows(x: jax.Array, length: int, value: float) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
 
 
-def _backward(q, k, v, out, lse, do, bm: BlockMask, params: _Params):
-  """Backward pass at the tiling of `bm`.
+def _dkdv(q, k, v, do, lse, delta, bm: BlockMask, params: _Params):
+  """dK, dV [B, S, Nkv, D] over the `bwd_*` lists of `bm` (its tiling).
 
   Args:
     q: [B, T, Nq, D].
     k: [B, S, Nkv, D].
     v: [B, S, Nkv, D].
-    out: [B, T, Nq, D] forward output.
+    do: [B, T, Nq, D] output cotangent (dtype of q).
     lse: [B * Nq, T] float32 base-2 logsumexp from the forward.
-    do: [B, T, Nq, D] output cotangent.
-    bm: BlockMask at the backward tiling.
+    delta: [B * Nq, T] float32 rowsum(dO * O).
+    bm: BlockMask at the dK/dV tiling.
     params: static kernel parameters.
-
-  Returns:
-    dq [B, T, Nq, D], dk and dv [B, S, Nkv, D], in the input dtypes.
   """
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
   layout = _MaskLayout.of(bm)
   bq, bk = layout.block_q, layout.block_kv
-  nq, nk = _cdiv(q_len, bq), _cdiv(kv_len, bk)
-  q_pad, kv_pad, dp = nq * bq, nk * bk, _head_dim_padded(head_dim)
-  # Delta = rowsum(dO * O) [B * Nq, T]; elementwise in f32 (no TF32 matmul).
-  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  delta = _pad_rows(delta.transpose(0, 2, 1).reshape(batch * num_heads, q_len), q_pad, 0.0)
-  lse = _pad_rows(lse, q_pad, jnp.inf)
-  qp, dop = _pad_to(q, q_pad, dp), _pad_to(do.astype(q.dtype), q_pad, dp)
-  kp, vp = _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp)
-
+  q_pad, kv_pad = _cdiv(q_len, bq) * bq, _cdiv(kv_len, bk) * bk
+  dp = _head_dim_padded(head_dim)
   kv_block = _head_spec(bk, dp, num_kv_heads)
 
   def q_group_index(j, bh):  # all rows of the `group` query heads of kv head bh % Nkv
@@ -501,38 +524,52 @@ def _backward(q, k, v, out, lse, do, bm: BlockMask, params: _Params):
 
   q_group = pl.BlockSpec((None, q_pad, group, dp), q_group_index)
   stat_group = pl.BlockSpec((group, q_pad), lambda j, bh: (bh, 0))
-  bwd_ops = _mask_operands(bm, layout, backward=True, q_pad=q_pad, kv_pad=kv_pad)
+  mask_ops = _mask_operands(bm, layout, backward=True, q_pad=q_pad, kv_pad=kv_pad)
+  kp, vp = _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp)
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, layout=layout, params=params,
                         num_kv_heads=num_kv_heads, group=group),
-      grid=(nk, batch * num_kv_heads),
+      grid=(kv_pad // bk, batch * num_kv_heads),
       in_specs=[q_group, kv_block, kv_block, q_group, stat_group, stat_group]
-      + [pl.BlockSpec()] * len(bwd_ops),
+      + [pl.BlockSpec()] * len(mask_ops),
       out_specs=[kv_block, kv_block],
       out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype),
                  jax.ShapeDtypeStruct(vp.shape, v.dtype)],
-      compiler_params=params.compiler_params(),
+      compiler_params=params.dkdv_launch.compiler_params(),
       interpret=params.interpret,
       name="flashjax_triton_dkdv",
-  )(qp, kp, vp, dop, lse, delta, *bwd_ops)
+  )(_pad_to(q, q_pad, dp), kp, vp, _pad_to(do, q_pad, dp), _pad_rows(lse, q_pad, jnp.inf),
+    _pad_rows(delta, q_pad, 0.0), *mask_ops)
+  return dk[:, :kv_len, :, :head_dim], dv[:, :kv_len, :, :head_dim]
 
+
+def _dq(q, k, v, do, lse, delta, bm: BlockMask, params: _Params):
+  """dQ [B, T, Nq, D] over the `fwd_*` lists of `bm` (its tiling); arguments as `_dkdv`."""
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  group = num_heads // num_kv_heads
+  layout = _MaskLayout.of(bm)
+  bq, bk = layout.block_q, layout.block_kv
+  q_pad, kv_pad = _cdiv(q_len, bq) * bq, _cdiv(kv_len, bk) * bk
+  dp = _head_dim_padded(head_dim)
   q_block = _head_spec(bq, dp, num_heads)
   kv_all = _head_spec(kv_pad, dp, num_heads, group=group, tiled=False)
   stat_block = pl.BlockSpec((None, bq), lambda i, bh: (bh, i))
-  fwd_ops = _mask_operands(bm, layout, backward=False, q_pad=q_pad, kv_pad=kv_pad)
+  mask_ops = _mask_operands(bm, layout, backward=False, q_pad=q_pad, kv_pad=kv_pad)
+  qp = _pad_to(q, q_pad, dp)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, layout=layout, params=params, num_heads=num_heads),
-      grid=(nq, batch * num_heads),
+      grid=(q_pad // bq, batch * num_heads),
       in_specs=[q_block, kv_all, kv_all, q_block, stat_block, stat_block]
-      + [pl.BlockSpec()] * len(fwd_ops),
+      + [pl.BlockSpec()] * len(mask_ops),
       out_specs=q_block,
       out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
-      compiler_params=params.compiler_params(),
+      compiler_params=params.fwd_launch.compiler_params(),
       interpret=params.interpret,
       name="flashjax_triton_dq",
-  )(qp, kp, vp, dop, lse, delta, *fwd_ops)
-  return (dq[:, :q_len, :, :head_dim], dk[:, :kv_len, :, :head_dim],
-          dv[:, :kv_len, :, :head_dim])
+  )(qp, _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp), _pad_to(do, q_pad, dp),
+    _pad_rows(lse, q_pad, jnp.inf), _pad_rows(delta, q_pad, 0.0), *mask_ops)
+  return dq[:, :q_len, :, :head_dim]
 
 
 # ---------------------------------------------------------------------- custom_vjp wiring
@@ -545,12 +582,18 @@ def _attention(q, k, v, fwd_mask: BlockMask, bwd_mask: BlockMask, params: _Param
 
 def _attention_fwd(q, k, v, fwd_mask, bwd_mask, params):
   out, lse = _forward(q, k, v, fwd_mask, params)
-  return out, (q, k, v, out, lse, bwd_mask)
+  return out, (q, k, v, out, lse, fwd_mask, bwd_mask)
 
 
 def _attention_bwd(params, residuals, do):
-  q, k, v, out, lse, bwd_mask = residuals
-  dq, dk, dv = _backward(q, k, v, out, lse, do, bwd_mask, params)
+  q, k, v, out, lse, fwd_mask, bwd_mask = residuals
+  batch, q_len, num_heads, _ = q.shape
+  # Delta = rowsum(dO * O) [B * Nq, T]: elementwise in f32 (no TF32 matmul).
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = delta.transpose(0, 2, 1).reshape(batch * num_heads, q_len)
+  do = do.astype(q.dtype)
+  dk, dv = _dkdv(q, k, v, do, lse, delta, bwd_mask, params)
+  dq = _dq(q, k, v, do, lse, delta, fwd_mask, params)
   return dq, dk, dv, None, None
 
 
@@ -661,10 +704,12 @@ def dot_product_attention(
       kv_segment_ids=kv_segment_ids, block_sizes=block_sizes, interpret=interpret)
   for bm in (fwd_mask, bwd_mask):
     _check_block_mask(bm, query, key)
+  fwd_launch, dkdv_launch = _launch_params(sizes, query.shape[3],
+                                           (bwd_mask.block_q, bwd_mask.block_kv))
   params = _Params(
       scale=1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale),
       soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-      num_warps=sizes.num_warps, num_stages=sizes.num_stages, interpret=bool(interpret))
+      interpret=bool(interpret), fwd_launch=fwd_launch, dkdv_launch=dkdv_launch)
   q_perm, kv_perm = fwd_mask.q_perm, fwd_mask.kv_perm
   if q_perm is not None:
     query = jnp.take(query, q_perm, axis=1)
