@@ -13,19 +13,20 @@ its programs idle on dead cache. Splits that start at or past nb read nothing an
 neutral state (m = -inf, l = 0, o = 0).
 
 Number of splits (`num_splits_heuristic`). Decode reads each KV byte once, so the goal is to
-keep every core streaming: a GPU needs enough programs to cover all SMs a few times over
-(several CTAs of 4 warps are resident per SM, and more waves shorten the tail of the last
-one), and each split must stay long enough that its fixed cost (loading the query tile,
-writing and merging a [G, D] float32 partial) stays small next to its KV traffic. Hence
+keep every core streaming while each split stays long enough that its fixed cost (loading the
+query tile, writing and merging a [R, D] float32 partial) stays small next to its KV traffic:
 
-  num_splits = clamp(cdiv(waves * num_cores, B * K), 1, max(1, nblocks // min_blocks))
+  num_splits = clamp(floor(waves * num_cores / (B * K)), 1, max(1, nblocks // min_blocks))
 
-with nblocks = cdiv(S_max, block_kv). GPU defaults: waves = 4 (programs of 4 warps, several
-resident per SM), min_blocks = 2, num_cores = the device's SM count (132 on an H200, also the
-fallback in interpret mode). At B * K >= 4 * 132 (e.g. B = 128 with 8 groups) one split per
-sequence already fills the device. On TPU the grid runs sequentially on each TensorCore, so
-splits only help to feed both cores of a megacore chip: waves = 1, num_cores = 2
-(unmeasured: no TPU is reachable from this project).
+with nblocks = cdiv(S_max, block_kv). GPU defaults: waves = 2, min_blocks = 1, num_cores = the
+device's SM count (132 on an H200, also the fallback in interpret mode), i.e. about 264
+programs. Measured on the H200 (S = 4096, Nq = 32, Nkv = 8, D = 128 bf16, block_kv = 128;
+docs/decode.md): the best split counts were 32 at B = 1, 4 at B = 8 and 1 at B = 32, each
+about 256 programs, which is what this formula gives, and 2 or 4 splits gained nothing at
+B = 128 with 4 of 8 groups; an earlier rule asking for >= 4 waves (16, 9 and 3 splits at
+B = 1, 8, 32) measured 32%, 19% and 2% slower there. On TPU the grid runs sequentially on
+each TensorCore, so splits only help to feed both cores of a megacore chip: waves = 1,
+num_cores = 2 (unmeasured: no TPU is reachable from this project).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def num_splits_heuristic(
     *,
     num_cores: int,
     waves: int,
-    min_blocks: int = 2,
+    min_blocks: int = 1,
 ) -> int:
   """Splits per sequence so that batch * num_groups * splits programs fill the device.
 
@@ -91,8 +92,7 @@ def num_splits_heuristic(
   Returns:
     The number of splits, >= 1.
   """
-  programs = max(batch * num_groups, 1)
-  wanted = -(-waves * num_cores // programs)
+  wanted = waves * num_cores // max(batch * num_groups, 1)
   most = max(1, -(-max_len // block_kv) // min_blocks)
   return max(1, min(wanted, most))
 
@@ -122,7 +122,7 @@ def select_queries(
     rows: tile height >= G = Nq // Nkv; rows past G are zero.
 
   Returns:
-    [B, K, rows, D]: query heads g * ... of group head_indices[b, k] in rows [0, G).
+    [B, K, rows, D]: row g < G holds query head head_indices[b, k] * G + g.
   """
   batch, num_heads, head_dim = query.shape
   grouped = query.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)

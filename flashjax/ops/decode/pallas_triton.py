@@ -157,7 +157,7 @@ def decode_attention(
   heads = configs.group_ids(head_indices, batch, num_kv_heads)
   num_groups = heads.shape[1]
   num_splits = config.num_splits or configs.num_splits_heuristic(
-      batch, num_groups, max_len, block_kv, num_cores=configs.gpu_core_count(), waves=4
+      batch, num_groups, max_len, block_kv, num_cores=configs.gpu_core_count(), waves=2
   )
   q = configs.select_queries(query, head_indices, num_kv_heads, rows).astype(key_cache.dtype)
 

@@ -190,7 +190,7 @@ class TritonDecodeGpuTest(parameterized.TestCase):
       args = cases.make_inputs(self.seed(), batch, max_len, num_heads, 8, head_dim,
                                jnp.bfloat16, [max_len] * batch)
       chosen = configs.num_splits_heuristic(batch, 8, max_len, 128,
-                                            num_cores=configs.gpu_core_count(), waves=4)
+                                            num_cores=configs.gpu_core_count(), waves=2)
       print(f"B={batch} Nkv=8 num_splits (heuristic {chosen}):", flush=True)
       for splits in sorted({*splits_list, chosen}):
         measure(f"{splits}", _triton(configs.DecodeConfig(num_splits=splits)), args,
