@@ -189,12 +189,13 @@ def decode_attention(
   )
   blocks_per_split = pl.cdiv(pl.cdiv(max_len, block_kv), num_splits)
 
-  # Place each selected group's queries in its lanes of a zero [R, W] tile.
-  offset = heads * stride % width  # [B, K]
-  source = jnp.arange(width) - offset[..., None]  # [B, K, W] query lane feeding tile lane
   q = configs.select_queries(query, head_indices, num_kv_heads, rows)  # [B, K, R, D]
-  q = jnp.take_along_axis(q, jnp.clip(source, 0, head_dim - 1)[:, :, None, :], axis=-1)
-  q = jnp.where(((source >= 0) & (source < head_dim))[:, :, None, :], q, 0)
+  offset = heads * stride % width  # [B, K] first lane of each selected group in its tile
+  if width != head_dim:
+    # Place each selected group's queries in its lanes of a zero [R, W] tile.
+    source = jnp.arange(width) - offset[..., None]  # [B, K, W] query lane feeding tile lane
+    q = jnp.take_along_axis(q, jnp.clip(source, 0, head_dim - 1)[:, :, None, :], axis=-1)
+    q = jnp.where(((source >= 0) & (source < head_dim))[:, :, None, :], q, 0)
   q = q.astype(key_cache.dtype)
 
   def kv_map(b, k, split, step, lengths_ref, heads_ref):
@@ -245,6 +246,7 @@ def decode_attention(
       name="flashjax_decode_tpu",
   )(lengths.astype(jnp.int32), heads.reshape(-1), q, key_view, value_view)
   out = configs.merge_splits(o, m[..., 0], l[..., 0])  # [B, K, R, W]
-  lanes = offset[..., None] + jnp.arange(head_dim)  # [B, K, D]
-  out = jnp.take_along_axis(out, lanes[:, :, None, :], axis=-1)
+  if width != head_dim:
+    lanes = offset[..., None] + jnp.arange(head_dim)  # [B, K, D]
+    out = jnp.take_along_axis(out, lanes[:, :, None, :], axis=-1)
   return configs.scatter_groups(out, head_indices, num_kv_heads, num_heads).astype(query.dtype)
