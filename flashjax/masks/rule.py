@@ -132,8 +132,9 @@ class ElementRule:
     kp = kv_pos[None, :]
     if not self.has_segments:
       return element_mask(qp, kp, self.band, xp=xp)
-    qs, ks = self.q_segment_ids, self.kv_segment_ids
-    pre = self.kv_in_prefix
+    # numpy ids indexed by traced positions must become jax arrays first.
+    qs, ks, pre = (None if a is None else xp.asarray(a)
+                   for a in (self.q_segment_ids, self.kv_segment_ids, self.kv_in_prefix))
     if batch is not None:
       qs, ks = qs[batch], ks[batch]
       pre = None if pre is None else pre[batch]
