@@ -46,13 +46,18 @@ def _assert_close(actual, expected, tol, name):
 
 def _check_against_reference(q, k, v, do, tol, **kwargs):
   """Forward and q/k/v gradients of the kernel vs the float32 reference."""
+  # Mask arrays reach the kernel as constants (host-built BlockMasks) and the reference as
+  # arguments (no XLA constant folding of T x S masks).
+  arrays = {name: kwargs.pop(name) for name in ("mask", "q_segment_ids", "kv_segment_ids")
+            if name in kwargs}
   kernel = jax.jit(lambda q, k, v: pallas_triton.dot_product_attention(
-      q, k, v, bias=None, interpret=False, **kwargs))
-  oracle = jax.jit(lambda q, k, v: reference.mha_reference(q, k, v, **kwargs))
+      q, k, v, bias=None, interpret=False, **arrays, **kwargs))
+  oracle = jax.jit(lambda q, k, v, arrays: reference.mha_reference(q, k, v, **arrays,
+                                                                    **kwargs))
   out, vjp = jax.vjp(kernel, q, k, v)
   grads = vjp(do)
   f32 = lambda x: x.astype(jnp.float32)
-  ref_out, ref_vjp = jax.vjp(oracle, f32(q), f32(k), f32(v))
+  ref_out, ref_vjp = jax.vjp(lambda q, k, v: oracle(q, k, v, arrays), f32(q), f32(k), f32(v))
   ref_grads = ref_vjp(f32(do))
   _assert_close(out, ref_out, tol[0], "out")
   for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
