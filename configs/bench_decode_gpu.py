@@ -1,0 +1,133 @@
+r"""Decode benchmark on a GPU (issue 5): flashjax decode kernels against cuDNN, XLA, Pallas, torch.
+
+Grid: batch B in {1, 8, 32, 64, 128, 256} x cache length S in {1k, 4k, 16k} x Nkv in {32
+(MHA), 8 (GQA)} x head density in {1, .75, .5, .25}, with Nq = 32, D = 128, bf16, all lengths
+= S (`--config.ragged=True`: uniform in [S/2, S]). Each point times one implementation with
+`time_in_loop` (the step time) and `time_fn` (wall), checks its output against the float32
+reference in the same run, and reports KV TB/s, % of the ~4.3 TB/s copy ceiling, us per
+step and the dense-equivalent TB/s. Peers compute every head, so their points below density 1
+are "unsupported" at once (no time spent); flashjax "pallas_triton" and "xla" take
+head_indices. Run with JAX's preallocation off so that the torch child (run first, see
+below) gets the memory:
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
+      --config=configs/bench_decode_gpu.py:core --workdir=/tmp/fj_decode_core
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
+      --config=configs/bench_decode_gpu.py:all --workdir=/tmp/fj_decode_all
+
+"core" (S = 4096, B in {1, 32, 128, 256}): 192 points, 96 of them peers below density 1
+(skipped at once), 64 flashjax points and 32 dense peer points (8 of them torch children).
+Estimated at 2-3 s per in-process point (two compiles, input generation, 5 timed loops of
+>= 50 ms, the check) and 8-10 s per torch child: about 4-5 minutes on an H200.
+"all": 864 points, 432 skipped at once, 288 flashjax and 144 dense peer points (36 torch):
+about 30-40 minutes. The launcher resumes a workdir, so `all` can be run in pieces under a
+time limit (e.g. `timeout 550 ...` repeated until it reports every point).
+
+Memory (H200, 139 GB; JAX may use 75% of it): one input set of B=256, S=16k, Nkv=32 is
+256 * 16384 * 32 * 128 * 2 * 2 B = 68.7 GB. Every point sizes its number of input sets
+(up to `input_sets`, and only as many as rotate through `min_rotation_mb`, enough to keep
+small caches out of the 50 MB L2) to `memory_budget_gb` (default: 90% of what JAX reports
+free) using XLA's memory analysis of the compiled step; a point whose single set does not
+fit (e.g. the XLA implementations at that shape, which copy the cache) is "unsupported"
+with the sizes in its reason. The torch child (third_party.torch_peers) builds its own
+inputs and a float32 reference that repeats K and V to 32 heads; its points are sized to
+`torch_memory_gb`. Implementations run in the order listed, torch first: with
+preallocation off the child then runs before JAX has grown its memory pool. Without
+`XLA_PYTHON_CLIENT_PREALLOCATE=false` pass `--config.torch_memory_gb=30`.
+
+`--config.implementations="('pallas_triton', 'peer:jax_nn_cudnn')"` narrows the columns;
+`--config.batches`, `--config.kv_lens`, `--config.kv_heads`, `--config.densities` the grid.
+The report plots TB/s, dense-equivalent TB/s and us per step against the batch, one line per
+(implementation, S, Nkv, density).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+IMPLEMENTATIONS = ("peer:torch_sdpa", "pallas_triton", "xla", "peer:jax_nn_cudnn",
+                   "peer:jax_nn_xla", "peer:pallas_decode")
+GRIDS = {
+    "all": {"batches": (1, 8, 32, 64, 128, 256), "kv_lens": (1024, 4096, 16384)},
+    "core": {"batches": (1, 32, 128, 256), "kv_lens": (4096,)},
+}
+KV_HEADS = (32, 8)
+DENSITIES = (1.0, 0.75, 0.5, 0.25)
+
+REPORT = {
+    "columns": ["groups", "us_per_step", "kv_tbps", "pct_of_ceiling", "dense_equiv_tbps",
+                "median_us_wall", "kv_tbps_wall", "input_sets", "max_abs_err", "within_tol"],
+    "plots": [{"x": "batch", "y": "kv_tbps", "logx": True},
+              {"x": "batch", "y": "dense_equiv_tbps", "logx": True},
+              {"x": "batch", "y": "us_per_step", "logx": True, "logy": True}],
+}
+
+
+def decode_sweep(c: ml_collections.ConfigDict) -> list[dict[str, object]]:
+  """Sweep over c's lists (implementation outermost, batch innermost), as field references.
+
+  Args:
+    c: a config with the fields implementations, kv_lens, kv_heads, densities, batches.
+
+  Returns:
+    The sweep axes.
+  """
+  return [{"implementation": c.get_ref("implementations")}, {"kv_len": c.get_ref("kv_lens")},
+          {"num_kv_heads": c.get_ref("kv_heads")}, {"head_density": c.get_ref("densities")},
+          {"batch": c.get_ref("batches")}]
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The decode_bench fields at GPU settings: Nq=32, D=128, bf16, H200-sized budgets."""
+  c = ml_collections.ConfigDict()
+  c.experiment = "decode_bench"
+  c.implementation = "pallas_triton"
+  c.batch = 1
+  c.kv_len = 4096
+  c.num_heads = 32
+  c.num_kv_heads = 32
+  c.head_dim = 128
+  c.dtype = "bfloat16"
+  c.head_density = 1.0
+  c.ragged = False
+
+  c.warmup = 3
+  c.iters = 20
+  c.loop_iters = ml_collections.FieldReference(None, field_type=int)
+  c.loop_target_ms = 50.0
+  c.loop_min_iters = 20
+  c.loop_max_iters = 2000
+  c.loop_repeats = 5
+  c.input_sets = 16
+  c.min_rotation_mb = ml_collections.FieldReference(256.0, field_type=float)
+  c.memory_budget_gb = ml_collections.FieldReference(None, field_type=float)
+  c.torch_memory_gb = ml_collections.FieldReference(100.0, field_type=float)
+  c.chunk_mb = 256.0
+  c.seed = 0
+  c.interpret = ml_collections.FieldReference(None, field_type=bool)
+  c.check = True
+  c.report = ml_collections.ConfigDict(REPORT)
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Decode benchmark config; arg "all" (the full grid, default) or "core" (a 4-5 min subset).
+
+  Args:
+    arg: grid name, a key of GRIDS.
+
+  Returns:
+    The ConfigDict.
+  """
+  grid = arg or "all"
+  if grid not in GRIDS:
+    raise ValueError(f"{grid=} must be one of {sorted(GRIDS)}")
+  c = base_config()
+  c.grid = grid
+  c.implementations = IMPLEMENTATIONS
+  c.batches = GRIDS[grid]["batches"]
+  c.kv_lens = GRIDS[grid]["kv_lens"]
+  c.kv_heads = KV_HEADS
+  c.densities = DENSITIES
+  c.sweep = decode_sweep(c)
+  return c
