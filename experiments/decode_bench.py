@@ -44,7 +44,9 @@ when known); `dense_equiv_tbps` = bytes a dense step of the same lengths reads /
 head-sparse speed-up shows as dense_equiv_tbps above kv_tbps); `max_abs_err` of the output
 of the first input set against the float32 decode reference (every batch row, in chunks) and
 `within_tol` (float32 1e-4, bfloat16 2e-2, float16 5e-3 absolute); the torch child checks
-against its own float32 reference.
+against its own float32 reference. Also: `kv_tbps_wall` (bytes / wall median), `compile_s`
+(ahead-of-time compile of one step), `first_call_s`, `input_sets` and `rotated_mb` (inputs
+rotated through), `est_memory_gb` (what the budget check counted), `groups` (K).
 """
 
 from __future__ import annotations
@@ -333,7 +335,8 @@ def _run_in_process(config: ml_collections.ConfigDict, fn: Any,
       "median_us_loop": 1e6 * loop.median_s, "p10_us_loop": 1e6 * loop.p10_s,
       "p90_us_loop": 1e6 * loop.p90_s, "loop_calls": loop.calls_per_sample,
       "median_us_wall": 1e6 * wall.median_s, "p10_us_wall": 1e6 * wall.p10_s,
-      "p90_us_wall": 1e6 * wall.p90_s, "compile_s": compile_s, "input_sets": num_sets,
+      "p90_us_wall": 1e6 * wall.p90_s, "compile_s": compile_s,
+      "first_call_s": wall.compile_s, "input_sets": num_sets,
       "rotated_mb": num_sets * _nbytes(shapes) / _MB, "est_memory_gb": need / _GB,
       "kv_bytes": read, "dense_kv_bytes": dense,
       "kv_tbps_wall": read / wall.median_s / 1e12,

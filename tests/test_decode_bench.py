@@ -1,0 +1,256 @@
+"""Tests of the decode_bench experiment kind and its configs (CPU; Pallas in interpret mode)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax.numpy as jnp
+import numpy as np
+
+from configs import ablate_batch_size
+from configs import bench_decode_gpu
+from experiments import decode_bench
+from experiments import launch
+from experiments import report
+import third_party
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+  config = ablate_batch_size.get_config("cpu")
+  # chunk_mb is below one batch row, so generation and the check run row by row.
+  config.update(dict(batch=3, kv_len=64, num_heads=4, num_kv_heads=2, head_dim=16, warmup=0,
+                     iters=2, loop_iters=2, chunk_mb=0.001))
+  config.update(overrides)
+  return config
+
+
+class FakeTorchPeer(third_party.TorchPeer):
+  """Stands in for the torch child: records the case and returns a canned result."""
+
+  def __init__(self):
+    super().__init__("torch_sdpa", "decode")
+    self.calls = []
+
+  def available(self):
+    return third_party.Availability(True)
+
+  def run(self, case, arrays, timeout_s=900):
+    self.calls.append((case, arrays))
+    return {"compile_s": 0.5, "median_ms": 0.02, "p10_ms": 0.019, "p90_ms": 0.021,
+            "mean_ms": 0.02, "min_ms": 0.018, "samples": case["iters"],
+            "timing": "cuda_events", "max_abs_err": 3e-3, "torch_version": "fake"}
+
+
+class RunPointTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      (f"{implementation=}_{head_density=}_{ragged=}", implementation, head_density, ragged)
+      for implementation, head_density, ragged in (
+          ("xla", 1.0, False), ("xla", 0.5, True), ("pallas_triton", 1.0, True),
+          ("pallas_triton", 0.25, False), ("peer:jax_nn_xla", 1.0, False),
+          ("peer:pallas_decode", 1.0, True)))
+  def test_point(self, implementation, head_density, ragged):
+    nkv = 4
+    config = _config(implementation=implementation, head_density=head_density, ragged=ragged,
+                     num_kv_heads=nkv)
+    metrics = decode_bench.run_point(config, {})
+    self.assertTrue(metrics["within_tol"], metrics)
+    self.assertLess(metrics["max_abs_err"], 1e-4)
+    groups = max(1, round(head_density * nkv))
+    self.assertEqual(metrics["groups"], groups)
+    self.assertEqual(metrics["input_sets"], config.input_sets)
+    # 2 (K and V) * 4 bytes * D per valid entry of each selected group.
+    full = 2 * 4 * config.head_dim * config.kv_len * config.batch * nkv
+    if ragged:
+      self.assertBetween(metrics["dense_kv_bytes"], full / 2, full)
+    else:
+      self.assertEqual(metrics["dense_kv_bytes"], full)
+    self.assertAlmostEqual(metrics["kv_bytes"] / metrics["dense_kv_bytes"], groups / nkv)
+    self.assertAlmostEqual(metrics["dense_equiv_tbps"] / metrics["kv_tbps"], nkv / groups)
+    self.assertEqual(metrics["step_timing"], "loop")
+    self.assertEqual(metrics["us_per_step"], metrics["median_us_loop"])
+    self.assertGreater(metrics["median_us_wall"], 0)
+    self.assertEqual(metrics["loop_calls"], 2)
+    self.assertAlmostEqual(metrics["kv_tbps"],
+                           metrics["kv_bytes"] / metrics["us_per_step"] / 1e6)
+    self.assertNotIn("pct_of_ceiling", metrics)  # no known ceiling on CPU
+
+  @parameterized.named_parameters(
+      (f"{peer=}", peer)
+      for peer in ("jax_nn_xla", "jax_nn_cudnn", "pallas_decode", "torch_sdpa"))
+  def test_peers_are_dense_only(self, peer):
+    config = _config(implementation=f"peer:{peer}", head_density=0.5)
+    with self.assertRaisesRegex(NotImplementedError, "computes every head"):
+      decode_bench.run_point(config, {})
+
+  def test_bad_values(self):
+    with self.assertRaisesRegex(ValueError, "name='nope'"):
+      decode_bench.run_point(_config(implementation="peer:nope"), {})
+    with self.assertRaisesRegex(ValueError, "head_density=1.5"):
+      decode_bench.run_point(_config(head_density=1.5), {})
+
+  def test_point_over_memory_budget_is_unsupported(self):
+    with self.assertRaisesRegex(NotImplementedError, r"needs .* GB on the device .* budget"):
+      decode_bench.run_point(_config(memory_budget_gb=1e-6), {})
+
+  @parameterized.named_parameters(
+      (f"{input_sets=}_{min_rotation_mb=}_{budget=}", input_sets, min_rotation_mb, budget, want)
+      for input_sets, min_rotation_mb, budget, want in (
+          (4, None, None, 4), (4, None, 2**20 * 2.9, 2), (4, 0.5, None, 1),
+          (8, 2.5, None, 3), (8, 2.5, 2**20 * 2.7, 2), (1, None, 2**20 * 1.4, 1)))
+  def test_fit_sets(self, input_sets, min_rotation_mb, budget, want):
+    config = _config(input_sets=input_sets, min_rotation_mb=min_rotation_mb)
+    # Sets of 1 MB with 0.25 MB of temporaries each, 0.1 MB fixed.
+    num_sets, need = decode_bench._fit_sets(config, 2**20, 2**18, 1e5, budget, "device")
+    self.assertEqual(num_sets, want)
+    self.assertEqual(need, num_sets * 1.25 * 2**20 + 1e5)
+
+  def test_torch_peer_case_and_metrics(self):
+    fake = FakeTorchPeer()
+    config = _config(implementation="peer:torch_sdpa", ragged=True, input_sets=2,
+                     torch_memory_gb=1.0, dtype="bfloat16")
+    with mock.patch.object(third_party, "decode_peers", return_value={"torch_sdpa": fake}):
+      metrics = decode_bench.run_point(config, {})
+      (case, arrays), = fake.calls
+      self.assertEqual(case["input_sets"], 2)
+      self.assertEqual((case["batch"], case["kv_len"], case["num_kv_heads"]), (3, 64, 2))
+      chex.assert_shape(arrays["lengths"], (3,))
+      self.assertTrue(np.all((arrays["lengths"] >= 32) & (arrays["lengths"] <= 64)))
+      self.assertEqual(metrics["kv_bytes"], 2 * 2 * 16 * 2 * float(arrays["lengths"].sum()))
+      self.assertAlmostEqual(metrics["us_per_step"], 20.0)
+      self.assertAlmostEqual(metrics["median_us_events"], 20.0)
+      self.assertEqual(metrics["max_abs_err"], 3e-3)
+      self.assertTrue(metrics["within_tol"])  # bfloat16 tolerance
+      config.torch_memory_gb = 1e-6
+      with self.assertRaisesRegex(NotImplementedError, "torch child"):
+        decode_bench.run_point(config, {})
+    self.assertLen(fake.calls, 1)
+
+
+class HelpersTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      (f"{density=}_{nkv=}", density, nkv, want)
+      for density, nkv, want in ((1.0, 8, 8), (0.75, 8, 6), (0.5, 8, 4), (0.25, 8, 2),
+                                 (0.25, 32, 8), (0.5, 2, 1), (0.01, 8, 1), (0.3, 5, 2)))
+  def test_num_groups(self, density, nkv, want):
+    self.assertEqual(decode_bench.num_groups(density, nkv), want)
+
+  def test_samples(self):
+    rng = np.random.default_rng(0)
+    heads = decode_bench.sample_head_indices(rng, 64, 8, 3)
+    chex.assert_shape(heads, (64, 3))
+    self.assertTrue(np.all(np.diff(heads, axis=1) > 0))  # distinct, ascending
+    self.assertTrue(np.all((heads >= 0) & (heads < 8)))
+    self.assertGreater(len({tuple(r) for r in heads}), 10)  # random per sequence
+    lengths = decode_bench.sample_lengths(rng, 256, 100, ragged=True)
+    self.assertEqual((lengths.min() >= 50, lengths.max() <= 100), (True, True))
+    self.assertGreater(len(set(lengths.tolist())), 20)
+    np.testing.assert_array_equal(decode_bench.sample_lengths(rng, 3, 100, ragged=False),
+                                  [100, 100, 100])
+    self.assertEqual(decode_bench.chunk_rows(12, 10.0, 45.0), 4)
+    self.assertEqual(decode_bench.chunk_rows(7, 10.0, 45.0), 1)
+    self.assertEqual(decode_bench.chunk_rows(8, 10.0, 1.0), 1)
+
+  def test_inputs_are_fresh_per_set(self):
+    config = _config(head_density=0.5, num_kv_heads=4, batch=8, ragged=True)
+    sets = decode_bench.make_inputs(config, 2, 2)
+    (q0, k0, v0, len0, heads0), (_, k1, _, len1, heads1) = sets
+    chex.assert_shape([k0, v0], (8, 64, 4, 16))
+    chex.assert_shape(q0, (8, 4, 16))
+    chex.assert_shape(heads0, (8, 2))
+    self.assertEqual(k0.dtype, jnp.float32)
+    self.assertGreater(float(jnp.std(k0)), 0.5)
+    self.assertGreater(float(jnp.max(jnp.abs(k0 - k1))), 0.1)
+    self.assertGreater(float(jnp.max(jnp.abs(k0 - v0))), 0.1)
+    self.assertFalse(np.array_equal(heads0, heads1) and np.array_equal(len0, len1))
+    again = decode_bench.make_inputs(config, 2, 1)[0]
+    chex.assert_trees_all_equal(again, sets[0])  # same seed, same inputs
+
+  def test_error_check_reads_every_row(self):
+    config = _config(batch=4, head_density=0.5, num_kv_heads=2)
+    inputs = decode_bench.make_inputs(config, 1, 1)[0]
+    want = decode_bench.decode_reference(*inputs[:4], head_indices=inputs[4])
+    self.assertLess(float(decode_bench._max_abs_err(want, inputs, rows=1)), 1e-6)
+    wrong = want.at[3, 1, 5].add(0.25)  # the last chunk only
+    for rows in (1, 2, 4):
+      self.assertAlmostEqual(float(decode_bench._max_abs_err(wrong, inputs, rows=rows)), 0.25,
+                             places=5)
+    # Ignoring head_indices (computing every group) is caught: unselected heads must be 0.
+    dense = decode_bench.decode_reference(*inputs[:4])
+    self.assertGreater(float(decode_bench._max_abs_err(dense, inputs, rows=2)), 0.1)
+    nan = want.at[0, 0, 0].set(jnp.nan)
+    self.assertTrue(np.isnan(float(decode_bench._max_abs_err(nan, inputs, rows=2))))
+
+
+class ConfigTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      (f"{arg=}", arg, points, per_impl)
+      for arg, points, per_impl in (("core", 192, 32), ("all", 864, 144)))
+  def test_gpu_grid(self, arg, points, per_impl):
+    config = bench_decode_gpu.get_config(arg)
+    expanded = launch.expand_sweep(config.sweep)
+    self.assertLen(expanded, points)
+    self.assertLen([p for p in expanded if p["implementation"] == "pallas_triton"], per_impl)
+    self.assertEqual(expanded[0]["implementation"], "peer:torch_sdpa")  # torch runs first
+    for point in expanded[:: len(expanded) // 7]:
+      point_config = launch.apply_point(config, point)
+      self.assertEqual((point_config.num_heads, point_config.head_dim), (32, 128))
+    with self.assertRaisesRegex(ValueError, "grid='nope'"):
+      bench_decode_gpu.get_config("nope")
+
+  def test_ablation_configs(self):
+    gpu = ablate_batch_size.get_config()
+    self.assertLen(launch.expand_sweep(gpu.sweep), 3 * 9 * 2 * 4)
+    self.assertNotIn("peer:jax_nn_cudnn", gpu.implementations)
+    cpu = ablate_batch_size.get_config("cpu")
+    self.assertEqual(cpu.dtype, "float32")
+    self.assertLen(launch.expand_sweep(cpu.sweep), 3 * 3 * 2 * 2)
+
+
+class LaunchTest(absltest.TestCase):
+
+  def test_cpu_ablation_through_the_launcher(self):
+    workdir = tempfile.mkdtemp(prefix="fj_decode_bench_test_")
+    self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=_REPO, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.launch",
+         "--config=configs/ablate_batch_size.py:cpu", f"--workdir={workdir}",
+         "--config.batches=(2,)", "--config.kv_heads=(2,)", "--config.kv_lens=(64,)",
+         "--config.implementations=('xla', 'pallas_triton', 'peer:jax_nn_xla')"],
+        capture_output=True, text=True, cwd=_REPO, env=env, timeout=300, check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    rows = report.read_rows(workdir)
+    statuses = {(r["point"]["implementation"], r["point"]["head_density"]): r["status"]
+                for r in rows}
+    self.assertEqual(statuses, {
+        ("xla", 1.0): "ok", ("xla", 0.5): "ok", ("pallas_triton", 1.0): "ok",
+        ("pallas_triton", 0.5): "ok", ("peer:jax_nn_xla", 1.0): "ok",
+        ("peer:jax_nn_xla", 0.5): "unsupported"})
+    for row in rows:
+      if row["status"] == "ok":
+        self.assertTrue(row["metrics"]["within_tol"], row)
+        self.assertGreater(row["metrics"]["kv_tbps"], 0)
+    with open(os.path.join(workdir, launch.CONFIG_FILE)) as f:
+      self.assertEqual(json.load(f)["batches"], [2])
+    with open(os.path.join(workdir, report.REPORT_FILE)) as f:
+      text = f.read()
+    self.assertIn("5 ok, 1 unsupported", text)
+    self.assertIn("| kv_tbps |", text)
+    for name in ("us_per_step", "kv_tbps", "dense_equiv_tbps"):
+      self.assertGreater(os.path.getsize(os.path.join(workdir, f"{name}_vs_batch.png")), 1000)
+
+
+if __name__ == "__main__":
+  absltest.main()
