@@ -238,9 +238,9 @@ def _fit_sets(config: ml_collections.ConfigDict, set_bytes: float, per_set_extra
   if budget is not None:
     if need(1) > budget:
       raise NotImplementedError(
-          f"needs {need(1) / _GB:.1f} GB on the {who} ({set_bytes / _GB:.1f} GB of inputs "
-          f"+ {(need(1) - set_bytes) / _GB:.1f} GB working memory) > budget "
-          f"{budget / _GB:.1f} GB")
+          f"needs {need(1) / _GB:.3g} GB on the {who} ({set_bytes / _GB:.3g} GB of inputs "
+          f"+ {(need(1) - set_bytes) / _GB:.3g} GB working memory) > budget "
+          f"{budget / _GB:.3g} GB")
     want = max(n for n in range(1, want + 1) if need(n) <= budget)
   return want, need(want)
 
