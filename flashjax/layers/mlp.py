@@ -1,0 +1,75 @@
+"""Feed-forward blocks: SwiGLU (LLaMA) and a two-layer ReLU MLP (OPT)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: jnp.dtype) -> nnx.Param:
+  return nnx.Param(nnx.initializers.normal(std)(rngs.params(), shape, dtype))
+
+
+class GatedMLP(nnx.Module):
+  """SwiGLU: down(silu(x @ gate) * (x @ up)), no biases (LLaMA)."""
+
+  def __init__(self, d_model: int, d_ff: int, *, init_std: float = 0.02,
+               out_init_std: float | None = None, param_dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    """Builds the weights with N(0, std^2) entries.
+
+    Args:
+      d_model: model width D.
+      d_ff: hidden width F.
+      init_std: standard deviation of the gate and up projections.
+      out_init_std: standard deviation of the down projection (default init_std).
+      param_dtype: dtype of the weights.
+      rngs: random streams (uses `params`).
+    """
+    out_std = init_std if out_init_std is None else out_init_std
+    self.gate = _param(rngs, (d_model, d_ff), init_std, param_dtype)  # DF
+    self.up = _param(rngs, (d_model, d_ff), init_std, param_dtype)  # DF
+    self.down = _param(rngs, (d_ff, d_model), out_std, param_dtype)  # FD
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [..., D] -> [..., D], computed in x's dtype."""
+    gate = jnp.einsum("...D,DF->...F", x, self.gate[...].astype(x.dtype))
+    up = jnp.einsum("...D,DF->...F", x, self.up[...].astype(x.dtype))
+    return jnp.einsum("...F,FD->...D", jax.nn.silu(gate) * up, self.down[...].astype(x.dtype))
+
+
+class ReluMLP(nnx.Module):
+  """fc2(relu(fc1(x))) with biases (OPT)."""
+
+  def __init__(self, d_model: int, d_ff: int, *, use_bias: bool = True, init_std: float = 0.02,
+               out_init_std: float | None = None, param_dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    """Builds the weights with N(0, std^2) entries and zero biases.
+
+    Args:
+      d_model: model width D.
+      d_ff: hidden width F.
+      use_bias: add biases after both projections.
+      init_std: standard deviation of fc1.
+      out_init_std: standard deviation of fc2 (default init_std).
+      param_dtype: dtype of the weights.
+      rngs: random streams (uses `params`).
+    """
+    out_std = init_std if out_init_std is None else out_init_std
+    self.fc1 = _param(rngs, (d_model, d_ff), init_std, param_dtype)  # DF
+    self.fc2 = _param(rngs, (d_ff, d_model), out_std, param_dtype)  # FD
+    self.use_bias = use_bias
+    if use_bias:
+      self.fc1_bias = nnx.Param(jnp.zeros((d_ff,), param_dtype))
+      self.fc2_bias = nnx.Param(jnp.zeros((d_model,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [..., D] -> [..., D], computed in x's dtype."""
+    hidden = jnp.einsum("...D,DF->...F", x, self.fc1[...].astype(x.dtype))
+    if self.use_bias:
+      hidden = hidden + self.fc1_bias[...].astype(x.dtype)
+    out = jnp.einsum("...F,FD->...D", jax.nn.relu(hidden), self.fc2[...].astype(x.dtype))
+    if self.use_bias:
+      out = out + self.fc2_bias[...].astype(x.dtype)
+    return out
