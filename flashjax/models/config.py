@@ -177,7 +177,8 @@ class TransformerConfig:
       mlp, norms = 2 * d * f, 4 * d
     if self.use_bias:
       attention += q_out + 2 * kv_out + d
-      mlp += f + d
+      if self.variant == "opt":
+        mlp += f + d
     total = self.num_layers * (attention + mlp + norms) + v * d
     total += d if self.variant == "llama" else 2 * d  # final norm
     if not self.tie_embeddings:
