@@ -147,11 +147,25 @@ def _flashjax_fn(config, mask):
       interpret=_interpret(config) and implementation.startswith("pallas")))
 
 
+# Above this many logits (B * N * T * S) the dense reference would need tens of GB: check
+# against the chunked XLA backend in float32 (full-precision matmuls, never T x S) instead.
+DENSE_REFERENCE_MAX_LOGITS = 2**31
+
+
+def _reference_fn(config, mask):
+  """float32 reference attention for the error check: dense when small, else chunked."""
+  logits = config.batch * config.num_heads * config.q_len * config.kv_len
+  if logits <= DENSE_REFERENCE_MAX_LOGITS:
+    return functools.partial(mha_reference, mask=mask)
+  return jax.jit(functools.partial(flashjax.dot_product_attention, mask=mask,
+                                   implementation="xla_chunked"))
+
+
 def _errors(config, fn, sets, mask) -> dict[str, Any]:
   """Max abs errors of `fn` on the first input set against the float32 reference."""
   inputs = sets[0]
   f32 = [x.astype(jnp.float32) for x in inputs]
-  reference = functools.partial(mha_reference, mask=mask)
+  reference = _reference_fn(config, mask)
   if config.mode == "fwd":
     got, want = {"out": fn(*inputs)}, {"out": reference(*f32)}
   else:

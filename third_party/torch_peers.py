@@ -149,14 +149,15 @@ def _reference(torch, q, k, v, allowed, scale: float):
   the memory of the logits.
   """
   group = q.shape[1] // k.shape[1]
-  k = k.float().repeat_interleave(group, dim=1)
-  v = v.float().repeat_interleave(group, dim=1)
   out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
   chunk = 4
   for b in range(q.shape[0]):
     for h in range(0, q.shape[1], chunk):
       hs = slice(h, h + chunk)
-      logits = scale * torch.einsum("ntd,nsd->nts", q[b, hs].float(), k[b, hs])
+      # K/V heads of these query heads, converted per chunk so memory stays bounded.
+      kv_heads = torch.arange(h, min(h + chunk, q.shape[1]), device=q.device) // group
+      kb, vb = k[b, kv_heads].float(), v[b, kv_heads].float()
+      logits = scale * torch.einsum("ntd,nsd->nts", q[b, hs].float(), kb)
       if allowed is not None:
         ok = allowed[b if allowed.shape[0] > 1 else 0]
         ok = ok[hs] if ok.shape[0] > 1 else ok
@@ -164,7 +165,7 @@ def _reference(torch, q, k, v, allowed, scale: float):
       m = logits.amax(dim=-1, keepdim=True).clamp_min(-1e30)
       p = torch.exp(logits - m)
       denom = p.sum(dim=-1, keepdim=True)
-      out[b, hs] = torch.einsum("nts,nsd->ntd", p, v[b, hs]) / denom.clamp_min(1e-30)
+      out[b, hs] = torch.einsum("nts,nsd->ntd", p, vb) / denom.clamp_min(1e-30)
   return out
 
 
