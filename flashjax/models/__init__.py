@@ -11,9 +11,10 @@ from flashjax.models.config import TransformerConfig
 from flashjax.models.generation import GenerationOutput
 from flashjax.models.generation import generate
 from flashjax.models.generation import sample_tokens
+from flashjax.models.hf_import import load_hf_checkpoint
 from flashjax.models.transformer import Transformer
 
 __all__ = [
     "GenerationOutput", "KVCache", "Transformer", "TransformerConfig", "generate",
-    "sample_tokens",
+    "load_hf_checkpoint", "sample_tokens",
 ]

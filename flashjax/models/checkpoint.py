@@ -67,7 +67,8 @@ def unflatten_like(template: Any, flat: dict[str, Any]) -> Any:
     if tuple(np.shape(value)) != tuple(np.shape(leaf)):
       raise ValueError(f"checkpoint entry {name!r} has shape {np.shape(value)}, expected "
                        f"{np.shape(leaf)}")
-    out.append(jax.numpy.asarray(value, dtype=_dtype(leaf)))
+    xp = jax.numpy if isinstance(leaf, jax.Array) else np
+    out.append(xp.asarray(value, dtype=_dtype(leaf)))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -14,6 +14,7 @@ never crosses documents.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -82,18 +83,24 @@ def lr_schedule(step: int, total_steps: int, config: OptimizerConfig) -> float:
   return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * progress))
 
 
+@functools.cache
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   """Clip by global norm, then AdamW; the learning rate is an injected hyperparameter
-  (set per step by `Trainer.train_step`)."""
+  (set per step by `Trainer.train_step`). Cached per config, so trainers of one config
+  share compiled steps."""
 
   def chain(learning_rate):
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
         optax.adamw(learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
-                    weight_decay=config.weight_decay,
-                    mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)))
+                    weight_decay=config.weight_decay, mask=_matrices))
 
   return optax.inject_hyperparams(chain)(learning_rate=config.peak_lr)
+
+
+def _matrices(params: Any) -> Any:
+  """Weight-decay mask: True for parameters with ndim >= 2."""
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
 def split_rows(tokens: jax.Array, segment_ids: jax.Array
@@ -132,6 +139,27 @@ def next_token_loss(model: nnx.Module, tokens: jax.Array, segment_ids: jax.Array
   return jnp.sum(losses * weights), jnp.sum(weights)
 
 
+def _mean_loss(graphdef, params, tokens, segment_ids):
+  loss_sum, count = next_token_loss(nnx.merge(graphdef, params), tokens, segment_ids)
+  return loss_sum / jnp.maximum(count, 1.0), count
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def _train_step(graphdef, tx, params, opt_state, tokens, segment_ids, lr):
+  (loss, count), grads = jax.value_and_grad(_mean_loss, argnums=1, has_aux=True)(
+      graphdef, params, tokens, segment_ids)
+  opt_state.hyperparams["learning_rate"] = lr
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "targets": count}
+  return params, opt_state, metrics
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_step(graphdef, params, tokens, segment_ids):
+  return next_token_loss(nnx.merge(graphdef, params), tokens, segment_ids)
+
+
 class Trainer:
   """Parameters, optimizer state and jitted train / eval steps of a model."""
 
@@ -147,26 +175,8 @@ class Trainer:
     self.graphdef, self.params = nnx.split(model, nnx.Param)
     self.config = config
     self.tx = make_optimizer(config)
-    self.opt_state = self.tx.init(self.params)
+    self.opt_state = jax.jit(self.tx.init)(self.params)
     self.step = 0
-    self._train = jax.jit(self._train_fn, donate_argnums=(0, 1))
-    self._eval = jax.jit(self._eval_fn)
-
-  def _loss(self, params, tokens, segment_ids):
-    loss_sum, count = next_token_loss(nnx.merge(self.graphdef, params), tokens, segment_ids)
-    return loss_sum / jnp.maximum(count, 1.0), count
-
-  def _train_fn(self, params, opt_state, tokens, segment_ids, lr):
-    (loss, count), grads = jax.value_and_grad(self._loss, has_aux=True)(params, tokens,
-                                                                       segment_ids)
-    opt_state.hyperparams["learning_rate"] = lr
-    updates, opt_state = self.tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "targets": count}
-    return params, opt_state, metrics
-
-  def _eval_fn(self, params, tokens, segment_ids):
-    return next_token_loss(nnx.merge(self.graphdef, params), tokens, segment_ids)
 
   def train_step(self, tokens: Any, segment_ids: Any, lr: float) -> dict[str, jax.Array]:
     """One AdamW step on a batch of packed rows; returns device scalars (not synced).
@@ -179,9 +189,9 @@ class Trainer:
     Returns:
       {"loss": mean loss, "grad_norm": global gradient norm, "targets": counted targets}.
     """
-    self.params, self.opt_state, metrics = self._train(
-        self.params, self.opt_state, jnp.asarray(tokens), jnp.asarray(segment_ids),
-        jnp.float32(lr))
+    self.params, self.opt_state, metrics = _train_step(
+        self.graphdef, self.tx, self.params, self.opt_state, jnp.asarray(tokens),
+        jnp.asarray(segment_ids), jnp.float32(lr))
     self.step += 1
     return metrics
 
@@ -198,7 +208,8 @@ class Trainer:
     """
     total, count = 0.0, 0.0
     for start in range(0, tokens.shape[0], batch_size):
-      loss_sum, n = self._eval(self.params, jnp.asarray(tokens[start:start + batch_size]),
+      loss_sum, n = _eval_step(self.graphdef, self.params,
+                               jnp.asarray(tokens[start:start + batch_size]),
                                jnp.asarray(segment_ids[start:start + batch_size]))
       total += float(loss_sum)
       count += float(n)
