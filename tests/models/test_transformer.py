@@ -186,8 +186,7 @@ class BackendTest(parameterized.TestCase):
 
   @parameterized.named_parameters((f"{variant=}_{impl=}", variant, impl)
                                   for variant, impl in (("llama", "xla"), ("opt", "xla"),
-                                                        ("llama", "pallas_triton"),
-                                                        ("opt", "pallas_tpu")))
+                                                        ("llama", "pallas_triton")))
   def test_gradients_finite_and_equal_xla(self, variant, impl):
     seed = sum(map(ord, variant + impl)) + 3
     model = tiny_model(variant, seed=seed)
