@@ -9,7 +9,9 @@ One point is one run, in one of two modes:
                reports validation loss / perplexity, tokens/s and generation samples, and
                draws `loss_curve.png`.
   throughput   times `throughput_iters` training steps after a warm-up (flashjax.benchmarking
-               .time_fn, rotating `throughput_input_sets` batches) and reports tokens/s.
+               .time_fn, rotating `throughput_input_sets` batches) and reports tokens/s,
+               the compile time of the first step and its loss (`initial_loss`: same seed
+               and batch for every implementation, so the rows must agree).
 
 Config fields (configs/train_lm.py sets all of them):
 
@@ -178,16 +180,21 @@ def run_throughput(config: ml_collections.ConfigDict) -> dict[str, Any]:
               for i in range(config.throughput_input_sets)]
   arg_sets = [tuple(jnp.asarray(a) for a in batch) for batch in arg_sets]
   lr = config.optimizer.peak_lr
+  start = time.perf_counter()
+  # The first step compiles; its loss (same seed and batch for every implementation) is
+  # the cross-implementation check of the run.
+  initial_loss = float(trainer.train_step(*arg_sets[0], lr)["loss"])
+  compile_s = time.perf_counter() - start
   timing = benchmarking.time_fn(lambda t, s: trainer.train_step(t, s, lr),
                                 warmup=config.throughput_warmup,
                                 iters=config.throughput_iters, arg_sets=arg_sets)
+  final_loss = float(trainer.train_step(*arg_sets[0], lr)["loss"])
   tokens = config.batch_size * config.seq_len
   metrics = {"params_m": mc.num_params() / 1e6, "tokens_per_s": tokens / timing.median_s,
-             **{k: v for k, v in timing.summary().items()}}
+             **timing.summary(), "compile_s": compile_s, "initial_loss": initial_loss,
+             "loss_after": final_loss,
+             "finite": math.isfinite(initial_loss) and math.isfinite(final_loss)}
   metrics.update(_flops_metrics(mc, config.seq_len, tokens / timing.median_s))
-  final_loss = float(trainer.evaluate(*arg_sets[0], batch_size=config.batch_size))
-  metrics["loss_after"] = final_loss
-  metrics["finite"] = bool(math.isfinite(final_loss))
   return metrics
 
 
