@@ -25,7 +25,6 @@ from flax import nnx
 
 import flashjax
 from flashjax.layers import rotary
-from flashjax.ops.attention.api import ATTENTION_BACKENDS
 from flashjax.ops.decode.api import DECODE_BACKENDS
 
 # Model-level names of jax.nn.dot_product_attention's implementations.
