@@ -1,0 +1,79 @@
+r"""Side-by-side table: one row per case, one column per implementation, from results.jsonl files.
+
+  python -m experiments.side_by_side --results=DIR1/results.jsonl,DIR2/results.jsonl \
+      --metric=median_ms --columns=pallas_triton,peer:jax_nn_cudnn,peer:torch_flex
+
+Rows are the points' fields other than `implementation`; cells are the metric of the latest
+"ok" row, "-" for unsupported points and "err" for failed ones. Points measured in different
+runs should only be put side by side when they come from the same session on the same device.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app
+from absl import flags
+
+_RESULTS = flags.DEFINE_list("results", None, "results.jsonl files to merge.")
+_METRIC = flags.DEFINE_string("metric", "median_ms", "metric shown in the cells.")
+_COLUMNS = flags.DEFINE_list("columns", None, "implementations, in column order (default: all).")
+_ROW_FIELDS = flags.DEFINE_list("row_fields", None, "point fields naming a row (default: all "
+                                "but implementation).")
+
+
+def load_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
+  """Latest row per point key over the files (later files win); half-written lines skipped."""
+  latest = {}
+  for path in paths:
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        latest[row["key"]] = row
+  return list(latest.values())
+
+
+def _cell(row: dict[str, Any] | None, metric: str) -> str:
+  if row is None:
+    return ""
+  if row["status"] == "unsupported":
+    return "-"
+  if row["status"] != "ok":
+    return "err"
+  value = row["metrics"].get(metric)
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+def pivot(rows: list[dict[str, Any]], metric: str, columns: Sequence[str] | None = None,
+          row_fields: Sequence[str] | None = None) -> str:
+  """Markdown table of `metric` with one column per implementation."""
+  columns = list(columns or dict.fromkeys(r["point"]["implementation"] for r in rows))
+  if row_fields is None:
+    row_fields = [f for f in rows[0]["point"] if f != "implementation"] if rows else []
+  table: dict[tuple, dict[str, dict]] = {}
+  for r in rows:
+    key = tuple(r["point"].get(f) for f in row_fields)
+    table.setdefault(key, {})[r["point"]["implementation"]] = r
+  lines = ["| " + " | ".join(list(row_fields) + columns) + " |",
+           "|" + "---|" * (len(row_fields) + len(columns))]
+  for key, by_impl in table.items():
+    cells = [str(k) for k in key] + [_cell(by_impl.get(c), metric) for c in columns]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  print(pivot(load_rows(_RESULTS.value), _METRIC.value, _COLUMNS.value, _ROW_FIELDS.value))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("results")
+  app.run(main)
