@@ -13,4 +13,13 @@ from flashjax.ops.decode.api import decode_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockMask", "decode_attention", "dot_product_attention", "masks"]
+__all__ = ["BlockMask", "decode_attention", "dot_product_attention", "layers", "masks",
+           "models"]
+
+
+def __getattr__(name: str):
+  # flax is imported only when the models are asked for.
+  if name in ("layers", "models"):
+    import importlib  # pylint: disable=import-outside-toplevel
+    return importlib.import_module(f"flashjax.{name}")
+  raise AttributeError(f"module 'flashjax' has no attribute {name!r}")
