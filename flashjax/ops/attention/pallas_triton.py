@@ -10,12 +10,17 @@ Design (DESIGN.md ideas 1 and 2):
 * Masks reach the kernels as a `BlockMask` at the kernel tiling, built by
   `flashjax.masks.builders.block_mask_for` unless the caller passed one. The forward program
   (query block i, batch b, query head h) reads `fwd_count[b', h', i]` and loops over the
-  compacted kv block ids only, so EMPTY tiles are never loaded. FULL tiles do no mask
-  arithmetic; PARTIAL tiles (one `lax.cond`, an `scf.if` in Triton, around the masking only,
-  so the K/V loads and both matmuls stay in the loop body) AND the ElementRule (band from static
-  ints, segment ids and prefix flags loaded for the tile), the stored tile and the sequence
-  bounds. When a BlockMask can have no PARTIAL masking at all (no rule, no tiles, lengths that
-  are block multiples) the cond is not emitted.
+  compacted kv block ids only, so EMPTY tiles are never loaded. The wrapper reorders every
+  list (XLA, stable) so that its FULL slots come first and passes n_full, their count; each
+  kernel (forward, dQ, dK/dV) then runs two loops with the same online-softmax / gradient
+  math: `fori_loop(0, n_full)` over FULL tiles with no mask code, no branch and no -inf guard
+  (a FULL tile makes every row max finite, and it runs before any PARTIAL tile), then
+  `fori_loop(n_full, count)` over PARTIAL tiles, which always AND the ElementRule (band from
+  static ints, segment ids and prefix flags loaded for the tile), the stored tile and the
+  sequence bounds, and keep the -inf guard. No `lax.cond` (`scf.if`) sits in either loop body,
+  which would stop Triton from software-pipelining the K/V loads. When a BlockMask can have no
+  PARTIAL masking at all (no rule, no tiles, lengths that are block multiples) only the FULL
+  loop is emitted and the lists are not reordered.
 * Softmax statistics are float32 and base 2: logits are multiplied by log2(e) so the kernels use
   exp2, and the saved statistic is lse2 = max + log2(sum) per row. A row without an allowed key
   gets output 0 and lse2 = +inf, so the backward recomputes P = exp2(s - lse2) = 0 and its
@@ -65,7 +70,7 @@ from jax.experimental.pallas import triton as plt
 import jax.numpy as jnp
 
 from flashjax.masks import builders
-from flashjax.masks.block_mask import PARTIAL, BlockMask
+from flashjax.masks.block_mask import FULL, PARTIAL, BlockMask
 from flashjax.masks.rule import Band, element_mask
 from flashjax.ops.attention.configs import BlockSizes
 
@@ -203,13 +208,32 @@ class _MaskRefs(NamedTuple):
   """Kernel refs of one direction's block lists and of the element-mask parts."""
 
   count: Any            # [Bm, Nm, n_outer] int32
-  block: Any            # [Bm, Nm, n_outer, L] int32
-  kind: Any = None      # [Bm, Nm, n_outer, L] int32 (only if some tile can be partial)
+  block: Any            # [Bm, Nm, n_outer, L] int32, FULL slots first (`_full_first`)
+  n_full: Any = None    # [Bm, Nm, n_outer] int32 (only if some tile can be partial)
   tile: Any = None      # [Bm, Nm, n_outer, L] int32 (only with stored tiles)
   q_seg: Any = None     # [B|1, T_pad] int32
   kv_seg: Any = None    # [B|1, S_pad] int32
   prefix: Any = None    # [B|1, S_pad] int8
   tiles: Any = None     # [n_tiles, block_q, block_kv] int8
+
+
+def _full_first(block: jax.Array, kind: jax.Array, tile: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Reorders each block list so that its FULL slots come first.
+
+  Args:
+    block: [Bm, Nm, n_outer, L] int32 block ids of the compacted lists.
+    kind: [Bm, Nm, n_outer, L] int32 slot kinds (FULL, PARTIAL, or 0 for padding slots).
+    tile: [Bm, Nm, n_outer, L] int32 stored-tile indices.
+
+  Returns:
+    block and tile with, per list, the FULL slots, then the PARTIAL ones, then the padding
+    (stable inside each kind), and n_full [Bm, Nm, n_outer] int32, the number of FULL slots.
+  """
+  rank = jnp.where(kind == FULL, 0, jnp.where(kind == PARTIAL, 1, 2))
+  order = jnp.argsort(rank, axis=-1, stable=True)
+  take = lambda x: jnp.take_along_axis(x, order, axis=-1)
+  return take(block), take(tile), jnp.sum(kind == FULL, axis=-1, dtype=jnp.int32)
 
 
 def _mask_operands(bm: BlockMask, layout: _MaskLayout, *, backward: bool, q_pad: int,
@@ -220,7 +244,9 @@ def _mask_operands(bm: BlockMask, layout: _MaskLayout, *, backward: bool, q_pad:
   count, block, kind, tile = (jnp.asarray(x, jnp.int32) for x in lists)
   ops = [count, block]
   if layout.has_partial:
-    ops.append(kind)
+    # Without possible PARTIAL tiles every listed slot is FULL: the order is already right.
+    block, tile, n_full = _full_first(block, kind, tile)
+    ops = [count, block, n_full]
   if layout.has_tiles:
     ops.append(tile)
   pad_seq = lambda x, n, dtype: jnp.pad(jnp.asarray(x, dtype), ((0, 0), (0, n - x.shape[1])))
@@ -238,7 +264,7 @@ def _unpack_mask_refs(layout: _MaskLayout, refs) -> _MaskRefs:
   it = iter(refs)
   take = lambda present: next(it) if present else None
   return _MaskRefs(
-      count=next(it), block=next(it), kind=take(layout.has_partial),
+      count=next(it), block=next(it), n_full=take(layout.has_partial),
       tile=take(layout.has_tiles), q_seg=take(layout.has_segments),
       kv_seg=take(layout.has_segments), prefix=take(layout.has_prefix),
       tiles=take(layout.has_tiles))
@@ -269,16 +295,26 @@ def _tile_mask(layout: _MaskLayout, refs: _MaskRefs, batch, list_index, q_start,
 
 
 def _mask_logits(s, layout: _MaskLayout, refs: _MaskRefs, batch, list_index, q_start,
-                 kv_start):
-  """Sets disallowed logits of a PARTIAL tile to -inf; FULL tiles pass through untouched."""
-  if not layout.has_partial:
+                 kv_start, *, partial: bool):
+  """Sets disallowed logits of a PARTIAL tile to -inf; FULL tiles (partial=False) pass through
+  untouched."""
+  if not partial:
     return s
+  keep = _tile_mask(layout, refs, batch, list_index, q_start, kv_start)
+  return jnp.where(keep, s, -jnp.inf)
 
-  def masked(s):
-    keep = _tile_mask(layout, refs, batch, list_index, q_start, kv_start)
-    return jnp.where(keep, s, -jnp.inf)
 
-  return lax.cond(refs.kind[list_index] == PARTIAL, masked, lambda s: s, s)
+def _full_then_partial(layout: _MaskLayout, refs: _MaskRefs, index, body, carry):
+  """Runs `body(slot, carry, partial=...)` over the FULL slots of list `index`, then over its
+  PARTIAL slots: two loops, so that the FULL one holds no mask code and no branch (a branch in
+  the loop body keeps Triton from pipelining the K/V loads). Only the FULL loop is emitted when
+  the layout cannot have PARTIAL tiles."""
+  count = refs.count[index]
+  if not layout.has_partial:
+    return lax.fori_loop(0, count, functools.partial(body, partial=False), carry)
+  n_full = refs.n_full[index]
+  carry = lax.fori_loop(0, n_full, functools.partial(body, partial=False), carry)
+  return lax.fori_loop(n_full, count, functools.partial(body, partial=True), carry)
 
 
 def _dot(a, b, contract: tuple[int, int]):
@@ -339,16 +375,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout: _MaskLayout, params: _Pa
   q = q_ref[...]
   q_start = qi * bq
 
-  def body(slot, carry):
+  def body(slot, carry, *, partial):
     acc, row_max, row_sum = carry
     kv_start = pl.multiple_of(m.block[mb, mh, qi, slot] * bk, bk)
     k = k_ref[pl.ds(kv_start, bk), :]
     s, _ = _logits(q, k, params)
-    s = _mask_logits(s, layout, m, batch, (mb, mh, qi, slot), q_start, kv_start)
+    s = _mask_logits(s, layout, m, batch, (mb, mh, qi, slot), q_start, kv_start,
+                     partial=partial)
     new_max = jnp.maximum(row_max, s.max(axis=1))
     shift = new_max
-    if layout.has_partial:
+    if partial:
       # A row with no allowed key yet has max -inf: shift by 0 so exp2(-inf - shift) = 0.
+      # FULL tiles run first and make every row max finite, so their loop needs no guard.
       shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
     alpha = jnp.exp2(row_max - shift)
     p = jnp.exp2(s - shift[:, None])
@@ -358,7 +396,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout: _MaskLayout, params: _Pa
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
-  acc, row_max, row_sum = lax.fori_loop(0, m.count[mb, mh, qi], body, init)
+  acc, row_max, row_sum = _full_then_partial(layout, m, (mb, mh, qi), body, init)
   empty = row_sum == 0.0
   o_ref[...] = (acc / jnp.where(empty, 1.0, row_sum)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log2(row_sum))
@@ -450,20 +488,20 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout:
   def head_body(j, carry):
     mb, mh = _mask_batch_head(layout, batch, kv_head * group + j)
 
-    def body(slot, carry):
+    def body(slot, carry, *, partial):
       dk, dv = carry
       q_start = pl.multiple_of(m.block[mb, mh, kj, slot] * bq, bq)
       q = q_ref[pl.ds(q_start, bq), j, :]
       do = do_ref[pl.ds(q_start, bq), j, :]
       s_mask = functools.partial(_mask_logits, layout=layout, refs=m, batch=batch,
                                  list_index=(mb, mh, kj, slot), q_start=q_start,
-                                 kv_start=kv_start)
+                                 kv_start=kv_start, partial=partial)
       p, ds = _probs_and_dscores(q, k, v, do, lse_ref[j, pl.ds(q_start, bq)],
                                  delta_ref[j, pl.ds(q_start, bq)], s_mask, params)
       return (dk + _dot(ds.astype(q.dtype), q, (0, 0)),
               dv + _dot(p.astype(do.dtype), do, (0, 0)))
 
-    return lax.fori_loop(0, m.count[mb, mh, kj], body, carry)
+    return _full_then_partial(layout, m, (mb, mh, kj), body, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
@@ -487,17 +525,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout: _
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   q_start = qi * bq
 
-  def body(slot, dq):
+  def body(slot, dq, *, partial):
     kv_start = pl.multiple_of(m.block[mb, mh, qi, slot] * bk, bk)
     k = k_ref[pl.ds(kv_start, bk), :]
     v = v_ref[pl.ds(kv_start, bk), :]
     s_mask = functools.partial(_mask_logits, layout=layout, refs=m, batch=batch,
                                list_index=(mb, mh, qi, slot), q_start=q_start,
-                               kv_start=kv_start)
+                               kv_start=kv_start, partial=partial)
     _, ds = _probs_and_dscores(q, k, v, do, lse, delta, s_mask, params)
     return dq + _dot(ds.astype(k.dtype), k, (1, 0))
 
-  dq = lax.fori_loop(0, m.count[mb, mh, qi], body, jnp.zeros(q.shape, jnp.float32))
+  dq = _full_then_partial(layout, m, (mb, mh, qi), body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * params.scale).astype(dq_ref.dtype)
 
 

@@ -108,6 +108,31 @@ class PallasTritonTest(parameterized.TestCase):
     self._check(q, k, v, do, mask=jnp.asarray(mask), is_causal=True,
                 block_sizes=BlockSizes(block_q, block_kv, block_q_bwd, block_kv_bwd))
 
+  def test_full_and_partial_tiles_in_one_list(self):
+    """Causal documents with block_q > block_kv (forward / dQ) and block_kv > block_q (dK/dV):
+    lists where a PARTIAL tile precedes a FULL one, run as a FULL loop then a PARTIAL loop."""
+    q, k, v, do = self._qkv(2, 192, 192, 2, 1, 32)
+    sizes = BlockSizes(block_q=64, block_kv=16, block_q_bwd=16, block_kv_bwd=64)
+    pos = np.arange(192)
+    ids = np.stack([np.searchsorted(starts, pos, side="right")
+                    for starts in ([40, 150], [70, 100])]).astype(np.int32)
+    segment_ids = (jnp.asarray(ids), jnp.asarray(ids))
+    for backward, tiling in ((False, (64, 16)), (True, (16, 64))):
+      bm = builders.block_mask_for(q_len=192, kv_len=192, block_q=tiling[0],
+                                   block_kv=tiling[1], is_causal=True,
+                                   q_segment_ids=ids, kv_segment_ids=ids)
+      kind = np.asarray(bm.bwd_kind if backward else bm.fwd_kind)
+      block = np.asarray(bm.bwd_block if backward else bm.fwd_block)
+      # The case must exercise the reordering: some list has a PARTIAL slot before a FULL one.
+      self.assertTrue(np.any((kind[..., :-1] == 1) & (kind[..., 1:] == 2)), f"{backward=}")
+      got_block, _, n_full = pallas_triton._full_first(
+          jnp.asarray(block), jnp.asarray(kind, jnp.int32), jnp.zeros(block.shape, jnp.int32))
+      chex.assert_trees_all_equal(n_full, (kind == 2).sum(-1).astype(np.int32))
+      for index in np.ndindex(kind.shape[:-1]):
+        expected = np.concatenate([block[index][kind[index] == kind_] for kind_ in (2, 1, 0)])
+        chex.assert_trees_all_equal(got_block[index], expected)
+    self._check(q, k, v, do, segment_ids=segment_ids, is_causal=True, block_sizes=sizes)
+
   def test_empty_blocks_are_never_read(self):
     """Keys of a segment no query belongs to are NaN; they lie in EMPTY tiles only."""
     q, k, v, do = self._qkv(2, 128, 128, 2, 2, 32)
