@@ -242,11 +242,11 @@ def _mask_operands(bm: BlockMask, layout: _MaskLayout, *, backward: bool, q_pad:
   lists = ((bm.bwd_count, bm.bwd_block, bm.bwd_kind, bm.bwd_tile) if backward else
            (bm.fwd_count, bm.fwd_block, bm.fwd_kind, bm.fwd_tile))
   count, block, kind, tile = (jnp.asarray(x, jnp.int32) for x in lists)
-  ops = [count, block]
   if layout.has_partial:
-    # Without possible PARTIAL tiles every listed slot is FULL: the order is already right.
     block, tile, n_full = _full_first(block, kind, tile)
     ops = [count, block, n_full]
+  else:  # every listed slot is FULL: the lists are already in loop order
+    ops = [count, block]
   if layout.has_tiles:
     ops.append(tile)
   pad_seq = lambda x, n, dtype: jnp.pad(jnp.asarray(x, dtype), ((0, 0), (0, n - x.shape[1])))
