@@ -49,11 +49,9 @@ applies them to all three kernels. A caller's `BlockSizes` is used as given. A B
 the tiling of both passes: `block_sizes` whose forward tiles disagree with it is a ValueError,
 its backward tiles are then ignored (only num_warps / num_stages apply).
 
-Measured once with the defaults (H200, jax 0.11.2, bf16, wall-clock median; the lead's
-benchmark table is the reference): B=4 T=4096 N=32 D=128 forward 2.7 ms (412 TFLOP/s) and
-forward+backward 10.7 ms (358 TFLOP/s) non-causal, causal 1.6-2.0 ms / 6.2-6.7 ms;
-B=8 T=2048 D=64 1.1 ms / 3.7 ms; D=256 (B=2 T=4096 N=16) only ~140-180 TFLOP/s forward;
-causal documents B=2 T=8192 (mean length 512) 1.0 ms forward, 3.6 ms forward+backward.
+Measured numbers, side by side with cuDNN, torch SDPA, FlexAttention and the jax Pallas
+examples, and the effect of the two-loop change: docs/performance.md. D=256 is untuned
+(~140-180 TFLOP/s forward on the H200).
 """
 
 from __future__ import annotations
