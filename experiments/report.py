@@ -30,7 +30,11 @@ CONFIG_FILE = "config.json"
 
 def read_rows(workdir: str) -> list[dict[str, Any]]:
   """Every complete row of DIR/results.jsonl in file order; a torn line is skipped."""
-  path = os.path.join(workdir, RESULTS_FILE)
+  return read_results_file(os.path.join(workdir, RESULTS_FILE))
+
+
+def read_results_file(path: str) -> list[dict[str, Any]]:
+  """Every complete row of a results.jsonl file in file order; a torn line is skipped."""
   if not os.path.exists(path):
     return []
   rows = []

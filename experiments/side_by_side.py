@@ -10,12 +10,13 @@ runs should only be put side by side when they come from the same session on the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 from absl import app
 from absl import flags
+
+from experiments import report
 
 _RESULTS = flags.DEFINE_list("results", None, "results.jsonl files to merge.")
 _METRIC = flags.DEFINE_string("metric", "median_ms", "metric shown in the cells.")
@@ -25,17 +26,9 @@ _ROW_FIELDS = flags.DEFINE_list("row_fields", None, "point fields naming a row (
 
 
 def load_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
-  """Latest row per point key over the files (later files win); half-written lines skipped."""
-  latest = {}
-  for path in paths:
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        latest[row["key"]] = row
-  return list(latest.values())
+  """Latest row per point key over the files (later files win); torn lines skipped."""
+  rows = [row for path in paths for row in report.read_results_file(path)]
+  return report.latest_rows(rows)
 
 
 def _cell(row: dict[str, Any] | None, metric: str) -> str:
