@@ -22,7 +22,7 @@ class SideBySideTest(absltest.TestCase):
     first, second = os.path.join(tmp, "a.jsonl"), os.path.join(tmp, "b.jsonl")
     with open(first, "w") as f:
       f.write("\n".join(json.dumps(r) for r in [
-          _row("c1", "ours", ms=2.0), _row("c1", "peer", status="error"),
+          _row("c1", "ours", ms=2.25), _row("c1", "peer", status="error"),
           _row("c2", "ours", status="unsupported")]) + "\n{torn")
     with open(second, "w") as f:
       f.write(json.dumps(_row("c1", "peer", ms=3.5)) + "\n")
@@ -30,7 +30,7 @@ class SideBySideTest(absltest.TestCase):
     table = side_by_side.pivot(rows, "median_ms", columns=["ours", "peer"])
     lines = table.splitlines()
     self.assertEqual(lines[0], "| case | ours | peer |")
-    self.assertEqual(lines[2], "| c1 | 2.0 | 3.5 |")
+    self.assertEqual(lines[2], "| c1 | 2.25 | 3.5 |")
     self.assertEqual(lines[3], "| c2 | - |  |")
 
 
