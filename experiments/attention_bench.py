@@ -14,11 +14,17 @@ Config fields read by `run_point` (configs/quickstart.py sets all of them):
   interpret        None: Pallas backends in interpret mode exactly when running on CPU
   check            compare the output (and gradients) with the float32 reference
   mask parameters  window, window_right, doc_len, tree_span, band_peak, band_decay,
-                   band_floor, dilation, num_global
+                   band_floor, dilation, num_global; optional (defaults when a config lacks
+                   them): doc_len_dist ("uniform" or "lognormal"), block_density_target and
+                   mask_block (random_blocks), medusa_heads and medusa_topk (medusa)
 
 Every point is checked against flashjax's float32 reference on the same inputs in the same
 run (max_abs_err; within_tol by dtype: float32 1e-4, bfloat16 2e-2, float16 5e-3 absolute),
-and reports time, useful TFLOP/s (4*N*D per allowed pair), mask density and block density.
+and reports time, useful TFLOP/s (4*N*D per allowed pair), mask density and block density,
+and the analytical IO model of the implementation's algorithm (flashjax.io_model:
+block-skipping FlashAttention for the Pallas backends and FlexAttention, FlashAttention on the
+full mask for the other peers, materialised scores for XLA): `model_algorithm`,
+`model_bytes`, `model_flops` and `roofline_ms` on the H200 ceilings.
 """
 
 from __future__ import annotations
@@ -34,25 +40,117 @@ import numpy as np
 
 import flashjax
 from flashjax import benchmarking
+from flashjax import io_model
 from flashjax import masks
 from flashjax.ops.attention.configs import BlockSizes
 from flashjax.ops.attention.reference import mha_reference
 import third_party
 
 MASK_FAMILIES = ("dense", "causal", "sliding_window", "document", "prefix_lm", "tree",
-                 "random_banded", "dilated", "global")
+                 "random_banded", "dilated", "global", "document_full", "random_blocks",
+                 "random_banded_rcm", "medusa")
+# Families whose flashjax BlockMask is Reverse Cuthill-McKee reordered (peers: unsupported).
+RCM_FAMILIES = ("random_banded_rcm",)
 TOLERANCES = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 PEER_PREFIX = "peer:"
 
 
-def _segment_ids(rng: np.random.Generator, batch: int, length: int,
-                 mean_len: int) -> np.ndarray:
-  """int32 [B, T] document ids; document lengths uniform in [1, 2 * mean_len)."""
+def _segment_ids(rng: np.random.Generator, batch: int, length: int, mean_len: int,
+                 dist: str = "uniform") -> np.ndarray:
+  """int32 [B, T] document ids.
+
+  Args:
+    rng: numpy generator.
+    batch: B.
+    length: T.
+    mean_len: mean document length.
+    dist: "uniform": lengths uniform in [1, 2 * mean_len); "lognormal": an ALPACA-like
+      skewed distribution (log-normal, sigma 0.75, mean `mean_len`, at least 1).
+
+  Returns:
+    The ids.
+  """
+  if dist not in ("uniform", "lognormal"):
+    raise ValueError(f"{dist=} must be 'uniform' or 'lognormal'")
   ids = np.empty((batch, length), np.int32)
   for b in range(batch):
-    ends = np.cumsum(rng.integers(1, 2 * mean_len, size=length))
+    if dist == "uniform":
+      lengths = rng.integers(1, 2 * mean_len, size=length)
+    else:
+      sigma = 0.75
+      mu = math.log(mean_len) - sigma**2 / 2  # E[exp(N(mu, sigma))] = mean_len
+      lengths = np.maximum(1, np.rint(rng.lognormal(mu, sigma, size=length)))
+    ends = np.cumsum(lengths)
     ids[b] = np.searchsorted(ends, np.arange(length), side="right")
   return ids
+
+
+def random_blocks(q_len: int, kv_len: int, block_q: int, block_kv: int, density: float,
+                  rng: np.random.Generator) -> Any:
+  """A mask of whole random tiles: round(density * tiles) of the block_q x block_kv tiles.
+
+  Args:
+    q_len: T.
+    kv_len: S.
+    block_q: tile rows of the pattern.
+    block_kv: tile columns of the pattern.
+    density: target fraction of non-empty tiles, in (0, 1] (at least one tile).
+    rng: numpy generator (the seed of the pattern).
+
+  Returns:
+    A flashjax.masks Mask of shape (T, S) whose tiles at (block_q, block_kv) are FULL or
+    EMPTY (edge tiles clipped to T and S).
+  """
+  if not 0 < density <= 1:
+    raise ValueError(f"{density=} must lie in (0, 1]")
+  nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
+  chosen = rng.choice(nq * nk, size=max(1, round(density * nq * nk)), replace=False)
+  grid = np.zeros(nq * nk, bool)
+  grid[chosen] = True
+  dense = np.repeat(np.repeat(grid.reshape(nq, nk), block_q, 0), block_kv, 1)
+  return masks.from_dense(dense[:q_len, :kv_len])
+
+
+def medusa_tree(length: int, heads: int, topk: int) -> Any:
+  """Tree attention over MEDUSA candidate trees filling `length` tokens.
+
+  One candidate tree has `topk` children per node down to depth `heads` (one level per
+  MEDUSA head), in breadth-first order; the sequence is copies of it back to back (the last
+  one cut). Each node attends to itself and all its ancestors in its own copy.
+
+  Args:
+    length: T = S.
+    heads: tree depth (MEDUSA heads).
+    topk: predictions kept per head.
+
+  Returns:
+    A flashjax.masks Mask of shape (T, T).
+  """
+  if heads < 1 or topk < 1:
+    raise ValueError(f"need heads >= 1 and topk >= 1: {heads=}, {topk=}")
+  parents = [-1]  # the root: the last accepted token
+  level = [0]
+  for _ in range(heads):
+    children = []
+    for node in level:
+      for _ in range(topk):
+        parents.append(node)
+        children.append(len(parents) - 1)
+    level = children
+  size = len(parents)
+  rows, cols = [], []
+  for node in range(size):
+    ancestor = node
+    while ancestor >= 0:
+      rows.append(node)
+      cols.append(ancestor)
+      ancestor = parents[ancestor]
+  rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+  starts = np.arange(0, length, size)
+  all_rows = (starts[:, None] + rows[None]).ravel()
+  all_cols = (starts[:, None] + cols[None]).ravel()
+  keep = all_rows < length  # ancestors precede their nodes, so cols < length too
+  return masks.CoordinateMask(length, length, all_rows[keep], all_cols[keep])
 
 
 def build_mask(config: ml_collections.ConfigDict, rng: np.random.Generator) -> Any:
@@ -68,7 +166,8 @@ def build_mask(config: ml_collections.ConfigDict, rng: np.random.Generator) -> A
   t, s, family = config.q_len, config.kv_len, config.mask
   if family not in MASK_FAMILIES:
     raise ValueError(f"unknown mask family {family=}; known: {MASK_FAMILIES}")
-  if family in ("document", "prefix_lm", "tree") and t != s:
+  if family in ("document", "document_full", "prefix_lm", "tree", "medusa",
+                "random_banded_rcm") and t != s:
     raise ValueError(f"{family=} needs q_len == kv_len: {t=}, {s=}")
   if family == "dense":
     return None
@@ -76,10 +175,11 @@ def build_mask(config: ml_collections.ConfigDict, rng: np.random.Generator) -> A
     return masks.causal(t, s)
   if family == "sliding_window":
     return masks.sliding_window(t, s, config.window, config.window_right)
-  if family in ("document", "prefix_lm"):
-    ids = _segment_ids(rng, config.batch, t, config.doc_len)
-    if family == "document":
-      return masks.document(ids, causal=True)
+  if family in ("document", "document_full", "prefix_lm"):
+    ids = _segment_ids(rng, config.batch, t, config.doc_len,
+                       config.get("doc_len_dist", "uniform"))
+    if family != "prefix_lm":
+      return masks.document(ids, causal=family == "document")
     num_docs = int(ids.max()) + 1
     prefix = rng.integers(0, config.doc_len, size=(config.batch, num_docs)).astype(np.int32)
     return masks.prefix_lm(ids, prefix)
@@ -88,7 +188,13 @@ def build_mask(config: ml_collections.ConfigDict, rng: np.random.Generator) -> A
     parents = np.array([-1] + [int(rng.integers(max(0, i - config.tree_span), i))
                                for i in range(1, t)], np.int32)
     return masks.tree(parents)
-  if family == "random_banded":
+  if family == "medusa":
+    return medusa_tree(t, config.get("medusa_heads", 4), config.get("medusa_topk", 3))
+  if family == "random_blocks":
+    block_q, block_kv = _pattern_tiles(config)
+    return random_blocks(t, s, block_q, block_kv, config.get("block_density_target", 0.25),
+                         rng)
+  if family in ("random_banded", "random_banded_rcm"):
     return masks.random_banded(t, s, seed=int(rng.integers(2**31)), peak=config.band_peak,
                                decay=config.band_decay, floor=config.band_floor)
   if family == "dilated":
@@ -136,6 +242,25 @@ def _block_sizes(config: ml_collections.ConfigDict) -> BlockSizes | None:
   defaults = BlockSizes()
   return BlockSizes(block_q=config.block_q or defaults.block_q,
                     block_kv=config.block_kv or defaults.block_kv)
+
+
+def _tiles(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """Forward tiles of the Pallas backends (and of the reported block density)."""
+  sizes = _block_sizes(config) or BlockSizes()
+  return sizes.block_q, sizes.block_kv
+
+
+def _pattern_tiles(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """Tiles of the random_blocks pattern: `mask_block` (one int) or the benchmark tiles."""
+  mask_block = config.get("mask_block", None)
+  return (mask_block, mask_block) if mask_block else _tiles(config)
+
+
+def kernel_mask(config: ml_collections.ConfigDict, mask: Any) -> Any:
+  """What flashjax receives: the RCM-reordered BlockMask for RCM_FAMILIES, else the Mask."""
+  if config.mask not in RCM_FAMILIES:
+    return mask
+  return masks.BlockMask.from_mask(mask, *_tiles(config), reorder="rcm")
 
 
 def _flashjax_fn(config, mask):
@@ -229,6 +354,31 @@ def _run_peer(config, mask, sets) -> dict[str, Any]:
   return metrics
 
 
+def model_columns(config: ml_collections.ConfigDict, block_density: float) -> dict[str, Any]:
+  """The IO model of the point's algorithm (flashjax.io_model) on the H200 ceilings.
+
+  Args:
+    config: the point's config (implementation, shapes, dtype, mode, tiles).
+    block_density: fraction of non-empty tiles at the benchmark tiles (block skipping).
+
+  Returns:
+    model_algorithm, model_bytes, model_flops and roofline_ms.
+  """
+  algorithm = io_model.implementation_algorithm(config.implementation)
+  shape = io_model.Shape(
+      batch=config.batch, q_len=config.q_len, kv_len=config.kv_len,
+      num_heads=config.num_heads, head_dim=config.head_dim,
+      itemsize=jnp.dtype(config.dtype).itemsize, num_kv_heads=config.num_kv_heads,
+      score_itemsize=4 if algorithm == "naive" else None)  # XLA keeps float32 logits
+  block_q, block_kv = _tiles(config)
+  full = io_model.dense_tiles(shape, block_q, block_kv)
+  tiles = min(full, block_density * full)
+  cost = io_model.attention_cost(algorithm, shape, config.mode, block_q=block_q,
+                                 block_kv=block_kv, nonempty_tiles=tiles)
+  return {"model_algorithm": algorithm, "model_bytes": cost.hbm_bytes,
+          "model_flops": cost.flops, "roofline_ms": cost.roofline_ms()}
+
+
 def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[str, Any]:
   """Times one (implementation, mask, shape) point; see the module docstring.
 
@@ -246,9 +396,12 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
   mask = build_mask(config, rng)
   sets = _inputs(config)
   if config.implementation.startswith(PEER_PREFIX):
+    if config.mask in RCM_FAMILIES:
+      raise NotImplementedError(f"{config.mask=}: RCM reordering is a flashjax BlockMask; "
+                                "peers run the same mask as 'random_banded'")
     metrics = _run_peer(config, mask, sets)
   else:
-    attend = _flashjax_fn(config, mask)
+    attend = _flashjax_fn(config, kernel_mask(config, mask))
     fn = attend if config.mode == "fwd" else _with_grads(attend)
     metrics = _time(config, fn, sets)
     if config.check:
@@ -260,14 +413,17 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
   flops = benchmarking.masked_attention_flops(config.num_heads, config.head_dim, pairs,
                                               config.mode)
   seconds = metrics["median_ms"] / 1e3 if "median_ms" in metrics else math.nan
-  block_sizes = _block_sizes(config) or BlockSizes()
+  block_q, block_kv = _tiles(config)
   block_density = 1.0
   if mask is not None:
-    kinds = mask.block_kinds(block_sizes.block_q, block_sizes.block_kv)
-    block_density = float(np.mean(kinds != masks.EMPTY))
+    if config.mask in RCM_FAMILIES:
+      kinds = kernel_mask(config, mask).kinds  # tiles of the reordered sequence
+    else:
+      kinds = mask.block_kinds(block_q, block_kv)
+    block_density = float(np.mean(np.asarray(kinds) != masks.EMPTY))
+  metrics.update(model_columns(config, block_density))
   metrics.update(
-      density=density, block_density=block_density,
-      bd_tiles=f"{block_sizes.block_q}x{block_sizes.block_kv}",
+      density=density, block_density=block_density, bd_tiles=f"{block_q}x{block_kv}",
       useful_tflops=flops / seconds / 1e12,
       dense_equiv_tflops=benchmarking.attention_flops(
           b, t, s, config.num_heads, config.head_dim, mode=config.mode) / seconds / 1e12)

@@ -1,0 +1,115 @@
+r"""Ablation: attention time against the tiles (block_q, block_kv), per backend and mask.
+
+Issue 7, item 2. For each flashjax Pallas backend, the forward and forward+backward time on
+dense, causal and document-masked inputs at every (block_q, block_kv) of the grid; the
+backward runs at the forward tiles (BlockSizes with no backward tiles). The report shows the
+measured time beside the IO model's roofline (`roofline_ms`: block-skipping FlashAttention at
+those tiles; smaller block_q re-reads K/V more often, larger tiles waste more of the
+partial tiles of a mask). Experiment kind: attention_bench.
+
+GPU (default; B=2, T=S=4096, N=16, D=128, bf16, mean document 512; 2 backends x 3 masks x
+2 modes x 3 x 3 tiles = 108 points; a tile the backend cannot launch is an error row):
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
+      --config=configs/ablate_block_size.py --workdir=/tmp/fj_ablate_blocks
+
+CPU (B=1, T=S=128, N=2, D=32, float32, pallas_triton in interpret mode; 24 points in about
+25 s on 2 cores; the numbers only show that everything runs):
+
+  python -m experiments.launch --config=configs/ablate_block_size.py:cpu \
+      --workdir=/tmp/fj_ablate_blocks_cpu
+
+`--config.implementations`, `--config.masks`, `--config.modes`, `--config.block_qs` and
+`--config.block_kvs` (tuples, e.g. "(64, 128)") change the grid.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+_GRID = {
+    "gpu": {"implementations": ("pallas_triton", "pallas_mosaic_gpu"),
+            "block_qs": (64, 128, 256), "block_kvs": (32, 64, 128)},
+    "cpu": {"implementations": ("pallas_triton",), "block_qs": (32, 64),
+            "block_kvs": (32, 64)},
+}
+
+
+def attention_base(small: bool) -> ml_collections.ConfigDict:
+  """Every attention_bench field, at benchmark (GPU) or tiny (CPU, interpret) settings.
+
+  Args:
+    small: CPU settings (float32, tiny shapes, few timed calls, Pallas in interpret mode).
+
+  Returns:
+    A ConfigDict without sweep and report.
+  """
+  c = ml_collections.ConfigDict()
+  c.experiment = "attention_bench"
+  c.implementation = "pallas_triton"
+  c.mask = "dense"
+  c.mode = "fwd"
+  c.batch = 1 if small else 2
+  c.q_len = c.kv_len = 128 if small else 4096
+  c.num_heads = c.num_kv_heads = 2 if small else 16
+  c.head_dim = 32 if small else 128
+  c.dtype = "float32" if small else "bfloat16"
+  c.block_q = ml_collections.FieldReference(None, field_type=int)
+  c.block_kv = ml_collections.FieldReference(None, field_type=int)
+
+  c.window = 32 if small else 1024
+  c.window_right = 0
+  c.doc_len = 32 if small else 512
+  c.doc_len_dist = "uniform"
+  c.tree_span = 16
+  c.band_peak = 0.5
+  c.band_decay = 0.05 if small else 0.01
+  c.band_floor = 2e-3 if small else 2e-4
+  c.dilation = 2
+  c.num_global = 4 if small else 32
+  c.block_density_target = 0.25
+  c.mask_block = ml_collections.FieldReference(None, field_type=int)
+  c.medusa_heads = 4
+  c.medusa_topk = 3
+
+  c.timing = "wall"
+  c.warmup = 1 if small else 3
+  c.iters = 3 if small else 30
+  c.input_sets = 1 if small else 2
+  c.seed = 0
+  c.interpret = ml_collections.FieldReference(None, field_type=bool)
+  c.check = True
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Block-size ablation config; arg "gpu" (default) or "cpu" (tiny, interpret mode).
+
+  Args:
+    arg: "gpu" or "cpu".
+
+  Returns:
+    The ConfigDict.
+  """
+  arg = arg or "gpu"
+  if arg not in _GRID:
+    raise ValueError(f"{arg=} must be one of {sorted(_GRID)}")
+  c = attention_base(small=arg == "cpu")
+  grid = _GRID[arg]
+  c.implementations = grid["implementations"]
+  c.masks = ("dense", "causal", "document")
+  c.modes = ("fwd", "fwd_bwd")
+  c.block_qs = grid["block_qs"]
+  c.block_kvs = grid["block_kvs"]
+  c.block_q = grid["block_qs"][0]
+  c.block_kv = grid["block_kvs"][0]
+  c.sweep = [{"implementation": c.get_ref("implementations")}, {"mask": c.get_ref("masks")},
+             {"mode": c.get_ref("modes")}, {"block_q": c.get_ref("block_qs")},
+             {"block_kv": c.get_ref("block_kvs")}]
+  c.report = ml_collections.ConfigDict({
+      "columns": ["median_ms", "roofline_ms", "model_bytes", "useful_tflops", "pct_of_peak",
+                  "block_density", "compile_s", "max_abs_err", "within_tol"],
+      "plots": [{"x": "block_kv", "y": "median_ms", "logx": True, "logy": True},
+                {"x": "block_q", "y": "median_ms", "logx": True, "logy": True}],
+  })
+  return c
