@@ -1,0 +1,255 @@
+"""Tests of the issue-7 study configs and their attention_bench additions (CPU, interpret)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import numpy as np
+
+from configs import ablate_block_size
+from configs import ablate_mask_density
+from configs import reproduce_binblkmsk
+from experiments import attention_bench
+from experiments import launch
+from flashjax import io_model
+from flashjax import masks
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_STUDIES = {"ablate_block_size": ablate_block_size, "ablate_mask_density": ablate_mask_density,
+            "reproduce_binblkmsk": reproduce_binblkmsk}
+
+
+def _launch_cmd(study, workdir, *overrides):
+  return [sys.executable, "-m", "experiments.launch", f"--config=configs/{study}.py:cpu",
+          f"--workdir={workdir}", *overrides]
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "results.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MaskFamilyTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      (f"{density=}_{block=}", density, block) for density, block in
+      ((0.1, 16), (0.5, 16), (0.5, 32), (1.0, 32)))
+  def test_random_blocks_hits_the_target_tile_count(self, density, block):
+    rng = np.random.default_rng(3)
+    mask = attention_bench.random_blocks(128, 96, block, block, density, rng)
+    kinds = mask.block_kinds(block, block)
+    nq, nk = kinds.shape[-2:]
+    self.assertEqual(int(np.sum(kinds != masks.EMPTY)), max(nq, round(density * nq * nk)))
+    self.assertTrue(np.all(np.any(kinds != masks.EMPTY, axis=-1)))  # no empty tile row
+    self.assertFalse(np.any(kinds == masks.PARTIAL))  # whole tiles only
+    other = attention_bench.random_blocks(128, 96, block, block, density,
+                                          np.random.default_rng(4))
+    if density < 1:
+      self.assertFalse(np.array_equal(mask.to_dense(), other.to_dense()))
+    with self.assertRaisesRegex(ValueError, "density="):
+      attention_bench.random_blocks(64, 64, 16, 16, 0.0, rng)
+
+  def test_medusa_tree_attends_ancestors_in_its_copy(self):
+    # heads=2, topk=3: 1 root + 3 + 9 = 13 nodes per copy; BFS: node 4 is the first child
+    # of node 1, whose parent is the root 0.
+    dense = np.asarray(attention_bench.medusa_tree(30, heads=2, topk=3).to_dense())
+    self.assertEqual(dense.shape, (30, 30))
+    np.testing.assert_array_equal(np.flatnonzero(dense[4]), [0, 1, 4])
+    np.testing.assert_array_equal(np.flatnonzero(dense[12]), [0, 3, 12])
+    np.testing.assert_array_equal(np.flatnonzero(dense[13 + 4]), [13, 14, 17])  # 2nd copy
+    np.testing.assert_array_equal(np.flatnonzero(dense[26]), [26])  # root of the 3rd copy
+    self.assertEqual(int(dense.sum()), 2 * (1 + 3 * 2 + 9 * 3) + 1 + 3 * 2)
+    with self.assertRaisesRegex(ValueError, "heads="):
+      attention_bench.medusa_tree(8, heads=0, topk=3)
+
+  def test_lognormal_document_lengths(self):
+    rng = np.random.default_rng(0)
+    ids = attention_bench._segment_ids(rng, 2, 20000, 64, "lognormal")
+    lengths = np.concatenate([np.bincount(row)[:-1] for row in ids])  # last one is cut
+    self.assertAlmostEqual(float(np.mean(lengths)), 64, delta=6)
+    self.assertGreater(float(np.mean(lengths)), float(np.median(lengths)))  # right skew
+    with self.assertRaisesRegex(ValueError, "dist="):
+      attention_bench._segment_ids(rng, 1, 16, 4, "zipf")
+
+  def test_rcm_family_passes_a_permuted_block_mask(self):
+    config = reproduce_binblkmsk.get_config("cpu")
+    config.update(dict(mask="random_banded_rcm", q_len=128, kv_len=128))
+    mask = attention_bench.build_mask(config, np.random.default_rng(0))
+    bm = attention_bench.kernel_mask(config, mask)
+    self.assertIsInstance(bm, masks.BlockMask)
+    self.assertIsNotNone(bm.q_perm)
+    self.assertEqual((bm.block_q, bm.block_kv), (32, 32))
+    config.mask = "random_banded"
+    self.assertIs(attention_bench.kernel_mask(config, mask), mask)
+
+  @parameterized.named_parameters(
+      (f"{implementation=}", implementation, algorithm) for implementation, algorithm in
+      (("pallas_triton", "flash_skip"), ("peer:jax_nn_cudnn", "flash"), ("xla", "naive")))
+  def test_model_columns(self, implementation, algorithm):
+    config = ablate_block_size.get_config("cpu")
+    config.update(dict(implementation=implementation, dtype="bfloat16", block_q=32,
+                       block_kv=64))
+    got = attention_bench.model_columns(config, 0.5)
+    shape = io_model.Shape(batch=1, q_len=128, kv_len=128, num_heads=2, head_dim=32,
+                           itemsize=2, num_kv_heads=2,
+                           score_itemsize=4 if algorithm == "naive" else None)
+    want = io_model.attention_cost(algorithm, shape, "fwd", block_q=32, block_kv=64,
+                                   nonempty_tiles=0.5 * 4 * 2 * 2)
+    self.assertEqual(got["model_algorithm"], algorithm)
+    chex.assert_trees_all_close((got["model_bytes"], got["model_flops"], got["roofline_ms"]),
+                                (want.hbm_bytes, want.flops, want.roofline_ms()))
+
+
+class PostProcessingTest(absltest.TestCase):
+
+  @staticmethod
+  def _row(point, status="ok", **metrics):
+    return {"key": json.dumps(point, sort_keys=True), "point": point, "status": status,
+            "metrics": metrics}
+
+  def test_speedups_match_hand_ratios(self):
+    times = {("dense", "fwd"): 8.0, ("dense", "fwd_bwd"): 32.0, ("causal", "fwd"): 4.0,
+             ("causal", "fwd_bwd"): 16.0, ("medusa4", "fwd"): 1.0, ("medusa4", "fwd_bwd"): 4.0}
+    rows = [self._row({"implementation": "pallas_triton", "case": case, "q_len": 256,
+                       "mode": mode}, median_ms=ms, block_density=0.25)
+            for (case, mode), ms in times.items()]
+    rows.append(self._row({"implementation": "pallas_triton", "case": "medusa4", "q_len": 256,
+                           "mode": "fwd"}, status="error"))  # an older failed row is ignored
+    rows.insert(0, self._row({"implementation": "pallas_triton", "case": "medusa4",
+                              "q_len": 256, "mode": "fwd"}, median_ms=99.0,
+                             block_density=0.25))
+    by_case = {e["case"]: e for e in reproduce_binblkmsk.speedups(rows[:-1])}
+    medusa = by_case["medusa4"]
+    # bwd = fwd_bwd - fwd: dense 24, causal 12, medusa 3.
+    chex.assert_trees_all_close(
+        [medusa[k] for k in ("fwd_vs_dense", "fwd_vs_causal", "bwd_vs_dense",
+                             "bwd_vs_causal")], [8.0, 4.0, 8.0, 4.0])
+    self.assertEqual([e["case"] for e in reproduce_binblkmsk.speedups(rows[:-1])],
+                     ["dense", "causal", "medusa4"])
+    self.assertNotIn("fwd_vs_dense", reproduce_binblkmsk.speedups(rows)[2])
+    table = reproduce_binblkmsk.speedup_table(rows[:-1])
+    self.assertIn("| medusa4 | 256 | 0.250 | 8.00 | 4.00 | 8.00 | 4.00 |", table)
+
+  def test_density_summary_fit_and_break_even(self):
+    rows = []
+    for case, bd in (("dense", 1.0), ("blocks0.1", 0.1), ("blocks0.5", 0.5)):
+      # time = 0.2 + 2 * block density; cuDNN dense 1.2 ms: break-even at 0.5.
+      rows.append(self._row({"case": case, "mask": case, "mode": "fwd",
+                             "implementation": "pallas_triton"},
+                            median_ms=0.2 + 2 * bd, block_density=bd))
+    rows.append(self._row({"case": "dense", "mask": "dense", "mode": "fwd",
+                           "implementation": "peer:jax_nn_cudnn"},
+                          median_ms=1.2, block_density=1.0))
+    a, b, r2 = ablate_mask_density.fit_line([0.1, 0.5, 1.0], [0.4, 1.2, 2.2])
+    chex.assert_trees_all_close((a, b, r2), (0.2, 2.0, 1.0), atol=1e-9)
+    text = ablate_mask_density.summarize(rows)
+    self.assertIn("| pallas_triton | fwd | 0.2 | 2 | 1.000 | 1 | 0.5 |", text)
+    self.assertIn("| blocks0.1 | blocks0.1 | fwd | pallas_triton | 0.1 | 0.4 | 5.5 | 3 |", text)
+    with self.assertRaisesRegex(ValueError, "distinct x"):
+      ablate_mask_density.fit_line([1.0, 1.0], [2.0, 3.0])
+
+
+class ConfigTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      (f"{study=}_{arg=}", study, arg) for study in _STUDIES for arg in ("gpu", "cpu"))
+  def test_points_are_valid(self, study, arg):
+    config = _STUDIES[study].get_config(arg)
+    points = launch.expand_sweep(config.sweep)
+    self.assertNotEmpty(points)
+    for point in points:
+      cfg = launch.apply_point(config, point)
+      self.assertIn(cfg.mask, attention_bench.MASK_FAMILIES)
+      self.assertIn(cfg.mode, ("fwd", "fwd_bwd"))
+    if arg == "cpu":
+      self.assertEqual(config.dtype, "float32")
+      self.assertLessEqual(config.q_len, 128)
+    with self.assertRaisesRegex(ValueError, "arg="):
+      _STUDIES[study].get_config("tpu")
+
+  def test_reproduction_grid_is_the_papers(self):
+    config = reproduce_binblkmsk.get_config()
+    self.assertEqual(tuple(config.seq_lens), tuple(256 * 2**i for i in range(7)))
+    self.assertEqual((config.batch, config.num_heads, config.head_dim, config.dtype),
+                     (4, 32, 64, "float16"))
+    cases = launch.expand_sweep(config.sweep)
+    heads = sorted({p["medusa_heads"] for p in cases if p["mask"] == "medusa"})
+    self.assertEqual(heads, [4, 6, 8])
+    self.assertContainsSubset(set(reproduce_binblkmsk.BASELINES), {p["case"] for p in cases})
+
+
+class LauncherTest(absltest.TestCase):
+  """Each study's CPU variant through the launcher on a tiny grid."""
+
+  def setUp(self):
+    super().setUp()
+    self.workdir = tempfile.mkdtemp(prefix="fj_studies_")
+
+  def _run(self, study, *overrides):
+    proc = subprocess.run(_launch_cmd(study, self.workdir, *overrides), cwd=_REPO,
+                          capture_output=True, text=True, timeout=240)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    return _rows(self.workdir)
+
+  def _assert_ok(self, rows, expected):
+    self.assertLen(rows, expected)
+    for row in rows:
+      self.assertIn(row["status"], ("ok", "unsupported"), row.get("error"))
+      if row["status"] == "ok":
+        self.assertTrue(row["metrics"]["within_tol"], row["point"])
+        self.assertGreater(row["metrics"]["roofline_ms"], 0)
+
+  def test_block_size(self):
+    rows = self._run("ablate_block_size", "--config.masks=('causal',)",
+                     "--config.block_qs=(16, 32)", "--config.block_kvs=(32,)",
+                     "--config.q_len=64", "--config.kv_len=64")
+    self._assert_ok(rows, 4)
+    self.assertEqual({(r["point"]["block_q"], r["metrics"]["bd_tiles"]) for r in rows},
+                     {(16, "16x32"), (32, "32x32")})
+
+  def test_mask_density_and_summary(self):
+    rows = self._run("ablate_mask_density", "--config.q_len=64", "--config.kv_len=64")
+    self._assert_ok(rows, 26)
+    unsupported = {r["point"]["case"] for r in rows if r["status"] == "unsupported"}
+    self.assertEqual(unsupported, {"random_banded_rcm0.05"})
+    text = ablate_mask_density.write_summary(self.workdir)
+    self.assertIn("| blocks0.1 | random_blocks | fwd | pallas_triton |", text)
+    self.assertTrue(os.path.exists(os.path.join(self.workdir, ablate_mask_density.PLOT_FILE)))
+
+  def test_reproduction_kill_and_resume(self):
+    cmd = _launch_cmd("reproduce_binblkmsk", self.workdir, "--config.seq_lens=(64,)")
+    results = os.path.join(self.workdir, "results.jsonl")
+    proc = subprocess.Popen(cmd, cwd=_REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+      deadline = time.monotonic() + 180
+      while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.exists(results) and len(_rows(self.workdir)) >= 3:
+          break
+        time.sleep(0.2)
+      self.assertIsNone(proc.poll(), "the sweep finished before it could be killed")
+    finally:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+    killed_at = len(_rows(self.workdir))
+    self.assertBetween(killed_at, 3, 23)
+    rows = self._run("reproduce_binblkmsk", "--config.seq_lens=(64,)")
+    keys = [r["key"] for r in rows]
+    self.assertLen(set(keys), 24)
+    self.assertLen(keys, 24)  # no finished point ran twice
+    self._assert_ok(rows, 24)
+    text = reproduce_binblkmsk.write_speedups(self.workdir)
+    for case in ("medusa8", "alpaca_prefix", "longformer_global", "rcm"):
+      line = next(l for l in text.splitlines() if l.startswith(f"| {case} | 64 |"))
+      self.assertNotIn("-", line.split("|", 4)[4])  # all four speed-ups present
+
+
+if __name__ == "__main__":
+  absltest.main()
