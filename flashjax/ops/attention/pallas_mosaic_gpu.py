@@ -94,9 +94,11 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
 
 
 def _check_tiling(block_q: int, block_kv: int) -> None:
-  if block_q % _WGMMA_M or block_kv % _WGMMA_K:
-    raise ValueError(f"pallas_mosaic_gpu: {block_q=} must be a multiple of {_WGMMA_M} and "
-                     f"{block_kv=} a multiple of {_WGMMA_K}")
+  """block_q must fill whole wgmma M tiles; block_kv (a power of two >= 16, BlockSizes) always
+  fits the K extent of the P @ V wgmma."""
+  if block_q % _WGMMA_M:
+    raise ValueError(f"pallas_mosaic_gpu: {block_q=} must be a multiple of {_WGMMA_M} "
+                     f"(one warpgroup's wgmma M); {block_kv=}")
 
 
 def _swizzled_smem(shape: tuple[int, ...], dtype) -> Any:
