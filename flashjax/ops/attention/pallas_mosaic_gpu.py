@@ -64,6 +64,24 @@ _GATE_ENV = "FLASHJAX_MOSAIC_GPU_UNVALIDATED"
 _WGMMA_M = 64
 _WGMMA_K = 16
 
+# pallas_triton internals shared on purpose: same BlockMask operands and tile-mask code,
+# same residuals, and its backward kernels.
+# pylint: disable=protected-access
+_MaskLayout = triton_backend._MaskLayout
+_TritonParams = triton_backend._Params
+_triton_attention_bwd = triton_backend._attention_bwd
+_block_masks = triton_backend._block_masks
+_check_block_mask = triton_backend._check_block_mask
+_full_then_partial = triton_backend._full_then_partial
+_head_dim_padded = triton_backend._head_dim_padded
+_launch_params = triton_backend._launch_params
+_mask_logits = triton_backend._mask_logits
+_mask_operands = triton_backend._mask_operands
+_pad_to = triton_backend._pad_to
+_pow2_ceil = triton_backend._pow2_ceil
+_unpack_mask_refs = triton_backend._unpack_mask_refs
+# pylint: enable=protected-access
+
 
 def _interpret_params() -> Any:
   """Mosaic GPU interpreter parameters (jax-private module: NotImplementedError if absent)."""
@@ -89,7 +107,7 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
     BlockSizes whose backward tiles (used by the pallas_triton backward) equal the forward.
   """
   del head_dim, q_len
-  block_kv = min(32 if interpret else 64, max(_WGMMA_K, triton_backend._pow2_ceil(kv_len)))  # pylint: disable=protected-access
+  block_kv = min(32 if interpret else 64, max(_WGMMA_K, _pow2_ceil(kv_len)))
   return BlockSizes(_WGMMA_M, block_kv)
 
 
@@ -129,7 +147,7 @@ def _forward_kernel(q_ref, kt_ref, v_ref, *refs, layout, config: _Config, num_he
   """
   (*mask_refs, o_ref, lse_ref, q_smem, kt_smem, v_smem, p_smem, lse_smem, q_bar, k_bars,
    v_bars) = refs
-  m = triton_backend._unpack_mask_refs(layout, mask_refs)  # pylint: disable=protected-access
+  m = _unpack_mask_refs(layout, mask_refs)
   qi, bh = lax.axis_index("q"), lax.axis_index("bh")
   batch, head = lax.div(bh, num_heads), lax.rem(bh, num_heads)
   kv_head = lax.div(head, group)
@@ -179,8 +197,8 @@ def _forward_kernel(q_ref, kt_ref, v_ref, *refs, layout, config: _Config, num_he
     else:
       s = jnp.tanh(s * (config.scale / config.soft_cap)) * (config.soft_cap * _LOG2E)
     kv_start = m.block[mb, mh, qi, slot] * bk
-    s = triton_backend._mask_logits(  # pylint: disable=protected-access
-        s, layout, m, batch, (mb, mh, qi, slot), q_start, kv_start, partial=partial)
+    s = _mask_logits(s, layout, m, batch, (mb, mh, qi, slot), q_start, kv_start,
+                     partial=partial)
     new_max = jnp.maximum(row_max, s.max(axis=1))
     shift = new_max
     if partial:
@@ -203,8 +221,7 @@ def _forward_kernel(q_ref, kt_ref, v_ref, *refs, layout, config: _Config, num_he
   init = (cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA),
           cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout),
           cast(jnp.zeros((bq,), jnp.float32), row_layout))
-  acc, row_max, row_sum = triton_backend._full_then_partial(  # pylint: disable=protected-access
-      layout, m, (mb, mh, qi), body, init)
+  acc, row_max, row_sum = _full_then_partial(layout, m, (mb, mh, qi), body, init)
   empty = row_sum == 0.0
   # Q is no longer read (every wgmma was awaited): its SMEM tile stages the output.
   q_smem[...] = (acc / jnp.where(empty, 1.0, row_sum)[:, None]).astype(q_smem.dtype)
@@ -231,15 +248,13 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
   """
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  layout = triton_backend._MaskLayout.of(bm)  # pylint: disable=protected-access
+  layout = _MaskLayout.of(bm)
   bq, bk = layout.block_q, layout.block_kv
   nq, nk = -(-q_len // bq), -(-kv_len // bk)
-  dp = triton_backend._head_dim_padded(head_dim)  # pylint: disable=protected-access
-  pad = triton_backend._pad_to  # pylint: disable=protected-access
-  mask_ops = triton_backend._mask_operands(  # pylint: disable=protected-access
-      bm, layout, backward=False, q_pad=nq * bq, kv_pad=nk * bk)
+  dp = _head_dim_padded(head_dim)
+  mask_ops = _mask_operands(bm, layout, backward=False, q_pad=nq * bq, kv_pad=nk * bk)
   # K^T [B, Nkv, Dp, S_pad]: the QK^T wgmma reads its B operand untransposed from SMEM.
-  kt = jnp.einsum("bsnd->bnds", pad(k, nk * bk, dp))
+  kt = jnp.einsum("bsnd->bnds", _pad_to(k, nk * bk, dp))
   kernel = functools.partial(_forward_kernel, layout=layout, config=config,
                              num_heads=num_heads, group=num_heads // num_kv_heads,
                              head_dim=dp)
@@ -262,7 +277,7 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
       grid=(nq, batch * num_heads),
       grid_names=("q", "bh"),
       interpret=_interpret_params() if config.interpret else None,
-  )(pad(q, nq * bq, dp), kt, pad(v, nk * bk, dp), *mask_ops)
+  )(_pad_to(q, nq * bq, dp), kt, _pad_to(v, nk * bk, dp), *mask_ops)
   return out[:, :q_len, :, :head_dim], lse[:, :q_len]
 
 
@@ -285,7 +300,7 @@ def _attention_fwd(q, k, v, fwd_mask, bwd_mask, config, bwd_params):
 def _attention_bwd(config, bwd_params, residuals, do):
   # pallas_triton's backward takes exactly these residuals (same lse2 layout and masks).
   del config
-  return triton_backend._attention_bwd(bwd_params, residuals, do)  # pylint: disable=protected-access
+  return _triton_attention_bwd(bwd_params, residuals, do)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -368,18 +383,18 @@ def dot_product_attention(
   if block_sizes is None and not isinstance(mask, BlockMask):
     block_sizes = default_block_sizes(query.shape[3], query.shape[1], key.shape[1],
                                       interpret=interpret)
-  fwd_mask, bwd_mask, sizes = triton_backend._block_masks(  # pylint: disable=protected-access
+  fwd_mask, bwd_mask, sizes = _block_masks(
       mask, query, key, is_causal=is_causal, q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids, block_sizes=block_sizes, interpret=interpret)
   _check_tiling(fwd_mask.block_q, fwd_mask.block_kv)
   for bm in (fwd_mask, bwd_mask):
-    triton_backend._check_block_mask(bm, query, key)  # pylint: disable=protected-access
+    _check_block_mask(bm, query, key)
   scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
   soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
   config = _Config(scale=scale, soft_cap=soft_cap, interpret=bool(interpret))
-  fwd_launch, dq_launch, dkdv_launch = triton_backend._launch_params(  # pylint: disable=protected-access
-      sizes, query.shape[3], (bwd_mask.block_q, bwd_mask.block_kv))
-  bwd_params = triton_backend._Params(  # pylint: disable=protected-access
+  fwd_launch, dq_launch, dkdv_launch = _launch_params(sizes, query.shape[3],
+                                                      (bwd_mask.block_q, bwd_mask.block_kv))
+  bwd_params = _TritonParams(
       scale=scale, soft_cap=soft_cap, interpret=bool(interpret), fwd_launch=fwd_launch,
       dq_launch=dq_launch, dkdv_launch=dkdv_launch)
   q_perm, kv_perm = fwd_mask.q_perm, fwd_mask.kv_perm
