@@ -72,6 +72,7 @@ _TritonParams = triton_backend._Params
 _triton_attention_bwd = triton_backend._attention_bwd
 _block_masks = triton_backend._block_masks
 _check_block_mask = triton_backend._check_block_mask
+_triton_check_inputs = triton_backend._check_inputs
 _full_then_partial = triton_backend._full_then_partial
 _head_dim_padded = triton_backend._head_dim_padded
 _launch_params = triton_backend._launch_params
@@ -310,23 +311,9 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _check_inputs(query, key, value):
-  if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
-    raise ValueError(f"expected rank-4 [B, T, N, D] inputs: {query.shape=} {key.shape=} "
-                     f"{value.shape=}")
-  if key.shape != value.shape or key.shape[0] != query.shape[0] or (
-      key.shape[3] != query.shape[3]):
-    raise ValueError(f"incompatible shapes: {query.shape=} {key.shape=} {value.shape=}")
-  if query.shape[2] % key.shape[2]:
-    raise ValueError(f"query heads must be a multiple of kv heads: {query.shape=} "
-                     f"{key.shape=}")
-  if not query.dtype == key.dtype == value.dtype:
-    raise ValueError(f"dtypes differ: {query.dtype=} {key.dtype=} {value.dtype=}")
-  if query.dtype not in _DTYPES:
-    raise NotImplementedError(f"pallas_mosaic_gpu: {query.dtype=} is not supported (wgmma "
-                              "takes bfloat16 or float16 operands)")
-  if query.shape[3] > _MAX_HEAD_DIM:
-    raise NotImplementedError(f"pallas_mosaic_gpu: head_dim={query.shape[3]} > "
-                              f"{_MAX_HEAD_DIM} is not supported")
+  # wgmma takes bfloat16 / float16 operands only.
+  _triton_check_inputs(query, key, value, backend="pallas_mosaic_gpu", dtypes=_DTYPES,
+                       max_head_dim=_MAX_HEAD_DIM)
 
 
 def dot_product_attention(

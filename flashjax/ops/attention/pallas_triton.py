@@ -652,7 +652,10 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 # -------------------------------------------------------------------------- entry point
 
 
-def _check_inputs(query, key, value):
+def _check_inputs(query, key, value, *, backend: str = "pallas_triton",
+                  dtypes: tuple[Any, ...] = _DTYPES, max_head_dim: int = _MAX_HEAD_DIM):
+  """Shape/dtype checks shared by the Pallas GPU backends (NotImplementedError for inputs
+  the backend cannot run, so dispatch moves on)."""
   if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
     raise ValueError(f"expected rank-4 [B, T, N, D] inputs: {query.shape=} {key.shape=} "
                      f"{value.shape=}")
@@ -664,11 +667,11 @@ def _check_inputs(query, key, value):
                      f"{key.shape=}")
   if not query.dtype == key.dtype == value.dtype:
     raise ValueError(f"dtypes differ: {query.dtype=} {key.dtype=} {value.dtype=}")
-  if query.dtype not in _DTYPES:
-    raise NotImplementedError(f"pallas_triton: {query.dtype=} is not supported (float32, "
-                              "bfloat16, float16)")
-  if query.shape[3] > _MAX_HEAD_DIM:
-    raise NotImplementedError(f"pallas_triton: head_dim={query.shape[3]} > {_MAX_HEAD_DIM} "
+  if query.dtype not in dtypes:
+    supported = ", ".join(jnp.dtype(d).name for d in dtypes)
+    raise NotImplementedError(f"{backend}: {query.dtype=} is not supported ({supported})")
+  if query.shape[3] > max_head_dim:
+    raise NotImplementedError(f"{backend}: head_dim={query.shape[3]} > {max_head_dim} "
                               "is not supported")
 
 
