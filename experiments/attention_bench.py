@@ -235,7 +235,8 @@ def _with_grads(attend):
   return jax.jit(fwd_bwd)
 
 
-def _interpret(config: ml_collections.ConfigDict) -> bool:
+def interpret_mode(config: ml_collections.ConfigDict) -> bool:
+  """config.interpret, or (when None) Pallas interpret mode exactly when JAX runs on CPU."""
   if config.interpret is not None:
     return bool(config.interpret)
   return jax.default_backend() == "cpu"
@@ -274,7 +275,7 @@ def _flashjax_fn(config, mask):
   return jax.jit(functools.partial(
       flashjax.dot_product_attention, mask=mask, implementation=implementation,
       block_sizes=block_sizes,
-      interpret=_interpret(config) and implementation.startswith("pallas")))
+      interpret=interpret_mode(config) and implementation.startswith("pallas")))
 
 
 # Above this many logits (B * N * T * S) the dense reference would need tens of GB: check
@@ -341,7 +342,7 @@ def _torch_case(config, peer_mask: third_party.PeerMask) -> tuple[dict, dict]:
 
 def _run_peer(config, mask, sets) -> dict[str, Any]:
   name = config.implementation[len(PEER_PREFIX):]
-  peers = third_party.attention_peers(interpret=_interpret(config))
+  peers = third_party.attention_peers(interpret=interpret_mode(config))
   if name not in peers:
     raise ValueError(f"unknown peer {name=}; known: {sorted(peers)}")
   peer = peers[name]

@@ -63,6 +63,7 @@ import ml_collections
 import numpy as np
 
 import flashjax
+from experiments import attention_bench
 from experiments.attention_bench import PEER_PREFIX, TOLERANCES
 from flashjax import benchmarking
 from flashjax.ops.decode.reference import decode_reference
@@ -199,12 +200,6 @@ def _max_abs_err(out: jax.Array, inputs: tuple[jax.Array, ...], *, rows: int) ->
   return jnp.max(lax.map(chunk, jnp.arange(query.shape[0] // rows)))
 
 
-def _interpret(config: ml_collections.ConfigDict) -> bool:
-  if config.interpret is not None:
-    return bool(config.interpret)
-  return jax.default_backend() == "cpu"
-
-
 def _memory_budget(config: ml_collections.ConfigDict) -> float | None:
   """Device bytes a point may use (see the module docstring), or None for no limit."""
   if config.memory_budget_gb is not None:
@@ -256,7 +251,7 @@ def _loop_iters(config: ml_collections.ConfigDict, wall_median_s: float) -> int:
 def _peer(config: ml_collections.ConfigDict, groups: int | None) -> Any:
   """The third_party decode peer of `config.implementation`; unsupported ones raise."""
   name = config.implementation[len(PEER_PREFIX):]
-  peers = third_party.decode_peers(interpret=_interpret(config))
+  peers = third_party.decode_peers(interpret=attention_bench.interpret_mode(config))
   if name not in peers:
     raise ValueError(f"unknown decode peer {name=}; known: {sorted(peers)}")
   if groups is not None:
@@ -300,7 +295,7 @@ def _run_torch(config: ml_collections.ConfigDict, peer: Any) -> dict[str, Any]:
 
 def _flashjax_fn(config: ml_collections.ConfigDict):
   implementation = config.implementation
-  interpret = _interpret(config) and implementation.startswith("pallas")
+  interpret = attention_bench.interpret_mode(config) and implementation.startswith("pallas")
 
   def decode(query, key_cache, value_cache, lengths, head_indices=None):
     return flashjax.decode_attention(query, key_cache, value_cache, lengths,
