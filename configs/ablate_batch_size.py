@@ -3,28 +3,34 @@ r"""Ablation: decode time and KV bandwidth against batch size x head density.
 Polar Sparsity's claim (DESIGN.md idea 3): attention-head sparsity is per sequence and does
 not fade with the batch, so a head-sparse decode step should stay about `density` times the
 dense one at every batch size. This study measures it: flashjax decode backends, dense
-(density 1) and head-sparse (.75, .5, .25 of the KV groups, random per sequence), from
-B = 1 to 256, beside the best dense peer of DESIGN.md's decode table (torch SDPA; peers
+(density 1) and head-sparse (a fraction of the KV groups, random per sequence), across batch
+sizes, optionally beside the best dense peer of DESIGN.md's decode table (torch SDPA; peers
 compute every head, so they appear at density 1 only). Experiment kind: decode_bench.
 
-GPU (default; S = 4096, Nq = 32, Nkv in {32, 8}, D = 128, bf16; 216 points, 54 of them the
-peer below density 1, skipped at once; roughly 8-10 minutes on an H200):
+Variants (GPU: S = 4096, Nq = 32, D = 128, bf16; every point checked against the float32
+decode reference):
+
+  "gpu": pallas_triton and xla x Nkv 8 (GQA: KV groups are selected) x density {1, .5, .25}
+      x B {1, 8, 64, 256} = 24 in-process points. Estimated on an H200 (jax 0.11.2): ~2.5 s
+      per point (two compiles, input generation, 5 timed loops of >= 50 ms, the check) and
+      ~12 s of start-up and report: about 75 s (budget 90 s).
+  "full" (default): torch SDPA, pallas_triton and xla x Nkv {32, 8} x density {1, .75, .5,
+      .25} x B {1, 2, 4, ..., 256}: 216 points, 54 of them the peer below density 1 (skipped
+      at once) and 18 torch children (8-10 s each): roughly 8-10 minutes.
+  "cpu": tiny shapes, float32, Pallas in interpret mode: 36 points in about 30 s on 2 cores
+      (the numbers only show that everything runs).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
-      --config=configs/ablate_batch_size.py --workdir=/tmp/fj_ablate_batch
-
-(see configs/bench_decode_gpu.py for why preallocation is off and the torch peer runs first).
-
-CPU (tiny shapes, float32, Pallas in interpret mode; 36 points in about 30 s on 2 cores;
-the numbers only show that everything runs):
-
+      --config=configs/ablate_batch_size.py:gpu --workdir=/tmp/fj_ablate_batch
   python -m experiments.launch --config=configs/ablate_batch_size.py:cpu \
       --workdir=/tmp/fj_ablate_batch_cpu
 
+(see configs/bench_decode_gpu.py for why preallocation is off and the torch peer runs first).
 `--config.batches="(1, 8, 64)"`, `--config.densities="(1.0, 0.5)"`, `--config.kv_heads`,
-`--config.kv_lens` and `--config.implementations` change the grid. The report plots us per
-step, KV TB/s and dense-equivalent TB/s (dense bytes / time: the head-sparse speed-up)
-against the batch, one line per (implementation, Nkv, density).
+`--config.kv_lens` and `--config.implementations` change the grid (`--config.kv_heads="(32,
+8)"` adds MHA to the "gpu" grid). The report plots us per step, KV TB/s and
+dense-equivalent TB/s (dense bytes / time: the head-sparse speed-up) against the batch, one
+line per (implementation, Nkv, density).
 """
 
 from __future__ import annotations
@@ -33,36 +39,37 @@ import ml_collections
 
 from configs import bench_decode_gpu
 
-_IMPLEMENTATIONS = {
-    "gpu": ("peer:torch_sdpa", "pallas_triton", "xla"),
-    "cpu": ("xla", "pallas_triton", "peer:jax_nn_xla"),
+_GRIDS = {
+    "gpu": {"implementations": ("pallas_triton", "xla"), "batches": (1, 8, 64, 256),
+            "kv_heads": (8,), "densities": (1.0, 0.5, 0.25)},
+    "full": {"implementations": ("peer:torch_sdpa", "pallas_triton", "xla"),
+             "batches": (1, 2, 4, 8, 16, 32, 64, 128, 256), "kv_heads": (32, 8),
+             "densities": (1.0, 0.75, 0.5, 0.25)},
+    "cpu": {"implementations": ("xla", "pallas_triton", "peer:jax_nn_xla"),
+            "batches": (1, 4, 16), "kv_heads": (4, 2), "densities": (1.0, 0.5)},
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Batch-size ablation config; arg "gpu" (default) or "cpu" (tiny, interpret mode).
+  """Batch-size ablation config; arg "full" (default), "gpu" or "cpu" (module docstring).
 
   Args:
-    arg: "gpu" or "cpu".
+    arg: "full", "gpu" or "cpu".
 
   Returns:
     The ConfigDict.
   """
-  arg = arg or "gpu"
-  if arg not in _IMPLEMENTATIONS:
-    raise ValueError(f"{arg=} must be one of {sorted(_IMPLEMENTATIONS)}")
+  arg = arg or "full"
+  if arg not in _GRIDS:
+    raise ValueError(f"{arg=} must be one of {sorted(_GRIDS)}")
   c = bench_decode_gpu.base_config()
-  c.implementations = _IMPLEMENTATIONS[arg]
-  c.densities = (1.0, 0.75, 0.5, 0.25)
-  if arg == "gpu":
-    c.batches = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    c.kv_lens = (4096,)
-    c.kv_heads = (32, 8)
-  else:
-    c.batches = (1, 4, 16)
-    c.kv_lens = (128,)
-    c.kv_heads = (4, 2)
-    c.densities = (1.0, 0.5)
+  grid = _GRIDS[arg]
+  c.implementations = grid["implementations"]
+  c.densities = grid["densities"]
+  c.batches = grid["batches"]
+  c.kv_heads = grid["kv_heads"]
+  c.kv_lens = (128,) if arg == "cpu" else (4096,)
+  if arg == "cpu":
     c.num_heads = 4
     c.head_dim = 32
     c.dtype = "float32"

@@ -1,21 +1,30 @@
-r"""Ablation: attention time against the tiles (block_q, block_kv), per backend and mask.
+r"""Ablation: attention time against the tiles (block_q, block_kv), per mask and mode.
 
-Issue 7, item 2. For each flashjax Pallas backend, the forward and forward+backward time on
-dense, causal and document-masked inputs at every (block_q, block_kv) of the grid; the
-backward runs at the forward tiles (BlockSizes with no backward tiles). The report shows the
+Issue 7, item 2. The forward and forward+backward time of the flashjax Pallas Triton backend
+on causal and document-masked inputs at every (block_q, block_kv) of the grid; the backward
+runs at the forward tiles (BlockSizes with no backward tiles). The report shows the
 measured time beside the IO model's roofline (`roofline_ms`: block-skipping FlashAttention at
 those tiles; smaller block_q re-reads K/V more often, larger tiles waste more of the
-partial tiles of a mask). Experiment kind: attention_bench.
+partial tiles of a mask). The XLA backend has no tiles, so it is not in this study;
+pallas_mosaic_gpu joins the implementations once it is validated on the H200. Experiment
+kind: attention_bench.
 
-GPU (default; B=2, T=S=4096, N=16, D=128, bf16, mean document 512; 2 backends x 3 masks x
-2 modes x 3 x 3 tiles = 108 points; a tile the backend cannot launch is an error row):
+Variants (B=2, T=S=4096, N=16, D=128, bf16, mean document 512 on GPU; a tile the backend
+cannot launch is an error row; every point is checked against the float32 reference):
+
+  "gpu": pallas_triton x {causal, document} x {fwd, fwd_bwd} x block_q {64, 128}
+      x block_kv {32, 64, 128} = 24 points. Estimated on an H200 (jax 0.11.2): ~2.5 s per
+      fwd and ~3.5 s per fwd_bwd point (Triton compile of the tile's kernels, 34 timed
+      calls, check), ~25 s for the four reference compiles (2 masks x 2 modes) and ~15 s of
+      start-up and report: about 110 s (budget 120 s).
+  "full" (default): also the dense mask and block_q 256: 3 masks x 2 modes x 3 x 3 tiles =
+      54 points, about 4 minutes.
+  "cpu": B=1, T=S=128, N=2, D=32, float32, pallas_triton in interpret mode, 3 masks, tiles
+      {32, 64} x {32, 64}: 24 points in about 25 s on 2 cores (the numbers only show that
+      everything runs).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
-      --config=configs/ablate_block_size.py --workdir=/tmp/fj_ablate_blocks
-
-CPU (B=1, T=S=128, N=2, D=32, float32, pallas_triton in interpret mode; 24 points in about
-25 s on 2 cores; the numbers only show that everything runs):
-
+      --config=configs/ablate_block_size.py:gpu --workdir=/tmp/fj_ablate_blocks
   python -m experiments.launch --config=configs/ablate_block_size.py:cpu \
       --workdir=/tmp/fj_ablate_blocks_cpu
 
@@ -28,9 +37,11 @@ from __future__ import annotations
 import ml_collections
 
 _GRID = {
-    "gpu": {"implementations": ("pallas_triton", "pallas_mosaic_gpu"),
-            "block_qs": (64, 128, 256), "block_kvs": (32, 64, 128)},
-    "cpu": {"implementations": ("pallas_triton",), "block_qs": (32, 64),
+    "gpu": {"masks": ("causal", "document"), "block_qs": (64, 128),
+            "block_kvs": (32, 64, 128)},
+    "full": {"masks": ("dense", "causal", "document"), "block_qs": (64, 128, 256),
+             "block_kvs": (32, 64, 128)},
+    "cpu": {"masks": ("dense", "causal", "document"), "block_qs": (32, 64),
             "block_kvs": (32, 64)},
 }
 
@@ -83,21 +94,21 @@ def attention_base(small: bool) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Block-size ablation config; arg "gpu" (default) or "cpu" (tiny, interpret mode).
+  """Block-size ablation config; arg "full" (default), "gpu" or "cpu" (module docstring).
 
   Args:
-    arg: "gpu" or "cpu".
+    arg: "full", "gpu" or "cpu".
 
   Returns:
     The ConfigDict.
   """
-  arg = arg or "gpu"
+  arg = arg or "full"
   if arg not in _GRID:
     raise ValueError(f"{arg=} must be one of {sorted(_GRID)}")
   c = attention_base(small=arg == "cpu")
   grid = _GRID[arg]
-  c.implementations = grid["implementations"]
-  c.masks = ("dense", "causal", "document")
+  c.implementations = ("pallas_triton",)
+  c.masks = grid["masks"]
   c.modes = ("fwd", "fwd_bwd")
   c.block_qs = grid["block_qs"]
   c.block_kvs = grid["block_kvs"]

@@ -2,19 +2,40 @@ r"""Ablation: attention time against mask density, per mask family, against dens
 
 Issue 7, item 3. Block skipping should make time proportional to the non-empty tiles; this
 study measures how closely, and where skipping stops paying, for each mask family: random
-whole tiles at a target block density (`random_blocks`), causal documents, causal sliding
-windows, MEDUSA trees, LongFormer dilated and global windows, and random_banded without and
-with RCM reordering (`random_banded_rcm`: the flashjax kernels get
-`BlockMask.from_mask(mask, ..., reorder="rcm")`; peers are "unsupported" there, their
-`random_banded` row is the same mask). Each family runs at several parameters (densities)
-beside the dense baseline (the `dense` case: our kernel on no mask), on our Pallas kernel and
-on cuDNN (`peer:jax_nn_cudnn`, dense / materialised masks) and FlexAttention
+whole tiles at a target block density (`random_blocks`, 128 x 128 pattern tiles on GPU, the
+sparse block of FlexAttention, so the pattern is whole tiles for both block-sparse kernels),
+causal documents, causal sliding windows, MEDUSA trees, LongFormer dilated and global
+windows, and random_banded without and with RCM reordering (`random_banded_rcm`: the flashjax
+kernels get `BlockMask.from_mask(mask, ..., reorder="rcm")`; peers are "unsupported" there,
+their `random_banded` row is the same mask). Each family runs at one or more parameters
+beside the dense baseline (the `dense` case: each implementation on no mask), on our Pallas
+kernel, on cuDNN (`peer:jax_nn_cudnn`, dense / materialised masks) and on FlexAttention
 (`peer:torch_flex`, block-sparse). Experiment kind: attention_bench.
 
-GPU (default; B=1, T=S=8192, N=16, D=128, bf16, fwd; 25 cases x 3 implementations):
+The sweep is one zipped axis of (case, implementation) points (the dense case of every
+implementation first, then each implementation's other cases), times the `modes` axis:
+every case runs on pallas_triton, the peers run on the cases listed in _GRIDS.
+
+Variants (GPU: B=1, T=S=8192, N=16, D=128, bf16, fwd, 128 x 64 tiles; every point checked
+against the float32 reference, dense at this size):
+
+  "gpu": 14 cases (dense; random_blocks .05 .1 .2 .4 .7; document 512, 2048; window 1024;
+      medusa 4; dilated and global 256; random_banded and random_banded_rcm decay .01) on
+      pallas_triton, cuDNN on dense / blocks0.1 / doc512 / win1024, FlexAttention on dense /
+      blocks0.1: 20 points. Estimated on an H200 (jax 0.11.2): ~3 s per pallas_triton point,
+      ~2 s per cuDNN point, ~25 s per FlexAttention point (a torch child process with its own
+      torch.compile; measured 20-30 s), ~12 s for the two reference compiles, ~15 s of
+      start-up, report and summary: about 130 s (budget 150 s).
+  "full" (default): 25 cases (random_blocks .02 ... .9, documents 128 / 512 / 2048, windows
+      256 / 1k / 4k, medusa 4 / 8, dilated and global 64 / 256, both banded families at
+      decay .01 / .002) on all three implementations: 75 points, about 12-13 minutes (the
+      FlexAttention children dominate).
+  "cpu": B=1, T=S=128, N=2, D=32, float32, 32 x 32 tiles, 13 cases on pallas_triton
+      (interpret mode) and the XLA peer: 26 points in about 15 s on 2 cores (the numbers
+      only show that everything runs).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
-      --config=configs/ablate_mask_density.py --workdir=/tmp/fj_ablate_density
+      --config=configs/ablate_mask_density.py:gpu --workdir=/tmp/fj_ablate_density
   python -m configs.ablate_mask_density --workdir=/tmp/fj_ablate_density
 
 The second command writes DIR/density_summary.md (per implementation: least-squares fit
@@ -22,15 +43,8 @@ time = a + b * block_density, the block density where the fit reaches each dense
 and per row the speed-up over our dense kernel and over cuDNN dense) and
 DIR/median_ms_vs_block_density.png (one series per implementation and mask family).
 
-CPU (B=1, T=S=128, N=2, D=32, float32, 32 x 32 tiles, pallas_triton in interpret mode and
-the XLA peer; 13 cases x 2 implementations in about 15 s; the numbers only show that
-everything runs):
-
-  python -m experiments.launch --config=configs/ablate_mask_density.py:cpu \
-      --workdir=/tmp/fj_ablate_density_cpu
-
-`--config.implementations`, `--config.modes="('fwd', 'fwd_bwd')"`, `--config.q_len` /
-`--config.kv_len` change the grid.
+`--config.modes="('fwd', 'fwd_bwd')"` adds the backward; `--config.q_len` / `--config.kv_len`
+change the shape. The (case, implementation) points are fixed by the variant.
 """
 
 from __future__ import annotations
@@ -49,24 +63,31 @@ from configs import ablate_block_size
 
 _CASE_FIELDS = ("case", "mask", "block_density_target", "window", "doc_len", "medusa_heads",
                 "band_decay")
-_IMPLEMENTATIONS = {
-    "gpu": ("pallas_triton", "peer:jax_nn_cudnn", "peer:torch_flex"),
-    "cpu": ("pallas_triton", "peer:jax_nn_xla"),
-}
 DENSE_CASE = "dense"
 SUMMARY_FILE = "density_summary.md"
 PLOT_FILE = "median_ms_vs_block_density.png"
+_CUDNN, _FLEX = "peer:jax_nn_cudnn", "peer:torch_flex"
+# Family parameters per variant, and per implementation the cases it runs (None: all).
+_GRIDS = {
+    "gpu": {"densities": (0.05, 0.1, 0.2, 0.4, 0.7), "docs": (512, 2048),
+            "windows": (1024,), "dilated": (256,), "decays": (0.01,), "heads": (4,),
+            "implementations": {"pallas_triton": None,
+                                _CUDNN: (DENSE_CASE, "blocks0.1", "doc512", "win1024"),
+                                _FLEX: (DENSE_CASE, "blocks0.1")}},
+    "full": {"densities": (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9),
+             "docs": (128, 512, 2048), "windows": (256, 1024, 4096), "dilated": (64, 256),
+             "decays": (0.01, 0.002), "heads": (4, 8),
+             "implementations": {"pallas_triton": None, _CUDNN: None, _FLEX: None}},
+    "cpu": {"densities": (0.1, 0.3, 0.6), "docs": (16, 64), "windows": (16, 64),
+            "dilated": (8,), "decays": (0.05,), "heads": (4,),
+            "implementations": {"pallas_triton": None, "peer:jax_nn_xla": None}},
+}
 
 
-def _cases(small: bool) -> list[tuple[Any, ...]]:
+def _cases(grid: Mapping[str, Any]) -> list[tuple[Any, ...]]:
   """(case, mask, block_density_target, window, doc_len, medusa_heads, band_decay) rows."""
-  if small:
-    densities, docs, windows = (0.1, 0.3, 0.6), (16, 64), (16, 64)
-    dilated, decays, heads = (8,), (0.05,), (4,)
-  else:
-    densities = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)
-    docs, windows = (128, 512, 2048), (256, 1024, 4096)
-    dilated, decays, heads = (64, 256), (0.01, 0.002), (4, 8)
+  densities, docs, windows = grid["densities"], grid["docs"], grid["windows"]
+  dilated, decays, heads = grid["dilated"], grid["decays"], grid["heads"]
   window0, doc0, decay0 = windows[0], docs[0], decays[0]
   rows = [(DENSE_CASE, "dense", 1.0, window0, doc0, heads[0], decay0)]
   rows += [(f"blocks{d:g}", "random_blocks", d, window0, doc0, heads[0], decay0)
@@ -81,31 +102,45 @@ def _cases(small: bool) -> list[tuple[Any, ...]]:
   return rows
 
 
+def _points_axis(grid: Mapping[str, Any]) -> dict[str, list[Any]]:
+  """The zipped (case fields, implementation) axis: every dense baseline first."""
+  cases = _cases(grid)
+  names = {row[0] for row in cases}
+  pairs = []
+  for impl, only in grid["implementations"].items():
+    if only is not None and not set(only) <= names:
+      raise ValueError(f"{impl=}: cases {sorted(set(only) - names)} are not in the grid")
+    pairs += [(row, impl) for row in cases
+              if row[0] != DENSE_CASE and (only is None or row[0] in only)]
+  pairs = [(cases[0], impl) for impl in grid["implementations"]] + pairs
+  axis = {f: [row[i] for row, _ in pairs] for i, f in enumerate(_CASE_FIELDS)}
+  axis["implementation"] = [impl for _, impl in pairs]
+  return axis
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Mask-density ablation config; arg "gpu" (default) or "cpu" (tiny, interpret mode).
+  """Mask-density ablation config; arg "full" (default), "gpu" or "cpu" (module docstring).
 
   Args:
-    arg: "gpu" or "cpu".
+    arg: "full", "gpu" or "cpu".
 
   Returns:
     The ConfigDict.
   """
-  arg = arg or "gpu"
-  if arg not in _IMPLEMENTATIONS:
-    raise ValueError(f"{arg=} must be one of {sorted(_IMPLEMENTATIONS)}")
+  arg = arg or "full"
+  if arg not in _GRIDS:
+    raise ValueError(f"{arg=} must be one of {sorted(_GRIDS)}")
   small = arg == "cpu"
   c = ablate_block_size.attention_base(small)
   c.batch = 1
   c.q_len = c.kv_len = 128 if small else 8192
   if small:
     c.block_q = c.block_kv = 32
-  c.implementations = _IMPLEMENTATIONS[arg]
+  else:
+    c.mask_block = 128  # FlexAttention's sparse block: whole tiles for both kernels
   c.modes = ("fwd",)
-  cases = _cases(small)
-  case_axis = {f: [row[i] for row in cases] for i, f in enumerate(_CASE_FIELDS)}
   c.case = DENSE_CASE
-  c.sweep = [case_axis, {"mode": c.get_ref("modes")},
-             {"implementation": c.get_ref("implementations")}]
+  c.sweep = [_points_axis(_GRIDS[arg]), {"mode": c.get_ref("modes")}]
   c.report = ml_collections.ConfigDict({
       "columns": ["median_ms", "roofline_ms", "block_density", "density", "useful_tflops",
                   "dense_equiv_tflops", "max_abs_err", "within_tol"],

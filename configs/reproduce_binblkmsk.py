@@ -15,26 +15,40 @@ causal mask (the FlashAttention baselines) for the forward and the backward pass
   rcm / random_banded  the synthetic banded-random mask with and without RCM reordering
   dense, causal      the baselines
 
-N = 256 ... 16k, B=4, 32 heads, D=64, fp16; modes fwd and fwd_bwd (the backward time is
-fwd_bwd minus fwd of the same point). Experiment kind: attention_bench.
+B=4, 32 heads, D=64, fp16, the backend's default tiles (128 x 64 forward); modes fwd and
+fwd_bwd (the backward time is fwd_bwd minus fwd of the same point). Experiment kind: attention_bench.
 
-GPU (default; 12 cases x 7 lengths x 2 modes = 168 points):
+The sequence axis zips `seq_lens`, `modes` and `checks`: entry i runs N = seq_lens[i] in
+modes[i], checked against the float32 reference when checks[i] (the reference is dense up to
+N = 4096 here; checks stay on the small N, where its compile and run are cheap). It is the
+outer axis, so a run cut by a time limit loses the last entries' cases, not whole N.
+
+Variants:
+
+  "gpu": 11 cases (medusa6 left out) x {N=1024 fwd (checked), N=8192 fwd, N=8192 fwd_bwd}
+      = 33 points: forward speed-ups at 1k and 8k, backward ones at 8k. Estimated on an
+      H200 (jax 0.11.2): ~2.5-3.5 s per point (Triton compile of the mask's kernels, 34
+      timed calls), ~6 s for the three reference compiles at N=1024 and ~15 s of start-up,
+      report and table: about 115 s (budget 120 s).
+  "full" (default): the paper's grid, 12 cases x N in {256, ..., 16384} x {fwd, fwd_bwd} =
+      168 points, checked up to N = 2048: about 10 minutes.
+  "cpu": B=1, N=2 heads, D=32, float32, 32 x 32 tiles, N = 64 and 128 x both modes, all
+      checked, pallas_triton in interpret mode: 48 points in about a minute (the numbers
+      only show that everything runs).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
-      --config=configs/reproduce_binblkmsk.py --workdir=/tmp/fj_binblkmsk
+      --config=configs/reproduce_binblkmsk.py:gpu --workdir=/tmp/fj_binblkmsk
   python -m configs.reproduce_binblkmsk --workdir=/tmp/fj_binblkmsk
 
 The second command writes DIR/speedups.md: the paper's table, rows mask x N, columns the
 forward and backward speed-ups over the dense and the causal baseline (one table per
 implementation), with the block density at the forward tiles.
 
-CPU (B=1, N=2 heads, D=32, float32, 32 x 32 tiles, N = 64 and 128, pallas_triton in
-interpret mode; 48 points in about a minute; the numbers only show that everything runs):
-
   python -m experiments.launch --config=configs/reproduce_binblkmsk.py:cpu \
       --workdir=/tmp/fj_binblkmsk_cpu
 
-`--config.seq_lens="(1024, 4096)"`, `--config.modes`, `--config.implementations` change the
+`--config.seq_lens="(1024, 4096)"` with `--config.modes="('fwd', 'fwd')"` and
+`--config.checks="(True, False)"` (same lengths), and `--config.implementations`, change the
 grid.
 """
 
@@ -70,37 +84,47 @@ _CASES = (
 )
 
 
+# Sequence axis per variant: (N, mode, check) entries; cases left out per variant.
+_RUNS = {
+    "gpu": ((1024, "fwd", True), (8192, "fwd", False), (8192, "fwd_bwd", False)),
+    "full": tuple((256 * 2**i, mode, i <= 3) for i in range(7)
+                  for mode in ("fwd", "fwd_bwd")),
+    "cpu": tuple((n, mode, True) for n in (64, 128) for mode in ("fwd", "fwd_bwd")),
+}
+_LEFT_OUT = {"gpu": ("medusa6",), "full": (), "cpu": ()}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Paper-reproduction config; arg "gpu" (default) or "cpu" (tiny, interpret mode).
+  """Paper-reproduction config; arg "full" (default), "gpu" or "cpu" (module docstring).
 
   Args:
-    arg: "gpu" or "cpu".
+    arg: "full", "gpu" or "cpu".
 
   Returns:
     The ConfigDict.
   """
-  arg = arg or "gpu"
-  if arg not in ("gpu", "cpu"):
-    raise ValueError(f"{arg=} must be 'gpu' or 'cpu'")
+  arg = arg or "full"
+  if arg not in _RUNS:
+    raise ValueError(f"{arg=} must be one of {sorted(_RUNS)}")
   small = arg == "cpu"
   c = ablate_block_size.attention_base(small)
   if small:
     c.block_q = c.block_kv = 32
     c.doc_len = 16
-    c.seq_lens = (64, 128)
   else:
     c.batch = 4
     c.num_heads = c.num_kv_heads = 32
     c.head_dim = 64
     c.dtype = "float16"
     c.doc_len = 256  # ALPACA samples: a few hundred tokens
-    c.seq_lens = (256, 512, 1024, 2048, 4096, 8192, 16384)
+  c.seq_lens, c.modes, c.checks = (tuple(x) for x in zip(*_RUNS[arg]))
   c.implementations = ("pallas_triton",)
-  c.modes = ("fwd", "fwd_bwd")
   c.case = "dense"
-  case_axis = {f: [row[i] for row in _CASES] for i, f in enumerate(_CASE_FIELDS)}
-  c.sweep = [case_axis, {"q_len": c.get_ref("seq_lens"), "kv_len": c.get_ref("seq_lens")},
-             {"mode": c.get_ref("modes")}, {"implementation": c.get_ref("implementations")}]
+  cases = [row for row in _CASES if row[0] not in _LEFT_OUT[arg]]
+  case_axis = {f: [row[i] for row in cases] for i, f in enumerate(_CASE_FIELDS)}
+  c.sweep = [{"q_len": c.get_ref("seq_lens"), "kv_len": c.get_ref("seq_lens"),
+              "mode": c.get_ref("modes"), "check": c.get_ref("checks")},
+             case_axis, {"implementation": c.get_ref("implementations")}]
   c.report = ml_collections.ConfigDict({
       "columns": ["median_ms", "roofline_ms", "block_density", "density", "useful_tflops",
                   "max_abs_err", "within_tol"],
