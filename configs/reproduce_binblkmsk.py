@@ -16,7 +16,8 @@ causal mask (the FlashAttention baselines) for the forward and the backward pass
   dense, causal      the baselines
 
 B=4, 32 heads, D=64, fp16, the backend's default tiles (128 x 64 forward); modes fwd and
-fwd_bwd (the backward time is fwd_bwd minus fwd of the same point). Experiment kind: attention_bench.
+fwd_bwd (the backward time is fwd_bwd minus fwd of the same point). Experiment kind:
+attention_bench.
 
 The sequence axis zips `seq_lens`, `modes` and `checks`: entry i runs N = seq_lens[i] in
 modes[i], checked against the float32 reference when checks[i] (the reference is dense up to

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,9 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import chex
 import numpy as np
+import pytest
 
+from configs import ablate_batch_size
 from configs import ablate_block_size
 from configs import ablate_mask_density
 from configs import reproduce_binblkmsk
@@ -24,6 +28,10 @@ from flashjax import masks
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STUDIES = {"ablate_block_size": ablate_block_size, "ablate_mask_density": ablate_mask_density,
             "reproduce_binblkmsk": reproduce_binblkmsk}
+_SCRIPT = os.path.join(_REPO, "experiments", "run_gpu_studies.sh")
+# Points of each study's "gpu" grid (the configs' docstrings estimate their time from these).
+_GPU_POINTS = {"ablate_block_size": 24, "ablate_mask_density": 20, "ablate_batch_size": 24,
+               "reproduce_binblkmsk": 33}
 
 
 def _launch_cmd(study, workdir, *overrides):
@@ -159,7 +167,7 @@ class PostProcessingTest(absltest.TestCase):
 class ConfigTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      (f"{study=}_{arg=}", study, arg) for study in _STUDIES for arg in ("gpu", "cpu"))
+      (f"{study=}_{arg=}", study, arg) for study in _STUDIES for arg in ("gpu", "full", "cpu"))
   def test_points_are_valid(self, study, arg):
     config = _STUDIES[study].get_config(arg)
     points = launch.expand_sweep(config.sweep)
@@ -176,13 +184,57 @@ class ConfigTest(parameterized.TestCase):
 
   def test_reproduction_grid_is_the_papers(self):
     config = reproduce_binblkmsk.get_config()
-    self.assertEqual(tuple(config.seq_lens), tuple(256 * 2**i for i in range(7)))
+    runs = set(zip(config.seq_lens, config.modes, config.checks))
+    self.assertEqual(runs, {(256 * 2**i, mode, i <= 3) for i in range(7)
+                            for mode in ("fwd", "fwd_bwd")})
     self.assertEqual((config.batch, config.num_heads, config.head_dim, config.dtype),
                      (4, 32, 64, "float16"))
     cases = launch.expand_sweep(config.sweep)
     heads = sorted({p["medusa_heads"] for p in cases if p["mask"] == "medusa"})
     self.assertEqual(heads, [4, 6, 8])
     self.assertContainsSubset(set(reproduce_binblkmsk.BASELINES), {p["case"] for p in cases})
+
+  @parameterized.named_parameters(
+      (f"{study=}", study) for study in (*_STUDIES, "ablate_batch_size"))
+  def test_gpu_grid_fits_the_run(self, study):
+    module = _STUDIES.get(study, ablate_batch_size)
+    config = module.get_config("gpu")
+    points = [launch.apply_point(config, p) for p in launch.expand_sweep(config.sweep)]
+    self.assertLen(points, _GPU_POINTS[study])
+    for arg in ("gpu", "full"):
+      impls = {q["implementation"] for q in launch.expand_sweep(module.get_config(arg).sweep)}
+      self.assertNotIn("pallas_mosaic_gpu", impls)  # until it is validated on the H200
+    torch_peers = {p.implementation for p in points if "torch" in p.implementation}
+    self.assertEqual(torch_peers,
+                     {"peer:torch_flex"} if study == "ablate_mask_density" else set())
+    if study == "ablate_batch_size":
+      self.assertEqual({p.implementation for p in points}, {"pallas_triton", "xla"})
+      return
+    checked = [p for p in points if p.check]
+    self.assertNotEmpty(checked)
+    for p in checked:  # the cheap dense reference, never the chunked one
+      logits = p.batch * p.num_heads * p.q_len * p.kv_len
+      self.assertLessEqual(logits, attention_bench.DENSE_REFERENCE_MAX_LOGITS, p.mask)
+
+  def test_mask_density_gpu_baselines(self):
+    points = launch.expand_sweep(ablate_mask_density.get_config("gpu").sweep)
+    impls = ("pallas_triton", "peer:jax_nn_cudnn", "peer:torch_flex")
+    self.assertEqual([(p["case"], p["implementation"]) for p in points[:3]],
+                     [(ablate_mask_density.DENSE_CASE, impl) for impl in impls])
+    for impl in impls:  # every implementation has a fit: two block densities at least
+      cases = {p["case"] for p in points if p["implementation"] == impl}
+      self.assertGreaterEqual(len(cases), 2, impl)
+    pallas = {p["case"] for p in points if p["implementation"] == "pallas_triton"}
+    self.assertEqual(pallas, {p["case"] for p in points})
+
+  def test_script_budgets(self):
+    with open(_SCRIPT) as f:
+      text = f.read()
+    self.assertTrue(os.access(_SCRIPT, os.X_OK))
+    budgets = {m[0]: int(m[1]) for m in re.findall(r"(\w+):(\d+)\b", text)
+               if m[0] in _GPU_POINTS}
+    self.assertEqual(set(budgets), set(_GPU_POINTS))
+    self.assertLessEqual(sum(budgets.values()), 8 * 60)  # one 10-minute device call
 
 
 class LauncherTest(absltest.TestCase):
@@ -224,7 +276,9 @@ class LauncherTest(absltest.TestCase):
     self.assertTrue(os.path.exists(os.path.join(self.workdir, ablate_mask_density.PLOT_FILE)))
 
   def test_reproduction_kill_and_resume(self):
-    cmd = _launch_cmd("reproduce_binblkmsk", self.workdir, "--config.seq_lens=(64,)")
+    one_length = ("--config.seq_lens=(64, 64)", "--config.modes=('fwd', 'fwd_bwd')",
+                  "--config.checks=(True, True)")
+    cmd = _launch_cmd("reproduce_binblkmsk", self.workdir, *one_length)
     results = os.path.join(self.workdir, "results.jsonl")
     proc = subprocess.Popen(cmd, cwd=_REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -240,7 +294,7 @@ class LauncherTest(absltest.TestCase):
       proc.wait()
     killed_at = len(_rows(self.workdir))
     self.assertBetween(killed_at, 3, 23)
-    rows = self._run("reproduce_binblkmsk", "--config.seq_lens=(64,)")
+    rows = self._run("reproduce_binblkmsk", *one_length)
     keys = [r["key"] for r in rows]
     self.assertLen(set(keys), 24)
     self.assertLen(keys, 24)  # no finished point ran twice
@@ -252,6 +306,26 @@ class LauncherTest(absltest.TestCase):
       # Forward speed-ups always exist. Backward ones (fwd_bwd minus fwd) may be "-" when
       # timing noise on a loaded CPU makes that difference non-positive.
       self.assertNotIn("-", fwd_dense + fwd_causal)
+
+
+class ScriptTest(absltest.TestCase):
+
+  @pytest.mark.slow
+  def test_all_studies_end_to_end_on_cpu(self):
+    work, out = tempfile.mkdtemp(prefix="fj_script_"), tempfile.mkdtemp(prefix="fj_out_")
+    for path in (work, out):
+      self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    proc = subprocess.run([_SCRIPT, work, out, "cpu"], cwd=_REPO, capture_output=True,
+                          text=True, timeout=900)
+    self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr[-3000:])
+    for study in _GPU_POINTS:
+      self.assertRegex(proc.stdout, rf"{study}: exit 0 after \d+ s")
+      files = set(os.listdir(os.path.join(out, study)))
+      self.assertContainsSubset({"report.md", "results.jsonl", "config.json"}, files)
+      self.assertTrue(any(name.endswith(".png") for name in files), study)
+    for study, name in (("ablate_mask_density", ablate_mask_density.SUMMARY_FILE),
+                        ("reproduce_binblkmsk", reproduce_binblkmsk.SPEEDUP_FILE)):
+      self.assertIn(name, os.listdir(os.path.join(out, study)))
 
 
 if __name__ == "__main__":
