@@ -6,7 +6,12 @@ flashjax.ops.attention.api):
   xla                flashjax.ops.decode.xla.decode_attention
   pallas_triton      flashjax.ops.decode.pallas_triton.decode_attention
   pallas_tpu         flashjax.ops.decode.pallas_tpu.decode_attention
-  pallas_mosaic_gpu  flashjax.ops.decode.pallas_mosaic_gpu.decode_attention
+  pallas_mosaic_gpu  flashjax.ops.decode.pallas_mosaic_gpu.decode_attention, which runs
+                     pallas_triton's kernel (ALIASES; docs/decode.md says why)
+
+`implementation=None` tries `default_implementations()`: the attention order of the device
+without the aliases, so a Hopper GPU tries ("pallas_triton", "xla") and never presents the
+reused Triton kernel as a separate Mosaic GPU one. Naming an alias runs it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flashjax.ops.attention import api as attention_api
 from flashjax.ops.attention.api import check_positive, dispatch
+from flashjax.ops.decode.configs import DecodeConfig
 
 DECODE_BACKENDS: dict[str, tuple[str, str]] = {
     name: (f"flashjax.ops.decode.{name}", "decode_attention")
     for name in ("xla", "pallas_triton", "pallas_tpu", "pallas_mosaic_gpu")
 }
+# Registered names that run another backend's kernel: name -> that backend.
+ALIASES: dict[str, str] = {"pallas_mosaic_gpu": "pallas_triton"}
+
+
+def default_implementations() -> tuple[str, ...]:
+  """Decode backends tried, in order, for `implementation=None` on the default device."""
+  return tuple(name for name in attention_api.default_implementations()
+               if name in DECODE_BACKENDS and name not in ALIASES)
 
 
 def _concrete(x: jax.Array) -> np.ndarray | None:
@@ -43,6 +58,7 @@ def decode_attention(
     head_indices: jax.Array | None = None,
     scale: float | None = None,
     logits_soft_cap: float | None = None,
+    block_sizes: DecodeConfig | None = None,
     implementation: str | Sequence[str] | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -62,8 +78,13 @@ def decode_attention(
       (checked when not traced).
     scale: logit scale, default 1 / sqrt(D).
     logits_soft_cap: optional positive cap: logits = cap * tanh(logits / cap).
-    implementation: None (best for the default device, falling back to "xla"), a backend
-      name, or a sequence of names tried in order.
+    block_sizes: None (heuristics) or a `flashjax.ops.decode.configs.DecodeConfig` for the
+      Pallas backends: tile length, number of splits (e.g. DecodeConfig(num_splits=8)),
+      warps, stages; "xla" ignores it. A split count above the cache's tiles raises
+      ValueError from the backend.
+    implementation: None (best for the default device, falling back to "xla"; see
+      `default_implementations`), a backend name, or a sequence of names tried in order.
+      "pallas_mosaic_gpu" runs pallas_triton's kernel (no Mosaic GPU decode kernel).
     interpret: run Pallas backends in interpret mode.
 
   Returns:
@@ -119,9 +140,16 @@ def decode_attention(
   logits_soft_cap = check_positive("logits_soft_cap", logits_soft_cap)
   if not isinstance(interpret, (bool, np.bool_)):
     raise ValueError(f"{interpret=} must be a bool")
+  if block_sizes is not None and not isinstance(block_sizes, DecodeConfig):
+    raise ValueError(f"block_sizes={block_sizes!r} must be None or a "
+                     "flashjax.ops.decode.configs.DecodeConfig")
 
   def call(backend):
     return backend(query, key_cache, value_cache, lengths, head_indices=head_indices,
-                   scale=scale, logits_soft_cap=logits_soft_cap, interpret=bool(interpret))
+                   scale=scale, logits_soft_cap=logits_soft_cap, interpret=bool(interpret),
+                   block_sizes=block_sizes)
 
-  return dispatch(implementation, DECODE_BACKENDS, call, "decode")
+  # With None, dispatch's default order is filtered by the registry it is given.
+  registry = DECODE_BACKENDS if implementation is not None else {
+      name: DECODE_BACKENDS[name] for name in default_implementations()}
+  return dispatch(implementation, registry, call, "decode")

@@ -1,9 +1,9 @@
 """Launch configuration of the Pallas split-K decode kernels, and their shared bookkeeping.
 
 A split-K decode kernel runs one program per (sequence b, selected KV group k, split s). The
-program streams the KV blocks of split s of sequence b through fast memory and writes a
+program streams the KV blocks of split s of sequence b through fast memory and keeps a
 partial softmax state (row max m, row sum l, unnormalised output o) in float32; the splits
-are then merged with log-sum-exp weights (`merge_splits`).
+are then merged with log-sum-exp weights (`merge_splits`, or pallas_triton's merge kernel).
 
 Splits are laid out per sequence from its *length*, not from the cache size: sequence b has
 nb = cdiv(lengths[b], block_kv) live blocks and split s covers the blocks
@@ -18,7 +18,9 @@ query tile, writing and merging a [R, D] float32 partial) stays small next to it
 
   num_splits = clamp(floor(waves * num_cores / (B * K)), 1, max(1, nblocks // min_blocks))
 
-with nblocks = cdiv(S_max, block_kv). GPU defaults: waves = 2, min_blocks = 1, num_cores = the
+with nblocks = cdiv(S_max, block_kv), then lowered to cdiv(nblocks, cdiv(nblocks,
+num_splits)), the number of splits that own a block at full length (33 splits of 64 blocks
+would leave one idle). GPU defaults: waves = 2, min_blocks = 1, num_cores = the
 device's SM count (132 on an H200, also the fallback in interpret mode), i.e. about 264
 programs. Measured on the H200 (S = 4096, Nq = 32, Nkv = 8, D = 128 bf16, block_kv = 128;
 docs/decode.md): the best split counts were 32 at B = 1, 4 at B = 8 and 1 at B = 32, each
@@ -27,6 +29,15 @@ B = 128 with 4 of 8 groups; an earlier rule asking for >= 4 waves (16, 9 and 3 s
 B = 1, 8, 32) measured 32%, 19% and 2% slower there. On TPU the grid runs sequentially on
 each TensorCore, so splits only help to feed both cores of a megacore chip: waves = 1,
 num_cores = 2 (unmeasured: no TPU is reachable from this project).
+
+Tile length (`launch_shape`, GPU). With 128-position tiles a short cache caps the split
+count: B = 1, Nkv = 8, S = 1024 has 8 tiles per sequence, so at most 8 splits = 64 programs
+for 132 SMs. When `block_kv` is left to the heuristic (None), the tile is halved (down to
+32 positions) while B * K * tiles is below one program per SM (32 positions and 32 splits
+there: 256 programs); caches long enough to give every SM a tile keep 128. An explicit
+`num_splits` halves the tile (down to 16, Triton's smallest dot) until every split can own
+a tile; more splits than tiles of an explicit `block_kv` is a ValueError
+(`check_num_splits`).
 """
 
 from __future__ import annotations
@@ -37,35 +48,59 @@ import jax
 import jax.numpy as jnp
 
 H200_SM_COUNT = 132
+DEFAULT_BLOCK_KV = 128
+# Smallest tile the split heuristic picks, and the smallest Triton tile (dot K >= 16).
+MIN_AUTO_BLOCK_KV = 32
+MIN_BLOCK_KV = 16
 
 
 def _is_pow2(x: int) -> bool:
   return x > 0 and (x & (x - 1)) == 0
 
 
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+  """Smallest power of two >= x (1 for x <= 1)."""
+  return 1 << max(x - 1, 0).bit_length()
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-  """Tile and launch parameters of a split-K decode kernel.
+  """Tile and launch parameters of a split-K decode kernel (`block_sizes` of the API).
 
   Attributes:
-    block_kv: cache positions per tile (power of two >= 16).
+    block_kv: cache positions per tile (power of two >= 16), or None: 128, shortened on a
+      GPU to fill the device or fit `num_splits` (module docstring).
     num_splits: splits of each sequence's cache, or None for `num_splits_heuristic`.
     num_warps: GPU warps per program (Triton), None for the backend default.
     num_stages: software-pipelining depth (Triton), None for the backend default.
+    xla_merge: pallas_triton only: write float32 partial states and merge the splits and
+      place the groups in XLA (the path before the merge kernel, kept for comparison)
+      instead of in Pallas; pallas_tpu always merges in XLA.
   """
 
-  block_kv: int = 128
+  block_kv: int | None = None
   num_splits: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
+  xla_merge: bool = False
 
   def __post_init__(self):
-    if not isinstance(self.block_kv, int) or not _is_pow2(self.block_kv) or self.block_kv < 16:
-      raise ValueError(f"DecodeConfig.block_kv={self.block_kv!r} must be a power of two >= 16")
+    if self.block_kv is not None and (
+        not isinstance(self.block_kv, int) or not _is_pow2(self.block_kv)
+        or self.block_kv < MIN_BLOCK_KV):
+      raise ValueError(f"DecodeConfig.block_kv={self.block_kv!r} must be None or a power of "
+                       f"two >= {MIN_BLOCK_KV}")
     for name in ("num_splits", "num_warps", "num_stages"):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or value < 1):
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                or value < 1):
         raise ValueError(f"DecodeConfig.{name}={value!r} must be a positive int or None")
+    if not isinstance(self.xla_merge, bool):
+      raise ValueError(f"DecodeConfig.xla_merge={self.xla_merge!r} must be a bool")
 
 
 def num_splits_heuristic(
@@ -93,8 +128,64 @@ def num_splits_heuristic(
     The number of splits, >= 1.
   """
   wanted = waves * num_cores // max(batch * num_groups, 1)
-  most = max(1, -(-max_len // block_kv) // min_blocks)
-  return max(1, min(wanted, most))
+  tiles = _cdiv(max_len, block_kv)
+  splits = max(1, min(wanted, tiles // min_blocks))
+  return _cdiv(tiles, _cdiv(tiles, splits))  # drop splits that would own no block
+
+
+def check_num_splits(num_splits: int, max_len: int, block_kv: int) -> None:
+  """ValueError when some split could never own a tile of the cache."""
+  tiles = _cdiv(max_len, block_kv)
+  if num_splits > max(1, tiles):
+    raise ValueError(f"DecodeConfig.num_splits={num_splits} exceeds the {tiles} tiles of "
+                     f"{block_kv=} in S_max={max_len}: use fewer splits or a shorter tile")
+
+
+def launch_shape(
+    batch: int,
+    num_groups: int,
+    max_len: int,
+    config: DecodeConfig,
+    *,
+    num_cores: int,
+    waves: int,
+) -> tuple[int, int]:
+  """(block_kv, num_splits) of a GPU split-K launch (module docstring: tile length).
+
+  Args:
+    batch: B.
+    num_groups: K, KV groups computed per sequence.
+    max_len: S_max.
+    config: the caller's DecodeConfig (None fields are chosen here).
+    num_cores: SM count.
+    waves: programs wanted per SM.
+
+  Returns:
+    The tile length (a power of two in [16, 128] unless config.block_kv says otherwise,
+    never longer than S_max rounded up to a power of two) and the number of splits.
+
+  Raises:
+    ValueError: config.num_splits exceeds the tiles of config.block_kv.
+  """
+  # Tiles never need to be longer than the cache (rounded up to a power of two).
+  cap = max(MIN_BLOCK_KV, next_pow2(max_len))
+  if config.block_kv is not None:
+    block_kv = min(config.block_kv, cap)
+    num_splits = config.num_splits or num_splits_heuristic(
+        batch, num_groups, max_len, block_kv, num_cores=num_cores, waves=waves)
+  else:
+    block_kv = min(DEFAULT_BLOCK_KV, cap)
+    if config.num_splits is not None:
+      while block_kv > MIN_BLOCK_KV and _cdiv(max_len, block_kv) < config.num_splits:
+        block_kv //= 2
+    else:
+      while (block_kv > MIN_AUTO_BLOCK_KV
+             and batch * num_groups * _cdiv(max_len, block_kv) < num_cores):
+        block_kv //= 2
+    num_splits = config.num_splits or num_splits_heuristic(
+        batch, num_groups, max_len, block_kv, num_cores=num_cores, waves=waves)
+  check_num_splits(num_splits, max_len, block_kv)
+  return block_kv, num_splits
 
 
 def gpu_core_count() -> int:
@@ -146,7 +237,8 @@ def merge_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
   m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
   weight = jnp.exp(m - m_max)  # [B, K, splits, R], 0 for dead splits
   total = jnp.sum(weight * l, axis=2)
-  out = jnp.einsum("bksr,bksrd->bkrd", weight, o, precision=jax.lax.Precision.HIGHEST)
+  # A weighted sum over the (few) splits: elementwise, exact in float32, no matmul.
+  out = jnp.sum(weight[..., None] * o, axis=2)
   return out / jnp.where(total > 0, total, 1.0)[..., None]
 
 

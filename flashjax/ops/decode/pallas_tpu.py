@@ -137,7 +137,7 @@ def _lane_tiling(num_kv_heads: int, head_dim: int) -> tuple[int, int]:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("scale", "logits_soft_cap", "interpret", "config")
+    jax.jit, static_argnames=("scale", "logits_soft_cap", "interpret", "block_sizes")
 )
 def decode_attention(
     query: jax.Array,
@@ -149,7 +149,7 @@ def decode_attention(
     scale: float,
     logits_soft_cap: float | None,
     interpret: bool,
-    config: configs.DecodeConfig | None = None,
+    block_sizes: configs.DecodeConfig | None = None,
 ) -> jax.Array:
   """Head-sparse decode attention over a KV cache (decode backend protocol).
 
@@ -163,16 +163,20 @@ def decode_attention(
     scale: logit scale.
     logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
     interpret: run the kernel with the Pallas TPU interpreter.
-    config: tile and split parameters; None for the defaults and the split heuristic.
+    block_sizes: tile and split parameters; None for the defaults and the split heuristic
+      (num_warps, num_stages and xla_merge do not apply: the merge is always in XLA).
 
   Returns:
     [B, Nq, D] in the query's dtype.
+
+  Raises:
+    ValueError: block_sizes.num_splits above the cache's tiles.
   """
   batch, num_heads, head_dim = query.shape
   _, max_len, num_kv_heads, _ = key_cache.shape
-  config = config or configs.DecodeConfig()
+  config = block_sizes or configs.DecodeConfig()
   # A tile as long as the whole cache is always a legal block.
-  block_kv = max_len if max_len <= config.block_kv else config.block_kv
+  block_kv = min(max_len, config.block_kv or configs.DEFAULT_BLOCK_KV)
   group = num_heads // num_kv_heads
   rows = _round_up(group, 8 * 4 // key_cache.dtype.itemsize)  # sublane tile of the dtype
   stride, width = _lane_tiling(num_kv_heads, head_dim)
@@ -187,6 +191,7 @@ def decode_attention(
   num_splits = config.num_splits or configs.num_splits_heuristic(
       batch, num_groups, max_len, block_kv, num_cores=2, waves=1
   )
+  configs.check_num_splits(num_splits, max_len, block_kv)
   blocks_per_split = pl.cdiv(pl.cdiv(max_len, block_kv), num_splits)
 
   q = configs.select_queries(query, head_indices, num_kv_heads, rows)  # [B, K, R, D]

@@ -2,12 +2,24 @@
 
 Grid (B, K, num_splits): program (b, k, s) reads the KV group head_indices[b, k] of sequence
 b (read inside the kernel from the program ids, so unselected groups are never touched),
-packs the G = Nq / Nkv query heads of that group into one [R, D] tile (R = max(16, G rounded
-up to a power of two), so GQA reads each KV byte once for all G heads) and streams split s of
-the sequence's live blocks (see configs.py) with an online softmax in float32. Positions at
-or past lengths[b] are masked in the loads themselves: they are neither read nor able to
-leak garbage (even NaN) from the unused part of the cache, and S_max need not be a multiple
-of block_kv. The splits are merged and the groups scattered into [B, Nq, D] in XLA.
+loads the G = Nq / Nkv query heads of that group straight from the [B, Nq, D] query into one
+[R, D] tile (R = max(16, G rounded up to a power of two); rows past G are masked, so GQA
+reads each KV byte once for all G heads) and streams split s of the sequence's live blocks
+(see configs.py) with an online softmax in float32. Positions at or past lengths[b] are
+masked in the loads themselves: they are neither read nor able to leak garbage (even NaN)
+from the unused part of the cache, and S_max need not be a multiple of block_kv.
+
+Output, by launch (every path writes [B, Nq, D] in the query's dtype):
+  * one split: the kernel normalises its state and stores the G rows of its group straight
+    into the output, so a decode step is one kernel;
+  * several splits: the kernel writes float32 partial states [B, K, splits, R(, D)] and a
+    second Pallas kernel (grid (B, K)) merges them with log-sum-exp weights and stores the
+    group's rows: two kernels;
+  * `DecodeConfig(xla_merge=True)`: partial states merged and scattered in XLA
+    (configs.merge_splits / scatter_groups), the path before the merge kernel.
+With head_indices, the output is a zero array aliased into the kernel that stores it
+(`input_output_aliases`), so the heads of unselected groups stay 0; without, every group
+is stored and no zero fill is needed.
 
 The cache is read in its public [B, S, Nkv, D] layout: a [block_kv, D] tile is block_kv rows
 of D contiguous elements (256 bytes at D = 128 bf16) with stride Nkv * D, which the loads
@@ -28,28 +40,18 @@ import jax.numpy as jnp
 from flashjax.ops.decode import configs
 
 _KV_LAYOUTS = ("BSND", "BNSD")
+_MERGE_WARPS = 4
 
 
-def _next_pow2(x: int) -> int:
-  return 1 << max(x - 1, 0).bit_length()
+def _group_rows(ref, b, head, rows: int, group: int):
+  """The [rows, D] view of query heads head * G ... of sequence b in a [B, Nq, D] ref."""
+  return ref.at[b, pl.ds(head * group, rows), :]
 
 
-def _decode_kernel(
-    heads_ref,  # int32 [B, K], whole array
-    lengths_ref,  # int32 [B], whole array
-    q_ref,  # [R, D] block
-    k_ref,  # [B, S, Nkv, D] or [B, Nkv, S, D], whole array
-    v_ref,  # same as k_ref
-    o_ref,  # float32 [R, D] block
-    m_ref,  # float32 [R] block
-    l_ref,  # float32 [R] block
-    *,
-    block_kv: int,
-    num_splits: int,
-    scale: float,
-    logits_soft_cap: float | None,
-    kv_layout: str,
-):
+def _attend_split(heads_ref, lengths_ref, q_ref, k_ref, v_ref, *, block_kv: int,
+                  num_splits: int, group: int, scale: float, logits_soft_cap: float | None,
+                  kv_layout: str):
+  """Online softmax of program (b, k, split) over its blocks: (acc [R, D], m [R], l [R])."""
   b, k, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   head = heads_ref[b, k]
   length = lengths_ref[b]
@@ -58,8 +60,10 @@ def _decode_kernel(
   first = split * per_split
   last = jnp.minimum(first + per_split, num_blocks)
 
-  q = q_ref[...]
-  rows, head_dim = q.shape
+  head_dim = q_ref.shape[2]
+  rows = configs.next_pow2(max(16, group))
+  q_live = jnp.arange(rows) < group  # [R]: rows past G belong to the next group
+  q = plgpu.load(_group_rows(q_ref, b, head, rows, group), mask=q_live[:, None], other=0)
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
 
   def tile(ref, start, live):
@@ -95,15 +99,67 @@ def _decode_kernel(
       jnp.full((rows,), -jnp.inf, jnp.float32),
       jnp.zeros((rows,), jnp.float32),
   )
-  acc, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, init)
-  o_ref[...] = acc
-  m_ref[...] = m
-  l_ref[...] = l
+  return lax.fori_loop(first, jnp.maximum(first, last), body, init)
+
+
+def _store_group(out_ref, heads_ref, acc, l, *, group: int):
+  """Stores acc / l (0 where l == 0: no key) into the G output rows of program (b, k)."""
+  b, k = pl.program_id(0), pl.program_id(1)
+  rows = acc.shape[0]
+  out = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(out_ref.dtype)
+  live = jnp.arange(rows) < group
+  plgpu.store(_group_rows(out_ref, b, heads_ref[b, k], rows, group), out,
+              mask=live[:, None])
+
+
+def _partials_kernel(heads_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, **kw):
+  """Writes the split's float32 state: o_ref [R, D], m_ref / l_ref [R] blocks."""
+  o_ref[...], m_ref[...], l_ref[...] = _attend_split(heads_ref, lengths_ref, q_ref, k_ref,
+                                                     v_ref, **kw)
+
+
+def _direct_kernel(heads_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, **kw):
+  """One split: normalises and stores the group's rows of the [B, Nq, D] output (refs[-1];
+  refs[0] is the aliased zero input when there is one)."""
+  acc, _, l = _attend_split(heads_ref, lengths_ref, q_ref, k_ref, v_ref, **kw)
+  _store_group(refs[-1], heads_ref, acc, l, group=kw["group"])
+
+
+def _merge_kernel(heads_ref, o_ref, m_ref, l_ref, *refs, num_splits: int, group: int):
+  """Program (b, k): log-sum-exp merge of the splits of slot k of sequence b.
+
+  o_ref [B, K, splits, R, D], m_ref / l_ref [B, K, splits, R] (float32, whole arrays);
+  refs[-1] is the [B, Nq, D] output (refs[0] the aliased zero input when there is one).
+  """
+  b, k = pl.program_id(0), pl.program_id(1)
+  rows, head_dim = o_ref.shape[3], o_ref.shape[4]
+
+  def body(split, carry):
+    acc, m_run, l_run = carry
+    m_split = plgpu.load(m_ref.at[b, k, split, :])
+    m_next = jnp.maximum(m_run, m_split)
+    # Both -inf (nothing read yet): shift by 0 so that both weights are exp(-inf) = 0.
+    shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    keep, take = jnp.exp(m_run - shift), jnp.exp(m_split - shift)
+    acc = keep[:, None] * acc + take[:, None] * plgpu.load(o_ref.at[b, k, split, :, :])
+    return acc, m_next, keep * l_run + take * plgpu.load(l_ref.at[b, k, split, :])
+
+  init = (
+      jnp.zeros((rows, head_dim), jnp.float32),
+      jnp.full((rows,), -jnp.inf, jnp.float32),
+      jnp.zeros((rows,), jnp.float32),
+  )
+  acc, _, l = lax.fori_loop(0, num_splits, body, init)
+  _store_group(refs[-1], heads_ref, acc, l, group=group)
+
+
+def _whole(x) -> pl.BlockSpec:
+  return pl.BlockSpec(x.shape, lambda *_: (0,) * len(x.shape))
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "logits_soft_cap", "interpret", "config", "kv_layout"),
+    static_argnames=("scale", "logits_soft_cap", "interpret", "block_sizes", "kv_layout"),
 )
 def decode_attention(
     query: jax.Array,
@@ -115,22 +171,23 @@ def decode_attention(
     scale: float,
     logits_soft_cap: float | None,
     interpret: bool,
-    config: configs.DecodeConfig | None = None,
+    block_sizes: configs.DecodeConfig | None = None,
     kv_layout: str = "BSND",
 ) -> jax.Array:
   """Head-sparse decode attention over a KV cache (decode backend protocol).
 
   Args:
     query: [B, Nq, D], one new token per sequence.
-    key_cache: [B, S_max, Nkv, D] ([B, Nkv, S_max, D] with kv_layout="BNSD").
+    key_cache: [B, S_max, Nkv, D] ([B, Nkv, S_max, D] with kv_layout="BNSD"), query's dtype.
     value_cache: same shape as key_cache.
     lengths: int32 [B], valid cache entries per sequence (0 <= lengths <= S_max).
     head_indices: None (all groups) or int32 [B, K] KV groups to compute per sequence; query
       heads of the other groups output zeros.
     scale: logit scale.
     logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    interpret: run the kernel in Pallas interpret mode.
-    config: tile and split parameters; None for the defaults and the split heuristic.
+    interpret: run the kernels in Pallas interpret mode.
+    block_sizes: tile, split and merge parameters; None for the defaults and heuristics
+      (configs.launch_shape).
     kv_layout: "BSND" (public layout) or "BNSD".
 
   Returns:
@@ -138,7 +195,7 @@ def decode_attention(
 
   Raises:
     NotImplementedError: D is not a power of two >= 16 (Triton tiles need one).
-    ValueError: unknown kv_layout.
+    ValueError: unknown kv_layout, or block_sizes.num_splits above the cache's tiles.
   """
   if kv_layout not in _KV_LAYOUTS:
     raise ValueError(f"{kv_layout=} must be one of {_KV_LAYOUTS}")
@@ -147,40 +204,44 @@ def decode_attention(
     max_len, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
   else:
     num_kv_heads, max_len = key_cache.shape[1], key_cache.shape[2]
-  if head_dim < 16 or head_dim != _next_pow2(head_dim):
+  if head_dim < 16 or head_dim != configs.next_pow2(head_dim):
     raise NotImplementedError(f"pallas_triton decode needs a power-of-two {head_dim=} >= 16")
-  config = config or configs.DecodeConfig()
-  # Tiles never need to be longer than the cache (rounded up to a power of two).
-  block_kv = min(config.block_kv, max(16, _next_pow2(max_len)))
+  config = block_sizes or configs.DecodeConfig()
   group = num_heads // num_kv_heads
-  rows = max(16, _next_pow2(group))
+  rows = configs.next_pow2(max(16, group))
   heads = configs.group_ids(head_indices, batch, num_kv_heads)
   num_groups = heads.shape[1]
-  num_splits = config.num_splits or configs.num_splits_heuristic(
-      batch, num_groups, max_len, block_kv, num_cores=configs.gpu_core_count(), waves=2
-  )
-  q = configs.select_queries(query, head_indices, num_kv_heads, rows).astype(key_cache.dtype)
+  block_kv, num_splits = configs.launch_shape(
+      batch, num_groups, max_len, config, num_cores=configs.gpu_core_count(), waves=2)
+  lengths = lengths.astype(jnp.int32)
+  attend = dict(block_kv=block_kv, num_splits=num_splits, group=group, scale=scale,
+                logits_soft_cap=logits_soft_cap, kv_layout=kv_layout)
+  params = plgpu.CompilerParams(num_warps=config.num_warps or 4,
+                                num_stages=config.num_stages or 2)
+  grid = (batch, num_groups, num_splits)
+  kernel_inputs = (heads, lengths, query, key_cache, value_cache)
+  out_shape = jax.ShapeDtypeStruct(query.shape, query.dtype)
+  # Head-sparse outputs start from zeros (aliased in), dense ones are written everywhere.
+  zeros = () if head_indices is None else (jnp.zeros(query.shape, query.dtype),)
 
-  kernel = functools.partial(
-      _decode_kernel,
-      block_kv=block_kv,
-      num_splits=num_splits,
-      scale=scale,
-      logits_soft_cap=logits_soft_cap,
-      kv_layout=kv_layout,
-  )
-  whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+  def output_call(kernel, inputs, grid, params, name):
+    """pallas_call of a kernel whose last ref is the whole [B, Nq, D] output."""
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=[_whole(x) for x in inputs + zeros],
+        out_specs=_whole(out_shape), out_shape=out_shape,
+        input_output_aliases={len(inputs): 0} if zeros else {}, compiler_params=params,
+        interpret=interpret, name=name,
+    )(*inputs, *zeros)
+
+  if num_splits == 1 and not config.xla_merge:
+    return output_call(functools.partial(_direct_kernel, **attend), kernel_inputs, grid,
+                       params, "flashjax_decode_triton")
+
   state_shape = (batch, num_groups, num_splits, rows)
   o, m, l = pl.pallas_call(
-      kernel,
-      grid=(batch, num_groups, num_splits),
-      in_specs=[
-          whole(heads),
-          whole(lengths),
-          pl.BlockSpec((None, None, rows, head_dim), lambda b, k, s: (b, k, 0, 0)),
-          whole(key_cache),
-          whole(value_cache),
-      ],
+      functools.partial(_partials_kernel, **attend),
+      grid=grid,
+      in_specs=[_whole(x) for x in kernel_inputs],
       out_specs=[
           pl.BlockSpec((None, None, None, rows, head_dim), lambda b, k, s: (b, k, s, 0, 0)),
           pl.BlockSpec((None, None, None, rows), lambda b, k, s: (b, k, s, 0)),
@@ -191,11 +252,15 @@ def decode_attention(
           jax.ShapeDtypeStruct(state_shape, jnp.float32),
           jax.ShapeDtypeStruct(state_shape, jnp.float32),
       ],
-      compiler_params=plgpu.CompilerParams(
-          num_warps=config.num_warps or 4, num_stages=config.num_stages or 2
-      ),
+      compiler_params=params,
       interpret=interpret,
       name="flashjax_decode_triton",
-  )(heads, lengths.astype(jnp.int32), q, key_cache, value_cache)
-  out = configs.merge_splits(o, m, l)
-  return configs.scatter_groups(out, head_indices, num_kv_heads, num_heads).astype(query.dtype)
+  )(*kernel_inputs)
+  if config.xla_merge:
+    out = configs.merge_splits(o, m, l)
+    return configs.scatter_groups(out, head_indices, num_kv_heads, num_heads).astype(
+        query.dtype)
+  merge = functools.partial(_merge_kernel, num_splits=num_splits, group=group)
+  return output_call(merge, (heads, o, m, l), (batch, num_groups),
+                     plgpu.CompilerParams(num_warps=_MERGE_WARPS, num_stages=1),
+                     "flashjax_decode_triton_merge")

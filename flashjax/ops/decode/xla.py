@@ -9,6 +9,8 @@ cache entries j >= lengths[b] are masked, and a sequence of length 0 outputs zer
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -40,6 +42,7 @@ def decode_attention(
     scale: float | None = None,
     logits_soft_cap: float | None = None,
     interpret: bool = False,
+    block_sizes: Any = None,
 ) -> jax.Array:
   """Decode attention in plain XLA.
 
@@ -52,11 +55,12 @@ def decode_attention(
     scale: logit scale (None: 1 / sqrt(D)).
     logits_soft_cap: None or cap > 0.
     interpret: ignored (no Pallas).
+    block_sizes: ignored (no tiles or splits).
 
   Returns:
     [B, Nq, D] in query's dtype.
   """
-  del interpret
+  del interpret, block_sizes
   b, nq, d = query.shape
   nkv = key_cache.shape[2]
   q = query.reshape(b, nkv, nq // nkv, d)

@@ -34,7 +34,7 @@ def _triton(config=None, kv_layout="BSND"):
     scale = 1.0 / np.sqrt(query.shape[-1])
     return pallas_triton.decode_attention(
         query, key_cache, value_cache, lengths, head_indices=head_indices, scale=scale,
-        logits_soft_cap=None, interpret=False, config=config, kv_layout=kv_layout)
+        logits_soft_cap=None, interpret=False, block_sizes=config, kv_layout=kv_layout)
   return run
 
 
@@ -78,30 +78,38 @@ class TritonDecodeGpuTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       dict(testcase_name=f"dtype={jnp.dtype(dtype).name}_{num_heads=}_{num_kv_heads=}_"
-           f"{num_selected=}_{num_splits=}_{block_kv=}",
+           f"{num_selected=}_{num_splits=}_{block_kv=}_{xla_merge=}",
            dtype=dtype, num_heads=num_heads, num_kv_heads=num_kv_heads,
-           num_selected=num_selected, num_splits=num_splits, block_kv=block_kv)
-      for dtype, num_heads, num_kv_heads, num_selected, num_splits, block_kv in (
-          (jnp.float32, 8, 2, None, None, 128),
-          (jnp.float32, 8, 8, 3, 5, 64),
-          (jnp.bfloat16, 32, 8, 4, None, 128),
-          (jnp.bfloat16, 32, 32, 16, 3, 256),
-          (jnp.float16, 16, 1, None, 7, 64),
-          (jnp.float16, 64, 4, 2, None, 128),
+           num_selected=num_selected, num_splits=num_splits, block_kv=block_kv,
+           xla_merge=xla_merge)
+      for dtype, num_heads, num_kv_heads, num_selected, num_splits, block_kv, xla_merge in (
+          (jnp.float32, 8, 2, None, None, 128, False),
+          (jnp.float32, 8, 8, 3, 5, 64, False),
+          (jnp.bfloat16, 32, 8, 4, None, 128, False),
+          (jnp.bfloat16, 32, 32, 16, 3, 256, False),
+          (jnp.float16, 16, 1, None, 7, 64, False),
+          (jnp.float16, 64, 4, 2, None, 128, False),
+          # One split (normalised store, no merge), dense and head-sparse.
+          (jnp.bfloat16, 32, 8, None, 1, 128, False),
+          (jnp.bfloat16, 12, 4, 3, 1, None, False),
+          # Heuristic tiles (None) with a forced split count, and the XLA merge path.
+          (jnp.bfloat16, 32, 8, 5, 40, None, False),
+          (jnp.float32, 8, 2, 1, 4, 64, True),
       )
   )
   def test_matches_oracle(self, dtype, num_heads, num_kv_heads, num_selected, num_splits,
-                          block_kv):
+                          block_kv, xla_merge):
     seed = self.seed()
     lengths = [1000, 0, 1, 517, 64, 999]  # S_max = 1000 is not a block multiple
     args = cases.make_inputs(seed, 6, 1000, num_heads, num_kv_heads, 128, dtype, lengths)
     heads = None if num_selected is None else _random_heads(seed, 6, num_kv_heads,
                                                             num_selected)
-    config = configs.DecodeConfig(block_kv=block_kv, num_splits=num_splits)
+    config = configs.DecodeConfig(block_kv=block_kv, num_splits=num_splits,
+                                  xla_merge=xla_merge)
     for cap in (None, 5.0):
       out = pallas_triton.decode_attention(*args, head_indices=heads, scale=0.09,
                                            logits_soft_cap=cap, interpret=False,
-                                           config=config)
+                                           block_sizes=config)
       chex.assert_tree_all_finite(out)
       tol = cases.TOLERANCES[jnp.dtype(dtype).type]
       chex.assert_trees_all_close(out.astype(jnp.float32),
@@ -126,7 +134,12 @@ class TritonDecodeGpuTest(parameterized.TestCase):
         "api": flashjax.decode_attention(query, key_cache, value_cache, lengths,
                                          head_indices=heads, scale=0.125,
                                          implementation="pallas_triton"),
+        # The documented reuse: the same Triton kernel under the Mosaic GPU name.
+        "pallas_mosaic_gpu": flashjax.decode_attention(
+            query, key_cache, value_cache, lengths, head_indices=heads, scale=0.125,
+            implementation="pallas_mosaic_gpu"),
     }
+    chex.assert_trees_all_equal(outs["pallas_mosaic_gpu"], outs["api"])
     for name, out in outs.items():
       chex.assert_trees_all_close(out.astype(jnp.float32), expected, atol=2e-2, rtol=2e-2,
                                   custom_message=name)

@@ -38,7 +38,7 @@ class PallasTpuKernelTest(cases.PallasTritonKernelTest):
                              [96, 45])
     heads = jax.random.randint(jax.random.key(seed + 1), (2, 2), 0, num_kv_heads, jnp.int32)
     out = self.decode(*args, head_indices=heads, scale=0.2, logits_soft_cap=None,
-                      config=configs.DecodeConfig(block_kv=32, num_splits=2))
+                      block_sizes=configs.DecodeConfig(block_kv=32, num_splits=2))
     self.check(out, args, heads, 0.2, None)
 
 
