@@ -2,26 +2,46 @@ r"""Decode benchmark on a GPU (issue 5): flashjax decode kernels against cuDNN, 
 
 Grid: batch B in {1, 8, 32, 64, 128, 256} x cache length S in {1k, 4k, 16k} x Nkv in {32
 (MHA), 8 (GQA)} x head density in {1, .75, .5, .25}, with Nq = 32, D = 128, bf16, all lengths
-= S (`--config.ragged=True`: uniform in [S/2, S]). Each point times one implementation with
-`time_in_loop` (the step time) and `time_fn` (wall), checks its output against the float32
-reference in the same run, and reports KV TB/s, % of the ~4.3 TB/s copy ceiling, us per
-step and the dense-equivalent TB/s. Peers compute every head, so their points below density 1
-are "unsupported" at once (no time spent); flashjax "pallas_triton" and "xla" take
+= S (`--config.ragged=True`: uniform in [S/2, S]). Each point times one implementation on
+the device (many calls in one jitted loop: the step time), checks its output against the
+float32 reference in the same run, and reports KV TB/s, % of the ~4.3 TB/s copy ceiling, us
+per step and the dense-equivalent TB/s. Peers compute every head, so their points below
+density 1 are "unsupported" at once (no time spent); flashjax "pallas_triton" and "xla" take
 head_indices. Run with JAX's preallocation off so that the torch child (run first, see
 below) gets the memory:
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
-      --config=configs/bench_decode_gpu.py:core --workdir=/tmp/fj_decode_core
+      --config=configs/bench_decode_gpu.py:grid --workdir=/tmp/fj_decode_grid
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
-      --config=configs/bench_decode_gpu.py:all --workdir=/tmp/fj_decode_all
+      --config=configs/bench_decode_gpu.py:core --workdir=/tmp/fj_decode_core
 
-"core" (S = 4096, B in {1, 32, 128, 256}): 192 points, 96 of them peers below density 1
-(skipped at once), 64 flashjax points and 32 dense peer points (8 of them torch children).
-Estimated at 2-3 s per in-process point (two compiles, input generation, 5 timed loops of
->= 50 ms, the check) and 8-10 s per torch child: about 4-5 minutes on an H200.
-"all": 864 points, 432 skipped at once, 288 flashjax and 144 dense peer points (36 torch):
-about 30-40 minutes. The launcher resumes a workdir, so `all` can be run in pieces under a
-time limit (e.g. `timeout 550 ...` repeated until it reports every point).
+"grid" (the issue's whole grid in about 5 minutes): 720 points; implementations torch SDPA
+(first), pallas_triton, cuDNN, XLA (jax.nn) and jax's Pallas decode, i.e. 144 pallas_triton
+points, 4 x 36 = 144 dense peer points (36 of them torch) and 432 peer points below density
+1 skipped at once. Where "all" spends its time and what "grid" does instead:
+  * compiles: "all" compiles every point three times (the step for the wall timer, the
+    timing loop, the error check); "grid" sets wall_timing=False: one program returns the
+    output to check and runs the timing loop, so one compile per point (the reference
+    check compiles once per shape and is shared by the implementations of that shape);
+  * torch: one child process per point costs torch's import and CUDA start-up (5-10 s) 36
+    times; torch_keep_alive (now the default everywhere) keeps one child for all torch
+    points (they run first) and ends it before the first JAX point;
+  * timing: loops of >= 10 ms (>= 3 calls) x 5 repeats instead of >= 50 ms (>= 20 calls)
+    x 5, and the wall timer's 23 calls are gone (B = 256, S = 16k, MHA: a 16 ms step);
+  * check: 8 rows spread over the batch (first and last included) instead of every row,
+    still on every point (torch's child checks the same rows);
+  * flashjax "xla" is left out (the issue asks for pallas_triton and the dense peers).
+Estimate (not yet run; each row's `wall_s` will tell): about 0.7 s per in-process point
+(one compile of 0.3-0.6 s, input generation, 6 loop runs, the check) -> 252 x 0.7 = 180 s,
+torch 36 x 0.5 s + 10 s start-up = 30 s, per-shape reference and generator compiles about
+30 s, launcher start 15 s: about 4.5 minutes (3-6). The launcher resumes a workdir, so run
+it under `timeout 300` and repeat the same command if it stops early.
+
+"core" (S = 4096, B in {1, 32, 128, 256}, implementations including flashjax "xla", wall
+and loop timing, every row checked): 192 points, 96 of them peers below density 1 (skipped
+at once), 64 flashjax points and 32 dense peer points (8 of them torch); about 4-5 minutes.
+"all": the grid with core's settings: 864 points, 432 skipped at once, 288 flashjax and
+144 dense peer points (36 torch): about 30-40 minutes.
 
 Memory (H200, 139 GB; JAX may use 75% of it): one input set of B=256, S=16k, Nkv=32 is
 256 * 16384 * 32 * 128 * 2 * 2 B = 68.7 GB. Every point sizes its number of input sets
@@ -30,13 +50,13 @@ small caches out of the 50 MB L2) to `memory_budget_gb` (default: 90% of what JA
 free) using XLA's memory analysis of the compiled step; a point whose single set does not
 fit (e.g. the XLA implementations at that shape, which copy the cache) is "unsupported"
 with the sizes in its reason. The torch child (third_party.torch_peers) builds its own
-inputs and a float32 reference that repeats K and V to 32 heads; its points are sized to
-`torch_memory_gb`. Implementations run in the order listed, torch first: with
-preallocation off the child then runs before JAX has grown its memory pool. Without
-`XLA_PYTHON_CLIENT_PREALLOCATE=false` pass `--config.torch_memory_gb=30`.
+inputs; its points are sized to `torch_memory_gb`. Implementations run in the order
+listed, torch first: with preallocation off the child then runs before JAX has grown its
+memory pool. Without `XLA_PYTHON_CLIENT_PREALLOCATE=false` pass `--config.torch_memory_gb=30`.
 
 `--config.implementations="('pallas_triton', 'peer:jax_nn_cudnn')"` narrows the columns;
-`--config.batches`, `--config.kv_lens`, `--config.kv_heads`, `--config.densities` the grid.
+`--config.batches`, `--config.kv_lens`, `--config.kv_heads`, `--config.densities` the grid;
+`--config.num_splits=8` (or block_kv, xla_merge) sets pallas_triton's block_sizes.
 The report plots TB/s, dense-equivalent TB/s and us per step against the batch, one line per
 (implementation, S, Nkv, density).
 """
@@ -47,16 +67,21 @@ import ml_collections
 
 IMPLEMENTATIONS = ("peer:torch_sdpa", "pallas_triton", "xla", "peer:jax_nn_cudnn",
                    "peer:jax_nn_xla", "peer:pallas_decode")
+FAST_IMPLEMENTATIONS = ("peer:torch_sdpa", "pallas_triton", "peer:jax_nn_cudnn",
+                        "peer:jax_nn_xla", "peer:pallas_decode")
 GRIDS = {
     "all": {"batches": (1, 8, 32, 64, 128, 256), "kv_lens": (1024, 4096, 16384)},
     "core": {"batches": (1, 32, 128, 256), "kv_lens": (4096,)},
+    "grid": {"batches": (1, 8, 32, 64, 128, 256), "kv_lens": (1024, 4096, 16384),
+             "implementations": FAST_IMPLEMENTATIONS, "fast": True},
 }
 KV_HEADS = (32, 8)
 DENSITIES = (1.0, 0.75, 0.5, 0.25)
 
 REPORT = {
     "columns": ["groups", "us_per_step", "kv_tbps", "pct_of_ceiling", "dense_equiv_tbps",
-                "median_us_wall", "kv_tbps_wall", "input_sets", "max_abs_err", "within_tol"],
+                "median_us_wall", "kv_tbps_wall", "input_sets", "launch_splits",
+                "launch_block_kv", "max_abs_err", "within_tol"],
     "plots": [{"x": "batch", "y": "kv_tbps", "logx": True},
               {"x": "batch", "y": "dense_equiv_tbps", "logx": True},
               {"x": "batch", "y": "us_per_step", "logx": True, "logy": True}],
@@ -77,6 +102,17 @@ def decode_sweep(c: ml_collections.ConfigDict) -> list[dict[str, object]]:
           {"batch": c.get_ref("batches")}]
 
 
+def fast_timing(c: ml_collections.ConfigDict) -> None:
+  """Sets c's timing fields for about a second per point (module docstring: "grid")."""
+  c.wall_timing = False
+  c.loop_target_ms = 10.0
+  c.loop_min_iters = 3
+  c.loop_repeats = 5
+  c.warmup = 2
+  c.iters = 10
+  c.check_rows = 8
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The decode_bench fields at GPU settings: Nq=32, D=128, bf16, H200-sized budgets."""
   c = ml_collections.ConfigDict()
@@ -90,7 +126,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"
   c.head_density = 1.0
   c.ragged = False
+  c.num_splits = ml_collections.FieldReference(None, field_type=int)
+  c.block_kv = ml_collections.FieldReference(None, field_type=int)
+  c.xla_merge = False
 
+  c.wall_timing = True
   c.warmup = 3
   c.iters = 20
   c.loop_iters = ml_collections.FieldReference(None, field_type=int)
@@ -102,16 +142,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.min_rotation_mb = ml_collections.FieldReference(256.0, field_type=float)
   c.memory_budget_gb = ml_collections.FieldReference(None, field_type=float)
   c.torch_memory_gb = ml_collections.FieldReference(100.0, field_type=float)
+  c.torch_keep_alive = True
   c.chunk_mb = 256.0
   c.seed = 0
   c.interpret = ml_collections.FieldReference(None, field_type=bool)
   c.check = True
+  c.check_rows = ml_collections.FieldReference(None, field_type=int)
   c.report = ml_collections.ConfigDict(REPORT)
   return c
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Decode benchmark config; arg "all" (the full grid, default) or "core" (a 4-5 min subset).
+  """Decode benchmark config; arg "all" (the full grid, default), "grid" (the same grid in
+  about 5 minutes, module docstring) or "core" (a 4-5 min subset).
 
   Args:
     arg: grid name, a key of GRIDS.
@@ -124,7 +167,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"{grid=} must be one of {sorted(GRIDS)}")
   c = base_config()
   c.grid = grid
-  c.implementations = IMPLEMENTATIONS
+  c.implementations = GRIDS[grid].get("implementations", IMPLEMENTATIONS)
+  if GRIDS[grid].get("fast"):
+    fast_timing(c)
   c.batches = GRIDS[grid]["batches"]
   c.kv_lens = GRIDS[grid]["kv_lens"]
   c.kv_heads = KV_HEADS

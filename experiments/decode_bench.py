@@ -2,20 +2,29 @@
 
 Config fields read by `run_point` (configs/bench_decode_gpu.py sets all of them):
 
-  implementation   a flashjax decode backend ("xla", "pallas_triton", "pallas_tpu") or
-                   "peer:NAME" for a third_party decode peer ("peer:jax_nn_cudnn",
-                   "peer:jax_nn_xla", "peer:pallas_decode", "peer:torch_sdpa")
+  implementation   a flashjax decode backend ("xla", "pallas_triton", "pallas_tpu",
+                   "pallas_mosaic_gpu", which runs pallas_triton's kernel: rows report the
+                   name asked for and `kernel`) or "peer:NAME" for a third_party decode peer
+                   ("peer:jax_nn_cudnn", "peer:jax_nn_xla", "peer:pallas_decode",
+                   "peer:torch_sdpa")
   batch, kv_len    B and the cache length S = S_max
   num_heads, num_kv_heads, head_dim, dtype    Nq, Nkv, D and the dtype of query and cache
   head_density     fraction of KV groups computed per sequence: 1 means head_indices=None;
                    below 1, K = round(head_density * Nkv) distinct random groups per sequence,
                    drawn afresh for every input set. Peers compute every head, so they are
                    "unsupported" (NotImplementedError) below 1; flashjax backends take it.
+  num_splits, block_kv, xla_merge    the flashjax `block_sizes`
+                   (flashjax.ops.decode.configs.DecodeConfig; None / False: heuristics and
+                   defaults); a peer point that sets one is a ValueError
   ragged           False: every length is S; True: lengths uniform in [S/2, S] (per input set)
-  warmup, iters    untimed and timed calls of the wall-clock timer (`time_fn`)
-  loop_iters       calls per timed loop of `time_in_loop`; None: enough calls for about
-                   `loop_target_ms` per loop (from the wall median), clamped to
-                   [loop_min_iters, loop_max_iters]
+  wall_timing      True: time one synchronised call at a time as well (`time_fn`, its own
+                   compile); False: one compiled program gives the output to check and the
+                   step time (see Timing), one compile per point
+  warmup, iters    untimed and timed calls of the wall-clock timer (and of the torch child)
+  loop_iters       calls per timed loop; None: enough calls for about `loop_target_ms` per
+                   loop, estimated from the wall median (wall_timing) or from the KV bytes at
+                   the device's copy ceiling plus 5 us (else; `loop_min_iters` on a device
+                   without a known ceiling), clamped to [loop_min_iters, loop_max_iters]
   loop_repeats     timed loops (the loop median is over these)
   input_sets       most input sets to rotate among (each with its own lengths and groups)
   min_rotation_mb  None: use `input_sets` sets; else only as many as needed to rotate through
@@ -25,28 +34,38 @@ Config fields read by `run_point` (configs/bench_decode_gpu.py sets all of them)
                    (no limit where it reports nothing, e.g. on CPU). The number of input sets
                    shrinks to fit; a point whose single input set does not fit is
                    "unsupported" with the sizes in its reason.
-  torch_memory_gb  the same for the torch child process (estimated: its input sets plus its
-                   float32 reference); None: no limit
+  torch_memory_gb  the same for the torch child process (estimated: its input sets, K and V
+                   expanded to Nq heads for GQA, float32 logits); None: no limit
+  torch_keep_alive run torch points in one long-lived child (third_party.torch_peers), ended
+                   when the next in-process point starts, so that JAX gets its memory
   chunk_mb         input generation and the error check work on batch chunks of about this
                    size, so neither needs memory proportional to the whole cache
+  check_rows       None: check every batch row; n: n rows spread evenly over the batch
+                   (first and last included)
   seed, interpret (None: Pallas in interpret mode exactly on CPU), check
 
-Timing: a decode step is often shorter than JAX's dispatch, so every in-process point is
-timed twice: `time_in_loop` (many calls inside one jitted fori_loop, rotating input sets;
-`median_us_loop`, the step time `us_per_step`) and `time_fn` (one synchronised call at a time;
-`median_us_wall`). torch peers run in a child process (third_party.torch_peers) and are timed
-with CUDA events (`median_us_events`, their `us_per_step`).
+Timing: a decode step is often shorter than JAX's dispatch, so in-process points are timed
+on the device, many calls inside one jitted fori_loop that rotates the input sets
+(`median_us_loop`, the step time `us_per_step`). With wall_timing, `benchmarking.time_fn`
+(one synchronised call at a time; `median_us_wall`) and `benchmarking.time_in_loop` run on
+separately compiled programs. Without, a single program computes fn on the first set (the
+output the check reads) and then loops over `loop_calls` calls; each of its timed runs
+counts loop_calls + 1 calls. torch peers run in a child process (third_party.torch_peers)
+and are timed with CUDA events (`median_us_events`, their `us_per_step`).
 
 Metrics: `kv_tbps` = bytes of K and V the step must read (the selected groups' valid entries,
 `benchmarking.decode_kv_bytes`, averaged over the input sets) / `us_per_step`, in TB/s;
 `pct_of_ceiling` of the device's measured copy bandwidth (`benchmarking.device_ceilings`,
 when known); `dense_equiv_tbps` = bytes a dense step of the same lengths reads / time (the
 head-sparse speed-up shows as dense_equiv_tbps above kv_tbps); `max_abs_err` of the output
-of the first input set against the float32 decode reference (every batch row, in chunks) and
-`within_tol` (float32 1e-4, bfloat16 2e-2, float16 5e-3 absolute); the torch child checks
-against its own float32 reference. Also: `kv_tbps_wall` (bytes / wall median), `compile_s`
-(ahead-of-time compile of one step), `first_call_s`, `input_sets` and `rotated_mb` (inputs
-rotated through), `est_memory_gb` (what the budget check counted), `groups` (K).
+of the first input set against the float32 decode reference (the checked rows, in chunks)
+and `within_tol` (float32 1e-4, bfloat16 2e-2, float16 5e-3 absolute); the torch child
+checks against its own float32 reference. Also: `kv_tbps_wall` (bytes / wall median, with
+wall_timing), `compile_s` (ahead-of-time compile of the timed program), `first_call_s`,
+`input_sets` and `rotated_mb` (inputs rotated through), `est_memory_gb` (what the budget
+check counted), `groups` (K), and for flashjax backends `kernel` (the backend whose kernel
+ran) and, for the pallas_triton kernel, `launch_block_kv` / `launch_splits` (the tile and
+split count it launched with).
 """
 
 from __future__ import annotations
@@ -66,14 +85,22 @@ import flashjax
 from experiments import attention_bench
 from experiments.attention_bench import PEER_PREFIX, TOLERANCES
 from flashjax import benchmarking
+from flashjax.ops.decode import api as decode_api
+from flashjax.ops.decode import configs as decode_configs
+from flashjax.ops.decode import pallas_triton
 from flashjax.ops.decode.reference import decode_reference
 import third_party
+from third_party import torch_peers
 
 # Threefry temporaries of the chunked input generation reach about 12x the chunk (XLA's
 # memory analysis on CPU); the budget keeps that much room besides inputs and program.
 _CHUNK_TEMP_FACTOR = 12
 _MB = 2**20
 _GB = 1e9
+# Fixed cost added to the KV-bytes estimate of a step when sizing a timing loop.
+_STEP_OVERHEAD_S = 5e-6
+# block_sizes fields of a point, passed to flashjax backends (peers refuse them).
+_BLOCK_SIZE_FIELDS = ("num_splits", "block_kv", "xla_merge")
 
 
 def num_groups(head_density: float, num_kv_heads: int) -> int:
@@ -185,9 +212,34 @@ def kv_bytes(config: ml_collections.ConfigDict,
   return float(np.mean(read)), float(np.mean(dense))
 
 
-@functools.partial(jax.jit, static_argnames=("rows",))
-def _max_abs_err(out: jax.Array, inputs: tuple[jax.Array, ...], *, rows: int) -> jax.Array:
-  """max |out - reference| over all rows, the float32 reference computed `rows` at a time."""
+def check_row_ids(batch: int, check_rows: int | None) -> tuple[int, ...] | None:
+  """Batch rows the error check compares: None (all) or `check_rows` spread-out rows.
+
+  Args:
+    batch: B.
+    check_rows: None or a positive number of rows.
+
+  Returns:
+    None when every row is checked, else ascending row ids including 0 and B - 1.
+  """
+  if check_rows is None:
+    return None
+  if isinstance(check_rows, bool) or not isinstance(check_rows, int) or check_rows < 1:
+    raise ValueError(f"{check_rows=} must be None or a positive int")
+  if check_rows >= batch:
+    return None
+  ids = np.unique(np.linspace(0, batch - 1, check_rows).round().astype(int))
+  return tuple(int(i) for i in ids)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "select"))
+def _max_abs_err(out: jax.Array, inputs: tuple[jax.Array, ...], *, rows: int,
+                 select: tuple[int, ...] | None = None) -> jax.Array:
+  """max |out - reference| over the `select`ed rows (None: all), the float32 reference
+  computed `rows` at a time."""
+  if select is not None:
+    ids = jnp.asarray(select)
+    out, inputs = out[ids], tuple(x[ids] for x in inputs)
   query, key_cache, value_cache, lengths, *heads = inputs
 
   def chunk(index):
@@ -248,12 +300,30 @@ def _loop_iters(config: ml_collections.ConfigDict, wall_median_s: float) -> int:
   return min(max(calls, config.loop_min_iters), config.loop_max_iters)
 
 
+def _estimated_loop_iters(config: ml_collections.ConfigDict, groups: int | None) -> int:
+  """Calls per timed loop without a wall measurement: KV bytes at the copy ceiling + 5 us."""
+  if config.loop_iters is not None:
+    return config.loop_iters
+  ceilings = benchmarking.device_ceilings(jax.devices()[0].device_kind, config.dtype)
+  if not ceilings or "hbm_bytes_per_s" not in ceilings:
+    return config.loop_min_iters
+  heads = groups or config.num_kv_heads
+  most_bytes = (2 * config.batch * config.kv_len * heads * config.head_dim
+                * jnp.dtype(config.dtype).itemsize)
+  step_s = most_bytes / ceilings["hbm_bytes_per_s"] + _STEP_OVERHEAD_S
+  calls = math.ceil(config.loop_target_ms * 1e-3 / step_s)
+  return min(max(calls, config.loop_min_iters), config.loop_max_iters)
+
+
 def _peer(config: ml_collections.ConfigDict, groups: int | None) -> Any:
   """The third_party decode peer of `config.implementation`; unsupported ones raise."""
   name = config.implementation[len(PEER_PREFIX):]
   peers = third_party.decode_peers(interpret=attention_bench.interpret_mode(config))
   if name not in peers:
     raise ValueError(f"unknown decode peer {name=}; known: {sorted(peers)}")
+  chosen = {f: config[f] for f in _BLOCK_SIZE_FIELDS if config[f] not in (None, False)}
+  if chosen:
+    raise ValueError(f"peer {name} has no flashjax block sizes to set: {chosen}")
   if groups is not None:
     raise NotImplementedError(f"peer {name} computes every head; "
                               f"head_density={config.head_density} needs head_indices")
@@ -266,18 +336,22 @@ def _peer(config: ml_collections.ConfigDict, groups: int | None) -> Any:
 def _run_torch(config: ml_collections.ConfigDict, peer: Any) -> dict[str, Any]:
   """Times the torch peer in its child process on inputs of the point's shapes."""
   set_bytes = _nbytes(_abstract_inputs(config, None))
-  # The child's float32 reference holds K and V repeated to Nq heads plus one float32 copy
-  # of the cache being repeated.
-  b, s, d = config.batch, config.kv_len, config.head_dim
-  reference_bytes = 4 * b * s * d * (2 * config.num_heads + config.num_kv_heads)
+  # Working memory besides the inputs: SDPA's float32 logits and, in case its math path
+  # serves GQA by expanding K and V to Nq heads, that copy. The child's float32 reference
+  # converts a few heads of one batch row at a time (negligible).
+  b, s, d, nq = config.batch, config.kv_len, config.head_dim, config.num_heads
+  expanded = 0 if nq == config.num_kv_heads else 2 * b * s * nq * d * jnp.dtype(
+      config.dtype).itemsize
+  working = expanded + 4 * b * nq * s
   budget = None if config.torch_memory_gb is None else config.torch_memory_gb * _GB
-  num_sets, need = _fit_sets(config, set_bytes, 0, reference_bytes, budget, "torch child")
+  num_sets, need = _fit_sets(config, set_bytes, 0, working, budget, "torch child")
   lengths = sample_lengths(np.random.default_rng([config.seed, 0]), b, config.kv_len,
                            config.ragged)
   case = {k: config[k] for k in ("batch", "num_heads", "num_kv_heads", "head_dim", "dtype",
                                  "kv_len", "warmup", "iters", "seed")}
-  case.update(scale=None, input_sets=num_sets)
-  result = peer.run(case, {"lengths": lengths})
+  rows = check_row_ids(b, config.check_rows)
+  case.update(scale=None, input_sets=num_sets, check_rows=None if rows is None else list(rows))
+  result = peer.run(case, {"lengths": lengths}, keep_alive=config.torch_keep_alive)
   read = benchmarking.decode_kv_bytes(lengths, config.num_kv_heads, config.head_dim,
                                       config.dtype)
   timing = "events" if result.get("timing") == "cuda_events" else "wall"
@@ -293,54 +367,136 @@ def _run_torch(config: ml_collections.ConfigDict, peer: Any) -> dict[str, Any]:
   return metrics
 
 
+def _block_sizes(config: ml_collections.ConfigDict) -> decode_configs.DecodeConfig:
+  return decode_configs.DecodeConfig(num_splits=config.num_splits, block_kv=config.block_kv,
+                                     xla_merge=config.xla_merge)
+
+
 def _flashjax_fn(config: ml_collections.ConfigDict):
   implementation = config.implementation
   interpret = attention_bench.interpret_mode(config) and implementation.startswith("pallas")
+  block_sizes = _block_sizes(config)
 
   def decode(query, key_cache, value_cache, lengths, head_indices=None):
     return flashjax.decode_attention(query, key_cache, value_cache, lengths,
-                                     head_indices=head_indices, implementation=implementation,
-                                     interpret=interpret)
+                                     head_indices=head_indices, block_sizes=block_sizes,
+                                     implementation=implementation, interpret=interpret)
 
   return decode
 
 
-def _run_in_process(config: ml_collections.ConfigDict, fn: Any,
-                    groups: int | None) -> dict[str, Any]:
-  """Compiles, sizes the input sets to the memory budget, times and checks `fn`."""
+def _flashjax_metrics(config: ml_collections.ConfigDict, groups: int | None) -> dict[str, Any]:
+  """The kernel a flashjax implementation runs and, for pallas_triton's, its launch shape."""
+  kernel = decode_api.ALIASES.get(config.implementation, config.implementation)
+  metrics = {"kernel": kernel}
+  if kernel == "pallas_triton":
+    block_kv, splits = pallas_triton.launch_shape(
+        config.batch, groups or config.num_kv_heads, config.kv_len, _block_sizes(config))
+    metrics.update(launch_block_kv=block_kv, launch_splits=splits)
+  return metrics
+
+
+def _loop_program(fn: Any, trips: int):
+  """program(sets) -> (fn(*sets[0]), checksum of `trips` iterations calling fn on every set).
+
+  The first output is what the error check reads; the loop is the step timing (as
+  benchmarking.time_in_loop: the barrier makes each call depend on the carry, so nothing
+  is hoisted out of the loop).
+  """
+
+  def program(sets):
+    def body(_, acc):
+      for inputs in sets:
+        inputs, acc = lax.optimization_barrier((inputs, acc))
+        acc = acc + jnp.sum(fn(*inputs), dtype=jnp.float32)
+      return acc
+
+    return fn(*sets[0]), lax.fori_loop(0, trips, body, jnp.zeros((), jnp.float32))
+
+  return program
+
+
+def _time_wall_and_loop(config: ml_collections.ConfigDict, fn: Any, groups: int | None,
+                        reserve: float, budget: float | None):
+  """wall_timing: compiled fn timed call by call, then benchmarking.time_in_loop."""
   shapes = _abstract_inputs(config, groups)
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*shapes).compile()
   compile_s = time.perf_counter() - start
-  analysis = compiled.memory_analysis()
-  temp = getattr(analysis, "temp_size_in_bytes", 0) or 0
-  out_bytes = config.batch * config.num_heads * config.head_dim * 4
-  reserve = _CHUNK_TEMP_FACTOR * config.chunk_mb * _MB + out_bytes
-  num_sets, need = _fit_sets(config, _nbytes(shapes), temp, reserve,
-                             _memory_budget(config), "device")
+  temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0) or 0
+  num_sets, need = _fit_sets(config, _nbytes(shapes), temp, reserve, budget, "device")
   sets = make_inputs(config, groups, num_sets)
-
   wall = benchmarking.time_fn(compiled, warmup=config.warmup, iters=config.iters,
                               arg_sets=sets)
   loop = benchmarking.time_in_loop(fn, iters=_loop_iters(config, wall.median_s),
                                    repeats=config.loop_repeats, arg_sets=sets)
-  read, dense = kv_bytes(config, sets)
   metrics = {
       "us_per_step": 1e6 * loop.median_s, "step_timing": "loop",
       "median_us_loop": 1e6 * loop.median_s, "p10_us_loop": 1e6 * loop.p10_s,
       "p90_us_loop": 1e6 * loop.p90_s, "loop_calls": loop.calls_per_sample,
       "median_us_wall": 1e6 * wall.median_s, "p10_us_wall": 1e6 * wall.p10_s,
       "p90_us_wall": 1e6 * wall.p90_s, "compile_s": compile_s,
-      "first_call_s": wall.compile_s, "input_sets": num_sets,
-      "rotated_mb": num_sets * _nbytes(shapes) / _MB, "est_memory_gb": need / _GB,
-      "kv_bytes": read, "dense_kv_bytes": dense,
-      "kv_tbps_wall": read / wall.median_s / 1e12,
+      "first_call_s": wall.compile_s, "est_memory_gb": need / _GB,
   }
+  out = compiled(*sets[0]) if config.check else None
+  return metrics, sets, out
+
+
+def _time_one_program(config: ml_collections.ConfigDict, fn: Any, groups: int | None,
+                      reserve: float, budget: float | None):
+  """No wall timing: one compiled `_loop_program` gives the checked output and the times."""
+  shapes = _abstract_inputs(config, groups)
+  set_bytes = _nbytes(shapes)
+  calls = _estimated_loop_iters(config, groups)
+  num_sets, _ = _fit_sets(config, set_bytes, 0, reserve, budget, "device")
+  while True:
+    trips = -(-calls // num_sets)
+    start = time.perf_counter()
+    compiled = jax.jit(_loop_program(fn, trips)).lower((shapes,) * num_sets).compile()
+    compile_s = time.perf_counter() - start
+    temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0) or 0
+    fits, need = _fit_sets(config, set_bytes, 0, reserve + temp, budget, "device")
+    if fits >= num_sets:
+      break
+    num_sets = fits  # the program's temporaries leave room for fewer sets: recompile
+  sets = make_inputs(config, groups, num_sets)
+  start = time.perf_counter()
+  out, _ = jax.block_until_ready(compiled(tuple(sets)))
+  first_call_s = time.perf_counter() - start
+  per_call = []
+  for _ in range(config.loop_repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(tuple(sets)))
+    per_call.append((time.perf_counter() - start) / (trips * num_sets + 1))
+  median, p10, p90 = np.percentile(per_call, [50, 10, 90])
+  metrics = {
+      "us_per_step": 1e6 * median, "step_timing": "loop", "median_us_loop": 1e6 * median,
+      "p10_us_loop": 1e6 * p10, "p90_us_loop": 1e6 * p90, "loop_calls": trips * num_sets,
+      "compile_s": compile_s, "first_call_s": first_call_s, "est_memory_gb": need / _GB,
+  }
+  return metrics, sets, out
+
+
+def _run_in_process(config: ml_collections.ConfigDict, fn: Any,
+                    groups: int | None) -> dict[str, Any]:
+  """Compiles, sizes the input sets to the memory budget, times and checks `fn`."""
+  torch_peers.close_child()  # a kept-alive torch child would hold device memory
+  out_bytes = config.batch * config.num_heads * config.head_dim * 4
+  reserve = _CHUNK_TEMP_FACTOR * config.chunk_mb * _MB + out_bytes
+  timer = _time_wall_and_loop if config.wall_timing else _time_one_program
+  metrics, sets, out = timer(config, fn, groups, reserve, _memory_budget(config))
+  read, dense = kv_bytes(config, sets)
+  metrics.update(input_sets=len(sets), rotated_mb=len(sets) * _nbytes(sets[0]) / _MB,
+                 kv_bytes=read, dense_kv_bytes=dense)
+  if "median_us_wall" in metrics:
+    metrics["kv_tbps_wall"] = read / metrics["median_us_wall"] / 1e6
   if config.check:
+    select = check_row_ids(config.batch, config.check_rows)
+    checked = config.batch if select is None else len(select)
     # Per batch row the reference holds float32 K and V, cast and repeated to Nq heads.
     row_bytes = 8 * config.kv_len * config.head_dim * (config.num_heads + config.num_kv_heads)
-    rows = chunk_rows(config.batch, row_bytes, config.chunk_mb * _MB)
-    metrics["max_abs_err"] = float(_max_abs_err(compiled(*sets[0]), sets[0], rows=rows))
+    rows = chunk_rows(checked, row_bytes, config.chunk_mb * _MB)
+    metrics["max_abs_err"] = float(_max_abs_err(out, sets[0], rows=rows, select=select))
   return metrics
 
 
@@ -352,18 +508,20 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
     point: the sweep point (unused beyond config; recorded by the launcher).
 
   Returns:
-    Metrics: step time (loop and wall, or CUDA events for torch), KV bandwidth and % of the
-    copy ceiling, dense-equivalent bandwidth, KV bytes, input sets, error against the
-    float32 reference.
+    Metrics: step time (loop, and wall with wall_timing, or CUDA events for torch), KV
+    bandwidth and % of the copy ceiling, dense-equivalent bandwidth, KV bytes, input sets,
+    error against the float32 reference, the kernel and launch shape of flashjax backends.
 
   Raises:
     NotImplementedError: a peer below head density 1, an unavailable peer or backend, or a
       point over the memory budget (the launcher records "unsupported").
+    ValueError: bad config values (a peer with block sizes, an unknown peer, ...).
   """
   del point
   groups = num_groups(config.head_density, config.num_kv_heads)
   if config.head_density == 1:
     groups = None  # dense: head_indices=None
+  check_row_ids(config.batch, config.check_rows)  # bad values fail before any work
   if config.implementation.startswith(PEER_PREFIX):
     peer = _peer(config, groups)
     if isinstance(peer, third_party.TorchPeer):
@@ -371,7 +529,9 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
     else:
       metrics = _run_in_process(config, peer.make(), groups)
   else:
+    extra = _flashjax_metrics(config, groups)
     metrics = _run_in_process(config, _flashjax_fn(config), groups)
+    metrics.update(extra)
 
   seconds = metrics["us_per_step"] * 1e-6
   metrics.update(groups=groups or config.num_kv_heads,

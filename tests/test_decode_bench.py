@@ -1,5 +1,6 @@
 """Tests of the decode_bench experiment kind and its configs (CPU; Pallas in interpret mode)."""
 
+import io
 import json
 import os
 import shutil
@@ -16,10 +17,12 @@ import numpy as np
 
 from configs import ablate_batch_size
 from configs import bench_decode_gpu
+from configs import tune_decode_splits
 from experiments import decode_bench
 from experiments import launch
 from experiments import report
 import third_party
+from third_party import torch_peers
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,8 +46,8 @@ class FakeTorchPeer(third_party.TorchPeer):
   def available(self):
     return third_party.Availability(True)
 
-  def run(self, case, arrays, timeout_s=900):
-    self.calls.append((case, arrays))
+  def run(self, case, arrays, timeout_s=900, keep_alive=False):
+    self.calls.append((case, arrays, keep_alive))
     return {"compile_s": 0.5, "median_ms": 0.02, "p10_ms": 0.019, "p90_ms": 0.021,
             "mean_ms": 0.02, "min_ms": 0.018, "samples": case["iters"],
             "timing": "cuda_events", "max_abs_err": 3e-3, "torch_version": "fake"}
@@ -56,13 +59,23 @@ class RunPointTest(parameterized.TestCase):
       (f"{implementation=}_{head_density=}_{ragged=}", implementation, head_density, ragged)
       for implementation, head_density, ragged in (
           ("xla", 1.0, False), ("xla", 0.5, True), ("pallas_triton", 1.0, True),
-          ("pallas_triton", 0.25, False), ("peer:jax_nn_xla", 1.0, False),
-          ("peer:pallas_decode", 1.0, True)))
+          ("pallas_triton", 0.25, False), ("pallas_mosaic_gpu", 0.5, False),
+          ("peer:jax_nn_xla", 1.0, False), ("peer:pallas_decode", 1.0, True)))
   def test_point(self, implementation, head_density, ragged):
     nkv = 4
     config = _config(implementation=implementation, head_density=head_density, ragged=ragged,
                      num_kv_heads=nkv)
     metrics = decode_bench.run_point(config, {})
+    if implementation.startswith("peer:"):
+      self.assertNotIn("kernel", metrics)
+    else:  # the name asked for stays the point's; the kernel that ran is reported
+      self.assertEqual(metrics["kernel"], implementation.replace("pallas_mosaic_gpu",
+                                                                 "pallas_triton"))
+    if metrics.get("kernel") == "pallas_triton":
+      # 3 x K x splits programs on (CPU fallback) 132 SMs; 64 positions: 32-position tiles.
+      self.assertEqual((metrics["launch_block_kv"], metrics["launch_splits"]), (32, 2))
+    else:
+      self.assertNotIn("launch_splits", metrics)
     self.assertTrue(metrics["within_tol"], metrics)
     self.assertLess(metrics["max_abs_err"], 1e-4)
     groups = max(1, round(head_density * nkv))
@@ -120,7 +133,9 @@ class RunPointTest(parameterized.TestCase):
                      torch_memory_gb=1.0, dtype="bfloat16")
     with mock.patch.object(third_party, "decode_peers", return_value={"torch_sdpa": fake}):
       metrics = decode_bench.run_point(config, {})
-      (case, arrays), = fake.calls
+      (case, arrays, keep_alive), = fake.calls
+      self.assertTrue(keep_alive)
+      self.assertIsNone(case["check_rows"])
       self.assertEqual(case["input_sets"], 2)
       self.assertEqual((case["batch"], case["kv_len"], case["num_kv_heads"]), (3, 64, 2))
       chex.assert_shape(arrays["lengths"], (3,))
@@ -130,10 +145,54 @@ class RunPointTest(parameterized.TestCase):
       self.assertAlmostEqual(metrics["median_us_events"], 20.0)
       self.assertEqual(metrics["max_abs_err"], 3e-3)
       self.assertTrue(metrics["within_tol"])  # bfloat16 tolerance
+      config.check_rows = 2
+      decode_bench.run_point(config, {})
+      self.assertEqual(fake.calls[-1][0]["check_rows"], [0, 2])
       config.torch_memory_gb = 1e-6
       with self.assertRaisesRegex(NotImplementedError, "torch child"):
         decode_bench.run_point(config, {})
-    self.assertLen(fake.calls, 1)
+    self.assertLen(fake.calls, 2)
+
+  @parameterized.named_parameters(
+      (f"{implementation=}_{head_density=}", implementation, head_density)
+      for implementation, head_density in (("pallas_triton", 0.5), ("peer:jax_nn_xla", 1.0)))
+  def test_one_program_timing(self, implementation, head_density):
+    config = _config(implementation=implementation, head_density=head_density, batch=5,
+                     num_kv_heads=4, wall_timing=False, check_rows=3, loop_iters=3)
+    metrics = decode_bench.run_point(config, {})
+    self.assertTrue(metrics["within_tol"], metrics)
+    self.assertLess(metrics["max_abs_err"], 1e-4)
+    self.assertNotIn("median_us_wall", metrics)
+    self.assertNotIn("kv_tbps_wall", metrics)
+    # 3 calls rounded up to whole loop iterations over the 2 input sets.
+    self.assertEqual(metrics["loop_calls"], 4)
+    self.assertEqual(metrics["input_sets"], 2)
+    self.assertEqual(metrics["us_per_step"], metrics["median_us_loop"])
+    self.assertBetween(metrics["median_us_loop"], metrics["p10_us_loop"],
+                       metrics["p90_us_loop"])
+    self.assertGreater(metrics["compile_s"], 0)
+    self.assertGreater(metrics["kv_tbps"], 0)
+
+  def test_one_program_output_is_checked(self):
+    # A wrong step must show in max_abs_err on the one-program path too.
+    config = _config(implementation="pallas_triton", wall_timing=False, loop_iters=2)
+    right = decode_bench._flashjax_fn(config)
+    wrong = lambda *args, **kwargs: right(*args, **kwargs) * 1.5
+    with mock.patch.object(decode_bench, "_flashjax_fn", return_value=wrong):
+      metrics = decode_bench.run_point(config, {})
+    self.assertGreater(metrics["max_abs_err"], 1e-2)
+    self.assertFalse(metrics["within_tol"])
+
+  def test_block_sizes_reach_the_kernel(self):
+    config = _config(implementation="pallas_triton", num_splits=4, block_kv=16)
+    metrics = decode_bench.run_point(config, {})
+    self.assertEqual((metrics["launch_block_kv"], metrics["launch_splits"]), (16, 4))
+    self.assertTrue(metrics["within_tol"], metrics)
+    with self.assertRaisesRegex(ValueError, "num_splits=5 exceeds"):
+      decode_bench.run_point(_config(implementation="pallas_triton", num_splits=5,
+                                     block_kv=16), {})
+    with self.assertRaisesRegex(ValueError, "no flashjax block sizes"):
+      decode_bench.run_point(_config(implementation="peer:jax_nn_xla", num_splits=2), {})
 
 
 class HelpersTest(parameterized.TestCase):
@@ -160,6 +219,15 @@ class HelpersTest(parameterized.TestCase):
     self.assertEqual(decode_bench.chunk_rows(12, 10.0, 45.0), 4)
     self.assertEqual(decode_bench.chunk_rows(7, 10.0, 45.0), 1)
     self.assertEqual(decode_bench.chunk_rows(8, 10.0, 1.0), 1)
+
+  def test_check_row_ids(self):
+    self.assertIsNone(decode_bench.check_row_ids(8, None))
+    self.assertIsNone(decode_bench.check_row_ids(8, 8))
+    self.assertEqual(decode_bench.check_row_ids(256, 8), (0, 36, 73, 109, 146, 182, 219, 255))
+    self.assertEqual(decode_bench.check_row_ids(5, 1), (0,))
+    for bad in (0, 2.5, True):
+      with self.assertRaisesRegex(ValueError, "check_rows="):
+        decode_bench.check_row_ids(8, bad)
 
   def test_inputs_are_fresh_per_set(self):
     config = _config(head_density=0.5, num_kv_heads=4, batch=8, ragged=True)
@@ -190,24 +258,52 @@ class HelpersTest(parameterized.TestCase):
     self.assertGreater(float(decode_bench._max_abs_err(dense, inputs, rows=2)), 0.1)
     nan = want.at[0, 0, 0].set(jnp.nan)
     self.assertTrue(np.isnan(float(decode_bench._max_abs_err(nan, inputs, rows=2))))
+    # A row subset sees only its rows.
+    for select, err in (((0, 3), 0.25), ((0, 1, 2), 0.0)):
+      got = decode_bench._max_abs_err(wrong, inputs, rows=1, select=select)
+      self.assertAlmostEqual(float(got), err, places=5)
 
 
 class ConfigTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       (f"{arg=}", arg, points, per_impl)
-      for arg, points, per_impl in (("core", 192, 32), ("all", 864, 144)))
+      for arg, points, per_impl in (("core", 192, 32), ("all", 864, 144), ("grid", 720, 144)))
   def test_gpu_grid(self, arg, points, per_impl):
     config = bench_decode_gpu.get_config(arg)
     expanded = launch.expand_sweep(config.sweep)
     self.assertLen(expanded, points)
     self.assertLen([p for p in expanded if p["implementation"] == "pallas_triton"], per_impl)
     self.assertEqual(expanded[0]["implementation"], "peer:torch_sdpa")  # torch runs first
+    self.assertTrue(config.torch_keep_alive)
+    fast = arg == "grid"
+    self.assertEqual(config.wall_timing, not fast)
+    self.assertEqual(config.check_rows, 8 if fast else None)
+    self.assertEqual("xla" in config.implementations, not fast)
+    dense_peers = [p for p in expanded
+                   if p["implementation"].startswith("peer:") and p["head_density"] == 1]
+    self.assertLen(dense_peers, per_impl)  # 4 peers x a quarter of the densities
     for point in expanded[:: len(expanded) // 7]:
       point_config = launch.apply_point(config, point)
       self.assertEqual((point_config.num_heads, point_config.head_dim), (32, 128))
     with self.assertRaisesRegex(ValueError, "grid='nope'"):
       bench_decode_gpu.get_config("nope")
+
+  def test_tune_splits_config(self):
+    config = tune_decode_splits.get_config()
+    expanded = launch.expand_sweep(config.sweep)
+    self.assertLen(expanded, 96)
+    self.assertEqual(config.wall_timing, False)
+    variants = {(p["implementation"], p["num_splits"], p["xla_merge"]) for p in expanded}
+    self.assertEqual(variants, {("pallas_triton", n, False) for n in (None, 4, 8, 16, 32, 64)}
+                     | {("pallas_triton", None, True), ("peer:jax_nn_cudnn", None, False)})
+    shapes = {(p["batch"], p["kv_len"], p["num_kv_heads"]) for p in expanded}
+    self.assertLen(shapes, 12)
+    point_config = launch.apply_point(config, expanded[3])
+    self.assertEqual((point_config.num_splits, point_config.head_density), (16, 1.0))
+    self.assertEqual(len(launch.expand_sweep(tune_decode_splits.get_config("cpu").sweep)), 20)
+    with self.assertRaisesRegex(ValueError, "arg='tpu'"):
+      tune_decode_splits.get_config("tpu")
 
   def test_ablation_configs(self):
     gpu = ablate_batch_size.get_config()
@@ -218,7 +314,80 @@ class ConfigTest(parameterized.TestCase):
     self.assertLen(launch.expand_sweep(cpu.sweep), 3 * 3 * 2 * 2)
 
 
+class TorchChildTest(absltest.TestCase):
+  """The kept-alive torch child of third_party.torch_peers (torch itself is not needed)."""
+
+  # Without torch the child reports the import error; with it, the unknown dtype.
+  CASE = dict(batch=1, num_heads=2, num_kv_heads=1, head_dim=16, dtype="nope", kv_len=8,
+              warmup=0, iters=1, seed=0, scale=None, input_sets=1)
+
+  def setUp(self):
+    super().setUp()
+    torch_peers.close_child()
+    self.addCleanup(torch_peers.close_child)
+
+  def test_one_process_for_many_cases_and_a_new_one_after_a_crash(self):
+    peer = torch_peers.TorchPeer("torch_sdpa", "decode")
+    pids = []
+    for _ in range(2):
+      with self.assertRaisesRegex(RuntimeError, "torch_sdpa: .*Error"):
+        peer.run(self.CASE, {"lengths": np.array([8])}, timeout_s=120, keep_alive=True)
+      pids.append(torch_peers._CHILD.proc.pid)
+    self.assertEqual(pids[0], pids[1])
+    child = torch_peers._CHILD
+    child.proc.kill()
+    child.proc.wait()
+    with self.assertRaisesRegex(RuntimeError, "torch_sdpa child process stopped"):
+      child.measure("case.json", "out.json", 60, "torch_sdpa")
+    with self.assertRaisesRegex(RuntimeError, "torch_sdpa: .*Error"):
+      peer.run(self.CASE, {"lengths": np.array([8])}, timeout_s=120, keep_alive=True)
+    self.assertNotEqual(torch_peers._CHILD.proc.pid, pids[0])
+    torch_peers.close_child()
+    self.assertIsNone(torch_peers._CHILD)
+
+  def test_serve_answers_every_request(self):
+    tmp = tempfile.mkdtemp(prefix="fj_torch_serve_")
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    case_path = os.path.join(tmp, "case.json")
+    with open(case_path, "w") as f:
+      json.dump(dict(self.CASE, op="decode", peer="torch_sdpa"), f)
+    outs = [os.path.join(tmp, f"out{i}.json") for i in range(2)]
+    requests = io.StringIO("".join(json.dumps([case_path, out]) + "\n" for out in outs))
+    replies = io.StringIO()
+    torch_peers.serve(requests, replies)
+    self.assertEqual(replies.getvalue(), "done\ndone\n")
+    for out in outs:
+      with open(out) as f:
+        self.assertIn("Error", json.load(f)["error"])
+
+
 class LaunchTest(absltest.TestCase):
+
+  def test_cpu_tune_splits_through_the_launcher(self):
+    workdir = tempfile.mkdtemp(prefix="fj_tune_splits_test_")
+    self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=_REPO, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.launch",
+         "--config=configs/tune_decode_splits.py:cpu", f"--workdir={workdir}",
+         "--config.batches=(1,)", "--config.kv_lens=(200,)"],
+        capture_output=True, text=True, cwd=_REPO, env=env, timeout=300, check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    rows = report.read_rows(workdir)
+    self.assertLen(rows, 5)
+    launches = {}
+    for row in rows:
+      self.assertEqual(row["status"], "ok", row)
+      self.assertTrue(row["metrics"]["within_tol"], row)
+      point, metrics = row["point"], row["metrics"]
+      if point["implementation"] == "pallas_triton":
+        launches[point["num_splits"], point["xla_merge"]] = (
+            metrics["launch_block_kv"], metrics["launch_splits"])
+    # 200 positions, B x K = 2: the heuristic shortens the tile to 32 (7 tiles, 7 splits);
+    # 4 splits keep 64-position tiles.
+    self.assertEqual(launches, {(None, False): (32, 7), (2, False): (128, 2),
+                                (4, False): (64, 4), (None, True): (32, 7)})
+
 
   def test_cpu_ablation_through_the_launcher(self):
     workdir = tempfile.mkdtemp(prefix="fj_decode_bench_test_")

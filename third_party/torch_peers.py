@@ -11,6 +11,12 @@ CPU), checks its output against a float32 torch reference computed in the same r
 a JSON result: compile_s, median_ms, p10_ms, p90_ms, mean_ms, min_ms, samples, max_abs_err,
 torch_version, torch_device -- or {"error": "..."} when the peer cannot run the case.
 
+`run(..., keep_alive=True)` measures in one long-lived child instead
+(`python -m third_party.torch_peers --serve`, one request line per case on its stdin), so a
+sweep of many small cases pays torch's import and CUDA start-up (seconds) once;
+`close_child()` ends it (also at exit) and frees its GPU memory, which a benchmark does
+before JAX needs that memory. The child empties torch's CUDA cache after every case.
+
 case.json keys:
   op            "attention" or "decode"
   peer          "torch_sdpa" or "torch_flex" (attention); "torch_sdpa" (decode)
@@ -20,6 +26,7 @@ case.json keys:
   mode          "fwd" or "fwd_bwd" (attention)
   warmup, iters, input_sets, seed
   structured, band_lo, band_hi (attention; see third_party.peers.PeerMask)
+  check_rows    decode, optional: batch rows compared with the reference (null: all)
 case.npz arrays (all optional): dense [B|1, N|1, T, S] bool, q_segment_ids, kv_segment_ids,
   lengths [B], head_indices [B, K].
 
@@ -29,15 +36,18 @@ This module imports torch only inside the child process.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib.util
 import json
 import math
 import os
+import select
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -68,13 +78,15 @@ class TorchPeer:
     return Availability(True, "runs in a separate process")
 
   def run(self, case: dict[str, Any], arrays: dict[str, np.ndarray],
-          timeout_s: float = 900) -> dict[str, Any]:
+          timeout_s: float = 900, keep_alive: bool = False) -> dict[str, Any]:
     """Measures `case` in a child process.
 
     Args:
       case: the case.json fields (module docstring); `op` and `peer` are filled in.
       arrays: the case.npz arrays.
-      timeout_s: limit for the child process.
+      timeout_s: limit for the case.
+      keep_alive: measure in the long-lived child (started if needed) instead of a new
+        process per case.
 
     Returns:
       The child's result dict.
@@ -89,22 +101,84 @@ class TorchPeer:
       with open(case_path, "w") as f:
         json.dump(case, f)
       np.savez_compressed(os.path.join(tmp, "case.npz"), **arrays)
-      env = dict(os.environ)
-      env["PYTHONPATH"] = os.pathsep.join(
-          p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
-      env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-      proc = subprocess.run(
-          [sys.executable, "-m", "third_party.torch_peers", "--case", case_path, "--out",
-           out_path], capture_output=True, text=True, timeout=timeout_s, env=env,
-          cwd=_REPO_ROOT, check=False)
-      if proc.returncode != 0 or not os.path.exists(out_path):
-        raise RuntimeError(f"{self.name} child process failed ({proc.returncode=}): "
-                           f"{proc.stderr[-2000:]}")
+      if keep_alive:
+        _persistent_child().measure(case_path, out_path, timeout_s, self.name)
+      else:
+        proc = subprocess.run(
+            [sys.executable, "-m", "third_party.torch_peers", "--case", case_path, "--out",
+             out_path], capture_output=True, text=True, timeout=timeout_s, env=_child_env(),
+            cwd=_REPO_ROOT, check=False)
+        if proc.returncode != 0 or not os.path.exists(out_path):
+          raise RuntimeError(f"{self.name} child process failed ({proc.returncode=}): "
+                             f"{proc.stderr[-2000:]}")
       with open(out_path) as f:
         result = json.load(f)
     if "error" in result:
       raise RuntimeError(f"{self.name}: {result['error']}")
     return result
+
+
+def _child_env() -> dict[str, str]:
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
+  env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  return env
+
+
+class _Child:
+  """A `--serve` child: one JSON line [case_path, out_path] in, one "done" line out."""
+
+  def __init__(self):
+    self._stderr = tempfile.TemporaryFile(mode="w+")
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "third_party.torch_peers", "--serve"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=_child_env(),
+        cwd=_REPO_ROOT)
+
+  def measure(self, case_path: str, out_path: str, timeout_s: float, name: str) -> None:
+    """Has the child write the result of case_path to out_path (RuntimeError if it dies)."""
+    try:
+      self.proc.stdin.write(json.dumps([case_path, out_path]) + "\n")
+      self.proc.stdin.flush()
+      ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+      reply = self.proc.stdout.readline() if ready else ""
+    except OSError as e:  # the child is gone: broken pipe
+      ready, reply = True, f"{e}"
+    if reply.strip() != "done":
+      why = f"timed out after {timeout_s} s" if not ready else f"stopped ({reply.strip()!r})"
+      self.close()
+      self._stderr.seek(0)
+      raise RuntimeError(f"{name} child process {why}: {self._stderr.read()[-2000:]}")
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      try:
+        self.proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+
+
+_CHILD: _Child | None = None
+
+
+def _persistent_child() -> _Child:
+  global _CHILD
+  if _CHILD is None or _CHILD.proc.poll() is not None:
+    _CHILD = _Child()
+  return _CHILD
+
+
+def close_child() -> None:
+  """Ends the long-lived child of `run(..., keep_alive=True)`, if one is running."""
+  global _CHILD
+  if _CHILD is not None:
+    _CHILD.close()
+    _CHILD = None
+
+
+atexit.register(close_child)
 
 
 # ---------------------------------------------------------------- child process (torch) ---
@@ -269,7 +343,11 @@ def _decode(torch, case, arrays) -> dict[str, Any]:
     result = _timed(torch, lambda i: attend(*sets[i]), case["warmup"], case["iters"],
                     len(sets))
     out = attend(*sets[0]).float()
-    ref = _reference(torch, *sets[0], allowed, scale)
+    query, key, value = sets[0]
+    if case.get("check_rows") is not None:  # the reference loops over rows: check a subset
+      rows = torch.as_tensor(case["check_rows"], device=device)
+      out, query, key, value, allowed = (x[rows] for x in (out, query, key, value, allowed))
+    ref = _reference(torch, query, key, value, allowed, scale)
   result["max_abs_err"] = float((out - ref).abs().max())
   return result
 
@@ -287,21 +365,51 @@ def measure(case: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, An
   return result
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--case", required=True, help="case.json (case.npz beside it)")
-  parser.add_argument("--out", required=True, help="where to write the result JSON")
-  args = parser.parse_args(argv)
-  with open(args.case) as f:
+def measure_files(case_path: str, out_path: str) -> None:
+  """Measures case_path (case.json, case.npz beside it) and writes the result to out_path."""
+  with open(case_path) as f:
     case = json.load(f)
-  npz = os.path.splitext(args.case)[0] + ".npz"
+  npz = os.path.splitext(case_path)[0] + ".npz"
   arrays = dict(np.load(npz)) if os.path.exists(npz) else {}
   try:
     result = measure(case, arrays)
   except Exception as e:  # any failure is reported to the parent, not raised
     result = {"error": f"{type(e).__name__}: {e}"}
-  with open(args.out, "w") as f:
+  with open(out_path, "w") as f:
     json.dump(result, f, indent=2)
+
+
+def serve(requests: TextIO, replies: TextIO) -> None:
+  """Measures the cases named on `requests` until it closes, one reply line per case.
+
+  Args:
+    requests: lines of JSON [case_path, out_path].
+    replies: gets "done" after each result file is written.
+  """
+  for line in requests:
+    measure_files(*json.loads(line))
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+      torch.cuda.empty_cache()  # give the case's memory back to the device
+    replies.write("done\n")
+    replies.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--case", help="case.json (case.npz beside it)")
+  parser.add_argument("--out", help="where to write the result JSON")
+  parser.add_argument("--serve", action="store_true",
+                      help="measure the cases named on stdin (see `serve`)")
+  args = parser.parse_args(argv)
+  if args.serve:
+    replies, sys.stdout = sys.stdout, sys.stderr  # stray prints must not reach the parent
+    serve(sys.stdin, replies)
+  elif args.case and args.out:
+    measure_files(args.case, args.out)
+  else:
+    parser.error("give --case and --out, or --serve")
   return 0
 
 

@@ -41,6 +41,25 @@ from flashjax.ops.decode import configs
 
 _KV_LAYOUTS = ("BSND", "BNSD")
 _MERGE_WARPS = 4
+_WAVES = 2  # programs wanted per SM (configs.py: measured split counts)
+
+
+def launch_shape(batch: int, num_groups: int, max_len: int,
+                 block_sizes: configs.DecodeConfig | None = None) -> tuple[int, int]:
+  """(block_kv, num_splits) this backend launches with on the default device.
+
+  Args:
+    batch: B.
+    num_groups: K, KV groups computed per sequence (Nkv when head_indices is None).
+    max_len: S_max.
+    block_sizes: the caller's DecodeConfig, None for the defaults.
+
+  Returns:
+    configs.launch_shape for the device's SM count.
+  """
+  return configs.launch_shape(batch, num_groups, max_len,
+                              block_sizes or configs.DecodeConfig(),
+                              num_cores=configs.gpu_core_count(), waves=_WAVES)
 
 
 def _group_rows(ref, b, head, rows: int, group: int):
@@ -211,8 +230,7 @@ def decode_attention(
   rows = configs.next_pow2(max(16, group))
   heads = configs.group_ids(head_indices, batch, num_kv_heads)
   num_groups = heads.shape[1]
-  block_kv, num_splits = configs.launch_shape(
-      batch, num_groups, max_len, config, num_cores=configs.gpu_core_count(), waves=2)
+  block_kv, num_splits = launch_shape(batch, num_groups, max_len, config)
   lengths = lengths.astype(jnp.int32)
   attend = dict(block_kv=block_kv, num_splits=num_splits, group=group, scale=scale,
                 logits_soft_cap=logits_soft_cap, kv_layout=kv_layout)

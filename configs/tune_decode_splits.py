@@ -1,0 +1,100 @@
+r"""Split-count tuning of pallas_triton decode at small batch (issue 5), beside cuDNN.
+
+At B = 1..8 a decode step reads 4 MB to 2 GB of KV and its time is mostly fixed costs
+(launches, latency), so how many programs share the cache (B x Nkv x splits) matters more
+than streaming efficiency. Sweep (experiment kind decode_bench, as
+configs/bench_decode_gpu.py): B in {1, 8} x S in {1k, 4k, 16k} x Nkv in {32, 8} (Nq = 32,
+D = 128, bf16, dense, all lengths = S) x 8 variants, innermost:
+
+  pallas_triton  num_splits = None (the heuristic: flashjax.ops.decode.configs.launch_shape,
+                 which also shortens the tile until the SMs are filled), 4, 8, 16, 32, 64
+                 (block_kv left to the heuristic: the tile is halved, down to 16, until every
+                 split owns one, so every count runs at every S)
+  pallas_triton  num_splits = None with xla_merge=True: the splits merged and the groups
+                 scattered in XLA, the path before the merge kernel and the one-split direct
+                 store: the before/after of that change in the same run
+  peer:jax_nn_cudnn  the dense peer that was fastest at B = 1 (docs/performance.md)
+
+96 points (72 split counts, 12 XLA-merge, 12 cuDNN), each timed with one compiled program
+(wall_timing=False: the output to check and loops of >= 10 ms x 5 repeats), every row
+checked against the float32 reference. Estimate (not yet run; each row's `wall_s` will
+tell): 0.5-0.8 s per point (one compile with one or two Triton kernels; inputs of at most
+2.1 GB per set) -> 50-75 s, plus 12 per-shape reference / generator compiles (~5 s) and the
+launcher's start (~15 s): 70-95 s on an H200. It resumes a workdir, so `timeout 120` and a
+re-run finish it in any case.
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
+      --config=configs/tune_decode_splits.py --workdir=/tmp/fj_tune_splits
+
+Read the table per (batch, kv_len, num_kv_heads): `us_per_step` of each split count against
+the heuristic (launch_splits / launch_block_kv show what it picked), against the XLA merge
+and against cuDNN. `--config.batches`, `--config.kv_lens`, `--config.kv_heads` narrow the
+grid.
+
+CPU (`:cpu`): the same variants on tiny shapes (float32, Pallas in interpret mode, split
+counts {None, 2, 4}, jax.nn's XLA as the peer; 20 points in about 25 s on 2 cores); the
+numbers only show that everything runs:
+
+  python -m experiments.launch --config=configs/tune_decode_splits.py:cpu \
+      --workdir=/tmp/fj_tune_splits_cpu
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import bench_decode_gpu
+
+# (implementation, num_splits, xla_merge) per variant.
+_VARIANTS = {
+    "gpu": [("pallas_triton", splits, False) for splits in (None, 4, 8, 16, 32, 64)]
+           + [("pallas_triton", None, True), ("peer:jax_nn_cudnn", None, False)],
+    "cpu": [("pallas_triton", splits, False) for splits in (None, 2, 4)]
+           + [("pallas_triton", None, True), ("peer:jax_nn_xla", None, False)],
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Split tuning config; arg "gpu" (default) or "cpu" (tiny, interpret mode).
+
+  Args:
+    arg: "gpu" or "cpu".
+
+  Returns:
+    The ConfigDict.
+  """
+  arg = arg or "gpu"
+  if arg not in _VARIANTS:
+    raise ValueError(f"{arg=} must be one of {sorted(_VARIANTS)}")
+  c = bench_decode_gpu.base_config()
+  bench_decode_gpu.fast_timing(c)
+  c.check_rows = None  # B <= 8: every row
+  if arg == "gpu":
+    c.batches = (1, 8)
+    c.kv_lens = (1024, 4096, 16384)
+    c.kv_heads = (32, 8)
+  else:
+    c.batches = (1, 2)
+    c.kv_lens = (64, 200)
+    c.kv_heads = (2,)
+    c.num_heads = 4
+    c.head_dim = 16
+    c.dtype = "float32"
+    c.loop_iters = 4
+    c.loop_repeats = 2
+    c.input_sets = 2
+    c.min_rotation_mb = None
+    c.torch_memory_gb = None
+    c.chunk_mb = 1.0
+  implementations, splits, merges = zip(*_VARIANTS[arg])
+  c.sweep = [{"batch": c.get_ref("batches")}, {"kv_len": c.get_ref("kv_lens")},
+             {"num_kv_heads": c.get_ref("kv_heads")},
+             {"implementation": list(implementations), "num_splits": list(splits),
+              "xla_merge": list(merges)}]
+  c.report = ml_collections.ConfigDict({
+      "columns": ["launch_splits", "launch_block_kv", "us_per_step", "kv_tbps",
+                  "pct_of_ceiling", "loop_calls", "input_sets", "compile_s", "max_abs_err",
+                  "within_tol"],
+      "plots": [{"x": "kv_len", "y": "us_per_step", "logx": True, "logy": True}],
+  })
+  return c
