@@ -72,8 +72,8 @@ class RunPointTest(parameterized.TestCase):
       self.assertEqual(metrics["kernel"], implementation.replace("pallas_mosaic_gpu",
                                                                  "pallas_triton"))
     if metrics.get("kernel") == "pallas_triton":
-      # 3 x K x splits programs on (CPU fallback) 132 SMs; 64 positions: 32-position tiles.
-      self.assertEqual((metrics["launch_block_kv"], metrics["launch_splits"]), (32, 2))
+      # 64 positions are one tile of the heuristic's shortest (64): one split.
+      self.assertEqual((metrics["launch_block_kv"], metrics["launch_splits"]), (64, 1))
     else:
       self.assertNotIn("launch_splits", metrics)
     self.assertTrue(metrics["within_tol"], metrics)
@@ -383,10 +383,10 @@ class LaunchTest(absltest.TestCase):
       if point["implementation"] == "pallas_triton":
         launches[point["num_splits"], point["xla_merge"]] = (
             metrics["launch_block_kv"], metrics["launch_splits"])
-    # 200 positions, B x K = 2: the heuristic shortens the tile to 32 (7 tiles, 7 splits);
-    # 4 splits keep 64-position tiles.
-    self.assertEqual(launches, {(None, False): (32, 7), (2, False): (128, 2),
-                                (4, False): (64, 4), (None, True): (32, 7)})
+    # 200 positions, B x K = 2: the heuristic shortens the tile to 64 (4 tiles, 4 splits);
+    # 2 splits keep 128-position tiles.
+    self.assertEqual(launches, {(None, False): (64, 4), (2, False): (128, 2),
+                                (4, False): (64, 4), (None, True): (64, 4)})
 
 
   def test_cpu_ablation_through_the_launcher(self):

@@ -32,12 +32,14 @@ num_cores = 2 (unmeasured: no TPU is reachable from this project).
 
 Tile length (`launch_shape`, GPU). With 128-position tiles a short cache caps the split
 count: B = 1, Nkv = 8, S = 1024 has 8 tiles per sequence, so at most 8 splits = 64 programs
-for 132 SMs. When `block_kv` is left to the heuristic (None), the tile is halved (down to
-32 positions) while B * K * tiles is below one program per SM (32 positions and 32 splits
-there: 256 programs); caches long enough to give every SM a tile keep 128. An explicit
-`num_splits` halves the tile (down to 16, Triton's smallest dot) until every split can own
-a tile; more splits than tiles of an explicit `block_kv` is a ValueError
-(`check_num_splits`).
+for 132 SMs. When `block_kv` is left to the heuristic (None), the tile is halved, down to
+64 positions, while B * K * tiles is below one program per SM (64 positions and 16 splits
+there: 128 programs); caches long enough to give every SM a tile keep 128. The floor of 64
+keeps a split's KV read (32 KB at D = 128 bf16) well above the float32 state it writes and
+the merge reads back (R x D x 4 = 8 KB); tune_decode_splits measures 32-position splits as
+the explicit num_splits = 32 at S = 1024. An explicit `num_splits` halves the tile (down to
+16, Triton's smallest dot) until every split can own a tile; more splits than tiles of an
+explicit `block_kv` is a ValueError (`check_num_splits`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import jax.numpy as jnp
 H200_SM_COUNT = 132
 DEFAULT_BLOCK_KV = 128
 # Smallest tile the split heuristic picks, and the smallest Triton tile (dot K >= 16).
-MIN_AUTO_BLOCK_KV = 32
+MIN_AUTO_BLOCK_KV = 64
 MIN_BLOCK_KV = 16
 
 

@@ -13,8 +13,9 @@ Output, by launch (every path writes [B, Nq, D] in the query's dtype):
   * one split: the kernel normalises its state and stores the G rows of its group straight
     into the output, so a decode step is one kernel;
   * several splits: the kernel writes float32 partial states [B, K, splits, R(, D)] and a
-    second Pallas kernel (grid (B, K)) merges them with log-sum-exp weights and stores the
-    group's rows: two kernels;
+    second Pallas kernel (grid (B, K, D / 32): head-dim chunks, so that a few sequences
+    with many splits still spread the merge over several SMs) merges them with
+    log-sum-exp weights and stores the group's rows: two kernels;
   * `DecodeConfig(xla_merge=True)`: partial states merged and scattered in XLA
     (configs.merge_splits / scatter_groups), the path before the merge kernel.
 With head_indices, the output is a zero array aliased into the kernel that stores it
@@ -40,7 +41,11 @@ import jax.numpy as jnp
 from flashjax.ops.decode import configs
 
 _KV_LAYOUTS = ("BSND", "BNSD")
-_MERGE_WARPS = 4
+# The merge kernel splits the head dim into chunks of this many columns (more programs when
+# B * K is small), with a pipelined loop over the splits.
+_MERGE_COLUMNS = 32
+_MERGE_WARPS = 2
+_MERGE_STAGES = 3
 _WAVES = 2  # programs wanted per SM (configs.py: measured split counts)
 
 
@@ -62,11 +67,6 @@ def launch_shape(batch: int, num_groups: int, max_len: int,
                               num_cores=configs.gpu_core_count(), waves=_WAVES)
 
 
-def _group_rows(ref, b, head, rows: int, group: int):
-  """The [rows, D] view of query heads head * G ... of sequence b in a [B, Nq, D] ref."""
-  return ref.at[b, pl.ds(head * group, rows), :]
-
-
 def _attend_split(heads_ref, lengths_ref, q_ref, k_ref, v_ref, *, block_kv: int,
                   num_splits: int, group: int, scale: float, logits_soft_cap: float | None,
                   kv_layout: str):
@@ -82,7 +82,7 @@ def _attend_split(heads_ref, lengths_ref, q_ref, k_ref, v_ref, *, block_kv: int,
   head_dim = q_ref.shape[2]
   rows = configs.next_pow2(max(16, group))
   q_live = jnp.arange(rows) < group  # [R]: rows past G belong to the next group
-  q = plgpu.load(_group_rows(q_ref, b, head, rows, group), mask=q_live[:, None], other=0)
+  q = plgpu.load(q_ref.at[b, pl.ds(head * group, rows), :], mask=q_live[:, None], other=0)
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
 
   def tile(ref, start, live):
@@ -121,14 +121,15 @@ def _attend_split(heads_ref, lengths_ref, q_ref, k_ref, v_ref, *, block_kv: int,
   return lax.fori_loop(first, jnp.maximum(first, last), body, init)
 
 
-def _store_group(out_ref, heads_ref, acc, l, *, group: int):
-  """Stores acc / l (0 where l == 0: no key) into the G output rows of program (b, k)."""
+def _store_group(out_ref, heads_ref, acc, l, *, group: int, column: int = 0):
+  """Stores acc / l (0 where l == 0: no key) into the G output rows of program (b, k),
+  columns [column, column + acc.shape[1])."""
   b, k = pl.program_id(0), pl.program_id(1)
-  rows = acc.shape[0]
+  rows, columns = acc.shape
   out = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(out_ref.dtype)
   live = jnp.arange(rows) < group
-  plgpu.store(_group_rows(out_ref, b, heads_ref[b, k], rows, group), out,
-              mask=live[:, None])
+  view = out_ref.at[b, pl.ds(heads_ref[b, k] * group, rows), pl.ds(column, columns)]
+  plgpu.store(view, out, mask=live[:, None])
 
 
 def _partials_kernel(heads_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, **kw):
@@ -144,14 +145,17 @@ def _direct_kernel(heads_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, **kw):
   _store_group(refs[-1], heads_ref, acc, l, group=kw["group"])
 
 
-def _merge_kernel(heads_ref, o_ref, m_ref, l_ref, *refs, num_splits: int, group: int):
-  """Program (b, k): log-sum-exp merge of the splits of slot k of sequence b.
+def _merge_kernel(heads_ref, o_ref, m_ref, l_ref, *refs, num_splits: int, group: int,
+                  columns: int):
+  """Program (b, k, c): log-sum-exp merge of the splits of slot k of sequence b, head-dim
+  columns [c * columns, (c + 1) * columns).
 
   o_ref [B, K, splits, R, D], m_ref / l_ref [B, K, splits, R] (float32, whole arrays);
   refs[-1] is the [B, Nq, D] output (refs[0] the aliased zero input when there is one).
   """
   b, k = pl.program_id(0), pl.program_id(1)
-  rows, head_dim = o_ref.shape[3], o_ref.shape[4]
+  column = pl.program_id(2) * columns
+  rows = o_ref.shape[3]
 
   def body(split, carry):
     acc, m_run, l_run = carry
@@ -160,16 +164,17 @@ def _merge_kernel(heads_ref, o_ref, m_ref, l_ref, *refs, num_splits: int, group:
     # Both -inf (nothing read yet): shift by 0 so that both weights are exp(-inf) = 0.
     shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
     keep, take = jnp.exp(m_run - shift), jnp.exp(m_split - shift)
-    acc = keep[:, None] * acc + take[:, None] * plgpu.load(o_ref.at[b, k, split, :, :])
+    o_split = plgpu.load(o_ref.at[b, k, split, :, pl.ds(column, columns)])
+    acc = keep[:, None] * acc + take[:, None] * o_split
     return acc, m_next, keep * l_run + take * plgpu.load(l_ref.at[b, k, split, :])
 
   init = (
-      jnp.zeros((rows, head_dim), jnp.float32),
+      jnp.zeros((rows, columns), jnp.float32),
       jnp.full((rows,), -jnp.inf, jnp.float32),
       jnp.zeros((rows,), jnp.float32),
   )
   acc, _, l = lax.fori_loop(0, num_splits, body, init)
-  _store_group(refs[-1], heads_ref, acc, l, group=group)
+  _store_group(refs[-1], heads_ref, acc, l, group=group, column=column)
 
 
 def _whole(x) -> pl.BlockSpec:
@@ -278,7 +283,9 @@ def decode_attention(
     out = configs.merge_splits(o, m, l)
     return configs.scatter_groups(out, head_indices, num_kv_heads, num_heads).astype(
         query.dtype)
-  merge = functools.partial(_merge_kernel, num_splits=num_splits, group=group)
-  return output_call(merge, (heads, o, m, l), (batch, num_groups),
-                     plgpu.CompilerParams(num_warps=_MERGE_WARPS, num_stages=1),
+  columns = min(head_dim, _MERGE_COLUMNS)
+  merge = functools.partial(_merge_kernel, num_splits=num_splits, group=group,
+                            columns=columns)
+  return output_call(merge, (heads, o, m, l), (batch, num_groups, head_dim // columns),
+                     plgpu.CompilerParams(num_warps=_MERGE_WARPS, num_stages=_MERGE_STAGES),
                      "flashjax_decode_triton_merge")

@@ -145,7 +145,8 @@ class TritonOnlyTest(parameterized.TestCase):
     """One split (normalised store), merge kernel and XLA merge, dense and head-sparse."""
     seed = zlib.crc32(self.id().encode())
     # G = 3 query heads per group (tile rows 16): the stores must not touch the next group.
-    args = make_inputs(seed, 3, 160, 12, 4, 32, jnp.float32, [160, 0, 70])
+    # D = 64: the merge kernel works on two 32-column chunks.
+    args = make_inputs(seed, 3, 160, 12, 4, 64, jnp.float32, [160, 0, 70])
     heads = jnp.array([[3, 0], [1, 2], [2, 2]], jnp.int32) if sparse else None
     config = {"direct": configs.DecodeConfig(num_splits=1),
               "merge_kernel": configs.DecodeConfig(block_kv=32, num_splits=3),
@@ -202,9 +203,11 @@ class SplitHeuristicTest(parameterized.TestCase):
   @parameterized.named_parameters(
       # (block_kv, num_splits) picked for B, K groups, S_max on 132 SMs.
       dict(testcase_name="batch=1_groups=8_len=1024", batch=1, groups=8, max_len=1024,
-           config=configs.DecodeConfig(), expected=(32, 32)),  # 128 tiles: only 64 programs
+           config=configs.DecodeConfig(), expected=(64, 16)),  # 128 tiles: only 64 programs
       dict(testcase_name="batch=1_groups=2_len=1024", batch=1, groups=2, max_len=1024,
-           config=configs.DecodeConfig(), expected=(32, 32)),  # tiles stop shrinking at 32
+           config=configs.DecodeConfig(), expected=(64, 16)),  # tiles stop shrinking at 64
+      dict(testcase_name="batch=1_groups=2_len=16384", batch=1, groups=2, max_len=16384,
+           config=configs.DecodeConfig(), expected=(128, 128)),  # 256 programs
       dict(testcase_name="batch=1_groups=32_len=1024", batch=1, groups=32, max_len=1024,
            config=configs.DecodeConfig(), expected=(128, 8)),
       dict(testcase_name="batch=1_groups=8_len=4096", batch=1, groups=8, max_len=4096,
