@@ -220,7 +220,8 @@ def check_row_ids(batch: int, check_rows: int | None) -> tuple[int, ...] | None:
     check_rows: None or a positive number of rows.
 
   Returns:
-    None when every row is checked, else ascending row ids including 0 and B - 1.
+    None when every row is checked, else ascending row ids spread evenly from 0 to B - 1
+    (both included from two rows on).
   """
   if check_rows is None:
     return None
