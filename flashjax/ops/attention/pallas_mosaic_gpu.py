@@ -1,42 +1,42 @@
-"""Block-sparse FlashAttention forward in Pallas Mosaic GPU (Hopper: TMA + wgmma).
+"""Block-sparse FlashAttention forward in Pallas Mosaic GPU (Hopper: TMA + wgmma, ping-pong).
 
-Status: first step of the backend. The forward kernel below is checked in Mosaic GPU
-interpret mode on CPU only; it has NEVER run on a GPU. Until it has,
-`dot_product_attention(..., interpret=False)` raises NotImplementedError ("not yet validated on
-a GPU") unless the environment variable FLASHJAX_MOSAIC_GPU_UNVALIDATED=1 is set, so that
-`implementation=None` on Hopper keeps falling through to "pallas_triton". The next session
-removes this gate after the H200 run (docs/mosaic_gpu.md lists what to check).
+Status: validated on an H200 (jax 0.11.2) against the float32 reference for dense, causal,
+GQA, document / prefix-LM segments, sliding window, stored-tile (tree) masks, soft cap,
+D = 64 / 80 / 128 / 256, odd lengths and zero rows; `implementation=None` picks it first on
+Hopper (compute capability 9.x). Numbers: docs/performance.md; notes: docs/mosaic_gpu.md.
 
-Interpret mode: `interpret=True` runs the kernel under Mosaic GPU's own interpreter
-(`InterpretGPUParams`, which simulates SMEM, TMA, barriers and wgmma). Pallas' generic
-interpreter (what `plgpu.kernel(..., interpret=True)` selects) supports none of TMA copies,
-wgmma, commit_smem or layout_cast on jax 0.10.2; docs/mosaic_gpu.md has the probe results.
+Design (DESIGN.md ideas 1 and 2; the BlockMask lists pallas_triton consumes):
 
-Design (DESIGN.md ideas 1 and 2; same BlockMask consumption as pallas_triton):
-
-* One program per (query block i, batch b * Nq + query head h), one warpgroup. It TMA-loads its
-  Q tile [bq, Dp] into SMEM, then walks the compacted kv block list of its query block: FULL
-  slots first with no mask code, then PARTIAL slots that AND the ElementRule, the stored tile
-  and the sequence bounds (pallas_triton's list reordering and tile-mask helpers are reused).
-* K^T and V tiles stream through a 2-slot SMEM ring: the TMA for list slot n + 1 is issued
-  before slot n is computed, one barrier per slot and operand. The ring runs across the FULL
-  and PARTIAL loops (buffer = list slot % 2).
-* Matmuls are wgmma with both operands in SMEM and f32 accumulators: S = Q @ K^T with K^T
-  pre-transposed in XLA to [B, Nkv, Dp, S] (the interpreter cannot read a `transpose_ref`
-  operand), and O += P @ V with P (cast to the input dtype) staged in SMEM (the interpreter
-  cannot take a register operand). Both are candidates for the GPU tuning step.
-* Online softmax in f32, base 2 (logits times log2(e), exp2), like pallas_triton: the saved
-  statistic is lse2 = max + log2(sum) per row, [B * Nq, T], +inf for rows with no allowed key,
-  whose output is 0.
+* One program per (BlockMask query block, batch * query head), three warpgroups when
+  block_q = 128 (FlashAttention-3 structure): two consumers of 64 query rows each and one
+  producer. The producer walks the block's compacted kv list (FULL slots first) and TMA-loads
+  K and V tiles into `num_stages`-deep SMEM rings, plus, for PARTIAL slots, the keys'
+  segment ids and the stored mask tile; it refills a ring slot when both consumers have
+  released it. block_q = 64 runs one consumer.
+* Consumers: S = Q K^T by wgmma from SMEM (K read through a transposed view), online
+  softmax in f32 base 2 (scale folded into the exponent), O += P V by wgmma with P in
+  registers. FULL slots run a loop without mask code; PARTIAL slots AND the band (causal,
+  window), segment ids and prefix flags (iotas in the wgmma register layout), add the stored
+  tile (0 / -inf), and bound the keys. A schedule barrier makes the two consumers alternate,
+  so one's softmax overlaps the other's matmuls.
+* Residual lse2 = max + log2(sum) per row, [B * Nq, T], +inf for rows with no allowed key
+  (output 0): pallas_triton's convention, so the `custom_vjp` backward runs pallas_triton's
+  dQ and dK/dV kernels, on BlockMasks rebuilt at Triton's tiles. A Mosaic GPU backward is
+  not written.
 * GQA: query head h reads kv head h // (Nq // Nkv); K/V are never repeated in memory.
-* Backward: `jax.custom_vjp` whose backward is pallas_triton's dK/dV and dQ kernels (same lse2
-  convention, same BlockMasks), so the API differentiates; on a GPU those are Triton kernels.
-* Inputs must be bfloat16 or float16 (wgmma has no f32 x f32 form): float32 raises
-  NotImplementedError so dispatch moves on. Head dim <= 256, padded to a power of two >= 16.
+* bfloat16 / float16 only (wgmma has no f32 x f32 form: float32 raises NotImplementedError so
+  dispatch moves on); no bias; D <= 256, padded to a power of two.
 
-Block sizes: block_q must be a multiple of 64 (one warpgroup's wgmma M) and block_kv a
-multiple of 16 (the K extent of the P @ V wgmma); defaults 64 x 64 (interpret: 64 x 32),
-shrunk to the sequence where that stays valid.
+Interpret mode (`interpret=True`) runs the same kernel under Mosaic GPU's own interpreter
+(`InterpretGPUParams`, jax-private), which simulates SMEM, TMA, barriers, wgmma and the
+three warpgroups, but not register layouts, transposed SMEM views, register wgmma operands
+or `run_state`. There K^T comes pre-transposed from XLA, P goes through SMEM and the P V
+product is added to the accumulator; everything else (lists, rings, barriers, masks,
+ping-pong) is the compiled code. docs/mosaic_gpu.md lists the interpreter's limits.
+
+Block sizes: block_q 64 or 128, block_kv >= 64; default 128 x 128 (D > 128: 128 x 64),
+halved in block_kv when stored mask tiles would not fit the 227 KiB of SMEM; num_stages is
+the ring depth (default 2).
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax import lax
@@ -60,9 +59,9 @@ from flashjax.ops.attention.configs import BlockSizes
 _LOG2E = math.log2(math.e)
 _MAX_HEAD_DIM = 256
 _DTYPES = (jnp.bfloat16, jnp.float16)
-_GATE_ENV = "FLASHJAX_MOSAIC_GPU_UNVALIDATED"
 _WGMMA_M = 64
-_WGMMA_K = 16
+_MIN_BLOCK_KV = 64
+_SMEM_LIMIT = 232448  # bytes of shared memory per block on Hopper (227 KiB)
 
 # pallas_triton internals shared on purpose: same BlockMask operands and tile-mask code,
 # same residuals, and its backward kernels.
@@ -73,14 +72,11 @@ _triton_attention_bwd = triton_backend._attention_bwd
 _block_masks = triton_backend._block_masks
 _check_block_mask = triton_backend._check_block_mask
 _triton_check_inputs = triton_backend._check_inputs
-_full_then_partial = triton_backend._full_then_partial
 _head_dim_padded = triton_backend._head_dim_padded
 _launch_params = triton_backend._launch_params
-_mask_logits = triton_backend._mask_logits
 _mask_operands = triton_backend._mask_operands
 _pad_to = triton_backend._pad_to
 _pow2_ceil = triton_backend._pow2_ceil
-_unpack_mask_refs = triton_backend._unpack_mask_refs
 # pylint: enable=protected-access
 
 
@@ -96,28 +92,46 @@ def _interpret_params() -> Any:
 
 def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
                         interpret: bool = False) -> BlockSizes:
-  """64 x 64 tiles (interpret mode 64 x 32), block_kv shrunk to the sequence (>= 16).
+  """128 x 128 tiles (two consumer warpgroups of 64 rows), 128 x 64 for D > 128.
 
   Args:
-    head_dim: D (unused for now: one tiling until the GPU sweep).
-    q_len: T (unused: block_q stays 64, one warpgroup's wgmma M).
-    kv_len: S.
-    interpret: True for interpret mode (CPU tests): more, smaller kv tiles.
+    head_dim: D; above 128 the K/V ring slots halve to fit SMEM.
+    q_len: T (unused: block_q stays 128, two warpgroups' wgmma M).
+    kv_len: S; block_kv shrinks to it (not below 64).
+    interpret: True for interpret mode (CPU tests): 64 x 64 tiles, one consumer.
 
   Returns:
-    BlockSizes whose backward tiles (used by the pallas_triton backward) equal the forward.
+    BlockSizes; the backward (pallas_triton) uses the forward tiles.
   """
-  del head_dim, q_len
-  block_kv = min(32 if interpret else 64, max(_WGMMA_K, _pow2_ceil(kv_len)))
-  return BlockSizes(_WGMMA_M, block_kv)
+  del q_len
+  if interpret:
+    return BlockSizes(_WGMMA_M, _MIN_BLOCK_KV)
+  block_kv = 128 if _head_dim_padded(head_dim) <= 128 else 64
+  block_kv = max(_MIN_BLOCK_KV, min(block_kv, _pow2_ceil(kv_len)))
+  return BlockSizes(2 * _WGMMA_M, block_kv, block_q_bwd=64, block_kv_bwd=64)
 
 
-def _check_tiling(block_q: int, block_kv: int) -> None:
-  """block_q must fill whole wgmma M tiles; block_kv (a power of two >= 16, BlockSizes) always
-  fits the K extent of the P @ V wgmma."""
-  if block_q % _WGMMA_M:
-    raise ValueError(f"pallas_mosaic_gpu: {block_q=} must be a multiple of {_WGMMA_M} "
-                     f"(one warpgroup's wgmma M); {block_kv=}")
+def _check_tiling(sizes: BlockSizes | None, block_q: int, block_kv: int) -> None:
+  """block_q: one or two consumer warpgroups of 64 rows (wgmma M); block_kv >= 64."""
+  if block_q not in (_WGMMA_M, 2 * _WGMMA_M):
+    raise ValueError(f"pallas_mosaic_gpu: {block_q=} must be 64 or 128 (one or two "
+                     f"warpgroups of 64 rows); {block_kv=}")
+  if block_kv < _MIN_BLOCK_KV:
+    raise ValueError(f"pallas_mosaic_gpu: {block_kv=} must be >= {_MIN_BLOCK_KV}; {block_q=}")
+  stages = None if sizes is None else sizes.num_stages
+  if stages is not None and stages < 2:
+    raise ValueError(f"pallas_mosaic_gpu: num_stages={stages} must be >= 2 (K/V ring depth)")
+
+
+def _smem_bytes(layout: _MaskLayout, head_dim_padded: int, stages: int, itemsize: int) -> int:
+  """Shared memory the forward kernel allocates (plus slack for barriers and alignment)."""
+  bq, bk, dp = layout.block_q, layout.block_kv, head_dim_padded
+  total = bq * dp * itemsize + 2 * stages * bk * dp * itemsize + bq * 4
+  if layout.has_segments:
+    total += bq * 4 + stages * bk * 4
+  if layout.has_tiles:
+    total += stages * bq * bk * itemsize
+  return total + 4096
 
 
 def _swizzled_smem(shape: tuple[int, ...], dtype) -> Any:
@@ -135,102 +149,283 @@ class _Config:
   scale: float
   soft_cap: float | None
   interpret: bool
+  stages: int = 2
 
 
-def _forward_kernel(q_ref, kt_ref, v_ref, *refs, layout, config: _Config, num_heads: int,
-                    group: int, head_dim: int):
-  """One query block of one (batch, query head): online softmax over its kv block list.
+class _Parts(NamedTuple):
+  """The forward's mask operands, in kernel-argument order (absent parts are None).
 
-  Refs (GMEM): q [B, T_pad, Nq, Dp], kt [B, Nkv, Dp, S_pad], v [B, S_pad, Nkv, Dp], the
-  pallas_triton mask operands (fwd lists), outputs o [B, T_pad, Nq, Dp] and lse2
-  [B * Nq, T_pad]; then scratch: q/o SMEM [bq, Dp], K^T ring [2, Dp, bk], V ring [2, bk, Dp],
-  P [bq, bk], lse2 SMEM [bq], barriers (Q, K x2, V x2).
+  count [Bm, Nm, nq] int32, block [Bm, Nm, nq, L] int32 (FULL slots first), n_full
+  [Bm, Nm, nq] int32, tile [Bm, Nm, nq, L] int32 stored-tile index per slot; q_seg
+  [B|1, T_pad] int32; kv_meta [B|1, S_pad] int32 = 2 * kv segment id + (key in a prefix);
+  tiles [n_tiles, bq, bk] in the input dtype, 0 where allowed and -inf elsewhere (added to
+  the logits, so a tile costs one add and no compare).
   """
-  (*mask_refs, o_ref, lse_ref, q_smem, kt_smem, v_smem, p_smem, lse_smem, q_bar, k_bars,
-   v_bars) = refs
-  m = _unpack_mask_refs(layout, mask_refs)
+
+  count: Any
+  block: Any
+  n_full: Any = None
+  tile: Any = None
+  q_seg: Any = None
+  kv_meta: Any = None
+  tiles: Any = None
+
+
+def _mask_parts(bm: BlockMask, layout, dtype, q_pad: int, kv_pad: int) -> _Parts:
+  ops = iter(_mask_operands(bm, layout, backward=False, q_pad=q_pad, kv_pad=kv_pad))
+  take = lambda present: next(ops) if present else None
+  count, block = next(ops), next(ops)
+  n_full, tile = take(layout.has_partial), take(layout.has_tiles)
+  q_seg, kv_seg = take(layout.has_segments), take(layout.has_segments)
+  prefix, tiles = take(layout.has_prefix), take(layout.has_tiles)
+  kv_meta = None
+  if kv_seg is not None:
+    kv_meta = 2 * kv_seg + (0 if prefix is None else prefix.astype(jnp.int32))
+  if tiles is not None:
+    tiles = jnp.where(tiles != 0, 0.0, -jnp.inf).astype(dtype)
+  return _Parts(count, block, n_full, tile, q_seg, kv_meta, tiles)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_heads: int,
+                    group: int, head_dim: int, consumers: int, stages: int,
+                    present: tuple[bool, ...]):
+  """One BlockMask query block of one (batch, query head).
+
+  Warpgroups 0 .. consumers-1 each own 64 query rows of the block; warpgroup `consumers` is
+  the producer: it walks the block's kv list and TMA-loads K and V tiles (and, for PARTIAL
+  slots, the kv segment ids / stored mask tile) into `stages`-deep SMEM rings. A ring slot is
+  refilled once every consumer has arrived on its "free" barrier. With two consumers a
+  schedule barrier makes them alternate (FlashAttention-3 ping-pong): one runs softmax while
+  the other's matmuls use the tensor cores.
+  """
+  compiled = not config.interpret
+  it = iter(refs)
+  parts = _Parts(*(next(it) if p else None for p in present))
+  o_ref, lse_ref = next(it), next(it)
+  (qo_smem, k_smem, v_smem, lse_smem, q_bars, k_bars, v_bars, k_free, v_free) = (
+      next(it) for _ in range(9))
+  schedule = next(it) if consumers == 2 else None
+  qseg_smem = qseg_bars = meta_smem = meta_bars = tile_smem = tile_bars = None
+  if layout.has_segments:
+    qseg_smem, qseg_bars, meta_smem, meta_bars = (next(it) for _ in range(4))
+  if layout.has_tiles:
+    tile_smem, tile_bars = next(it), next(it)
+  p_smem = None if compiled else next(it)
+
   qi, bh = lax.axis_index("q"), lax.axis_index("bh")
+  wg = lax.axis_index("wg")
   batch, head = lax.div(bh, num_heads), lax.rem(bh, num_heads)
   kv_head = lax.div(head, group)
-  mb = 0 if layout.batch_bcast else batch
-  mh = 0 if layout.head_bcast else head
-  bq, bk = layout.block_q, layout.block_kv
-  q_start = qi * bq
-  count = m.count[mb, mh, qi]
-  # Register layouts only exist when compiled; the interpreter has no layout_cast rule.
-  cast = (lambda x, _: x) if config.interpret else plgpu.layout_cast
-  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  index = (0 if layout.batch_bcast else batch, 0 if layout.head_bcast else head, qi)
+  rule_batch = 0 if layout.rule_batch_bcast else batch
+  bk = layout.block_kv
+  count = parts.count[index]
+  n_full = parts.n_full[index] if layout.has_partial else count
+  # Register layouts only exist when compiled (the interpreter has no layout_cast rule).
+  cast = plgpu.layout_cast if compiled else (lambda x, _: x)
+  wgmma_layout = plgpu.Layout.WGMMA
+  row_layout = wgmma_layout.reduce(1)  # [64] vectors indexed by query row
+  col_layout = wgmma_layout.reduce(0)  # [bk] vectors indexed by key
 
-  def fetch(slot):
-    """Starts the TMA loads of list slot `slot`'s K^T and V tiles into ring buffer slot % 2."""
-    buf = lax.rem(slot, 2)
-    kv_start = m.block[mb, mh, qi, slot] * bk
-    plgpu.copy_gmem_to_smem(kt_ref.at[batch, kv_head, :, pl.ds(kv_start, bk)],
-                            kt_smem.at[buf], k_bars.at[buf])
-    plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(kv_start, bk), kv_head], v_smem.at[buf],
-                            v_bars.at[buf])
+  def iota(shape, dim):
+    if compiled:
+      return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
 
-  plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, bq), head], q_smem, q_bar)
+  def load(ref, layout):
+    return plgpu.load(ref, (), layout=layout) if compiled else ref[...]
 
-  @pl.when(count > 0)
-  def _():
-    fetch(0)
+  def kv_start(slot):
+    return parts.block[index + (slot,)] * bk
 
-  plgpu.barrier_wait(q_bar)
+  def ping_pong():
+    if schedule is not None:
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(schedule)
 
-  def body(slot, carry, *, partial):
-    acc, row_max, row_sum = carry
-    buf = lax.rem(slot, 2)
+  @pl.when(wg == consumers)
+  def _producer():
+    if compiled:
+      plgpu.set_max_registers(40, action="decrease")
 
-    @pl.when(slot + 1 < count)
+    @pl.loop(0, count)
+    def _(slot):
+      buf = lax.rem(slot, stages)
+      rows = pl.ds(kv_start(slot), bk)
+
+      @pl.when(slot >= stages)
+      def _():
+        plgpu.barrier_wait(k_free.at[buf])
+
+      k_tile = (k_ref.at[batch, rows, kv_head] if compiled else
+                k_ref.at[batch, kv_head, :, rows])  # interpret mode: K^T [B, Nkv, Dp, S]
+      plgpu.copy_gmem_to_smem(k_tile, k_smem.at[buf], k_bars.at[buf])
+
+      @pl.when(slot >= n_full)
+      def _():
+        if meta_smem is not None:
+          plgpu.copy_gmem_to_smem(parts.kv_meta.at[rule_batch, rows], meta_smem.at[buf],
+                                  meta_bars.at[buf])
+        if tile_smem is not None:
+          plgpu.copy_gmem_to_smem(parts.tiles.at[parts.tile[index + (slot,)]],
+                                  tile_smem.at[buf], tile_bars.at[buf])
+
+      @pl.when(slot >= stages)
+      def _():
+        plgpu.barrier_wait(v_free.at[buf])
+
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[buf], v_bars.at[buf])
+
+    # Observe the ring's last releases too, so every phase of the free barriers is awaited
+    # once (the interpreter checks this; on the GPU the producer has nothing else to do).
+    @pl.loop(jnp.maximum(count - stages, 0), count)
+    def _(slot):
+      buf = lax.rem(slot, stages)
+      plgpu.barrier_wait(k_free.at[buf])
+      plgpu.barrier_wait(v_free.at[buf])
+
+  @pl.when(wg < consumers)
+  def _consumer():
+    if compiled:
+      plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
+    q_start = qi * layout.block_q + wg * _WGMMA_M
+    q_smem = qo_smem.at[wg]
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, _WGMMA_M), head], q_smem,
+                            q_bars.at[wg])
+    q_seg = None
+    if qseg_smem is not None:
+      plgpu.copy_gmem_to_smem(parts.q_seg.at[rule_batch, pl.ds(q_start, _WGMMA_M)],
+                              qseg_smem.at[wg], qseg_bars.at[wg])
+      plgpu.barrier_wait(qseg_bars.at[wg])
+      q_seg = load(qseg_smem.at[wg], row_layout)
+    plgpu.barrier_wait(q_bars.at[wg])
+
+    def keep_mask(slot, buf):
+      """Allowed [64, bk] for a PARTIAL slot: rule AND stored tile AND key bounds; returns
+      (bool mask or None, additive tile or None)."""
+      shape = (_WGMMA_M, bk)
+      rows = iota(shape, 0) + q_start
+      cols = iota(shape, 1) + kv_start(slot)
+      keep = None
+      both = lambda a, b: b if a is None else a & b
+      if layout.band is not None:
+        diff = cols - rows
+        if layout.band.lo is not None:
+          keep = both(keep, diff >= layout.band.lo)
+        if layout.band.hi is not None:
+          keep = both(keep, diff <= layout.band.hi)
+        if meta_smem is not None:
+          plgpu.barrier_wait(meta_bars.at[buf])
+          meta = lax.broadcast_in_dim(load(meta_smem.at[buf], col_layout),
+                                      shape, [1])
+          if layout.has_prefix:
+            in_prefix = (meta & 1) == 1
+            keep = in_prefix if keep is None else keep | in_prefix
+          keep = both(keep, lax.broadcast_in_dim(q_seg, shape, [0]) == (meta >> 1))
+      if layout.kv_bounds:
+        keep = both(keep, cols < layout.kv_len)
+      tile = None
+      if tile_smem is not None:
+        plgpu.barrier_wait(tile_bars.at[buf])
+        tile = load(tile_smem.at[buf, pl.ds(wg * _WGMMA_M, _WGMMA_M)], wgmma_layout)
+        tile = tile.astype(jnp.float32)
+      return keep, tile
+
+    # Logits in base 2: exp(x) = exp2(x * log2(e)). Without a soft cap the scale is folded
+    # into the row max and the exponent (one FMA per element); with one, the tanh transform
+    # already yields base-2 logits.
+    logit_scale = config.scale * _LOG2E if config.soft_cap is None else 1.0
+
+    def body(slot, carry, *, partial):
+      acc, row_max, row_sum = carry
+      buf = lax.rem(slot, stages)
+      keep, tile = keep_mask(slot, buf) if partial else (None, None)
+
+      def qk(acc_ref):
+        k_t = plgpu.transpose_ref(k_smem.at[buf], (1, 0)) if compiled else k_smem.at[buf]
+        plgpu.wgmma(acc_ref, q_smem, k_t)
+        ping_pong()
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC((_WGMMA_M, bk), jnp.float32))
+      plgpu.barrier_arrive(k_free.at[buf])
+      if config.soft_cap is not None:
+        s = jnp.tanh(s * (config.scale / config.soft_cap)) * (config.soft_cap * _LOG2E)
+      if tile is not None:
+        s = s + tile
+      if keep is not None:
+        s = jnp.where(keep, s, -jnp.inf)
+      new_max = jnp.maximum(row_max, s.max(axis=1) * logit_scale)
+      shift = new_max
+      if partial:
+        # A row with no allowed key yet has max -inf: shift by 0 so exp2(-inf - 0) = 0.
+        shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+      alpha = jnp.exp2(row_max - shift)
+      p = jnp.exp2(s * logit_scale - lax.broadcast_in_dim(shift, s.shape, [0]))
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      row_sum = row_sum * alpha + p.sum(axis=1)
+      p16 = p.astype(v_ref.dtype)
+      if head_dim <= 128:
+        # Keeps the compiler from sinking the softmax tail past the barriers below.
+        acc, row_sum, new_max, p16 = lax.optimization_barrier((acc, row_sum, new_max, p16))
+      if schedule is not None:
+        plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(v_bars.at[buf])
+      if schedule is not None:
+        plgpu.barrier_wait(schedule)
+
+      def wait_next_k():
+        # While P @ V runs: wait for the next slot's K tile (the wait of slot 0 precedes
+        # the loops, so every slot's K is awaited exactly once, across both loops).
+        @pl.when(slot + 1 < count)
+        def _():
+          plgpu.barrier_wait(k_bars.at[lax.rem(slot + 1, stages)])
+
+      if compiled:
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
+          wait_next_k()
+
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      else:
+        # The interpreter takes neither a register wgmma operand nor run_state: P goes
+        # through SMEM and the product is added to the accumulator.
+        p_smem.at[wg][...] = p16
+        plgpu.commit_smem()
+
+        def pv_interpret(acc_ref):
+          plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[buf])
+          wait_next_k()
+          return plgpu.wgmma_accumulator_load(acc_ref)
+
+        acc = acc + pl.run_scoped(pv_interpret, plgpu.ACC((_WGMMA_M, head_dim), jnp.float32))
+      plgpu.barrier_arrive(v_free.at[buf])
+      return acc, new_max, row_sum
+
+    init = (cast(jnp.zeros((_WGMMA_M, head_dim), jnp.float32), wgmma_layout),
+            cast(jnp.full((_WGMMA_M,), -jnp.inf, jnp.float32), row_layout),
+            cast(jnp.zeros((_WGMMA_M,), jnp.float32), row_layout))
+
+    @pl.when(count > 0)
     def _():
-      fetch(slot + 1)
+      plgpu.barrier_wait(k_bars.at[0])
 
-    plgpu.barrier_wait(k_bars.at[buf])
-
-    def qk(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, kt_smem.at[buf])
-      return plgpu.wgmma_accumulator_load(acc_ref)
-
-    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-    if config.soft_cap is None:
-      s = s * (config.scale * _LOG2E)
-    else:
-      s = jnp.tanh(s * (config.scale / config.soft_cap)) * (config.soft_cap * _LOG2E)
-    kv_start = m.block[mb, mh, qi, slot] * bk
-    s = _mask_logits(s, layout, m, batch, (mb, mh, qi, slot), q_start, kv_start,
-                     partial=partial)
-    new_max = jnp.maximum(row_max, s.max(axis=1))
-    shift = new_max
-    if partial:
-      # A row with no allowed key yet has max -inf: shift by 0 so exp2(-inf - shift) = 0.
-      # FULL slots run first and make every row max finite, so their loop needs no guard.
-      shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
-    alpha = jnp.exp2(row_max - shift)
-    p = jnp.exp2(s - shift[:, None])
-    p_smem[...] = p.astype(p_smem.dtype)
+    if schedule is not None:
+      pl.when(wg == 1)(ping_pong)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, partial=False), init)
+    if layout.has_partial:
+      carry = lax.fori_loop(n_full, count, functools.partial(body, partial=True), carry)
+    if schedule is not None:
+      pl.when(wg == 0)(ping_pong)
+    acc, row_max, row_sum = carry
+    empty = row_sum == 0.0
+    safe_sum = jnp.where(empty, 1.0, row_sum)
+    q_smem[...] = (acc / lax.broadcast_in_dim(safe_sum, acc.shape, [0])).astype(q_smem.dtype)
+    lse_smem.at[wg][...] = jnp.where(empty, jnp.inf, row_max + jnp.log2(safe_sum))
     plgpu.commit_smem()
-    plgpu.barrier_wait(v_bars.at[buf])
-
-    def pv(acc_ref):
-      plgpu.wgmma(acc_ref, p_smem, v_smem.at[buf])
-      return plgpu.wgmma_accumulator_load(acc_ref)
-
-    pv_out = pl.run_scoped(pv, plgpu.ACC((bq, head_dim), jnp.float32))
-    return alpha[:, None] * acc + pv_out, new_max, alpha * row_sum + p.sum(axis=1)
-
-  init = (cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA),
-          cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout),
-          cast(jnp.zeros((bq,), jnp.float32), row_layout))
-  acc, row_max, row_sum = _full_then_partial(layout, m, (mb, mh, qi), body, init)
-  empty = row_sum == 0.0
-  # Q is no longer read (every wgmma was awaited): its SMEM tile stages the output.
-  q_smem[...] = (acc / jnp.where(empty, 1.0, row_sum)[:, None]).astype(q_smem.dtype)
-  lse_smem[...] = jnp.where(empty, jnp.inf, row_max + jnp.log2(row_sum))
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, bq), head])
-  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bh, pl.ds(q_start, bq)])
-  plgpu.wait_smem_to_gmem(0)
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, _WGMMA_M), head])
+    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bh, pl.ds(q_start, _WGMMA_M)])
+    plgpu.wait_smem_to_gmem(0)
 
 
 def _forward(q, k, v, bm: BlockMask, config: _Config):
@@ -240,8 +435,8 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
     q: [B, T, Nq, D] bfloat16 or float16.
     k: [B, S, Nkv, D].
     v: [B, S, Nkv, D].
-    bm: BlockMask of logical shape (Bm, Nm, T, S).
-    config: static kernel parameters.
+    bm: BlockMask of logical shape (Bm, Nm, T, S); block_q in {64, 128}.
+    config: static kernel parameters (stages: depth of the K/V SMEM rings).
 
   Returns:
     out [B, T, Nq, D] (dtype of q) and lse2 [B * Nq, T] float32 (base-2 logsumexp of the
@@ -250,26 +445,43 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   layout = _MaskLayout.of(bm)
-  bq, bk = layout.block_q, layout.block_kv
+  bq, bk, stages = layout.block_q, layout.block_kv, config.stages
+  consumers = bq // _WGMMA_M
   nq, nk = -(-q_len // bq), -(-kv_len // bk)
   dp = _head_dim_padded(head_dim)
-  mask_ops = _mask_operands(bm, layout, backward=False, q_pad=nq * bq, kv_pad=nk * bk)
-  # K^T [B, Nkv, Dp, S_pad]: the QK^T wgmma reads its B operand untransposed from SMEM.
-  kt = jnp.einsum("bsnd->bnds", _pad_to(k, nk * bk, dp))
+  parts = _mask_parts(bm, layout, q.dtype, nq * bq, nk * bk)
+  present = tuple(x is not None for x in parts)
   kernel = functools.partial(_forward_kernel, layout=layout, config=config,
                              num_heads=num_heads, group=num_heads // num_kv_heads,
-                             head_dim=dp)
+                             head_dim=dp, consumers=consumers, stages=stages,
+                             present=present)
   kernel.__name__ = "flashjax_mosaic_gpu_fwd"  # plgpu.kernel names the kernel after its body
   scratch = [
-      _swizzled_smem((bq, dp), q.dtype),
-      _swizzled_smem((2, dp, bk), q.dtype),
-      _swizzled_smem((2, bk, dp), q.dtype),
-      _swizzled_smem((bq, bk), q.dtype),
-      plgpu.SMEM((bq,), jnp.float32),
-      plgpu.Barrier(num_arrivals=1),
-      plgpu.Barrier(num_arrivals=1, num_barriers=2),
-      plgpu.Barrier(num_arrivals=1, num_barriers=2),
+      _swizzled_smem((consumers, _WGMMA_M, dp), q.dtype),
+      _swizzled_smem((stages, dp, bk) if config.interpret else (stages, bk, dp), q.dtype),
+      _swizzled_smem((stages, bk, dp), q.dtype),
+      plgpu.SMEM((consumers, _WGMMA_M), jnp.float32),
+      plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
   ]
+  if consumers == 2:
+    scratch.append(plgpu.Barrier(num_arrivals=2))
+  if layout.has_segments:
+    scratch += [plgpu.SMEM((consumers, _WGMMA_M), jnp.int32),
+                plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
+                plgpu.SMEM((stages, bk), jnp.int32),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+  if layout.has_tiles:
+    scratch += [plgpu.SMEM((stages, bq, bk), q.dtype),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+  k_in = _pad_to(k, nk * bk, dp)
+  if config.interpret:
+    # The interpreter cannot read a transposed SMEM view: K^T comes from XLA, P via SMEM.
+    k_in = jnp.einsum("bsnd->bnds", k_in)
+    scratch += [_swizzled_smem((consumers, _WGMMA_M, bk), q.dtype)]
   out, lse = plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((batch, nq * bq, num_heads, dp), q.dtype),
@@ -277,31 +489,37 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
       scratch_types=scratch,
       grid=(nq, batch * num_heads),
       grid_names=("q", "bh"),
+      num_threads=consumers + 1,
+      thread_name="wg",
+      compiler_params=None if config.interpret else plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params() if config.interpret else None,
-  )(_pad_to(q, nq * bq, dp), kt, _pad_to(v, nk * bk, dp), *mask_ops)
+  )(_pad_to(q, nq * bq, dp), k_in, _pad_to(v, nk * bk, dp),
+    *(x for x in parts if x is not None))
   return out[:, :q_len, :, :head_dim], lse[:, :q_len]
 
 
 # ---------------------------------------------------------------------- custom_vjp wiring
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, fwd_mask: BlockMask, bwd_mask: BlockMask, config: _Config,
-               bwd_params: Any):
-  del bwd_mask, bwd_params
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attention(q, k, v, fwd_mask: BlockMask, dq_mask: BlockMask, dkdv_mask: BlockMask,
+               config: _Config, bwd_params: Any):
+  del dq_mask, dkdv_mask, bwd_params
   return _forward(q, k, v, fwd_mask, config)[0]
 
 
-def _attention_fwd(q, k, v, fwd_mask, bwd_mask, config, bwd_params):
+def _attention_fwd(q, k, v, fwd_mask, dq_mask, dkdv_mask, config, bwd_params):
   del bwd_params
   out, lse = _forward(q, k, v, fwd_mask, config)
-  return out, (q, k, v, out, lse, fwd_mask, bwd_mask)
+  return out, (q, k, v, out, lse, dq_mask, dkdv_mask)
 
 
 def _attention_bwd(config, bwd_params, residuals, do):
-  # pallas_triton's backward takes exactly these residuals (same lse2 layout and masks).
+  # pallas_triton's backward takes exactly these residuals (same lse2 layout): its dQ kernel
+  # walks the forward lists of dq_mask, its dK/dV kernel the backward lists of dkdv_mask,
+  # both at tiles that fit Triton (the Mosaic forward's 128 x 128 tiles do not at D = 128).
   del config
-  return _triton_attention_bwd(bwd_params, residuals, do)
+  return _triton_attention_bwd(bwd_params, residuals, do) + (None,)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -344,8 +562,9 @@ def dot_product_attention(
     is_causal: AND the mask with j <= i.
     scale: logit scale (default 1 / sqrt(D)).
     logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    block_sizes: BlockSizes (block_q % 64 == 0, block_kv % 16 == 0) or None for
-      `default_block_sizes`; the backward (pallas_triton) uses its *_bwd tiles.
+    block_sizes: BlockSizes (block_q 64 or 128, block_kv >= 64, num_stages >= 2 the K/V
+      ring depth) or None for `default_block_sizes`. The backward (pallas_triton) runs at
+      Triton's default tiles, dK/dV at the *_bwd tiles when given.
     interpret: run the forward in Mosaic GPU interpret mode (CPU) and the backward in Pallas
       interpret mode.
 
@@ -353,43 +572,71 @@ def dot_product_attention(
     [B, T, Nq, D] in the query's dtype; rows with no allowed key are 0.
 
   Raises:
-    NotImplementedError: for bias, float32 or other dtypes, D > 256, and, until the kernel
-      is validated on a GPU, for interpret=False without FLASHJAX_MOSAIC_GPU_UNVALIDATED=1.
-    ValueError: for inconsistent shapes, tiles that wgmma cannot use, or a block_sizes that
-      disagrees with a BlockMask.
+    NotImplementedError: for bias, float32 or other dtypes, D > 256.
+    ValueError: for inconsistent shapes, tiles that wgmma cannot use or that overflow shared
+      memory, or a block_sizes that disagrees with a BlockMask.
   """
-  if not interpret and os.environ.get(_GATE_ENV) != "1":
-    raise NotImplementedError(
-        "pallas_mosaic_gpu: not yet validated on a GPU; see docs/mosaic_gpu.md")
   if bias is not None:
     raise NotImplementedError(
         "pallas_mosaic_gpu: additive bias is not supported; use the xla backend")
   _check_inputs(query, key, value)
   if logits_soft_cap is not None and logits_soft_cap <= 0:
     raise ValueError(f"{logits_soft_cap=} must be > 0")
-  if block_sizes is None and not isinstance(mask, BlockMask):
+  defaulted = block_sizes is None and not isinstance(mask, BlockMask)
+  if defaulted:
     block_sizes = default_block_sizes(query.shape[3], query.shape[1], key.shape[1],
                                       interpret=interpret)
-  fwd_mask, bwd_mask, sizes = _block_masks(
-      mask, query, key, is_causal=is_causal, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, block_sizes=block_sizes, interpret=interpret)
-  _check_tiling(fwd_mask.block_q, fwd_mask.block_kv)
-  for bm in (fwd_mask, bwd_mask):
+  build = functools.partial(
+      _block_masks, mask, query, key, is_causal=is_causal, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, interpret=interpret)
+  while True:
+    forward_only = block_sizes and dataclasses.replace(block_sizes, block_q_bwd=None,
+                                                       block_kv_bwd=None)
+    fwd_mask, _, sizes = build(block_sizes=forward_only)
+    _check_tiling(sizes, fwd_mask.block_q, fwd_mask.block_kv)
+    smem = _smem_bytes(_MaskLayout.of(fwd_mask), _head_dim_padded(query.shape[3]),
+                       sizes.num_stages or 2, query.dtype.itemsize)
+    if smem <= _SMEM_LIMIT:
+      break
+    if defaulted and sizes.block_kv > _MIN_BLOCK_KV:
+      # Stored mask tiles need a third SMEM ring: halve the default kv tile to fit it.
+      block_sizes = dataclasses.replace(block_sizes, block_kv=sizes.block_kv // 2)
+      continue
+    raise ValueError(f"pallas_mosaic_gpu: tiles {fwd_mask.block_q} x {fwd_mask.block_kv} with "
+                     f"num_stages={sizes.num_stages} and head_dim={query.shape[3]} need "
+                     f"{smem} bytes of shared memory > {_SMEM_LIMIT}; use smaller tiles")
+  # The backward (pallas_triton's kernels) gets its own tilings: Triton's defaults, or the
+  # caller's *_bwd tiles for dK/dV. A caller's BlockMask, or an RCM-permuted one (one
+  # permutation for both passes), is used as is.
+  if isinstance(mask, BlockMask) or fwd_mask.q_perm is not None:
+    dq_mask = dkdv_mask = fwd_mask
+    bwd_sizes = sizes
+  else:
+    bwd_sizes = triton_backend.default_block_sizes(query.shape[3], query.shape[1],
+                                                   key.shape[1], interpret=interpret)
+    if block_sizes.block_q_bwd is not None or block_sizes.block_kv_bwd is not None:
+      bwd_sizes = dataclasses.replace(bwd_sizes, block_q_bwd=block_sizes.bwd_q,
+                                      block_kv_bwd=block_sizes.bwd_kv)
+    dq_mask, dkdv_mask, bwd_sizes = build(block_sizes=bwd_sizes)
+  for bm in (fwd_mask, dq_mask, dkdv_mask):
     _check_block_mask(bm, query, key)
   scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
   soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
-  config = _Config(scale=scale, soft_cap=soft_cap, interpret=bool(interpret))
-  fwd_launch, dq_launch, dkdv_launch = _launch_params(sizes, query.shape[3],
-                                                      (bwd_mask.block_q, bwd_mask.block_kv))
+  config = _Config(scale=scale, soft_cap=soft_cap, interpret=bool(interpret),
+                   stages=sizes.num_stages or 2)
+  # num_stages / num_warps are the Mosaic forward's: the Triton backward picks its own.
+  _, dq_launch, dkdv_launch = _launch_params(
+      dataclasses.replace(bwd_sizes, num_stages=None, num_warps=None), query.shape[3],
+      (dkdv_mask.block_q, dkdv_mask.block_kv))
   bwd_params = _TritonParams(
-      scale=scale, soft_cap=soft_cap, interpret=bool(interpret), fwd_launch=fwd_launch,
-      dq_launch=dq_launch, dkdv_launch=dkdv_launch)
+      scale=scale, soft_cap=soft_cap, interpret=bool(interpret), dq_launch=dq_launch,
+      dkdv_launch=dkdv_launch)
   q_perm, kv_perm = fwd_mask.q_perm, fwd_mask.kv_perm
   if q_perm is not None:
     query = jnp.take(query, q_perm, axis=1)
   if kv_perm is not None:
     key, value = jnp.take(key, kv_perm, axis=1), jnp.take(value, kv_perm, axis=1)
-  out = _attention(query, key, value, fwd_mask, bwd_mask, config, bwd_params)
+  out = _attention(query, key, value, fwd_mask, dq_mask, dkdv_mask, config, bwd_params)
   if q_perm is not None:
     out = jnp.take(out, jnp.argsort(q_perm), axis=1)
   return out
