@@ -80,15 +80,17 @@ class DecodeConfig:
     num_warps: GPU warps per program (Triton), None for the backend default.
     num_stages: software-pipelining depth (Triton), None for the backend default.
     xla_merge: pallas_triton only: write float32 partial states and merge the splits and
-      place the groups in XLA (the path before the merge kernel, kept for comparison)
-      instead of in Pallas; pallas_tpu always merges in XLA.
+      place the groups in XLA (default) instead of the one-split direct store / Pallas merge
+      kernel (False). On the H200 the XLA merge was as fast or faster at B = 1 (S=4096,
+      Nkv=8: 15.7 us vs 33.3 us with the merge kernel; cuDNN 15.1), and within 5% at B = 8
+      (configs/tune_decode_splits.py, docs/performance.md); pallas_tpu always merges in XLA.
   """
 
   block_kv: int | None = None
   num_splits: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
-  xla_merge: bool = False
+  xla_merge: bool = True
 
   def __post_init__(self):
     if self.block_kv is not None and (

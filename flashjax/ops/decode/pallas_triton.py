@@ -16,8 +16,9 @@ Output, by launch (every path writes [B, Nq, D] in the query's dtype):
     second Pallas kernel (grid (B, K, D / 32): head-dim chunks, so that a few sequences
     with many splits still spread the merge over several SMs) merges them with
     log-sum-exp weights and stores the group's rows: two kernels;
-  * `DecodeConfig(xla_merge=True)`: partial states merged and scattered in XLA
-    (configs.merge_splits / scatter_groups), the path before the merge kernel.
+  * `DecodeConfig(xla_merge=True)`, the default: partial states merged and scattered in
+    XLA (configs.merge_splits / scatter_groups). The two paths above run with
+    xla_merge=False; on the H200 they were slower at B = 1 (docs/performance.md).
 With head_indices, the output is a zero array aliased into the kernel that stores it
 (`input_output_aliases`), so the heads of unselected groups stay 0; without, every group
 is stored and no zero fill is needed.

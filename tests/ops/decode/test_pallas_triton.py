@@ -148,8 +148,8 @@ class TritonOnlyTest(parameterized.TestCase):
     # D = 64: the merge kernel works on two 32-column chunks.
     args = make_inputs(seed, 3, 160, 12, 4, 64, jnp.float32, [160, 0, 70])
     heads = jnp.array([[3, 0], [1, 2], [2, 2]], jnp.int32) if sparse else None
-    config = {"direct": configs.DecodeConfig(num_splits=1),
-              "merge_kernel": configs.DecodeConfig(block_kv=32, num_splits=3),
+    config = {"direct": configs.DecodeConfig(num_splits=1, xla_merge=False),
+              "merge_kernel": configs.DecodeConfig(block_kv=32, num_splits=3, xla_merge=False),
               "xla_merge": configs.DecodeConfig(block_kv=32, num_splits=3, xla_merge=True),
               }[path]
     out = pallas_triton.decode_attention(*args, head_indices=heads, scale=0.2,
