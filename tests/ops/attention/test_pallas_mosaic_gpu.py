@@ -158,7 +158,9 @@ class PallasMosaicGpuTest(parameterized.TestCase):
     mask[0, 3] = oracle.causal_mask(128, 160)
     bm = flashjax.masks.BlockMask.from_mask(flashjax.masks.from_dense(mask), 64, 64)
     config = pallas_mosaic_gpu._Config(scale=0.3, soft_cap=None, interpret=True)
-    out, lse2 = jax.jit(pallas_mosaic_gpu._forward, static_argnums=4)(q, k, v, bm, config)
+    # Eager: under jax.jit the interpreter's simulated warpgroups (io_callbacks) deadlocked
+    # on this 2-core machine (docs/mosaic_gpu.md).
+    out, lse2 = pallas_mosaic_gpu._forward(q, k, v, bm, config)
     expected = reference.mha_reference(q, k, v, mask=jnp.asarray(mask), scale=0.3)
     chex.assert_trees_all_close(out.astype(jnp.float32), expected, atol=2e-2)
     f32 = lambda x: np.asarray(x, np.float64)
