@@ -101,14 +101,15 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
     interpret: True for interpret mode (CPU tests): 64 x 64 tiles, one consumer.
 
   Returns:
-    BlockSizes; the backward (pallas_triton) uses the forward tiles.
+    BlockSizes of the forward only: the backward (pallas_triton) runs at Triton's own
+    default tiles unless a caller's BlockSizes names *_bwd tiles.
   """
   del q_len
   if interpret:
     return BlockSizes(_WGMMA_M, _MIN_BLOCK_KV)
   block_kv = 128 if _head_dim_padded(head_dim) <= 128 else 64
   block_kv = max(_MIN_BLOCK_KV, min(block_kv, _pow2_ceil(kv_len)))
-  return BlockSizes(2 * _WGMMA_M, block_kv, block_q_bwd=64, block_kv_bwd=64)
+  return BlockSizes(2 * _WGMMA_M, block_kv)
 
 
 def _check_tiling(sizes: BlockSizes | None, block_q: int, block_kv: int) -> None:
