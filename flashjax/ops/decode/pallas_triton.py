@@ -245,11 +245,11 @@ def decode_attention(
   grid = (batch, num_groups, num_splits)
   kernel_inputs = (heads, lengths, query, key_cache, value_cache)
   out_shape = jax.ShapeDtypeStruct(query.shape, query.dtype)
-  # Head-sparse outputs start from zeros (aliased in), dense ones are written everywhere.
-  zeros = () if head_indices is None else (jnp.zeros(query.shape, query.dtype),)
 
   def output_call(kernel, inputs, grid, params, name):
     """pallas_call of a kernel whose last ref is the whole [B, Nq, D] output."""
+    # Head-sparse outputs start from zeros (aliased in), dense ones are written everywhere.
+    zeros = () if head_indices is None else (jnp.zeros(query.shape, query.dtype),)
     return pl.pallas_call(
         kernel, grid=grid, in_specs=[_whole(x) for x in inputs + zeros],
         out_specs=_whole(out_shape), out_shape=out_shape,
