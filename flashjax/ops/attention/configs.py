@@ -26,6 +26,9 @@ class BlockSizes:
     block_kv_bwd: keys per backward tile, or None.
     num_warps: GPU warps per program (Triton), None for the backend default.
     num_stages: software-pipelining depth (GPU), None for the backend default.
+    persistent: Mosaic GPU forward: one program per SM looping over work items ordered by
+      their number of non-empty blocks (True), one program per work item (False), or None
+      for the backend default. Other backends ignore it.
   """
 
   block_q: int = 128
@@ -34,6 +37,7 @@ class BlockSizes:
   block_kv_bwd: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
+  persistent: bool | None = None
 
   def __post_init__(self):
     for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
@@ -46,6 +50,8 @@ class BlockSizes:
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"BlockSizes.{name}={value!r} must be a positive int or None")
+    if self.persistent is not None and not isinstance(self.persistent, bool):
+      raise ValueError(f"BlockSizes.persistent={self.persistent!r} must be a bool or None")
 
   @property
   def bwd_q(self) -> int:
