@@ -1,0 +1,743 @@
+"""Block-sparse FlashAttention backward in Pallas Mosaic GPU (Hopper: TMA + wgmma).
+
+Two kernels, each walking BlockMask lists as the forward does (FULL slots first, EMPTY
+blocks never loaded), with a producer warpgroup that TMA-loads the streamed operand into
+`stages`-deep SMEM rings and one or two consumer warpgroups of 64 rows:
+
+* dQ: one program per (query block, batch * query head) over the forward lists of a
+  BlockMask with 64-key tiles. Per slot: S = Q K^T, P = exp2(S' - lse2), dP = dO V^T,
+  dS = P (dP - delta), dQ += dS K (dS a register wgmma operand).
+* dK / dV: one program per (kv block, batch * kv head) over the backward lists of a
+  BlockMask with 64-query tiles, for each of the kv head's `group` query heads in turn (GQA
+  sums in registers, K/V never repeated). Per slot: S^T = K Q^T, P^T = exp2(S'^T - lse2),
+  dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+
+S' is the base-2 logit: scale * log2(e) * S, or cap * log2(e) * tanh(scale * S / cap) with a
+soft cap (then dS also takes the factor 1 - tanh^2). lse2 [B * Nq, T] is the forward's
+residual (+inf for rows without an allowed key, so their P is 0); delta = rowsum(dO * O).
+Partial tiles are masked in-kernel exactly as in the forward (band and segment rules from
+wgmma-layout iotas and TMA-staged ids, stored tiles as 0 / -inf addends, key bounds).
+
+Only head dims <= 128 (padded): at 256, dK and dV accumulators alone would take 256
+registers per thread of a 64-row warpgroup. Larger heads keep pallas_triton's backward
+(pallas_mosaic_gpu.py picks).
+
+Interpret mode (CPU): the Mosaic GPU interpreter has no transposed SMEM views and no
+register wgmma operands, so the transposed operands (K^T, V^T; Q^T, dO^T) come from XLA
+through their own rings and the register operands (dS, P^T, dS^T) go through SMEM; the
+rest is the compiled code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from flashjax.masks.block_mask import BlockMask
+from flashjax.ops.attention import pallas_triton as triton_backend
+
+_LOG2E = math.log2(math.e)
+ROWS = 64  # rows of one consumer warpgroup (wgmma M) and the streamed tile of each kernel
+MAX_HEAD_DIM = 128
+SMEM_LIMIT = 232448  # bytes of shared memory per block on Hopper (227 KiB)
+
+# pylint: disable=protected-access
+_MaskLayout = triton_backend._MaskLayout
+_mask_operands = triton_backend._mask_operands
+_head_dim_padded = triton_backend._head_dim_padded
+_pad_to = triton_backend._pad_to
+_pad_rows = triton_backend._pad_rows
+# pylint: enable=protected-access
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Static parameters of the backward kernels."""
+
+  scale: float
+  soft_cap: float | None
+  interpret: bool
+  stages: int = 2
+
+
+class MaskParts(NamedTuple):
+  """One direction's BlockMask operands, in kernel-argument order (absent parts are None).
+
+  count [Bm, Nm, n] int32, block [Bm, Nm, n, L] int32 (FULL slots first), n_full [Bm, Nm, n],
+  tile [Bm, Nm, n, L] stored-tile index per slot; q_seg [B|1, T_pad] int32; kv_meta
+  [B|1, S_pad] int32 = 2 * kv segment id + (key in a prefix); tiles [n_tiles, bq, bk] (forward
+  lists) or [n_tiles, bk, bq] (backward lists) in the input dtype, 0 where allowed and -inf
+  elsewhere (added to the logits).
+  """
+
+  count: Any
+  block: Any
+  n_full: Any = None
+  tile: Any = None
+  q_seg: Any = None
+  kv_meta: Any = None
+  tiles: Any = None
+
+
+def mask_parts(bm: BlockMask, layout, dtype, q_pad: int, kv_pad: int, *,
+               backward: bool) -> MaskParts:
+  """The kernels' mask operands of `bm`: forward (per query block) or backward lists."""
+  ops = iter(_mask_operands(bm, layout, backward=backward, q_pad=q_pad, kv_pad=kv_pad))
+  take = lambda present: next(ops) if present else None
+  count, block = next(ops), next(ops)
+  n_full, tile = take(layout.has_partial), take(layout.has_tiles)
+  q_seg, kv_seg = take(layout.has_segments), take(layout.has_segments)
+  prefix, tiles = take(layout.has_prefix), take(layout.has_tiles)
+  kv_meta = None
+  if kv_seg is not None:
+    kv_meta = 2 * kv_seg + (0 if prefix is None else prefix.astype(jnp.int32))
+  if tiles is not None:
+    tiles = jnp.where(tiles != 0, 0.0, -jnp.inf).astype(dtype)
+    if backward:  # the dK/dV kernel's tiles have keys as rows
+      tiles = jnp.swapaxes(tiles, 1, 2)
+  return MaskParts(count, block, n_full, tile, q_seg, kv_meta, tiles)
+
+
+def swizzled_smem(shape: tuple[int, ...], dtype) -> Any:
+  """SMEM scratch with the tiling + swizzle layout wgmma operands want (minor dim swizzled)."""
+  bits = jnp.finfo(dtype).bits
+  swizzle = plgpu.find_swizzle(shape[-1] * bits)
+  transforms = (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+  return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def interpret_params() -> Any:
+  """Mosaic GPU interpreter parameters (jax-private module: NotImplementedError if absent)."""
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise NotImplementedError(
+        "pallas_mosaic_gpu: this jax has no Mosaic GPU interpreter (InterpretGPUParams)") from e
+  return params.InterpretGPUParams()
+
+
+# ------------------------------------------------------------------- shared kernel helpers
+
+
+class _Ops:
+  """Register layouts, loads and wgmma forms, compiled or under the interpreter."""
+
+  def __init__(self, interpret: bool, a_smem=None):
+    self.compiled = not interpret
+    self.a_smem = a_smem  # interpret mode: [ROWS, K] SMEM staging of register A operands
+    self.tile = plgpu.Layout.WGMMA
+    self.rows = plgpu.Layout.WGMMA.reduce(1)  # vectors indexed by a tile's row
+    self.cols = plgpu.Layout.WGMMA.reduce(0)  # vectors indexed by a tile's column
+
+  def cast(self, x, layout):
+    return plgpu.layout_cast(x, layout) if self.compiled else x
+
+  def iota(self, shape, dim):
+    if self.compiled:
+      return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=self.tile)
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+  def load(self, ref, layout):
+    return plgpu.load(ref, (), layout=layout) if self.compiled else ref[...]
+
+  def zeros(self, shape):
+    return self.cast(jnp.zeros(shape, jnp.float32), self.tile)
+
+  def mm_t(self, a_ref, b_ref, b_t_ref, shape):
+    """a @ b^T [shape] f32 from SMEM: b through a transposed view (interpret: b_t_ref)."""
+    b = plgpu.transpose_ref(b_ref, (1, 0)) if self.compiled else b_t_ref
+
+    def run(acc_ref):
+      plgpu.wgmma(acc_ref, a_ref, b)
+      return acc_ref[...]
+
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+  def mma(self, acc, a, b_ref):
+    """acc + a @ b with `a` in registers (interpret: staged through SMEM)."""
+    if self.compiled:
+      return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b_ref))(plgpu.ACC.init(acc))
+    self.a_smem[...] = a
+    plgpu.commit_smem()
+
+    def run(acc_ref):
+      plgpu.wgmma(acc_ref, self.a_smem, b_ref)
+      return plgpu.wgmma_accumulator_load(acc_ref)
+
+    return acc + pl.run_scoped(run, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def _keep(layout, q_pos, kv_pos, q_seg, kv_meta):
+  """Allowed [ROWS, ROWS] of a PARTIAL tile from the rule and the key bound (None: all).
+
+  q_pos / kv_pos are int32 position tiles; q_seg / kv_meta the ids broadcast to the tile (or
+  None without segments).
+  """
+  keep = None
+  both = lambda a, b: b if a is None else a & b
+  if layout.band is not None:
+    diff = kv_pos - q_pos
+    if layout.band.lo is not None:
+      keep = both(keep, diff >= layout.band.lo)
+    if layout.band.hi is not None:
+      keep = both(keep, diff <= layout.band.hi)
+    if kv_meta is not None:
+      if layout.has_prefix:
+        in_prefix = (kv_meta & 1) == 1
+        keep = in_prefix if keep is None else keep | in_prefix
+      keep = both(keep, q_seg == (kv_meta >> 1))
+  if layout.kv_bounds:
+    keep = both(keep, kv_pos < layout.kv_len)
+  return keep
+
+
+def _probs(s, lse, config: Config, *, lse_dim: int, keep, tile):
+  """P = exp2(S' - lse2) of a logits tile and the soft cap's tanh (or None).
+
+  lse is broadcast along dimension `lse_dim` (0: per row, 1: per column).
+  """
+  t = None
+  if config.soft_cap is None:
+    s2 = s * (config.scale * _LOG2E)
+  else:
+    t = jnp.tanh(s * (config.scale / config.soft_cap))
+    s2 = t * (config.soft_cap * _LOG2E)
+  if tile is not None:
+    s2 = s2 + tile
+  if keep is not None:
+    s2 = jnp.where(keep, s2, -jnp.inf)
+  return jnp.exp2(s2 - lax.broadcast_in_dim(lse, s.shape, [lse_dim])), t
+
+
+def _dscores(p, dp, delta, t, *, delta_dim: int):
+  """dS = P (dP - delta) (times 1 - t^2 under a soft cap), f32."""
+  ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [delta_dim]))
+  return ds if t is None else ds * (1.0 - t * t)
+
+
+def _drain(free, stages: int, total):
+  """Waits for the last `stages` releases of a ring, so every barrier phase is observed."""
+  @pl.loop(jnp.maximum(total - stages, 0), total)
+  def _(step):
+    plgpu.barrier_wait(free.at[lax.rem(step, stages)])
+
+
+# ---------------------------------------------------------------------------------- dQ
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Config,
+               num_heads: int, group: int, head_dim: int, consumers: int,
+               present: tuple[bool, ...]):
+  """dQ of one query block (consumers x 64 rows) of one (batch, query head).
+
+  Operands: q/do [B, T_pad, Nq, Dp], k/v [B, S_pad, Nkv, Dp] (interpret: plus K^T and V^T
+  [B, Nkv, Dp, S_pad] after v), stats [B * Nq, 2, T_pad] (lse2, delta), mask parts; output
+  dq [B, T_pad, Nq, Dp].
+  """
+  stages, bk = config.stages, layout.block_kv
+  it = iter(refs)
+  kt_ref = vt_ref = None
+  if config.interpret:
+    kt_ref, vt_ref = next(it), next(it)
+  parts = MaskParts(*(next(it) if p else None for p in present))
+  dq_ref = next(it)
+  (q_smem, do_smem, stats_smem, k_smem, v_smem, row_bars, k_bars, v_bars, free) = (
+      next(it) for _ in range(9))
+  seg_smem = seg_bars = meta_smem = meta_bars = tile_smem = tile_bars = None
+  if layout.has_segments:
+    seg_smem, seg_bars, meta_smem, meta_bars = (next(it) for _ in range(4))
+  if layout.has_tiles:
+    tile_smem, tile_bars = next(it), next(it)
+  kt_smem = vt_smem = kt_bars = vt_bars = a_smem = None
+  if config.interpret:
+    kt_smem, vt_smem, kt_bars, vt_bars, a_smem = (next(it) for _ in range(5))
+
+  qi, bh, wg = lax.axis_index("q"), lax.axis_index("bh"), lax.axis_index("wg")
+  batch, head = lax.div(bh, num_heads), lax.rem(bh, num_heads)
+  kv_head = lax.div(head, group)
+  index = (0 if layout.batch_bcast else batch, 0 if layout.head_bcast else head, qi)
+  rule_batch = 0 if layout.rule_batch_bcast else batch
+  count = parts.count[index]
+  n_full = parts.n_full[index] if layout.has_partial else count
+  kv_start = lambda slot: parts.block[index + (slot,)] * bk
+
+  @pl.when(wg == consumers)
+  def _producer():
+    if not config.interpret:
+      plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, count)
+    def _(slot):
+      buf = lax.rem(slot, stages)
+      rows = pl.ds(kv_start(slot), bk)
+
+      @pl.when(slot >= stages)
+      def _():
+        plgpu.barrier_wait(free.at[buf])
+
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[buf], k_bars.at[buf])
+      if config.interpret:
+        plgpu.copy_gmem_to_smem(kt_ref.at[batch, kv_head, :, rows], kt_smem.at[buf],
+                                kt_bars.at[buf])
+        plgpu.copy_gmem_to_smem(vt_ref.at[batch, kv_head, :, rows], vt_smem.at[buf],
+                                vt_bars.at[buf])
+      else:
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[buf],
+                                v_bars.at[buf])
+
+      @pl.when(slot >= n_full)
+      def _():
+        if meta_smem is not None:
+          plgpu.copy_gmem_to_smem(parts.kv_meta.at[rule_batch, rows], meta_smem.at[buf],
+                                  meta_bars.at[buf])
+        if tile_smem is not None:
+          plgpu.copy_gmem_to_smem(parts.tiles.at[parts.tile[index + (slot,)]],
+                                  tile_smem.at[buf], tile_bars.at[buf])
+
+    _drain(free, stages, count)
+
+  @pl.when(wg < consumers)
+  def _consumer():
+    ops = _Ops(config.interpret, None if a_smem is None else a_smem.at[wg])
+    if ops.compiled:
+      plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
+    q_start = qi * layout.block_q + wg * ROWS
+    rows = pl.ds(q_start, ROWS)
+    # One barrier for the consumer's row operands: Q, dO, stats (+ segment ids).
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[wg], row_bars.at[3 * wg])
+    plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[wg], row_bars.at[3 * wg + 1])
+    plgpu.copy_gmem_to_smem(stats_ref.at[bh, :, rows], stats_smem.at[wg], row_bars.at[3 * wg + 2])
+    q_seg = None
+    if seg_smem is not None:
+      plgpu.copy_gmem_to_smem(parts.q_seg.at[rule_batch, rows], seg_smem.at[wg],
+                              seg_bars.at[wg])
+      plgpu.barrier_wait(seg_bars.at[wg])
+      q_seg = lax.broadcast_in_dim(ops.load(seg_smem.at[wg], ops.rows), (ROWS, bk), [0])
+    for j in range(3):
+      plgpu.barrier_wait(row_bars.at[3 * wg + j])
+    lse = ops.load(stats_smem.at[wg, 0], ops.rows)
+    delta = ops.load(stats_smem.at[wg, 1], ops.rows)
+
+    def body(slot, dq, *, partial):
+      buf = lax.rem(slot, stages)
+      keep = tile = None
+      if partial:
+        kv_meta = None
+        if meta_smem is not None:
+          plgpu.barrier_wait(meta_bars.at[buf])
+          kv_meta = lax.broadcast_in_dim(ops.load(meta_smem.at[buf], ops.cols), (ROWS, bk),
+                                         [1])
+        keep = _keep(layout, ops.iota((ROWS, bk), 0) + q_start,
+                     ops.iota((ROWS, bk), 1) + kv_start(slot), q_seg, kv_meta)
+        if tile_smem is not None:
+          plgpu.barrier_wait(tile_bars.at[buf])
+          tile = ops.load(tile_smem.at[buf, pl.ds(wg * ROWS, ROWS)], ops.tile)
+          tile = tile.astype(jnp.float32)
+      plgpu.barrier_wait(k_bars.at[buf])
+      if ops.compiled:
+        plgpu.barrier_wait(v_bars.at[buf])
+      else:
+        plgpu.barrier_wait(kt_bars.at[buf])
+        plgpu.barrier_wait(vt_bars.at[buf])
+      kt = None if kt_smem is None else kt_smem.at[buf]
+      vt = None if vt_smem is None else vt_smem.at[buf]
+      s = ops.mm_t(q_smem.at[wg], k_smem.at[buf], kt, (ROWS, bk))
+      p, t = _probs(s, lse, config, lse_dim=0, keep=keep, tile=tile)
+      dp = ops.mm_t(do_smem.at[wg], v_smem.at[buf], vt, (ROWS, bk))
+      ds = _dscores(p, dp, delta, t, delta_dim=0)
+      dq = ops.mma(dq, ds.astype(k_smem.dtype), k_smem.at[buf])
+      plgpu.barrier_arrive(free.at[buf])
+      return dq
+
+    dq = lax.fori_loop(0, n_full, functools.partial(body, partial=False),
+                       ops.zeros((ROWS, head_dim)))
+    if layout.has_partial:
+      dq = lax.fori_loop(n_full, count, functools.partial(body, partial=True), dq)
+    q_smem.at[wg][...] = (dq * config.scale).astype(q_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[batch, rows, head])
+    plgpu.wait_smem_to_gmem(0)
+
+
+# ------------------------------------------------------------------------------ dK / dV
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Config,
+                 num_kv_heads: int, group: int, head_dim: int, consumers: int,
+                 present: tuple[bool, ...]):
+  """dK, dV of one kv block (consumers x 64 keys) of one (batch, kv head), summed over the
+  kv head's `group` query heads.
+
+  Operands as `_dq_kernel` (interpret: Q^T and dO^T [B, Nq, Dp, T_pad] after do), mask parts
+  of the backward lists; outputs dk, dv [B, S_pad, Nkv, Dp].
+  """
+  stages, bq = config.stages, layout.block_q
+  it = iter(refs)
+  qt_ref = dot_ref = None
+  if config.interpret:
+    qt_ref, dot_ref = next(it), next(it)
+  parts = MaskParts(*(next(it) if p else None for p in present))
+  dk_ref, dv_ref = next(it), next(it)
+  (k_smem, v_smem, meta_smem, row_bars, q_smem, do_smem, stats_smem, q_bars, do_bars,
+   stats_bars, free) = (next(it) for _ in range(11))
+  seg_smem = seg_bars = tile_smem = tile_bars = None
+  if layout.has_segments:
+    seg_smem, seg_bars = next(it), next(it)
+  if layout.has_tiles:
+    tile_smem, tile_bars = next(it), next(it)
+  qt_smem = dot_smem = qt_bars = dot_bars = a_smem = None
+  if config.interpret:
+    qt_smem, dot_smem, qt_bars, dot_bars, a_smem = (next(it) for _ in range(5))
+
+  kj, bh, wg = lax.axis_index("kv"), lax.axis_index("bh"), lax.axis_index("wg")
+  batch, kv_head = lax.div(bh, num_kv_heads), lax.rem(bh, num_kv_heads)
+  rule_batch = 0 if layout.rule_batch_bcast else batch
+  num_heads = num_kv_heads * group
+
+  def list_index(j):
+    head = kv_head * group + j
+    return (0 if layout.batch_bcast else batch, 0 if layout.head_bcast else head, kj)
+
+  def head_count(j):
+    return parts.count[list_index(j)]
+
+  def head_n_full(j):
+    return parts.n_full[list_index(j)] if layout.has_partial else head_count(j)
+
+  q_start = lambda j, slot: parts.block[list_index(j) + (slot,)] * bq
+
+  @pl.when(wg == consumers)
+  def _producer():
+    if not config.interpret:
+      plgpu.set_max_registers(40, action="decrease")
+
+    def head_loop(j, step0):
+      head = kv_head * group + j
+      n_full = head_n_full(j)
+
+      @pl.loop(0, head_count(j))
+      def _(slot):
+        step = step0 + slot
+        buf = lax.rem(step, stages)
+        rows = pl.ds(q_start(j, slot), bq)
+
+        @pl.when(step >= stages)
+        def _():
+          plgpu.barrier_wait(free.at[buf])
+
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[buf], q_bars.at[buf])
+        plgpu.copy_gmem_to_smem(stats_ref.at[batch * num_heads + head, :, rows],
+                                stats_smem.at[buf], stats_bars.at[buf])
+        plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[buf],
+                                do_bars.at[buf])
+        if config.interpret:
+          plgpu.copy_gmem_to_smem(qt_ref.at[batch, head, :, rows], qt_smem.at[buf],
+                                  qt_bars.at[buf])
+          plgpu.copy_gmem_to_smem(dot_ref.at[batch, head, :, rows], dot_smem.at[buf],
+                                  dot_bars.at[buf])
+
+        @pl.when(slot >= n_full)
+        def _():
+          if seg_smem is not None:
+            plgpu.copy_gmem_to_smem(parts.q_seg.at[rule_batch, rows], seg_smem.at[buf],
+                                    seg_bars.at[buf])
+          if tile_smem is not None:
+            plgpu.copy_gmem_to_smem(parts.tiles.at[parts.tile[list_index(j) + (slot,)]],
+                                    tile_smem.at[buf], tile_bars.at[buf])
+
+      return step0 + head_count(j)
+
+    _drain(free, stages, lax.fori_loop(0, group, head_loop, jnp.int32(0)))
+
+  @pl.when(wg < consumers)
+  def _consumer():
+    ops = _Ops(config.interpret, None if a_smem is None else a_smem.at[wg])
+    if ops.compiled:
+      plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
+    kv_start = kj * layout.block_kv + wg * ROWS
+    rows = pl.ds(kv_start, ROWS)
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[wg], row_bars.at[3 * wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[wg], row_bars.at[3 * wg + 1])
+    kv_meta = None
+    if layout.has_segments:
+      plgpu.copy_gmem_to_smem(parts.kv_meta.at[rule_batch, rows], meta_smem.at[wg],
+                              row_bars.at[3 * wg + 2])
+      plgpu.barrier_wait(row_bars.at[3 * wg + 2])
+      kv_meta = lax.broadcast_in_dim(ops.load(meta_smem.at[wg], ops.rows), (ROWS, bq), [0])
+    plgpu.barrier_wait(row_bars.at[3 * wg])
+    plgpu.barrier_wait(row_bars.at[3 * wg + 1])
+
+    def head_loop(j, carry):
+      dk, dv, step0 = carry
+
+      def body(slot, carry, *, partial):
+        dk, dv = carry
+        step = step0 + slot
+        buf = lax.rem(step, stages)
+        keep = tile = None
+        if partial:
+          q_seg = None
+          if seg_smem is not None:
+            plgpu.barrier_wait(seg_bars.at[buf])
+            q_seg = lax.broadcast_in_dim(ops.load(seg_smem.at[buf], ops.cols), (ROWS, bq), [1])
+          keep = _keep(layout, ops.iota((ROWS, bq), 1) + q_start(j, slot),
+                       ops.iota((ROWS, bq), 0) + kv_start, q_seg, kv_meta)
+          if tile_smem is not None:
+            plgpu.barrier_wait(tile_bars.at[buf])
+            tile = ops.load(tile_smem.at[buf, pl.ds(wg * ROWS, ROWS)], ops.tile)
+            tile = tile.astype(jnp.float32)
+        plgpu.barrier_wait(q_bars.at[buf])
+        plgpu.barrier_wait(stats_bars.at[buf])
+        plgpu.barrier_wait(do_bars.at[buf])
+        qt = dot = None
+        if not ops.compiled:
+          plgpu.barrier_wait(qt_bars.at[buf])
+          plgpu.barrier_wait(dot_bars.at[buf])
+          qt, dot = qt_smem.at[buf], dot_smem.at[buf]
+        s_t = ops.mm_t(k_smem.at[wg], q_smem.at[buf], qt, (ROWS, bq))
+        lse = ops.load(stats_smem.at[buf, 0], ops.cols)
+        delta = ops.load(stats_smem.at[buf, 1], ops.cols)
+        p_t, t = _probs(s_t, lse, config, lse_dim=1, keep=keep, tile=tile)
+        dv = ops.mma(dv, p_t.astype(do_smem.dtype), do_smem.at[buf])
+        dp_t = ops.mm_t(v_smem.at[wg], do_smem.at[buf], dot, (ROWS, bq))
+        ds_t = _dscores(p_t, dp_t, delta, t, delta_dim=1)
+        dk = ops.mma(dk, ds_t.astype(q_smem.dtype), q_smem.at[buf])
+        plgpu.barrier_arrive(free.at[buf])
+        return dk, dv
+
+      n_full, count = head_n_full(j), head_count(j)
+      dk, dv = lax.fori_loop(0, n_full, functools.partial(body, partial=False), (dk, dv))
+      if layout.has_partial:
+        dk, dv = lax.fori_loop(n_full, count, functools.partial(body, partial=True), (dk, dv))
+      return dk, dv, step0 + count
+
+    zeros = ops.zeros((ROWS, head_dim))
+    dk, dv, _ = lax.fori_loop(0, group, head_loop, (zeros, zeros, jnp.int32(0)))
+    k_smem.at[wg][...] = (dk * config.scale).astype(k_smem.dtype)
+    v_smem.at[wg][...] = dv.astype(v_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[batch, rows, kv_head])
+    plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[batch, rows, kv_head])
+    plgpu.wait_smem_to_gmem(0)
+
+
+# ---------------------------------------------------------------------------- launchers
+
+
+def dq_smem_bytes(layout, head_dim_padded: int, stages: int, itemsize: int,
+                  interpret: bool = False) -> int:
+  """Shared memory of the dQ kernel (plus slack for barriers and alignment)."""
+  bq, bk, dp = layout.block_q, layout.block_kv, head_dim_padded
+  rings = 3 if interpret else 2  # K, V (interpret: K, K^T, V^T)
+  total = 2 * bq * dp * itemsize + bq * 8 + rings * stages * bk * dp * itemsize
+  if layout.has_segments:
+    total += bq * 4 + stages * bk * 4
+  if layout.has_tiles:
+    total += stages * bq * bk * itemsize
+  if interpret:
+    total += bq * bk * itemsize
+  return total + 4096
+
+
+def dkdv_smem_bytes(layout, head_dim_padded: int, stages: int, itemsize: int,
+                    interpret: bool = False) -> int:
+  """Shared memory of the dK/dV kernel (plus slack for barriers and alignment)."""
+  bq, bk, dp = layout.block_q, layout.block_kv, head_dim_padded
+  rings = 4 if interpret else 2  # Q, dO (interpret: also Q^T, dO^T)
+  total = 2 * bk * dp * itemsize + bk * 4 + stages * (rings * bq * dp * itemsize + bq * 8)
+  if layout.has_segments:
+    total += stages * bq * 4
+  if layout.has_tiles:
+    total += stages * bk * bq * itemsize
+  if interpret:
+    total += bk * bq * itemsize
+  return total + 4096
+
+
+def _consumers(rows: int, what: str) -> int:
+  if rows not in (ROWS, 2 * ROWS):
+    raise ValueError(f"pallas_mosaic_gpu backward: {what}={rows} must be 64 or 128 "
+                     "(one or two warpgroups of 64 rows)")
+  return rows // ROWS
+
+
+def _compiler_params(config: Config):
+  return None if config.interpret else plgpu.CompilerParams(approx_math=True)
+
+
+def dq(q, k, v, do, stats, bm: BlockMask, config: Config) -> jax.Array:
+  """dQ [B, T, Nq, D] over the forward lists of `bm` (block_q 64 or 128, block_kv 64).
+
+  Args:
+    q: [B, T, Nq, D] bfloat16 / float16, D <= 128.
+    k: [B, S, Nkv, D].
+    v: [B, S, Nkv, D].
+    do: [B, T, Nq, D] output cotangent (dtype of q).
+    stats: [B * Nq, 2, T] float32: the forward's lse2 and delta = rowsum(dO * O).
+    bm: BlockMask at the dQ tiling.
+    config: static parameters.
+  """
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  layout = _MaskLayout.of(bm)
+  bq, bk, stages = layout.block_q, layout.block_kv, config.stages
+  if bk != ROWS:
+    raise ValueError(f"pallas_mosaic_gpu dQ: block_kv={bk} must be {ROWS}")
+  consumers = _consumers(bq, "block_q")
+  q_pad, kv_pad = -(-q_len // bq) * bq, -(-kv_len // bk) * bk
+  dp = _head_dim_padded(head_dim)
+  parts = mask_parts(bm, layout, q.dtype, q_pad, kv_pad, backward=False)
+  present = tuple(x is not None for x in parts)
+  kernel = functools.partial(_dq_kernel, layout=layout, config=config, num_heads=num_heads,
+                             group=num_heads // num_kv_heads, head_dim=dp,
+                             consumers=consumers, present=present)
+  kernel.__name__ = "flashjax_mosaic_gpu_dq"
+  dtype = q.dtype
+  scratch = [
+      swizzled_smem((consumers, ROWS, dp), dtype),  # Q, then dQ
+      swizzled_smem((consumers, ROWS, dp), dtype),  # dO
+      plgpu.SMEM((consumers, 2, ROWS), jnp.float32),
+      swizzled_smem((stages, bk, dp), dtype),
+      swizzled_smem((stages, bk, dp), dtype),
+      plgpu.Barrier(num_arrivals=1, num_barriers=3 * consumers),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+  ]
+  if layout.has_segments:
+    scratch += [plgpu.SMEM((consumers, ROWS), jnp.int32),
+                plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
+                plgpu.SMEM((stages, bk), jnp.int32),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+  if layout.has_tiles:
+    scratch += [plgpu.SMEM((stages, bq, bk), dtype),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+  kp, vp = _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp)
+  extra = []
+  if config.interpret:
+    extra = [jnp.einsum("bsnd->bnds", kp), jnp.einsum("bsnd->bnds", vp)]
+    scratch += [swizzled_smem((stages, dp, bk), dtype), swizzled_smem((stages, dp, bk), dtype),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                swizzled_smem((consumers, ROWS, bk), dtype)]
+  out = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((batch, q_pad, num_heads, dp), dtype),
+      scratch_types=scratch,
+      grid=(q_pad // bq, batch * num_heads),
+      grid_names=("q", "bh"),
+      num_threads=consumers + 1,
+      thread_name="wg",
+      compiler_params=_compiler_params(config),
+      interpret=interpret_params() if config.interpret else None,
+  )(_pad_to(q, q_pad, dp), kp, vp, _pad_to(do, q_pad, dp), _pad_stats(stats, q_pad),
+    *extra, *(x for x in parts if x is not None))
+  return out[:, :q_len, :, :head_dim]
+
+
+def dkdv(q, k, v, do, stats, bm: BlockMask, config: Config) -> tuple[jax.Array, jax.Array]:
+  """dK, dV [B, S, Nkv, D] over the backward lists of `bm` (block_q 64, block_kv 64 or 128);
+  arguments as `dq`."""
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  layout = _MaskLayout.of(bm)
+  bq, bk, stages = layout.block_q, layout.block_kv, config.stages
+  if bq != ROWS:
+    raise ValueError(f"pallas_mosaic_gpu dK/dV: block_q={bq} must be {ROWS}")
+  consumers = _consumers(bk, "block_kv")
+  q_pad, kv_pad = -(-q_len // bq) * bq, -(-kv_len // bk) * bk
+  dp = _head_dim_padded(head_dim)
+  parts = mask_parts(bm, layout, q.dtype, q_pad, kv_pad, backward=True)
+  present = tuple(x is not None for x in parts)
+  kernel = functools.partial(_dkdv_kernel, layout=layout, config=config,
+                             num_kv_heads=num_kv_heads, group=num_heads // num_kv_heads,
+                             head_dim=dp, consumers=consumers, present=present)
+  kernel.__name__ = "flashjax_mosaic_gpu_dkdv"
+  dtype = q.dtype
+  scratch = [
+      swizzled_smem((consumers, ROWS, dp), dtype),  # K, then dK
+      swizzled_smem((consumers, ROWS, dp), dtype),  # V, then dV
+      plgpu.SMEM((consumers, ROWS), jnp.int32),     # kv segment ids / prefix flags
+      plgpu.Barrier(num_arrivals=1, num_barriers=3 * consumers),
+      swizzled_smem((stages, bq, dp), dtype),
+      swizzled_smem((stages, bq, dp), dtype),
+      plgpu.SMEM((stages, 2, bq), jnp.float32),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+  ]
+  if layout.has_segments:
+    scratch += [plgpu.SMEM((stages, bq), jnp.int32),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+  if layout.has_tiles:
+    scratch += [plgpu.SMEM((stages, bk, bq), dtype),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+  qp, dop = _pad_to(q, q_pad, dp), _pad_to(do, q_pad, dp)
+  extra = []
+  if config.interpret:
+    extra = [jnp.einsum("btnd->bndt", qp), jnp.einsum("btnd->bndt", dop)]
+    scratch += [swizzled_smem((stages, dp, bq), dtype), swizzled_smem((stages, dp, bq), dtype),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                swizzled_smem((consumers, ROWS, bq), dtype)]
+  out = jax.ShapeDtypeStruct((batch, kv_pad, num_kv_heads, dp), dtype)
+  dk, dv = plgpu.kernel(
+      kernel,
+      out_type=[out, out],
+      scratch_types=scratch,
+      grid=(kv_pad // bk, batch * num_kv_heads),
+      grid_names=("kv", "bh"),
+      num_threads=consumers + 1,
+      thread_name="wg",
+      compiler_params=_compiler_params(config),
+      interpret=interpret_params() if config.interpret else None,
+  )(qp, _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp), dop, _pad_stats(stats, q_pad),
+    *extra, *(x for x in parts if x is not None))
+  return dk[:, :kv_len, :, :head_dim], dv[:, :kv_len, :, :head_dim]
+
+
+def _pad_stats(stats: jax.Array, length: int) -> jax.Array:
+  """Pads [B * Nq, 2, T] to T = length: lse2 with +inf (P = 0), delta with 0."""
+  pad = length - stats.shape[2]
+  if pad == 0:
+    return stats
+  fill = jnp.broadcast_to(jnp.array([jnp.inf, 0.0], jnp.float32)[None, :, None],
+                          (stats.shape[0], 2, pad))
+  return jnp.concatenate([stats, fill], axis=2)
+
+
+def backward(q, k, v, out, lse, do, dq_mask: BlockMask, dkdv_mask: BlockMask,
+             config: Config) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """dQ, dK, dV of block-sparse attention from the forward's residuals.
+
+  Args:
+    q: [B, T, Nq, D] bfloat16 / float16, D <= 128.
+    k: [B, S, Nkv, D].
+    v: [B, S, Nkv, D].
+    out: [B, T, Nq, D] forward output.
+    lse: [B * Nq, T] float32 base-2 logsumexp of the forward (+inf for empty rows).
+    do: [B, T, Nq, D] output cotangent.
+    dq_mask: BlockMask with block_kv 64 (its forward lists drive dQ).
+    dkdv_mask: BlockMask with block_q 64 (its backward lists drive dK / dV).
+    config: static parameters.
+
+  Returns:
+    dq, dk, dv in the dtypes of q, k, v.
+  """
+  batch, q_len, num_heads, _ = q.shape
+  # delta = rowsum(dO * O) [B * Nq, T], elementwise in f32.
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = delta.transpose(0, 2, 1).reshape(batch * num_heads, q_len)
+  stats = jnp.stack([lse, delta], axis=1)
+  do = do.astype(q.dtype)
+  dk, dv = dkdv(q, k, v, do, stats, dkdv_mask, config)
+  return dq(q, k, v, do, stats, dq_mask, config), dk, dv
