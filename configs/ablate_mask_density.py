@@ -9,30 +9,33 @@ windows, and random_banded without and with RCM reordering (`random_banded_rcm`:
 kernels get `BlockMask.from_mask(mask, ..., reorder="rcm")`; peers are "unsupported" there,
 their `random_banded` row is the same mask). Each family runs at one or more parameters
 beside the dense baseline (the `dense` case: each implementation on no mask), on our Pallas
-kernel, on cuDNN (`peer:jax_nn_cudnn`, dense / materialised masks) and on FlexAttention
+kernel (pallas_triton, and on "gpu" the Pallas Mosaic GPU forward at its default tiles), on
+cuDNN (`peer:jax_nn_cudnn`, dense / materialised masks) and on FlexAttention
 (`peer:torch_flex`, block-sparse). Experiment kind: attention_bench.
 
 The sweep is one zipped axis of (case, implementation) points (the dense case of every
 implementation first, then each implementation's other cases), times the `modes` axis:
-every case runs on pallas_triton, the peers run on the cases listed in _GRIDS.
+every case runs on pallas_triton (and pallas_mosaic_gpu on "gpu"), the peers run on the
+cases listed in _GRIDS.
 
 Variants (GPU: B=1, T=S=8192, N=16, D=128, bf16, fwd, 128 x 64 tiles; every point checked
 against the float32 reference, dense at this size):
 
   "gpu": 14 cases (dense; random_blocks .05 .1 .2 .4 .7; document 512, 2048; window 1024;
       medusa 4; dilated and global 256; random_banded and random_banded_rcm decay .01) on
-      pallas_triton, cuDNN on dense / blocks0.1 / doc512 / win1024, FlexAttention on dense /
-      blocks0.1: 20 points. Estimated on an H200 (jax 0.11.2): ~3 s per pallas_triton point,
-      ~2 s per cuDNN point, ~25 s per FlexAttention point (a torch child process with its own
+      pallas_triton and on pallas_mosaic_gpu, cuDNN on dense / blocks0.1 / doc512 / win1024,
+      FlexAttention on dense / blocks0.1: 34 points. Estimated on an H200 (jax 0.11.2): ~3 s
+      per pallas_triton point, ~3.5 s per pallas_mosaic_gpu point (compile 2-4 s), ~2 s per
+      cuDNN point, ~25 s per FlexAttention point (a torch child process with its own
       torch.compile; measured 20-30 s), ~12 s for the two reference compiles, ~15 s of
-      start-up, report and summary: about 130 s (budget 150 s).
+      start-up, report and summary: about 180 s (Mosaic GPU's sparse cases run last).
   "full" (default): 25 cases (random_blocks .02 ... .9, documents 128 / 512 / 2048, windows
       256 / 1k / 4k, medusa 4 / 8, dilated and global 64 / 256, both banded families at
       decay .01 / .002) on all three implementations: 75 points, about 12-13 minutes (the
       FlexAttention children dominate).
   "cpu": B=1, T=S=128, N=2, D=32, float32, 32 x 32 tiles, 13 cases on pallas_triton
       (interpret mode) and the XLA peer: 26 points in about 15 s on 2 cores (the numbers
-      only show that everything runs).
+      only show that everything runs; Mosaic GPU interpret mode is too slow for this grid).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
       --config=configs/ablate_mask_density.py:gpu --workdir=/tmp/fj_ablate_density
@@ -73,7 +76,8 @@ _GRIDS = {
             "windows": (1024,), "dilated": (256,), "decays": (0.01,), "heads": (4,),
             "implementations": {"pallas_triton": None,
                                 _CUDNN: (DENSE_CASE, "blocks0.1", "doc512", "win1024"),
-                                _FLEX: (DENSE_CASE, "blocks0.1")}},
+                                _FLEX: (DENSE_CASE, "blocks0.1"),
+                                "pallas_mosaic_gpu": None}},
     "full": {"densities": (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9),
              "docs": (128, 512, 2048), "windows": (256, 1024, 4096), "dilated": (64, 256),
              "decays": (0.01, 0.002), "heads": (4, 8),
