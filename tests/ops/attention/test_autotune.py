@@ -1,0 +1,312 @@
+"""Tests of the attention tuning cache (flashjax.ops.attention.autotune): keys, files, search."""
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashjax import masks
+from flashjax.ops.attention import autotune
+from flashjax.ops.attention.configs import BlockSizes
+
+_DEVICE = "NVIDIA H200"
+
+
+def _key(**overrides):
+  fields = dict(device_kind=_DEVICE, dtype="bfloat16", head_dim=128, q_len=4096,
+                kv_len=4096, causal=True, density=0.5, group=1)
+  fields.update(overrides)
+  backend = fields.pop("backend", "pallas_mosaic_gpu")
+  return autotune.make_key(backend, **fields)
+
+
+def _lookup(**overrides):
+  fields = dict(device_kind=_DEVICE, dtype="bfloat16", head_dim=128, q_len=4096,
+                kv_len=4096, causal=True, density=0.5, group=1)
+  fields.update(overrides)
+  backend = fields.pop("backend", "pallas_mosaic_gpu")
+  return autotune.lookup(backend, **fields)
+
+
+class TuningTestCase(parameterized.TestCase):
+  """Fresh user and packaged directories per test, lookup enabled, caches cleared."""
+
+  def setUp(self):
+    super().setUp()
+    root = tempfile.mkdtemp(prefix="fj_autotune_")
+    self.addCleanup(shutil.rmtree, root, ignore_errors=True)
+    self.user_dir = pathlib.Path(root, "user")
+    self.packaged_dir = pathlib.Path(root, "packaged")
+    self.user_dir.mkdir()
+    self.packaged_dir.mkdir()
+    self.enter_context(mock.patch.dict(os.environ, {autotune.ENV_DIR: str(self.user_dir)}))
+    os.environ.pop(autotune.ENV_ENABLE, None)
+    self.enter_context(mock.patch.object(autotune, "PACKAGED_DIR", self.packaged_dir))
+    autotune.clear_cache()
+    self.addCleanup(autotune.clear_cache)
+
+  @property
+  def user_file(self):
+    return self.user_dir / "nvidia_h200.json"
+
+  @property
+  def packaged_file(self):
+    return self.packaged_dir / "nvidia_h200.json"
+
+
+class KeyTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      (f"{n=}", n, want) for n, want in
+      ((1, 128), (128, 128), (129, 256), (3000, 4096), (4096, 4096), (10**7, 131072)))
+  def test_length_bucket(self, n, want):
+    self.assertEqual(autotune.bucket_length(n), want)
+
+  @parameterized.named_parameters(
+      (f"{density=}", density, want) for density, want in
+      ((1.0, 1.0), (0.9, 1.0), (0.516, 0.5), (0.3, 0.25), (0.078, 0.0625), (1e-3, 1 / 64),
+       (0.0, 1 / 64), (None, None)))
+  def test_density_bucket(self, density, want):
+    self.assertEqual(autotune.bucket_density(density), want)
+
+  def test_key_fields_and_text(self):
+    key = _key(head_dim=80, q_len=3000, kv_len=5000, dtype=jnp.bfloat16, density=0.3,
+               group=4)
+    self.assertEqual(key, {"backend": "pallas_mosaic_gpu", "device_kind": _DEVICE,
+                           "dtype": "bfloat16", "head_dim": 128, "causal": True,
+                           "density": 0.25, "q_len": 4096, "kv_len": 8192, "group": 4})
+    reordered = dict(reversed(list(key.items())))
+    self.assertEqual(autotune.key_string(reordered), autotune.key_string(key))
+    self.assertEqual(json.loads(autotune.key_string(key)), key)
+    self.assertEqual(autotune.device_slug(_DEVICE), "nvidia_h200")
+    self.assertEqual(autotune.padded_head_dim(8), 16)
+
+  @parameterized.named_parameters(
+      ("q_len=0", dict(q_len=0), "n="), ("density=1.5", dict(density=1.5), "density="),
+      ("group=0", dict(group=0), "group="), ("head_dim=0", dict(head_dim=0), "head_dim="),
+      ("device_kind=''", dict(device_kind=""), "device_kind="))
+  def test_bad_key_inputs(self, overrides, message):
+    with self.assertRaisesRegex(ValueError, message):
+      _key(**overrides)
+
+  def test_block_sizes_round_trip(self):
+    sizes = BlockSizes(block_q=64, block_kv=128, num_stages=3, persistent=True)
+    fields = autotune.block_sizes_to_dict(sizes)
+    self.assertEqual(fields, {"block_q": 64, "block_kv": 128, "num_stages": 3,
+                              "persistent": True})
+    self.assertEqual(autotune.block_sizes_from_dict(fields), sizes)
+    self.assertEqual(autotune.describe(sizes), "64x128 s3 persistent")
+    with self.assertRaisesRegex(ValueError, "unknown BlockSizes fields"):
+      autotune.block_sizes_from_dict({"block_q": 64, "warps": 4})
+
+  @parameterized.named_parameters(
+      (f"{backend=}_{head_dim=}", backend, head_dim, count) for backend, head_dim, count in
+      (("pallas_mosaic_gpu", 128, 16), ("pallas_mosaic_gpu", 256, 8),
+       ("pallas_triton", 64, 24)))
+  def test_candidates(self, backend, head_dim, count):
+    space = autotune.candidates(backend, head_dim)
+    self.assertLen(space, count)
+    self.assertLen(set(space), count)
+    if backend == "pallas_mosaic_gpu":
+      self.assertTrue(all(s.block_q in (64, 128) and s.block_kv >= 64 for s in space))
+      self.assertEqual({s.persistent for s in space}, {False, True})
+    with self.assertRaisesRegex(ValueError, "backend="):
+      autotune.candidates("xla", head_dim)
+
+
+class MaskFeaturesTest(parameterized.TestCase):
+
+  def test_features(self):
+    t = 1024  # 8 x 8 tiles of 128: causal keeps 36 of 64
+    self.assertEqual(autotune.mask_features(None, t, t), (False, 1.0))
+    self.assertEqual(autotune.mask_features(None, t, t, is_causal=True), (True, 36 / 64))
+    self.assertEqual(autotune.mask_features(masks.causal(t, t), t, t), (True, 36 / 64))
+    ids = np.repeat(np.arange(4), 256)[None]
+    causal, density = autotune.mask_features(masks.document(ids), t, t)
+    self.assertTrue(causal)
+    self.assertAlmostEqual(density, 4 * 3 / 64)  # 2 x 2 tiles per document, 3 non-empty
+    self.assertFalse(autotune.mask_features(masks.sliding_window(t, t, 128, 128), t, t)[0])
+    self.assertEqual(autotune.mask_features(None, t, t, has_segment_ids=True), (False, None))
+    bool_mask = jnp.ones((1, 1, t, t), bool)
+    self.assertEqual(autotune.mask_features(bool_mask, t, t, is_causal=True), (True, None))
+
+
+class LookupTest(TuningTestCase):
+
+  def _record(self, path, sizes, **key_overrides):
+    autotune.record(autotune.make_entry(_key(**key_overrides), sizes, 1.0), path)
+
+  def test_missing_files_give_none(self):
+    self.assertIsNone(_lookup())
+
+  def test_user_file_over_packaged(self):
+    self._record(self.packaged_file, BlockSizes(64, 64))
+    self.assertEqual(_lookup(), BlockSizes(64, 64))
+    self._record(self.user_file, BlockSizes(128, 128, num_stages=3))
+    self.assertEqual(_lookup(), BlockSizes(128, 128, num_stages=3))
+
+  def test_exact_packaged_over_nearest_user(self):
+    self._record(self.packaged_file, BlockSizes(64, 64))
+    self._record(self.user_file, BlockSizes(128, 128), q_len=8192, kv_len=8192)
+    self.assertEqual(_lookup(), BlockSizes(64, 64))
+
+  def test_nearest_entry(self):
+    self._record(self.user_file, BlockSizes(64, 64), q_len=1024, kv_len=1024)
+    self._record(self.user_file, BlockSizes(128, 128), q_len=16384, kv_len=16384)
+    self._record(self.user_file, BlockSizes(64, 128), density=1 / 16)
+    self._record(self.user_file, BlockSizes(128, 64), causal=False, q_len=8192, kv_len=8192)
+    self.assertEqual(_lookup(q_len=8192, kv_len=8192), BlockSizes(128, 128))
+    self.assertEqual(_lookup(q_len=2048, kv_len=2048), BlockSizes(64, 64))
+    self.assertEqual(_lookup(density=0.1), BlockSizes(64, 128))
+    self.assertEqual(_lookup(density=0.4), BlockSizes(64, 128))  # 3 halvings < 2 + 2 doublings
+    self.assertEqual(_lookup(causal=False), BlockSizes(128, 64))
+    self.assertIsNone(_lookup(group=4))
+    self.assertIsNone(_lookup(dtype="float16"))
+    self.assertIsNone(_lookup(head_dim=64))
+    self.assertIsNone(_lookup(backend="pallas_triton"))
+    self.assertIsNone(_lookup(device_kind="NVIDIA H100"))
+
+  def test_unknown_density_prefers_the_denser_entry(self):
+    self._record(self.user_file, BlockSizes(64, 64), density=1 / 16)
+    self._record(self.user_file, BlockSizes(128, 128), density=1.0)
+    self.assertEqual(_lookup(density=None), BlockSizes(128, 128))
+
+  def test_disabled_by_env_and_context(self):
+    self._record(self.user_file, BlockSizes(64, 64))
+    self.assertEqual(_lookup(), BlockSizes(64, 64))
+    with autotune.disabled():
+      self.assertIsNone(_lookup())
+    self.assertEqual(_lookup(), BlockSizes(64, 64))
+    for value in ("0", "false", "OFF"):
+      with mock.patch.dict(os.environ, {autotune.ENV_ENABLE: value}):
+        self.assertIsNone(_lookup(), value)
+    with mock.patch.dict(os.environ, {autotune.ENV_ENABLE: "1"}):
+      self.assertEqual(_lookup(), BlockSizes(64, 64))
+
+  def test_rewritten_file_is_seen(self):
+    self._record(self.user_file, BlockSizes(64, 64))
+    self.assertEqual(_lookup(), BlockSizes(64, 64))
+    self._record(self.user_file, BlockSizes(64, 128))
+    self.assertEqual(_lookup(), BlockSizes(64, 128))
+
+  def test_tuned_block_sizes_from_call_arguments(self):
+    device = jax.devices()[0].device_kind
+    q = jnp.zeros((1, 1024, 4, 64), jnp.bfloat16)
+    k = jnp.zeros((1, 1024, 2, 64), jnp.bfloat16)
+    path = self.user_dir / f"{autotune.device_slug(device)}.json"
+    autotune.record(autotune.make_entry(
+        autotune.make_key("pallas_triton", device_kind=device, dtype="bfloat16", head_dim=64,
+                          q_len=1024, kv_len=1024, causal=True, density=36 / 64, group=2),
+        BlockSizes(64, 32)), path)
+    call = dict(mask=None, is_causal=True, q_segment_ids=None)
+    self.assertEqual(autotune.tuned_block_sizes("pallas_triton", q, k, **call),
+                     BlockSizes(64, 32))
+    self.assertIsNone(autotune.tuned_block_sizes("pallas_triton", q, k, interpret=True,
+                                                 **call))
+    block_mask = masks.BlockMask.from_mask(masks.causal(1024, 1024), 64, 32)
+    self.assertIsNone(autotune.tuned_block_sizes("pallas_triton", q, k, mask=block_mask))
+
+
+class FileTest(TuningTestCase):
+
+  def test_merge_keeps_existing_entries(self):
+    first = autotune.make_entry(_key(), BlockSizes(64, 64), 2.0)
+    second = autotune.make_entry(_key(causal=False), BlockSizes(128, 64), 1.0,
+                                 heuristic_ms=1.5)
+    autotune.record(first, self.user_file)
+    autotune.record(second, self.user_file)
+    entries = autotune.load_entries(self.user_file)
+    self.assertLen(entries, 2)
+    self.assertEqual(entries[autotune.key_string(second["key"])]["heuristic_ms"], 1.5)
+    replacement = autotune.make_entry(_key(), BlockSizes(128, 128), 1.0)
+    autotune.save([replacement], self.user_file)
+    entries = autotune.load_entries(self.user_file)
+    self.assertLen(entries, 2)
+    self.assertEqual(entries[autotune.key_string(first["key"])]["block_sizes"],
+                     {"block_q": 128, "block_kv": 128})
+    leftovers = [p.name for p in self.user_dir.iterdir() if p.name.endswith(".tmp")]
+    self.assertEmpty(leftovers)
+    data = json.loads(self.user_file.read_text())
+    self.assertEqual((data["format"], data["version"]),
+                     (autotune.FILE_FORMAT, autotune.FILE_VERSION))
+    nested = self.user_dir / "new" / "dir.json"
+    autotune.record(first, nested)  # creates the directory
+    self.assertLen(autotune.load_entries(nested), 1)
+
+  @parameterized.named_parameters(
+      ("not_json", "{entries: []"),
+      ("wrong_format", json.dumps({"format": "other", "version": 1, "entries": []})),
+      ("entries_not_list", json.dumps({"format": autotune.FILE_FORMAT, "version": 1,
+                                       "entries": {}})),
+      ("key_missing_field", json.dumps({"format": autotune.FILE_FORMAT, "version": 1,
+                                        "entries": [{"key": {"backend": "x"},
+                                                     "block_sizes": {}}]})),
+      ("bad_block_sizes", json.dumps({"format": autotune.FILE_FORMAT, "version": 1,
+                                      "entries": [{"key": _key(),
+                                                   "block_sizes": {"block_q": 96}}]})))
+  def test_malformed_file_names_the_file(self, text):
+    self.user_file.write_text(text)
+    with self.assertRaisesRegex(ValueError, str(self.user_file)):
+      _lookup()
+    with self.assertRaisesRegex(ValueError, str(self.user_file)):
+      autotune.record(autotune.make_entry(_key(), BlockSizes(64, 64)), self.user_file)
+    self.assertEqual(self.user_file.read_text(), text)  # left as it was
+
+  def test_bad_entry_is_refused(self):
+    with self.assertRaisesRegex(ValueError, "exactly the fields"):
+      autotune.record({"key": {"backend": "x"}, "block_sizes": {}}, self.user_file)
+    self.assertFalse(self.user_file.exists())
+
+
+class SearchTest(parameterized.TestCase):
+
+  def test_skips_failures_and_picks_the_fastest(self):
+    space = [BlockSizes(64, 64), BlockSizes(128, 64), BlockSizes(128, 128),
+             BlockSizes(64, 128)]
+    times = {BlockSizes(64, 64): 3.0, BlockSizes(128, 64): 1.5, BlockSizes(64, 128): 2.0}
+
+    def time_fn(sizes):
+      if sizes not in times:
+        raise ValueError(f"tiles {sizes.block_q}x{sizes.block_kv} overflow shared memory")
+      return times[sizes]
+
+    best, rows = autotune.search(space, time_fn, key=_key())
+    self.assertEqual(best, BlockSizes(128, 64))
+    self.assertEqual([r["ms"] for r in rows], [3.0, 1.5, None, 2.0])
+    self.assertEqual(rows[2]["error"], "ValueError: tiles 128x128 overflow shared memory")
+    self.assertEqual(rows[2]["label"], "128x128")
+    self.assertEqual(rows[1]["block_sizes"], {"block_q": 128, "block_kv": 64})
+
+  def test_no_candidate_runs(self):
+    def time_fn(sizes):
+      raise NotImplementedError(f"no {sizes.block_q}")
+
+    with self.assertRaisesRegex(RuntimeError, "no candidate ran.*no 64.*no 128"):
+      autotune.search([BlockSizes(64, 64), BlockSizes(128, 64)], time_fn, key=_key())
+    with self.assertRaisesRegex(ValueError, "no candidates"):
+      autotune.search([], time_fn)
+
+  def test_errors_outside_skip_propagate(self):
+    def time_fn(sizes):
+      raise TypeError(f"bug {sizes}")
+
+    with self.assertRaises(TypeError):
+      autotune.search([BlockSizes(64, 64)], time_fn, skip=(ValueError,))
+
+  def test_non_finite_time_is_a_failure(self):
+    best, rows = autotune.search([BlockSizes(64, 64), BlockSizes(128, 64)],
+                                 lambda s: float("nan") if s.block_q == 128 else 1.0)
+    self.assertEqual(best, BlockSizes(64, 64))
+    self.assertIn("nan", rows[1]["error"])
+
+
+if __name__ == "__main__":
+  absltest.main()
