@@ -430,10 +430,11 @@ def lookup(backend: str, *, device_kind: str, dtype: Any, head_dim: int, q_len: 
   return _lookup_cached(key_string(key), tuple((str(p), _signature(p)) for p in paths))
 
 
-@functools.lru_cache(maxsize=256)
-def _causal_block_density(q_len: int, kv_len: int) -> float:
+@functools.lru_cache(maxsize=64)
+def _causal_nonempty(q_len: int, kv_len: int) -> np.ndarray:
+  """bool [nq, nk]: the non-empty 128 x 128 tiles of the causal mask (read-only)."""
   kinds = masks_lib.causal(q_len, kv_len).block_kinds(DENSITY_TILE, DENSITY_TILE)
-  return float(np.mean(np.asarray(kinds) != EMPTY))
+  return np.asarray(kinds) != EMPTY
 
 
 def mask_features(mask: Any, q_len: int, kv_len: int, *, is_causal: bool = False,
@@ -460,13 +461,13 @@ def mask_features(mask: Any, q_len: int, kv_len: int, *, is_causal: bool = False
   if has_segment_ids or (mask is not None and not isinstance(mask, masks_lib.Mask)):
     return causal, None
   if mask is None:
-    return causal, _causal_block_density(q_len, kv_len) if is_causal else 1.0
+    return causal, float(np.mean(_causal_nonempty(q_len, kv_len))) if is_causal else 1.0
   if mask.shape[-2:] != (q_len, kv_len):
     return causal, None  # the backend reports the shape mismatch
+  # Host-side tile kinds, memoised per Mask object (as the backends' BlockMasks are).
   nonempty = np.asarray(mask.block_kinds(DENSITY_TILE, DENSITY_TILE)) != EMPTY
   if is_causal:
-    causal_kinds = masks_lib.causal(q_len, kv_len).block_kinds(DENSITY_TILE, DENSITY_TILE)
-    nonempty = nonempty & (np.asarray(causal_kinds) != EMPTY)
+    nonempty = nonempty & _causal_nonempty(q_len, kv_len)
   return causal, float(np.mean(nonempty))
 
 

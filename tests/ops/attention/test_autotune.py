@@ -133,6 +133,9 @@ class MaskFeaturesTest(parameterized.TestCase):
     causal, density = autotune.mask_features(masks.document(ids), t, t)
     self.assertTrue(causal)
     self.assertAlmostEqual(density, 4 * 3 / 64)  # 2 x 2 tiles per document, 3 non-empty
+    full_docs = masks.document(ids, causal=False)
+    self.assertEqual(autotune.mask_features(full_docs, t, t), (False, 16 / 64))
+    self.assertEqual(autotune.mask_features(full_docs, t, t, is_causal=True), (True, 12 / 64))
     self.assertFalse(autotune.mask_features(masks.sliding_window(t, t, 128, 128), t, t)[0])
     self.assertEqual(autotune.mask_features(None, t, t, has_segment_ids=True), (False, None))
     bool_mask = jnp.ones((1, 1, t, t), bool)
