@@ -13,6 +13,14 @@ Design (DESIGN.md ideas 1 and 2; the BlockMask lists pallas_triton consumes):
   K and V tiles into `num_stages`-deep SMEM rings, plus, for PARTIAL slots, the keys'
   segment ids and the stored mask tile; it refills a ring slot when both consumers have
   released it. block_q = 64 runs one consumer.
+* Persistent grid (`BlockSizes.persistent=True`; None and False keep the grid above): G =
+  min(work items, SMs) programs; the work items (query block, batch, head) are sorted in
+  XLA by kv list length, longest first (ties in item order), and program p runs items
+  p, p + G, ... of that order, so skewed masks (causal, documents) spread over the SMs.
+  Producer and consumers walk the same items with the same per-item code as the grid
+  above; the producer's end-of-list drain and the consumers' one wait per TMA keep every
+  barrier's phases in step from item to item, and Q SMEM is refilled only after the
+  previous item's output store has read it. Validated in interpret mode only so far.
 * Consumers: S = Q K^T by wgmma from SMEM (K read through a transposed view), online
   softmax in f32 base 2 (scale folded into the exponent), O += P V by wgmma with P in
   registers. FULL slots run a loop without mask code; PARTIAL slots AND the band (causal,
@@ -62,6 +70,8 @@ _DTYPES = (jnp.bfloat16, jnp.float16)
 _WGMMA_M = 64
 _MIN_BLOCK_KV = 64
 _SMEM_LIMIT = 232448  # bytes of shared memory per block on Hopper (227 KiB)
+_HOPPER_SMS = 132  # SMs of an H100 / H200 SXM
+_INTERPRET_PROGRAMS = 3  # persistent programs in interpret mode
 
 # pallas_triton internals shared on purpose: same BlockMask operands and tile-mask code,
 # same residuals, and its backward kernels.
@@ -151,6 +161,7 @@ class _Config:
   soft_cap: float | None
   interpret: bool
   stages: int = 2
+  persistent: bool = False  # one program per SM over the sorted work items (`_item_order`)
 
 
 class _Parts(NamedTuple):
@@ -187,20 +198,66 @@ def _mask_parts(bm: BlockMask, layout, dtype, q_pad: int, kv_pad: int) -> _Parts
   return _Parts(count, block, n_full, tile, q_seg, kv_meta, tiles)
 
 
+def _num_programs(n_items: int, interpret: bool) -> int:
+  """Programs of the persistent grid: one per SM, at most one per work item."""
+  if interpret:
+    # A few programs, so that the interpreter runs several items per program.
+    return min(n_items, _INTERPRET_PROGRAMS)
+  # GPU devices report their SM count as `core_count` (132 on an H100 / H200 SXM); a device
+  # without the attribute gets the Hopper SXM count.
+  sms = getattr(jax.devices()[0], "core_count", None) or _HOPPER_SMS
+  return min(n_items, sms)
+
+
+def _item_order(count: jax.Array, batch: int, num_heads: int) -> jax.Array:
+  """Work items of the persistent grid, longest kv list first.
+
+  Args:
+    count: [Bm, Nm, nq] int32 non-empty kv blocks per query block (Bm in {1, B}, Nm in
+      {1, Nq}).
+    batch: B.
+    num_heads: Nq.
+
+  Returns:
+    int32 [B * Nq * nq]: item ids (b * Nq + h) * nq + qi sorted by count, descending; equal
+    counts keep increasing id order (stable), so neighbouring programs share K/V in L2.
+  """
+  lengths = jnp.broadcast_to(count, (batch, num_heads, count.shape[-1])).reshape(-1)
+  return jnp.argsort(-lengths, stable=True).astype(jnp.int32)
+
+
+class _Item(NamedTuple):
+  """One work item's indices inside the kernel (traced scalars)."""
+
+  qi: Any        # query block
+  bh: Any        # batch * Nq + query head (row of the lse2 output)
+  batch: Any
+  head: Any
+  kv_head: Any
+  index: tuple   # (batch, head, qi) into the BlockMask lists, broadcast dims at 0
+  rule_batch: Any
+  count: Any     # slots of the item's kv list
+  n_full: Any    # FULL slots (they come first)
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_heads: int,
                     group: int, head_dim: int, consumers: int, stages: int,
-                    present: tuple[bool, ...]):
-  """One BlockMask query block of one (batch, query head).
+                    present: tuple[bool, ...], num_q_blocks: int, num_programs: int):
+  """BlockMask query blocks of (batch, query head) pairs: one per program, or, persistent,
+  a strided share of the sorted work items per program.
 
   Warpgroups 0 .. consumers-1 each own 64 query rows of the block; warpgroup `consumers` is
   the producer: it walks the block's kv list and TMA-loads K and V tiles (and, for PARTIAL
   slots, the kv segment ids / stored mask tile) into `stages`-deep SMEM rings. A ring slot is
   refilled once every consumer has arrived on its "free" barrier. With two consumers a
   schedule barrier makes them alternate (FlashAttention-3 ping-pong): one runs softmax while
-  the other's matmuls use the tensor cores.
+  the other's matmuls use the tensor cores. Producer and consumers run the same per-item
+  code on the same item sequence; every barrier completes and is awaited equally often per
+  item, so the phases carry over from one item to the next.
   """
   compiled = not config.interpret
   it = iter(refs)
+  order_ref = next(it) if config.persistent else None
   parts = _Parts(*(next(it) if p else None for p in present))
   o_ref, lse_ref = next(it), next(it)
   (qo_smem, k_smem, v_smem, lse_smem, q_bars, k_bars, v_bars, k_free, v_free) = (
@@ -213,20 +270,32 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
     tile_smem, tile_bars = next(it), next(it)
   p_smem = None if compiled else next(it)
 
-  qi, bh = lax.axis_index("q"), lax.axis_index("bh")
   wg = lax.axis_index("wg")
-  batch, head = lax.div(bh, num_heads), lax.rem(bh, num_heads)
-  kv_head = lax.div(head, group)
-  index = (0 if layout.batch_bcast else batch, 0 if layout.head_bcast else head, qi)
-  rule_batch = 0 if layout.rule_batch_bcast else batch
   bk = layout.block_kv
-  count = parts.count[index]
-  n_full = parts.n_full[index] if layout.has_partial else count
   # Register layouts only exist when compiled (the interpreter has no layout_cast rule).
   cast = plgpu.layout_cast if compiled else (lambda x, _: x)
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = wgmma_layout.reduce(1)  # [64] vectors indexed by query row
   col_layout = wgmma_layout.reduce(0)  # [bk] vectors indexed by key
+
+  def item_of(qi, bh) -> _Item:
+    batch, head = lax.div(bh, num_heads), lax.rem(bh, num_heads)
+    index = (0 if layout.batch_bcast else batch, 0 if layout.head_bcast else head, qi)
+    count = parts.count[index]
+    return _Item(qi=qi, bh=bh, batch=batch, head=head, kv_head=lax.div(head, group),
+                 index=index, rule_batch=0 if layout.rule_batch_bcast else batch,
+                 count=count, n_full=parts.n_full[index] if layout.has_partial else count)
+
+  def for_each_item(fn):
+    """fn(item) for this program's work items, in the same order on every warpgroup."""
+    if order_ref is None:
+      fn(item_of(lax.axis_index("q"), lax.axis_index("bh")))
+      return
+
+    @pl.loop(lax.axis_index("p"), order_ref.shape[0], step=num_programs)
+    def _(i):
+      item = order_ref[i]
+      fn(item_of(lax.rem(item, num_q_blocks), lax.div(item, num_q_blocks)))
 
   def iota(shape, dim):
     if compiled:
@@ -236,66 +305,64 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
   def load(ref, layout):
     return plgpu.load(ref, (), layout=layout) if compiled else ref[...]
 
-  def kv_start(slot):
-    return parts.block[index + (slot,)] * bk
+  def kv_start(item, slot):
+    return parts.block[item.index + (slot,)] * bk
 
   def ping_pong():
     if schedule is not None:
       plgpu.barrier_arrive(schedule)
       plgpu.barrier_wait(schedule)
 
-  @pl.when(wg == consumers)
-  def _producer():
-    if compiled:
-      plgpu.set_max_registers(40, action="decrease")
-
-    @pl.loop(0, count)
+  def produce(item: _Item):
+    """TMA-loads the item's kv list into the rings, then awaits the ring's last releases."""
+    @pl.loop(0, item.count)
     def _(slot):
       buf = lax.rem(slot, stages)
-      rows = pl.ds(kv_start(slot), bk)
+      rows = pl.ds(kv_start(item, slot), bk)
 
       @pl.when(slot >= stages)
       def _():
         plgpu.barrier_wait(k_free.at[buf])
 
-      k_tile = (k_ref.at[batch, rows, kv_head] if compiled else
-                k_ref.at[batch, kv_head, :, rows])  # interpret mode: K^T [B, Nkv, Dp, S]
+      k_tile = (k_ref.at[item.batch, rows, item.kv_head] if compiled else
+                k_ref.at[item.batch, item.kv_head, :, rows])  # interpret: K^T [B, Nkv, Dp, S]
       plgpu.copy_gmem_to_smem(k_tile, k_smem.at[buf], k_bars.at[buf])
 
-      @pl.when(slot >= n_full)
+      @pl.when(slot >= item.n_full)
       def _():
         if meta_smem is not None:
-          plgpu.copy_gmem_to_smem(parts.kv_meta.at[rule_batch, rows], meta_smem.at[buf],
+          plgpu.copy_gmem_to_smem(parts.kv_meta.at[item.rule_batch, rows], meta_smem.at[buf],
                                   meta_bars.at[buf])
         if tile_smem is not None:
-          plgpu.copy_gmem_to_smem(parts.tiles.at[parts.tile[index + (slot,)]],
+          plgpu.copy_gmem_to_smem(parts.tiles.at[parts.tile[item.index + (slot,)]],
                                   tile_smem.at[buf], tile_bars.at[buf])
 
       @pl.when(slot >= stages)
       def _():
         plgpu.barrier_wait(v_free.at[buf])
 
-      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[buf], v_bars.at[buf])
+      plgpu.copy_gmem_to_smem(v_ref.at[item.batch, rows, item.kv_head], v_smem.at[buf],
+                              v_bars.at[buf])
 
     # Observe the ring's last releases too, so every phase of the free barriers is awaited
-    # once (the interpreter checks this; on the GPU the producer has nothing else to do).
-    @pl.loop(jnp.maximum(count - stages, 0), count)
+    # once (the interpreter checks this) and the next item starts on an empty ring.
+    @pl.loop(jnp.maximum(item.count - stages, 0), item.count)
     def _(slot):
       buf = lax.rem(slot, stages)
       plgpu.barrier_wait(k_free.at[buf])
       plgpu.barrier_wait(v_free.at[buf])
 
-  @pl.when(wg < consumers)
-  def _consumer():
-    if compiled:
-      plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
-    q_start = qi * layout.block_q + wg * _WGMMA_M
+  def consume(item: _Item):
+    """Attends the item's 64 query rows of this warpgroup and stores output and lse2."""
+    count, n_full = item.count, item.n_full
+    q_start = item.qi * layout.block_q + wg * _WGMMA_M
     q_smem = qo_smem.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, _WGMMA_M), head], q_smem,
+    # The previous item's output store has left q_smem (read-only wait at its end).
+    plgpu.copy_gmem_to_smem(q_ref.at[item.batch, pl.ds(q_start, _WGMMA_M), item.head], q_smem,
                             q_bars.at[wg])
     q_seg = None
     if qseg_smem is not None:
-      plgpu.copy_gmem_to_smem(parts.q_seg.at[rule_batch, pl.ds(q_start, _WGMMA_M)],
+      plgpu.copy_gmem_to_smem(parts.q_seg.at[item.rule_batch, pl.ds(q_start, _WGMMA_M)],
                               qseg_smem.at[wg], qseg_bars.at[wg])
       plgpu.barrier_wait(qseg_bars.at[wg])
       q_seg = load(qseg_smem.at[wg], row_layout)
@@ -306,7 +373,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
       (bool mask or None, additive tile or None)."""
       shape = (_WGMMA_M, bk)
       rows = iota(shape, 0) + q_start
-      cols = iota(shape, 1) + kv_start(slot)
+      cols = iota(shape, 1) + kv_start(item, slot)
       keep = None
       both = lambda a, b: b if a is None else a & b
       if layout.band is not None:
@@ -424,8 +491,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
     q_smem[...] = (acc / lax.broadcast_in_dim(safe_sum, acc.shape, [0])).astype(q_smem.dtype)
     lse_smem.at[wg][...] = jnp.where(empty, jnp.inf, row_max + jnp.log2(safe_sum))
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q_start, _WGMMA_M), head])
-    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bh, pl.ds(q_start, _WGMMA_M)])
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[item.batch, pl.ds(q_start, _WGMMA_M), item.head])
+    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[item.bh, pl.ds(q_start, _WGMMA_M)])
+    # q_smem and lse_smem are rewritten by the next item once the stores have read them.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  @pl.when(wg == consumers)
+  def _producer():
+    if compiled:
+      plgpu.set_max_registers(40, action="decrease")
+    for_each_item(produce)
+
+  @pl.when(wg < consumers)
+  def _consumer():
+    if compiled:
+      plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
+    for_each_item(consume)
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -437,7 +518,8 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
     k: [B, S, Nkv, D].
     v: [B, S, Nkv, D].
     bm: BlockMask of logical shape (Bm, Nm, T, S); block_q in {64, 128}.
-    config: static kernel parameters (stages: depth of the K/V SMEM rings).
+    config: static kernel parameters (stages: depth of the K/V SMEM rings; persistent: grid
+      of min(work items, SMs) programs looping over the items, longest kv list first).
 
   Returns:
     out [B, T, Nq, D] (dtype of q) and lse2 [B * Nq, T] float32 (base-2 logsumexp of the
@@ -452,10 +534,19 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
   dp = _head_dim_padded(head_dim)
   parts = _mask_parts(bm, layout, q.dtype, nq * bq, nk * bk)
   present = tuple(x is not None for x in parts)
+  operands = [x for x in parts if x is not None]
+  if config.persistent:
+    # Work items (query block, batch, head) longest list first; program p runs items
+    # p, p + G, p + 2G, ... of that order.
+    order = _item_order(parts.count, batch, num_heads)
+    operands.insert(0, order)
+    grid, grid_names = (_num_programs(order.shape[0], config.interpret),), ("p",)
+  else:
+    grid, grid_names = (nq, batch * num_heads), ("q", "bh")
   kernel = functools.partial(_forward_kernel, layout=layout, config=config,
                              num_heads=num_heads, group=num_heads // num_kv_heads,
                              head_dim=dp, consumers=consumers, stages=stages,
-                             present=present)
+                             present=present, num_q_blocks=nq, num_programs=math.prod(grid))
   kernel.__name__ = "flashjax_mosaic_gpu_fwd"  # plgpu.kernel names the kernel after its body
   scratch = [
       _swizzled_smem((consumers, _WGMMA_M, dp), q.dtype),
@@ -488,14 +579,13 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
       out_type=[jax.ShapeDtypeStruct((batch, nq * bq, num_heads, dp), q.dtype),
                 jax.ShapeDtypeStruct((batch * num_heads, nq * bq), jnp.float32)],
       scratch_types=scratch,
-      grid=(nq, batch * num_heads),
-      grid_names=("q", "bh"),
+      grid=grid,
+      grid_names=grid_names,
       num_threads=consumers + 1,
       thread_name="wg",
       compiler_params=None if config.interpret else plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params() if config.interpret else None,
-  )(_pad_to(q, nq * bq, dp), k_in, _pad_to(v, nk * bk, dp),
-    *(x for x in parts if x is not None))
+  )(_pad_to(q, nq * bq, dp), k_in, _pad_to(v, nk * bk, dp), *operands)
   return out[:, :q_len, :, :head_dim], lse[:, :q_len]
 
 
@@ -623,8 +713,9 @@ def dot_product_attention(
     _check_block_mask(bm, query, key)
   scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
   soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
+  # persistent=None (backend default) is off until it is measured on the H200.
   config = _Config(scale=scale, soft_cap=soft_cap, interpret=bool(interpret),
-                   stages=sizes.num_stages or 2)
+                   stages=sizes.num_stages or 2, persistent=bool(sizes.persistent))
   # num_stages / num_warps are the Mosaic forward's: the Triton backward picks its own.
   _, dq_launch, dkdv_launch = _launch_params(
       dataclasses.replace(bwd_sizes, num_stages=None, num_warps=None), query.shape[3],

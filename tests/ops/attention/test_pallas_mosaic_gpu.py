@@ -6,7 +6,9 @@ inputs are run as float16 and compared at float16 tolerances. The backward is pa
 (docs/mosaic_gpu.md), so the gradient cases check the wiring and the shared lse2 residual.
 """
 
+import dataclasses
 import zlib
+from unittest import mock
 
 import chex
 import jax
@@ -148,16 +150,20 @@ class PallasMosaicGpuTest(parameterized.TestCase):
     chex.assert_tree_all_finite(out)
     chex.assert_trees_all_close(out.astype(jnp.float32), expected, atol=5e-3)
 
-  def test_per_head_mask_gqa_lse(self):
+  @parameterized.named_parameters(
+      (f"{persistent=}", persistent) for persistent in (False, True))
+  def test_per_head_mask_gqa_lse(self, persistent):
     """Query heads of one kv group have different block lists; lse2 matches the reference
-    (base 2, +inf on rows with no allowed key)."""
+    (base 2, +inf on rows with no allowed key). Persistent: lists of 0 to 3 blocks reorder
+    the 8 work items over 3 programs; the empty items run last."""
     q, k, v = self._qkv(1, 128, 160, 4, 2, 32, jnp.bfloat16)
     mask = self.rng.random((1, 4, 128, 160)) < 0.3
     mask[:, 1, :, 64:] = False    # head 1: kv blocks right of 64 are EMPTY
     mask[:, 2, :64] = False       # head 2: the first query block attends to nothing
     mask[0, 3] = oracle.causal_mask(128, 160)
     bm = flashjax.masks.BlockMask.from_mask(flashjax.masks.from_dense(mask), 64, 64)
-    config = pallas_mosaic_gpu._Config(scale=0.3, soft_cap=None, interpret=True)
+    config = pallas_mosaic_gpu._Config(scale=0.3, soft_cap=None, interpret=True,
+                                       persistent=persistent)
     # Eager: under jax.jit the interpreter's simulated warpgroups (io_callbacks) deadlocked
     # on this 2-core machine (docs/mosaic_gpu.md).
     out, lse2 = pallas_mosaic_gpu._forward(q, k, v, bm, config)
@@ -182,6 +188,74 @@ class PallasMosaicGpuTest(parameterized.TestCase):
     expected = reference.mha_reference(q, k, v, logits_soft_cap=5.0,
                                        mask=jnp.asarray(mask.to_dense()))
     chex.assert_trees_all_close(out.astype(jnp.float32), expected, atol=5e-3)
+
+  def _persistent_case(self, name):
+    """(q, k, v, block_sizes, attention kwargs, reference kwargs) of a persistent-grid case."""
+    if name == "dense_odd":  # 3 query blocks x 2 heads = 6 items over 3 programs
+      q, k, v = self._qkv(1, 150, 170, 2, 2, 32)
+      return q, k, v, BlockSizes(64, 64), {}, {}
+    if name == "causal_gqa_two_consumers":  # ping-pong phases carried across items
+      q, k, v = self._qkv(1, 256, 256, 2, 1, 32)
+      return q, k, v, BlockSizes(128, 64), dict(is_causal=True), dict(is_causal=True)
+    if name in ("document_gqa", "window_soft_cap"):
+      q, k, v = self._qkv(2, 192, 192, 4, 2, 32)
+      if name == "window_soft_cap":
+        mask = flashjax.masks.sliding_window(192, 192, 50, 10)
+        return q, k, v, BlockSizes(64, 64), dict(mask=mask, logits_soft_cap=4.0), dict(
+            mask=jnp.asarray(mask.to_dense()), logits_soft_cap=4.0)
+      ids = np.zeros((2, 192), np.int32)
+      for row in range(2):
+        ids[row] = np.searchsorted(np.sort(self.rng.choice(191, 2, replace=False) + 1),
+                                   np.arange(192), side="right")
+      return q, k, v, BlockSizes(64, 64), dict(segment_ids=jnp.asarray(ids), is_causal=True), (
+          dict(q_segment_ids=ids, kv_segment_ids=ids, is_causal=True))
+    if name == "tree_tiles":  # stored mask tiles: a third SMEM ring
+      q, k, v = self._qkv(1, 256, 256, 2, 2, 32)
+      mask = flashjax.masks.tree(np.concatenate([[-1], self.rng.integers(0, np.arange(1, 256))]))
+      return q, k, v, BlockSizes(64, 64), dict(mask=mask), dict(mask=jnp.asarray(mask.to_dense()))
+    raise ValueError(f"unknown {name=}")
+
+  @parameterized.named_parameters(
+      (f"{name=}", name) for name in ("dense_odd", "causal_gqa_two_consumers", "document_gqa",
+                                      "tree_tiles"))
+  def test_persistent(self, name):
+    """BlockSizes(persistent=True): 3 interpreted programs loop over the sorted work items."""
+    self._check_persistent(name)
+
+  @pytest.mark.slow
+  def test_persistent_window_soft_cap(self):
+    self._check_persistent("window_soft_cap")
+
+  def _check_persistent(self, name):
+    q, k, v, sizes, kwargs, ref_kwargs = self._persistent_case(name)
+    forward = pallas_mosaic_gpu._forward
+    with mock.patch.object(pallas_mosaic_gpu, "_forward", wraps=forward) as spy:
+      out = _attention(q, k, v, block_sizes=dataclasses.replace(sizes, persistent=True),
+                       **kwargs)
+    self.assertTrue(spy.call_args.args[4].persistent)
+    expected = reference.mha_reference(q, k, v, **ref_kwargs)
+    chex.assert_trees_all_close(out.astype(jnp.float32), expected, atol=5e-3)
+
+  def test_item_order(self):
+    """Longest kv list first, ties in item id order; ids are (b * Nq + h) * nq + qi."""
+    count = jnp.asarray([[[1, 3, 3]], [[0, 3, 2]]], jnp.int32)  # [B=2, Nm=1, nq=3]
+    order = pallas_mosaic_gpu._item_order(count, batch=2, num_heads=2)
+    chex.assert_trees_all_equal(
+        order, jnp.asarray([1, 2, 4, 5, 7, 10, 8, 11, 0, 3, 6, 9], jnp.int32))
+    counts = self.rng.integers(0, 4, (1, 3, 5))
+    order = np.asarray(pallas_mosaic_gpu._item_order(jnp.asarray(counts), batch=2,
+                                                     num_heads=3))
+    lengths = np.broadcast_to(counts, (2, 3, 5)).reshape(-1)[order]
+    chex.assert_trees_all_equal(np.sort(order), np.arange(30))
+    self.assertTrue(np.all(np.diff(lengths) <= 0), msg=f"{lengths=}")
+    ties = np.diff(lengths) == 0
+    self.assertTrue(np.all(np.diff(order)[ties] > 0), msg=f"{order=}")
+
+  @parameterized.named_parameters(
+      (f"{n_items=}_{interpret=}", n_items, interpret, expected)
+      for n_items, interpret, expected in ((2, True, 2), (50, True, 3), (7, False, 7)))
+  def test_num_programs(self, n_items, interpret, expected):
+    self.assertEqual(pallas_mosaic_gpu._num_programs(n_items, interpret), expected)
 
   def test_gradients(self):
     """The backward (pallas_triton's kernels on BlockMasks rebuilt at Triton's tiles) takes

@@ -1,4 +1,5 @@
-"""pallas_mosaic_gpu compiled on a Hopper GPU: the shared suite without interpret mode.
+"""pallas_mosaic_gpu compiled on a Hopper GPU: the shared suite without interpret mode, on the
+per-item grid and on the persistent grid, plus persistent cases with more work items than SMs.
 
 Skipped unless JAX runs on a GPU. Run on the GPU machine with
   JAX_PLATFORMS=cuda python -m pytest -q tests/ops/attention/test_pallas_mosaic_gpu_gpu.py
@@ -6,9 +7,20 @@ The gradient cases run too: on the GPU they check the Mosaic forward's residuals
 pallas_triton backward kernels.
 """
 
-import jax
-import pytest
+import dataclasses
+import zlib
 
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+import flashjax
+from flashjax.ops.attention import pallas_mosaic_gpu
+from flashjax.ops.attention import reference
+from flashjax.ops.attention.configs import BlockSizes
 from tests.ops.attention import test_pallas_mosaic_gpu
 
 pytestmark = [
@@ -21,3 +33,116 @@ class TestPallasMosaicGpuCompiled(test_pallas_mosaic_gpu.MosaicGpuSuite):
   INTERPRET = False
   SKIP_CASES = {}
 
+
+class TestPallasMosaicGpuCompiledPersistent(TestPallasMosaicGpuCompiled):
+  """The suite on the persistent grid (its shapes have fewer work items than SMs: one item
+  per program; PersistentGridTest runs several)."""
+
+  BLOCK_SIZES = dataclasses.replace(test_pallas_mosaic_gpu.MosaicGpuSuite.BLOCK_SIZES,
+                                    persistent=True)
+
+
+def _segment_ids(rng, batch, length, num_segments):
+  """Sorted (packed documents) int32 [batch, length] ids with random boundaries."""
+  cuts = [np.sort(rng.choice(np.arange(1, length), num_segments - 1, replace=False))
+          for _ in range(batch)]
+  return np.stack([np.searchsorted(c, np.arange(length), side="right") for c in cuts])
+
+
+class PersistentGridTest(parameterized.TestCase):
+  """persistent=True with more work items than SMs (several items per program, skewed list
+  lengths), against the float32 reference and bit-equal to the per-item grid."""
+
+  def setUp(self):
+    super().setUp()
+    self.rng = np.random.default_rng(zlib.crc32(self.id().encode()))
+
+  def _qkv(self, batch, length, q_heads, kv_heads, head_dim, dtype=jnp.bfloat16):
+    normal = lambda shape: jnp.asarray(self.rng.standard_normal(shape), dtype)
+    return (normal((batch, length, q_heads, head_dim)),
+            normal((batch, length, kv_heads, head_dim)),
+            normal((batch, length, kv_heads, head_dim)))
+
+  def _case(self, name, batch, length, q_heads):
+    """(attention kwargs, reference kwargs) of a mask case over [batch, q_heads, T, T]."""
+    if name == "dense":
+      return {}, {}
+    if name == "causal":
+      return dict(is_causal=True), dict(is_causal=True)
+    if name == "document":
+      ids = _segment_ids(self.rng, batch, length, 7)
+      return (dict(segment_ids=jnp.asarray(ids), is_causal=True),
+              dict(q_segment_ids=ids, kv_segment_ids=ids, is_causal=True))
+    if name == "window":
+      mask = flashjax.masks.sliding_window(length, length, 300, 20)
+      return dict(mask=mask), dict(mask=jnp.asarray(mask.to_dense()))
+    if name == "tree_tiles":
+      parents = np.concatenate([[-1], self.rng.integers(0, np.arange(1, length))])
+      mask = flashjax.masks.tree(parents)
+      return dict(mask=mask), dict(mask=jnp.asarray(mask.to_dense()))
+    if name == "zero_rows":
+      # Per head: random density, whole query blocks and single rows with no allowed key.
+      dense = self.rng.random((batch, q_heads, length, length)) < self.rng.random(
+          (batch, q_heads, 1, 1)) * 0.3
+      dense[:, 1, :300] = False
+      dense[0, :, 700] = False
+      return dict(mask=jnp.asarray(dense)), dict(mask=jnp.asarray(dense))
+    raise ValueError(f"unknown {name=}")
+
+  @parameterized.named_parameters(
+      dict(testcase_name=f"{name=}_{length=}_{heads=}_{head_dim=}_{block_q=}", name=name,
+           length=length, heads=heads, head_dim=head_dim, block_q=block_q)
+      for name, length, heads, head_dim, block_q in (
+          ("dense", 1100, (8, 8), 128, 128),
+          ("causal", 2048, (8, 2), 128, 128),
+          ("causal", 1531, (4, 4), 64, 64),
+          ("causal", 1200, (8, 8), 256, 128),
+          ("document", 2048, (8, 2), 128, 128),
+          ("window", 2000, (8, 8), 128, 128),
+          ("tree_tiles", 1100, (8, 4), 128, 128),
+          ("zero_rows", 1100, (8, 2), 64, 128)))
+  def test_forward(self, name, length, heads, head_dim, block_q):
+    batch = 2
+    q, k, v = self._qkv(batch, length, *heads, head_dim)
+    kwargs, ref_kwargs = self._case(name, batch, length, heads[0])
+    n_items = batch * heads[0] * -(-length // block_q)
+    self.assertGreater(n_items, pallas_mosaic_gpu._num_programs(n_items, False),
+                       msg="fewer work items than programs: each program runs one")
+    sizes = pallas_mosaic_gpu.default_block_sizes(head_dim, length, length)
+    sizes = dataclasses.replace(sizes, block_q=block_q)
+    if name == "tree_tiles":
+      sizes = dataclasses.replace(sizes, block_kv=64)  # the stored-tile ring must fit SMEM
+
+    def attend(persistent):
+      fn = jax.jit(lambda q, k, v: flashjax.dot_product_attention(
+          q, k, v, implementation="pallas_mosaic_gpu",
+          block_sizes=dataclasses.replace(sizes, persistent=persistent), **kwargs))
+      return fn(q, k, v)
+
+    out = attend(True)
+    expected = reference.mha_reference(q, k, v, **ref_kwargs)
+    chex.assert_tree_all_finite(out)
+    chex.assert_trees_all_close(out.astype(jnp.float32), expected, atol=2e-2)
+    # Both grids run the same per-item code (same instructions per item): same bits.
+    chex.assert_trees_all_equal(out, attend(False))
+
+  @parameterized.named_parameters(
+      dict(testcase_name=f"{name=}", name=name) for name in ("causal", "document"))
+  def test_gradients(self, name):
+    """The pallas_triton backward on this forward's residuals (persistent grid)."""
+    batch, length, heads = 2, 1200, (8, 2)
+    q, k, v = self._qkv(batch, length, *heads, 64)
+    kwargs, ref_kwargs = self._case(name, batch, length, heads[0])
+    do = jnp.asarray(self.rng.standard_normal(q.shape), q.dtype)
+    f32 = lambda x: x.astype(jnp.float32)
+
+    def attention(q, k, v):
+      return flashjax.dot_product_attention(
+          q, k, v, implementation="pallas_mosaic_gpu",
+          block_sizes=BlockSizes(128, 128, persistent=True), **kwargs)
+
+    grads = jax.jit(lambda *x: jax.vjp(attention, *x)[1](do))(q, k, v)
+    expected = jax.vjp(lambda q, k, v: reference.mha_reference(q, k, v, **ref_kwargs),
+                       f32(q), f32(k), f32(v))[1](f32(do))
+    for name_, g, e in zip("qkv", grads, expected):
+      chex.assert_trees_all_close(f32(g), e, atol=5e-2, rtol=2e-2, custom_message=f"d{name_}")
