@@ -61,6 +61,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from flashjax.masks.block_mask import BlockMask
+from flashjax.ops.attention import autotune
+from flashjax.ops.attention import pallas_mosaic_gpu_vjp as mosaic_vjp
 from flashjax.ops.attention import pallas_triton as triton_backend
 from flashjax.ops.attention.configs import BlockSizes
 
@@ -69,7 +71,7 @@ _MAX_HEAD_DIM = 256
 _DTYPES = (jnp.bfloat16, jnp.float16)
 _WGMMA_M = 64
 _MIN_BLOCK_KV = 64
-_SMEM_LIMIT = 232448  # bytes of shared memory per block on Hopper (227 KiB)
+_SMEM_LIMIT = mosaic_vjp.SMEM_LIMIT
 _HOPPER_SMS = 132  # SMs of an H100 / H200 SXM
 _INTERPRET_PROGRAMS = 3  # persistent programs in interpret mode
 
@@ -84,20 +86,9 @@ _check_block_mask = triton_backend._check_block_mask
 _triton_check_inputs = triton_backend._check_inputs
 _head_dim_padded = triton_backend._head_dim_padded
 _launch_params = triton_backend._launch_params
-_mask_operands = triton_backend._mask_operands
 _pad_to = triton_backend._pad_to
 _pow2_ceil = triton_backend._pow2_ceil
 # pylint: enable=protected-access
-
-
-def _interpret_params() -> Any:
-  """Mosaic GPU interpreter parameters (jax-private module: NotImplementedError if absent)."""
-  try:
-    from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise NotImplementedError(
-        "pallas_mosaic_gpu: this jax has no Mosaic GPU interpreter (InterpretGPUParams)") from e
-  return params.InterpretGPUParams()
 
 
 def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
@@ -145,14 +136,6 @@ def _smem_bytes(layout: _MaskLayout, head_dim_padded: int, stages: int, itemsize
   return total + 4096
 
 
-def _swizzled_smem(shape: tuple[int, ...], dtype) -> Any:
-  """SMEM scratch with the tiling + swizzle layout wgmma operands want (minor dim swizzled)."""
-  bits = jnp.finfo(dtype).bits
-  swizzle = plgpu.find_swizzle(shape[-1] * bits)
-  transforms = (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
-  return plgpu.SMEM(shape, dtype, transforms=transforms)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """Static kernel parameters of the forward."""
@@ -162,40 +145,6 @@ class _Config:
   interpret: bool
   stages: int = 2
   persistent: bool = False  # one program per SM over the sorted work items (`_item_order`)
-
-
-class _Parts(NamedTuple):
-  """The forward's mask operands, in kernel-argument order (absent parts are None).
-
-  count [Bm, Nm, nq] int32, block [Bm, Nm, nq, L] int32 (FULL slots first), n_full
-  [Bm, Nm, nq] int32, tile [Bm, Nm, nq, L] int32 stored-tile index per slot; q_seg
-  [B|1, T_pad] int32; kv_meta [B|1, S_pad] int32 = 2 * kv segment id + (key in a prefix);
-  tiles [n_tiles, bq, bk] in the input dtype, 0 where allowed and -inf elsewhere (added to
-  the logits, so a tile costs one add and no compare).
-  """
-
-  count: Any
-  block: Any
-  n_full: Any = None
-  tile: Any = None
-  q_seg: Any = None
-  kv_meta: Any = None
-  tiles: Any = None
-
-
-def _mask_parts(bm: BlockMask, layout, dtype, q_pad: int, kv_pad: int) -> _Parts:
-  ops = iter(_mask_operands(bm, layout, backward=False, q_pad=q_pad, kv_pad=kv_pad))
-  take = lambda present: next(ops) if present else None
-  count, block = next(ops), next(ops)
-  n_full, tile = take(layout.has_partial), take(layout.has_tiles)
-  q_seg, kv_seg = take(layout.has_segments), take(layout.has_segments)
-  prefix, tiles = take(layout.has_prefix), take(layout.has_tiles)
-  kv_meta = None
-  if kv_seg is not None:
-    kv_meta = 2 * kv_seg + (0 if prefix is None else prefix.astype(jnp.int32))
-  if tiles is not None:
-    tiles = jnp.where(tiles != 0, 0.0, -jnp.inf).astype(dtype)
-  return _Parts(count, block, n_full, tile, q_seg, kv_meta, tiles)
 
 
 def _num_programs(n_items: int, interpret: bool) -> int:
@@ -258,7 +207,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
   compiled = not config.interpret
   it = iter(refs)
   order_ref = next(it) if config.persistent else None
-  parts = _Parts(*(next(it) if p else None for p in present))
+  parts = mosaic_vjp.MaskParts(*(next(it) if p else None for p in present))
   o_ref, lse_ref = next(it), next(it)
   (qo_smem, k_smem, v_smem, lse_smem, q_bars, k_bars, v_bars, k_free, v_free) = (
       next(it) for _ in range(9))
@@ -532,7 +481,7 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
   consumers = bq // _WGMMA_M
   nq, nk = -(-q_len // bq), -(-kv_len // bk)
   dp = _head_dim_padded(head_dim)
-  parts = _mask_parts(bm, layout, q.dtype, nq * bq, nk * bk)
+  parts = mosaic_vjp.mask_parts(bm, layout, q.dtype, nq * bq, nk * bk, backward=False)
   present = tuple(x is not None for x in parts)
   operands = [x for x in parts if x is not None]
   if config.persistent:
@@ -549,9 +498,9 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
                              present=present, num_q_blocks=nq, num_programs=math.prod(grid))
   kernel.__name__ = "flashjax_mosaic_gpu_fwd"  # plgpu.kernel names the kernel after its body
   scratch = [
-      _swizzled_smem((consumers, _WGMMA_M, dp), q.dtype),
-      _swizzled_smem((stages, dp, bk) if config.interpret else (stages, bk, dp), q.dtype),
-      _swizzled_smem((stages, bk, dp), q.dtype),
+      mosaic_vjp.swizzled_smem((consumers, _WGMMA_M, dp), q.dtype),
+      mosaic_vjp.swizzled_smem((stages, dp, bk) if config.interpret else (stages, bk, dp), q.dtype),
+      mosaic_vjp.swizzled_smem((stages, bk, dp), q.dtype),
       plgpu.SMEM((consumers, _WGMMA_M), jnp.float32),
       plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),
@@ -573,7 +522,7 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
   if config.interpret:
     # The interpreter cannot read a transposed SMEM view: K^T comes from XLA, P via SMEM.
     k_in = jnp.einsum("bsnd->bnds", k_in)
-    scratch += [_swizzled_smem((consumers, _WGMMA_M, bk), q.dtype)]
+    scratch += [mosaic_vjp.swizzled_smem((consumers, _WGMMA_M, bk), q.dtype)]
   out, lse = plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((batch, nq * bq, num_heads, dp), q.dtype),
@@ -584,7 +533,7 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
       num_threads=consumers + 1,
       thread_name="wg",
       compiler_params=None if config.interpret else plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params() if config.interpret else None,
+      interpret=mosaic_vjp.interpret_params() if config.interpret else None,
   )(_pad_to(q, nq * bq, dp), k_in, _pad_to(v, nk * bk, dp), *operands)
   return out[:, :q_len, :, :head_dim], lse[:, :q_len]
 
@@ -606,10 +555,13 @@ def _attention_fwd(q, k, v, fwd_mask, dq_mask, dkdv_mask, config, bwd_params):
 
 
 def _attention_bwd(config, bwd_params, residuals, do):
-  # pallas_triton's backward takes exactly these residuals (same lse2 layout): its dQ kernel
-  # walks the forward lists of dq_mask, its dK/dV kernel the backward lists of dkdv_mask,
-  # both at tiles that fit Triton (the Mosaic forward's 128 x 128 tiles do not at D = 128).
   del config
+  q, k, v, out, lse, dq_mask, dkdv_mask = residuals
+  if isinstance(bwd_params, mosaic_vjp.Config):
+    grads = mosaic_vjp.backward(q, k, v, out, lse, do, dq_mask, dkdv_mask, bwd_params)
+    return grads + (None, None, None)
+  # pallas_triton's backward takes exactly these residuals (same lse2 layout): its dQ kernel
+  # walks the forward lists of dq_mask, its dK/dV kernel the backward lists of dkdv_mask.
   return _triton_attention_bwd(bwd_params, residuals, do) + (None,)
 
 
@@ -617,6 +569,62 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # -------------------------------------------------------------------------- entry point
+
+
+def _mosaic_backward_masks(mask, query, key, fwd_mask: BlockMask, block_sizes, build,
+                            interpret: bool):
+  """(dQ mask, dK/dV mask) for the Mosaic GPU backward, or None where it cannot run.
+
+  dQ walks the forward lists at (forward block_q) x 64 tiles, dK/dV the backward lists at
+  64 x block_kv_bwd (default 128, two consumer warpgroups; 64 in interpret mode). A caller's
+  BlockMask or an RCM-permuted one is used as is, so only a 64 x 64 one fits both kernels.
+  """
+  if _head_dim_padded(query.shape[3]) > mosaic_vjp.MAX_HEAD_DIM:
+    return None  # dK + dV accumulators of D = 256 do not fit a warpgroup's registers
+  rows = mosaic_vjp.ROWS
+  if isinstance(mask, BlockMask) or fwd_mask.q_perm is not None:
+    fits = (fwd_mask.block_q, fwd_mask.block_kv) == (rows, rows)
+    return (fwd_mask, fwd_mask) if fits else None
+  default_kv = rows if interpret else min(2 * rows, max(rows, _pow2_ceil(key.shape[1])))
+  dkdv_tiles = (block_sizes.block_q_bwd or rows, block_sizes.block_kv_bwd or default_kv)
+  if dkdv_tiles[0] != rows or dkdv_tiles[1] not in (rows, 2 * rows):
+    return None  # the caller's dK/dV tiles are pallas_triton's (documented)
+  built = {(fwd_mask.block_q, fwd_mask.block_kv): fwd_mask}
+
+  def at(tiles):
+    if tiles not in built:
+      built[tiles] = build(block_sizes=BlockSizes(*tiles))[0]
+    return built[tiles]
+
+  return at((fwd_mask.block_q, rows)), at(dkdv_tiles)
+
+
+def _backward_plan(mask, query, key, fwd_mask: BlockMask, block_sizes, build,
+                   config: _Config):
+  """The backward's masks and static parameters: the Mosaic GPU kernels where they run
+  (`_mosaic_backward_masks`), else pallas_triton's at Triton's own tiles (or the caller's
+  *_bwd tiles for dK/dV)."""
+  masks = _mosaic_backward_masks(mask, query, key, fwd_mask, block_sizes, build,
+                                 config.interpret)
+  if masks is not None:
+    return (*masks, mosaic_vjp.Config(scale=config.scale, soft_cap=config.soft_cap,
+                                      interpret=config.interpret))
+  if isinstance(mask, BlockMask) or fwd_mask.q_perm is not None:
+    # One permutation for both passes: the forward's BlockMask is used as is.
+    dq_mask = dkdv_mask = fwd_mask
+    bwd_sizes = BlockSizes(fwd_mask.block_q, fwd_mask.block_kv)
+  else:
+    bwd_sizes = triton_backend.default_block_sizes(query.shape[3], query.shape[1],
+                                                   key.shape[1], interpret=config.interpret)
+    if block_sizes.block_q_bwd is not None or block_sizes.block_kv_bwd is not None:
+      bwd_sizes = dataclasses.replace(bwd_sizes, block_q_bwd=block_sizes.bwd_q,
+                                      block_kv_bwd=block_sizes.bwd_kv)
+    dq_mask, dkdv_mask, bwd_sizes = build(block_sizes=bwd_sizes)
+  _, dq_launch, dkdv_launch = _launch_params(bwd_sizes, query.shape[3],
+                                             (dkdv_mask.block_q, dkdv_mask.block_kv))
+  return dq_mask, dkdv_mask, _TritonParams(
+      scale=config.scale, soft_cap=config.soft_cap, interpret=config.interpret,
+      dq_launch=dq_launch, dkdv_launch=dkdv_launch)
 
 
 def _check_inputs(query, key, value):
@@ -675,8 +683,11 @@ def dot_product_attention(
     raise ValueError(f"{logits_soft_cap=} must be > 0")
   defaulted = block_sizes is None and not isinstance(mask, BlockMask)
   if defaulted:
-    block_sizes = default_block_sizes(query.shape[3], query.shape[1], key.shape[1],
-                                      interpret=interpret)
+    # Measured tiles for this device and shape class (autotune cache) or the heuristic.
+    block_sizes = autotune.tuned_block_sizes(
+        "pallas_mosaic_gpu", query, key, mask=mask, is_causal=is_causal,
+        q_segment_ids=q_segment_ids, interpret=interpret) or default_block_sizes(
+            query.shape[3], query.shape[1], key.shape[1], interpret=interpret)
   build = functools.partial(
       _block_masks, mask, query, key, is_causal=is_causal, q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids, interpret=interpret)
@@ -696,33 +707,15 @@ def dot_product_attention(
     raise ValueError(f"pallas_mosaic_gpu: tiles {fwd_mask.block_q} x {fwd_mask.block_kv} with "
                      f"num_stages={sizes.num_stages} and head_dim={query.shape[3]} need "
                      f"{smem} bytes of shared memory > {_SMEM_LIMIT}; use smaller tiles")
-  # The backward (pallas_triton's kernels) gets its own tilings: Triton's defaults, or the
-  # caller's *_bwd tiles for dK/dV. A caller's BlockMask, or an RCM-permuted one (one
-  # permutation for both passes), is used as is.
-  if isinstance(mask, BlockMask) or fwd_mask.q_perm is not None:
-    dq_mask = dkdv_mask = fwd_mask
-    bwd_sizes = sizes
-  else:
-    bwd_sizes = triton_backend.default_block_sizes(query.shape[3], query.shape[1],
-                                                   key.shape[1], interpret=interpret)
-    if block_sizes.block_q_bwd is not None or block_sizes.block_kv_bwd is not None:
-      bwd_sizes = dataclasses.replace(bwd_sizes, block_q_bwd=block_sizes.bwd_q,
-                                      block_kv_bwd=block_sizes.bwd_kv)
-    dq_mask, dkdv_mask, bwd_sizes = build(block_sizes=bwd_sizes)
-  for bm in (fwd_mask, dq_mask, dkdv_mask):
-    _check_block_mask(bm, query, key)
   scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
   soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
   # persistent=None (backend default) is off until it is measured on the H200.
   config = _Config(scale=scale, soft_cap=soft_cap, interpret=bool(interpret),
                    stages=sizes.num_stages or 2, persistent=bool(sizes.persistent))
-  # num_stages / num_warps are the Mosaic forward's: the Triton backward picks its own.
-  _, dq_launch, dkdv_launch = _launch_params(
-      dataclasses.replace(bwd_sizes, num_stages=None, num_warps=None), query.shape[3],
-      (dkdv_mask.block_q, dkdv_mask.block_kv))
-  bwd_params = _TritonParams(
-      scale=scale, soft_cap=soft_cap, interpret=bool(interpret), dq_launch=dq_launch,
-      dkdv_launch=dkdv_launch)
+  dq_mask, dkdv_mask, bwd_params = _backward_plan(
+      mask, query, key, fwd_mask, block_sizes, build, config)
+  for bm in (fwd_mask, dq_mask, dkdv_mask):
+    _check_block_mask(bm, query, key)
   q_perm, kv_perm = fwd_mask.q_perm, fwd_mask.kv_perm
   if q_perm is not None:
     query = jnp.take(query, q_perm, axis=1)

@@ -2,8 +2,8 @@
 cases (dtype refusal, the GPU gate, tile validation, EMPTY tiles never read, per-head masks).
 
 The kernel takes bfloat16 / float16 only (wgmma has no f32 operands), so the suite's float32
-inputs are run as float16 and compared at float16 tolerances. The backward is pallas_triton's
-(docs/mosaic_gpu.md), so the gradient cases check the wiring and the shared lse2 residual.
+inputs are run as float16 and compared at float16 tolerances. Backward cases:
+test_pallas_mosaic_gpu_vjp.py.
 """
 
 import dataclasses
@@ -35,19 +35,10 @@ class MosaicGpuSuite(attention_suite.AttentionSuite):
   INTERPRET = True
   SUPPORTS_BIAS = False
   DTYPES = ("bfloat16", "float16")
-  # block_q: one warpgroup's wgmma M (64); the backward (pallas_triton) gets other tiles.
-  BLOCK_SIZES = BlockSizes(block_q=64, block_kv=64, block_q_bwd=32, block_kv_bwd=64)
-  # The backward is pallas_triton's kernels, whose suite runs every gradient case; here the
-  # dense, GQA, zero-row and RCM cases check the wiring (residuals, masks, permutation).
-  _BACKWARD_COVERED = "backward = pallas_triton kernels, covered by test_pallas_triton"
-  SKIP_CASES = {
-      "test_grad_low_precision*": _BACKWARD_COVERED,
-      "test_grad_segment_ids": _BACKWARD_COVERED,
-      "test_grad_soft_cap_scale": _BACKWARD_COVERED,
-      "test_grad_mask_family_family='sliding_window'": _BACKWARD_COVERED,
-      "test_grad_mask_family_family='tree'": _BACKWARD_COVERED,
-      "test_grad_mask_family_family='block_mask'": _BACKWARD_COVERED,
-  }
+  # block_q: one warpgroup's wgmma M (64). The backward runs the Mosaic GPU kernels (dQ at
+  # 64 x 64, dK/dV at 64 x 64 in interpret mode, 64 x 128 compiled); BlockMask cases use
+  # 64 x 64 tiles, which both backward kernels take.
+  BLOCK_SIZES = BlockSizes(block_q=64, block_kv=64)
 
   def qkv(self, batch, q_len, kv_len, q_heads, kv_heads, head_dim, dtype="float32",
           scale=1.0):
@@ -258,8 +249,7 @@ class PallasMosaicGpuTest(parameterized.TestCase):
     self.assertEqual(pallas_mosaic_gpu._num_programs(n_items, interpret), expected)
 
   def test_gradients(self):
-    """The backward (pallas_triton's kernels on BlockMasks rebuilt at Triton's tiles) takes
-    this forward's lse2 residual."""
+    """The backward (Mosaic GPU kernels) takes this forward's lse2 residual."""
     q, k, v = self._qkv(1, 64, 64, 2, 1, 32)
     do = jnp.asarray(self.rng.standard_normal(q.shape), q.dtype)
     f32 = lambda x: x.astype(jnp.float32)

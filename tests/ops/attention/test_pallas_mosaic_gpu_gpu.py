@@ -3,8 +3,9 @@ per-item grid and on the persistent grid, plus persistent cases with more work i
 
 Skipped unless JAX runs on a GPU. Run on the GPU machine with
   JAX_PLATFORMS=cuda python -m pytest -q tests/ops/attention/test_pallas_mosaic_gpu_gpu.py
-The gradient cases run too: on the GPU they check the Mosaic forward's residuals feeding the
-pallas_triton backward kernels.
+The gradient cases run the Mosaic GPU backward kernels (dQ, dK/dV); the suite runs at the
+suite's 64 x 64 tiles and at the backend's default tiles (128 x 128 forward, 128 x 64 dQ,
+64 x 128 dK/dV).
 """
 
 import dataclasses
@@ -32,6 +33,16 @@ pytestmark = [
 class TestPallasMosaicGpuCompiled(test_pallas_mosaic_gpu.MosaicGpuSuite):
   INTERPRET = False
   SKIP_CASES = {}
+
+
+class TestPallasMosaicGpuCompiledDefaultTiles(TestPallasMosaicGpuCompiled):
+  """The suite at default_block_sizes (two consumer warpgroups in every kernel); BlockMask
+  cases keep 64 x 64 tiles."""
+
+  BLOCK_SIZES = None
+
+  def block_mask_tiles(self):
+    return 64, 64
 
 
 class TestPallasMosaicGpuCompiledPersistent(TestPallasMosaicGpuCompiled):
