@@ -102,8 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batches = variant["batches"]
   c.seq_lens = variant["seq_lens"]
   c.candidates = [dict(x) for x in _CPU_CANDIDATES] if small else None
-  c.tuning_file = (os.path.join(tempfile.gettempdir(), "flashjax_tune_cpu", "cpu.json")
-                   if small else None)
+  # A typed placeholder, so `--config.tuning_file=PATH` can override the GPU variants' None.
+  c.tuning_file = ml_collections.FieldReference(
+      os.path.join(tempfile.gettempdir(), "flashjax_tune_cpu", "cpu.json") if small else None,
+      field_type=str)
   c.record = True
   c.sweep = [{"implementation": c.get_ref("implementations")},
              {"head_dim": c.get_ref("head_dims"), "batch": c.get_ref("batches"),

@@ -6,7 +6,7 @@
 #   experiments/run_gpu_studies.sh WORK_ROOT OUT_ROOT [VARIANT]
 #
 # Run it from the repository root. VARIANT is the configs' argument: "gpu" (default; about
-# 8 minutes on an H200, budgets below) or "cpu" (tiny interpret-mode grids, to test the
+# 9 minutes on an H200, budgets below) or "cpu" (tiny interpret-mode grids, to test the
 # script). A study cut by its limit keeps its finished points and still gets its report;
 # running the script again with the same WORK_ROOT resumes the unfinished points.
 set -u
@@ -17,7 +17,7 @@ python=${PYTHON:-python}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 failed=0
 # study:seconds (the configs' docstrings give the points and the estimates behind each budget)
-for entry in ablate_block_size:120 ablate_mask_density:150 ablate_batch_size:90 \
+for entry in ablate_block_size:150 ablate_mask_density:190 ablate_batch_size:90 \
              reproduce_binblkmsk:120; do
   study=${entry%:*}
   limit=${entry#*:}
