@@ -72,8 +72,6 @@ _DTYPES = (jnp.bfloat16, jnp.float16)
 _WGMMA_M = 64
 _MIN_BLOCK_KV = 64
 _SMEM_LIMIT = mosaic_vjp.SMEM_LIMIT
-_HOPPER_SMS = 132  # SMs of an H100 / H200 SXM
-_INTERPRET_PROGRAMS = 3  # persistent programs in interpret mode
 
 # pallas_triton internals shared on purpose: same BlockMask operands and tile-mask code,
 # same residuals, and its backward kernels.
@@ -147,15 +145,7 @@ class _Config:
   persistent: bool = False  # one program per SM over the sorted work items (`_item_order`)
 
 
-def _num_programs(n_items: int, interpret: bool) -> int:
-  """Programs of the persistent grid: one per SM, at most one per work item."""
-  if interpret:
-    # A few programs, so that the interpreter runs several items per program.
-    return min(n_items, _INTERPRET_PROGRAMS)
-  # GPU devices report their SM count as `core_count` (132 on an H100 / H200 SXM); a device
-  # without the attribute gets the Hopper SXM count.
-  sms = getattr(jax.devices()[0], "core_count", None) or _HOPPER_SMS
-  return min(n_items, sms)
+_num_programs = mosaic_vjp.num_programs
 
 
 def _item_order(count: jax.Array, batch: int, num_heads: int) -> jax.Array:
@@ -172,7 +162,7 @@ def _item_order(count: jax.Array, batch: int, num_heads: int) -> jax.Array:
     counts keep increasing id order (stable), so neighbouring programs share K/V in L2.
   """
   lengths = jnp.broadcast_to(count, (batch, num_heads, count.shape[-1])).reshape(-1)
-  return jnp.argsort(-lengths, stable=True).astype(jnp.int32)
+  return mosaic_vjp.longest_first(lengths)
 
 
 class _Item(NamedTuple):
@@ -608,7 +598,8 @@ def _backward_plan(mask, query, key, fwd_mask: BlockMask, block_sizes, build,
                                  config.interpret)
   if masks is not None:
     return (*masks, mosaic_vjp.Config(scale=config.scale, soft_cap=config.soft_cap,
-                                      interpret=config.interpret))
+                                      interpret=config.interpret,
+                                      persistent=config.persistent))
   if isinstance(mask, BlockMask) or fwd_mask.q_perm is not None:
     # One permutation for both passes: the forward's BlockMask is used as is.
     dq_mask = dkdv_mask = fwd_mask

@@ -48,6 +48,8 @@ _LOG2E = math.log2(math.e)
 ROWS = 64  # rows of one consumer warpgroup (wgmma M) and the streamed tile of each kernel
 MAX_HEAD_DIM = 128
 SMEM_LIMIT = 232448  # bytes of shared memory per block on Hopper (227 KiB)
+HOPPER_SMS = 132  # SMs of an H100 / H200 SXM
+INTERPRET_PROGRAMS = 3  # persistent programs in interpret mode
 
 # pylint: disable=protected-access
 _MaskLayout = triton_backend._MaskLayout
@@ -66,6 +68,7 @@ class Config:
   soft_cap: float | None
   interpret: bool
   stages: int = 2
+  persistent: bool = False  # one program per SM over the work items, longest list first
 
 
 class MaskParts(NamedTuple):
@@ -223,6 +226,59 @@ def _dscores(p, dp, delta, t, *, delta_dim: int):
   return ds if t is None else ds * (1.0 - t * t)
 
 
+def num_programs(n_items: int, interpret: bool) -> int:
+  """Programs of a persistent grid: one per SM, at most one per work item."""
+  if interpret:
+    # A few programs, so that the interpreter runs several items per program.
+    return min(n_items, INTERPRET_PROGRAMS)
+  # GPU devices report their SM count as `core_count` (132 on an H100 / H200 SXM); a device
+  # without the attribute gets the Hopper SXM count.
+  sms = getattr(jax.devices()[0], "core_count", None) or HOPPER_SMS
+  return min(n_items, sms)
+
+
+def longest_first(lengths: jax.Array) -> jax.Array:
+  """Item ids [n] int32 sorted by their list length, descending; equal lengths keep
+  increasing id order (stable), so neighbouring programs share operands in L2."""
+  return jnp.argsort(-lengths, stable=True).astype(jnp.int32)
+
+
+def _items(order_ref, outer_axis: str, num_outer: int, programs: int):
+  """`run(fn)` calling fn(outer, bh) for this program's work items: its grid indices, or,
+  with a persistent order (item id = bh * num_outer + outer), every `programs`-th item from
+  the program index on."""
+  def run(fn):
+    if order_ref is None:
+      fn(lax.axis_index(outer_axis), lax.axis_index("bh"))
+      return
+
+    @pl.loop(lax.axis_index("p"), order_ref.shape[0], step=programs)
+    def _(i):
+      item = order_ref[i]
+      fn(lax.rem(item, num_outer), lax.div(item, num_outer))
+
+  return run
+
+
+def _warpgroups(consumers: int, interpret: bool, produce, consume, items) -> None:
+  """produce(item) on the producer warpgroup (index `consumers`) and consume(item) on the
+  consumer warpgroups, for every item; the consumers then wait for their last stores."""
+  wg = lax.axis_index("wg")
+
+  @pl.when(wg == consumers)
+  def _():
+    if not interpret:
+      plgpu.set_max_registers(40, action="decrease")
+    items(produce)
+
+  @pl.when(wg < consumers)
+  def _():
+    if not interpret:
+      plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
+    items(consume)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _drain(free, stages: int, total):
   """Waits for the last `stages` releases of a ring, so every barrier phase is observed."""
   @pl.loop(jnp.maximum(total - stages, 0), total)
@@ -235,7 +291,7 @@ def _drain(free, stages: int, total):
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Config,
                num_heads: int, group: int, head_dim: int, consumers: int,
-               present: tuple[bool, ...]):
+               present: tuple[bool, ...], num_outer: int, num_programs: int):
   """dQ of one query block (consumers x 64 rows) of one (batch, query head).
 
   Operands: q/do [B, T_pad, Nq, Dp], k/v [B, S_pad, Nkv, Dp] (interpret: plus K^T and V^T
@@ -244,6 +300,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Co
   """
   stages, bk = config.stages, layout.block_kv
   it = iter(refs)
+  order_ref = next(it) if config.persistent else None
   kt_ref = vt_ref = None
   if config.interpret:
     kt_ref, vt_ref = next(it), next(it)
@@ -260,19 +317,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Co
   if config.interpret:
     kt_smem, vt_smem, kt_bars, vt_bars, a_smem = (next(it) for _ in range(5))
 
-  qi, bh, wg = lax.axis_index("q"), lax.axis_index("bh"), lax.axis_index("wg")
-  batch, head = lax.div(bh, num_heads), lax.rem(bh, num_heads)
-  kv_head = lax.div(head, group)
-  index = (0 if layout.batch_bcast else batch, 0 if layout.head_bcast else head, qi)
-  rule_batch = 0 if layout.rule_batch_bcast else batch
-  count = parts.count[index]
-  n_full = parts.n_full[index] if layout.has_partial else count
-  kv_start = lambda slot: parts.block[index + (slot,)] * bk
+  wg = lax.axis_index("wg")
 
-  @pl.when(wg == consumers)
-  def _producer():
-    if not config.interpret:
-      plgpu.set_max_registers(40, action="decrease")
+  def item_of(qi, bh):
+    batch, head = lax.div(bh, num_heads), lax.rem(bh, num_heads)
+    index = (0 if layout.batch_bcast else batch, 0 if layout.head_bcast else head, qi)
+    count = parts.count[index]
+    n_full = parts.n_full[index] if layout.has_partial else count
+    return (batch, head, lax.div(head, group), index,
+            0 if layout.rule_batch_bcast else batch, count, n_full)
+
+  def produce(qi, bh):
+    batch, _, kv_head, index, rule_batch, count, n_full = item_of(qi, bh)
+    kv_start = lambda slot: parts.block[index + (slot,)] * bk
 
     @pl.loop(0, count)
     def _(slot):
@@ -304,11 +361,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Co
 
     _drain(free, stages, count)
 
-  @pl.when(wg < consumers)
-  def _consumer():
+  def consume(qi, bh):
+    batch, head, _, index, rule_batch, count, n_full = item_of(qi, bh)
+    kv_start = lambda slot: parts.block[index + (slot,)] * bk
     ops = _Ops(config.interpret, None if a_smem is None else a_smem.at[wg])
-    if ops.compiled:
-      plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
     q_start = qi * layout.block_q + wg * ROWS
     rows = pl.ds(q_start, ROWS)
     # One barrier for the consumer's row operands: Q, dO, stats (+ segment ids).
@@ -364,7 +420,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Co
     q_smem.at[wg][...] = (dq * config.scale).astype(q_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[batch, rows, head])
-    plgpu.wait_smem_to_gmem(0)
+    # The next item's Q lands in q_smem once this store has read it.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  _warpgroups(consumers, config.interpret, produce, consume,
+              _items(order_ref, "q", num_outer, num_programs))
 
 
 # ------------------------------------------------------------------------------ dK / dV
@@ -372,7 +432,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Co
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Config,
                  num_kv_heads: int, group: int, head_dim: int, consumers: int,
-                 present: tuple[bool, ...]):
+                 present: tuple[bool, ...], num_outer: int, num_programs: int):
   """dK, dV of one kv block (consumers x 64 keys) of one (batch, kv head), summed over the
   kv head's `group` query heads.
 
@@ -381,6 +441,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
   """
   stages, bq = config.stages, layout.block_q
   it = iter(refs)
+  order_ref = next(it) if config.persistent else None
   qt_ref = dot_ref = None
   if config.interpret:
     qt_ref, dot_ref = next(it), next(it)
@@ -397,27 +458,25 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
   if config.interpret:
     qt_smem, dot_smem, qt_bars, dot_bars, a_smem = (next(it) for _ in range(5))
 
-  kj, bh, wg = lax.axis_index("kv"), lax.axis_index("bh"), lax.axis_index("wg")
-  batch, kv_head = lax.div(bh, num_kv_heads), lax.rem(bh, num_kv_heads)
-  rule_batch = 0 if layout.rule_batch_bcast else batch
+  wg = lax.axis_index("wg")
   num_heads = num_kv_heads * group
 
-  def list_index(j):
-    head = kv_head * group + j
-    return (0 if layout.batch_bcast else batch, 0 if layout.head_bcast else head, kj)
+  def item_of(kj, bh):
+    batch, kv_head = lax.div(bh, num_kv_heads), lax.rem(bh, num_kv_heads)
 
-  def head_count(j):
-    return parts.count[list_index(j)]
+    def list_index(j):
+      head = kv_head * group + j
+      return (0 if layout.batch_bcast else batch, 0 if layout.head_bcast else head, kj)
 
-  def head_n_full(j):
-    return parts.n_full[list_index(j)] if layout.has_partial else head_count(j)
+    head_count = lambda j: parts.count[list_index(j)]
+    head_n_full = lambda j: (parts.n_full[list_index(j)] if layout.has_partial else
+                             head_count(j))
+    q_start = lambda j, slot: parts.block[list_index(j) + (slot,)] * bq
+    return (batch, kv_head, 0 if layout.rule_batch_bcast else batch, list_index, head_count,
+            head_n_full, q_start)
 
-  q_start = lambda j, slot: parts.block[list_index(j) + (slot,)] * bq
-
-  @pl.when(wg == consumers)
-  def _producer():
-    if not config.interpret:
-      plgpu.set_max_registers(40, action="decrease")
+  def produce(kj, bh):
+    batch, kv_head, rule_batch, list_index, head_count, head_n_full, q_start = item_of(kj, bh)
 
     def head_loop(j, step0):
       head = kv_head * group + j
@@ -457,11 +516,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
 
     _drain(free, stages, lax.fori_loop(0, group, head_loop, jnp.int32(0)))
 
-  @pl.when(wg < consumers)
-  def _consumer():
+  def consume(kj, bh):
+    batch, kv_head, rule_batch, _, head_count, head_n_full, q_start = item_of(kj, bh)
     ops = _Ops(config.interpret, None if a_smem is None else a_smem.at[wg])
-    if ops.compiled:
-      plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
     kv_start = kj * layout.block_kv + wg * ROWS
     rows = pl.ds(kv_start, ROWS)
     plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[wg], row_bars.at[3 * wg])
@@ -526,7 +583,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[batch, rows, kv_head])
     plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[batch, rows, kv_head])
-    plgpu.wait_smem_to_gmem(0)
+    # The next item's K and V land in k_smem / v_smem once these stores have read them.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  _warpgroups(consumers, config.interpret, produce, consume,
+              _items(order_ref, "kv", num_outer, num_programs))
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -569,6 +630,15 @@ def _consumers(rows: int, what: str) -> int:
   return rows // ROWS
 
 
+def _grid(config: Config, num_outer: int, num_bh: int, lengths, outer_name: str):
+  """(order operands, grid, grid names, programs): one program per (outer block, bh), or,
+  persistent, `num_programs` programs over the items sorted by `lengths()` [items]."""
+  if not config.persistent:
+    return [], (num_outer, num_bh), (outer_name, "bh"), 1
+  programs = num_programs(num_outer * num_bh, config.interpret)
+  return [longest_first(lengths())], (programs,), ("p",), programs
+
+
 def _compiler_params(config: Config):
   return None if config.interpret else plgpu.CompilerParams(approx_math=True)
 
@@ -596,9 +666,14 @@ def dq(q, k, v, do, stats, bm: BlockMask, config: Config) -> jax.Array:
   dp = _head_dim_padded(head_dim)
   parts = mask_parts(bm, layout, q.dtype, q_pad, kv_pad, backward=False)
   present = tuple(x is not None for x in parts)
+  nq = q_pad // bq
+  order, grid, grid_names, programs = _grid(
+      config, nq, batch * num_heads,
+      lambda: jnp.broadcast_to(parts.count, (batch, num_heads, nq)).reshape(-1), "q")
   kernel = functools.partial(_dq_kernel, layout=layout, config=config, num_heads=num_heads,
                              group=num_heads // num_kv_heads, head_dim=dp,
-                             consumers=consumers, present=present)
+                             consumers=consumers, present=present, num_outer=nq,
+                             num_programs=programs)
   kernel.__name__ = "flashjax_mosaic_gpu_dq"
   dtype = q.dtype
   scratch = [
@@ -632,14 +707,14 @@ def dq(q, k, v, do, stats, bm: BlockMask, config: Config) -> jax.Array:
       kernel,
       out_type=jax.ShapeDtypeStruct((batch, q_pad, num_heads, dp), dtype),
       scratch_types=scratch,
-      grid=(q_pad // bq, batch * num_heads),
-      grid_names=("q", "bh"),
+      grid=grid,
+      grid_names=grid_names,
       num_threads=consumers + 1,
       thread_name="wg",
       compiler_params=_compiler_params(config),
       interpret=interpret_params() if config.interpret else None,
   )(_pad_to(q, q_pad, dp), kp, vp, _pad_to(do, q_pad, dp), _pad_stats(stats, q_pad),
-    *extra, *(x for x in parts if x is not None))
+    *order, *extra, *(x for x in parts if x is not None))
   return out[:, :q_len, :, :head_dim]
 
 
@@ -657,9 +732,17 @@ def dkdv(q, k, v, do, stats, bm: BlockMask, config: Config) -> tuple[jax.Array, 
   dp = _head_dim_padded(head_dim)
   parts = mask_parts(bm, layout, q.dtype, q_pad, kv_pad, backward=True)
   present = tuple(x is not None for x in parts)
+  group, nk = num_heads // num_kv_heads, kv_pad // bk
+
+  def lengths():  # an item's slots: its kv head's group of query heads together
+    counts = jnp.broadcast_to(parts.count, (batch, num_heads, nk))
+    return counts.reshape(batch * num_kv_heads, group, nk).sum(axis=1).reshape(-1)
+
+  order, grid, grid_names, programs = _grid(config, nk, batch * num_kv_heads, lengths, "kv")
   kernel = functools.partial(_dkdv_kernel, layout=layout, config=config,
-                             num_kv_heads=num_kv_heads, group=num_heads // num_kv_heads,
-                             head_dim=dp, consumers=consumers, present=present)
+                             num_kv_heads=num_kv_heads, group=group, head_dim=dp,
+                             consumers=consumers, present=present, num_outer=nk,
+                             num_programs=programs)
   kernel.__name__ = "flashjax_mosaic_gpu_dkdv"
   dtype = q.dtype
   scratch = [
@@ -694,14 +777,14 @@ def dkdv(q, k, v, do, stats, bm: BlockMask, config: Config) -> tuple[jax.Array, 
       kernel,
       out_type=[out, out],
       scratch_types=scratch,
-      grid=(kv_pad // bk, batch * num_kv_heads),
-      grid_names=("kv", "bh"),
+      grid=grid,
+      grid_names=grid_names,
       num_threads=consumers + 1,
       thread_name="wg",
       compiler_params=_compiler_params(config),
       interpret=interpret_params() if config.interpret else None,
   )(qp, _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp), dop, _pad_stats(stats, q_pad),
-    *extra, *(x for x in parts if x is not None))
+    *order, *extra, *(x for x in parts if x is not None))
   return dk[:, :kv_len, :, :head_dim], dv[:, :kv_len, :, :head_dim]
 
 
