@@ -4,8 +4,8 @@ Issue 7, item 2. The forward and forward+backward time of the flashjax Pallas Tr
 on causal and document-masked inputs at every (block_q, block_kv) of the grid; the backward
 runs at the forward tiles (BlockSizes with no backward tiles). On "gpu" the Pallas Mosaic GPU
 forward joins at its own tiles (block_q {64, 128} x block_kv {64, 128}: one or two consumer
-warpgroups, no kv tile below 64), forward only: its backward is pallas_triton's kernels at
-Triton's default tiles, the same whatever the forward tiles. The report shows the
+warpgroups, no kv tile below 64), forward only: its backward kernels run at fixed tiles
+(dQ block_q x 64, dK/dV 64 x 128), not the grid's. The report shows the
 measured time beside the IO model's roofline (`roofline_ms`: block-skipping FlashAttention at
 those tiles; smaller block_q re-reads K/V more often, larger tiles waste more of the
 partial tiles of a mask). The XLA backend has no tiles, so it is not in this study.

@@ -1,4 +1,4 @@
-"""Block-sparse FlashAttention forward in Pallas Mosaic GPU (Hopper: TMA + wgmma, ping-pong).
+"""Block-sparse FlashAttention in Pallas Mosaic GPU (Hopper: TMA + wgmma, ping-pong): forward.
 
 Status: validated on an H200 (jax 0.11.2) against the float32 reference for dense, causal,
 GQA, document / prefix-LM segments, sliding window, stored-tile (tree) masks, soft cap,
@@ -20,7 +20,7 @@ Design (DESIGN.md ideas 1 and 2; the BlockMask lists pallas_triton consumes):
   Producer and consumers walk the same items with the same per-item code as the grid
   above; the producer's end-of-list drain and the consumers' one wait per TMA keep every
   barrier's phases in step from item to item, and Q SMEM is refilled only after the
-  previous item's output store has read it. Validated in interpret mode only so far.
+  previous item's output store has read it. The backward kernels take the same flag.
 * Consumers: S = Q K^T by wgmma from SMEM (K read through a transposed view), online
   softmax in f32 base 2 (scale folded into the exponent), O += P V by wgmma with P in
   registers. FULL slots run a loop without mask code; PARTIAL slots AND the band (causal,
@@ -28,9 +28,11 @@ Design (DESIGN.md ideas 1 and 2; the BlockMask lists pallas_triton consumes):
   tile (0 / -inf), and bound the keys. A schedule barrier makes the two consumers alternate,
   so one's softmax overlaps the other's matmuls.
 * Residual lse2 = max + log2(sum) per row, [B * Nq, T], +inf for rows with no allowed key
-  (output 0): pallas_triton's convention, so the `custom_vjp` backward runs pallas_triton's
-  dQ and dK/dV kernels, on BlockMasks rebuilt at Triton's tiles. A Mosaic GPU backward is
-  not written.
+  (output 0). The `custom_vjp` backward (`_backward_plan`) runs the Mosaic GPU dQ and dK/dV
+  kernels of pallas_mosaic_gpu_vjp.py (D <= 128, dQ at block_q x 64 and dK/dV at 64 x 128
+  tiles by default); for D > 128, dK/dV tiles it cannot take, or a caller's BlockMask other
+  than 64 x 64, it runs pallas_triton's dQ and dK/dV kernels (same lse2 convention) on
+  BlockMasks at Triton's tiles.
 * GQA: query head h reads kv head h // (Nq // Nkv); K/V are never repeated in memory.
 * bfloat16 / float16 only (wgmma has no f32 x f32 form: float32 raises NotImplementedError so
   dispatch moves on); no bias; D <= 256, padded to a power of two.
@@ -42,9 +44,10 @@ or `run_state`. There K^T comes pre-transposed from XLA, P goes through SMEM and
 product is added to the accumulator; everything else (lists, rings, barriers, masks,
 ping-pong) is the compiled code. docs/mosaic_gpu.md lists the interpreter's limits.
 
-Block sizes: block_q 64 or 128, block_kv >= 64; default 128 x 128 (D > 128: 128 x 64),
-halved in block_kv when stored mask tiles would not fit the 227 KiB of SMEM; num_stages is
-the ring depth (default 2).
+Block sizes: block_q 64 or 128, block_kv >= 64; default: the measured entry of the autotune
+cache for this device and shape class (flashjax/ops/attention/tuned/, docs/autotune.md),
+else 128 x 128 (D > 128: 128 x 64), halved in block_kv when stored mask tiles would not fit
+the 227 KiB of SMEM; num_stages is the ring depth (default 2).
 """
 
 from __future__ import annotations
@@ -639,7 +642,7 @@ def dot_product_attention(
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-  """Block-sparse FlashAttention (Pallas Mosaic GPU forward, pallas_triton backward).
+  """Block-sparse FlashAttention in Pallas Mosaic GPU, forward and backward.
 
   Args:
     query: [B, T, Nq, D] bfloat16 or float16; D <= 256.
@@ -653,10 +656,13 @@ def dot_product_attention(
     scale: logit scale (default 1 / sqrt(D)).
     logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
     block_sizes: BlockSizes (block_q 64 or 128, block_kv >= 64, num_stages >= 2 the K/V
-      ring depth) or None for `default_block_sizes`. The backward (pallas_triton) runs at
-      Triton's default tiles, dK/dV at the *_bwd tiles when given.
-    interpret: run the forward in Mosaic GPU interpret mode (CPU) and the backward in Pallas
-      interpret mode.
+      ring depth, persistent for the persistent grids) or None for the tuned tiles of this
+      device (autotune cache) or `default_block_sizes`. The Mosaic GPU backward runs dQ at
+      block_q x 64 and dK/dV at block_q_bwd x block_kv_bwd (default 64 x 128); other
+      dK/dV tiles, D > 128, or a caller's BlockMask other than 64 x 64 run pallas_triton's
+      backward (docs/mosaic_gpu.md).
+    interpret: run the kernels in Mosaic GPU interpret mode (CPU; pallas_triton's backward,
+      where it applies, in Pallas interpret mode).
 
   Returns:
     [B, T, Nq, D] in the query's dtype; rows with no allowed key are 0.
