@@ -70,6 +70,7 @@ import jax.numpy as jnp
 from flashjax.masks import builders
 from flashjax.masks.block_mask import FULL, PARTIAL, BlockMask
 from flashjax.masks.rule import Band, element_mask
+from flashjax.ops.attention import autotune
 from flashjax.ops.attention.configs import BlockSizes
 
 _LOG2E = math.log2(math.e)
@@ -700,6 +701,11 @@ def _block_masks(mask, query, key, *, is_causal, q_segment_ids, kv_segment_ids, 
     bm = build(block_q=mask.block_q, block_kv=mask.block_kv) if extra else mask
     return bm, bm, block_sizes or BlockSizes(*tiling)
   sizes = block_sizes or default_block_sizes(head_dim, q_len, kv_len, interpret=interpret)
+  tuned = None if block_sizes else autotune.tuned_block_sizes(
+      "pallas_triton", query, key, mask=mask, is_causal=is_causal,
+      q_segment_ids=q_segment_ids, interpret=interpret)
+  if tuned is not None:  # measured forward tiles / launch parameters; dK/dV tiles stay
+    sizes = dataclasses.replace(sizes, **autotune.block_sizes_to_dict(tuned))
   fwd = build(block_q=sizes.block_q, block_kv=sizes.block_kv)
   if (sizes.bwd_q, sizes.bwd_kv) == (sizes.block_q, sizes.block_kv) or fwd.q_perm is not None:
     # A permuted (RCM) BlockMask is reused as is so both passes share one permutation.

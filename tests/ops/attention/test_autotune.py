@@ -311,5 +311,42 @@ class SearchTest(parameterized.TestCase):
     self.assertIn("nan", rows[1]["error"])
 
 
+class BackendWiringTest(parameterized.TestCase):
+  """Backends use a recorded entry when the caller gives no block_sizes (lookup mocked:
+  interpret mode itself never looks up)."""
+
+  def _qkv(self, dtype):
+    rng = np.random.default_rng(0)
+    return tuple(jnp.asarray(rng.standard_normal((1, 256, 2, 32)), dtype) for _ in range(3))
+
+  def test_pallas_triton_takes_tuned_forward_tiles(self):
+    from flashjax.ops.attention import pallas_triton  # pylint: disable=g-import-not-at-top
+    q, k, _ = self._qkv(jnp.float32)
+    with mock.patch.object(autotune, "tuned_block_sizes",
+                           return_value=BlockSizes(64, 32, num_warps=8)) as spy:
+      fwd, _, sizes = pallas_triton._block_masks(  # pylint: disable=protected-access
+          None, q, k, is_causal=True, q_segment_ids=None, kv_segment_ids=None,
+          block_sizes=None, interpret=True)
+    self.assertEqual(spy.call_args.args[0], "pallas_triton")
+    self.assertEqual((fwd.block_q, fwd.block_kv, sizes.num_warps), (64, 32, 8))
+    with mock.patch.object(autotune, "tuned_block_sizes") as spy:
+      pallas_triton._block_masks(  # pylint: disable=protected-access
+          None, q, k, is_causal=True, q_segment_ids=None, kv_segment_ids=None,
+          block_sizes=BlockSizes(32, 32), interpret=True)
+    spy.assert_not_called()
+
+  def test_pallas_mosaic_gpu_takes_tuned_tiles(self):
+    from flashjax.ops.attention import pallas_mosaic_gpu  # pylint: disable=g-import-not-at-top
+    q, k, v = self._qkv(jnp.float16)
+    forward = pallas_mosaic_gpu._forward  # pylint: disable=protected-access
+    with mock.patch.object(autotune, "tuned_block_sizes",
+                           return_value=BlockSizes(128, 64, persistent=True)), \
+        mock.patch.object(pallas_mosaic_gpu, "_forward", wraps=forward) as spy:
+      jax.eval_shape(lambda q, k, v: pallas_mosaic_gpu.dot_product_attention(
+          q, k, v, is_causal=True, interpret=True), q, k, v)
+    bm, config = spy.call_args.args[3], spy.call_args.args[4]
+    self.assertEqual((bm.block_q, bm.block_kv, config.persistent), (128, 64, True))
+
+
 if __name__ == "__main__":
   absltest.main()
