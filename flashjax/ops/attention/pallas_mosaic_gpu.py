@@ -314,26 +314,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
       """Allowed [64, bk] for a PARTIAL slot: rule AND stored tile AND key bounds; returns
       (bool mask or None, additive tile or None)."""
       shape = (_WGMMA_M, bk)
-      rows = iota(shape, 0) + q_start
-      cols = iota(shape, 1) + kv_start(item, slot)
-      keep = None
-      both = lambda a, b: b if a is None else a & b
-      if layout.band is not None:
-        diff = cols - rows
-        if layout.band.lo is not None:
-          keep = both(keep, diff >= layout.band.lo)
-        if layout.band.hi is not None:
-          keep = both(keep, diff <= layout.band.hi)
-        if meta_smem is not None:
-          plgpu.barrier_wait(meta_bars.at[buf])
-          meta = lax.broadcast_in_dim(load(meta_smem.at[buf], col_layout),
-                                      shape, [1])
-          if layout.has_prefix:
-            in_prefix = (meta & 1) == 1
-            keep = in_prefix if keep is None else keep | in_prefix
-          keep = both(keep, lax.broadcast_in_dim(q_seg, shape, [0]) == (meta >> 1))
-      if layout.kv_bounds:
-        keep = both(keep, cols < layout.kv_len)
+      q_ids = kv_meta = None
+      if meta_smem is not None:
+        plgpu.barrier_wait(meta_bars.at[buf])
+        kv_meta = lax.broadcast_in_dim(load(meta_smem.at[buf], col_layout), shape, [1])
+        q_ids = lax.broadcast_in_dim(q_seg, shape, [0])
+      keep = mosaic_vjp.keep_mask(layout, iota(shape, 0) + q_start,
+                                  iota(shape, 1) + kv_start(item, slot), q_ids, kv_meta)
       tile = None
       if tile_smem is not None:
         plgpu.barrier_wait(tile_bars.at[buf])

@@ -178,7 +178,7 @@ class _Ops:
     return acc + pl.run_scoped(run, plgpu.ACC(acc.shape, jnp.float32))
 
 
-def _keep(layout, q_pos, kv_pos, q_seg, kv_meta):
+def keep_mask(layout, q_pos, kv_pos, q_seg, kv_meta):
   """Allowed [ROWS, ROWS] of a PARTIAL tile from the rule and the key bound (None: all).
 
   q_pos / kv_pos are int32 position tiles; q_seg / kv_meta the ids broadcast to the tile (or
@@ -391,7 +391,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Co
           plgpu.barrier_wait(meta_bars.at[buf])
           kv_meta = lax.broadcast_in_dim(ops.load(meta_smem.at[buf], ops.cols), (ROWS, bk),
                                          [1])
-        keep = _keep(layout, ops.iota((ROWS, bk), 0) + q_start,
+        keep = keep_mask(layout, ops.iota((ROWS, bk), 0) + q_start,
                      ops.iota((ROWS, bk), 1) + kv_start(slot), q_seg, kv_meta)
         if tile_smem is not None:
           plgpu.barrier_wait(tile_bars.at[buf])
@@ -545,7 +545,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
           if seg_smem is not None:
             plgpu.barrier_wait(seg_bars.at[buf])
             q_seg = lax.broadcast_in_dim(ops.load(seg_smem.at[buf], ops.cols), (ROWS, bq), [1])
-          keep = _keep(layout, ops.iota((ROWS, bq), 1) + q_start(j, slot),
+          keep = keep_mask(layout, ops.iota((ROWS, bq), 1) + q_start(j, slot),
                        ops.iota((ROWS, bq), 0) + kv_start, q_seg, kv_meta)
           if tile_smem is not None:
             plgpu.barrier_wait(tile_bars.at[buf])
@@ -639,8 +639,27 @@ def _grid(config: Config, num_outer: int, num_bh: int, lengths, outer_name: str)
   return [longest_first(lengths())], (programs,), ("p",), programs
 
 
-def _compiler_params(config: Config):
-  return None if config.interpret else plgpu.CompilerParams(approx_math=True)
+def _interpret_extras(config: Config, a, b, tile: int, scratch: list, consumers: int) -> list:
+  """Interpret mode: the streamed operands a, b [B, L, N, Dp] transposed by XLA to
+  [B, N, Dp, L] (streamed in `tile`-long pieces), with their SMEM rings and barriers and the
+  SMEM staging of register A operands appended to `scratch`. Compiled: nothing."""
+  if not config.interpret:
+    return []
+  stages, dp, dtype = config.stages, a.shape[3], a.dtype
+  scratch += [swizzled_smem((stages, dp, tile), dtype), swizzled_smem((stages, dp, tile), dtype),
+              plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+              plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+              swizzled_smem((consumers, ROWS, tile), dtype)]
+  return [jnp.einsum("blnd->bndl", a), jnp.einsum("blnd->bndl", b)]
+
+
+def _launch(kernel, out_type, scratch, grid, grid_names, consumers: int, config: Config):
+  """plgpu.kernel with one producer and `consumers` consumer warpgroups."""
+  return plgpu.kernel(
+      kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
+      num_threads=consumers + 1, thread_name="wg",
+      compiler_params=None if config.interpret else plgpu.CompilerParams(approx_math=True),
+      interpret=interpret_params() if config.interpret else None)
 
 
 def dq(q, k, v, do, stats, bm: BlockMask, config: Config) -> jax.Array:
@@ -696,25 +715,11 @@ def dq(q, k, v, do, stats, bm: BlockMask, config: Config) -> jax.Array:
     scratch += [plgpu.SMEM((stages, bq, bk), dtype),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
   kp, vp = _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp)
-  extra = []
-  if config.interpret:
-    extra = [jnp.einsum("bsnd->bnds", kp), jnp.einsum("bsnd->bnds", vp)]
-    scratch += [swizzled_smem((stages, dp, bk), dtype), swizzled_smem((stages, dp, bk), dtype),
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-                swizzled_smem((consumers, ROWS, bk), dtype)]
-  out = plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct((batch, q_pad, num_heads, dp), dtype),
-      scratch_types=scratch,
-      grid=grid,
-      grid_names=grid_names,
-      num_threads=consumers + 1,
-      thread_name="wg",
-      compiler_params=_compiler_params(config),
-      interpret=interpret_params() if config.interpret else None,
-  )(_pad_to(q, q_pad, dp), kp, vp, _pad_to(do, q_pad, dp), _pad_stats(stats, q_pad),
-    *order, *extra, *(x for x in parts if x is not None))
+  extra = _interpret_extras(config, kp, vp, bk, scratch, consumers)
+  out = _launch(kernel, jax.ShapeDtypeStruct((batch, q_pad, num_heads, dp), dtype), scratch,
+                grid, grid_names, consumers, config)(
+      _pad_to(q, q_pad, dp), kp, vp, _pad_to(do, q_pad, dp), _pad_stats(stats, q_pad),
+      *order, *extra, *(x for x in parts if x is not None))
   return out[:, :q_len, :, :head_dim]
 
 
@@ -765,26 +770,11 @@ def dkdv(q, k, v, do, stats, bm: BlockMask, config: Config) -> tuple[jax.Array, 
     scratch += [plgpu.SMEM((stages, bk, bq), dtype),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
   qp, dop = _pad_to(q, q_pad, dp), _pad_to(do, q_pad, dp)
-  extra = []
-  if config.interpret:
-    extra = [jnp.einsum("btnd->bndt", qp), jnp.einsum("btnd->bndt", dop)]
-    scratch += [swizzled_smem((stages, dp, bq), dtype), swizzled_smem((stages, dp, bq), dtype),
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-                swizzled_smem((consumers, ROWS, bq), dtype)]
+  extra = _interpret_extras(config, qp, dop, bq, scratch, consumers)
   out = jax.ShapeDtypeStruct((batch, kv_pad, num_kv_heads, dp), dtype)
-  dk, dv = plgpu.kernel(
-      kernel,
-      out_type=[out, out],
-      scratch_types=scratch,
-      grid=grid,
-      grid_names=grid_names,
-      num_threads=consumers + 1,
-      thread_name="wg",
-      compiler_params=_compiler_params(config),
-      interpret=interpret_params() if config.interpret else None,
-  )(qp, _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp), dop, _pad_stats(stats, q_pad),
-    *order, *extra, *(x for x in parts if x is not None))
+  dk, dv = _launch(kernel, [out, out], scratch, grid, grid_names, consumers, config)(
+      qp, _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp), dop, _pad_stats(stats, q_pad),
+      *order, *extra, *(x for x in parts if x is not None))
   return dk[:, :kv_len, :, :head_dim], dv[:, :kv_len, :, :head_dim]
 
 
