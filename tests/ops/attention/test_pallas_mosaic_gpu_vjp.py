@@ -68,6 +68,10 @@ class MosaicGpuBackwardTest(parameterized.TestCase):
       q, k, v, do = self._qkv_do(1, 128, 192, 2, 1, 64)
       mask = flashjax.masks.sliding_window(128, 192, 40, 30)
       return q, k, v, do, dict(mask=mask), dict(mask=jnp.asarray(mask.to_dense()))
+    if name == "persistent_gqa":  # 3 interpreted programs loop over dQ and dK/dV items
+      q, k, v, do = self._qkv_do(1, 192, 160, 4, 2, 32)
+      return q, k, v, do, dict(is_causal=True, block_sizes=BlockSizes(
+          64, 64, persistent=True)), dict(is_causal=True)
     if name == "two_consumers":  # dQ at 128 x 64 and dK/dV at 64 x 128: two warpgroups each
       q, k, v, do = self._qkv_do(1, 256, 256, 2, 1, 32)
       return q, k, v, do, dict(is_causal=True, block_sizes=BlockSizes(
@@ -81,6 +85,8 @@ class MosaicGpuBackwardTest(parameterized.TestCase):
     with mock.patch.object(pallas_mosaic_gpu_vjp, "backward", wraps=backward) as spy:
       grads = jax.vjp(lambda q, k, v: _attention(q, k, v, **kwargs), q, k, v)[1](do)
     self.assertEqual(spy.call_count, 1)
+    sizes = kwargs.get("block_sizes")
+    self.assertEqual(spy.call_args.args[-1].persistent, bool(sizes and sizes.persistent))
     expected = jax.vjp(lambda q, k, v: reference.mha_reference(q, k, v, **ref_kwargs),
                        f32(q), f32(k), f32(v))[1](f32(do))
     for what, got, want in zip(("dq", "dk", "dv"), grads, expected):
@@ -88,7 +94,8 @@ class MosaicGpuBackwardTest(parameterized.TestCase):
       chex.assert_trees_all_close(f32(got), want, atol=2e-2, rtol=1e-2, custom_message=what)
 
   @parameterized.named_parameters(
-      (f"{name=}", name) for name in ("causal_gqa_odd", "document_gqa", "tree_tiles"))
+      (f"{name=}", name) for name in ("causal_gqa_odd", "document_gqa", "tree_tiles",
+                                      "persistent_gqa"))
   def test_gradients(self, name):
     self._check(name)
 
