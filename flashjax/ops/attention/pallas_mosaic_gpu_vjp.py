@@ -21,8 +21,8 @@ wgmma-layout iotas and TMA-staged ids, stored tiles as 0 / -inf addends, key bou
 Only head dims <= 128 (padded): at 256, dK and dV accumulators alone would take 256
 registers per thread of a 64-row warpgroup. Larger heads keep pallas_triton's backward
 (pallas_mosaic_gpu.py picks). Shared memory always fits: at D = 128 with 2-stage rings the
-dQ kernel takes at most ~135 KiB (128-row query block, stored tiles) and the dK/dV kernel
-~165 KiB (128-key block, stored tiles), under the 227 KiB of an SM.
+dQ kernel (128-row query block) and the dK/dV kernel (128-key block) each take at most
+~161 KiB with stored tiles and segment ids, under the 227 KiB of an SM.
 
 Interpret mode (CPU): the Mosaic GPU interpreter has no transposed SMEM views and no
 register wgmma operands, so the transposed operands (K^T, V^T; Q^T, dO^T) come from XLA
