@@ -68,6 +68,7 @@ import numpy as np
 
 from flashjax import masks as masks_lib
 from flashjax.masks.block_mask import EMPTY, BlockMask
+from flashjax.ops.attention import configs
 from flashjax.ops.attention.configs import BlockSizes
 
 ENV_ENABLE = "FLASHJAX_AUTOTUNE"
@@ -88,10 +89,6 @@ _MAX_ERROR_CHARS = 400
 _disabled = contextvars.ContextVar("flashjax_autotune_disabled", default=False)
 
 
-def _pow2_ceil(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
-
-
 # ----------------------------------------------------------------------------------------
 # Keys.
 
@@ -101,7 +98,7 @@ def bucket_length(n: int) -> int:
   if not isinstance(n, (int, np.integer)) or n < 1:
     raise ValueError(f"sequence length {n=} must be a positive int")
   lo, hi = LENGTH_RANGE
-  return min(hi, max(lo, _pow2_ceil(int(n))))
+  return min(hi, max(lo, configs.pow2_ceil(int(n))))
 
 
 def bucket_density(density: float | None) -> float | None:
@@ -119,7 +116,7 @@ def padded_head_dim(head_dim: int) -> int:
   """D as the Pallas kernels pad it: the next power of two, at least 16."""
   if not isinstance(head_dim, (int, np.integer)) or head_dim < 1:
     raise ValueError(f"{head_dim=} must be a positive int")
-  return max(16, _pow2_ceil(int(head_dim)))
+  return configs.padded_head_dim(int(head_dim))
 
 
 def make_key(backend: str, *, device_kind: str, dtype: Any, head_dim: int, q_len: int,

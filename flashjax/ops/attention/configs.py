@@ -9,6 +9,16 @@ def _is_pow2(x: int) -> bool:
   return x > 0 and (x & (x - 1)) == 0
 
 
+def pow2_ceil(n: int) -> int:
+  """The smallest power of two >= n (1 for n <= 1)."""
+  return 1 << max(0, n - 1).bit_length()
+
+
+def padded_head_dim(head_dim: int) -> int:
+  """D as the Pallas attention kernels pad it: the next power of two, at least 16."""
+  return max(16, pow2_ceil(head_dim))
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile sizes and launch parameters of a blocked attention kernel.

@@ -67,7 +67,7 @@ from flashjax.masks.block_mask import BlockMask
 from flashjax.ops.attention import autotune
 from flashjax.ops.attention import pallas_mosaic_gpu_vjp as mosaic_vjp
 from flashjax.ops.attention import pallas_triton as triton_backend
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.configs import BlockSizes, padded_head_dim, pow2_ceil
 
 _LOG2E = math.log2(math.e)
 _MAX_HEAD_DIM = 256
@@ -85,10 +85,8 @@ _triton_attention_bwd = triton_backend._attention_bwd
 _block_masks = triton_backend._block_masks
 _check_block_mask = triton_backend._check_block_mask
 _triton_check_inputs = triton_backend._check_inputs
-_head_dim_padded = triton_backend._head_dim_padded
 _launch_params = triton_backend._launch_params
 _pad_to = triton_backend._pad_to
-_pow2_ceil = triton_backend._pow2_ceil
 # pylint: enable=protected-access
 
 
@@ -109,8 +107,8 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
   del q_len
   if interpret:
     return BlockSizes(_WGMMA_M, _MIN_BLOCK_KV)
-  block_kv = 128 if _head_dim_padded(head_dim) <= 128 else 64
-  block_kv = max(_MIN_BLOCK_KV, min(block_kv, _pow2_ceil(kv_len)))
+  block_kv = 128 if padded_head_dim(head_dim) <= 128 else 64
+  block_kv = max(_MIN_BLOCK_KV, min(block_kv, pow2_ceil(kv_len)))
   return BlockSizes(2 * _WGMMA_M, block_kv)
 
 
@@ -460,7 +458,7 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
   bq, bk, stages = layout.block_q, layout.block_kv, config.stages
   consumers = bq // _WGMMA_M
   nq, nk = -(-q_len // bq), -(-kv_len // bk)
-  dp = _head_dim_padded(head_dim)
+  dp = padded_head_dim(head_dim)
   parts = mosaic_vjp.mask_parts(bm, layout, q.dtype, nq * bq, nk * bk, backward=False)
   present = tuple(x is not None for x in parts)
   operands = [x for x in parts if x is not None]
@@ -559,13 +557,13 @@ def _mosaic_backward_masks(mask, query, key, fwd_mask: BlockMask, block_sizes, b
   64 x block_kv_bwd (default 128, two consumer warpgroups; 64 in interpret mode). A caller's
   BlockMask or an RCM-permuted one is used as is, so only a 64 x 64 one fits both kernels.
   """
-  if _head_dim_padded(query.shape[3]) > mosaic_vjp.MAX_HEAD_DIM:
+  if padded_head_dim(query.shape[3]) > mosaic_vjp.MAX_HEAD_DIM:
     return None  # dK + dV accumulators of D = 256 do not fit a warpgroup's registers
   rows = mosaic_vjp.ROWS
   if isinstance(mask, BlockMask) or fwd_mask.q_perm is not None:
     fits = (fwd_mask.block_q, fwd_mask.block_kv) == (rows, rows)
     return (fwd_mask, fwd_mask) if fits else None
-  default_kv = rows if interpret else min(2 * rows, max(rows, _pow2_ceil(key.shape[1])))
+  default_kv = rows if interpret else min(2 * rows, max(rows, pow2_ceil(key.shape[1])))
   dkdv_tiles = (block_sizes.block_q_bwd or rows, block_sizes.block_kv_bwd or default_kv)
   if dkdv_tiles[0] != rows or dkdv_tiles[1] not in (rows, 2 * rows):
     return None  # the caller's dK/dV tiles are pallas_triton's (documented)
@@ -680,7 +678,7 @@ def dot_product_attention(
                                                        block_kv_bwd=None)
     fwd_mask, _, sizes = build(block_sizes=forward_only)
     _check_tiling(sizes, fwd_mask.block_q, fwd_mask.block_kv)
-    smem = _smem_bytes(_MaskLayout.of(fwd_mask), _head_dim_padded(query.shape[3]),
+    smem = _smem_bytes(_MaskLayout.of(fwd_mask), padded_head_dim(query.shape[3]),
                        sizes.num_stages or 2, query.dtype.itemsize)
     if smem <= _SMEM_LIMIT:
       break

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from flashjax.masks.block_mask import BlockMask
 from flashjax.ops.attention import pallas_triton as triton_backend
+from flashjax.ops.attention.configs import padded_head_dim
 
 _LOG2E = math.log2(math.e)
 ROWS = 64  # rows of one consumer warpgroup (wgmma M) and the streamed tile of each kernel
@@ -56,7 +57,6 @@ INTERPRET_PROGRAMS = 3  # persistent programs in interpret mode
 # pylint: disable=protected-access
 _MaskLayout = triton_backend._MaskLayout
 _mask_operands = triton_backend._mask_operands
-_head_dim_padded = triton_backend._head_dim_padded
 _pad_to = triton_backend._pad_to
 _pad_rows = triton_backend._pad_rows
 # pylint: enable=protected-access
@@ -654,7 +654,7 @@ def dq(q, k, v, do, stats, bm: BlockMask, config: Config) -> jax.Array:
     raise ValueError(f"pallas_mosaic_gpu dQ: block_kv={bk} must be {ROWS}")
   consumers = _consumers(bq, "block_q")
   q_pad, kv_pad = -(-q_len // bq) * bq, -(-kv_len // bk) * bk
-  dp = _head_dim_padded(head_dim)
+  dp = padded_head_dim(head_dim)
   parts = mask_parts(bm, layout, q.dtype, q_pad, kv_pad, backward=False)
   present = tuple(x is not None for x in parts)
   nq = q_pad // bq
@@ -706,7 +706,7 @@ def dkdv(q, k, v, do, stats, bm: BlockMask, config: Config) -> tuple[jax.Array, 
     raise ValueError(f"pallas_mosaic_gpu dK/dV: block_q={bq} must be {ROWS}")
   consumers = _consumers(bk, "block_kv")
   q_pad, kv_pad = -(-q_len // bq) * bq, -(-kv_len // bk) * bk
-  dp = _head_dim_padded(head_dim)
+  dp = padded_head_dim(head_dim)
   parts = mask_parts(bm, layout, q.dtype, q_pad, kv_pad, backward=True)
   present = tuple(x is not None for x in parts)
   group, nk = num_heads // num_kv_heads, kv_pad // bk

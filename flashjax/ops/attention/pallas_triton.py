@@ -71,15 +71,11 @@ from flashjax.masks import builders
 from flashjax.masks.block_mask import FULL, PARTIAL, BlockMask
 from flashjax.masks.rule import Band, element_mask
 from flashjax.ops.attention import autotune
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.configs import BlockSizes, padded_head_dim, pow2_ceil
 
 _LOG2E = math.log2(math.e)
 _MAX_HEAD_DIM = 256
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _pow2_ceil(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -106,8 +102,8 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
     sizes = BlockSizes(128, 64, 64, 64)
   else:
     sizes = BlockSizes(64, 32, 32, 32)
-  fit_q = lambda b: min(b, max(16, _pow2_ceil(q_len)))
-  fit_kv = lambda b: min(b, max(16, _pow2_ceil(kv_len)))
+  fit_q = lambda b: min(b, max(16, pow2_ceil(q_len)))
+  fit_kv = lambda b: min(b, max(16, pow2_ceil(kv_len)))
   return dataclasses.replace(
       sizes, block_q=fit_q(sizes.block_q), block_kv=fit_kv(sizes.block_kv),
       block_q_bwd=fit_q(sizes.bwd_q), block_kv_bwd=fit_kv(sizes.bwd_kv))
@@ -132,7 +128,7 @@ def _launch_params(sizes: BlockSizes, head_dim: int, dkdv_tile: tuple[int, int]
   at 411 TFLOP/s with 4 warps vs 278 with 8, while dQ at the same tiling needs 8 warps
   (backward 8.0 ms vs 10.7 ms) and 64x64 dK/dV 4 warps (8.0 ms vs 13.3 ms with 8).
   """
-  dp = _head_dim_padded(head_dim)
+  dp = padded_head_dim(head_dim)
   stages = 3 if dp <= 128 else 2
   fwd = _Launch(4 if dp <= 128 else 8, stages)
   dq = _Launch(4 if dp <= 64 else 8, stages)
@@ -401,10 +397,6 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout: _MaskLayout, params: _Pa
   lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log2(row_sum))
 
 
-def _head_dim_padded(head_dim: int) -> int:
-  return max(16, _pow2_ceil(head_dim))
-
-
 def _pad_to(x: jax.Array, seq_len: int, head_dim: int) -> jax.Array:
   """Zero-pads [B, L, N, D] to [B, seq_len, N, head_dim]; no copy when already that size."""
   pads = ((0, 0), (0, seq_len - x.shape[1]), (0, 0), (0, head_dim - x.shape[3]))
@@ -433,7 +425,7 @@ def _forward(q, k, v, bm: BlockMask, params: _Params):
   layout = _MaskLayout.of(bm)
   bq, bk = layout.block_q, layout.block_kv
   nq, nk = _cdiv(q_len, bq), _cdiv(kv_len, bk)
-  dp = _head_dim_padded(head_dim)
+  dp = padded_head_dim(head_dim)
   mask_ops = _mask_operands(bm, layout, backward=False, q_pad=nq * bq, kv_pad=nk * bk)
   q_spec = _head_spec(bq, dp, num_heads)
   kv_spec = _head_spec(nk * bk, dp, num_heads, group=group, tiled=False)
@@ -564,7 +556,7 @@ def _dkdv(q, k, v, do, lse, delta, bm: BlockMask, params: _Params):
   layout = _MaskLayout.of(bm)
   bq, bk = layout.block_q, layout.block_kv
   q_pad, kv_pad = _cdiv(q_len, bq) * bq, _cdiv(kv_len, bk) * bk
-  dp = _head_dim_padded(head_dim)
+  dp = padded_head_dim(head_dim)
   kv_block = _head_spec(bk, dp, num_kv_heads)
 
   def q_group_index(j, bh):  # all rows of the `group` query heads of kv head bh % Nkv
@@ -601,7 +593,7 @@ def _dq(q, k, v, do, lse, delta, bm: BlockMask, params: _Params):
   layout = _MaskLayout.of(bm)
   bq, bk = layout.block_q, layout.block_kv
   q_pad, kv_pad = _cdiv(q_len, bq) * bq, _cdiv(kv_len, bk) * bk
-  dp = _head_dim_padded(head_dim)
+  dp = padded_head_dim(head_dim)
   q_block = _head_spec(bq, dp, num_heads)
   kv_all = _head_spec(kv_pad, dp, num_heads, group=group, tiled=False)
   stat_block = pl.BlockSpec((None, bq), lambda i, bh: (bh, i))
