@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 from jax import lax
@@ -135,49 +135,9 @@ def _smem_bytes(layout: _MaskLayout, head_dim_padded: int, stages: int, itemsize
   return total + 4096
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  """Static kernel parameters of the forward."""
-
-  scale: float
-  soft_cap: float | None
-  interpret: bool
-  stages: int = 2
-  persistent: bool = False  # one program per SM over the sorted work items (`_item_order`)
-
-
+_Config = mosaic_vjp.Config  # forward and backward share one static config
 _num_programs = mosaic_vjp.num_programs
-
-
-def _item_order(count: jax.Array, batch: int, num_heads: int) -> jax.Array:
-  """Work items of the persistent grid, longest kv list first.
-
-  Args:
-    count: [Bm, Nm, nq] int32 non-empty kv blocks per query block (Bm in {1, B}, Nm in
-      {1, Nq}).
-    batch: B.
-    num_heads: Nq.
-
-  Returns:
-    int32 [B * Nq * nq]: item ids (b * Nq + h) * nq + qi sorted by count, descending; equal
-    counts keep increasing id order (stable), so neighbouring programs share K/V in L2.
-  """
-  lengths = jnp.broadcast_to(count, (batch, num_heads, count.shape[-1])).reshape(-1)
-  return mosaic_vjp.longest_first(lengths)
-
-
-class _Item(NamedTuple):
-  """One work item's indices inside the kernel (traced scalars)."""
-
-  qi: Any        # query block
-  bh: Any        # batch * Nq + query head (row of the lse2 output)
-  batch: Any
-  head: Any
-  kv_head: Any
-  index: tuple   # (batch, head, qi) into the BlockMask lists, broadcast dims at 0
-  rule_batch: Any
-  count: Any     # slots of the item's kv list
-  n_full: Any    # FULL slots (they come first)
+_item_order = mosaic_vjp.query_item_order
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_heads: int,
@@ -212,48 +172,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
 
   wg = lax.axis_index("wg")
   bk = layout.block_kv
-  # Register layouts only exist when compiled (the interpreter has no layout_cast rule).
-  cast = plgpu.layout_cast if compiled else (lambda x, _: x)
-  wgmma_layout = plgpu.Layout.WGMMA
-  row_layout = wgmma_layout.reduce(1)  # [64] vectors indexed by query row
-  col_layout = wgmma_layout.reduce(0)  # [bk] vectors indexed by key
-
-  def item_of(qi, bh) -> _Item:
-    batch, head = lax.div(bh, num_heads), lax.rem(bh, num_heads)
-    index = (0 if layout.batch_bcast else batch, 0 if layout.head_bcast else head, qi)
-    count = parts.count[index]
-    return _Item(qi=qi, bh=bh, batch=batch, head=head, kv_head=lax.div(head, group),
-                 index=index, rule_batch=0 if layout.rule_batch_bcast else batch,
-                 count=count, n_full=parts.n_full[index] if layout.has_partial else count)
-
-  def for_each_item(fn):
-    """fn(item) for this program's work items, in the same order on every warpgroup."""
-    if order_ref is None:
-      fn(item_of(lax.axis_index("q"), lax.axis_index("bh")))
-      return
-
-    @pl.loop(lax.axis_index("p"), order_ref.shape[0], step=num_programs)
-    def _(i):
-      item = order_ref[i]
-      fn(item_of(lax.rem(item, num_q_blocks), lax.div(item, num_q_blocks)))
-
-  def iota(shape, dim):
-    if compiled:
-      return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
-    return lax.broadcasted_iota(jnp.int32, shape, dim)
-
-  def load(ref, layout):
-    return plgpu.load(ref, (), layout=layout) if compiled else ref[...]
+  # Register layouts, iotas and loads: plain jnp under the interpreter.
+  ops = mosaic_vjp.KernelOps(config.interpret)
+  wgmma_layout, row_layout, col_layout = ops.tile, ops.rows, ops.cols
 
   def kv_start(item, slot):
-    return parts.block[item.index + (slot,)] * bk
+    return item.kv_start(parts, slot, bk)
 
   def ping_pong():
     if schedule is not None:
       plgpu.barrier_arrive(schedule)
       plgpu.barrier_wait(schedule)
 
-  def produce(item: _Item):
+  def produce(item: mosaic_vjp.QueryItem):
     """TMA-loads the item's kv list into the rings, then awaits the ring's last releases."""
     @pl.loop(0, item.count)
     def _(slot):
@@ -292,7 +223,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
       plgpu.barrier_wait(k_free.at[buf])
       plgpu.barrier_wait(v_free.at[buf])
 
-  def consume(item: _Item):
+  def consume(item: mosaic_vjp.QueryItem):
     """Attends the item's 64 query rows of this warpgroup and stores output and lse2."""
     count, n_full = item.count, item.n_full
     q_start = item.qi * layout.block_q + wg * _WGMMA_M
@@ -305,7 +236,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
       plgpu.copy_gmem_to_smem(parts.q_seg.at[item.rule_batch, pl.ds(q_start, _WGMMA_M)],
                               qseg_smem.at[wg], qseg_bars.at[wg])
       plgpu.barrier_wait(qseg_bars.at[wg])
-      q_seg = load(qseg_smem.at[wg], row_layout)
+      q_seg = ops.load(qseg_smem.at[wg], row_layout)
     plgpu.barrier_wait(q_bars.at[wg])
 
     def keep_mask(slot, buf):
@@ -315,14 +246,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
       q_ids = kv_meta = None
       if meta_smem is not None:
         plgpu.barrier_wait(meta_bars.at[buf])
-        kv_meta = lax.broadcast_in_dim(load(meta_smem.at[buf], col_layout), shape, [1])
+        kv_meta = lax.broadcast_in_dim(ops.load(meta_smem.at[buf], col_layout), shape, [1])
         q_ids = lax.broadcast_in_dim(q_seg, shape, [0])
-      keep = mosaic_vjp.keep_mask(layout, iota(shape, 0) + q_start,
-                                  iota(shape, 1) + kv_start(item, slot), q_ids, kv_meta)
+      keep = mosaic_vjp.keep_mask(layout, ops.iota(shape, 0) + q_start,
+                                  ops.iota(shape, 1) + kv_start(item, slot), q_ids, kv_meta)
       tile = None
       if tile_smem is not None:
         plgpu.barrier_wait(tile_bars.at[buf])
-        tile = load(tile_smem.at[buf, pl.ds(wg * _WGMMA_M, _WGMMA_M)], wgmma_layout)
+        tile = ops.load(tile_smem.at[buf, pl.ds(wg * _WGMMA_M, _WGMMA_M)], wgmma_layout)
         tile = tile.astype(jnp.float32)
       return keep, tile
 
@@ -397,9 +328,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
       plgpu.barrier_arrive(v_free.at[buf])
       return acc, new_max, row_sum
 
-    init = (cast(jnp.zeros((_WGMMA_M, head_dim), jnp.float32), wgmma_layout),
-            cast(jnp.full((_WGMMA_M,), -jnp.inf, jnp.float32), row_layout),
-            cast(jnp.zeros((_WGMMA_M,), jnp.float32), row_layout))
+    init = (ops.zeros((_WGMMA_M, head_dim)),
+            ops.cast(jnp.full((_WGMMA_M,), -jnp.inf, jnp.float32), row_layout),
+            ops.cast(jnp.zeros((_WGMMA_M,), jnp.float32), row_layout))
 
     @pl.when(count > 0)
     def _():
@@ -423,18 +354,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
     # q_smem and lse_smem are rewritten by the next item once the stores have read them.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  @pl.when(wg == consumers)
-  def _producer():
-    if compiled:
-      plgpu.set_max_registers(40, action="decrease")
-    for_each_item(produce)
+  def per_item(fn):
+    return lambda qi, bh: fn(mosaic_vjp.query_item(qi, bh, parts, layout, num_heads, group))
 
-  @pl.when(wg < consumers)
-  def _consumer():
-    if compiled:
-      plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
-    for_each_item(consume)
-    plgpu.wait_smem_to_gmem(0)
+  mosaic_vjp.run_warpgroups(
+      consumers, config.interpret, per_item(produce), per_item(consume),
+      mosaic_vjp.for_each_item(order_ref, "q", num_q_blocks, num_programs))
 
 
 def _forward(q, k, v, bm: BlockMask, config: _Config):
@@ -461,19 +386,15 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
   dp = padded_head_dim(head_dim)
   parts = mosaic_vjp.mask_parts(bm, layout, q.dtype, nq * bq, nk * bk, backward=False)
   present = tuple(x is not None for x in parts)
-  operands = [x for x in parts if x is not None]
-  if config.persistent:
-    # Work items (query block, batch, head) longest list first; program p runs items
-    # p, p + G, p + 2G, ... of that order.
-    order = _item_order(parts.count, batch, num_heads)
-    operands.insert(0, order)
-    grid, grid_names = (_num_programs(order.shape[0], config.interpret),), ("p",)
-  else:
-    grid, grid_names = (nq, batch * num_heads), ("q", "bh")
+  # Persistent: work items (query block, batch, head) longest list first; program p runs
+  # items p, p + G, p + 2G, ... of that order.
+  order, grid, grid_names, programs = mosaic_vjp.grid_and_order(
+      config, nq, batch * num_heads, lambda: _item_order(parts.count, batch, num_heads), "q")
+  operands = order + [x for x in parts if x is not None]
   kernel = functools.partial(_forward_kernel, layout=layout, config=config,
                              num_heads=num_heads, group=num_heads // num_kv_heads,
                              head_dim=dp, consumers=consumers, stages=stages,
-                             present=present, num_q_blocks=nq, num_programs=math.prod(grid))
+                             present=present, num_q_blocks=nq, num_programs=programs)
   kernel.__name__ = "flashjax_mosaic_gpu_fwd"  # plgpu.kernel names the kernel after its body
   scratch = [
       mosaic_vjp.swizzled_smem((consumers, _WGMMA_M, dp), q.dtype),
@@ -501,18 +422,11 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
     # The interpreter cannot read a transposed SMEM view: K^T comes from XLA, P via SMEM.
     k_in = jnp.einsum("bsnd->bnds", k_in)
     scratch += [mosaic_vjp.swizzled_smem((consumers, _WGMMA_M, bk), q.dtype)]
-  out, lse = plgpu.kernel(
-      kernel,
-      out_type=[jax.ShapeDtypeStruct((batch, nq * bq, num_heads, dp), q.dtype),
-                jax.ShapeDtypeStruct((batch * num_heads, nq * bq), jnp.float32)],
-      scratch_types=scratch,
-      grid=grid,
-      grid_names=grid_names,
-      num_threads=consumers + 1,
-      thread_name="wg",
-      compiler_params=None if config.interpret else plgpu.CompilerParams(approx_math=True),
-      interpret=mosaic_vjp.interpret_params() if config.interpret else None,
-  )(_pad_to(q, nq * bq, dp), k_in, _pad_to(v, nk * bk, dp), *operands)
+  out_type = [jax.ShapeDtypeStruct((batch, nq * bq, num_heads, dp), q.dtype),
+              jax.ShapeDtypeStruct((batch * num_heads, nq * bq), jnp.float32)]
+  out, lse = mosaic_vjp.launch(kernel, out_type, scratch, grid, grid_names, consumers,
+                                 config.interpret)(
+      _pad_to(q, nq * bq, dp), k_in, _pad_to(v, nk * bk, dp), *operands)
   return out[:, :q_len, :, :head_dim], lse[:, :q_len]
 
 
@@ -585,9 +499,7 @@ def _backward_plan(mask, query, key, fwd_mask: BlockMask, block_sizes, build,
   masks = _mosaic_backward_masks(mask, query, key, fwd_mask, block_sizes, build,
                                  config.interpret)
   if masks is not None:
-    return (*masks, mosaic_vjp.Config(scale=config.scale, soft_cap=config.soft_cap,
-                                      interpret=config.interpret,
-                                      persistent=config.persistent))
+    return (*masks, dataclasses.replace(config, stages=2))
   if isinstance(mask, BlockMask) or fwd_mask.q_perm is not None:
     # One permutation for both passes: the forward's BlockMask is used as is.
     dq_mask = dkdv_mask = fwd_mask

@@ -64,7 +64,8 @@ _pad_rows = triton_backend._pad_rows
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Static parameters of the backward kernels."""
+  """Static parameters of the forward and backward kernels (stages: K/V ring depth of the
+  forward; the backward runs 2-stage rings)."""
 
   scale: float
   soft_cap: float | None
@@ -132,7 +133,7 @@ def interpret_params() -> Any:
 # ------------------------------------------------------------------- shared kernel helpers
 
 
-class _Ops:
+class KernelOps:
   """Register layouts, loads and wgmma forms, compiled or under the interpreter."""
 
   def __init__(self, interpret: bool, a_smem=None):
@@ -178,6 +179,34 @@ class _Ops:
       return plgpu.wgmma_accumulator_load(acc_ref)
 
     return acc + pl.run_scoped(run, plgpu.ACC(acc.shape, jnp.float32))
+
+
+class QueryItem(NamedTuple):
+  """One (query block, batch x query head) work item inside a kernel (traced scalars)."""
+
+  qi: Any        # query block
+  bh: Any        # batch * Nq + query head (row of lse2 / stats)
+  batch: Any
+  head: Any
+  kv_head: Any
+  index: tuple   # (batch, head, qi) into the BlockMask lists, broadcast dims at 0
+  rule_batch: Any
+  count: Any     # slots of the item's kv list
+  n_full: Any    # FULL slots (they come first)
+
+  def kv_start(self, parts: MaskParts, slot, block_kv: int):
+    """First key of list slot `slot`."""
+    return parts.block[self.index + (slot,)] * block_kv
+
+
+def query_item(qi, bh, parts: MaskParts, layout, num_heads: int, group: int) -> QueryItem:
+  """The QueryItem of query block qi of row bh = batch * Nq + head."""
+  batch, head = lax.div(bh, num_heads), lax.rem(bh, num_heads)
+  index = (0 if layout.batch_bcast else batch, 0 if layout.head_bcast else head, qi)
+  count = parts.count[index]
+  return QueryItem(qi=qi, bh=bh, batch=batch, head=head, kv_head=lax.div(head, group),
+                   index=index, rule_batch=0 if layout.rule_batch_bcast else batch,
+                   count=count, n_full=parts.n_full[index] if layout.has_partial else count)
 
 
 def keep_mask(layout, q_pos, kv_pos, q_seg, kv_meta):
@@ -245,7 +274,23 @@ def longest_first(lengths: jax.Array) -> jax.Array:
   return jnp.argsort(-lengths, stable=True).astype(jnp.int32)
 
 
-def _items(order_ref, outer_axis: str, num_outer: int, programs: int):
+def query_item_order(count: jax.Array, batch: int, num_heads: int) -> jax.Array:
+  """Query work items (forward, dQ) of a persistent grid, longest kv list first.
+
+  Args:
+    count: [Bm, Nm, nq] int32 non-empty kv blocks per query block (Bm in {1, B}, Nm in
+      {1, Nq}).
+    batch: B.
+    num_heads: Nq.
+
+  Returns:
+    int32 [B * Nq * nq]: item ids (b * Nq + h) * nq + qi sorted by count, descending; equal
+    counts keep increasing id order (stable), so neighbouring programs share K/V in L2.
+  """
+  return longest_first(jnp.broadcast_to(count, (batch, num_heads, count.shape[-1])).reshape(-1))
+
+
+def for_each_item(order_ref, outer_axis: str, num_outer: int, programs: int):
   """`run(fn)` calling fn(outer, bh) for this program's work items: its grid indices, or,
   with a persistent order (item id = bh * num_outer + outer), every `programs`-th item from
   the program index on."""
@@ -262,7 +307,7 @@ def _items(order_ref, outer_axis: str, num_outer: int, programs: int):
   return run
 
 
-def _warpgroups(consumers: int, interpret: bool, produce, consume, items) -> None:
+def run_warpgroups(consumers: int, interpret: bool, produce, consume, items) -> None:
   """produce(item) on the producer warpgroup (index `consumers`) and consume(item) on the
   consumer warpgroups, for every item; the consumers then wait for their last stores."""
   wg = lax.axis_index("wg")
@@ -322,16 +367,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Co
   wg = lax.axis_index("wg")
 
   def item_of(qi, bh):
-    batch, head = lax.div(bh, num_heads), lax.rem(bh, num_heads)
-    index = (0 if layout.batch_bcast else batch, 0 if layout.head_bcast else head, qi)
-    count = parts.count[index]
-    n_full = parts.n_full[index] if layout.has_partial else count
-    return (batch, head, lax.div(head, group), index,
-            0 if layout.rule_batch_bcast else batch, count, n_full)
+    item = query_item(qi, bh, parts, layout, num_heads, group)
+    kv_start = lambda slot: item.kv_start(parts, slot, bk)
+    return (item.batch, item.head, item.kv_head, item.index, item.rule_batch, item.count,
+            item.n_full, kv_start)
 
   def produce(qi, bh):
-    batch, _, kv_head, index, rule_batch, count, n_full = item_of(qi, bh)
-    kv_start = lambda slot: parts.block[index + (slot,)] * bk
+    batch, _, kv_head, index, rule_batch, count, n_full, kv_start = item_of(qi, bh)
 
     @pl.loop(0, count)
     def _(slot):
@@ -364,9 +406,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Co
     _drain(free, stages, count)
 
   def consume(qi, bh):
-    batch, head, _, index, rule_batch, count, n_full = item_of(qi, bh)
-    kv_start = lambda slot: parts.block[index + (slot,)] * bk
-    ops = _Ops(config.interpret, None if a_smem is None else a_smem.at[wg])
+    batch, head, _, index, rule_batch, count, n_full, kv_start = item_of(qi, bh)
+    ops = KernelOps(config.interpret, None if a_smem is None else a_smem.at[wg])
     q_start = qi * layout.block_q + wg * ROWS
     rows = pl.ds(q_start, ROWS)
     # One barrier for the consumer's row operands: Q, dO, stats (+ segment ids).
@@ -425,8 +466,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Co
     # The next item's Q lands in q_smem once this store has read it.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  _warpgroups(consumers, config.interpret, produce, consume,
-              _items(order_ref, "q", num_outer, num_programs))
+  run_warpgroups(consumers, config.interpret, produce, consume,
+              for_each_item(order_ref, "q", num_outer, num_programs))
 
 
 # ------------------------------------------------------------------------------ dK / dV
@@ -520,7 +561,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
 
   def consume(kj, bh):
     batch, kv_head, rule_batch, _, head_count, head_n_full, q_start = item_of(kj, bh)
-    ops = _Ops(config.interpret, None if a_smem is None else a_smem.at[wg])
+    ops = KernelOps(config.interpret, None if a_smem is None else a_smem.at[wg])
     kv_start = kj * layout.block_kv + wg * ROWS
     rows = pl.ds(kv_start, ROWS)
     plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[wg], row_bars.at[3 * wg])
@@ -588,8 +629,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
     # The next item's K and V land in k_smem / v_smem once these stores have read them.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  _warpgroups(consumers, config.interpret, produce, consume,
-              _items(order_ref, "kv", num_outer, num_programs))
+  run_warpgroups(consumers, config.interpret, produce, consume,
+              for_each_item(order_ref, "kv", num_outer, num_programs))
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -602,13 +643,14 @@ def _consumers(rows: int, what: str) -> int:
   return rows // ROWS
 
 
-def _grid(config: Config, num_outer: int, num_bh: int, lengths, outer_name: str):
+def grid_and_order(config: Config, num_outer: int, num_bh: int, order, outer_name: str):
   """(order operands, grid, grid names, programs): one program per (outer block, bh), or,
-  persistent, `num_programs` programs over the items sorted by `lengths()` [items]."""
+  persistent, `num_programs` programs over the items in the order `order()` returns
+  (int32 [num_outer * num_bh] item ids bh * num_outer + outer)."""
   if not config.persistent:
     return [], (num_outer, num_bh), (outer_name, "bh"), 1
   programs = num_programs(num_outer * num_bh, config.interpret)
-  return [longest_first(lengths())], (programs,), ("p",), programs
+  return [order()], (programs,), ("p",), programs
 
 
 def _interpret_extras(config: Config, a, b, tile: int, scratch: list, consumers: int) -> list:
@@ -625,13 +667,13 @@ def _interpret_extras(config: Config, a, b, tile: int, scratch: list, consumers:
   return [jnp.einsum("blnd->bndl", a), jnp.einsum("blnd->bndl", b)]
 
 
-def _launch(kernel, out_type, scratch, grid, grid_names, consumers: int, config: Config):
+def launch(kernel, out_type, scratch, grid, grid_names, consumers: int, interpret: bool):
   """plgpu.kernel with one producer and `consumers` consumer warpgroups."""
   return plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
       num_threads=consumers + 1, thread_name="wg",
-      compiler_params=None if config.interpret else plgpu.CompilerParams(approx_math=True),
-      interpret=interpret_params() if config.interpret else None)
+      compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
+      interpret=interpret_params() if interpret else None)
 
 
 def dq(q, k, v, do, stats, bm: BlockMask, config: Config) -> jax.Array:
@@ -658,9 +700,9 @@ def dq(q, k, v, do, stats, bm: BlockMask, config: Config) -> jax.Array:
   parts = mask_parts(bm, layout, q.dtype, q_pad, kv_pad, backward=False)
   present = tuple(x is not None for x in parts)
   nq = q_pad // bq
-  order, grid, grid_names, programs = _grid(
-      config, nq, batch * num_heads,
-      lambda: jnp.broadcast_to(parts.count, (batch, num_heads, nq)).reshape(-1), "q")
+  order, grid, grid_names, programs = grid_and_order(
+      config, nq, batch * num_heads, lambda: query_item_order(parts.count, batch, num_heads),
+      "q")
   kernel = functools.partial(_dq_kernel, layout=layout, config=config, num_heads=num_heads,
                              group=num_heads // num_kv_heads, head_dim=dp,
                              consumers=consumers, present=present, num_outer=nq,
@@ -688,8 +730,8 @@ def dq(q, k, v, do, stats, bm: BlockMask, config: Config) -> jax.Array:
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
   kp, vp = _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp)
   extra = _interpret_extras(config, kp, vp, bk, scratch, consumers)
-  out = _launch(kernel, jax.ShapeDtypeStruct((batch, q_pad, num_heads, dp), dtype), scratch,
-                grid, grid_names, consumers, config)(
+  out = launch(kernel, jax.ShapeDtypeStruct((batch, q_pad, num_heads, dp), dtype), scratch,
+                grid, grid_names, consumers, config.interpret)(
       _pad_to(q, q_pad, dp), kp, vp, _pad_to(do, q_pad, dp), _pad_stats(stats, q_pad),
       *order, *extra, *(x for x in parts if x is not None))
   return out[:, :q_len, :, :head_dim]
@@ -715,7 +757,8 @@ def dkdv(q, k, v, do, stats, bm: BlockMask, config: Config) -> tuple[jax.Array, 
     counts = jnp.broadcast_to(parts.count, (batch, num_heads, nk))
     return counts.reshape(batch * num_kv_heads, group, nk).sum(axis=1).reshape(-1)
 
-  order, grid, grid_names, programs = _grid(config, nk, batch * num_kv_heads, lengths, "kv")
+  order, grid, grid_names, programs = grid_and_order(
+      config, nk, batch * num_kv_heads, lambda: longest_first(lengths()), "kv")
   kernel = functools.partial(_dkdv_kernel, layout=layout, config=config,
                              num_kv_heads=num_kv_heads, group=group, head_dim=dp,
                              consumers=consumers, present=present, num_outer=nk,
@@ -744,7 +787,7 @@ def dkdv(q, k, v, do, stats, bm: BlockMask, config: Config) -> tuple[jax.Array, 
   qp, dop = _pad_to(q, q_pad, dp), _pad_to(do, q_pad, dp)
   extra = _interpret_extras(config, qp, dop, bq, scratch, consumers)
   out = jax.ShapeDtypeStruct((batch, kv_pad, num_kv_heads, dp), dtype)
-  dk, dv = _launch(kernel, [out, out], scratch, grid, grid_names, consumers, config)(
+  dk, dv = launch(kernel, [out, out], scratch, grid, grid_names, consumers, config.interpret)(
       qp, _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp), dop, _pad_stats(stats, q_pad),
       *order, *extra, *(x for x in parts if x is not None))
   return dk[:, :kv_len, :, :head_dim], dv[:, :kv_len, :, :head_dim]
