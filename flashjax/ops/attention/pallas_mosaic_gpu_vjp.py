@@ -24,6 +24,11 @@ registers per thread of a 64-row warpgroup. Larger heads keep pallas_triton's ba
 dQ kernel (128-row query block) and the dK/dV kernel (128-key block) each take at most
 ~161 KiB with stored tiles and segment ids, under the 227 KiB of an SM.
 
+With `Config.persistent` both kernels run min(items, SMs) programs looping over their work
+items, longest list first (as the forward). The module also holds what the forward
+(pallas_mosaic_gpu.py) shares with these kernels: Config, the mask operands, keep_mask,
+QueryItem, the work-item loop and grids, the warpgroup split, KernelOps and launch.
+
 Interpret mode (CPU): the Mosaic GPU interpreter has no transposed SMEM views and no
 register wgmma operands, so the transposed operands (K^T, V^T; Q^T, dO^T) come from XLA
 through their own rings and the register operands (dS, P^T, dS^T) go through SMEM; the
