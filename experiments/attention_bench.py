@@ -208,8 +208,8 @@ def build_mask(config: ml_collections.ConfigDict, rng: np.random.Generator) -> A
   return masks.global_tokens(t, s, config.window, global_ids)
 
 
-def _inputs(config: ml_collections.ConfigDict) -> list[tuple[jax.Array, ...]]:
-  """`input_sets` fresh (q, k, v[, dout]) tuples from config.seed."""
+def input_sets(config: ml_collections.ConfigDict) -> list[tuple[jax.Array, ...]]:
+  """config.input_sets fresh (q, k, v[, dout]) tuples from config.seed."""
   dtype = jnp.dtype(config.dtype)
   b, t, s, d = config.batch, config.q_len, config.kv_len, config.head_dim
   shapes = [(b, t, config.num_heads, d), (b, s, config.num_kv_heads, d),
@@ -225,7 +225,7 @@ def _inputs(config: ml_collections.ConfigDict) -> list[tuple[jax.Array, ...]]:
   return sets
 
 
-def _with_grads(attend):
+def with_grads(attend):
   """fn(q, k, v, dout) -> (dq, dk, dv): the backward pass after the forward."""
 
   def fwd_bwd(q, k, v, dout):
@@ -292,7 +292,7 @@ def _reference_fn(config, mask):
                                    implementation="xla_chunked"))
 
 
-def _errors(config, fn, sets, mask) -> dict[str, Any]:
+def check_errors(config, fn, sets, mask) -> dict[str, Any]:
   """Max abs errors of `fn` on the first input set against the float32 reference."""
   inputs = sets[0]
   f32 = [x.astype(jnp.float32) for x in inputs]
@@ -311,7 +311,8 @@ def _errors(config, fn, sets, mask) -> dict[str, Any]:
   return {"max_abs_err": worst, "within_tol": worst <= tol, **errors}  # NaN never passes
 
 
-def _time(config, fn, sets) -> dict[str, Any]:
+def time_point(config, fn, sets) -> dict[str, Any]:
+  """Timing metrics of `fn` over the input sets (config.timing: wall, loop or both)."""
   metrics = {}
   if config.timing in ("wall", "both"):
     metrics.update(benchmarking.time_fn(fn, warmup=config.warmup, iters=config.iters,
@@ -353,10 +354,10 @@ def _run_peer(config, mask, sets) -> dict[str, Any]:
   if isinstance(peer, third_party.TorchPeer):
     return peer.run(*_torch_case(config, peer_mask))
   attend = peer.make(peer_mask)
-  fn = attend if config.mode == "fwd" else _with_grads(attend)
-  metrics = _time(config, fn, sets)
+  fn = attend if config.mode == "fwd" else with_grads(attend)
+  metrics = time_point(config, fn, sets)
   if config.check:
-    metrics.update(_errors(config, fn, sets, mask))
+    metrics.update(check_errors(config, fn, sets, mask))
   return metrics
 
 
@@ -400,7 +401,7 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
     raise ValueError(f"{config.mode=} must be 'fwd' or 'fwd_bwd'")
   rng = np.random.default_rng(config.seed)
   mask = build_mask(config, rng)
-  sets = _inputs(config)
+  sets = input_sets(config)
   if config.implementation.startswith(PEER_PREFIX):
     if config.mask in RCM_FAMILIES:
       raise NotImplementedError(f"{config.mask=}: RCM reordering is a flashjax BlockMask; "
@@ -408,10 +409,10 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
     metrics = _run_peer(config, mask, sets)
   else:
     attend = _flashjax_fn(config, kernel_mask(config, mask))
-    fn = attend if config.mode == "fwd" else _with_grads(attend)
-    metrics = _time(config, fn, sets)
+    fn = attend if config.mode == "fwd" else with_grads(attend)
+    metrics = time_point(config, fn, sets)
     if config.check:
-      metrics.update(_errors(config, fn, sets, mask))
+      metrics.update(check_errors(config, fn, sets, mask))
 
   b, t, s = config.batch, config.q_len, config.kv_len
   density = 1.0 if mask is None else mask.density  # mean over the mask's batch and heads

@@ -1,7 +1,8 @@
 """Experiment kind "attention_tune": searches the block sizes of one attention point.
 
 For one (implementation, mask, shape) point: builds the mask and inputs as attention_bench
-does, times the backend's heuristic (`block_sizes=None`) and every candidate of
+does (its input, timing and check helpers: the same protocol and tolerances as the
+benchmark rows), times the backend's heuristic (`block_sizes=None`) and every candidate of
 `flashjax.ops.attention.autotune.candidates` (or `config.candidates`) with attention_bench's
 timing (flashjax.benchmarking), checks the winner against the float32 reference, and records
 it in a tuning file under the point's tuning key (docs/autotune.md). When the heuristic is
@@ -42,16 +43,6 @@ from experiments import attention_bench
 from flashjax.ops.attention import autotune
 from flashjax.ops.attention.configs import BlockSizes
 
-# attention_bench's input, timing and check helpers are shared on purpose (same inputs, the
-# same timing protocol and tolerances as the benchmark rows).
-# pylint: disable=protected-access
-_inputs = attention_bench._inputs
-_with_grads = attention_bench._with_grads
-_time = attention_bench._time
-_errors = attention_bench._errors
-# pylint: enable=protected-access
-
-
 def _candidates(config: ml_collections.ConfigDict) -> list[BlockSizes]:
   if config.candidates is None:
     return autotune.candidates(config.implementation, config.head_dim)
@@ -85,7 +76,7 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
   rng = np.random.default_rng(config.seed)
   mask = attention_bench.build_mask(config, rng)
   kernel_mask = attention_bench.kernel_mask(config, mask)
-  sets = _inputs(config)
+  sets = attention_bench.input_sets(config)
   interpret = attention_bench.interpret_mode(config)
   device_kind = jax.devices()[0].device_kind
   causal, density = autotune.mask_features(kernel_mask, config.q_len, config.kv_len)
@@ -100,8 +91,8 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
     attend = jax.jit(functools.partial(
         flashjax.dot_product_attention, mask=kernel_mask, implementation=implementation,
         block_sizes=sizes, interpret=interpret))
-    fn = attend if config.mode == "fwd" else _with_grads(attend)
-    timing = _time(config, fn, sets)
+    fn = attend if config.mode == "fwd" else attention_bench.with_grads(attend)
+    timing = attention_bench.time_point(config, fn, sets)
     fns[sizes] = fn
     compile_s.append(timing["compile_s"])
     return timing["median_ms"]
@@ -136,7 +127,8 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
     metrics["heuristic_error"] = heuristic_error
   if config.check:
     with autotune.disabled():
-      metrics.update(_errors(config, fns[None if winner == "heuristic" else best], sets, mask))
+      winner_fn = fns[None if winner == "heuristic" else best]
+      metrics.update(attention_bench.check_errors(config, winner_fn, sets, mask))
   passed = not config.check or metrics["within_tol"]
   path = config.tuning_file or str(autotune.user_file(device_kind))
   metrics.update(recorded=bool(config.record and passed), tuning_file=path)

@@ -12,6 +12,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from configs import tune_attention
+from experiments import attention_bench
 from experiments import attention_tune
 from experiments import launch
 from flashjax.ops.attention import autotune
@@ -65,7 +66,7 @@ class RunPointTest(absltest.TestCase):
       calls.append(fn)
       return {"median_ms": 0.5 if len(calls) == 1 else 1.0 + len(calls), "compile_s": 0.0}
 
-    with mock.patch.object(attention_tune, "_time", fake_time):
+    with mock.patch.object(attention_bench, "time_point", fake_time):
       metrics = attention_tune.run_point(config, {})
     self.assertLen(calls, 4)
     self.assertEqual((metrics["winner"], metrics["best_ms"], metrics["speedup"]),
@@ -82,7 +83,7 @@ class RunPointTest(absltest.TestCase):
     config = tune_attention.get_config("cpu")
     config.update(dict(mask="dense", q_len=64, kv_len=64, batch=1,
                        tuning_file=os.path.join(self.dir, "t.json")))
-    with mock.patch.object(attention_tune, "_errors",
+    with mock.patch.object(attention_bench, "check_errors",
                            return_value={"max_abs_err": 1.0, "within_tol": False}):
       metrics = attention_tune.run_point(config, {})
     self.assertFalse(metrics["recorded"])
