@@ -72,15 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "cpu":
     c.num_heads = 4
     c.head_dim = 32
-    c.dtype = "float32"
     c.warmup = 1
     c.iters = 3
-    c.loop_iters = 4
-    c.loop_repeats = 2
-    c.input_sets = 2
-    c.min_rotation_mb = None
-    c.torch_memory_gb = None
-    c.chunk_mb = 1.0
+    bench_decode_gpu.cpu_settings(c)
   c.sweep = bench_decode_gpu.decode_sweep(c)
   c.report = ml_collections.ConfigDict({
       "columns": ["groups", "us_per_step", "median_us_wall", "kv_tbps", "pct_of_ceiling",

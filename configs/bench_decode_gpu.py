@@ -113,6 +113,17 @@ def fast_timing(c: ml_collections.ConfigDict) -> None:
   c.check_rows = 8
 
 
+def cpu_settings(c: ml_collections.ConfigDict) -> None:
+  """Sets c's precision, timing and memory fields for tiny interpret-mode CPU runs."""
+  c.dtype = "float32"
+  c.loop_iters = 4
+  c.loop_repeats = 2
+  c.input_sets = 2
+  c.min_rotation_mb = None
+  c.torch_memory_gb = None
+  c.chunk_mb = 1.0
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The decode_bench fields at GPU settings: Nq=32, D=128, bf16, H200-sized budgets."""
   c = ml_collections.ConfigDict()

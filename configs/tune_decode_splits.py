@@ -79,13 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.kv_heads = (2,)
     c.num_heads = 4
     c.head_dim = 16
-    c.dtype = "float32"
-    c.loop_iters = 4
-    c.loop_repeats = 2
-    c.input_sets = 2
-    c.min_rotation_mb = None
-    c.torch_memory_gb = None
-    c.chunk_mb = 1.0
+    bench_decode_gpu.cpu_settings(c)
   implementations, splits, merges = zip(*_VARIANTS[arg])
   c.sweep = [{"batch": c.get_ref("batches")}, {"kv_len": c.get_ref("kv_lens")},
              {"num_kv_heads": c.get_ref("kv_heads")},
