@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import common
 from configs import bench_decode_gpu
 
 _GRIDS = {
@@ -49,6 +50,15 @@ _GRIDS = {
             "batches": (1, 4, 16), "kv_heads": (4, 2), "densities": (1.0, 0.5)},
 }
 
+VARIANTS = {
+    "gpu": common.Variant("decode, S=4096 Nq=32 D=128 bf16: pallas_triton and xla x Nkv 8 x "
+                          "density {1, .5, .25} x B {1, 8, 64, 256}: 24 points, ~75 s (H200)"),
+    "full": common.Variant("torch SDPA, pallas_triton, xla x Nkv {32, 8} x 4 densities x B 1..256: "
+                           "216 points, ~8-10 min (GPU; default on a GPU host)"),
+    "cpu": common.Variant("tiny float32 shapes, Pallas in interpret mode: 36 points "
+                          "(default on a CPU host)", cpu=True),
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Batch-size ablation config; arg "full" (default), "gpu" or "cpu" (module docstring).
@@ -59,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   Returns:
     The ConfigDict.
   """
-  arg = arg or "full"
+  arg = common.choose_variant(arg, VARIANTS, default="full")
   if arg not in _GRIDS:
     raise ValueError(f"{arg=} must be one of {sorted(_GRIDS)}")
   c = bench_decode_gpu.base_config()
@@ -83,4 +93,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 {"x": "batch", "y": "kv_tbps", "logx": True},
                 {"x": "batch", "y": "dense_equiv_tbps", "logx": True}],
   })
+  common.tag(c, arg, VARIANTS)
   return c

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import common
+
 _GRID = {
     "gpu": {"masks": ("causal", "document"), "block_qs": (64, 128),
             "block_kvs": (32, 64, 128),
@@ -100,6 +102,16 @@ def attention_base(small: bool) -> ml_collections.ConfigDict:
   c.check = True
   return c
 
+VARIANTS = {
+    "gpu": common.Variant("B=2 T=4096 N=16 D=128 bf16, causal / document: Mosaic GPU fwd and "
+                          "pallas_triton fwd, fwd_bwd over block_q x block_kv: 32 points, "
+                          "~140 s (H200)"),
+    "full": common.Variant("pallas_triton, 3 masks x 2 modes x 3 x 3 tiles: 54 points, ~4 min "
+                           "(GPU; default on a GPU host)"),
+    "cpu": common.Variant("B=1 T=128 N=2 D=32 float32, pallas_triton in interpret mode: "
+                          "24 points (default on a CPU host)", cpu=True),
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Block-size ablation config; arg "full" (default), "gpu" or "cpu" (module docstring).
@@ -110,7 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   Returns:
     The ConfigDict.
   """
-  arg = arg or "full"
+  arg = common.choose_variant(arg, VARIANTS, default="full")
   if arg not in _GRID:
     raise ValueError(f"{arg=} must be one of {sorted(_GRID)}")
   c = attention_base(small=arg == "cpu")
@@ -140,4 +152,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "plots": [{"x": "block_kv", "y": "median_ms", "logx": True, "logy": True},
                 {"x": "block_q", "y": "median_ms", "logx": True, "logy": True}],
   })
+  common.tag(c, arg, VARIANTS)
   return c

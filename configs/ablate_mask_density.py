@@ -62,6 +62,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from configs import common
 from configs import ablate_block_size
 
 _CASE_FIELDS = ("case", "mask", "block_density_target", "window", "doc_len", "medusa_heads",
@@ -121,6 +122,16 @@ def _points_axis(grid: Mapping[str, Any]) -> dict[str, list[Any]]:
   axis["implementation"] = [impl for _, impl in pairs]
   return axis
 
+VARIANTS = {
+    "gpu": common.Variant("B=1 T=8192 N=16 D=128 bf16 fwd, 14 cases on pallas_triton and "
+                          "Mosaic GPU, cuDNN and FlexAttention on a few: 34 points, ~180 s "
+                          "(H200)"),
+    "full": common.Variant("25 cases on pallas_triton, cuDNN and FlexAttention: 75 points, "
+                           "~12-13 min (GPU; default on a GPU host)"),
+    "cpu": common.Variant("B=1 T=128 N=2 D=32 float32, 13 cases on pallas_triton (interpret "
+                          "mode) and the XLA peer: 26 points (default on a CPU host)", cpu=True),
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Mask-density ablation config; arg "full" (default), "gpu" or "cpu" (module docstring).
@@ -131,7 +142,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   Returns:
     The ConfigDict.
   """
-  arg = arg or "full"
+  arg = common.choose_variant(arg, VARIANTS, default="full")
   if arg not in _GRIDS:
     raise ValueError(f"{arg=} must be one of {sorted(_GRIDS)}")
   small = arg == "cpu"
@@ -150,6 +161,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   "dense_equiv_tflops", "max_abs_err", "within_tol"],
       "plots": [{"x": "case", "y": "median_ms", "logy": True}],
   })
+  common.tag(c, arg, VARIANTS)
   return c
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import common
+
 IMPLEMENTATIONS = ("pallas_triton", "pallas_mosaic_gpu", "peer:jax_nn_cudnn", "peer:jax_nn_xla",
                    "peer:pallas_triton_mha", "peer:torch_sdpa", "peer:torch_flex")
 
@@ -41,11 +43,18 @@ _MASKED = (
     ("B1-T8k-global", 1, 8192, 128, "global", "fwd", 512, 256),
 )
 CASE_SETS = {"dense": _DENSE, "masked": _MASKED, "all": _DENSE + _MASKED}
+VARIANTS = {
+    "all": common.Variant("the 16 dense and masked cases x 7 implementations (GPU; default)"),
+    "dense": common.Variant("dense / causal forward and fwd_bwd cases only (GPU)"),
+    "masked": common.Variant("document, window, tree, dilated and global cases only (GPU)"),
+}
+# What a CPU host runs instead (this benchmark has no CPU-sized cases).
+CPU_ALTERNATIVE = "configs/quickstart.py:cpu"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Benchmark config; arg selects the case set ("all" by default, "dense", "masked")."""
-  case_set = arg or "all"
+  case_set = common.choose_variant(arg, VARIANTS, default="all")
   if case_set not in CASE_SETS:
     raise ValueError(f"{case_set=} must be one of {sorted(CASE_SETS)}")
   cases = CASE_SETS[case_set]
@@ -91,4 +100,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   "compile_s", "density", "block_density", "max_abs_err", "within_tol"],
       "plots": [{"x": "case", "y": "median_ms", "logy": True}],
   })
+  common.tag(c, case_set, VARIANTS, cpu_alternative=CPU_ALTERNATIVE)
   return c

@@ -65,6 +65,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import common
+
 IMPLEMENTATIONS = ("peer:torch_sdpa", "pallas_triton", "xla", "peer:jax_nn_cudnn",
                    "peer:jax_nn_xla", "peer:pallas_decode")
 FAST_IMPLEMENTATIONS = ("peer:torch_sdpa", "pallas_triton", "peer:jax_nn_cudnn",
@@ -75,6 +77,15 @@ GRIDS = {
     "grid": {"batches": (1, 8, 32, 64, 128, 256), "kv_lens": (1024, 4096, 16384),
              "implementations": FAST_IMPLEMENTATIONS, "fast": True},
 }
+VARIANTS = {
+    "all": common.Variant("B 1..256 x S {1k, 4k, 16k} x Nkv {32, 8} x 4 densities, 6 "
+                          "implementations: 864 points, ~30-40 min (GPU; default)"),
+    "grid": common.Variant("the same grid with one compile per point and no flashjax xla: "
+                           "720 points, ~5 min (GPU)"),
+    "core": common.Variant("S=4096, B {1, 32, 128, 256}: 192 points, ~4-5 min (GPU)"),
+}
+# What a CPU host runs instead (this benchmark has no CPU-sized grid).
+CPU_ALTERNATIVE = "configs/ablate_batch_size.py:cpu"
 KV_HEADS = (32, 8)
 DENSITIES = (1.0, 0.75, 0.5, 0.25)
 
@@ -173,7 +184,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   Returns:
     The ConfigDict.
   """
-  grid = arg or "all"
+  grid = common.choose_variant(arg, VARIANTS, default="all")
   if grid not in GRIDS:
     raise ValueError(f"{grid=} must be one of {sorted(GRIDS)}")
   c = base_config()
@@ -186,4 +197,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.kv_heads = KV_HEADS
   c.densities = DENSITIES
   c.sweep = decode_sweep(c)
+  common.tag(c, grid, VARIANTS, cpu_alternative=CPU_ALTERNATIVE)
   return c

@@ -23,6 +23,8 @@ import importlib
 import jax
 import ml_collections
 
+from configs import common
+
 # flashjax backends tried per platform (the ones whose module imports are kept).
 _BACKENDS = {
     "cpu": ("xla", "pallas_triton", "pallas_tpu"),  # Pallas in interpret mode
@@ -35,6 +37,12 @@ _PEERS = {
     "tpu": ("jax_nn_xla",),
 }
 MASKS = ("dense", "causal", "sliding_window", "document", "tree", "random_banded")
+VARIANTS = {
+    "cpu": common.Variant("B=1 T=S=512 N=4 D=64 float32, xla and the Pallas backends in "
+                          "interpret mode x 6 masks (default on a CPU host)", cpu=True),
+    "gpu": common.Variant("B=2 T=S=4096 N=16 D=128 bf16, the flashjax backends beside cuDNN, "
+                          "Pallas and torch peers x 6 masks (default on a GPU or TPU host)"),
+}
 
 
 def _importable_backends(names: tuple[str, ...]) -> tuple[str, ...]:
@@ -59,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     The ConfigDict.
   """
   platform = jax.default_backend()
-  arg = arg or ("cpu" if platform == "cpu" else "gpu")
+  arg = common.choose_variant(arg, VARIANTS, default="gpu", cpu=platform == "cpu")
   if arg not in ("cpu", "gpu"):
     raise ValueError(f"{arg=} must be 'cpu' or 'gpu'")
   small = arg == "cpu"
@@ -112,4 +120,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "plots": [{"x": "mask", "y": "median_ms", "logy": True},
                 {"x": "mask", "y": "useful_tflops"}],
   })
+  common.tag(c, arg, VARIANTS)
   return c

@@ -63,6 +63,7 @@ from typing import Any
 
 import ml_collections
 
+from configs import common
 from configs import ablate_block_size
 
 BASELINES = ("dense", "causal")
@@ -94,6 +95,15 @@ _RUNS = {
 }
 _LEFT_OUT = {"gpu": ("medusa6",), "full": (), "cpu": ()}
 
+VARIANTS = {
+    "gpu": common.Variant("11 mask cases x {N=1024 fwd, N=8192 fwd, N=8192 fwd_bwd}, B=4 32 "
+                          "heads D=64 fp16: 33 points, ~115 s (H200)"),
+    "full": common.Variant("the paper's grid, 12 cases x N 256..16384 x 2 modes: 168 points, "
+                           "~10 min (GPU; default on a GPU host)"),
+    "cpu": common.Variant("B=1 N=2 heads D=32 float32, N = 64 and 128, pallas_triton in "
+                          "interpret mode: 48 points (default on a CPU host)", cpu=True),
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Paper-reproduction config; arg "full" (default), "gpu" or "cpu" (module docstring).
@@ -104,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   Returns:
     The ConfigDict.
   """
-  arg = arg or "full"
+  arg = common.choose_variant(arg, VARIANTS, default="full")
   if arg not in _RUNS:
     raise ValueError(f"{arg=} must be one of {sorted(_RUNS)}")
   small = arg == "cpu"
@@ -131,6 +141,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   "max_abs_err", "within_tol"],
       "plots": [{"x": "q_len", "y": "median_ms", "logx": True, "logy": True}],
   })
+  common.tag(c, arg, VARIANTS)
   return c
 
 

@@ -28,10 +28,21 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import common
+
 _ARGS = ("cpu", "gpu", "gpu_throughput")
 # Attention implementations timed on GPU: flashjax's Pallas Triton kernel, cuDNN through
 # jax.nn, flashjax's XLA backend.
 _GPU_IMPLS = ("pallas_triton", "jax_nn_cudnn", "xla")
+
+VARIANTS = {
+    "cpu": common.Variant("a tiny byte-level model: throughput and a 40-step training with xla "
+                          "and pallas_triton (interpret mode) (the default)", cpu=True),
+    "gpu": common.Variant("a 35.7M-parameter model trained for a 7-minute budget on "
+                          "pallas_triton, then validation loss and samples (GPU)"),
+    "gpu_throughput": common.Variant("training-step tokens/s with pallas_triton, cuDNN and xla "
+                                     "(GPU, a few minutes)"),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   Returns:
     The ConfigDict.
   """
-  arg = arg or "cpu"
+  arg = common.choose_variant(arg, VARIANTS, default="cpu")
   if arg not in _ARGS:
     raise ValueError(f"{arg=} must be one of {_ARGS}")
   small = arg == "cpu"
@@ -121,4 +132,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   "train_time_s"],
       "plots": [{"x": "attention_impl", "y": "tokens_per_s"}],
   })
+  common.tag(c, arg, VARIANTS)
   return c

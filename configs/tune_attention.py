@@ -58,6 +58,7 @@ from typing import Any
 
 import ml_collections
 
+from configs import common
 from configs import ablate_block_size
 from experiments import report
 
@@ -73,6 +74,16 @@ _VARIANTS = {
 _CPU_CANDIDATES = ({"block_q": 32, "block_kv": 32}, {"block_q": 64, "block_kv": 32},
                    {"block_q": 32, "block_kv": 64})
 
+VARIANTS = {
+    "gpu": common.Variant("pallas_mosaic_gpu, 16 candidate tilings x 9 points (bf16 N=32; dense, "
+                          "causal, document), ~6-7 min (H200; default on a GPU host)"),
+    "gpu_triton": common.Variant("the same points on pallas_triton, 24 candidates, ~8-9 min "
+                                 "(H200)"),
+    "cpu": common.Variant("B=1 T=128 N=2 D=32 float32, pallas_triton in interpret mode, 3 "
+                          "candidates x 3 points, records to $TMPDIR only (default on a CPU "
+                          "host)", cpu=True),
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Tuning config; arg "gpu" (default), "gpu_triton" or "cpu" (module docstring).
@@ -83,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   Returns:
     The ConfigDict.
   """
-  arg = arg or "gpu"
+  arg = common.choose_variant(arg, VARIANTS, default="gpu")
   if arg not in _VARIANTS:
     raise ValueError(f"{arg=} must be one of {sorted(_VARIANTS)}")
   small = arg == "cpu"
@@ -117,6 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   "max_abs_err", "within_tol", "recorded"],
       "plots": [{"x": "mask", "y": "speedup"}],
   })
+  common.tag(c, arg, VARIANTS)
   return c
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import common
 from configs import bench_decode_gpu
 
 # (implementation, num_splits, xla_merge) per variant.
@@ -51,6 +52,14 @@ _VARIANTS = {
            + [("pallas_triton", None, True), ("peer:jax_nn_cudnn", None, False)],
     "cpu": [("pallas_triton", splits, False) for splits in (None, 2, 4)]
            + [("pallas_triton", None, True), ("peer:jax_nn_xla", None, False)],
+}
+
+VARIANTS = {
+    "gpu": common.Variant("pallas_triton decode split counts at B {1, 8} x S {1k, 4k, 16k} x Nkv "
+                          "{32, 8}, beside cuDNN: 96 points, ~70-95 s (H200; default on a GPU "
+                          "host)"),
+    "cpu": common.Variant("tiny float32 shapes, splits {None, 2, 4}, Pallas in interpret mode: "
+                          "20 points (default on a CPU host)", cpu=True),
 }
 
 
@@ -63,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   Returns:
     The ConfigDict.
   """
-  arg = arg or "gpu"
+  arg = common.choose_variant(arg, VARIANTS, default="gpu")
   if arg not in _VARIANTS:
     raise ValueError(f"{arg=} must be one of {sorted(_VARIANTS)}")
   c = bench_decode_gpu.base_config()
@@ -91,4 +100,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   "within_tol"],
       "plots": [{"x": "kv_len", "y": "us_per_step", "logx": True, "logy": True}],
   })
+  common.tag(c, arg, VARIANTS)
   return c

@@ -26,6 +26,7 @@ import importlib
 import itertools
 import json
 import os
+import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -47,12 +48,20 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file (ge
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, results, report.")
 _RETRY_FAILED = flags.DEFINE_bool("retry_failed", True,
                                   "Re-run points whose latest row has status 'error'.")
+_ALLOW_INTERPRET = flags.DEFINE_bool(
+    "allow_interpret", False,
+    "Run a GPU-sized config variant on a CPU host anyway (its Pallas kernels in interpret "
+    "mode: slow). Without it the launcher refuses and names the config's CPU variant.")
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
 # Config fields that may change between runs sharing a workdir (the sweep may grow), besides
-# the fields the sweep references.
-_MUTABLE_FIELDS = ("sweep", "report")
+# the fields the sweep references; study_variant (configs/common.py) only labels the config.
+_MUTABLE_FIELDS = ("sweep", "report", "study_variant")
+# The repository's study configs (configs/ beside experiments/).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs")
+_NOT_STUDIES = ("__init__.py", "common.py")
 
 
 def expand_sweep(sweep: Sequence[Mapping[str, Sequence[Any]]] | None) -> list[dict[str, Any]]:
@@ -261,12 +270,90 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool =
   return rows
 
 
+def list_configs(configs_dir: str = CONFIGS_DIR) -> str:
+  """One paragraph per study config of `configs_dir`: its first docstring line and variants.
+
+  A config's variants come from its module-level VARIANTS (configs/common.py); the one marked
+  cpu is what a CPU host runs without an argument.
+  """
+  if not os.path.isdir(configs_dir):
+    return f"(no configs directory at {configs_dir})"
+  lines = []
+  for name in sorted(os.listdir(configs_dir)):
+    if not name.endswith(".py") or name in _NOT_STUDIES:
+      continue
+    path = os.path.join("configs", name)
+    try:
+      module = importlib.import_module(f"configs.{name[:-3]}")
+    except Exception as e:  # a broken config must not break --help
+      lines += [f"  {path}: cannot be imported ({type(e).__name__}: {e})", ""]
+      continue
+    title = ((module.__doc__ or "").strip().splitlines() or [""])[0]
+    lines.append(f"  {path}: {title}")
+    variants = getattr(module, "VARIANTS", None)
+    if not variants:
+      lines.append("      variants: see get_config's docstring")
+    for arg, variant in (variants or {}).items():
+      lines.append(f"      :{arg}  {variant.summary}")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def usage() -> str:
+  """The module docstring followed by the list of configs and their variants."""
+  return (f"{__doc__}\nConfigs (--config=configs/FILE.py[:VARIANT]; without a variant a CPU "
+          f"host gets the :cpu one):\n\n{list_configs()}")
+
+
+class WrongPlatformError(ValueError):
+  """A config variant sized for another platform than the one JAX runs on."""
+
+
+def check_platform(config: ml_collections.ConfigDict, config_spec: str, *,
+                   allow_interpret: bool = False, cpu: bool | None = None) -> None:
+  """Refuses a GPU-sized config variant on a CPU host (configs/common.py), naming the CPU one.
+
+  Args:
+    config: the loaded study config.
+    config_spec: the --config value (FILE or FILE:ARG).
+    allow_interpret: run it anyway.
+    cpu: whether JAX runs on CPU (default: asks JAX).
+
+  Raises:
+    WrongPlatformError: the variant is sized for a GPU and JAX runs on CPU.
+  """
+  if allow_interpret:
+    return
+  from configs import common  # pylint: disable=import-outside-toplevel
+  config_file = config_spec
+  head, sep, _ = config_spec.rpartition(":")
+  if sep and head.endswith(".py"):
+    config_file = head
+  problem = common.platform_problem(config, config_file, cpu=cpu)
+  if problem:
+    raise WrongPlatformError(problem)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    check_platform(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]),
+                   allow_interpret=_ALLOW_INTERPRET.value)
+  except WrongPlatformError as e:
+    raise SystemExit(f"error: {e}") from None
   run(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
 
 
-if __name__ == "__main__":
+def run_main(argv: Sequence[str] | None = None) -> None:
+  """Command-line entry point (python -m experiments.launch, flashjax-launch)."""
+  argv = list(sys.argv if argv is None else argv)
+  if any(a in ("-h", "-?", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+    # absl prints the __main__ module's docstring as the usage text.
+    sys.modules["__main__"].__doc__ = usage()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+  run_main()

@@ -290,7 +290,7 @@ class ConfigTest(parameterized.TestCase):
       bench_decode_gpu.get_config("nope")
 
   def test_tune_splits_config(self):
-    config = tune_decode_splits.get_config()
+    config = tune_decode_splits.get_config("gpu")
     expanded = launch.expand_sweep(config.sweep)
     self.assertLen(expanded, 96)
     self.assertEqual(config.wall_timing, False)
@@ -306,7 +306,7 @@ class ConfigTest(parameterized.TestCase):
       tune_decode_splits.get_config("tpu")
 
   def test_ablation_configs(self):
-    gpu = ablate_batch_size.get_config()
+    gpu = ablate_batch_size.get_config("full")
     self.assertLen(launch.expand_sweep(gpu.sweep), 3 * 9 * 2 * 4)
     self.assertNotIn("peer:jax_nn_cudnn", gpu.implementations)
     cpu = ablate_batch_size.get_config("cpu")

@@ -183,7 +183,7 @@ class ConfigTest(parameterized.TestCase):
       _STUDIES[study].get_config("tpu")
 
   def test_reproduction_grid_is_the_papers(self):
-    config = reproduce_binblkmsk.get_config()
+    config = reproduce_binblkmsk.get_config("full")
     runs = set(zip(config.seq_lens, config.modes, config.checks))
     self.assertEqual(runs, {(256 * 2**i, mode, i <= 3) for i in range(7)
                             for mode in ("fwd", "fwd_bwd")})
