@@ -1,0 +1,30 @@
+"""tests/conftest.py: CPU by default, JAX's own platform when `-m gpu` asks for GPU tests."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from tests import conftest
+
+
+class PlatformSelectionTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ("gpu", True), ("gpu and not slow", True), ("gpu or slow", True), ("(gpu)", True),
+      ("not slow", False), ("not gpu", False), ("slow", False), ("", False), (None, False),
+      ("not slow and not gpu", False))
+  def test_selects_gpu_tests(self, markexpr, expected):
+    self.assertEqual(conftest.selects_gpu_tests(markexpr), expected)
+
+  def test_platforms(self):
+    self.assertEqual(conftest.jax_platforms("not slow", {}), "cpu")  # default CI run
+    self.assertIsNone(conftest.jax_platforms("gpu", {}))  # JAX picks the GPU if present
+    self.assertEqual(conftest.jax_platforms("gpu", {"JAX_PLATFORMS": "cpu"}), "cpu")
+    self.assertEqual(conftest.jax_platforms("not slow", {"JAX_PLATFORMS": "cuda"}), "cuda")
+
+  def test_this_run_is_on_cpu(self):
+    import jax  # pylint: disable=import-outside-toplevel
+    self.assertEqual(jax.default_backend(), "cpu")
+
+
+if __name__ == "__main__":
+  absltest.main()
