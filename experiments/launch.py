@@ -265,7 +265,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool =
     bar.update()
   bar.close()
   rows = [latest[point_key(p)] for p in points if point_key(p) in latest]
-  print(report.format_table(rows, report.table_columns(config_json, rows)))
+  print(report.format_table(rows, report.table_columns(config_json, rows), config_json))
   report.render(workdir, config_json)
   return rows
 

@@ -9,6 +9,12 @@ optional `report` field (read from DIR/config.json when run standalone):
   report.plots    list of {"x": point field, "y": metric, "logy": bool, "logx": bool};
                   one PNG per entry, one series per combination of the other point fields
                   that vary. Default: the first table metric against the first sweep field.
+
+The table shows each point's `shape` (batch, lengths, heads, head dim, dtype from the config
+with the point's fields applied) and, beside every median timing column that has a spread in
+the rows (`median_ms` with `p10_ms` / `p90_ms`, `us_per_step` with the p10 / p90 of its
+`step_timing`), a `[p10, p90]` column, so that load noise is not read as a gap. Plots give
+every series its own colour and marker and put the legend to the right of the axes.
 """
 
 from __future__ import annotations
@@ -60,13 +66,58 @@ def latest_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
   return list(latest.values())
 
 
-def flatten(row: Mapping[str, Any]) -> dict[str, Any]:
-  """Point fields, status, error and metrics of a row in one flat dict."""
+# Config fields that make up a point's shape, with their labels in the `shape` column.
+SHAPE_FIELDS = (("batch", "B"), ("q_len", "T"), ("seq_len", "T"), ("kv_len", "S"),
+                ("num_heads", "Nq"), ("num_kv_heads", "Nkv"), ("head_dim", "D"), ("dtype", ""))
+SHAPE_COLUMN = "shape"
+SPREAD_SUFFIX = " [p10, p90]"
+_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def shape_of(config: Mapping[str, Any] | None, point: Mapping[str, Any]) -> str:
+  """The shape a point ran at, e.g. "B=2 T=4096 S=4096 Nq=16 Nkv=16 D=128 bf16"."""
+  values = {**{name: (config or {}).get(name) for name, _ in SHAPE_FIELDS}, **point}
+  parts = []
+  for name, label in SHAPE_FIELDS:
+    value = values.get(name)
+    if value is None or isinstance(value, (list, dict)):
+      continue
+    parts.append(f"{label}={value}" if label else _DTYPES.get(str(value), str(value)))
+  return " ".join(parts)
+
+
+def spread_of(metric: str, flat: Mapping[str, Any]) -> tuple[Any, Any] | None:
+  """(p10, p90) of a median timing metric in a flat row, or None when it has none."""
+  if metric.startswith("median"):
+    names = metric.replace("median", "p10", 1), metric.replace("median", "p90", 1)
+  elif metric == "us_per_step" and flat.get("step_timing"):
+    names = f"p10_us_{flat['step_timing']}", f"p90_us_{flat['step_timing']}"
+  else:
+    return None
+  low, high = (flat.get(n) for n in names)
+  return (low, high) if _is_number(low) and _is_number(high) else None
+
+
+def flatten(row: Mapping[str, Any], config: Mapping[str, Any] | None = None
+            ) -> dict[str, Any]:
+  """Point fields, status, error and metrics of a row in one flat dict.
+
+  With `config`, also the row's `shape` (shape_of) when it has one, and `<metric> [p10,
+  p90]` for every median timing metric with a spread (spread_of).
+  """
   flat = dict(row.get("metrics") or {})
   flat.update(row["point"])
   flat["status"] = row["status"]
   if row.get("error"):
     flat["error"] = row["error"]
+  if config is not None:
+    shape = shape_of(config, row["point"])
+    if shape:
+      flat[SHAPE_COLUMN] = shape
+    for metric in list(row.get("metrics") or {}):
+      spread = spread_of(metric, flat)
+      if spread:
+        flat[metric + SPREAD_SUFFIX] = f"[{_cell(spread[0], 12)}, {_cell(spread[1], 12)}]"
   return flat
 
 
@@ -79,12 +130,27 @@ def _first_seen(dicts: Iterable[Mapping[str, Any]]) -> list[str]:
 
 def table_columns(config: Mapping[str, Any] | None, rows: Sequence[Mapping[str, Any]]
                   ) -> list[str]:
-  """Point fields, status, the configured (or all) metrics, and error when any failed."""
+  """Point fields, shape, status, the configured (or all) metrics, and error when any failed.
+
+  The shape column and the `[p10, p90]` column beside each median timing metric need the
+  config (None leaves them out; {} gives the spreads and the shapes the points carry).
+  """
   point_fields = _first_seen(r["point"] for r in rows)
   metrics = ((config or {}).get("report") or {}).get("columns")
   if metrics is None:
     metrics = _first_seen(r.get("metrics") or {} for r in rows)
-  columns = point_fields + ["status"] + [m for m in metrics if m not in point_fields]
+  columns = list(point_fields)
+  if config is not None and any(shape_of(config, r["point"]) for r in rows):
+    columns.append(SHAPE_COLUMN)
+  columns.append("status")
+  flat = [flatten(r, config or {}) for r in rows] if config is not None else []
+  for metric in metrics:
+    if metric in point_fields or metric in columns:
+      continue
+    columns.append(metric)
+    spread = metric + SPREAD_SUFFIX
+    if spread not in metrics and any(spread in f for f in flat):
+      columns.append(spread)  # beside its median
   if any(r.get("error") for r in rows):
     columns.append("error")
   return columns
@@ -103,13 +169,22 @@ def _cell(value: Any, width: int = 80) -> str:
   return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
-                 ) -> str:
-  """Markdown table of rows (results.jsonl rows); columns default to `table_columns`."""
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+                 config: Mapping[str, Any] | None = None) -> str:
+  """Markdown table of rows (results.jsonl rows).
+
+  Args:
+    rows: results rows.
+    columns: the columns; default `table_columns(config, rows)`.
+    config: the study config (for the shape and spread columns); None: the rows only.
+
+  Returns:
+    The table's markdown.
+  """
   if not rows:
     return "(no results)"
-  columns = list(columns or table_columns(None, rows))
-  flat = [flatten(r) for r in rows]
+  columns = list(columns or table_columns(config, rows))
+  flat = [flatten(r, config if config is not None else {}) for r in rows]
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(_cell(f.get(c)) for c in columns) + " |" for f in flat]
   return "\n".join(lines)
@@ -131,17 +206,31 @@ def default_plots(config: Mapping[str, Any] | None, rows: Sequence[Mapping[str, 
   return [{"x": point_fields[0], "y": numeric[0]}]
 
 
-def plot(rows: Sequence[Mapping[str, Any]], spec: Mapping[str, Any], path: str) -> bool:
-  """Draws metric spec["y"] against point field spec["x"]; False when nothing to draw.
+# Series styles: colour i % 10 and marker i % 9 (coprime counts), so the first 90 series
+# all differ in their (colour, marker) pair and neighbours differ in both.
+_COLORS = tuple(f"C{i}" for i in range(10))
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+_HATCHES = ("", "//", "..", "xx", "\\\\", "++", "oo", "--", "**")
+
+
+def series_style(i: int) -> dict[str, str]:
+  """Colour, marker and bar hatch of the i-th series of a plot."""
+  return {"color": _COLORS[i % len(_COLORS)], "marker": _MARKERS[i % len(_MARKERS)],
+          "hatch": _HATCHES[i % len(_HATCHES)]}
+
+
+def figure(rows: Sequence[Mapping[str, Any]], spec: Mapping[str, Any]) -> Figure | None:
+  """The figure of metric spec["y"] against point field spec["x"]; None when nothing to draw.
 
   Numeric x gives lines, other x grouped bars; one series per combination of the other
-  point fields that vary among the plotted rows.
+  point fields that vary among the plotted rows, each with its own colour and marker (bars:
+  colour and hatch); the legend sits to the right of the axes, outside the data.
   """
   x, y = spec["x"], spec["y"]
   flat = [flatten(r) for r in rows if r["status"] == "ok"]
   flat = [f for f in flat if x in f and _is_number(f.get(y))]
   if not flat:
-    return False
+    return None
   others = [k for k in _first_seen(r["point"] for r in rows)
             if k != x and len({json.dumps(f.get(k)) for f in flat}) > 1]
   series: dict[str, list[tuple[Any, float]]] = {}
@@ -151,15 +240,19 @@ def plot(rows: Sequence[Mapping[str, Any]], spec: Mapping[str, Any], path: str) 
   fig = Figure(figsize=(8, 4.5))
   ax = fig.subplots()
   if all(_is_number(f[x]) for f in flat):
-    for label, pts in series.items():
+    for i, (label, pts) in enumerate(series.items()):
       pts.sort()
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or None)
+      style = series_style(i)
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], color=style["color"],
+              marker=style["marker"], label=label or None)
   else:
     categories = list(dict.fromkeys(_cell(f[x]) for f in flat))
     width = 0.8 / len(series)
     for i, (label, pts) in enumerate(series.items()):
       pos = [categories.index(_cell(p[0])) + (i - (len(series) - 1) / 2) * width for p in pts]
-      ax.bar(pos, [p[1] for p in pts], width=width, label=label or None)
+      style = series_style(i)
+      ax.bar(pos, [p[1] for p in pts], width=width, color=style["color"],
+             hatch=style["hatch"], edgecolor="black", linewidth=0.3, label=label or None)
     ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right")
   ax.set_xlabel(x)
   ax.set_ylabel(y)
@@ -168,11 +261,19 @@ def plot(rows: Sequence[Mapping[str, Any]], spec: Mapping[str, Any], path: str) 
   if spec.get("logx"):
     ax.set_xscale("log")
   if any(series):
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              borderaxespad=0.0, ncols=1 if len(series) <= 20 else 2)
   ax.grid(alpha=0.3)
   ax.set_title(f"{y} vs {x}")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  return fig
+
+
+def plot(rows: Sequence[Mapping[str, Any]], spec: Mapping[str, Any], path: str) -> bool:
+  """Writes `figure(rows, spec)` to `path` (PNG); False when nothing to draw."""
+  fig = figure(rows, spec)
+  if fig is None:
+    return False
+  fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps the outside legend
   return True
 
 
@@ -206,7 +307,8 @@ def render(workdir: str, config: Mapping[str, Any] | None = None) -> str:
                      for s in dict.fromkeys(r["status"] for r in rows))
   lines = [f"# {config.get('experiment', 'study')} report", "",
            f"{len(rows)} points: {counts or 'none'}.", ""]
-  lines += _environment_lines(rows) + ["", format_table(rows, table_columns(config, rows)), ""]
+  lines += _environment_lines(rows) + ["", format_table(rows, table_columns(config, rows),
+                                                       config), ""]
   specs = ((config.get("report") or {}).get("plots")) or default_plots(config, rows)
   for spec in specs:
     name = f"{spec['y']}_vs_{spec['x']}.png"
