@@ -46,8 +46,22 @@ def matmul_precision(dtype) -> lax.Precision:
   return lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else lax.Precision.DEFAULT
 
 
-def resolve_scale(scale: float | None, head_dim: int) -> float:
-  return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+def resolve_scale(scale: Any, head_dim: int) -> Any:
+  """1 / sqrt(head_dim) for None, a jax array (e.g. a traced scale) as is, else a float."""
+  if scale is None:
+    return 1.0 / math.sqrt(head_dim)
+  return scale if isinstance(scale, jax.Array) else float(scale)
+
+
+def residual(shift: jax.Array, denom: jax.Array, dtype) -> jax.Array:
+  """Log-sum-exp [B, T, K * G] in dtype from float32 [B, K, G, T] softmax statistics.
+
+  -inf for rows without an allowed key (denom 0); no gradient flows through it (as
+  jax.nn.dot_product_attention's residual).
+  """
+  lse = lax.stop_gradient(shift) + jnp.log(lax.stop_gradient(denom))
+  b, k, g, t = lse.shape
+  return lse.transpose(0, 3, 1, 2).reshape(b, t, k * g).astype(dtype)
 
 
 def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
@@ -213,7 +227,8 @@ def dot_product_attention(
     logits_soft_cap: float | None = None,
     block_sizes: Any = None,
     interpret: bool = False,
-) -> jax.Array:
+    return_residual: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Attention with one softmax over the full [T, S] logits (backend "xla").
 
   Args:
@@ -225,13 +240,14 @@ def dot_product_attention(
     q_segment_ids: None or int [B, T].
     kv_segment_ids: None or int [B, S].
     is_causal: allow only j <= i.
-    scale: logit scale (None: 1 / sqrt(D)).
+    scale: logit scale (None: 1 / sqrt(D)); a float or a (traced) float32 scalar.
     logits_soft_cap: None or cap > 0.
     block_sizes: ignored (no tiling).
     interpret: ignored (no Pallas).
+    return_residual: also return the log-sum-exp of the allowed logits, [B, T, Nq].
 
   Returns:
-    [B, T, Nq, D] in query's dtype.
+    [B, T, Nq, D] in query's dtype, or (that, residual in query's dtype).
   """
   del block_sizes, interpret
   b, t, nq, d = query.shape
@@ -243,9 +259,13 @@ def dot_product_attention(
                    logits_soft_cap)
   if bias is not None:
     logits = logits + _group(bias, nkv).astype(jnp.float32)
-  p = masked_exp(logits, allowed, finite_shift(masked_row_max(logits, allowed)))
-  out = safe_divide(_pv(p, value), jnp.sum(p, axis=-1))
-  return _from_grouped(out, query.dtype)
+  shift = finite_shift(masked_row_max(logits, allowed))
+  p = masked_exp(logits, allowed, shift)
+  denom = jnp.sum(p, axis=-1)
+  out = _from_grouped(safe_divide(_pv(p, value), denom), query.dtype)
+  if return_residual:
+    return out, residual(shift, denom, query.dtype)
+  return out
 
 
 def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -268,14 +288,15 @@ def dot_product_attention_chunked(
     logits_soft_cap: float | None = None,
     block_sizes: Any = None,
     interpret: bool = False,
-) -> jax.Array:
+    return_residual: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Online-softmax attention over kv chunks, one query chunk at a time ("xla_chunked").
 
   Args: as `dot_product_attention`; `block_sizes.block_q` / `.block_kv` set the chunk sizes
     (default up to DEFAULT_CHUNK each). T and S need not be chunk multiples.
 
   Returns:
-    [B, T, Nq, D] in query's dtype.
+    [B, T, Nq, D] in query's dtype, or (that, residual [B, T, Nq]) with return_residual.
   """
   del interpret
   b, t, nq, d = query.shape
@@ -324,10 +345,16 @@ def dot_product_attention_chunked(
     init = (jnp.full((b, nkv, g, cq), -jnp.inf, jnp.float32),
             jnp.zeros((b, nkv, g, cq), jnp.float32),
             jnp.zeros((b, nkv, g, cq, d), jnp.float32))
-    (_, row_sum, acc), _ = lax.scan(jax.checkpoint(kv_step), init,
-                                    jnp.arange(n_kv, dtype=jnp.int32))
-    return safe_divide(acc, row_sum)  # [B, K, G, cq, D]
+    (row_max, row_sum, acc), _ = lax.scan(jax.checkpoint(kv_step), init,
+                                          jnp.arange(n_kv, dtype=jnp.int32))
+    # [B, K, G, cq, D] and the softmax statistics [B, K, G, cq]
+    return safe_divide(acc, row_sum), finite_shift(row_max), row_sum
 
-  out = lax.map(q_chunk, jnp.arange(n_q, dtype=jnp.int32))  # [n_q, B, K, G, cq, D]
+  out, shift, denom = lax.map(q_chunk, jnp.arange(n_q, dtype=jnp.int32))  # [n_q, B, ...]
   out = out.transpose(1, 2, 3, 0, 4, 5).reshape(b, nkv, g, t_pad, d)
-  return _from_grouped(out, query.dtype)[:, :t]
+  out = _from_grouped(out, query.dtype)[:, :t]
+  if not return_residual:
+    return out
+  stats = [x.transpose(1, 2, 3, 0, 4).reshape(b, nkv, g, t_pad)[..., :t]
+           for x in (shift, denom)]
+  return out, residual(*stats, query.dtype)
