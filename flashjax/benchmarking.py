@@ -16,9 +16,9 @@ Two timers:
 Both accept several input sets (`arg_sets`) and rotate among them, so consecutive calls do not
 hit inputs that are still in the GPU's L2 cache.
 
-FLOP conventions (DESIGN.md): dense attention forward 4*B*N*T*S*D (QK^T and PV, 2 FLOPs per
-multiply-add), half of that for causal, backward 2.5x forward; "useful" FLOPs of a masked
-attention count only allowed (query, key) pairs: 4*N*D per pair.
+FLOP conventions (docs/architecture.md, "Design"): dense attention forward 4*B*N*T*S*D
+(QK^T and PV, 2 FLOPs per multiply-add), half of that for causal, backward 2.5x forward;
+"useful" FLOPs of a masked attention count only allowed (query, key) pairs: 4*N*D per pair.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-# Ceilings measured on an NVIDIA H200 (DESIGN.md): dense bf16 matmul, and achieved HBM copy
-# bandwidth (the spec sheet says 4.8 TB/s; copies reach about 4.3-4.6).
+# Ceilings measured on an NVIDIA H200 (docs/architecture.md, "Design"): dense bf16 matmul,
+# and achieved HBM copy bandwidth (the spec sheet says 4.8 TB/s; copies reach about 4.3-4.6).
 H200_BF16_MATMUL_FLOPS_PER_S = 790e12
 H200_HBM_BYTES_PER_S = 4.3e12
 H200_HBM_SPEC_BYTES_PER_S = 4.8e12
@@ -118,7 +118,7 @@ def time_fn(fn: Callable[..., Any], *args: Any, warmup: int = 3, iters: int = 20
     fn: the function to time, normally jitted (its first call then compiles).
     *args: inputs of every call (when `arg_sets` is None).
     warmup: untimed calls after the first one.
-    iters: timed calls; DESIGN.md asks for >= 20 for reported numbers.
+    iters: timed calls; reported numbers use >= 20 (docs/architecture.md, "Design").
     arg_sets: several input tuples; call i uses arg_sets[i % len(arg_sets)].
 
   Returns:
@@ -312,6 +312,27 @@ def device_ceilings(device_kind: str, dtype: Any = jnp.bfloat16) -> dict[str, fl
   if np.dtype(dtype) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
     ceilings["flops_per_s"] = H200_BF16_MATMUL_FLOPS_PER_S
   return ceilings
+
+
+@functools.cache
+def measured_copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
+  """Device-to-device copy bandwidth of the default device, bytes read + written per second.
+
+  Writes a scaled copy of a float32 buffer of `nbytes` (keep it many times the L2 cache),
+  timed call by call (time_fn; at 1 GiB a copy takes a few hundred microseconds, far above
+  dispatch), and counts 2 * nbytes per copy. Measured once per process: the ceiling that
+  memory-bound rows are reported against, on whatever device runs them.
+
+  Args:
+    nbytes: buffer size.
+    iters: timed copies.
+
+  Returns:
+    Median bytes per second.
+  """
+  source = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
+  timing = time_fn(jax.jit(lambda a: a * 1.0001), source, warmup=3, iters=iters)
+  return 2 * nbytes / timing.median_s
 
 
 @functools.cache
