@@ -3,6 +3,7 @@
 Public API:
   dot_product_attention   blocked (block-sparse) attention, jax.nn layout [B, T, N, H]
   decode_attention        one-token (head-sparse) decode attention over a KV cache
+  resolve_implementation  which backend a dot_product_attention / decode_attention call runs
   sparse_mlp              MLP over a batch-union of selected neurons (gather-GEMM)
   masks                   host-side mask library; masks.BlockMask is what kernels consume
 """
@@ -10,13 +11,14 @@ Public API:
 from flashjax import masks
 from flashjax.masks import BlockMask
 from flashjax.ops.attention.api import dot_product_attention
+from flashjax.ops.attention.api import resolve_implementation
 from flashjax.ops.decode.api import decode_attention
 from flashjax.ops.sparse_mlp.api import sparse_mlp
 
 __version__ = "0.1.0"
 
 __all__ = ["BlockMask", "decode_attention", "dot_product_attention", "layers", "masks",
-           "models", "sparse_mlp"]
+           "models", "resolve_implementation", "sparse_mlp"]
 
 
 def __getattr__(name: str):
