@@ -1,11 +1,12 @@
 r"""Ablation: decode time and KV bandwidth against batch size x head density.
 
-Polar Sparsity's claim (DESIGN.md idea 3): attention-head sparsity is per sequence and does
-not fade with the batch, so a head-sparse decode step should stay about `density` times the
-dense one at every batch size. This study measures it: flashjax decode backends, dense
-(density 1) and head-sparse (a fraction of the KV groups, random per sequence), across batch
-sizes, optionally beside the best dense peer of DESIGN.md's decode table (torch SDPA; peers
-compute every head, so they appear at density 1 only). Experiment kind: decode_bench.
+Polar Sparsity's claim (docs/architecture.md, idea 3): attention-head sparsity is per
+sequence and does not fade with the batch, so a head-sparse decode step should stay about
+`density` times the dense one at every batch size. This study measures it: flashjax decode
+backends, dense (density 1) and head-sparse (a fraction of the KV groups, random per
+sequence), across batch sizes, optionally beside the best dense peer of docs/performance.md's
+decode table (torch SDPA; peers compute every head, so they appear at density 1 only).
+Experiment kind: decode_bench.
 
 Variants (GPU: S = 4096, Nq = 32, D = 128, bf16; every point checked against the float32
 decode reference):
@@ -14,10 +15,10 @@ decode reference):
       x B {1, 8, 64, 256} = 24 in-process points. Estimated on an H200 (jax 0.11.2): ~2.5 s
       per point (two compiles, input generation, 5 timed loops of >= 50 ms, the check) and
       ~12 s of start-up and report: about 75 s (budget 90 s).
-  "full" (default): torch SDPA, pallas_triton and xla x Nkv {32, 8} x density {1, .75, .5,
-      .25} x B {1, 2, 4, ..., 256}: 216 points, 54 of them the peer below density 1 (skipped
-      at once) and 18 torch children (8-10 s each): roughly 8-10 minutes.
-  "cpu": tiny shapes, float32, Pallas in interpret mode: 36 points in about 30 s on 2 cores
+  "full" (default on a GPU host): torch SDPA, pallas_triton and xla x Nkv {32, 8} x density {1,
+      .75, .5, .25} x B {1, 2, 4, ..., 256}: 216 points, 54 of them the peer below density 1
+      (skipped at once) and 18 torch children (8-10 s each): roughly 8-10 minutes.
+  "cpu": tiny shapes, float32, Pallas in interpret mode: 36 points in about 33 s on 2 cores
       (the numbers only show that everything runs).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
@@ -61,7 +62,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Batch-size ablation config; arg "full" (default), "gpu" or "cpu" (module docstring).
+  """Batch-size ablation config; arg "full", "gpu" or "cpu"; none: "cpu" on a CPU host, else "full".
 
   Args:
     arg: "full", "gpu" or "cpu".

@@ -1,6 +1,6 @@
 r"""Ablation: attention time against the tiles (block_q, block_kv), per mask and mode.
 
-Issue 7, item 2. The forward and forward+backward time of the flashjax Pallas Triton backend
+The forward and forward+backward time of the flashjax Pallas Triton backend
 on causal and document-masked inputs at every (block_q, block_kv) of the grid; the backward
 runs at the forward tiles (BlockSizes with no backward tiles). On "gpu" the Pallas Mosaic GPU
 forward joins at its own tiles (block_q {64, 128} x block_kv {64, 128}: one or two consumer
@@ -23,10 +23,10 @@ cannot launch is an error row; every point is checked against the float32 refere
       start-up and report: about 140 s (the (implementation, mode, tiles) axis is fixed on
       this variant: `--config.block_qs` / `block_kvs` / `modes` / `implementations` apply to
       "full" and "cpu").
-  "full" (default): pallas_triton on the dense mask too and block_q 256: 3 masks x 2 modes
-      x 3 x 3 tiles = 54 points, about 4 minutes.
+  "full" (default on a GPU host): pallas_triton on the dense mask too and block_q 256: 3 masks x
+      2 modes x 3 x 3 tiles = 54 points, about 4 minutes.
   "cpu": B=1, T=S=128, N=2, D=32, float32, pallas_triton in interpret mode, 3 masks, tiles
-      {32, 64} x {32, 64}: 24 points in about 25 s on 2 cores (the numbers only show that
+      {32, 64} x {32, 64}: 24 points in about 20 s on 2 cores (the numbers only show that
       everything runs; Mosaic GPU interpret mode takes 15-30 s per call, so it is not here).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
@@ -114,7 +114,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Block-size ablation config; arg "full" (default), "gpu" or "cpu" (module docstring).
+  """Block-size ablation config; arg "full", "gpu" or "cpu"; none: "cpu" on a CPU host, else "full".
 
   Args:
     arg: "full", "gpu" or "cpu".

@@ -1,6 +1,6 @@
 r"""Ablation: attention time against mask density, per mask family, against dense kernels.
 
-Issue 7, item 3. Block skipping should make time proportional to the non-empty tiles; this
+Block skipping should make time proportional to the non-empty tiles; this
 study measures how closely, and where skipping stops paying, for each mask family: random
 whole tiles at a target block density (`random_blocks`, 128 x 128 pattern tiles on GPU, the
 sparse block of FlexAttention, so the pattern is whole tiles for both block-sparse kernels),
@@ -29,12 +29,12 @@ against the float32 reference, dense at this size):
       cuDNN point, ~25 s per FlexAttention point (a torch child process with its own
       torch.compile; measured 20-30 s), ~12 s for the two reference compiles, ~15 s of
       start-up, report and summary: about 180 s (Mosaic GPU's sparse cases run last).
-  "full" (default): 25 cases (random_blocks .02 ... .9, documents 128 / 512 / 2048, windows
-      256 / 1k / 4k, medusa 4 / 8, dilated and global 64 / 256, both banded families at
-      decay .01 / .002) on all three implementations: 75 points, about 12-13 minutes (the
-      FlexAttention children dominate).
+  "full" (default on a GPU host): 25 cases (random_blocks .02 ... .9, documents 128 / 512 /
+      2048, windows 256 / 1k / 4k, medusa 4 / 8, dilated and global 64 / 256, both banded
+      families at decay .01 / .002) on all three implementations: 75 points, about 12-13 minutes
+      (the FlexAttention children dominate).
   "cpu": B=1, T=S=128, N=2, D=32, float32, 32 x 32 tiles, 13 cases on pallas_triton
-      (interpret mode) and the XLA peer: 26 points in about 15 s on 2 cores (the numbers
+      (interpret mode) and the XLA peer: 26 points in about 11 s on 2 cores (the numbers
       only show that everything runs; Mosaic GPU interpret mode is too slow for this grid).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
@@ -134,7 +134,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Mask-density ablation config; arg "full" (default), "gpu" or "cpu" (module docstring).
+  """Mask-density ablation config; arg "full", "gpu" or "cpu"; none: "cpu" on CPU, else "full".
 
   Args:
     arg: "full", "gpu" or "cpu".

@@ -1,4 +1,4 @@
-r"""Decode benchmark on a GPU (issue 5): flashjax decode kernels against cuDNN, XLA, Pallas, torch.
+r"""Decode benchmark on a GPU: flashjax decode kernels against cuDNN, XLA, Pallas, torch.
 
 Grid: batch B in {1, 8, 32, 64, 128, 256} x cache length S in {1k, 4k, 16k} x Nkv in {32
 (MHA), 8 (GQA)} x head density in {1, .75, .5, .25}, with Nq = 32, D = 128, bf16, all lengths
@@ -15,7 +15,7 @@ below) gets the memory:
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
       --config=configs/bench_decode_gpu.py:core --workdir=/tmp/fj_decode_core
 
-"grid" (the issue's whole grid in about 5 minutes): 720 points; implementations torch SDPA
+"grid" (the whole grid in about 5 minutes): 720 points; implementations torch SDPA
 (first), pallas_triton, cuDNN, XLA (jax.nn) and jax's Pallas decode, i.e. 144 pallas_triton
 points, 4 x 36 = 144 dense peer points (36 of them torch) and 432 peer points below density
 1 skipped at once. Where "all" spends its time and what "grid" does instead:
@@ -30,7 +30,7 @@ points, 4 x 36 = 144 dense peer points (36 of them torch) and 432 peer points be
     x 5, and the wall timer's 23 calls are gone (B = 256, S = 16k, MHA: a 16 ms step);
   * check: 8 rows spread over the batch (first and last included) instead of every row,
     still on every point (torch's child checks the same rows);
-  * flashjax "xla" is left out (the issue asks for pallas_triton and the dense peers).
+  * flashjax "xla" is left out (the targets are pallas_triton and the dense peers).
 Estimate (not yet run; each row's `wall_s` will tell): about 0.7 s per in-process point
 (one compile of 0.3-0.6 s, input generation, 6 loop runs, the check) -> 252 x 0.7 = 180 s,
 torch 36 x 0.5 s + 10 s start-up = 30 s, per-shape reference and generator compiles about

@@ -1,6 +1,6 @@
 r"""Reproduction: "Efficiently Dispatching Flash Attention for Partially Filled Attention Masks".
 
-Issue 7, item 5: the mask suites of Sharma & Geiping (2024, binary block masking), run on
+The mask suites of Sharma & Geiping (2024, binary block masking), run on
 our block-skipping Pallas kernel, with speed-ups over our own kernel on a dense and on a
 causal mask (the FlashAttention baselines) for the forward and the backward pass:
 
@@ -31,10 +31,10 @@ Variants:
       H200 (jax 0.11.2): ~2.5-3.5 s per point (Triton compile of the mask's kernels, 34
       timed calls), ~6 s for the three reference compiles at N=1024 and ~15 s of start-up,
       report and table: about 115 s (budget 120 s).
-  "full" (default): the paper's grid, 12 cases x N in {256, ..., 16384} x {fwd, fwd_bwd} =
-      168 points, checked up to N = 2048: about 10 minutes.
+  "full" (default on a GPU host): the paper's grid, 12 cases x N in {256, ..., 16384} x {fwd,
+      fwd_bwd} = 168 points, checked up to N = 2048: about 10 minutes.
   "cpu": B=1, N=2 heads, D=32, float32, 32 x 32 tiles, N = 64 and 128 x both modes, all
-      checked, pallas_triton in interpret mode: 48 points in about a minute (the numbers
+      checked, pallas_triton in interpret mode: 48 points in about 55 s on 2 cores (the numbers
       only show that everything runs).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
@@ -106,7 +106,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Paper-reproduction config; arg "full" (default), "gpu" or "cpu" (module docstring).
+  """Paper-reproduction config; arg "full", "gpu" or "cpu"; none: "cpu" on a CPU host, else "full".
 
   Args:
     arg: "full", "gpu" or "cpu".

@@ -1,4 +1,4 @@
-r"""Block-size tuning of the Pallas attention forward (issue 4): search, check, record.
+r"""Block-size tuning of the Pallas attention forward: search, check, record.
 
 Experiment kind attention_tune: for every (implementation, shape, mask) point it times the
 backend's heuristic tiles and every candidate of the search space
@@ -13,19 +13,19 @@ tiles on forward + backward time instead).
 Variants (GPU: N = 32 query and KV heads, bf16; masks dense, causal and causal documents of
 mean length 512; (D, B, T = S) in {(128, 4, 4096), (128, 1, 16384), (64, 8, 2048)}):
 
-  "gpu" (default): pallas_mosaic_gpu, 16 candidates (block_q {64, 128} x block_kv {64, 128}
-      x num_stages {2, 3} x persistent {off, on}) + the heuristic per point, 9 points.
+  "gpu" (default on a GPU host): pallas_mosaic_gpu, 16 candidates (block_q {64, 128} x block_kv
+      {64, 128} x num_stages {2, 3} x persistent {off, on}) + the heuristic per point, 9 points.
       Estimate on an H200 (jax 0.11.2): 1.5-3 s per candidate (Mosaic GPU compile 1.2-2.2 s,
-      docs/results/attention_mosaic_h200_2026-11-22, plus 22 calls of at most 9 ms); 128 x
-      128 tiles with 3 stages overflow shared memory at D = 128 and fail at trace time
-      (~0 s): ~15 compiles per point, ~30 s, plus the check (5-15 s for a new shape's
-      reference): ~40 s per point, ~6-7 minutes with start-up and report.
+      docs/results/attention_mosaic_h200_2026-11-22, plus 22 calls of at most 9 ms); 128 x 128
+      tiles with 3 stages overflow shared memory at D = 128 and fail at trace time (~0 s): ~15
+      compiles per point, ~30 s, plus the check (5-15 s for a new shape's reference): ~40 s per
+      point, ~6-7 minutes with start-up and report.
   "gpu_triton": the same points on pallas_triton, 24 candidates (block_q {64, 128} x
       block_kv {32, 64, 128} x num_warps {4, 8} x num_stages {2, 3}) + the heuristic:
       ~55 s per point, ~8-9 minutes; under a 10-minute limit run it as
       `timeout 540 ...` and run the same command again (the launcher resumes the workdir).
   "cpu": B=1, T=S=128, N=2, D=32, float32, pallas_triton in interpret mode, 3 candidates
-      (32x32, 64x32, 32x64) + the heuristic, 3 masks: 3 points in ~15 s on 2 cores, recorded
+      (32x32, 64x32, 32x64) + the heuristic, 3 masks: 3 points in ~10 s on 2 cores, recorded
       in $TMPDIR/flashjax_tune_cpu/cpu.json, never in the user cache (the numbers only show
       that everything runs; interpret-mode calls never look tuning up).
 
@@ -86,7 +86,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Tuning config; arg "gpu" (default), "gpu_triton" or "cpu" (module docstring).
+  """Tuning config; arg "gpu", "gpu_triton" or "cpu"; none: "cpu" on a CPU host, else "gpu".
 
   Args:
     arg: the variant.

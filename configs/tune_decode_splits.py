@@ -1,4 +1,4 @@
-r"""Split-count tuning of pallas_triton decode at small batch (issue 5), beside cuDNN.
+r"""Split-count tuning of pallas_triton decode at small batch, beside cuDNN.
 
 At B = 1..8 a decode step reads 4 MB to 2 GB of KV and its time is mostly fixed costs
 (launches, latency), so how many programs share the cache (B x Nkv x splits) matters more
@@ -32,7 +32,7 @@ and against cuDNN. `--config.batches`, `--config.kv_lens`, `--config.kv_heads` n
 grid.
 
 CPU (`:cpu`): the same variants on tiny shapes (float32, Pallas in interpret mode, split
-counts {None, 2, 4}, jax.nn's XLA as the peer; 20 points in about 25 s on 2 cores); the
+counts {None, 2, 4}, jax.nn's XLA as the peer; 20 points in about 16 s on 2 cores); the
 numbers only show that everything runs:
 
   python -m experiments.launch --config=configs/tune_decode_splits.py:cpu \
@@ -64,7 +64,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Split tuning config; arg "gpu" (default) or "cpu" (tiny, interpret mode).
+  """Split tuning config; arg "gpu" or "cpu" (tiny, interpret mode); none: "cpu" on CPU.
 
   Args:
     arg: "gpu" or "cpu".

@@ -1,7 +1,7 @@
 """float64 numpy oracles for attention and decode, independent of flashjax's references.
 
-Masks here are built from their definitions (DESIGN.md), not from flashjax.masks, so a test
-that compares a backend against these oracles also checks the mask library.
+Masks here are built from their definitions (docs/architecture.md), not from flashjax.masks,
+so a test that compares a backend against these oracles also checks the mask library.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Brute-force numpy definitions of the masks (DESIGN.md semantics) and of tile kinds.
+"""Brute-force numpy definitions of the masks (docs/architecture.md) and of tile kinds.
 
 Everything here is written from the definitions, element by element, independently of
 flashjax.masks, so the tests compare two implementations.

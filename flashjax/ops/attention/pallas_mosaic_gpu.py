@@ -5,7 +5,7 @@ GQA, document / prefix-LM segments, sliding window, stored-tile (tree) masks, so
 D = 64 / 80 / 128 / 256, odd lengths and zero rows; `implementation=None` picks it first on
 Hopper (compute capability 9.x). Numbers: docs/performance.md; notes: docs/mosaic_gpu.md.
 
-Design (DESIGN.md ideas 1 and 2; the BlockMask lists pallas_triton consumes):
+Design (docs/architecture.md ideas 1 and 2; the BlockMask lists pallas_triton consumes):
 
 * One program per (BlockMask query block, batch * query head), three warpgroups when
   block_q = 128 (FlashAttention-3 structure): two consumers of 64 query rows each and one

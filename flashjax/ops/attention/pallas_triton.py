@@ -5,7 +5,7 @@ backward needs the forward's tile math and the custom_vjp needs both, so one fil
 imports acyclic). Entry point: `dot_product_attention`, called by `api.py` with the keyword
 arguments of docs/architecture.md "Attention backend protocol".
 
-Design (DESIGN.md ideas 1 and 2):
+Design (ideas 1 and 2 of docs/architecture.md, "Design"):
 
 * Masks reach the kernels as a `BlockMask` at the kernel tiling, built by
   `flashjax.masks.builders.block_mask_for` unless the caller passed one. The forward program
