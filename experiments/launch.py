@@ -334,14 +334,31 @@ def check_platform(config: ml_collections.ConfigDict, config_spec: str, *,
     raise WrongPlatformError(problem)
 
 
+def variant_line(config: ml_collections.ConfigDict, config_spec: str) -> str | None:
+  """The line the launcher prints about the variant it runs, or None (no variant recorded)."""
+  info = config.get("study_variant")
+  if not info:
+    return None
+  head, sep, _ = config_spec.rpartition(":")
+  chosen = not (sep and head.endswith(".py"))
+  config_file = config_spec if chosen else head
+  line = f"running {config_file}:{info.name}"
+  if chosen and info.cpu:
+    line += " (no variant given and JAX runs on CPU: the CPU variant; launch --help lists all)"
+  return line
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  spec = config_flags.get_config_filename(flags.FLAGS["config"])
   try:
-    check_platform(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]),
-                   allow_interpret=_ALLOW_INTERPRET.value)
+    check_platform(_CONFIG.value, spec, allow_interpret=_ALLOW_INTERPRET.value)
   except WrongPlatformError as e:
     raise SystemExit(f"error: {e}") from None
+  line = variant_line(_CONFIG.value, spec)
+  if line:
+    print(line, flush=True)
   run(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
 
 

@@ -62,6 +62,13 @@ class ConfigVariantsTest(parameterized.TestCase):
       launch.check_platform(gpu_config, f"{spec}:{arg}", cpu=True, allow_interpret=True)
       launch.check_platform(gpu_config, f"{spec}:{arg}", cpu=False)
 
+  def test_variant_line(self):
+    module = _module("ablate_block_size")
+    line = launch.variant_line(module.get_config("cpu"), "configs/ablate_block_size.py")
+    self.assertStartsWith(line, "running configs/ablate_block_size.py:cpu (no variant given")
+    line = launch.variant_line(module.get_config("cpu"), "configs/ablate_block_size.py:cpu")
+    self.assertEqual(line, "running configs/ablate_block_size.py:cpu")
+
   def test_accelerator_host_keeps_the_default(self):
     variants = {"gpu": common.Variant("g"), "full": common.Variant("f"),
                 "cpu": common.Variant("c", cpu=True)}
