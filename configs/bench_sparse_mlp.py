@@ -1,8 +1,9 @@
 r"""Batch-union sparse MLP benchmark: flashjax.sparse_mlp beside dense MLPs.
 
 GPU (OPT-6.7B and OPT-13B MLP shapes: d 4096 / 5120, F = 4d; B in {1, 8, 32, 64, 128, 256};
-neuron density in {0.05, 0.1, 0.25, 0.5, 1}; bf16; pallas_triton and xla sparse, dense XLA
-(cuBLAS) and torch dense at density 1; every output checked; about 5 minutes on an H100):
+neuron density in {0.05, 0.1, 0.25, 0.5, 1}; bf16; pallas_triton, dense XLA (cuBLAS) and
+torch dense at density 1, every output checked; `--config.implementations` adds "xla", the
+gather-then-dot path):
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
       --config=configs/bench_sparse_mlp.py:gpu --workdir=/tmp/fj_sparse_mlp
@@ -22,7 +23,7 @@ from configs import common
 
 VARIANTS = {
     "gpu": common.Variant("OPT-6.7B / 13B MLP shapes, B 1-256, density 0.05-1, bf16: "
-                          "pallas_triton, xla, dense XLA, torch dense (~5 min)"),
+                          "pallas_triton beside dense XLA (cuBLAS) and torch dense"),
     "tune": common.Variant("pallas_triton tile variants at OPT-6.7B, B {1, 64, 256}, "
                            "density {0.1, 0.5, 1}"),
     "cpu": common.Variant("d=128 F=512 B {1, 8} float32, xla and pallas_triton in interpret "
@@ -54,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                "num_warps", "num_stages"):
     c[name] = 0  # 0: the heuristic (flashjax.ops.sparse_mlp.block_sizes.resolve)
   if arg == "gpu":
-    c.implementations = ("pallas_triton", "xla", "dense_xla", "torch_dense")
+    c.implementations = ("pallas_triton", "dense_xla", "torch_dense")
     c.shapes = ((4096, 16384), (5120, 20480))
     c.batches = (1, 8, 32, 64, 128, 256)
     c.densities = (0.05, 0.1, 0.25, 0.5, 1.0)

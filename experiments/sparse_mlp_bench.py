@@ -140,6 +140,11 @@ def _time_jax(config: ml_collections.ConfigDict, fn, weights, xs) -> dict[str, A
           "loop_compile_s": timing.compile_s, "out": np.asarray(out.astype(jnp.float32))}
 
 
+@jax.jit
+def _jitted_reference(x, w1, w2, ids, b1, b2):
+  return reference.sparse_mlp_reference(x, w1, w2, ids, b1=b1, b2=b2, w1_layout="FD")
+
+
 def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[str, Any]:
   """Times one (implementation, shape, batch, density) point; see the module docstring.
 
@@ -156,8 +161,11 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
   k = num_selected(config.density, config.d_ff)
   rng = np.random.default_rng(config.seed)
   ids = jnp.asarray(np.sort(rng.choice(config.d_ff, k, replace=False)), jnp.int32)
+  start = time.perf_counter()
   weights = make_weights(config)
   xs = [make_x(config, i) for i in range(config.input_sets)]
+  jax.block_until_ready((weights, xs))
+  inputs_s = time.perf_counter() - start
   if impl == "torch_dense":
     metrics = _time_torch(config, weights, xs)
   else:
@@ -168,7 +176,7 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
   weight_bytes = 2 * k * config.d_model * itemsize
   seconds = metrics["median_us"] * 1e-6
   copy = benchmarking.measured_copy_bandwidth() if config.measure_copy else None
-  metrics.update(k=k, weight_mb=weight_bytes / 1e6,
+  metrics.update(inputs_s=inputs_s, k=k, weight_mb=weight_bytes / 1e6,
                  weight_tbps=weight_bytes / seconds / 1e12,
                  tflops=4 * config.batch * k * config.d_model / seconds / 1e12)
   if copy:
@@ -180,9 +188,10 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
                                        d_model=config.d_model, k=k, num_cores=cores)
     metrics["tiles"] = {name: getattr(resolved, name) for name in _BLOCK_FIELDS}
   if config.check:
-    expected = reference.sparse_mlp_reference(xs[0], weights["w1"], weights["w2"], ids,
-                                              b1=weights["b1"], b2=weights["b2"],
-                                              w1_layout="FD")
+    start = time.perf_counter()
+    expected = _jitted_reference(xs[0], weights["w1"], weights["w2"], ids, weights["b1"],
+                                 weights["b2"])
     err = float(np.max(np.abs(out - np.asarray(expected))))
+    metrics["check_s"] = time.perf_counter() - start
     metrics.update(max_abs_err=err, within_tol=err <= TOLERANCES[config.dtype])
   return metrics

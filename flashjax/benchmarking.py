@@ -318,21 +318,23 @@ def device_ceilings(device_kind: str, dtype: Any = jnp.bfloat16) -> dict[str, fl
 def measured_copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
   """Device-to-device copy bandwidth of the default device, bytes read + written per second.
 
-  Writes a scaled copy of a float32 buffer of `nbytes` (keep it many times the L2 cache),
-  timed call by call (time_fn; at 1 GiB a copy takes a few hundred microseconds, far above
-  dispatch), and counts 2 * nbytes per copy. Measured once per process: the ceiling that
-  memory-bound rows are reported against, on whatever device runs them.
+  Rewrites a float32 buffer of `nbytes` (keep it many times the L2 cache) in place, `iters`
+  times inside one jitted loop (each step reads and writes every byte once: a loop-carried
+  elementwise op that XLA can neither fuse across steps nor drop), and counts 2 * nbytes
+  per step. Measured once per process: the ceiling that memory-bound rows are reported
+  against, on whatever device runs them.
 
   Args:
     nbytes: buffer size.
-    iters: timed copies.
+    iters: steps per timed loop.
 
   Returns:
-    Median bytes per second.
+    Median bytes per second over 5 timed loops.
   """
   source = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
-  timing = time_fn(jax.jit(lambda a: a * 1.0001), source, warmup=3, iters=iters)
-  return 2 * nbytes / timing.median_s
+  loop = jax.jit(lambda a: jax.lax.fori_loop(0, iters, lambda _, b: b * 1.0001, a))
+  timing = time_fn(loop, source, warmup=1, iters=5)
+  return 2 * nbytes * iters / timing.median_s
 
 
 @functools.cache

@@ -10,8 +10,8 @@ flashjax.ops.attention.api):
 `implementation=None` tries the device's Pallas backend, then "xla" (a Hopper GPU tries
 pallas_triton: there is no Mosaic GPU sparse MLP kernel).
 
-Out-of-range ids under jit (the policy): every id outside [0, F) is replaced by -1 before
-any backend runs, and a -1 neuron contributes nothing (its hidden unit is zero); no backend
+Out-of-range ids under jit (the policy): every backend treats an id outside [0, F) (-1
+included) as "no neuron": it contributes nothing (its hidden unit is zero) and no backend
 reads outside w1 / w2. Concrete (non-traced) ids are checked instead: out-of-range or
 repeated ids raise ValueError. Repeated ids that reach a backend under jit count once per
 repetition.
@@ -156,8 +156,6 @@ def sparse_mlp(
       raise ValueError(f"neuron_indices repeats ids {values[counts > 1][:8].tolist()}; the "
                        "batch union must hold each neuron once")
   neuron_indices = jnp.asarray(neuron_indices, jnp.int32)
-  neuron_indices = jnp.where((neuron_indices >= 0) & (neuron_indices < num_neurons),
-                             neuron_indices, -1)
   if not isinstance(interpret, (bool, np.bool_)):
     raise ValueError(f"{interpret=} must be a bool")
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):

@@ -77,15 +77,16 @@ def resolve(config: BlockSizes | None, *, rows: int, d_model: int, k: int,
   block_b = config.block_b or min(128, max(16, _pow2_ceil(rows)))
   row_tiles = -(-rows // block_b)
   block_d = config.block_d or _largest_pow2_divisor(d_model, 128)
-  block_out = config.block_out or _largest_pow2_divisor(d_model, 64)
-  if config.block_k:
-    block_k = config.block_k
-  else:
-    # Largest tile that still gives ~2 programs per core, between 16 and 64 neurons.
-    block_k = 64
-    while block_k > 16 and -(-k // block_k) * row_tiles < 2 * num_cores:
-      block_k //= 2
-  block_k_fc2 = config.block_k_fc2 or min(64, max(16, _pow2_ceil(k)))
+  # Measured on an H100 (docs/sparse_mlp.md): with many neurons (k >= 2d) wide tiles stream
+  # best (64-neuron fc1 programs, 128 x 128 fc2 tiles); with few, small fc1 programs keep
+  # ~2 per core busy.
+  wide = k >= 2 * d_model
+  block_out = config.block_out or _largest_pow2_divisor(d_model, 128 if wide else 64)
+  block_k = config.block_k or 64
+  while not (config.block_k or wide) and block_k > 16 and (
+      -(-k // block_k) * row_tiles < 2 * num_cores):
+    block_k //= 2
+  block_k_fc2 = config.block_k_fc2 or min(128 if wide else 64, max(16, _pow2_ceil(k)))
   k_tiles = -(-k // block_k_fc2)
   if config.num_splits:
     num_splits = config.num_splits
@@ -94,5 +95,5 @@ def resolve(config: BlockSizes | None, *, rows: int, d_model: int, k: int,
     num_splits = max(1, min(k_tiles, -(-2 * num_cores // programs), 8))
   num_warps = config.num_warps or (8 if block_b >= 128 else 4)
   num_stages = config.num_stages or 3
-  return BlockSizes(block_k=block_k, block_k_fc2=block_k_fc2, block_d=block_d, block_out=block_out, block_b=block_b,
-                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+  return BlockSizes(block_k=block_k, block_k_fc2=block_k_fc2, block_d=block_d,
+                    block_out=block_out, block_b=block_b, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)

@@ -102,7 +102,7 @@ def _fc2_kernel(ids_ref, h_ref, b2_ref, w2_hbm, out_ref, w2_rows, acc_ref, sem, 
 
 def _forward(x, w1, w2, neuron_indices, *, b1=None, b2=None, w3=None, activation="relu",
              w1_layout="DF", block_sizes=None, interpret=False):
-  """Kernel forward; inputs validated by flashjax.sparse_mlp (ids in [0, F) or -1)."""
+  """Kernel forward; inputs validated by flashjax.sparse_mlp (traced ids outside [0, F) contribute nothing)."""
   del block_sizes  # One tile shape: block_k is the lane width.
   if w1_layout != "FD":
     raise NotImplementedError("pallas_tpu sparse_mlp needs neuron-major weights: pass w1 "
@@ -114,7 +114,10 @@ def _forward(x, w1, w2, neuron_indices, *, b1=None, b2=None, w3=None, activation
   k = neuron_indices.shape[0]
   k_pad = -(-k // _BLOCK_K) * _BLOCK_K
   rows_pad = -(-rows // _SUBLANES) * _SUBLANES
-  ids = jnp.pad(neuron_indices, (0, k_pad - k), constant_values=-1)
+  num_neurons = w2.shape[0]
+  ids = jnp.where((neuron_indices >= 0) & (neuron_indices < num_neurons), neuron_indices,
+                  -1)
+  ids = jnp.pad(ids, (0, k_pad - k), constant_values=-1)
   x_pad = jnp.pad(x, ((0, rows_pad - rows), (0, 0)))
   b1_tiles = (jnp.zeros((1, k_pad), jnp.float32) if b1 is None else
               jnp.where(ids >= 0, b1[jnp.maximum(ids, 0)], 0).astype(jnp.float32)[None])

@@ -30,7 +30,7 @@ def sparse_mlp_reference(x, w1, w2, neuron_indices, *, b1=None, b2=None, w3=None
     x: [R, d].
     w1: [d, F] ("DF") or [F, d] ("FD").
     w2: [F, d].
-    neuron_indices: int32 [k], ids in [0, F) or -1.
+    neuron_indices: int32 [k]; ids outside [0, F) (e.g. -1 padding) contribute nothing.
     b1: None or [F].
     b2: None or [d].
     w3: None or the up projection of a gated MLP, laid out as w1.
@@ -44,7 +44,7 @@ def sparse_mlp_reference(x, w1, w2, neuron_indices, *, b1=None, b2=None, w3=None
   del unused
   f32 = lambda a: a.astype(jnp.float32)
   dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
-  valid = neuron_indices >= 0
+  valid = (neuron_indices >= 0) & (neuron_indices < w2.shape[0])
   neurons = jnp.where(valid, neuron_indices, 0)
   hidden = dot(f32(x), f32(gathered_rows(w1, neurons, w1_layout)).T)
   if b1 is not None:

@@ -23,7 +23,7 @@ def sparse_mlp(x, w1, w2, neuron_indices, *, b1=None, b2=None, w3=None, activati
     x: [R, d].
     w1: [d, F] ("DF") or [F, d] ("FD"), x's dtype.
     w2: [F, d].
-    neuron_indices: int32 [k], ids in [0, F) or -1 (contributes nothing).
+    neuron_indices: int32 [k]; ids outside [0, F) contribute nothing.
     b1: None or [F].
     b2: None or [d].
     w3: None or the gated MLP's up projection, laid out as w1.
@@ -37,7 +37,7 @@ def sparse_mlp(x, w1, w2, neuron_indices, *, b1=None, b2=None, w3=None, activati
   """
   del block_sizes, interpret
   dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
-  valid = neuron_indices >= 0
+  valid = (neuron_indices >= 0) & (neuron_indices < w2.shape[0])
   neurons = jnp.where(valid, neuron_indices, 0)
   hidden = dot(x, gathered_rows(w1, neurons, w1_layout).T)
   if b1 is not None:
