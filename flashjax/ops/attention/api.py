@@ -410,15 +410,11 @@ def _resolve_scale(scale: Any, head_dim: int) -> tuple[Any, bool]:
   """(scale as a float or, when traced, a float32 scalar array; whether it is traced)."""
   if scale is None:
     return 1.0 / math.sqrt(head_dim), False
-  try:
-    float(scale)
-  except jax.errors.ConcretizationTypeError:
-    if jnp.shape(scale) != () or not jnp.issubdtype(jnp.result_type(scale), jnp.number):
-      raise ValueError(f"a traced scale must be a real scalar, got shape="
-                       f"{jnp.shape(scale)}, dtype={jnp.result_type(scale)}") from None
-    return jnp.asarray(scale, jnp.float32), True
-  except TypeError:
-    pass  # check_positive names the value
+  if _is_array(scale) and concrete(scale) is None:  # traced
+    if scale.shape != () or not jnp.issubdtype(scale.dtype, jnp.number):
+      raise ValueError(f"a traced scale must be a real scalar, got shape={scale.shape}, "
+                       f"dtype={scale.dtype}")
+    return scale.astype(jnp.float32), True
   return check_positive("scale", scale), False
 
 
