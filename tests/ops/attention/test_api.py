@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from jax.experimental import checkify
 
 import flashjax
 from flashjax import masks
@@ -250,6 +251,9 @@ def _bad_decode_cases():
        r"head_indices.dtype=float64"),
       ("scale", lambda q, k, v, n: dict(scale=0), r"scale=0.0"),
       ("implementation", lambda q, k, v, n: dict(implementation="cudnn"), r"'cudnn'"),
+      ("debug_checks", lambda q, k, v, n: dict(debug_checks=1), r"debug_checks=1"),
+      ("kv_heads", lambda q, k, v, n: dict(key_cache=k[:, :, :0], value_cache=v[:, :, :0]),
+       r"kv_heads=0"),
   ]
 
 
@@ -277,6 +281,23 @@ class TestDecodeApi(parameterized.TestCase):
     chex.assert_trees_all_close(out, oracle.decode_oracle(q, k, v, n), atol=2e-5)
     with self.assertRaisesRegex(NotImplementedError, "no"):
       flashjax.decode_attention(q, k, v, n, implementation="fake")
+
+  def test_debug_checks_report_traced_out_of_range_values(self):
+    q, k, v, _ = _decode_inputs(_rng(self))
+    fn = jax.jit(lambda n, h: flashjax.decode_attention(q, k, v, n, head_indices=h,
+                                                        debug_checks=True))
+    checked = checkify.checkify(fn, errors=checkify.user_checks)
+    err, _ = checked(jnp.array([3, S + 1]), jnp.array([[0], [1]]))
+    self.assertRegex(err.get(), r"lengths=\[ 3 41\] must lie in \[0, S_max=40\]")
+    err, _ = checked(jnp.array([3, S]), jnp.array([[0], [-2]]))
+    self.assertRegex(err.get(), r"head_indices=\[\[ 0\]\n \[-2\]\] must lie in \[0, Nkv=2\)")
+    err, out = checked(jnp.array([3, S]), jnp.array([[0], [1]]))
+    self.assertIsNone(err.get())
+    chex.assert_trees_all_close(out, oracle.decode_oracle(q, k, v, np.array([3, S]),
+                                                          head_indices=np.array([[0], [1]])),
+                                atol=2e-5)
+    with self.assertRaisesRegex(ValueError, "checkify"):  # jit refuses unchecked checks
+      fn(jnp.array([3, S]), jnp.array([[0], [1]]))
 
   def test_traced_lengths_skip_range_checks(self):
     q, k, v, n = _decode_inputs(_rng(self))

@@ -202,3 +202,32 @@ class DecodeSuite(parameterized.TestCase):
     self.assert_close(out, expected, "float32")
     eager = self.decode(q, kc, vc, jnp.asarray(lengths), head_indices=jnp.asarray(heads))
     self.assert_close(eager, expected, "float32")
+
+  def test_out_of_range_traced_values_follow_the_policy(self):
+    """Traced lengths are clamped to [0, S_max], head ids outside [0, Nkv) ignored."""
+    max_len = self.MAX_LENS[-1]
+    q, kc, vc, _ = self.inputs(3, max_len, 4, 2, self.HEAD_DIMS[0])
+    lengths = jnp.array([-3, max_len + 9, 5], jnp.int32)
+    heads = jnp.array([[-1, 1], [2, 0], [7, -4]], jnp.int32)  # row 2: no valid id
+    out = jax.jit(lambda *a: self.decode(*a[:4], head_indices=a[4]))(q, kc, vc, lengths,
+                                                                     heads)
+    expected = np.array(oracle.decode_oracle(q, kc, vc, np.array([0, max_len, 5])))
+    expected[0, :2] = expected[1, 2:] = expected[2] = 0.0  # groups not validly selected
+    self.assert_close(out, expected, "float32")
+    dense = jax.jit(self.decode)(q, kc, vc, lengths)
+    self.assert_close(dense, oracle.decode_oracle(q, kc, vc, np.array([0, max_len, 5])),
+                      "float32")
+
+  @parameterized.named_parameters(
+      {"testcase_name": f"{batch=}_{max_len=}", "batch": batch, "max_len": max_len}
+      for batch, max_len in ((2, 0), (0, 64)))
+  def test_empty_inputs(self, batch, max_len):
+    head_dim = self.HEAD_DIMS[0]
+    q = jnp.ones((batch, 4, head_dim), jnp.float32)
+    kc = vc = jnp.ones((batch, max_len, 2, head_dim), jnp.float32)
+    lengths = np.zeros(batch, np.int32)
+    heads = np.zeros((batch, 1), np.int32)
+    for fn in (self.decode, jax.jit(self.decode)):
+      out = fn(q, kc, vc, lengths)
+      chex.assert_trees_all_equal(out, jnp.zeros_like(q))
+      chex.assert_trees_all_equal(fn(q, kc, vc, lengths, head_indices=heads), out)

@@ -16,6 +16,7 @@ from flashjax.ops.decode import configs
 from flashjax.ops.decode import pallas_mosaic_gpu
 from flashjax.ops.decode import pallas_triton
 from tests import oracle
+from tests.ops.decode import decode_suite
 from tests.ops.decode import test_pallas_triton as cases
 
 _HOPPER_ORDER = ("pallas_mosaic_gpu", "pallas_triton", "xla")
@@ -69,6 +70,17 @@ class MosaicGpuDecodeAliasTest(parameterized.TestCase):
     refuse.assert_not_called()
     chex.assert_trees_all_close(np.asarray(out, np.float32), oracle.decode_oracle(*args),
                                 atol=2e-2)
+
+
+class TestMosaicGpuAliasPolicy(decode_suite.DecodeSuite):
+  """The out-of-range and empty-input cases of the suite on the alias (the rest of the suite
+  runs on pallas_triton, whose kernel the alias runs)."""
+
+  IMPLEMENTATION = "pallas_mosaic_gpu"
+  INTERPRET = True
+  SKIP_CASES = {pattern: "runs on pallas_triton (same kernel)" for pattern in (
+      "test_dense*", "test_head_sparse*", "test_lengths_edge_cases", "test_all_lengths_one",
+      "test_low_precision*", "test_scale", "test_soft_cap*", "test_traced_lengths_and_heads")}
 
 
 class DecodeBlockSizesTest(parameterized.TestCase):
