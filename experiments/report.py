@@ -285,6 +285,15 @@ def _environment_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   return lines
 
 
+def read_config(workdir: str) -> dict[str, Any]:
+  """DIR/config.json as a dict ({} when missing)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def render(workdir: str, config: Mapping[str, Any] | None = None) -> str:
   """Writes DIR/report.md and its PNG plots from DIR/results.jsonl.
 
@@ -296,11 +305,7 @@ def render(workdir: str, config: Mapping[str, Any] | None = None) -> str:
     Path of report.md.
   """
   if config is None:
-    path = os.path.join(workdir, CONFIG_FILE)
-    config = {}
-    if os.path.exists(path):
-      with open(path) as f:
-        config = json.load(f)
+    config = read_config(workdir)
   rows = latest_rows(read_rows(workdir))
   failed = [r for r in rows if r["status"] != "ok"]
   counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}"
@@ -329,7 +334,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   workdir = flags.FLAGS.workdir
-  print(format_table(latest_rows(read_rows(workdir))))
+  config = read_config(workdir)
+  rows = latest_rows(read_rows(workdir))
+  print(format_table(rows, table_columns(config, rows), config))
   print(f"wrote {render(workdir)}")
 
 
