@@ -30,7 +30,7 @@ def _grid():
     for d, f in ((64, 256), (256, 1024), (4096, 16384)):
       for k in (1, 100, f):
         for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
-          if d == 4096 and (rows in (7, 256) or dtype == jnp.float16):
+          if d == 4096 and (rows in (7, 256) or dtype != jnp.bfloat16 or k == 100):
             continue  # the float64 oracle of the large shape is slow: a few cases only
           bias = (rows + k) % 2 == 0
           layout = "FD" if (rows + d) % 3 else "DF"
