@@ -16,6 +16,8 @@ Precision.HIGHEST, low-precision inputs at the default precision with float32
 accumulation); probabilities are cast to the value dtype for the P @ V product, which is
 normalised afterwards. Rows with no allowed key output zeros with zero gradients: masked
 logits never reach `exp` (double `where`) and the row maximum is a stop-gradient shift.
+Both take `return_residual=True` (the row log-sum-exp [B, T, Nq] as jax.nn returns it, -inf
+for rows without an allowed key) and a traced `scale` (a float32 scalar array).
 
 "xla_chunked" scans key/value chunks with an online softmax (running max, running sum,
 rescaled accumulator) inside a sequential map over query chunks, so no T x S array is built
