@@ -55,8 +55,24 @@ def _largest_pow2_divisor(x: int, cap: int) -> int:
   return block
 
 
+# Shared memory a Hopper (sm90) block may use.
+SHARED_MEMORY_BYTES = 232448
+
+
+def shared_memory_bytes(config: BlockSizes, itemsize: int, gated: bool) -> int:
+  """Shared memory the pallas_triton kernels ask for with `config` (every field set).
+
+  Triton keeps num_stages copies of each loop iteration's loads: fc1 the x chunk and the
+  gathered w1 (and w3) tile, fc2 the hidden chunk and the w2 tile (this matched, to the
+  byte, the request Triton made on an H100 for tiles it rejected).
+  """
+  fc1 = (config.block_b + config.block_k * (2 if gated else 1)) * config.block_d
+  fc2 = (config.block_b + config.block_out) * config.block_k_fc2
+  return config.num_stages * max(fc1, fc2) * itemsize
+
+
 def resolve(config: BlockSizes | None, *, rows: int, d_model: int, k: int,
-            num_cores: int = 132) -> BlockSizes:
+            num_cores: int = 132, itemsize: int = 2, gated: bool = False) -> BlockSizes:
   """Fills the None fields of `config` for `rows` x `d_model` inputs and k neurons.
 
   The op is weight-bandwidth bound at small batch: the heuristic picks tiles so that both
@@ -69,6 +85,8 @@ def resolve(config: BlockSizes | None, *, rows: int, d_model: int, k: int,
     d_model: model width d.
     k: gathered neurons (static bucket).
     num_cores: streaming multiprocessors (or cores) the grid should fill.
+    itemsize: bytes per element of x and the weights.
+    gated: whether w3 is loaded beside w1.
 
   Returns:
     A BlockSizes with every field set.
@@ -94,6 +112,16 @@ def resolve(config: BlockSizes | None, *, rows: int, d_model: int, k: int,
     programs = -(-d_model // block_out) * row_tiles
     num_splits = max(1, min(k_tiles, -(-2 * num_cores // programs), 8))
   num_warps = config.num_warps or (8 if block_b >= 128 else 4)
-  num_stages = config.num_stages or 3
-  return BlockSizes(block_k=block_k, block_k_fc2=block_k_fc2, block_d=block_d,
-                    block_out=block_out, block_b=block_b, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+  resolved = BlockSizes(block_k=block_k, block_k_fc2=block_k_fc2, block_d=block_d,
+                        block_out=block_out, block_b=block_b, num_splits=num_splits,
+                        num_warps=num_warps, num_stages=config.num_stages or 3)
+  # Heuristic stages, then chunks, shrink until the pipelined tiles fit shared memory.
+  while shared_memory_bytes(resolved, itemsize, gated) > SHARED_MEMORY_BYTES:
+    if not config.num_stages and resolved.num_stages > 2:
+      resolved = dataclasses.replace(resolved, num_stages=resolved.num_stages - 1)
+    elif not config.block_d and resolved.block_d > 16:
+      resolved = dataclasses.replace(resolved, block_d=resolved.block_d // 2)
+    else:
+      break  # the caller's own tiles: pallas_triton raises with the numbers
+  return resolved
+

@@ -160,9 +160,16 @@ def _forward(x, w1, w2, neuron_indices, *, b1=None, b2=None, w3=None, activation
     raise NotImplementedError("pallas_triton sparse_mlp runs on a GPU; on "
                               f"{jax.default_backend()!r} pass interpret=True")
   cfg = block_sizes_lib.resolve(block_sizes, rows=rows, d_model=d_model, k=k,
-                                num_cores=1 if interpret else _num_cores())
+                                num_cores=1 if interpret else _num_cores(),
+                                itemsize=x.dtype.itemsize, gated=w3 is not None)
   if d_model % cfg.block_d or d_model % cfg.block_out:
     raise ValueError(f"{cfg.block_d=} and {cfg.block_out=} must divide {d_model=}")
+  need = block_sizes_lib.shared_memory_bytes(cfg, x.dtype.itemsize, w3 is not None)
+  if need > block_sizes_lib.SHARED_MEMORY_BYTES:
+    raise ValueError(f"block sizes {cfg} need about {need} bytes of shared memory "
+                     f"({cfg.num_stages} stages of {x.dtype} tiles), over the "
+                     f"{block_sizes_lib.SHARED_MEMORY_BYTES} a block may use: lower "
+                     "num_stages, block_d, block_k or block_b")
   # fc1 tiles the ids by block_k, fc2 by block_k_fc2 (powers of two); the hidden array
   # holds k_pad columns (zeros past k) and row_tiles * block_b rows.
   pad_to = max(cfg.block_k, cfg.block_k_fc2)

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from flashjax.ops.attention.xla import matmul_precision
 from flashjax.ops.sparse_mlp.reference import ACTIVATIONS, gathered_rows
 
 
@@ -36,7 +37,9 @@ def sparse_mlp(x, w1, w2, neuron_indices, *, b1=None, b2=None, w3=None, activati
     [R, d] in x's dtype.
   """
   del block_sizes, interpret
-  dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+  # float32 inputs at HIGHEST (not TF32 on GPUs): this is also every backend's backward.
+  dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32,
+                          precision=matmul_precision(x.dtype))
   valid = (neuron_indices >= 0) & (neuron_indices < w2.shape[0])
   neurons = jnp.where(valid, neuron_indices, 0)
   hidden = dot(x, gathered_rows(w1, neurons, w1_layout).T)

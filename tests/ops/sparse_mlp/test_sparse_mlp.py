@@ -168,6 +168,12 @@ class PallasTritonTest(SparseMLPSuite):
     out = self._call(inputs, w1_layout="FD", block_sizes=sizes)
     self._check(out, oracle(**inputs, w1_layout="FD"), jnp.float32)
 
+  def test_tiles_over_shared_memory_raise(self):
+    inputs = make_inputs(2, rows=4, d=256, f=512, k=128, dtype=jnp.bfloat16, w1_layout="FD")
+    sizes = BlockSizes(block_k=128, block_d=256, block_b=128, num_stages=3)
+    with self.assertRaisesRegex(ValueError, "393216 bytes of shared memory"):
+      self._call(inputs, w1_layout="FD", block_sizes=sizes)
+
   def test_needs_interpret_off_gpu(self):
     if jax.default_backend() == "gpu":
       self.skipTest("runs compiled on a GPU")

@@ -68,8 +68,8 @@ class SparseMLPGpuTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("small_tiles", BlockSizes(block_k=16, block_k_fc2=16, block_d=16, block_out=16,
                                  block_b=16, num_splits=5, num_warps=2, num_stages=2)),
-      ("large_tiles", BlockSizes(block_k=128, block_k_fc2=128, block_d=256, block_out=128,
-                                 block_b=128, num_splits=1, num_warps=8, num_stages=3)),
+      ("large_tiles", BlockSizes(block_k=128, block_k_fc2=128, block_d=128, block_out=128,
+                                 block_b=128, num_splits=1, num_warps=8, num_stages=2)),
   )
   def test_explicit_tiles(self, sizes):
     inputs = make_inputs(5, rows=100, d=512, f=4096, k=1000, dtype=jnp.bfloat16,
