@@ -1,10 +1,18 @@
-"""Feed-forward blocks: SwiGLU (LLaMA) and a two-layer ReLU MLP (OPT)."""
+"""Feed-forward blocks: SwiGLU (LLaMA) and a two-layer ReLU MLP (OPT).
+
+Both also run over a subset of their hidden units (`sparse`, through flashjax.sparse_mlp):
+the batch union a Polar Sparsity neuron router selects at decode time.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from flashjax.ops.sparse_mlp.api import sparse_mlp
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: jnp.dtype) -> nnx.Param:
@@ -37,6 +45,14 @@ class GatedMLP(nnx.Module):
     gate = jnp.einsum("...D,DF->...F", x, self.gate[...].astype(x.dtype))
     up = jnp.einsum("...D,DF->...F", x, self.up[...].astype(x.dtype))
     return jnp.einsum("...F,FD->...D", jax.nn.silu(gate) * up, self.down[...].astype(x.dtype))
+
+  def sparse(self, x: jax.Array, neuron_indices: jax.Array, *, implementation: Any = None,
+             interpret: bool = False) -> jax.Array:
+    """The MLP over hidden units `neuron_indices` (int [k]) only: x [B, D] -> [B, D]."""
+    dtype = x.dtype
+    return sparse_mlp(x, self.gate[...].astype(dtype), self.down[...].astype(dtype),
+                      neuron_indices, w3=self.up[...].astype(dtype), activation="silu",
+                      implementation=implementation, interpret=interpret)
 
 
 class ReluMLP(nnx.Module):
@@ -73,3 +89,18 @@ class ReluMLP(nnx.Module):
     if self.use_bias:
       out = out + self.fc2_bias[...].astype(x.dtype)
     return out
+
+  def sparse(self, x: jax.Array, neuron_indices: jax.Array, *, implementation: Any = None,
+             interpret: bool = False) -> jax.Array:
+    """The MLP over fc1 units `neuron_indices` (int [k]) only: x [B, D] -> [B, D].
+
+    fc1 is stored [D, F] (w1_layout "DF"): correct on every backend, but the GPU kernel
+    reads a selected column element by element (docs/sparse_mlp.md, Layouts).
+    """
+    dtype = x.dtype
+    biases = {}
+    if self.use_bias:
+      biases = dict(b1=self.fc1_bias[...], b2=self.fc2_bias[...])
+    return sparse_mlp(x, self.fc1[...].astype(dtype), self.fc2[...].astype(dtype),
+                      neuron_indices, activation="relu", implementation=implementation,
+                      interpret=interpret, **biases)

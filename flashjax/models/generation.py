@@ -77,7 +77,7 @@ def _stop_matrix(stop_tokens: Any, batch: int) -> np.ndarray:
 def _generate(graphdef, state, prompts, prompt_lengths, stop, rng, head_indices, *,
               max_new_tokens: int, cache_len: int, temperature: float, top_k: int | None,
               fill_id: int) -> GenerationOutput:
-  model = nnx.merge(graphdef, state)
+  model, sparsity = nnx.merge(graphdef, state)
   batch = prompts.shape[0]
   cache = model.init_cache(batch, cache_len)
   logits, cache = model.prefill(prompts, cache, prompt_lengths)
@@ -95,7 +95,7 @@ def _generate(graphdef, state, prompts, prompt_lengths, stop, rng, head_indices,
     tokens = tokens.at[:, step].set(new)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.any(new[:, None] == stop, axis=1)
-    logits, cache = model.decode_step(new, cache, head_indices)
+    logits, cache = model.decode_step(new, cache, head_indices, sparsity)
     return step + 1, cache, logits, tokens, done, lengths, rng
 
   tokens = jnp.full((batch, max_new_tokens), fill_id, jnp.int32)
@@ -108,7 +108,8 @@ def _generate(graphdef, state, prompts, prompt_lengths, stop, rng, head_indices,
 def generate(model: nnx.Module, prompts: jax.Array, *, max_new_tokens: int,
              prompt_lengths: jax.Array | None = None, temperature: float = 0.0,
              top_k: int | None = None, stop_tokens: Any = None, rng: jax.Array | None = None,
-             head_indices: Any = None, fill_id: int = 0) -> GenerationOutput:
+             head_indices: Any = None, sparsity: Any = None,
+             fill_id: int = 0) -> GenerationOutput:
   """Continues each prompt until one of its stop tokens or `max_new_tokens` tokens.
 
   Args:
@@ -122,6 +123,8 @@ def generate(model: nnx.Module, prompts: jax.Array, *, max_new_tokens: int,
       int [B, S] (several per sequence, -1 entries ignored).
     rng: PRNG key for sampling; default jax.random.key(0).
     head_indices: passed to every decode_step (per layer None or [B, K] KV groups).
+    sparsity: None, or a flashjax.sparsity.SparsityPolicy whose routers pick every decode
+      step's KV groups and MLP units (the prefill stays dense).
     fill_id: token written after a sequence has stopped.
 
   Returns:
@@ -150,7 +153,7 @@ def generate(model: nnx.Module, prompts: jax.Array, *, max_new_tokens: int,
                      f"[1, T={length}]")
   stop = _stop_matrix(stop_tokens, batch)
   rng = jax.random.key(0) if rng is None else rng
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split((model, sparsity))
   return _generate(graphdef, state, jnp.asarray(prompts, jnp.int32),
                    jnp.asarray(lengths_host, jnp.int32), jnp.asarray(stop), rng, head_indices,
                    max_new_tokens=max_new_tokens, cache_len=length + max_new_tokens,

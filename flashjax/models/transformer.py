@@ -25,6 +25,7 @@ from flashjax import layers
 from flashjax.models import generation
 from flashjax.models.cache import KVCache
 from flashjax.models.config import TransformerConfig
+from flashjax.ops.sparse_mlp.api import SPARSE_MLP_BACKENDS
 
 
 def _norm(config: TransformerConfig) -> nnx.Module:
@@ -53,6 +54,10 @@ class Block(nnx.Module):
     else:
       self.mlp = layers.ReluMLP(c.d_model, c.d_ff, use_bias=c.use_bias, init_std=c.init_std,
                                 out_init_std=out_std, param_dtype=c.params_dtype, rngs=rngs)
+    # The sparse MLP backend of routed decode steps: the decode backend where sparse_mlp has
+    # one (xla, pallas_triton, pallas_tpu), else the device default.
+    self.sparse_mlp_impl = (c.decode_impl if isinstance(c.decode_impl, str)
+                            and c.decode_impl in SPARSE_MLP_BACKENDS else None)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None) -> jax.Array:
@@ -69,13 +74,27 @@ class Block(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), key_cache, value_cache
 
   def decode(self, x: jax.Array, positions: jax.Array, key_cache: jax.Array,
-             value_cache: jax.Array, head_indices: jax.Array | None
+             value_cache: jax.Array, head_indices: jax.Array | None,
+             sparsity: Any = None, layer: int = 0
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x [B, D] (one token per sequence) -> ([B, D], updated caches)."""
-    attn, key_cache, value_cache = self.attn.decode(self.attn_norm(x), positions, key_cache,
+    """x [B, D] (one token per sequence) -> ([B, D], updated caches).
+
+    With a SparsityPolicy, its routers pick this layer's KV groups (from the post-norm
+    attention input) and MLP units (from the post-norm MLP input); None entries run dense.
+    """
+    attn_in = self.attn_norm(x)
+    if sparsity is not None:
+      head_indices = sparsity.heads(layer, attn_in)
+    attn, key_cache, value_cache = self.attn.decode(attn_in, positions, key_cache,
                                                     value_cache, head_indices)
     x = x + attn
-    return x + self.mlp(self.mlp_norm(x)), key_cache, value_cache
+    mlp_in = self.mlp_norm(x)
+    neurons = None if sparsity is None else sparsity.neurons(layer, mlp_in)
+    if neurons is None:
+      return x + self.mlp(mlp_in), key_cache, value_cache
+    mlp = self.mlp.sparse(mlp_in, neurons, implementation=self.sparse_mlp_impl,
+                          interpret=self.attn.interpret)
+    return x + mlp, key_cache, value_cache
 
 
 def _check_int_array(name: str, x: Any, shape: tuple[int, ...]) -> None:
@@ -234,8 +253,8 @@ class Transformer(nnx.Module):
                        f"num_layers={num_layers}; got {got}")
     return list(head_indices)
 
-  def decode_step(self, tokens: jax.Array, cache: KVCache,
-                  head_indices: Any = None) -> tuple[jax.Array, KVCache]:
+  def decode_step(self, tokens: jax.Array, cache: KVCache, head_indices: Any = None,
+                  sparsity: Any = None) -> tuple[jax.Array, KVCache]:
     """Appends one token per sequence and returns the next-token logits.
 
     Args:
@@ -243,19 +262,28 @@ class Transformer(nnx.Module):
       cache: the cache (slots [0, lengths[b]) filled; lengths[b] < S_max).
       head_indices: None (all heads), or per layer None / int32 [B, K] KV groups to compute
         (a sequence of num_layers entries, or an array [num_layers, B, K]).
+      sparsity: None (dense), or a flashjax.sparsity.SparsityPolicy whose routers choose
+        every layer's KV groups and MLP units inside the step (not with head_indices).
 
     Returns:
       (float32 logits [B, V], cache with the new entries and lengths + 1).
     """
     batch = cache.batch_size
     _check_int_array("tokens", tokens, (batch,))
+    if sparsity is not None:
+      if head_indices is not None:
+        raise ValueError("pass head_indices or a sparsity policy, not both")
+      if sparsity.num_layers != self.config.num_layers:
+        raise ValueError(f"the sparsity policy has {sparsity.num_layers} layers, the model "
+                         f"{self.config.num_layers}")
     per_layer = self._per_layer(head_indices)
     positions = cache.lengths
     x = self._embed(jnp.asarray(tokens, jnp.int32), positions)
     keys, values = [], []
-    for layer, key_cache, value_cache, heads in zip(self.layers, cache.keys, cache.values,
-                                                    per_layer):
-      x, key_cache, value_cache = layer.decode(x, positions, key_cache, value_cache, heads)
+    for index, (layer, key_cache, value_cache, heads) in enumerate(
+        zip(self.layers, cache.keys, cache.values, per_layer)):
+      x, key_cache, value_cache = layer.decode(x, positions, key_cache, value_cache, heads,
+                                               sparsity, index)
       keys.append(key_cache)
       values.append(value_cache)
     cache = KVCache(keys=tuple(keys), values=tuple(values), lengths=cache.lengths + 1)
