@@ -204,8 +204,28 @@ class Attention(nnx.Module):
       k = rotary.apply_rope(k, positions, self.rope_theta)
     return q, k, v
 
-  def _out(self, heads: jax.Array) -> jax.Array:
-    """Output projection of heads [B, T, Nq, H] -> [B, T, D]."""
+  def heads(self, x: jax.Array, positions: jax.Array,
+            segment_ids: jax.Array | None = None) -> jax.Array:
+    """Per-head causal self-attention outputs over x, before the output projection.
+
+    `project(heads(x, positions, segment_ids))` is `self(x, positions, segment_ids)`; query
+    head n belongs to KV group n // (Nq // Nkv).
+
+    Args:
+      x: [B, T, D] activations.
+      positions: int [B, T] token positions (for RoPE).
+      segment_ids: None or int [B, T]; tokens attend only within their segment.
+
+    Returns:
+      [B, T, Nq, H] in x's dtype.
+    """
+    q, k, v = self._qkv(x, positions)
+    return causal_self_attention(q, k, v, segment_ids=segment_ids,
+                                 implementation=self.implementation, interpret=self.interpret,
+                                 block_sizes=self.block_sizes)
+
+  def project(self, heads: jax.Array) -> jax.Array:
+    """Output projection (plus bias) of per-head outputs heads [B, T, Nq, H] -> [B, T, D]."""
     out = jnp.einsum("BTNH,NHD->BTD", heads, self.o_proj[...].astype(heads.dtype))
     if self.use_bias:
       out = out + self.o_bias[...].astype(heads.dtype)
@@ -223,11 +243,7 @@ class Attention(nnx.Module):
     Returns:
       [B, T, D] in x's dtype.
     """
-    q, k, v = self._qkv(x, positions)
-    heads = causal_self_attention(q, k, v, segment_ids=segment_ids,
-                                  implementation=self.implementation,
-                                  interpret=self.interpret, block_sizes=self.block_sizes)
-    return self._out(heads)
+    return self.project(self.heads(x, positions, segment_ids))
 
   def prefill(self, x: jax.Array, positions: jax.Array, key_cache: jax.Array,
               value_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -251,7 +267,7 @@ class Attention(nnx.Module):
     key_cache = jax.lax.dynamic_update_slice(key_cache, k.astype(key_cache.dtype), (0, 0, 0, 0))
     value_cache = jax.lax.dynamic_update_slice(value_cache, v.astype(value_cache.dtype),
                                                (0, 0, 0, 0))
-    return self._out(heads), key_cache, value_cache
+    return self.project(heads), key_cache, value_cache
 
   def decode(self, x: jax.Array, positions: jax.Array, key_cache: jax.Array,
              value_cache: jax.Array, head_indices: jax.Array | None = None
@@ -278,4 +294,4 @@ class Attention(nnx.Module):
         q[:, 0].astype(key_cache.dtype), key_cache, value_cache, positions + 1,
         head_indices=head_indices, implementation=self.decode_implementation,
         interpret=self.interpret)
-    return self._out(heads[:, None].astype(x.dtype))[:, 0], key_cache, value_cache
+    return self.project(heads[:, None].astype(x.dtype))[:, 0], key_cache, value_cache
