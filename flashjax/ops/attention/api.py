@@ -240,8 +240,9 @@ def dispatch(implementation: Any, registry: Mapping[str, tuple[str, str]],
 def resolve_implementation(op: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
   """The backend name that `op(*args, **kwargs)` would run, without running it.
 
-  The call is traced abstractly (`jax.eval_shape`: no compilation, no device work) with the
-  arguments as given, so concrete values are checked as in a real call. Example:
+  The call is traced abstractly (`jax.eval_shape` under `jax.disable_jit`, so a jitted `op`
+  is traced again: no compilation, no device work) with the arguments as given, so concrete
+  values are checked as in a real call. Example:
 
     flashjax.resolve_implementation(flashjax.dot_product_attention, q, k, v,
                                     implementation=["pallas_triton", "xla"])  # "xla" on CPU
@@ -262,7 +263,9 @@ def resolve_implementation(op: Callable[..., Any], *args: Any, **kwargs: Any) ->
   record: list[tuple[str, str]] = []
   token = _RECORD.set(record)
   try:
-    jax.eval_shape(lambda: op(*args, **kwargs))
+    # disable_jit: a jitted op (or backend) whose trace is cached still runs its Python.
+    with jax.disable_jit():
+      jax.eval_shape(lambda: op(*args, **kwargs))
   finally:
     _RECORD.reset(token)
   if not record:

@@ -366,6 +366,11 @@ class TestPlatformChecks(parameterized.TestCase):
         flashjax.dot_product_attention, q, self.k, self.v, implementation="xla_chunked"))
             or q)(self.q)
     self.assertEqual(inside, ["xla_chunked"])
+    jitted = jax.jit(lambda *a: flashjax.dot_product_attention(
+        *a, implementation=["pallas_tpu", "xla_chunked"], interpret=True))
+    jitted(self.q, self.k, self.v)  # its trace is cached now
+    self.assertEqual(flashjax.resolve_implementation(jitted, self.q, self.k, self.v),
+                     "pallas_tpu")
     with self.assertRaisesRegex(ValueError, "did not dispatch"):
       flashjax.resolve_implementation(jnp.sin, self.q)
     with self.assertRaisesRegex(ValueError, r"scale=-1.0"):
