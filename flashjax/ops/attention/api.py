@@ -598,6 +598,9 @@ def dot_product_attention(
   return_residual = bool(return_residual)
 
   empty = 0 in (batch, q_len, q_heads, kv_len)
+  permuted_with_lengths = (isinstance(mask, BlockMask) and (
+      mask.q_perm is not None or mask.kv_perm is not None) and (
+          q_lengths is not None or kv_lengths is not None))
   folded_mask, folded_q_ids, folded_kv_ids = mask, q_segment_ids, kv_segment_ids
   if not empty:
     if window is not None:
@@ -611,6 +614,11 @@ def dot_product_attention(
       raise NotImplementedError(
           f"backend {name!r} cannot return the softmax residual (return_residual=True); "
           f"{sorted(RESIDUAL_BACKENDS)} can")
+    if permuted_with_lengths and name not in ("xla", "xla_chunked", *PASS_THROUGH_BACKENDS):
+      raise NotImplementedError(
+          f"backend {name!r}: query_seq_lengths / key_value_seq_lengths cannot be combined "
+          "with an RCM-reordered BlockMask (the lengths refer to the original order); 'xla' "
+          "and 'xla_chunked' can")
     if empty:
       return _empty_result(query, return_residual)
     q, s = query, scale

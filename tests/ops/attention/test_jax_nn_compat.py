@@ -298,6 +298,25 @@ class TestEveryBackend(parameterized.TestCase):
         implementation=[implementation, "xla"]), "xla")
 
 
+  def test_seq_lengths_with_rcm_block_mask(self):
+    rng = _rng(self)
+    q, k, v = _qkv(rng, q_len=64, kv_len=64)
+    dense = rng.random((64, 64)) < 0.1
+    dense[np.arange(64), np.arange(64)] = True
+    mask = masks.BlockMask.from_mask(masks.from_dense(dense), 16, 16, reorder="rcm")
+    self.assertIsNotNone(mask.q_perm)
+    lengths = jnp.array([40, 64], jnp.int32)
+    expected = flashjax.dot_product_attention(
+        q, k, v, mask=jnp.asarray(dense) & (jnp.arange(64) < lengths[:, None])[:, None, None])
+    for implementation in ("xla", "xla_chunked", ["pallas_triton", "xla"]):
+      out = flashjax.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=lengths,
+                                           implementation=implementation, interpret=True)
+      chex.assert_trees_all_close(out, expected, atol=2e-5)
+    for implementation in ("pallas_triton", "pallas_tpu", "pallas_mosaic_gpu"):
+      with self.assertRaisesRegex(NotImplementedError, "RCM-reordered BlockMask"):
+        _attention(implementation, q, k, v, mask=mask, key_value_seq_lengths=lengths)
+
+
 PALLAS_NEEDS = (("pallas_triton", "a GPU"), ("pallas_tpu", "a TPU"),
                 ("pallas_mosaic_gpu", r"an NVIDIA Hopper GPU \(compute capability 9.x\)"))
 
