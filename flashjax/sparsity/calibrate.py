@@ -29,9 +29,19 @@ from flashjax.sparsity.routers import NeuronRouter
 from flashjax.sparsity.routers import select_neurons
 
 
-def _batches(rng: np.random.Generator, num_rows: int, batch_size: int,
-             num_batches: int) -> np.ndarray:
-  """int [num_batches, batch_size] row ids, distinct within a batch when num_rows allows."""
+def sample_batches(num_rows: int, batch_size: int, num_batches: int, seed: int) -> np.ndarray:
+  """The row ids of the batches drawn for one batch size.
+
+  Args:
+    num_rows: rows N to draw from.
+    batch_size: rows per batch B (distinct within a batch when B <= N).
+    num_batches: batches drawn.
+    seed: with B, seeds the generator (numpy default_rng((seed, B))).
+
+  Returns:
+    int [num_batches, B].
+  """
+  rng = np.random.default_rng((seed, batch_size))
   replace = batch_size > num_rows
   return np.stack([rng.choice(num_rows, batch_size, replace=replace)
                    for _ in range(num_batches)])
@@ -90,7 +100,7 @@ def calibrate_layer(logits: np.ndarray, fired: np.ndarray, batch_sizes: Sequence
     target: wanted mean union recall.
     multiple: k is a multiple of this (or F).
     num_batches: batches of B rows sampled per batch size.
-    seed: sampling seed.
+    seed: sampling seed (batches of size B from `sample_batches(N, B, num_batches, seed)`).
 
   Returns:
     {B: k}, each k the smallest candidate (multiples of `multiple`, capped at F) whose
@@ -104,12 +114,11 @@ def calibrate_layer(logits: np.ndarray, fired: np.ndarray, batch_sizes: Sequence
   num_rows, width = logits.shape
   candidates = sorted({round_up(k, multiple, width) for k in range(multiple, width + multiple,
                                                                      multiple)})
-  rng = np.random.default_rng(seed)
   out = {}
   for batch_size in batch_sizes:
     if not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f"{batch_size=} must be a positive int")
-    rows = _batches(rng, num_rows, batch_size, num_batches)
+    rows = sample_batches(num_rows, batch_size, num_batches, seed)
     curve = np.mean([union_recall_curve(logits[r], fired[r]) for r in rows], axis=0)
     out[batch_size] = next(k for k in candidates if curve[k - 1] >= target - 1e-12 or
                            k == width)
@@ -130,7 +139,7 @@ def union_density(fired: np.ndarray, batch_size: int, *, num_batches: int = 32,
     |fired union| / F averaged over the batches.
   """
   fired = np.asarray(fired, bool)
-  rows = _batches(np.random.default_rng(seed), fired.shape[0], batch_size, num_batches)
+  rows = sample_batches(fired.shape[0], batch_size, num_batches, seed)
   return float(np.mean([fired[r].any(axis=0).mean() for r in rows]))
 
 

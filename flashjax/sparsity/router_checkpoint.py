@@ -2,6 +2,7 @@
 
   save_routers(directory, routers)          # e.g. directory = <model checkpoint dir>/routers
   routers = load_routers(directory)         # RouterSet with the same router outputs
+  logits, cache = model.decode_step(tokens, cache, sparsity=routers.policy())
 
 Layout of the directory:
 
@@ -27,8 +28,10 @@ import jax
 from flax import nnx
 
 from flashjax.models import checkpoint
+from flashjax.sparsity.policy import SparsityPolicy
 from flashjax.sparsity.routers import HeadRouter
 from flashjax.sparsity.routers import NeuronRouter
+from flashjax.sparsity.train import num_selected
 
 FORMAT_VERSION = 1
 META_FILE = "routers.json"
@@ -61,6 +64,18 @@ class RouterSet:
     for batch_size, ks in self.neuron_k.items():
       if len(ks) != num_layers:
         raise ValueError(f"neuron_k[{batch_size}] has {len(ks)} entries, not {num_layers}")
+
+  def head_k(self) -> tuple[int | None, ...]:
+    """Per layer the KV groups kept, ceil(density * G), or None for layers without a router."""
+    return tuple(None if r is None else num_selected(d, r.num_groups)
+                 for r, d in zip(self.head_routers, self.head_densities))
+
+  def policy(self) -> SparsityPolicy:
+    """The SparsityPolicy of these routers (neuron routers only when any is set)."""
+    neurons = any(r is not None for r in self.neuron_routers)
+    return SparsityPolicy(self.head_routers, self.head_k(),
+                          neuron_routers=self.neuron_routers if neurons else None,
+                          neuron_k=self.neuron_k if neurons else None)
 
 
 def _head_spec(router: HeadRouter) -> dict[str, Any]:

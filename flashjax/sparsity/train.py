@@ -178,6 +178,12 @@ def threshold_metrics(logits: jax.Array, fired: jax.Array) -> dict[str, jax.Arra
   return {"recall": recall, "predicted_density": jnp.mean(predicted)}
 
 
+@functools.lru_cache(maxsize=None)
+def _adamw(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
+  """One optimizer object per setting, so the jitted step is compiled once per router shape."""
+  return optax.adamw(learning_rate, weight_decay=weight_decay)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _train_step(graphdef, tx, params, opt_state, x, y, w):
   def loss_fn(p):
@@ -208,7 +214,7 @@ def _fit(router: nnx.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np
     raise ValueError("router training needs training and validation rows")
   w = float(np.mean(y_train))
   graphdef, params = nnx.split(router, nnx.Param)
-  tx = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+  tx = _adamw(config.learning_rate, config.weight_decay)
   opt_state = tx.init(params)
   rng = np.random.default_rng(config.seed)
   n = x_train.shape[0]
