@@ -2,23 +2,25 @@
 
 Two kernels, each reading every selected weight row once per block_b batch rows:
 
-  fc1  grid (k tiles, row tiles). A program takes block_k selected neurons, loops over the
-       model width in block_d chunks, gathers the [block_k, block_d] weight tile with one
-       pointer per element (row offsets from the ids) and accumulates x @ tile^T in float32;
-       then it adds the gathered bias, applies the activation (times the gathered w3
-       product when gated) and stores hidden [rows, k_pad] in x's dtype.
-  fc2  grid (output column tiles, splits of the neurons, row tiles). A program loops over its
-       share of the k tiles, gathers [block_k, block_out] tiles of w2's selected rows and
-       accumulates hidden @ tile in float32. With one split it adds b2 and stores the output;
-       with several it stores float32 partial sums that XLA adds (a [splits, rows, d] array,
-       small beside the weights at the batch sizes this op is for).
+  fc1  grid (block_k tiles of the ids, row tiles). A program loops over the model width in
+       block_d chunks, gathers the [block_k, block_d] weight tile with one pointer per
+       element (row offsets from the ids) and accumulates x @ tile^T in float32; then it
+       adds the gathered bias, applies the activation (times the gathered w3 product when
+       gated), zeroes invalid ids and stores hidden [rows_pad, k_pad] in x's dtype.
+  fc2  grid (output column tiles, splits of the ids, row tiles). A program loops over its
+       share of the ids in block_k_fc2 steps, gathers [block_k_fc2, block_out] tiles of w2's
+       selected rows and accumulates hidden @ tile in float32. With one split it adds b2 and
+       stores the output; with several it stores float32 partial sums that one XLA fusion
+       adds (with b2) and rounds.
 
 Weights are viewed flat (free) and addressed as neuron * stride_neuron + column *
 stride_column, so w1 in either layout runs the same code; with the neuron-major layout
 ("FD", and w2 always) a tile row is block_d contiguous elements, with "DF" each element of
-a tile row is a separate 2-byte access (uncoalesced: use "FD" for speed). Padding ids (-1)
-and the tail of the last tile are masked loads: nothing outside w1 / w2 is read.
-Limits: d a multiple of 16, F * d < 2**31 (int32 offsets).
+a tile row is a separate 2-byte access (uncoalesced: use "FD" for speed). The ids and x are
+read by masked element gathers clamped into their arrays (positions past k, ids outside
+[0, F) and rows past the batch are masked): nothing outside the inputs is read and no
+padding op runs before the kernels. Limits: d a multiple of 16, F * d < 2**31 (int32
+offsets), fc1 tiles within a Hopper block's shared memory (block_sizes.shared_memory_bytes).
 """
 
 from __future__ import annotations
