@@ -1,0 +1,125 @@
+"""Measuring a SparsityPolicy: accuracy through the kernels and decode speed.
+
+Accuracy is measured with the routers in the loop, through the decode kernels (not by
+masking a dense forward): `teacher_forced` prefills the first `prompt_len` tokens of each
+sequence densely, then feeds the true next tokens one decode step at a time, dense and
+routed side by side, and scores both.
+
+Speed: `decode_step_time` times the model's jitted decode step at a given batch and cache
+fill on the device (benchmarking.time_in_loop, steps inside one jitted loop), dense or
+with a policy (routers included in the step).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flashjax import benchmarking
+from flashjax.models.cache import KVCache
+
+
+def _log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log softmax(logits)[target], float32 [B]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len"))
+def _teacher_forced(graphdef, state, tokens, *, prompt_len):
+  model, policy = nnx.merge(graphdef, state)
+  batch, length = tokens.shape
+  cache = model.init_cache(batch, length)
+  logits, cache = model.prefill(tokens[:, :prompt_len], cache)
+  first = logits[:, -1]
+
+  def step(carry, t):
+    dense_cache, sparse_cache, dense_logits, sparse_logits = carry
+    target = tokens[:, t]
+    scores = (_log_probs(dense_logits, target), _log_probs(sparse_logits, target),
+              jnp.argmax(dense_logits, -1) == jnp.argmax(sparse_logits, -1))
+    dense_logits, dense_cache = model.decode_step(target, dense_cache)
+    sparse_logits, sparse_cache = model.decode_step(target, sparse_cache, sparsity=policy)
+    return (dense_cache, sparse_cache, dense_logits, sparse_logits), scores
+
+  carry = (cache, cache, first, first)
+  _, (dense_lp, sparse_lp, agree) = jax.lax.scan(step, carry,
+                                                 jnp.arange(prompt_len, length))
+  return dense_lp, sparse_lp, agree
+
+
+def teacher_forced(model: nnx.Module, policy: Any, tokens: jax.Array, *,
+                   prompt_len: int) -> dict[str, float]:
+  """Dense and routed next-token scores of `tokens` past a dense prefill of prompt_len.
+
+  Every position t >= prompt_len is predicted from the cache of tokens [0, t): dense by
+  the plain decode step, routed by the decode step with `policy` (its own cache, so routing
+  errors compound as in generation). The last token is only fed, never predicted.
+
+  Args:
+    model: a flashjax.models.Transformer.
+    policy: a flashjax.sparsity.SparsityPolicy.
+    tokens: int [B, T] sequences, T <= config.max_len.
+    prompt_len: tokens prefilled densely, 1 <= prompt_len < T.
+
+  Returns:
+    {"nll_dense", "nll_sparse": mean negative log-likelihood per predicted token,
+     "ppl_dense", "ppl_sparse": their exponentials, "next_token_agreement": fraction of
+     positions whose greedy token is the same, "tokens": positions scored}.
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  if tokens.ndim != 2 or not 1 <= prompt_len < tokens.shape[1]:
+    raise ValueError(f"tokens.shape={tuple(tokens.shape)} must be [B, T] with "
+                     f"1 <= {prompt_len=} < T")
+  graphdef, state = nnx.split((model, policy))
+  dense_lp, sparse_lp, agree = _teacher_forced(graphdef, state, tokens,
+                                               prompt_len=int(prompt_len))
+  nll_dense = -float(jnp.mean(dense_lp))
+  nll_sparse = -float(jnp.mean(sparse_lp))
+  return {"nll_dense": nll_dense, "nll_sparse": nll_sparse,
+          "ppl_dense": float(np.exp(nll_dense)), "ppl_sparse": float(np.exp(nll_sparse)),
+          "next_token_agreement": float(jnp.mean(agree)), "tokens": int(agree.size)}
+
+
+def filled_cache(model: nnx.Module, batch: int, context: int, *, seed: int = 0) -> KVCache:
+  """A cache of `batch` sequences holding `context` random (unit-normal) entries each.
+
+  Decode speed depends on how much cache is read, not on its values; random entries keep
+  the softmax away from degenerate cases (never zeros).
+  """
+  c = model.config
+  if not 1 <= context < c.max_len:
+    raise ValueError(f"{context=} must be in [1, max_len={c.max_len})")
+  keys = jax.random.split(jax.random.key(seed), 2 * c.num_layers)
+  shape = (batch, context + 1, c.num_kv_heads, c.head_dim)
+  make = lambda key: jax.random.normal(key, shape, jnp.float32).astype(c.compute_dtype)
+  return KVCache(keys=tuple(make(k) for k in keys[:c.num_layers]),
+                 values=tuple(make(k) for k in keys[c.num_layers:]),
+                 lengths=jnp.full((batch,), context, jnp.int32))
+
+
+def decode_step_time(model: nnx.Module, policy: Any, cache: KVCache, *, iters: int = 20,
+                     repeats: int = 5, seed: int = 0) -> benchmarking.Timing:
+  """Device time of one decode step (dense when policy is None) on `cache`.
+
+  The step is timed inside one jitted loop (benchmarking.time_in_loop) on two rotating
+  sets of random tokens; the cache is not advanced (every step reads the same lengths), so
+  each step does the same work.
+  """
+  graphdef, state = nnx.split((model, policy))
+  vocab = model.config.vocab_size
+  token_sets = [jax.random.randint(jax.random.key(seed + i), (cache.batch_size,), 0, vocab)
+                for i in range(2)]
+
+  def step(state, cache, tokens):
+    model, policy = nnx.merge(graphdef, state)
+    logits, _ = model.decode_step(tokens, cache, sparsity=policy)
+    return logits
+
+  return benchmarking.time_in_loop(step, iters=iters, repeats=repeats,
+                                   arg_sets=[(state, cache, t) for t in token_sets])
