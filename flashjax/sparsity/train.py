@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -132,6 +132,28 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, w: float | jax.Array) -> 
   return jnp.mean(bce_weights(y, w) * losses)
 
 
+def _topk_counts(logits: jax.Array, labels: jax.Array, k: int) -> dict[str, jax.Array]:
+  top = jax.lax.top_k(logits, k)[1]
+  hits = jnp.take_along_axis(jnp.asarray(labels, jnp.float32), top, axis=-1)
+  return {"hits": jnp.sum(hits) / k, "total": jnp.float32(logits.shape[0])}
+
+
+def _oracle_counts(logits: jax.Array, fired: jax.Array) -> dict[str, jax.Array]:
+  fired = jnp.asarray(fired, bool)
+  counts = jnp.sum(fired, axis=-1, keepdims=True)
+  ranks = jnp.argsort(jnp.argsort(-logits, axis=-1), axis=-1)
+  predicted = logits > 0
+  return {"hits": jnp.sum((ranks < counts) & fired).astype(jnp.float32),
+          "total": jnp.sum(counts).astype(jnp.float32),
+          "threshold_hits": jnp.sum(predicted & fired).astype(jnp.float32),
+          "predicted": jnp.sum(predicted).astype(jnp.float32),
+          "elements": jnp.float32(logits.size)}
+
+
+def _ratio(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  return jnp.where(denominator > 0, numerator / jnp.maximum(denominator, 1), 1.0)
+
+
 def topk_recall(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   """Mean over rows of |top-k(logits) & labels| / k (head routers; labels hold k per row).
 
@@ -143,9 +165,8 @@ def topk_recall(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   Returns:
     float32 scalar in [0, 1].
   """
-  top = jax.lax.top_k(logits, k)[1]
-  hits = jnp.take_along_axis(jnp.asarray(labels, jnp.float32), top, axis=-1)
-  return jnp.mean(jnp.sum(hits, axis=-1) / k)
+  counts = _topk_counts(logits, labels, k)
+  return _ratio(counts["hits"], counts["total"]).astype(jnp.float32)
 
 
 def oracle_budget_recall(logits: jax.Array, fired: jax.Array) -> jax.Array:
@@ -161,21 +182,15 @@ def oracle_budget_recall(logits: jax.Array, fired: jax.Array) -> jax.Array:
   Returns:
     float32 scalar in [0, 1] (1 when nothing fired).
   """
-  fired = jnp.asarray(fired, bool)
-  counts = jnp.sum(fired, axis=-1, keepdims=True)
-  ranks = jnp.argsort(jnp.argsort(-logits, axis=-1), axis=-1)
-  hits = jnp.sum((ranks < counts) & fired)
-  total = jnp.sum(counts)
-  return jnp.where(total > 0, hits / jnp.maximum(total, 1), 1.0).astype(jnp.float32)
+  counts = _oracle_counts(logits, fired)
+  return _ratio(counts["hits"], counts["total"]).astype(jnp.float32)
 
 
 def threshold_metrics(logits: jax.Array, fired: jax.Array) -> dict[str, jax.Array]:
   """Recall of fired units among logits > 0 and the share of units predicted (> 0)."""
-  fired = jnp.asarray(fired, bool)
-  predicted = logits > 0
-  total = jnp.sum(fired)
-  recall = jnp.where(total > 0, jnp.sum(predicted & fired) / jnp.maximum(total, 1), 1.0)
-  return {"recall": recall, "predicted_density": jnp.mean(predicted)}
+  counts = _oracle_counts(logits, fired)
+  return {"recall": _ratio(counts["threshold_hits"], counts["total"]),
+          "predicted_density": counts["predicted"] / counts["elements"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,20 +208,29 @@ def _train_step(graphdef, tx, params, opt_state, x, y, w):
   return optax.apply_updates(params, updates), opt_state, loss
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(graphdef, params, x):
-  return nnx.merge(graphdef, params)(x)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _chunk_counts(graphdef, k, params, x, y):
+  logits = nnx.merge(graphdef, params)(x)
+  return _oracle_counts(logits, y) if k is None else _topk_counts(logits, y, k)
 
 
-def _router_logits(graphdef, params, x: np.ndarray, batch_size: int) -> jax.Array:
-  return jnp.concatenate([_logits(graphdef, params, jnp.asarray(x[i:i + batch_size]))
-                          for i in range(0, x.shape[0], batch_size)])
+def _evaluate(graphdef, params, x: np.ndarray, y: np.ndarray, k: int | None,
+              batch_size: int) -> dict[str, float]:
+  """Counts of `_topk_counts` (k given) or `_oracle_counts` (k None), summed over chunks."""
+  totals: dict[str, float] = {}
+  for i in range(0, x.shape[0], batch_size):
+    counts = _chunk_counts(graphdef, k, params, jnp.asarray(x[i:i + batch_size]),
+                           jnp.asarray(y[i:i + batch_size]))
+    for name, value in counts.items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+  return totals
 
 
 def _fit(router: nnx.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-         y_val: np.ndarray, recall_fn: Callable[[jax.Array, np.ndarray], jax.Array],
-         config: RouterTrainConfig) -> tuple[nnx.Module, dict[str, Any]]:
-  """AdamW on the weighted BCE with early stop on recall_fn(val logits, val labels)."""
+         y_val: np.ndarray, k: int | None, config: RouterTrainConfig
+         ) -> tuple[nnx.Module, dict[str, Any]]:
+  """AdamW on the weighted BCE with early stop on the validation recall (top-k recall with
+  k given, else the oracle-budget recall)."""
   if x_train.shape[0] != y_train.shape[0] or x_val.shape[0] != y_val.shape[0]:
     raise ValueError(f"rows differ: {x_train.shape=} {y_train.shape=} {x_val.shape=} "
                      f"{y_val.shape=}")
@@ -231,8 +255,8 @@ def _fit(router: nnx.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np
                                             jnp.asarray(y_train[rows]), w)
       losses.append(loss)
     metrics["train_loss"].append(float(jnp.mean(jnp.stack(losses))))
-    logits = _router_logits(graphdef, params, x_val, config.eval_batch_size)
-    recall = float(recall_fn(logits, y_val))
+    counts = _evaluate(graphdef, params, x_val, y_val, k, config.eval_batch_size)
+    recall = float(_ratio(counts["hits"], counts["total"]))
     metrics["val_recall"].append(recall)
     if recall > best_recall:
       best_recall, best_epoch, best_params, stale = recall, epoch, params, 0
@@ -242,6 +266,10 @@ def _fit(router: nnx.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np
         break
   metrics.update(best_recall=best_recall, best_epoch=best_epoch,
                  epochs_run=len(metrics["val_recall"]))
+  if k is None:
+    counts = _evaluate(graphdef, best_params, x_val, y_val, None, config.eval_batch_size)
+    metrics["threshold_recall"] = float(_ratio(counts["threshold_hits"], counts["total"]))
+    metrics["predicted_density"] = counts["predicted"] / counts["elements"]
   return nnx.merge(graphdef, best_params), metrics
 
 
@@ -280,7 +308,7 @@ def train_head_router(x_train: np.ndarray, scores_train: np.ndarray, x_val: np.n
   k = num_selected(density, groups)
   router = HeadRouter(x_train.shape[1], groups, hidden=hidden, rngs=nnx.Rngs(config.seed))
   router, metrics = _fit(router, x_train, topk_labels(scores_train, k), x_val,
-                         topk_labels(scores_val, k), lambda l, y: topk_recall(l, y, k), config)
+                         topk_labels(scores_val, k), k, config)
   metrics["k"] = k
   return router, metrics
 
@@ -308,14 +336,8 @@ def train_neuron_router(x_train: np.ndarray, fired_train: np.ndarray, x_val: np.
   x_val, fired_val = _check_rows("val", x_val, fired_val)
   router = NeuronRouter(x_train.shape[1], fired_train.shape[1], rank=rank,
                         rngs=nnx.Rngs(config.seed))
-  router, metrics = _fit(router, x_train, fired_train.astype(bool), x_val,
-                         fired_val.astype(bool), oracle_budget_recall, config)
-  graphdef, params = nnx.split(router, nnx.Param)
-  logits = _router_logits(graphdef, params, x_val, config.eval_batch_size)
-  extra = threshold_metrics(logits, fired_val)
-  metrics["threshold_recall"] = float(extra["recall"])
-  metrics["predicted_density"] = float(extra["predicted_density"])
-  return router, metrics
+  return _fit(router, x_train, fired_train.astype(bool), x_val, fired_val.astype(bool), None,
+              config)
 
 
 def layer_importance(group_scores: np.ndarray, density: float) -> float:
