@@ -9,9 +9,9 @@ Neuron routers (ReLU MLPs): input the post-norm MLP input, labels whether each f
 fired, the same weighted loss; early stop on the recall at the oracle budget (module
 functions below).
 
-Weighted BCE: with w = mean(y) over the training labels (the positive rate), every element
-is weighted y * (1 - w) + (1 - y) * w: positives 1 - w, negatives w, so both classes carry
-the same total weight w * (1 - w) * N.
+Weighted BCE (Polar Sparsity's): with w = mean(y) over the training labels (the positive
+rate), every element is weighted y * (1 - w) + w: positives 1, negatives w, so the many
+negatives of a sparse label count less.
 
 Layer importance (for per-layer head densities): at the target density with
 k = ceil(target * G), importance_l = 1 - mean over rows of (sum of the row's k largest group
@@ -103,17 +103,18 @@ def topk_labels(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def bce_weights(labels: jax.Array, w: float | jax.Array) -> jax.Array:
-  """Per-element weights y * (1 - w) + (1 - y) * w of the weighted BCE.
+  """Per-element weights y * (1 - w) + w of the weighted BCE (Polar Sparsity's).
 
   Args:
     labels: [..., C] 0/1 labels y.
     w: positive rate mean(y) of the training labels.
 
   Returns:
-    float32 weights of labels' shape: positives 1 - w, negatives w.
+    float32 weights of labels' shape: positives 1, negatives w (the rarer the positives,
+    the less the many negatives count).
   """
   y = jnp.asarray(labels, jnp.float32)
-  return y * (1.0 - w) + (1.0 - y) * w
+  return y * (1.0 - w) + w
 
 
 def weighted_bce(logits: jax.Array, labels: jax.Array, w: float | jax.Array) -> jax.Array:
