@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
+from flashjax.ops.attention.api import check_platform
 from flashjax.ops.sparse_mlp.reference import ACTIVATIONS
 from flashjax.ops.sparse_mlp.xla import with_xla_backward
 
@@ -107,9 +108,7 @@ def _forward(x, w1, w2, neuron_indices, *, b1=None, b2=None, w3=None, activation
   if w1_layout != "FD":
     raise NotImplementedError("pallas_tpu sparse_mlp needs neuron-major weights: pass w1 "
                               f"(and w3) as [F, d] with w1_layout='FD', got {w1_layout=}")
-  if not interpret and jax.default_backend() != "tpu":
-    raise NotImplementedError("pallas_tpu sparse_mlp runs on a TPU; on "
-                              f"{jax.default_backend()!r} pass interpret=True")
+  check_platform("pallas_tpu", ("tpu", True), interpret)
   rows, d_model = x.shape
   k = neuron_indices.shape[0]
   k_pad = -(-k // _BLOCK_K) * _BLOCK_K

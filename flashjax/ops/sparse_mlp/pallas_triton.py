@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from flashjax.ops.attention.api import check_platform
 from flashjax.ops.sparse_mlp import block_sizes as block_sizes_lib
 from flashjax.ops.sparse_mlp.reference import ACTIVATIONS
 from flashjax.ops.sparse_mlp.xla import with_xla_backward
@@ -158,9 +159,7 @@ def _forward(x, w1, w2, neuron_indices, *, b1=None, b2=None, w3=None, activation
   if num_neurons * d_model >= 2**31:
     raise NotImplementedError(f"pallas_triton sparse_mlp addresses weights with int32 "
                               f"offsets: F * d = {num_neurons * d_model} >= 2**31")
-  if not interpret and jax.default_backend() != "gpu":
-    raise NotImplementedError("pallas_triton sparse_mlp runs on a GPU; on "
-                              f"{jax.default_backend()!r} pass interpret=True")
+  check_platform("pallas_triton", ("gpu", True), interpret)
   cfg = block_sizes_lib.resolve(block_sizes, rows=rows, d_model=d_model, k=k,
                                 num_cores=1 if interpret else _num_cores(),
                                 itemsize=x.dtype.itemsize, gated=w3 is not None)

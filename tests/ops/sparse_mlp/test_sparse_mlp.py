@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flashjax
+from flashjax.ops.attention import api as attention_api
 from flashjax.ops.sparse_mlp import reference
 from flashjax.ops.sparse_mlp.block_sizes import BlockSizes
 
@@ -178,7 +179,7 @@ class PallasTritonTest(SparseMLPSuite):
     if jax.default_backend() == "gpu":
       self.skipTest("runs compiled on a GPU")
     inputs = make_inputs(1, rows=2, d=64, f=256, k=8, dtype=jnp.float32)
-    with self.assertRaisesRegex(NotImplementedError, "interpret=True"):
+    with self.assertRaisesRegex(attention_api.BackendUnavailableError, "interpret=True"):
       flashjax.sparse_mlp(**inputs, implementation="pallas_triton")
     # A fallback list moves on to xla.
     out = flashjax.sparse_mlp(**inputs, implementation=["pallas_triton", "xla"])
