@@ -180,15 +180,13 @@ def stage_model(config: ml_collections.ConfigDict, variant: str, directory: str
     step = ckpt.latest_step()
     if source and step is None:
       raise ValueError(f"model_checkpoint.{variant}={source!r} holds no checkpoint")
-    if step is not None and (source or os.path.exists(info_path)):
+    if step is not None:  # a given checkpoint, or this stage's (saved once training ended)
       state, _ = ckpt.restore(step, trainer.state())
       trainer.load_state(state)
-      if os.path.exists(info_path):
-        return trainer.model(), _read_json(info_path)
-      info = {"source": source, "params_m": mc.num_params() / 1e6, "steps": trainer.step,
-              "val_loss": None, "train_s": 0.0}
-      _write_json(info_path, info)
-      return trainer.model(), info
+      if not os.path.exists(info_path):
+        _write_json(info_path, {"source": source or "trained", "steps": trainer.step,
+                                "params_m": mc.num_params() / 1e6, "val_loss": None})
+      return trainer.model(), _read_json(info_path)
     start = time.perf_counter()
     corpus = _corpus(config, config.seq_len + 1)
     opt = _optimizer(config)
