@@ -108,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Model training (skipped with a model_checkpoint).
   c.seq_len = 64 if small else 512
   c.train_batch_size = 16 if small else 32
-  c.train_steps = 300 if small else 2000
+  c.train_steps = 200 if small else 2000
   c.optimizer = ml_collections.ConfigDict({
       "peak_lr": 3e-3 if small else 1e-3, "warmup_steps": 30 if small else 200,
       "final_lr_fraction": 0.1, "weight_decay": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
@@ -136,8 +136,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_rows = 4 if small else 64
   c.eval_len = 48 if small else 512
   c.eval_prompt_len = 16 if small else 128
-  c.timing_iters = 4 if small else 50
-  c.timing_repeats = 2 if small else 5
+  c.timing_iters = 20 if small else 50
+  c.timing_repeats = 3 if small else 5
 
   c.setup_dir = ""  # "": <workdir>/setup
   c.progress = not small
