@@ -32,9 +32,10 @@ Variants:
 
 Implementations: `attention_impl` (training and prefill) and `decode_impl` (the decode step
 and the attention-kernel timing) are TransformerConfig values; None means the device's
-default backend (Pallas on a GPU). `sparse_mlp_impl` None runs flashjax.sparse_mlp on the
-decode backend where it has one, else its device default. The CPU variant sets "xla" for all
-three. `interpret` None: Pallas in interpret mode exactly on CPU.
+default backend (Pallas on a GPU). The routed decode step runs flashjax.sparse_mlp on the
+decode backend where it has one (else sparse_mlp's device default); `sparse_mlp_impl` is the
+backend of the MLP-kernel timing (`speedup_mlp`), None: the decode step's. The CPU variant
+sets "xla" for all three. `interpret` None: Pallas in interpret mode exactly on CPU.
 
 Grid overrides: `--config.models="('opt',)"`, `--config.batches="(1, 64)"`,
 `--config.contexts="(4096,)"`, `--config.densities="(1.0, 0.5)"` (new densities or batch
