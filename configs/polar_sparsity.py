@@ -14,11 +14,15 @@ perplexity / next-token agreement with the routers in the loop (docs/polar_spars
 Variants:
 
   "cpu": tiny models (d_model 64, 3 layers; llama 8 heads / 4 KV heads, opt 4 heads, d_ff
-      256) trained for 300 steps on 400 kB of the corpus, float32, xla attention and decode
-      (Pallas in interpret mode would take far longer than the 3-minute budget of this
-      variant): 2 models x B {1, 4} x context {16, 32} x density {1, .5} = 16 points.
-      Measured: 95 s for the whole command on this 2-core machine (jax 0.10.2; setup about
-      55 s of it). The numbers only show that everything runs.
+      256) trained for 200 steps on 400 kB of the corpus, float32, xla attention, decode and
+      sparse MLP (Pallas in interpret mode would take far longer than the 3-minute budget
+      of this variant): 2 models x B {1, 4} x context {16, 32} x density {1, .5} = 16
+      points. Measured: 96 s for the whole command on a 2-core machine shared with other
+      jobs (load average 5 falling to 2.5; jax 0.10.2), of which about 30 s is the setup
+      (training, collection, routers, calibration); a re-run of the finished sweep takes
+      3 s, and 8 more points (a third context) 30 s without any setup stage. The numbers
+      only show that everything runs: on these tiny CPU models the routers cost more than
+      the attention they skip.
   "gpu" (default on a GPU host): stand-in models trained here (12 layers, d_model 1024,
       bf16; llama 16 heads / 8 KV heads, opt 16 heads, 2000 steps of 32 x 512 tokens) until
       the trained ~100M-parameter models exist: 2 models x B {1, 8, 32, 64, 128, 256} x
@@ -52,7 +56,7 @@ VARIANTS = {
     "gpu": common.Variant("stand-in 12-layer llama (GQA) and opt (ReLU) models trained here, "
                           "B {1..256} x context {1k, 4k} x density {1, .5, .3}: 72 points "
                           "(GPU; not yet measured; default on a GPU host)"),
-    "cpu": common.Variant("tiny llama and opt models, xla: 16 points, ~95 s on 2 cores "
+    "cpu": common.Variant("tiny llama and opt models, xla: 16 points, ~100 s on 2 cores "
                           "(default on a CPU host)", cpu=True),
 }
 
