@@ -16,7 +16,7 @@ VOCAB = 61
 
 
 def tiny_model(variant, seed=0, **overrides):
-  fields = dict(variant=variant, vocab_size=VOCAB, d_model=64, num_layers=3, num_heads=4,
+  fields = dict(variant=variant, vocab_size=VOCAB, d_model=32, num_layers=3, num_heads=4,
                 num_kv_heads=2, d_ff=256, max_len=32, init_std=0.2)
   fields.update(overrides)
   return Transformer(TransformerConfig(**fields), rngs=nnx.Rngs(seed))
@@ -41,7 +41,7 @@ def planted_neuron_router(d, f, favoured, seed=0):
   return router
 
 
-def decode_after_prefill(model, prompts, steps=3, **kwargs):
+def decode_after_prefill(model, prompts, steps=2, **kwargs):
   cache = model.init_cache(prompts.shape[0], 32)
   logits, cache = model.prefill(prompts, cache)
   tokens = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
@@ -137,11 +137,11 @@ class RoutedDecodeTest(parameterized.TestCase):
     model = tiny_model("opt", use_bias=True)
     c = model.config
     rng = np.random.default_rng(3)
-    keep = np.sort(rng.choice(c.d_ff, 96, replace=False))
+    keep = np.sort(rng.choice(c.d_ff, 48, replace=False))
     policy = SparsityPolicy([None] * c.num_layers, [None] * c.num_layers,
                             neuron_routers=[None, planted_neuron_router(c.d_model, c.d_ff,
                                                                         keep), None],
-                            neuron_k={8: (None, 96, None)})
+                            neuron_k={8: (None, 48, None)})
     prompts = jax.random.randint(jax.random.key(4), (2, 6), 0, VOCAB)
     pruned = tiny_model("opt", use_bias=True)
     mlp = pruned.layers[1].mlp

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashjax.ops.attention import api as attention_api
-from flashjax.ops.attention.api import dispatch
+from flashjax.ops.attention.api import concrete, dispatch
 from flashjax.ops.sparse_mlp.block_sizes import BlockSizes
 from flashjax.ops.sparse_mlp.reference import ACTIVATIONS
 
@@ -41,14 +41,6 @@ def default_implementations() -> tuple[str, ...]:
   """Sparse MLP backends tried, in order, for `implementation=None` on the default device."""
   return tuple(name for name in attention_api.default_implementations()
                if name in SPARSE_MLP_BACKENDS)
-
-
-def _concrete(x) -> np.ndarray | None:
-  """Host copy of x, or None when x is traced."""
-  try:
-    return np.asarray(x)
-  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    return None
 
 
 def _check_array(name: str, x, shape: tuple[int, ...], dtype) -> None:
@@ -145,7 +137,7 @@ def sparse_mlp(
   k = neuron_indices.shape[0]
   if not 1 <= k <= num_neurons:
     raise ValueError(f"neuron_indices has k={k} ids; need 1 <= k <= F={num_neurons}")
-  host = _concrete(neuron_indices)
+  host = concrete(neuron_indices)
   if host is not None:
     bad = host[(host < 0) | (host >= num_neurons)]
     if bad.size:
