@@ -27,7 +27,8 @@ Variants:
       bf16; llama 16 heads / 8 KV heads, opt 16 heads, 2000 steps of 32 x 512 tokens) until
       the trained ~100M-parameter models exist: 2 models x B {1, 8, 32, 64, 128, 256} x
       context {1024, 4096} x density {1, .5, .3} = 72 points. Not run yet (no time
-      estimate measured).
+      measured). The setup runs once per workdir, stage by stage; a command stopped by a
+      time limit is run again and goes on from the last finished stage and point.
 
   python -m experiments.launch --config=configs/polar_sparsity.py:cpu \
       --workdir=/tmp/fj_polar_cpu
@@ -123,9 +124,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
 
   # Router data and training.
-  c.collect_batches = 8 if small else 64
+  c.collect_batches = 8 if small else 32
   c.collect_batch_size = 8 if small else 32
-  c.rows_per_sequence = 16 if small else 64
+  c.rows_per_sequence = 16 if small else 32
   c.router_val_fraction = 0.25 if small else 0.1
   c.router_epochs = 8 if small else 20
   c.router_batch_size = 64 if small else 256

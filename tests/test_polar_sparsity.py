@@ -142,7 +142,7 @@ class StudyTest(absltest.TestCase):
       self.assertEqual(row["status"], "ok", row.get("traceback"))
     self.assertLen(_rows(self.workdir), 4)  # no finished point ran twice
 
-  def test_llama_from_a_checkpoint(self):
+  def test_llama_from_a_checkpoint_resumes_after_a_failed_stage(self):
     config = _tiny_config(self.workdir, models=("llama",), densities=(0.5,))
     # A train_lm-style checkpoint (Trainer state) of an untrained model of the config's shape.
     model = Transformer(polar_sparsity.model_config(config, "llama"), rngs=nnx.Rngs(3))
@@ -152,8 +152,18 @@ class StudyTest(absltest.TestCase):
     saver.save(0, trainer.state(), {})
     saver.close()
     config.model_checkpoint.llama = source
-    with mock.patch.object(training.Trainer, "train_step",
-                           side_effect=AssertionError("trained instead of loading")):
+    no_training = mock.patch.object(training.Trainer, "train_step",
+                                    side_effect=AssertionError("trained instead of loading"))
+    # A run that dies in the head-router stage (after the model and collection stages).
+    with no_training, mock.patch.object(train, "train_head_routers",
+                                        side_effect=RuntimeError("killed")):
+      rows = launch.run(config, self.workdir, progress=False)
+    self.assertEqual(rows[0]["status"], "error")
+    self.assertIn("killed", rows[0]["error"])
+    # The next run (a new process) goes on from there: the collection is not redone.
+    polar_sparsity._SETUPS.clear()
+    with no_training, mock.patch.object(collect, "collect",
+                                        side_effect=AssertionError("collected again")):
       rows = launch.run(config, self.workdir, progress=False)
     self.assertLen(rows, 1)
     row = rows[0]
