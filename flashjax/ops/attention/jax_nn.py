@@ -59,76 +59,34 @@ def _call(name: str, implementation: str, query: jax.Array, key: jax.Array,
       return_residual=return_residual)
 
 
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: Any = None,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    is_causal: bool = False,
-    scale: Any = None,
-    logits_soft_cap: float | None = None,
-    query_seq_lengths: jax.Array | None = None,
-    key_value_seq_lengths: jax.Array | None = None,
-    local_window_size: tuple[int, int] | None = None,
-    return_residual: bool = False,
-    block_sizes: Any = None,
-    interpret: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                          block_sizes: Any = None, interpret: bool = False,
+                          **arguments: Any) -> jax.Array | tuple[jax.Array, jax.Array]:
   """jax.nn.dot_product_attention(implementation="xla") (backend "jax_nn").
 
   Args:
     query: [B, T, Nq, D].
     key: [B, S, Nkv, D].
     value: [B, S, Nkv, D].
-    bias: None or float [B|1, Nq|1, T, S].
-    mask: None | Mask | bool [B|1, Nq|1, T, S] (a BlockMask raises NotImplementedError).
-    q_segment_ids: None or int [B, T] (turned into a dense mask).
-    kv_segment_ids: None or int [B, S].
-    is_causal: as jax.nn.
-    scale: as jax.nn (a float or a traced scalar).
-    logits_soft_cap: must be None (NotImplementedError otherwise).
-    query_seq_lengths: as jax.nn (int32 [B] or None).
-    key_value_seq_lengths: as jax.nn.
-    local_window_size: as jax.nn ((left, right) or None).
-    return_residual: as jax.nn.
     block_sizes: ignored.
     interpret: ignored.
+    **arguments: the backend protocol's keywords as api.py passes them: bias, mask (None,
+      a Mask or bool [B|1, Nq|1, T, S]; a BlockMask raises NotImplementedError),
+      q_segment_ids / kv_segment_ids (turned into a dense mask), is_causal, scale (a float
+      or a traced scalar), logits_soft_cap (must be None), query_seq_lengths,
+      key_value_seq_lengths, local_window_size, return_residual (jax.nn's meaning).
 
   Returns:
     jax.nn.dot_product_attention's result.
   """
   del block_sizes, interpret
-  return _call("jax_nn", "xla", query, key, value, bias=bias, mask=mask,
-               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-               is_causal=is_causal, scale=scale, logits_soft_cap=logits_soft_cap,
-               query_seq_lengths=query_seq_lengths,
-               key_value_seq_lengths=key_value_seq_lengths,
-               local_window_size=local_window_size, return_residual=return_residual)
+  return _call("jax_nn", "xla", query, key, value, **arguments)
 
 
-def dot_product_attention_cudnn(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: Any = None,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    is_causal: bool = False,
-    scale: Any = None,
-    logits_soft_cap: float | None = None,
-    query_seq_lengths: jax.Array | None = None,
-    key_value_seq_lengths: jax.Array | None = None,
-    local_window_size: tuple[int, int] | None = None,
-    return_residual: bool = False,
-    block_sizes: Any = None,
-    interpret: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+def dot_product_attention_cudnn(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                                scale: Any = None, block_sizes: Any = None,
+                                interpret: bool = False, **arguments: Any
+                                ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """jax.nn.dot_product_attention(implementation="cudnn") (backend "cudnn").
 
   Args: as `dot_product_attention`; `scale` must be a Python float (api.py multiplies the
@@ -144,12 +102,8 @@ def dot_product_attention_cudnn(
   """
   del block_sizes, interpret
   try:
-    return _call("cudnn", "cudnn", query, key, value, bias=bias, mask=mask,
-                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                 is_causal=is_causal, scale=float(np.asarray(scale)),
-                 logits_soft_cap=logits_soft_cap, query_seq_lengths=query_seq_lengths,
-                 key_value_seq_lengths=key_value_seq_lengths,
-                 local_window_size=local_window_size, return_residual=return_residual)
+    return _call("cudnn", "cudnn", query, key, value, scale=float(np.asarray(scale)),
+                 **arguments)
   except NotImplementedError:
     raise
   except (ValueError, RuntimeError) as e:
