@@ -34,7 +34,9 @@ Each point (model, batch, context, density) then measures, with the point's Rout
       None for llama
   head_router_recall   mean over routed layers of the best validation top-k recall
   mlp_union_recall     (opt) mean over routed layers of the calibration's union recall at
-      k_l(B); mlp_density the mean k_l(B) / F
+      k_l(B); mlp_density the mean k_l(B) / F; neuron_k the k_l(B) per layer;
+      neuron_router_recall the neuron routers' mean best validation recall (each row keeps as
+      many units as fired)
   ppl_dense, ppl_sparse, next_token_agreement   evaluate.teacher_forced on held-out
       validation rows (`eval_rows` rows of `eval_len` tokens, single documents where
       possible, evaluated `batch` rows at a time so the MLP union is the batch's), the
@@ -636,8 +638,10 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
     metrics["head_k"] = list(routers.head_k())
     if setup.neurons is not None:
       stats = setup.calibration[str(config.batch)]
+      recalls = [r for r in setup.calibration["recall"] if r is not None]
       metrics.update(mlp_union_recall=stats["union_recall"], mlp_density=stats["density"],
-                     neuron_k=stats["k"])
+                     neuron_k=stats["k"],
+                     neuron_router_recall=float(np.mean(recalls)) if recalls else None)
       metrics.update(mlp_speedup(config, setup, routers))
   metrics.update(accuracy(config, setup, routers))
   return metrics

@@ -128,9 +128,10 @@ class StudyTest(absltest.TestCase):
       launch.run(config, self.workdir, progress=False)
     self.assertLen(_rows(self.workdir), 2)
 
-    # A new process (no loaded setup) growing the sweep: new points, no setup stage rerun.
+    # A new process (no loaded setup) growing the sweep by a batch size: new points, the
+    # neurons calibrated for it, and no training or collection stage rerun.
     polar_sparsity._SETUPS.clear()
-    config.contexts = (8, 12)
+    config.batches = (2, 3)
     forbidden = AssertionError("a setup stage ran again")
     with mock.patch.object(training.Trainer, "train_step", side_effect=forbidden), \
          mock.patch.object(collect, "collect", side_effect=forbidden), \
@@ -141,6 +142,9 @@ class StudyTest(absltest.TestCase):
     for row in rows:
       self.assertEqual(row["status"], "ok", row.get("traceback"))
     self.assertLen(_rows(self.workdir), 4)  # no finished point ran twice
+    saved = router_checkpoint.load_routers(
+        os.path.join(config.setup_dir, "opt", "routers", "d0.5"))
+    self.assertEqual(set(saved.neuron_k), {2, 3})
 
   def test_llama_from_a_checkpoint_resumes_after_a_failed_stage(self):
     config = _tiny_config(self.workdir, models=("llama",), densities=(0.5,))
