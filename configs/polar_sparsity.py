@@ -17,18 +17,20 @@ Variants:
       256) trained for 200 steps on 400 kB of the corpus, float32, xla attention, decode and
       sparse MLP (Pallas in interpret mode would take far longer than the 3-minute budget
       of this variant): 2 models x B {1, 4} x context {16, 32} x density {1, .5} = 16
-      points. Measured: 96 s for the whole command on a 2-core machine shared with other
-      jobs (load average 5 falling to 2.5; jax 0.10.2), of which about 30 s is the setup
+      points. Measured: 86 s and 96 s for the whole command on a 2-core machine shared with
+      other jobs (load averages 3 -> 1.7 and 5 -> 2.5; jax 0.10.2), about 30 s of it the setup
       (training, collection, routers, calibration); a re-run of the finished sweep takes
       3 s, and 8 more points (a third context) 30 s without any setup stage. The numbers
       only show that everything runs: on these tiny CPU models the routers cost more than
       the attention they skip.
-  "gpu" (default on a GPU host): stand-in models trained here (12 layers, d_model 1024,
-      bf16; llama 16 heads / 8 KV heads, opt 16 heads, 2000 steps of 32 x 512 tokens) until
-      the trained ~100M-parameter models exist: 2 models x B {1, 8, 32, 64, 128, 256} x
+  "gpu" (default on a GPU host): stand-in models trained here for a short fixed budget (12
+      layers, d_model 1024, bf16; llama 16 heads / 8 KV heads, 142M parameters; opt 16
+      heads, 156M; 2000 steps of 32 x 512 tokens, far from converged) until properly
+      trained models exist: 2 models x B {1, 8, 32, 64, 128, 256} x
       context {1024, 4096} x density {1, .5, .3} = 72 points. Not run yet (no time
       measured). The setup runs once per workdir, stage by stage; a command stopped by a
-      time limit is run again and goes on from the last finished stage and point.
+      time limit is run again and goes on from the last finished stage and point (the model
+      stage is checkpointed only when its training ends).
 
   python -m experiments.launch --config=configs/polar_sparsity.py:cpu \
       --workdir=/tmp/fj_polar_cpu
@@ -57,7 +59,7 @@ VARIANTS = {
     "gpu": common.Variant("stand-in 12-layer llama (GQA) and opt (ReLU) models trained here, "
                           "B {1..256} x context {1k, 4k} x density {1, .5, .3}: 72 points "
                           "(GPU; not yet measured; default on a GPU host)"),
-    "cpu": common.Variant("tiny llama and opt models, xla: 16 points, ~100 s on 2 cores "
+    "cpu": common.Variant("tiny llama and opt models, xla: 16 points, ~90 s on 2 cores "
                           "(default on a CPU host)", cpu=True),
 }
 
