@@ -19,7 +19,7 @@ exist, so a re-run or a resumed sweep does none of it again):
 Each point (model, batch, context, density) then measures, with the point's RouterSet:
 
   tokens_per_s_dense / tokens_per_s_sparse   batch / median decode-step time
-      (`decode_step_time` below: the model's decode step timed on the device, `timing_iters`
+      (`flashjax.sparsity.evaluate.decode_step_time`: the model's decode step timed on the device, `timing_iters`
       steps inside one jitted loop that carries the cache, so the new entry is written in
       place; a cache of `context` random entries per sequence, filled by
       evaluate.filled_cache; sparse = the routers inside the step; the dense step is timed
@@ -73,7 +73,6 @@ Config fields (configs/polar_sparsity.py sets all of them):
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -395,63 +394,6 @@ def get_setup(config: ml_collections.ConfigDict, variant: str) -> Setup:
   return _SETUPS[key]
 
 
-def decode_step_time(model: Transformer, policy: Any, cache: Any, *, iters: int,
-                     repeats: int, seed: int = 0) -> benchmarking.Timing:
-  """Device time of one decode step (dense when policy is None), the cache carried in place.
-
-  Like flashjax.sparsity.evaluate.decode_step_time (steps inside one jitted loop, two
-  rotating sets of random tokens, the same lengths every step), except that the cache is the
-  loop carry: each step writes its new entry into the carried cache, which XLA updates in
-  place, and the lengths are reset after every step. A cache passed as a loop-invariant
-  input (as benchmarking.time_in_loop does) cannot be updated in place, so every step would
-  also copy every layer's whole cache (reading and writing all of it), which is more
-  traffic than the attention itself and hides the head-sparse saving.
-
-  Args:
-    model: a flashjax Transformer.
-    policy: None (dense) or a SparsityPolicy.
-    cache: a filled KVCache (evaluate.filled_cache). It is donated to the loop (no second
-      copy of a cache that may fill most of the device) and must not be used afterwards:
-      use the returned one (the same entries, except the slot at `lengths`).
-    iters: steps per timed loop.
-    repeats: timed loops after the compiling call.
-    seed: seed of the token sets.
-
-  Returns:
-    (benchmarking.Timing (method "loop"; times_s per step, one per loop), the cache).
-  """
-  graphdef, state = nnx.split((model, policy))
-  vocab = model.config.vocab_size
-  tokens = jnp.stack([jax.random.randint(jax.random.key(seed + i), (cache.batch_size,), 0,
-                                         vocab) for i in range(2)])
-  lengths = cache.lengths
-
-  @functools.partial(jax.jit, donate_argnums=1)
-  def loop(state, cache, tokens):
-    model, policy = nnx.merge(graphdef, state)
-
-    def body(i, carry):
-      cache, acc = carry
-      logits, cache = model.decode_step(tokens[i % 2], cache, sparsity=policy)
-      cache = cache.replace(lengths=lengths)
-      return cache, acc + jnp.sum(logits)
-
-    return jax.lax.fori_loop(0, iters, body, (cache, jnp.zeros((), jnp.float32)))
-
-  start = time.perf_counter()
-  cache, acc = jax.block_until_ready(loop(state, cache, tokens))
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    cache, acc = jax.block_until_ready(loop(state, cache, tokens))
-    times.append((time.perf_counter() - start) / iters)
-  del acc
-  timing = benchmarking.Timing(compile_s=compile_s, times_s=tuple(times), method="loop",
-                               calls_per_sample=iters)
-  return timing, cache
-
-
 def _timing_metrics(prefix: str, timing: benchmarking.Timing) -> dict[str, float]:
   return {f"{prefix}": 1e6 * timing.median_s, f"{prefix}_p10": 1e6 * timing.p10_s,
           f"{prefix}_p90": 1e6 * timing.p90_s}
@@ -615,10 +557,10 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
   timing = dict(iters=config.timing_iters, repeats=config.timing_repeats, seed=config.seed)
   key = (config.batch, config.context)
   if key not in setup.dense_timings:
-    setup.dense_timings[key], cache = decode_step_time(model, None, cache, **timing)
+    setup.dense_timings[key], cache = evaluate.decode_step_time(model, None, cache, **timing)
   dense = setup.dense_timings[key]
   # At density 1.0 the dense step is timed again (the speed-up shows the noise).
-  sparse, cache = decode_step_time(model, policy, cache, **timing)
+  sparse, cache = evaluate.decode_step_time(model, policy, cache, **timing)
   metrics.update(tokens_per_s_dense=config.batch / dense.median_s,
                  tokens_per_s_sparse=config.batch / sparse.median_s,
                  speedup_e2e=dense.median_s / sparse.median_s, step_timing=dense.method,

@@ -51,8 +51,9 @@ class EvaluateTest(absltest.TestCase):
     policy = SparsityPolicy([None, planted_head_router(c.d_model, c.num_kv_heads, [1])],
                             [None, 1])
     for p in (None, policy):
-      timing = evaluate.decode_step_time(self.model, p, cache, iters=2, repeats=1)
+      timing, cache = evaluate.decode_step_time(self.model, p, cache, iters=2, repeats=1)
       self.assertGreater(timing.median_s, 0)
+      self.assertTrue(np.all(np.asarray(cache.lengths) == 8))  # every step at the same fill
 
 
 if __name__ == "__main__":
