@@ -1,8 +1,8 @@
 r"""Block-size tuning of the Pallas attention forward: search, check, record.
 
 Experiment kind attention_tune: for every (implementation, shape, mask) point it times the
-backend's heuristic tiles and every candidate of the search space
-(flashjax.ops.attention.autotune.candidates), checks the winner against the float32
+backend's heuristic tiles and every candidate of the backend's search space (`search_space`
+in flashjax/ops/attention/<backend>.py), checks the winner against the float32
 reference and records it, under the point's tuning key, in the user tuning cache
 ($FLASHJAX_TUNING_DIR or ~/.cache/flashjax/tuning/<device>.json; `--config.tuning_file`
 names another file). `dot_product_attention` then uses the recorded tiles by default

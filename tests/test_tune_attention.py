@@ -15,9 +15,10 @@ from configs import tune_attention
 from experiments import attention_bench
 from experiments import attention_tune
 from experiments import launch
-from flashjax.ops.attention import autotune
 from flashjax.ops.attention import pallas_triton
 from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.tuning import keys as tuning_keys
+from flashjax.ops.attention.tuning import store as tuning_store
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +55,7 @@ class RunPointTest(absltest.TestCase):
     super().setUp()
     self.dir = tempfile.mkdtemp(prefix="fj_tune_")
     self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
-    autotune.clear_cache()
+    tuning_store.clear_cache()
 
   def test_faster_heuristic_is_recorded_as_itself(self):
     config = tune_attention.get_config("cpu")
@@ -72,11 +73,11 @@ class RunPointTest(absltest.TestCase):
     self.assertEqual((metrics["winner"], metrics["best_ms"], metrics["speedup"]),
                      ("heuristic", 0.5, 0.5 / 3.0))
     self.assertTrue(metrics["within_tol"])
-    entries = list(autotune.load_entries(config.tuning_file).values())
+    entries = list(tuning_store.load_entries(config.tuning_file).values())
     self.assertLen(entries, 1)
     heuristic = pallas_triton.default_block_sizes(32, 64, 64, interpret=True)
-    self.assertEqual(autotune.block_sizes_from_dict(entries[0]["block_sizes"]), heuristic)
-    self.assertEqual(autotune.key_string(entries[0]["key"]), metrics["tuning_key"])
+    self.assertEqual(tuning_store.block_sizes_from_dict(entries[0]["block_sizes"]), heuristic)
+    self.assertEqual(tuning_keys.key_string(entries[0]["key"]), metrics["tuning_key"])
     self.assertEqual(json.loads(metrics["candidates"])[0], {"label": "32x32", "ms": 3.0})
 
   def test_winner_out_of_tolerance_is_not_recorded(self):
@@ -104,7 +105,7 @@ class LauncherTest(absltest.TestCase):
     with open(os.path.join(workdir, "results.jsonl")) as f:
       rows = [json.loads(line) for line in f if line.strip()]
     self.assertLen(rows, 2)
-    entries = autotune.load_entries(tuning_file)
+    entries = tuning_store.load_entries(tuning_file)
     for row in rows:
       metrics = row["metrics"]
       self.assertEqual(row["status"], "ok", row.get("error"))
@@ -114,7 +115,7 @@ class LauncherTest(absltest.TestCase):
       self.assertIn(metrics["tuning_key"], entries)
       entry = entries[metrics["tuning_key"]]
       self.assertEqual(entry["key"]["device_kind"], "cpu")
-      self.assertIsInstance(autotune.block_sizes_from_dict(entry["block_sizes"]), BlockSizes)
+      self.assertIsInstance(tuning_store.block_sizes_from_dict(entry["block_sizes"]), BlockSizes)
     text = tune_attention.write_summary(workdir)
     self.assertEqual(text.count("| candidate | ms |"), 2)
     self.assertIn("| 32x64 |", text)

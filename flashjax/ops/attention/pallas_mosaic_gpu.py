@@ -44,8 +44,8 @@ or `run_state`. There K^T comes pre-transposed from XLA, P goes through SMEM and
 product is added to the accumulator; everything else (lists, rings, barriers, masks,
 ping-pong) is the compiled code. docs/mosaic_gpu.md lists the interpreter's limits.
 
-Block sizes: block_q 64 or 128, block_kv >= 64; default: the measured entry of the autotune
-cache for this device and shape class (flashjax/ops/attention/tuned/, docs/autotune.md),
+Block sizes: block_q 64 or 128, block_kv >= 64; default: the measured entry of the tuning
+store for this device and shape class (flashjax/ops/attention/tuned/, docs/autotune.md),
 else 128 x 128 (D > 128: 128 x 64), halved in block_kv when stored mask tiles would not fit
 the 227 KiB of SMEM; num_stages is the ring depth (default 2).
 """
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -64,10 +65,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from flashjax.masks.block_mask import BlockMask
-from flashjax.ops.attention import autotune
 from flashjax.ops.attention import pallas_mosaic_gpu_vjp as mosaic_vjp
 from flashjax.ops.attention import pallas_triton as triton_backend
 from flashjax.ops.attention.configs import BlockSizes, padded_head_dim, pow2_ceil
+from flashjax.ops.attention.tuning import store as tuning_store
 
 _LOG2E = math.log2(math.e)
 _MAX_HEAD_DIM = 256
@@ -110,6 +111,25 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
   block_kv = 128 if padded_head_dim(head_dim) <= 128 else 64
   block_kv = max(_MIN_BLOCK_KV, min(block_kv, pow2_ceil(kv_len)))
   return BlockSizes(2 * _WGMMA_M, block_kv)
+
+
+def search_space(head_dim: int) -> list[BlockSizes]:
+  """Candidate forward tiles for the block-size search (flashjax.ops.attention.tuning.search).
+
+  block_q {64, 128} x block_kv {64, 128} x num_stages {2, 3} x persistent {False, True}: 16
+  candidates; block_kv 64 only when the padded D > 128 (a 128-key ring slot of D = 256
+  overflows shared memory): 8. Other shared-memory overflows are left to
+  `dot_product_attention` (ValueError, skipped by the search).
+
+  Args:
+    head_dim: D.
+
+  Returns:
+    The candidate BlockSizes, in search order.
+  """
+  kvs = (64, 128) if padded_head_dim(head_dim) <= 128 else (64,)
+  return [BlockSizes(block_q=q, block_kv=kv, num_stages=s, persistent=p)
+          for q, kv, s, p in itertools.product((64, 128), kvs, (2, 3), (False, True))]
 
 
 def _check_tiling(sizes: BlockSizes | None, block_q: int, block_kv: int) -> None:
@@ -554,7 +574,7 @@ def dot_product_attention(
     logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
     block_sizes: BlockSizes (block_q 64 or 128, block_kv >= 64, num_stages >= 2 the K/V
       ring depth, persistent for the persistent grids) or None for the tuned tiles of this
-      device (autotune cache) or `default_block_sizes`. The Mosaic GPU backward runs dQ at
+      device (tuning store) or `default_block_sizes`. The Mosaic GPU backward runs dQ at
       block_q x 64 and dK/dV at block_q_bwd x block_kv_bwd (default 64 x 128); other
       dK/dV tiles, D > 128, or a caller's BlockMask other than 64 x 64 run pallas_triton's
       backward (docs/mosaic_gpu.md).
@@ -577,8 +597,8 @@ def dot_product_attention(
     raise ValueError(f"{logits_soft_cap=} must be > 0")
   defaulted = block_sizes is None and not isinstance(mask, BlockMask)
   if defaulted:
-    # Measured tiles for this device and shape class (autotune cache) or the heuristic.
-    block_sizes = autotune.tuned_block_sizes(
+    # Measured tiles for this device and shape class (tuning store) or the heuristic.
+    block_sizes = tuning_store.tuned_block_sizes(
         "pallas_mosaic_gpu", query, key, mask=mask, is_causal=is_causal,
         q_segment_ids=q_segment_ids, interpret=interpret) or default_block_sizes(
             query.shape[3], query.shape[1], key.shape[1], interpret=interpret)

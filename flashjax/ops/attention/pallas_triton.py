@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -70,8 +71,8 @@ import jax.numpy as jnp
 from flashjax.masks import builders
 from flashjax.masks.block_mask import FULL, PARTIAL, BlockMask
 from flashjax.masks.rule import Band, element_mask
-from flashjax.ops.attention import autotune
 from flashjax.ops.attention.configs import BlockSizes, padded_head_dim, pow2_ceil
+from flashjax.ops.attention.tuning import store as tuning_store
 
 _LOG2E = math.log2(math.e)
 _MAX_HEAD_DIM = 256
@@ -107,6 +108,23 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
   return dataclasses.replace(
       sizes, block_q=fit_q(sizes.block_q), block_kv=fit_kv(sizes.block_kv),
       block_q_bwd=fit_q(sizes.bwd_q), block_kv_bwd=fit_kv(sizes.bwd_kv))
+
+
+def search_space(head_dim: int) -> list[BlockSizes]:
+  """Candidate forward tiles for the block-size search (flashjax.ops.attention.tuning.search).
+
+  block_q {64, 128} x block_kv {32, 64, 128} x num_warps {4, 8} x num_stages {2, 3}: 24
+  candidates for every D; the dK/dV tiles stay the heuristic's (`_block_masks`).
+
+  Args:
+    head_dim: D (unused: the same space for every D).
+
+  Returns:
+    The candidate BlockSizes, in search order.
+  """
+  del head_dim
+  return [BlockSizes(block_q=q, block_kv=kv, num_warps=w, num_stages=s)
+          for q, kv, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -693,11 +711,11 @@ def _block_masks(mask, query, key, *, is_causal, q_segment_ids, kv_segment_ids, 
     bm = build(block_q=mask.block_q, block_kv=mask.block_kv) if extra else mask
     return bm, bm, block_sizes or BlockSizes(*tiling)
   sizes = block_sizes or default_block_sizes(head_dim, q_len, kv_len, interpret=interpret)
-  tuned = None if block_sizes else autotune.tuned_block_sizes(
+  tuned = None if block_sizes else tuning_store.tuned_block_sizes(
       "pallas_triton", query, key, mask=mask, is_causal=is_causal,
       q_segment_ids=q_segment_ids, interpret=interpret)
   if tuned is not None:  # measured forward tiles / launch parameters; dK/dV tiles stay
-    sizes = dataclasses.replace(sizes, **autotune.block_sizes_to_dict(tuned))
+    sizes = dataclasses.replace(sizes, **tuning_store.block_sizes_to_dict(tuned))
   fwd = build(block_q=sizes.block_q, block_kv=sizes.block_kv)
   if (sizes.bwd_q, sizes.bwd_kv) == (sizes.block_q, sizes.block_kv) or fwd.q_perm is not None:
     # A permuted (RCM) BlockMask is reused as is so both passes share one permutation.

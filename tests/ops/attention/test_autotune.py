@@ -1,4 +1,4 @@
-"""Tests of the attention tuning cache (flashjax.ops.attention.autotune): keys, files, search."""
+"""Tests of attention block-size tuning (flashjax.ops.attention.tuning): keys, store, search."""
 
 import json
 import os
@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashjax import masks
-from flashjax.ops.attention import autotune
 from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.tuning import keys
+from flashjax.ops.attention.tuning import search
+from flashjax.ops.attention.tuning import store
 
 _DEVICE = "NVIDIA H200"
 
@@ -25,7 +27,7 @@ def _key(**overrides):
                 kv_len=4096, causal=True, density=0.5, group=1)
   fields.update(overrides)
   backend = fields.pop("backend", "pallas_mosaic_gpu")
-  return autotune.make_key(backend, **fields)
+  return keys.make_key(backend, **fields)
 
 
 def _lookup(**overrides):
@@ -33,7 +35,7 @@ def _lookup(**overrides):
                 kv_len=4096, causal=True, density=0.5, group=1)
   fields.update(overrides)
   backend = fields.pop("backend", "pallas_mosaic_gpu")
-  return autotune.lookup(backend, **fields)
+  return store.lookup(backend, **fields)
 
 
 class TuningTestCase(parameterized.TestCase):
@@ -47,11 +49,11 @@ class TuningTestCase(parameterized.TestCase):
     self.packaged_dir = pathlib.Path(root, "packaged")
     self.user_dir.mkdir()
     self.packaged_dir.mkdir()
-    self.enter_context(mock.patch.dict(os.environ, {autotune.ENV_DIR: str(self.user_dir)}))
-    os.environ.pop(autotune.ENV_ENABLE, None)
-    self.enter_context(mock.patch.object(autotune, "PACKAGED_DIR", self.packaged_dir))
-    autotune.clear_cache()
-    self.addCleanup(autotune.clear_cache)
+    self.enter_context(mock.patch.dict(os.environ, {store.ENV_DIR: str(self.user_dir)}))
+    os.environ.pop(store.ENV_ENABLE, None)
+    self.enter_context(mock.patch.object(store, "PACKAGED_DIR", self.packaged_dir))
+    store.clear_cache()
+    self.addCleanup(store.clear_cache)
 
   @property
   def user_file(self):
@@ -68,14 +70,14 @@ class KeyTest(parameterized.TestCase):
       (f"{n=}", n, want) for n, want in
       ((1, 128), (128, 128), (129, 256), (3000, 4096), (4096, 4096), (10**7, 131072)))
   def test_length_bucket(self, n, want):
-    self.assertEqual(autotune.bucket_length(n), want)
+    self.assertEqual(keys.bucket_length(n), want)
 
   @parameterized.named_parameters(
       (f"{density=}", density, want) for density, want in
       ((1.0, 1.0), (0.9, 1.0), (0.516, 0.5), (0.3, 0.25), (0.078, 0.0625), (1e-3, 1 / 64),
        (0.0, 1 / 64), (None, None)))
   def test_density_bucket(self, density, want):
-    self.assertEqual(autotune.bucket_density(density), want)
+    self.assertEqual(keys.bucket_density(density), want)
 
   def test_key_fields_and_text(self):
     key = _key(head_dim=80, q_len=3000, kv_len=5000, dtype=jnp.bfloat16, density=0.3,
@@ -84,10 +86,10 @@ class KeyTest(parameterized.TestCase):
                            "dtype": "bfloat16", "head_dim": 128, "causal": True,
                            "density": 0.25, "q_len": 4096, "kv_len": 8192, "group": 4})
     reordered = dict(reversed(list(key.items())))
-    self.assertEqual(autotune.key_string(reordered), autotune.key_string(key))
-    self.assertEqual(json.loads(autotune.key_string(key)), key)
-    self.assertEqual(autotune.device_slug(_DEVICE), "nvidia_h200")
-    self.assertEqual(autotune.padded_head_dim(8), 16)
+    self.assertEqual(keys.key_string(reordered), keys.key_string(key))
+    self.assertEqual(json.loads(keys.key_string(key)), key)
+    self.assertEqual(keys.device_slug(_DEVICE), "nvidia_h200")
+    self.assertEqual(keys.padded_head_dim(8), 16)
 
   @parameterized.named_parameters(
       ("q_len=0", dict(q_len=0), "n="), ("density=1.5", dict(density=1.5), "density="),
@@ -99,53 +101,53 @@ class KeyTest(parameterized.TestCase):
 
   def test_block_sizes_round_trip(self):
     sizes = BlockSizes(block_q=64, block_kv=128, num_stages=3, persistent=True)
-    fields = autotune.block_sizes_to_dict(sizes)
+    fields = store.block_sizes_to_dict(sizes)
     self.assertEqual(fields, {"block_q": 64, "block_kv": 128, "num_stages": 3,
                               "persistent": True})
-    self.assertEqual(autotune.block_sizes_from_dict(fields), sizes)
-    self.assertEqual(autotune.describe(sizes), "64x128 s3 persistent")
+    self.assertEqual(store.block_sizes_from_dict(fields), sizes)
+    self.assertEqual(search.describe(sizes), "64x128 s3 persistent")
     with self.assertRaisesRegex(ValueError, "unknown BlockSizes fields"):
-      autotune.block_sizes_from_dict({"block_q": 64, "warps": 4})
+      store.block_sizes_from_dict({"block_q": 64, "warps": 4})
 
   @parameterized.named_parameters(
       (f"{backend=}_{head_dim=}", backend, head_dim, count) for backend, head_dim, count in
       (("pallas_mosaic_gpu", 128, 16), ("pallas_mosaic_gpu", 256, 8),
        ("pallas_triton", 64, 24)))
   def test_candidates(self, backend, head_dim, count):
-    space = autotune.candidates(backend, head_dim)
+    space = search.candidates(backend, head_dim)
     self.assertLen(space, count)
     self.assertLen(set(space), count)
     if backend == "pallas_mosaic_gpu":
       self.assertTrue(all(s.block_q in (64, 128) and s.block_kv >= 64 for s in space))
       self.assertEqual({s.persistent for s in space}, {False, True})
     with self.assertRaisesRegex(ValueError, "backend="):
-      autotune.candidates("xla", head_dim)
+      search.candidates("xla", head_dim)
 
 
 class MaskFeaturesTest(parameterized.TestCase):
 
   def test_features(self):
     t = 1024  # 8 x 8 tiles of 128: causal keeps 36 of 64
-    self.assertEqual(autotune.mask_features(None, t, t), (False, 1.0))
-    self.assertEqual(autotune.mask_features(None, t, t, is_causal=True), (True, 36 / 64))
-    self.assertEqual(autotune.mask_features(masks.causal(t, t), t, t), (True, 36 / 64))
+    self.assertEqual(keys.mask_features(None, t, t), (False, 1.0))
+    self.assertEqual(keys.mask_features(None, t, t, is_causal=True), (True, 36 / 64))
+    self.assertEqual(keys.mask_features(masks.causal(t, t), t, t), (True, 36 / 64))
     ids = np.repeat(np.arange(4), 256)[None]
-    causal, density = autotune.mask_features(masks.document(ids), t, t)
+    causal, density = keys.mask_features(masks.document(ids), t, t)
     self.assertTrue(causal)
     self.assertAlmostEqual(density, 4 * 3 / 64)  # 2 x 2 tiles per document, 3 non-empty
     full_docs = masks.document(ids, causal=False)
-    self.assertEqual(autotune.mask_features(full_docs, t, t), (False, 16 / 64))
-    self.assertEqual(autotune.mask_features(full_docs, t, t, is_causal=True), (True, 12 / 64))
-    self.assertFalse(autotune.mask_features(masks.sliding_window(t, t, 128, 128), t, t)[0])
-    self.assertEqual(autotune.mask_features(None, t, t, has_segment_ids=True), (False, None))
+    self.assertEqual(keys.mask_features(full_docs, t, t), (False, 16 / 64))
+    self.assertEqual(keys.mask_features(full_docs, t, t, is_causal=True), (True, 12 / 64))
+    self.assertFalse(keys.mask_features(masks.sliding_window(t, t, 128, 128), t, t)[0])
+    self.assertEqual(keys.mask_features(None, t, t, has_segment_ids=True), (False, None))
     bool_mask = jnp.ones((1, 1, t, t), bool)
-    self.assertEqual(autotune.mask_features(bool_mask, t, t, is_causal=True), (True, None))
+    self.assertEqual(keys.mask_features(bool_mask, t, t, is_causal=True), (True, None))
 
 
 class LookupTest(TuningTestCase):
 
   def _record(self, path, sizes, **key_overrides):
-    autotune.record(autotune.make_entry(_key(**key_overrides), sizes, 1.0), path)
+    store.record(store.make_entry(_key(**key_overrides), sizes, 1.0), path)
 
   def test_missing_files_give_none(self):
     self.assertIsNone(_lookup())
@@ -185,13 +187,13 @@ class LookupTest(TuningTestCase):
   def test_disabled_by_env_and_context(self):
     self._record(self.user_file, BlockSizes(64, 64))
     self.assertEqual(_lookup(), BlockSizes(64, 64))
-    with autotune.disabled():
+    with store.disabled():
       self.assertIsNone(_lookup())
     self.assertEqual(_lookup(), BlockSizes(64, 64))
     for value in ("0", "false", "OFF"):
-      with mock.patch.dict(os.environ, {autotune.ENV_ENABLE: value}):
+      with mock.patch.dict(os.environ, {store.ENV_ENABLE: value}):
         self.assertIsNone(_lookup(), value)
-    with mock.patch.dict(os.environ, {autotune.ENV_ENABLE: "1"}):
+    with mock.patch.dict(os.environ, {store.ENV_ENABLE: "1"}):
       self.assertEqual(_lookup(), BlockSizes(64, 64))
 
   def test_rewritten_file_is_seen(self):
@@ -204,55 +206,55 @@ class LookupTest(TuningTestCase):
     device = jax.devices()[0].device_kind
     q = jnp.zeros((1, 1024, 4, 64), jnp.bfloat16)
     k = jnp.zeros((1, 1024, 2, 64), jnp.bfloat16)
-    path = self.user_dir / f"{autotune.device_slug(device)}.json"
-    autotune.record(autotune.make_entry(
-        autotune.make_key("pallas_triton", device_kind=device, dtype="bfloat16", head_dim=64,
+    path = self.user_dir / f"{keys.device_slug(device)}.json"
+    store.record(store.make_entry(
+        keys.make_key("pallas_triton", device_kind=device, dtype="bfloat16", head_dim=64,
                           q_len=1024, kv_len=1024, causal=True, density=36 / 64, group=2),
         BlockSizes(64, 32)), path)
     call = dict(mask=None, is_causal=True, q_segment_ids=None)
-    self.assertEqual(autotune.tuned_block_sizes("pallas_triton", q, k, **call),
+    self.assertEqual(store.tuned_block_sizes("pallas_triton", q, k, **call),
                      BlockSizes(64, 32))
-    self.assertIsNone(autotune.tuned_block_sizes("pallas_triton", q, k, interpret=True,
+    self.assertIsNone(store.tuned_block_sizes("pallas_triton", q, k, interpret=True,
                                                  **call))
     block_mask = masks.BlockMask.from_mask(masks.causal(1024, 1024), 64, 32)
-    self.assertIsNone(autotune.tuned_block_sizes("pallas_triton", q, k, mask=block_mask))
+    self.assertIsNone(store.tuned_block_sizes("pallas_triton", q, k, mask=block_mask))
 
 
 class FileTest(TuningTestCase):
 
   def test_merge_keeps_existing_entries(self):
-    first = autotune.make_entry(_key(), BlockSizes(64, 64), 2.0)
-    second = autotune.make_entry(_key(causal=False), BlockSizes(128, 64), 1.0,
+    first = store.make_entry(_key(), BlockSizes(64, 64), 2.0)
+    second = store.make_entry(_key(causal=False), BlockSizes(128, 64), 1.0,
                                  heuristic_ms=1.5)
-    autotune.record(first, self.user_file)
-    autotune.record(second, self.user_file)
-    entries = autotune.load_entries(self.user_file)
+    store.record(first, self.user_file)
+    store.record(second, self.user_file)
+    entries = store.load_entries(self.user_file)
     self.assertLen(entries, 2)
-    self.assertEqual(entries[autotune.key_string(second["key"])]["heuristic_ms"], 1.5)
-    replacement = autotune.make_entry(_key(), BlockSizes(128, 128), 1.0)
-    autotune.save([replacement], self.user_file)
-    entries = autotune.load_entries(self.user_file)
+    self.assertEqual(entries[keys.key_string(second["key"])]["heuristic_ms"], 1.5)
+    replacement = store.make_entry(_key(), BlockSizes(128, 128), 1.0)
+    store.save([replacement], self.user_file)
+    entries = store.load_entries(self.user_file)
     self.assertLen(entries, 2)
-    self.assertEqual(entries[autotune.key_string(first["key"])]["block_sizes"],
+    self.assertEqual(entries[keys.key_string(first["key"])]["block_sizes"],
                      {"block_q": 128, "block_kv": 128})
     leftovers = [p.name for p in self.user_dir.iterdir() if p.name.endswith(".tmp")]
     self.assertEmpty(leftovers)
     data = json.loads(self.user_file.read_text())
     self.assertEqual((data["format"], data["version"]),
-                     (autotune.FILE_FORMAT, autotune.FILE_VERSION))
+                     (store.FILE_FORMAT, store.FILE_VERSION))
     nested = self.user_dir / "new" / "dir.json"
-    autotune.record(first, nested)  # creates the directory
-    self.assertLen(autotune.load_entries(nested), 1)
+    store.record(first, nested)  # creates the directory
+    self.assertLen(store.load_entries(nested), 1)
 
   @parameterized.named_parameters(
       ("not_json", "{entries: []"),
       ("wrong_format", json.dumps({"format": "other", "version": 1, "entries": []})),
-      ("entries_not_list", json.dumps({"format": autotune.FILE_FORMAT, "version": 1,
+      ("entries_not_list", json.dumps({"format": store.FILE_FORMAT, "version": 1,
                                        "entries": {}})),
-      ("key_missing_field", json.dumps({"format": autotune.FILE_FORMAT, "version": 1,
+      ("key_missing_field", json.dumps({"format": store.FILE_FORMAT, "version": 1,
                                         "entries": [{"key": {"backend": "x"},
                                                      "block_sizes": {}}]})),
-      ("bad_block_sizes", json.dumps({"format": autotune.FILE_FORMAT, "version": 1,
+      ("bad_block_sizes", json.dumps({"format": store.FILE_FORMAT, "version": 1,
                                       "entries": [{"key": _key(),
                                                    "block_sizes": {"block_q": 96}}]})))
   def test_malformed_file_names_the_file(self, text):
@@ -260,13 +262,29 @@ class FileTest(TuningTestCase):
     with self.assertRaisesRegex(ValueError, str(self.user_file)):
       _lookup()
     with self.assertRaisesRegex(ValueError, str(self.user_file)):
-      autotune.record(autotune.make_entry(_key(), BlockSizes(64, 64)), self.user_file)
+      store.record(store.make_entry(_key(), BlockSizes(64, 64)), self.user_file)
     self.assertEqual(self.user_file.read_text(), text)  # left as it was
 
   def test_bad_entry_is_refused(self):
     with self.assertRaisesRegex(ValueError, "exactly the fields"):
-      autotune.record({"key": {"backend": "x"}, "block_sizes": {}}, self.user_file)
+      store.record({"key": {"backend": "x"}, "block_sizes": {}}, self.user_file)
     self.assertFalse(self.user_file.exists())
+
+
+class PackagedFilesTest(parameterized.TestCase):
+  """The shipped files (flashjax/ops/attention/tuned/, package data) parse and are found."""
+
+  def test_packaged_files_parse_and_are_found(self):
+    paths = sorted(store.PACKAGED_DIR.glob("*.json"))
+    self.assertNotEmpty(paths)
+    for path in paths:
+      entries = store.load_entries(path)
+      self.assertNotEmpty(entries)
+      device_kind = next(iter(entries.values()))["key"]["device_kind"]
+      self.assertEqual(store.packaged_file(device_kind), path)
+      for entry in entries.values():
+        self.assertIn(entry["key"]["backend"], search.TUNABLE)
+        self.assertIsInstance(store.block_sizes_from_dict(entry["block_sizes"]), BlockSizes)
 
 
 class SearchTest(parameterized.TestCase):
@@ -281,7 +299,7 @@ class SearchTest(parameterized.TestCase):
         raise ValueError(f"tiles {sizes.block_q}x{sizes.block_kv} overflow shared memory")
       return times[sizes]
 
-    best, rows = autotune.search(space, time_fn, key=_key())
+    best, rows = search.search(space, time_fn, key=_key())
     self.assertEqual(best, BlockSizes(128, 64))
     self.assertEqual([r["ms"] for r in rows], [3.0, 1.5, None, 2.0])
     self.assertEqual(rows[2]["error"], "ValueError: tiles 128x128 overflow shared memory")
@@ -293,19 +311,19 @@ class SearchTest(parameterized.TestCase):
       raise NotImplementedError(f"no {sizes.block_q}")
 
     with self.assertRaisesRegex(RuntimeError, "no candidate ran.*no 64.*no 128"):
-      autotune.search([BlockSizes(64, 64), BlockSizes(128, 64)], time_fn, key=_key())
+      search.search([BlockSizes(64, 64), BlockSizes(128, 64)], time_fn, key=_key())
     with self.assertRaisesRegex(ValueError, "no candidates"):
-      autotune.search([], time_fn)
+      search.search([], time_fn)
 
   def test_errors_outside_skip_propagate(self):
     def time_fn(sizes):
       raise TypeError(f"bug {sizes}")
 
     with self.assertRaises(TypeError):
-      autotune.search([BlockSizes(64, 64)], time_fn, skip=(ValueError,))
+      search.search([BlockSizes(64, 64)], time_fn, skip=(ValueError,))
 
   def test_non_finite_time_is_a_failure(self):
-    best, rows = autotune.search([BlockSizes(64, 64), BlockSizes(128, 64)],
+    best, rows = search.search([BlockSizes(64, 64), BlockSizes(128, 64)],
                                  lambda s: float("nan") if s.block_q == 128 else 1.0)
     self.assertEqual(best, BlockSizes(64, 64))
     self.assertIn("nan", rows[1]["error"])
@@ -322,14 +340,14 @@ class BackendWiringTest(parameterized.TestCase):
   def test_pallas_triton_takes_tuned_forward_tiles(self):
     from flashjax.ops.attention import pallas_triton  # pylint: disable=g-import-not-at-top
     q, k, _ = self._qkv(jnp.float32)
-    with mock.patch.object(autotune, "tuned_block_sizes",
+    with mock.patch.object(store, "tuned_block_sizes",
                            return_value=BlockSizes(64, 32, num_warps=8)) as spy:
       fwd, _, sizes = pallas_triton._block_masks(  # pylint: disable=protected-access
           None, q, k, is_causal=True, q_segment_ids=None, kv_segment_ids=None,
           block_sizes=None, interpret=True)
     self.assertEqual(spy.call_args.args[0], "pallas_triton")
     self.assertEqual((fwd.block_q, fwd.block_kv, sizes.num_warps), (64, 32, 8))
-    with mock.patch.object(autotune, "tuned_block_sizes") as spy:
+    with mock.patch.object(store, "tuned_block_sizes") as spy:
       pallas_triton._block_masks(  # pylint: disable=protected-access
           None, q, k, is_causal=True, q_segment_ids=None, kv_segment_ids=None,
           block_sizes=BlockSizes(32, 32), interpret=True)
@@ -339,7 +357,7 @@ class BackendWiringTest(parameterized.TestCase):
     from flashjax.ops.attention import pallas_mosaic_gpu  # pylint: disable=g-import-not-at-top
     q, k, v = self._qkv(jnp.float16)
     forward = pallas_mosaic_gpu._forward  # pylint: disable=protected-access
-    with mock.patch.object(autotune, "tuned_block_sizes",
+    with mock.patch.object(store, "tuned_block_sizes",
                            return_value=BlockSizes(128, 64, persistent=True)), \
         mock.patch.object(pallas_mosaic_gpu, "_forward", wraps=forward) as spy:
       jax.eval_shape(lambda q, k, v: pallas_mosaic_gpu.dot_product_attention(
