@@ -21,10 +21,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from flashjax.masks.block_mask import EMPTY, FULL, PARTIAL
 from flashjax.masks.rule import Band, ElementRule, element_mask
+
+# Tile kinds (the values of Mask.block_kinds and BlockMask.kinds).
+EMPTY, PARTIAL, FULL = 0, 1, 2
 
 # Upper bound on elements materialised at once by the chunked helpers.
 _CHUNK_ELEMENTS = 1 << 22
@@ -52,10 +57,10 @@ def _positions(start: np.ndarray, size: int, length: int):
   return pos, np.clip(pos, 0, length - 1), valid
 
 
-def _block_reduce(x: np.ndarray, block: int, fill: Any, fn) -> np.ndarray:
+def _block_reduce(x: Any, block: int, fill: Any, fn, xp: Any = np) -> Any:
   """fn over consecutive blocks of the last axis of x [..., L] (padded with fill)."""
   pad = _cdiv(x.shape[-1], block) * block - x.shape[-1]
-  x = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=fill)
+  x = xp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=fill)
   return fn(x.reshape(*x.shape[:-1], -1, block), axis=-1)
 
 
@@ -158,6 +163,15 @@ class _SegmentIndex:
     return self._range(seg, start, stop)
 
 
+# ----------------------------------------------------------------------------- rule tiles
+# The tile classification of a rule exists twice: numpy on the host (`rule_row_counts`,
+# `rule_block_kinds`: exact, used by Mask and the host BlockMask builder) and jax.numpy on the
+# device (`device_rule_row_counts`, `device_rule_block_kinds`: traceable, used by
+# flashjax.masks.builders for traced segment ids). They must agree: row counts exactly,
+# kinds up to the device's documented conservatism. Change them together;
+# tests/masks/test_builders.py (TwinsTest) checks them on random rules.
+
+
 def rule_row_counts(rule: ElementRule, q_len: int, kv_len: int) -> np.ndarray:
   """Allowed keys per query row of a rule (exact, O((T + S) log S)).
 
@@ -181,6 +195,59 @@ def rule_row_counts(rule: ElementRule, q_len: int, kv_len: int) -> np.ndarray:
     if pre is not None:
       out[b] += index.prefix(qs[b], 0, kv_len)
   return out
+
+
+def device_rule_row_counts(rule: ElementRule, q_len: int, kv_len: int) -> jax.Array:
+  """jax.numpy twin of `rule_row_counts` (exact, jit-traceable): int32 [B|1, T].
+
+  Keys are sorted by (segment id, shifted position) with prefix keys at positions [0, S)
+  and the others at [S, 2S); a vectorised lexicographic binary search then counts keys of
+  a segment in a position range, O((T + S) log S).
+
+  Args:
+    rule: ElementRule with jnp int32 ids and bool prefix flags of one batch size.
+    q_len: T.
+    kv_len: S.
+
+  Returns:
+    int32 [B|1, T].
+  """
+  rows = jnp.arange(q_len, dtype=jnp.int32)
+  lo, hi = rule.band.lo, rule.band.hi
+  x = jnp.zeros_like(rows) if lo is None else jnp.clip(rows + lo, 0, kv_len)
+  y = jnp.full_like(rows, kv_len) if hi is None else jnp.clip(rows + hi + 1, 0, kv_len)
+  y = jnp.maximum(x, y)
+  if not rule.has_segments:
+    return (y - x)[None]
+  qs, ks, pre = rule.q_segment_ids, rule.kv_segment_ids, rule.kv_in_prefix
+  pos = jnp.arange(kv_len, dtype=jnp.int32)
+  shifted = jnp.broadcast_to(pos + kv_len, ks.shape)
+  if pre is not None:
+    shifted = jnp.where(pre, pos, pos + kv_len)
+  order = jnp.lexsort((shifted, ks), axis=-1)
+  seg_sorted = jnp.take_along_axis(ks, order, axis=-1)
+  pos_sorted = jnp.take_along_axis(shifted, order, axis=-1)
+
+  def count_below(seg, p):
+    """Keys (s, q) < (seg, p) lexicographically, per query: [B, T]."""
+    def body(_, carry):
+      first, last = carry
+      mid = (first + last) // 2
+      probe = jnp.minimum(mid, kv_len - 1)
+      ms = jnp.take_along_axis(seg_sorted, probe, axis=-1)
+      mp = jnp.take_along_axis(pos_sorted, probe, axis=-1)
+      below = (ms < seg) | ((ms == seg) & (mp < p))
+      active = first < last
+      return (jnp.where(active & below, mid + 1, first),
+              jnp.where(active & ~below, mid, last))
+    start = (jnp.zeros_like(seg), jnp.full_like(seg, kv_len))
+    return lax.fori_loop(0, kv_len.bit_length() + 1, body, start)[0]
+
+  counts = count_below(qs, y[None] + kv_len) - count_below(qs, x[None] + kv_len)
+  if pre is not None:
+    counts = counts + count_below(qs, jnp.full_like(qs, kv_len)) - count_below(
+        qs, jnp.zeros_like(qs))
+  return counts
 
 
 def rule_block_kinds(rule: ElementRule, q_len: int, kv_len: int, block_q: int,
@@ -250,6 +317,44 @@ def _candidate_counts(band: Band, index: _SegmentIndex, q_seg: np.ndarray, qi: n
   if has_prefix:
     counts = counts + index.prefix(seg, k0, k1)
   return np.where(valid, counts, 0).sum(axis=1)
+
+
+def device_rule_block_kinds(rule: ElementRule, q_len: int, kv_len: int, block_q: int,
+                       block_kv: int) -> jax.Array:
+  """jax.numpy twin of `rule_block_kinds` (jit-traceable): int8 [B|1, 1, nq, nk].
+
+  Conservative: per-block min/max of the ids decide, with no exact count, so a tile may be
+  PARTIAL where `rule_block_kinds` says EMPTY or FULL (never EMPTY or FULL where it says
+  otherwise); equal for sorted ids under a causal or unbounded band without prefix flags.
+  Arguments and result as for `rule_block_kinds`, except that the rule holds jnp int32 ids
+  and bool prefix flags of one batch size (flashjax.masks.builders broadcasts them).
+  """
+  band = band_block_kinds(rule.band, q_len, kv_len, block_q, block_kv)
+  if not rule.has_segments:
+    return jnp.asarray(band)[None, None]
+  inside = jnp.asarray(_tile_grid_geometry(q_len, kv_len, block_q, block_kv)[2])
+  band = jnp.asarray(band)
+  big, small = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+  qs, ks, pre = rule.q_segment_ids, rule.kv_segment_ids, rule.kv_in_prefix
+  qmin = _block_reduce(qs, block_q, big, jnp.min, jnp)[:, :, None]
+  qmax = _block_reduce(qs, block_q, small, jnp.max, jnp)[:, :, None]
+  kmin = _block_reduce(ks, block_kv, big, jnp.min, jnp)[:, None, :]
+  kmax = _block_reduce(ks, block_kv, small, jnp.max, jnp)[:, None, :]
+  single = (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
+  nonempty = (qmin <= kmax) & (kmin <= qmax) & (band != EMPTY)
+  full = single & (band == FULL)
+  if pre is not None:
+    # Prefix keys are visible from their whole segment, outside the band too.
+    pmin = _block_reduce(jnp.where(pre, ks, big), block_kv, big, jnp.min, jnp)[:, None, :]
+    pmax = _block_reduce(jnp.where(pre, ks, small), block_kv, small, jnp.max, jnp)[:, None, :]
+    nonempty = nonempty | ((pmin <= qmax) & (qmin <= pmax))
+    all_prefix = _block_reduce(pre, block_kv, True, jnp.all, jnp)[:, None, :]
+    full = full | (single & all_prefix & inside)
+  kinds = jnp.where(full, FULL, jnp.where(nonempty, PARTIAL, EMPTY)).astype(jnp.int8)
+  return kinds[:, None]
+
+
+# ----------------------------------------------------------------------------- rule algebra
 
 
 def _band_and(a: Band, b: Band) -> Band | None:

@@ -7,13 +7,15 @@ fewer tiles are non-empty. Attention is permutation-equivariant: with P the perm
 
   attend(q, k, v, M) = unpermute(attend(q[P], k[P], v[P], M[P][:, P]))
 
-`block_mask_rcm` builds the BlockMask of the permuted mask and stores P as q_perm / kv_perm;
-`permute_qkv` and `unpermute_output` apply it around any backend.
+`flashjax.masks.block_mask.block_mask_rcm` builds the BlockMask of the permuted mask and
+stores P as q_perm / kv_perm; `permute_qkv` and `unpermute_output` apply it around any backend
+(the one route every backend takes), `unpermute_dense_mask` brings its expanded element mask
+back to the original order. They read only q_perm / kv_perm of the BlockMask, so this module
+sits below flashjax.masks.block_mask.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -22,9 +24,7 @@ import numpy as np
 import scipy.sparse
 from scipy.sparse import csgraph
 
-from flashjax.masks import builders
 from flashjax.masks import masks as masks_lib
-from flashjax.masks.block_mask import BlockMask
 
 
 def _square_mask(mask: Any) -> masks_lib.Mask:
@@ -85,27 +85,16 @@ def permute_mask(mask: Any, perm: np.ndarray) -> masks_lib.Mask:
   return masks_lib.CoordinateMask(t, t, inv[rows], inv[cols])
 
 
-def block_mask_rcm(mask: Any, block_q: int, block_kv: int) -> BlockMask:
-  """Host BlockMask of the RCM-reordered mask, with q_perm = kv_perm = the RCM order.
+def _permute(x: jax.Array, perm: Any, axis: int) -> jax.Array:
+  return jnp.take(x, jnp.asarray(perm), axis=axis)
 
-  Also reached through `BlockMask.from_mask(mask, block_q, block_kv, reorder="rcm")`
-  (cached per Mask object).
 
-  Args:
-    mask: a flashjax.masks Mask or bool array (T, T).
-    block_q: query tile size.
-    block_kv: key tile size.
-
-  Returns:
-    BlockMask of the permuted mask; use with `permute_qkv` / `unpermute_output`.
-  """
-  perm, _ = rcm_permutation(mask)
-  bm = builders.block_mask_from_mask(permute_mask(mask, perm), block_q, block_kv)
-  return dataclasses.replace(bm, q_perm=perm, kv_perm=perm)
+def _unpermute(x: jax.Array, perm: Any, axis: int) -> jax.Array:
+  return jnp.take(x, jnp.argsort(jnp.asarray(perm)), axis=axis)
 
 
 def permute_qkv(query: jax.Array, key: jax.Array, value: jax.Array,
-                bm: BlockMask) -> tuple[jax.Array, jax.Array, jax.Array]:
+                bm: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Reorders the sequence axes for an RCM BlockMask (identity when it has none).
 
   Args:
@@ -118,14 +107,13 @@ def permute_qkv(query: jax.Array, key: jax.Array, value: jax.Array,
     (query[:, q_perm], key[:, kv_perm], value[:, kv_perm]).
   """
   if bm.q_perm is not None:
-    query = jnp.take(query, jnp.asarray(bm.q_perm), axis=1)
+    query = _permute(query, bm.q_perm, 1)
   if bm.kv_perm is not None:
-    perm = jnp.asarray(bm.kv_perm)
-    key, value = jnp.take(key, perm, axis=1), jnp.take(value, perm, axis=1)
+    key, value = _permute(key, bm.kv_perm, 1), _permute(value, bm.kv_perm, 1)
   return query, key, value
 
 
-def unpermute_output(out: jax.Array, bm: BlockMask) -> jax.Array:
+def unpermute_output(out: jax.Array, bm: Any) -> jax.Array:
   """Undoes `permute_qkv` on the attention output.
 
   Args:
@@ -137,4 +125,22 @@ def unpermute_output(out: jax.Array, bm: BlockMask) -> jax.Array:
   """
   if bm.q_perm is None:
     return out
-  return jnp.take(out, jnp.argsort(jnp.asarray(bm.q_perm)), axis=1)
+  return _unpermute(out, bm.q_perm, 1)
+
+
+def unpermute_dense_mask(dense: jax.Array, bm: Any) -> jax.Array:
+  """The expanded element mask of an RCM BlockMask in the original token order.
+
+  Args:
+    dense: bool [..., T, S], the element mask of the permuted sequences
+      (mask[q_perm][:, kv_perm], e.g. `expand_block_mask(bm)`).
+    bm: the BlockMask it was expanded from.
+
+  Returns:
+    bool [..., T, S] referring to the caller's q / k / v.
+  """
+  if bm.q_perm is not None:
+    dense = _unpermute(dense, bm.q_perm, -2)
+  if bm.kv_perm is not None:
+    dense = _unpermute(dense, bm.kv_perm, -1)
+  return dense

@@ -150,3 +150,19 @@ def to_numpy_rule(rule: ElementRule) -> ElementRule:
   conv = lambda a: None if a is None else np.asarray(a)
   return ElementRule(rule.band, conv(rule.q_segment_ids), conv(rule.kv_segment_ids),
                      conv(rule.kv_in_prefix))
+
+
+def int32_rule(rule: ElementRule) -> ElementRule:
+  """Numpy rule with int32 segment ids and bool prefix flags."""
+  if not rule.has_segments:
+    return ElementRule(rule.band)
+  pre = rule.kv_in_prefix
+  return ElementRule(rule.band, np.asarray(rule.q_segment_ids, np.int32),
+                     np.asarray(rule.kv_segment_ids, np.int32),
+                     None if pre is None else np.asarray(pre, bool))
+
+
+def dense_rule_mask(rule: ElementRule, q_len: int, kv_len: int):
+  """Element mask of a rule as a jnp bool [B|1, 1, T, S]."""
+  dense = rule.evaluate(jnp.arange(q_len), jnp.arange(kv_len), xp=jnp)
+  return dense.reshape((-1, 1, q_len, kv_len))

@@ -387,6 +387,38 @@ class JitTest(parameterized.TestCase):
         np.repeat(np.arange(4), 20)).to_dense())
 
 
+class TwinsTest(parameterized.TestCase):
+  """The numpy and jax.numpy twins of the rule classification (flashjax.masks.masks) agree."""
+
+  @parameterized.named_parameters(_named(seed=range(6)))
+  def test_host_and_device_rule_classification_agree(self, seed):
+    rng = np.random.default_rng(seed)
+    lo = None if seed == 1 or rng.random() < 0.5 else int(rng.integers(-40, 0))
+    hi = None if rng.random() < 0.3 else int(rng.integers(0, 30))
+    sorted_ids, prefix = bool(seed % 2), seed % 3 == 0
+    q_ids, kv_ids = rng.integers(0, 4, (2, T)), rng.integers(0, 4, (2, S))
+    if sorted_ids:
+      q_ids, kv_ids = np.sort(q_ids, axis=-1), np.sort(kv_ids, axis=-1)
+    in_prefix = rng.random((2, S)) < 0.3 if prefix else None
+    host_rule = ElementRule(Band(lo, hi), q_ids, kv_ids, in_prefix)
+    device_rule = ElementRule(Band(lo, hi), jax.numpy.asarray(q_ids, np.int32),
+                              jax.numpy.asarray(kv_ids, np.int32),
+                              None if in_prefix is None else jax.numpy.asarray(in_prefix))
+    chex.assert_trees_all_equal(
+        np.asarray(masks.masks.device_rule_row_counts(device_rule, T, S), np.int64),
+        masks.masks.rule_row_counts(host_rule, T, S))
+    for block_q, block_kv in ((16, 32), (32, 16)):
+      host = masks.masks.rule_block_kinds(host_rule, T, S, block_q, block_kv)
+      device = np.asarray(masks.masks.device_rule_block_kinds(device_rule, T, S, block_q,
+                                                              block_kv))
+      self.assertEqual(device.shape, host.shape)
+      # The device twin is conservative: EMPTY or FULL only where the host says so.
+      self.assertTrue(np.all((device != EMPTY) | (host == EMPTY)))
+      self.assertTrue(np.all((device != FULL) | (host == FULL)))
+      if sorted_ids and lo is None and not prefix:
+        chex.assert_trees_all_equal(device, host)
+
+
 @pytest.mark.slow
 class TimingTest(parameterized.TestCase):
   """Host build times of the design targets (printed; bounds generous for slow hosts)."""

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flashjax.masks import builders
+from flashjax.masks import block_mask as block_mask_lib
 from flashjax.masks import masks as masks_lib
+from flashjax.masks import rcm
 from flashjax.masks.block_mask import BlockMask
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -32,12 +33,8 @@ def expand_block_mask(bm: BlockMask) -> jax.Array:
   """
   # jnp leaves: a host-built rule holds numpy ids, which cannot be indexed by traced
   # positions when this runs under jit.
-  dense = builders.expand_block_mask(jax.tree_util.tree_map(jnp.asarray, bm))
-  if bm.q_perm is not None:
-    dense = jnp.take(dense, jnp.argsort(jnp.asarray(bm.q_perm)), axis=2)
-  if bm.kv_perm is not None:
-    dense = jnp.take(dense, jnp.argsort(jnp.asarray(bm.kv_perm)), axis=3)
-  return dense
+  dense = block_mask_lib.expand_block_mask(jax.tree_util.tree_map(jnp.asarray, bm))
+  return rcm.unpermute_dense_mask(dense, bm)
 
 
 def dense_mask(
