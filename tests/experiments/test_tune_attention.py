@@ -20,7 +20,7 @@ from flashjax.ops.attention.configs import BlockSizes
 from flashjax.ops.attention.tuning import keys as tuning_keys
 from flashjax.ops.attention.tuning import store as tuning_store
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class ConfigTest(parameterized.TestCase):

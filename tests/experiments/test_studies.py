@@ -25,7 +25,7 @@ from experiments import launch
 from flashjax import io_model
 from flashjax import masks
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _STUDIES = {"ablate_block_size": ablate_block_size, "ablate_mask_density": ablate_mask_density,
             "reproduce_binblkmsk": reproduce_binblkmsk}
 _SCRIPT = os.path.join(_REPO, "experiments", "run_gpu_studies.sh")

@@ -23,7 +23,7 @@ from experiments import attention_bench
 from experiments import launch
 from experiments import report
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _EXPERIMENT = textwrap.dedent("""\
     import json
