@@ -37,6 +37,21 @@ numbers only show that everything runs:
 
   python -m experiments.launch --config=configs/tune_decode_splits.py:cpu \
       --workdir=/tmp/fj_tune_splits_cpu
+
+Tiles (`:gpu_tiles`): pallas_triton at B = 128, S = 4096, Nkv in {8, 32} (Nq = 32, D = 128,
+bf16, dense, all lengths = S), 14 variants: (block_kv, num_warps, num_stages) in (32, 4, 2),
+(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2),
+(128, 8, 3), (256, 4, 1), (256, 8, 1) with the heuristic's split count, and num_splits in
+{1, 2, 4} with half the KV groups (head_density 0.5, the heuristic's tiles): 28 points, the
+first 4 rows of each checked. A tile that overflows shared memory is an error row; the
+others still run. This is the sweep that `tests/ops/decode/test_decode_gpu.py` printed as
+`test_tuning_sweeps` (it asserted nothing and was deleted); its split counts at B = 1 and 8
+are the `:gpu` grid above. Not carried over: its split counts at B = 32 and its BNSD cache
+layout timing (decode_bench has no layout field). Estimate (not yet run): up to 8.6 GB of
+KV per input set at Nkv = 32, ~2 ms per step, about 1 s per point: ~1 minute with start-up.
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
+      --config=configs/tune_decode_splits.py:gpu_tiles --workdir=/tmp/fj_tune_decode_tiles
 """
 
 from __future__ import annotations
@@ -53,6 +68,12 @@ _VARIANTS = {
     "cpu": [("pallas_triton", splits, False) for splits in (None, 2, 4)]
            + [("pallas_triton", None, True), ("peer:jax_nn_xla", None, False)],
 }
+# `:gpu_tiles`: (block_kv, num_warps, num_stages, num_splits, head_density) per variant.
+_TILE_VARIANTS = (
+    [(kv, warps, stages, None, 1.0) for kv, warps, stages in (
+        (32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3),
+        (128, 8, 2), (128, 8, 3), (256, 4, 1), (256, 8, 1))]
+    + [(None, None, None, splits, 0.5) for splits in (1, 2, 4)])
 
 VARIANTS = {
     "gpu": common.Variant("pallas_triton decode split counts at B {1, 8} x S {1k, 4k, 16k} x Nkv "
@@ -60,23 +81,29 @@ VARIANTS = {
                           "host)"),
     "cpu": common.Variant("tiny float32 shapes, splits {None, 2, 4}, Pallas in interpret mode: "
                           "20 points (default on a CPU host)", cpu=True),
+    "gpu_tiles": common.Variant("pallas_triton decode tiles (block_kv x num_warps x num_stages) "
+                                "and head-sparse split counts at B=128 S=4k Nkv {8, 32}: 28 "
+                                "points, ~1 min (estimate)"),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Split tuning config; arg "gpu" or "cpu" (tiny, interpret mode); none: "cpu" on CPU.
+  """Split tuning config; arg "gpu", "gpu_tiles" or "cpu" (tiny, interpret mode); none:
+  "cpu" on a CPU host, else "gpu".
 
   Args:
-    arg: "gpu" or "cpu".
+    arg: "gpu", "gpu_tiles" or "cpu".
 
   Returns:
     The ConfigDict.
   """
   arg = common.choose_variant(arg, VARIANTS, default="gpu")
-  if arg not in _VARIANTS:
-    raise ValueError(f"{arg=} must be one of {sorted(_VARIANTS)}")
+  if arg not in VARIANTS:
+    raise ValueError(f"{arg=} must be one of {sorted(VARIANTS)}")
   c = bench_decode_gpu.base_config()
   bench_decode_gpu.fast_timing(c)
+  if arg == "gpu_tiles":
+    return _tiles_config(c)
   c.check_rows = None  # B <= 8: every row
   if arg == "gpu":
     c.batches = (1, 8)
@@ -101,4 +128,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "plots": [{"x": "kv_len", "y": "us_per_step", "logx": True, "logy": True}],
   })
   common.tag(c, arg, VARIANTS)
+  return c
+
+
+def _tiles_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `:gpu_tiles` variant (module docstring) on top of base_config + fast_timing."""
+  c.check_rows = 4
+  c.batches = (128,)
+  c.kv_lens = (4096,)
+  c.kv_heads = (8, 32)
+  c.num_warps = ml_collections.FieldReference(None, field_type=int)
+  c.num_stages = ml_collections.FieldReference(None, field_type=int)
+  block_kv, warps, stages, splits, density = zip(*_TILE_VARIANTS)
+  c.sweep = [{"batch": c.get_ref("batches")}, {"kv_len": c.get_ref("kv_lens")},
+             {"num_kv_heads": c.get_ref("kv_heads")},
+             {"block_kv": list(block_kv), "num_warps": list(warps), "num_stages": list(stages),
+              "num_splits": list(splits), "head_density": list(density)}]
+  c.report = ml_collections.ConfigDict({
+      "columns": ["launch_splits", "launch_block_kv", "us_per_step", "kv_tbps",
+                  "pct_of_ceiling", "loop_calls", "input_sets", "compile_s", "max_abs_err",
+                  "within_tol"],
+  })
+  common.tag(c, "gpu_tiles", VARIANTS)
   return c

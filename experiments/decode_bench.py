@@ -15,7 +15,10 @@ Config fields read by `run_point` (configs/bench_decode_gpu.py sets all of them)
                    "unsupported" (NotImplementedError) below 1; flashjax backends take it.
   num_splits, block_kv, xla_merge    the flashjax `block_sizes`
                    (flashjax.ops.decode.configs.DecodeConfig; None / False: heuristics and
-                   defaults); a peer point that sets one is a ValueError
+                   defaults); a peer point that sets one is a ValueError. num_warps and
+                   num_stages (Triton launch parameters) are optional fields of the same
+                   kind: a config without them means None (configs/tune_decode_splits.py
+                   `:gpu_tiles` sweeps them)
   ragged           False: every length is S; True: lengths uniform in [S/2, S] (per input set)
   wall_timing      True: time one synchronised call at a time as well (`time_fn`, its own
                    compile); False: one compiled program gives the output to check and the
@@ -100,7 +103,7 @@ _GB = 1e9
 # Fixed cost added to the KV-bytes estimate of a step when sizing a timing loop.
 _STEP_OVERHEAD_S = 5e-6
 # block_sizes fields of a point, passed to flashjax backends (peers refuse them).
-_BLOCK_SIZE_FIELDS = ("num_splits", "block_kv", "xla_merge")
+_BLOCK_SIZE_FIELDS = ("num_splits", "block_kv", "num_warps", "num_stages", "xla_merge")
 
 
 def num_groups(head_density: float, num_kv_heads: int) -> int:
@@ -322,7 +325,8 @@ def _peer(config: ml_collections.ConfigDict, groups: int | None) -> Any:
   peers = third_party.decode_peers(interpret=attention_bench.interpret_mode(config))
   if name not in peers:
     raise ValueError(f"unknown decode peer {name=}; known: {sorted(peers)}")
-  chosen = {f: config[f] for f in _BLOCK_SIZE_FIELDS if config[f] not in (None, False)}
+  chosen = {f: config.get(f) for f in _BLOCK_SIZE_FIELDS
+            if config.get(f) not in (None, False)}
   if chosen:
     raise ValueError(f"peer {name} has no flashjax block sizes to set: {chosen}")
   if groups is not None:
@@ -370,6 +374,8 @@ def _run_torch(config: ml_collections.ConfigDict, peer: Any) -> dict[str, Any]:
 
 def _block_sizes(config: ml_collections.ConfigDict) -> decode_configs.DecodeConfig:
   return decode_configs.DecodeConfig(num_splits=config.num_splits, block_kv=config.block_kv,
+                                     num_warps=config.get("num_warps"),
+                                     num_stages=config.get("num_stages"),
                                      xla_merge=config.xla_merge)
 
 

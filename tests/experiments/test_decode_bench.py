@@ -194,6 +194,19 @@ class RunPointTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "no flashjax block sizes"):
       decode_bench.run_point(_config(implementation="peer:jax_nn_xla", num_splits=2), {})
 
+  def test_launch_parameters_reach_the_kernel(self):
+    config = _config(implementation="pallas_triton", num_splits=2, block_kv=16, num_warps=4,
+                     num_stages=2)
+    with mock.patch.object(decode_bench.flashjax, "decode_attention",
+                           wraps=decode_bench.flashjax.decode_attention) as spy:
+      metrics = decode_bench.run_point(config, {})
+    sizes = spy.call_args.kwargs["block_sizes"]
+    self.assertEqual((sizes.block_kv, sizes.num_splits, sizes.num_warps, sizes.num_stages),
+                     (16, 2, 4, 2))
+    self.assertTrue(metrics["within_tol"], metrics)
+    with self.assertRaisesRegex(ValueError, "no flashjax block sizes.*num_warps"):
+      decode_bench.run_point(_config(implementation="peer:jax_nn_xla", num_warps=4), {})
+
 
 class HelpersTest(parameterized.TestCase):
 
@@ -304,6 +317,23 @@ class ConfigTest(parameterized.TestCase):
     self.assertEqual(len(launch.expand_sweep(tune_decode_splits.get_config("cpu").sweep)), 20)
     with self.assertRaisesRegex(ValueError, "arg='tpu'"):
       tune_decode_splits.get_config("tpu")
+
+  def test_tune_tiles_config(self):
+    config = tune_decode_splits.get_config("gpu_tiles")
+    expanded = launch.expand_sweep(config.sweep)
+    self.assertLen(expanded, 28)
+    self.assertEqual({(p["batch"], p["kv_len"], p["num_kv_heads"]) for p in expanded},
+                     {(128, 4096, 8), (128, 4096, 32)})
+    tiles = {(p["block_kv"], p["num_warps"], p["num_stages"]) for p in expanded
+             if p["head_density"] == 1.0}
+    self.assertLen(tiles, 11)
+    self.assertIn((256, 8, 1), tiles)
+    self.assertEqual({p["num_splits"] for p in expanded if p["head_density"] == 0.5},
+                     {1, 2, 4})
+    point_config = launch.apply_point(config, expanded[-1])
+    self.assertEqual((point_config.implementation, point_config.num_splits,
+                      point_config.num_warps, point_config.head_density, point_config.dtype),
+                     ("pallas_triton", 4, None, 0.5, "bfloat16"))
 
   def test_ablation_configs(self):
     gpu = ablate_batch_size.get_config("full")

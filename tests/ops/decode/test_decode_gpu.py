@@ -2,7 +2,8 @@
 
 Skipped unless jax.default_backend() == "gpu". Run on the GPU machine with
   JAX_PLATFORMS=cuda PYTHONPATH=. python -m pytest -q -s -m gpu tests/ops/decode/test_decode_gpu.py
-(`-m gpu` also selects the slow tuning sweeps; `-m "gpu and not slow"` leaves them out).
+The tile and split sweeps that used to print here are a study: configs/tune_decode_splits.py
+(`:gpu` split counts, `:gpu_tiles` block_kv x num_warps x num_stages).
 """
 
 import zlib
@@ -166,48 +167,6 @@ class TritonDecodeGpuTest(parameterized.TestCase):
         self.assertGreater(cells[0][0], 0.5)  # far below this, something is broken
       del args
     print("\n".join(lines))
-
-  @pytest.mark.slow
-  def test_tuning_sweeps(self):
-    """Block size / warps / stages, cache layout and split count (prints as it goes)."""
-    max_len, num_heads, head_dim = 4096, 32, 128
-
-    def measure(label, fn, args, heads=None, **kwargs):
-      try:
-        tbs, ms = _bandwidth(fn, args, heads, **kwargs)
-        print(f"  {label}: {tbs:.2f} TB/s ({ms:.3f} ms)", flush=True)
-      except jax.errors.JaxRuntimeError as e:  # e.g. a tile that overflows shared memory
-        print(f"  {label}: failed: {str(e).splitlines()[0][:100]}", flush=True)
-
-    print("\ntuning sweeps, S=4096 Nq=32 D=128 bf16, dense", flush=True)
-    for num_kv_heads in (8, 32):
-      args = cases.make_inputs(self.seed(), 128, max_len, num_heads, num_kv_heads, head_dim,
-                               jnp.bfloat16, [max_len] * 128)
-      print(f"B=128 Nkv={num_kv_heads}: block_kv/num_warps/num_stages", flush=True)
-      for block_kv, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4),
-                                      (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2),
-                                      (128, 8, 3), (256, 4, 1), (256, 8, 1)):
-        config = configs.DecodeConfig(block_kv=block_kv, num_warps=warps, num_stages=stages)
-        measure(f"{block_kv}/{warps}/{stages}", _triton(config), args, iters=10, repeats=3)
-      for layout in ("BSND", "BNSD"):
-        measure(f"layout {layout}", _triton(kv_layout=layout), args, iters=10, repeats=3,
-                transpose=layout == "BNSD")
-      heads = _random_heads(1, 128, num_kv_heads, num_kv_heads // 2)
-      for splits in (1, 2, 4):
-        config = configs.DecodeConfig(num_splits=splits)
-        measure(f"50% heads, {splits=}", _triton(config), args, heads=heads, iters=10,
-                repeats=3)
-      del args
-    for batch, splits_list in ((1, (1, 4, 8, 16, 32)), (8, (1, 2, 4, 8, 16, 32)),
-                               (32, (1, 2, 4, 8))):
-      args = cases.make_inputs(self.seed(), batch, max_len, num_heads, 8, head_dim,
-                               jnp.bfloat16, [max_len] * batch)
-      chosen = configs.num_splits_heuristic(batch, 8, max_len, 128,
-                                            num_cores=configs.gpu_core_count(), waves=2)
-      print(f"B={batch} Nkv=8 num_splits (heuristic {chosen}):", flush=True)
-      for splits in sorted({*splits_list, chosen}):
-        measure(f"{splits}", _triton(configs.DecodeConfig(num_splits=splits)), args,
-                check_rows=1, iters=50, repeats=3)
 
 
 def _peer_gqa(query, key_cache, value_cache, lengths, head_indices=None):
