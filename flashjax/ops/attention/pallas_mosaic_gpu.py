@@ -64,6 +64,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from flashjax.masks import rcm
 from flashjax.masks.block_mask import BlockMask
 from flashjax.ops.attention import pallas_mosaic_gpu_vjp as mosaic_vjp
 from flashjax.ops.attention import pallas_triton as triton_backend
@@ -630,12 +631,7 @@ def dot_product_attention(
       mask, query, key, fwd_mask, block_sizes, build, config)
   for bm in (fwd_mask, dq_mask, dkdv_mask):
     _check_block_mask(bm, query, key)
-  q_perm, kv_perm = fwd_mask.q_perm, fwd_mask.kv_perm
-  if q_perm is not None:
-    query = jnp.take(query, q_perm, axis=1)
-  if kv_perm is not None:
-    key, value = jnp.take(key, kv_perm, axis=1), jnp.take(value, kv_perm, axis=1)
+  # An RCM BlockMask describes the sequences reordered by q_perm / kv_perm.
+  query, key, value = rcm.permute_qkv(query, key, value, fwd_mask)
   out = _attention(query, key, value, fwd_mask, dq_mask, dkdv_mask, config, bwd_params)
-  if q_perm is not None:
-    out = jnp.take(out, jnp.argsort(q_perm), axis=1)
-  return out
+  return rcm.unpermute_output(out, fwd_mask)

@@ -68,7 +68,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 import jax.numpy as jnp
 
-from flashjax.masks import builders
+from flashjax.masks import builders, rcm
 from flashjax.masks.block_mask import FULL, PARTIAL, BlockMask
 from flashjax.masks.rule import Band, element_mask
 from flashjax.ops.attention.configs import BlockSizes, padded_head_dim, pow2_ceil
@@ -779,12 +779,7 @@ def dot_product_attention(
       soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
       interpret=bool(interpret), fwd_launch=fwd_launch, dq_launch=dq_launch,
       dkdv_launch=dkdv_launch)
-  q_perm, kv_perm = fwd_mask.q_perm, fwd_mask.kv_perm
-  if q_perm is not None:
-    query = jnp.take(query, q_perm, axis=1)
-  if kv_perm is not None:
-    key, value = jnp.take(key, kv_perm, axis=1), jnp.take(value, kv_perm, axis=1)
+  # An RCM BlockMask describes the sequences reordered by q_perm / kv_perm.
+  query, key, value = rcm.permute_qkv(query, key, value, fwd_mask)
   out = _attention(query, key, value, fwd_mask, bwd_mask, params)
-  if q_perm is not None:
-    out = jnp.take(out, jnp.argsort(q_perm), axis=1)
-  return out
+  return rcm.unpermute_output(out, fwd_mask)
