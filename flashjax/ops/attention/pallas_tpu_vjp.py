@@ -27,8 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from flashjax.masks.block_mask import BlockMask
-from flashjax.ops.attention import pallas_tpu as fwd_lib
-from flashjax.ops.attention.pallas_tpu import LANES, NN_DIMS, NT_DIMS, KernelConfig
+from flashjax.ops.attention import pallas_tpu_common as common
+from flashjax.ops.attention.pallas_tpu_common import LANES, NN_DIMS, NT_DIMS, KernelConfig
 
 
 def _dlogits(q, k, v, do, lse, delta, mask, cfg: KernelConfig):
@@ -47,11 +47,11 @@ def _dlogits(q, k, v, do, lse, delta, mask, cfg: KernelConfig):
   Returns:
     (p, ds) float32 [bq, bkv]; ds already includes the soft-cap slope and the scale.
   """
-  s = fwd_lib.scaled_logits(q, k, cfg)
+  s = common.scaled_logits(q, k, cfg)
   if mask is not None:
     s = jnp.where(mask, s, -jnp.inf)
   p = jnp.exp(s - lse)
-  dp = lax.dot_general(do, v, NT_DIMS, precision=fwd_lib.precision_for(do.dtype),
+  dp = lax.dot_general(do, v, NT_DIMS, precision=common.precision_for(do.dtype),
                        preferred_element_type=jnp.float32)
   ds = p * (dp - delta)
   if cfg.soft_cap is not None:
@@ -61,7 +61,7 @@ def _dlogits(q, k, v, do, lse, delta, mask, cfg: KernelConfig):
   return p, ds * cfg.scale
 
 
-def dkv_steps(ix: fwd_lib.ListIndexer, group: int) -> Callable[..., fwd_lib.Step]:
+def dkv_steps(ix: common.ListIndexer, group: int) -> Callable[..., common.Step]:
   """Step map of the dK/dV grid (B, Nkv, num_kv_blocks, G, Lb) over the backward lists.
 
   Args:
@@ -75,7 +75,7 @@ def dkv_steps(ix: fwd_lib.ListIndexer, group: int) -> Callable[..., fwd_lib.Step
     del count_ref, kind_ref, tile_ref
     h = kvh * group + g
     slot = ix.slot(b, h, kj, s)
-    return fwd_lib.Step(b, h, kvh, block_ref[slot], kj, ix.row(b, h, kj), slot, s)
+    return common.Step(b, h, kvh, block_ref[slot], kj, ix.row(b, h, kj), slot, s)
   return steps
 
 
@@ -83,8 +83,8 @@ def _dkv_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, d
                 lse_ref, delta_ref, *refs, steps, flags, band, last_pos: int, group: int,
                 cfg: KernelConfig, block_q: int, block_kv: int):
   """One (batch, kv head, kv block, group member, list slot) step of dK/dV."""
-  opt, (dk_ref, dv_ref, dk_acc, dv_acc) = fwd_lib.split_optional_refs(refs, flags)
-  ids = fwd_lib.grid_ids(5)
+  opt, (dk_ref, dv_ref, dk_acc, dv_acc) = common.split_optional_refs(refs, flags)
+  ids = common.grid_ids(5)
   st = steps(*ids, count_ref, block_ref, kind_ref, tile_ref)
   g = ids[3]
 
@@ -96,18 +96,18 @@ def _dkv_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, d
   def step(masked: bool):
     mask = None
     if masked:
-      mask = fwd_lib.partial_mask(opt, band, st.q_block * block_q, st.kv_block * block_kv,
-                                  block_q, block_kv, cfg)
+      mask = common.partial_mask(opt, band, st.q_block * block_q, st.kv_block * block_kv,
+                                 block_q, block_kv, cfg)
     q, do = q_ref[...], do_ref[...]
     p, ds = _dlogits(q, k_ref[...], v_ref[...], do, lse_ref[...][:, :1],
                      delta_ref[...][:, :1], mask, cfg)
-    prec = fwd_lib.precision_for(q.dtype)
+    prec = common.precision_for(q.dtype)
     dv_acc[...] += lax.dot_general(p.T.astype(do.dtype), do, NN_DIMS, precision=prec,
                                    preferred_element_type=jnp.float32)
     dk_acc[...] += lax.dot_general(ds.T.astype(q.dtype), q, NN_DIMS, precision=prec,
                                    preferred_element_type=jnp.float32)
 
-  fwd_lib.run_steps(step, st, count_ref, kind_ref)
+  common.run_steps(step, st, count_ref, kind_ref)
 
   @pl.when((g == group - 1) & (st.pos == last_pos))
   def _finish():
@@ -119,8 +119,8 @@ def _dq_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do
                lse_ref, delta_ref, *refs, steps, flags, band, last_pos: int,
                cfg: KernelConfig, block_q: int, block_kv: int):
   """One (batch, head, query block, list slot) step of dQ."""
-  opt, (dq_ref, dq_acc) = fwd_lib.split_optional_refs(refs, flags)
-  st = steps(*fwd_lib.grid_ids(4), count_ref, block_ref, kind_ref, tile_ref)
+  opt, (dq_ref, dq_acc) = common.split_optional_refs(refs, flags)
+  st = steps(*common.grid_ids(4), count_ref, block_ref, kind_ref, tile_ref)
 
   @pl.when(st.pos == 0)
   def _init():
@@ -129,16 +129,16 @@ def _dq_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do
   def step(masked: bool):
     mask = None
     if masked:
-      mask = fwd_lib.partial_mask(opt, band, st.q_block * block_q, st.kv_block * block_kv,
-                                  block_q, block_kv, cfg)
+      mask = common.partial_mask(opt, band, st.q_block * block_q, st.kv_block * block_kv,
+                                 block_q, block_kv, cfg)
     k = k_ref[...]
     _, ds = _dlogits(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...][:, :1],
                      delta_ref[...][:, :1], mask, cfg)
     dq_acc[...] += lax.dot_general(ds.astype(k.dtype), k, NN_DIMS,
-                                   precision=fwd_lib.precision_for(k.dtype),
+                                   precision=common.precision_for(k.dtype),
                                    preferred_element_type=jnp.float32)
 
-  fwd_lib.run_steps(step, st, count_ref, kind_ref)
+  common.run_steps(step, st, count_ref, kind_ref)
 
   @pl.when(st.pos == last_pos)
   def _finish():
@@ -172,21 +172,21 @@ def flash_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax
   delta = jnp.einsum("bntd,bntd->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
   # Row statistics lane-broadcast to [B, Nq, T, 128]; padding rows get lse = +inf (P = 0).
   lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, LANES))
-  operands = (fwd_lib.pad_axis(q, 2, t_pad), fwd_lib.pad_axis(k, 2, s_pad),
-              fwd_lib.pad_axis(v, 2, s_pad), fwd_lib.pad_axis(do.astype(q.dtype), 2, t_pad),
-              fwd_lib.pad_axis(lanes(lse), 2, t_pad, jnp.inf),
-              fwd_lib.pad_axis(lanes(delta), 2, t_pad))
-  interpret = fwd_lib.interpret_arg(cfg.interpret)
+  operands = (common.pad_axis(q, 2, t_pad), common.pad_axis(k, 2, s_pad),
+              common.pad_axis(v, 2, s_pad), common.pad_axis(do.astype(q.dtype), 2, t_pad),
+              common.pad_axis(lanes(lse), 2, t_pad, jnp.inf),
+              common.pad_axis(lanes(delta), 2, t_pad))
+  interpret = common.interpret_arg(cfg.interpret)
   static = dict(cfg=cfg, block_q=block_q, block_kv=block_kv)
 
   def in_specs(specs, mask_specs):
     return [specs["q"], specs["kv"], specs["kv"], specs["q"], specs["stat"], specs["stat"],
             *mask_specs]
 
-  ops = fwd_lib.mask_operands(bm, "bwd", t_pad, s_pad)
+  ops = common.mask_operands(bm, "bwd", t_pad, s_pad)
   steps = dkv_steps(ops.indexer, group)
-  specs, mask_arrays, mask_specs, flags = fwd_lib.block_specs(steps, ops, block_q, block_kv,
-                                                              head_dim)
+  specs, mask_arrays, mask_specs, flags = common.block_specs(steps, ops, block_q, block_kv,
+                                                             head_dim)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, steps=steps, flags=flags, band=ops.band,
                         last_pos=ops.indexer.length - 1, group=group, **static),
@@ -205,10 +205,10 @@ def flash_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax
       name="flashjax_tpu_bwd_dkv",
   )(*ops.prefetch, *operands, *mask_arrays)
 
-  ops = fwd_lib.mask_operands(bm, "fwd", t_pad, s_pad)
-  steps = fwd_lib.fwd_steps(ops.indexer, group)
-  specs, mask_arrays, mask_specs, flags = fwd_lib.block_specs(steps, ops, block_q, block_kv,
-                                                              head_dim)
+  ops = common.mask_operands(bm, "fwd", t_pad, s_pad)
+  steps = common.fwd_steps(ops.indexer, group)
+  specs, mask_arrays, mask_specs, flags = common.block_specs(steps, ops, block_q, block_kv,
+                                                             head_dim)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, steps=steps, flags=flags, band=ops.band,
                         last_pos=ops.indexer.length - 1, **static),
@@ -244,11 +244,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, fwd_mask: BlockMask,
     [B, Nq, T, D] in q.dtype.
   """
   del bwd_mask
-  return fwd_lib.flash_fwd(q, k, v, fwd_mask, cfg)[0]
+  return common.flash_fwd(q, k, v, fwd_mask, cfg)[0]
 
 
 def _attention_fwd(q, k, v, fwd_mask, bwd_mask, cfg):
-  out, lse = fwd_lib.flash_fwd(q, k, v, fwd_mask, cfg)
+  out, lse = common.flash_fwd(q, k, v, fwd_mask, cfg)
   return out, (q, k, v, out, lse, bwd_mask)
 
 

@@ -25,7 +25,7 @@ from jax.experimental.pallas import tpu as pltpu
 from flashjax import masks
 from flashjax.masks import block_mask as block_mask_lib
 from flashjax.masks import builders
-from flashjax.ops.attention import pallas_tpu, pallas_tpu_vjp, reference
+from flashjax.ops.attention import pallas_tpu, pallas_tpu_common, pallas_tpu_vjp, reference
 from flashjax.ops.attention.configs import BlockSizes
 from tests.ops.attention import attention_suite
 
@@ -204,7 +204,7 @@ class PallasTpuKernelTest(parameterized.TestCase):
   def _record_steps(self, fn):
     """Runs fn() with every executed kernel step recorded as (b, h, qi, kj, masked)."""
     steps = []
-    run_steps = pallas_tpu.run_steps
+    run_steps = pallas_tpu_common.run_steps
 
     def recording(step_fn, st, count_ref, kind_ref):
       def step(masked):
@@ -213,7 +213,7 @@ class PallasTpuKernelTest(parameterized.TestCase):
         step_fn(masked)
       run_steps(step, st, count_ref, kind_ref)
 
-    with mock.patch.object(pallas_tpu, "run_steps", recording):
+    with mock.patch.object(pallas_tpu_common, "run_steps", recording):
       jax.block_until_ready(fn())
     return steps
 
@@ -268,10 +268,10 @@ class PallasTpuKernelTest(parameterized.TestCase):
     bm = builders.block_mask_for(q_len=length, kv_len=length, block_q=block_q,
                                  block_kv=block_kv, mask=mask)
     kinds = np.asarray(bm.kinds)
-    ops = pallas_tpu.mask_operands(bm, direction, length, length)
-    steps = (pallas_tpu.fwd_steps if direction == "fwd" else pallas_tpu_vjp.dkv_steps)(
+    ops = pallas_tpu_common.mask_operands(bm, direction, length, length)
+    steps = (pallas_tpu_common.fwd_steps if direction == "fwd" else pallas_tpu_vjp.dkv_steps)(
         ops.indexer, group)
-    specs, _, mask_specs, flags = pallas_tpu.block_specs(steps, ops, block_q, block_kv, 128)
+    specs, _, mask_specs, flags = pallas_tpu_common.block_specs(steps, ops, block_q, block_kv, 128)
     self.assertEqual(flags, (False, False, False, True))
     prefetch = [np.asarray(p) for p in ops.prefetch]
     for h in range(heads * group):
