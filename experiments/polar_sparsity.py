@@ -80,7 +80,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -88,6 +87,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from experiments import common
 import flashjax
 from flashjax import benchmarking
 from flashjax.models import Transformer
@@ -113,12 +113,7 @@ _SETUPS: dict[tuple[str, str], "Setup"] = {}
 
 def setup_dir(config: ml_collections.ConfigDict) -> str:
   """The setup directory: config.setup_dir, else <launcher --workdir>/setup."""
-  if config.setup_dir:
-    return config.setup_dir
-  workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
-  if not workdir:
-    raise ValueError("config.setup_dir is empty and there is no launcher --workdir")
-  return os.path.join(workdir, "setup")
+  return common.under_workdir(config.setup_dir, "setup_dir", "setup")
 
 
 def density_name(density: float) -> str:

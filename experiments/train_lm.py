@@ -44,7 +44,6 @@ import os
 import time
 from typing import Any
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -53,6 +52,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from experiments import common
 from flashjax import benchmarking
 from flashjax.models import Transformer
 from flashjax.models import TransformerConfig
@@ -89,12 +89,8 @@ def _check_available(attention_impl: Any) -> None:
 
 
 def _run_dir(config: ml_collections.ConfigDict) -> str:
-  if config.run_dir:
-    return config.run_dir
-  workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
-  if not workdir:
-    raise ValueError("config.run_dir is empty and there is no launcher --workdir")
-  return os.path.join(workdir, f"{config.mode}_{config.attention_impl}")
+  return common.under_workdir(config.run_dir, "run_dir",
+                              f"{config.mode}_{config.attention_impl}")
 
 
 def matmul_flops_per_token(c: TransformerConfig, seq_len: int) -> float:

@@ -378,10 +378,15 @@ def check_positive(name: str, value: Any) -> float | None:
 _INT32_MIN = int(np.iinfo(np.int32).min)
 
 
-def _check_seq_lengths(name: str, lengths: Any, batch: int, length: int) -> Any:
-  """None, or lengths as int32 [B]; concrete values must lie in [0, length]."""
+def check_lengths(name: str, lengths: Any, batch: int, length: int,
+                  length_name: str = "") -> tuple[Any, np.ndarray | None]:
+  """(lengths as int32 [B], their host copy or None when traced); None stays None.
+
+  Shape and dtype are always checked; concrete values must lie in [0, length] (ValueError
+  naming them and `length_name`, e.g. "S_max"); traced ones are the caller's policy.
+  """
   if lengths is None:
-    return None
+    return None, None
   if not _is_array(lengths):
     lengths = np.asarray(lengths)
   if tuple(lengths.shape) != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
@@ -389,8 +394,9 @@ def _check_seq_lengths(name: str, lengths: Any, batch: int, length: int) -> Any:
                      f"an int array of shape [B] = ({batch},)")
   host = concrete(lengths)
   if host is not None and host.size and (host.min() < 0 or host.max() > length):
-    raise ValueError(f"{name}={host.tolist()} must lie in [0, {length}]")
-  return lengths.astype(np.int32)
+    bound = f"{length_name}={length}" if length_name else f"{length}"
+    raise ValueError(f"{name}={host.tolist()} must lie in [0, {bound}]")
+  return lengths.astype(np.int32), host
 
 
 def _check_window(local_window_size: Any) -> tuple[int, int] | None:
@@ -580,8 +586,8 @@ def dot_product_attention(
     raise ValueError(f"{block_sizes=} must be None or a BlockSizes")
   mask = _check_mask(mask, batch, q_heads, q_len, kv_len, block_sizes)
   q_segment_ids, kv_segment_ids = _check_segment_ids(segment_ids, batch, q_len, kv_len)
-  q_lengths = _check_seq_lengths("query_seq_lengths", query_seq_lengths, batch, q_len)
-  kv_lengths = _check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, batch,
+  q_lengths, _ = check_lengths("query_seq_lengths", query_seq_lengths, batch, q_len)
+  kv_lengths, _ = check_lengths("key_value_seq_lengths", key_value_seq_lengths, batch,
                                   kv_len)
   window = _check_window(local_window_size)
   if window is not None and isinstance(mask, BlockMask):

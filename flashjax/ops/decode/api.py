@@ -31,7 +31,8 @@ import numpy as np
 from jax.experimental import checkify
 
 from flashjax.ops.attention import api as attention_api
-from flashjax.ops.attention.api import check_platform, check_positive, concrete, dispatch_named
+from flashjax.ops.attention.api import (check_lengths, check_platform, check_positive, concrete,
+                                        dispatch_named)
 from flashjax.ops.decode.configs import DecodeConfig
 
 DECODE_BACKENDS: dict[str, tuple[str, str]] = {
@@ -140,15 +141,9 @@ def decode_attention(
   if not isinstance(debug_checks, (bool, np.bool_)):
     raise ValueError(f"{debug_checks=} must be a bool")
 
-  if not isinstance(lengths, (np.ndarray, jax.Array)):
-    lengths = np.asarray(lengths)
-  if tuple(lengths.shape) != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise ValueError(f"lengths (shape={tuple(lengths.shape)}, dtype={lengths.dtype}) must "
-                     f"be an int array of shape [B] = ({batch},)")
-  host = concrete(lengths)
-  if host is not None and host.size and (host.min() < 0 or host.max() > max_len):
-    raise ValueError(f"lengths={host.tolist()} must lie in [0, S_max={max_len}]")
-  lengths = lengths.astype(np.int32)
+  if lengths is None:
+    lengths = np.asarray(lengths)  # refused below with its shape and dtype
+  lengths, host = check_lengths("lengths", lengths, batch, max_len, "S_max")
   if host is None:  # traced: clamp (the documented policy)
     if debug_checks:
       checkify.check(jnp.all((lengths >= 0) & (lengths <= max_len)),
