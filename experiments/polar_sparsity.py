@@ -39,9 +39,10 @@ Each point (model, batch, context, density) then measures, with the point's Rout
       many units as fired)
   ppl_dense, ppl_sparse, next_token_agreement   evaluate.teacher_forced on held-out
       validation rows (`eval_rows` rows of `eval_len` tokens, single documents where
-      possible, evaluated `batch` rows at a time so the MLP union is the batch's), the
-      routers in the loop through the kernels; cached per (variant, density, batch) in
-      <setup>/<variant>/eval/
+      possible), the routers in the loop through the kernels; with neuron routers
+      evaluated `batch` rows at a time (the MLP union is the batch's) and cached per
+      (variant, density, batch), else (heads are routed per sequence) `eval_batch_size`
+      rows at a time and cached per (variant, density), in <setup>/<variant>/eval/
   head_density_mean, head_k (per layer), step_us_dense / step_us_sparse (+ p10 / p90)
 
 Density 1.0 is the dense baseline: no routers at all (heads or neurons), the "sparse" step
@@ -65,7 +66,7 @@ Config fields (configs/polar_sparsity.py sets all of them):
   collect_batches, collect_batch_size, rows_per_sequence, router_val_fraction
   router_epochs, router_batch_size, router_lr, router_patience, head_router_hidden,
   neuron_rank, neuron_target, neuron_multiple, calibration_batches
-  eval_rows, eval_len, eval_prompt_len
+  eval_rows, eval_len, eval_prompt_len, eval_batch_size
   timing_iters, timing_repeats
   setup_dir                        "": <launcher --workdir>/setup
   progress                         tqdm bars of the setup stages
@@ -73,6 +74,7 @@ Config fields (configs/polar_sparsity.py sets all of them):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -106,6 +108,7 @@ MODELS = ("llama", "opt")
 MODEL_FILE = "model.json"
 CALIBRATION_FILE = "calibration.json"
 DONE_FILE = "done.json"
+STAGE_TIMES_FILE = "stage_times.json"
 
 # Loaded setups of this process, {(setup dir, variant): Setup}: points share one load.
 _SETUPS: dict[tuple[str, str], "Setup"] = {}
@@ -330,6 +333,24 @@ def stage_heads(config: ml_collections.ConfigDict, directory: str, data_dir: str
   return routers
 
 
+class _StageClock:
+  """Wall seconds of each setup stage run in this process, appended to a JSON file
+  ({stage: [seconds of each run]}; a stage skipped because its outputs exist takes ~0 s)."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  @contextlib.contextmanager
+  def __call__(self, stage: str):
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    table = _read_json(self.path) if os.path.exists(self.path) else {}
+    table.setdefault(stage, []).append(round(seconds, 2))
+    _write_json(self.path, table)
+    logging.info("polar_sparsity: stage %s took %.1f s", stage, seconds)
+
+
 class Setup:
   """A variant's model, its routers per density and the data the points need."""
 
@@ -339,16 +360,21 @@ class Setup:
     self.root = root
     self.variant = variant
     self.data_dir = os.path.join(root, "collect")
-    self.model, self.model_info = stage_model(config, variant, root)
-    stage_collect(config, self.model, self.data_dir)
+    clock = _StageClock(os.path.join(root, STAGE_TIMES_FILE))
+    with clock("model"):
+      self.model, self.model_info = stage_model(config, variant, root)
+    with clock("collect"):
+      stage_collect(config, self.model, self.data_dir)
     self.neurons, self.calibration = None, None
     if collect.read_meta(self.data_dir)["relu_layers"]:
-      self.neurons, self.calibration = stage_neurons(config, root, self.data_dir)
+      with clock("neurons"):
+        self.neurons, self.calibration = stage_neurons(config, root, self.data_dir)
     self.routers = {}
     for density in config.densities:
       if density < 1:
-        self.routers[float(density)] = stage_heads(config, root, self.data_dir, density,
-                                                   self.neurons, self.calibration)
+        with clock(f"heads_{density_name(density)}"):
+          self.routers[float(density)] = stage_heads(config, root, self.data_dir, density,
+                                                     self.neurons, self.calibration)
     self._val_rows: dict[int, dict[str, np.ndarray]] = {}
     # Dense decode-step timings per (batch, context), shared by the densities' rows.
     self.dense_timings: dict[tuple[int, int], benchmarking.Timing] = {}
@@ -493,10 +519,17 @@ def eval_rows(config: ml_collections.ConfigDict, count: int) -> np.ndarray:
 
 def accuracy(config: ml_collections.ConfigDict, setup: Setup,
              routers: router_checkpoint.RouterSet | None) -> dict[str, Any]:
-  """teacher_forced scores, `batch` rows at a time; cached per (density, batch) on disk."""
-  batch = config.batch
-  path = os.path.join(setup.root, "eval",
-                      f"{density_name(config.density if routers else 1.0)}_b{batch}.json")
+  """teacher_forced scores, cached on disk per density (and batch where it matters).
+
+  Only the MLP union depends on the batch (heads are routed per sequence), so a policy with
+  neuron routers is evaluated `batch` rows at a time and cached per (density, batch); any
+  other (head routers only, or dense) `eval_batch_size` rows at a time, once per density.
+  """
+  batch_matters = routers is not None and any(r is not None for r in routers.neuron_routers)
+  batch = config.batch if batch_matters else config.eval_batch_size
+  name = density_name(config.density if routers else 1.0)
+  path = os.path.join(setup.root, "eval", f"{name}_b{batch}.json" if batch_matters
+                      else f"{name}.json")
   if os.path.exists(path):
     return _read_json(path)
   count = -(-max(config.eval_rows, batch) // batch) * batch

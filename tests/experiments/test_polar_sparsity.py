@@ -42,6 +42,7 @@ def _tiny_config(workdir, **overrides):
   c.rows_per_sequence = 8
   c.router_epochs = 2
   c.eval_rows = 2
+  c.eval_batch_size = 2
   c.eval_len = 24
   c.eval_prompt_len = 12
   c.timing_iters = 1
