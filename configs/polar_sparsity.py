@@ -141,7 +141,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.calibration_batches = ()  # calibrated besides `batches`
 
   # Accuracy (teacher forcing) and timing.
-  c.eval_rows = 4 if small else 64
+  c.eval_rows = 4 if small else 32
   c.eval_len = 48 if small else 512
   c.eval_prompt_len = 16 if small else 128
   c.eval_batch_size = 4 if small else 64  # rows per call where the batch does not matter
