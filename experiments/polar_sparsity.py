@@ -75,6 +75,7 @@ Config fields (configs/polar_sparsity.py sets all of them):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -333,6 +334,19 @@ def stage_heads(config: ml_collections.ConfigDict, directory: str, data_dir: str
   return routers
 
 
+def inference_copy(model: Transformer) -> Transformer:
+  """The model with its parameters in the compute dtype (param_dtype = config.dtype)."""
+  mc = model.config
+  if mc.param_dtype == mc.dtype:
+    return model
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(lambda p: p.astype(mc.compute_dtype)
+                       if jnp.issubdtype(p.dtype, jnp.floating) else p, state)
+  copy = nnx.merge(graphdef, state)
+  copy.config = dataclasses.replace(mc, param_dtype=mc.dtype)
+  return copy
+
+
 class _StageClock:
   """Wall seconds of each setup stage run in this process, appended to a JSON file
   ({stage: [seconds of each run]}; a stage skipped because its outputs exist takes ~0 s)."""
@@ -362,7 +376,11 @@ class Setup:
     self.data_dir = os.path.join(root, "collect")
     clock = _StageClock(os.path.join(root, STAGE_TIMES_FILE))
     with clock("model"):
-      self.model, self.model_info = stage_model(config, variant, root)
+      trained, self.model_info = stage_model(config, variant, root)
+    # Decoding reads the weights every step: hold them in the compute dtype (as inference
+    # does), not as the float32 training copies a step would convert in full each time
+    # (which would also read every fc1 row the sparse MLP skips).
+    self.model = inference_copy(trained)
     with clock("collect"):
       stage_collect(config, self.model, self.data_dir)
     self.neurons, self.calibration = None, None

@@ -73,7 +73,9 @@ class ReluMLP(nnx.Module):
       rngs: random streams (uses `params`).
     """
     out_std = init_std if out_init_std is None else out_init_std
-    self.fc1 = _param(rngs, (d_model, d_ff), init_std, param_dtype)  # DF
+    # Both stored neuron-major ([F, D], a unit's weights contiguous, the torch Linear layout
+    # of fc1): the sparse path reads whole rows of the units it computes.
+    self.fc1 = _param(rngs, (d_ff, d_model), init_std, param_dtype)  # FD
     self.fc2 = _param(rngs, (d_ff, d_model), out_std, param_dtype)  # FD
     self.use_bias = use_bias
     if use_bias:
@@ -82,7 +84,7 @@ class ReluMLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [..., D] -> [..., D], computed in x's dtype."""
-    hidden = jnp.einsum("...D,DF->...F", x, self.fc1[...].astype(x.dtype))
+    hidden = jnp.einsum("...D,FD->...F", x, self.fc1[...].astype(x.dtype))
     if self.use_bias:
       hidden = hidden + self.fc1_bias[...].astype(x.dtype)
     out = jnp.einsum("...F,FD->...D", jax.nn.relu(hidden), self.fc2[...].astype(x.dtype))
@@ -94,13 +96,14 @@ class ReluMLP(nnx.Module):
              interpret: bool = False) -> jax.Array:
     """The MLP over fc1 units `neuron_indices` (int [k]) only: x [B, D] -> [B, D].
 
-    fc1 is stored [D, F] (w1_layout "DF"): correct on every backend, but the GPU kernel
-    reads a selected column element by element (docs/sparse_mlp.md, Layouts).
+    fc1 is stored [F, D] (w1_layout "FD"): a selected unit's weights are one contiguous
+    row, which every backend reads whole (docs/sparse_mlp.md, Layouts).
     """
     dtype = x.dtype
     biases = {}
     if self.use_bias:
       biases = dict(b1=self.fc1_bias[...], b2=self.fc2_bias[...])
     return sparse_mlp(x, self.fc1[...].astype(dtype), self.fc2[...].astype(dtype),
-                      neuron_indices, activation="relu", implementation=implementation,
+                      neuron_indices, activation="relu", w1_layout="FD",
+                      implementation=implementation,
                       interpret=interpret, **biases)

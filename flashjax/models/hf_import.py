@@ -155,7 +155,7 @@ def _opt_params(c: TransformerConfig, t: Callable[[str], np.ndarray]) -> dict[tu
         ("attn", "k_proj"): _linear(t(p + "self_attn.k_proj.weight"), n, h),
         ("attn", "v_proj"): _linear(t(p + "self_attn.v_proj.weight"), n, h),
         ("attn", "o_proj"): t(p + "self_attn.out_proj.weight").T.reshape(n, h, c.d_model),
-        ("mlp", "fc1"): t(p + "fc1.weight").T,
+        ("mlp", "fc1"): t(p + "fc1.weight"),
         ("mlp", "fc2"): t(p + "fc2.weight").T,
     }
     if c.use_bias:

@@ -64,7 +64,7 @@ def _is_relu_mlp(layer: nnx.Module) -> bool:
 
 def _fc1_preactivation(mlp: layers.ReluMLP, x: jax.Array) -> jax.Array:
   """fc1(x) (plus bias) of a ReluMLP, [..., D] -> [..., F], in x's dtype."""
-  hidden = jnp.einsum("...D,DF->...F", x, mlp.fc1[...].astype(x.dtype))
+  hidden = jnp.einsum("...D,FD->...F", x, mlp.fc1[...].astype(x.dtype))
   if mlp.use_bias:
     hidden = hidden + mlp.fc1_bias[...].astype(x.dtype)
   return hidden

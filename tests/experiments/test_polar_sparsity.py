@@ -5,6 +5,7 @@ launcher on an even smaller override (2-layer models, a few training steps, one 
 and context), which keeps the whole file at well under a minute.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ from unittest import mock
 from absl.testing import absltest
 import chex
 from flax import nnx
+import jax
+import jax.numpy as jnp
 
 from configs import polar_sparsity as study_config
 from experiments import launch
@@ -81,6 +84,25 @@ class ConfigTest(absltest.TestCase):
     self.assertEqual(study_config.get_config("cpu").decode_impl, "xla")
     self.assertLess(polar_sparsity.model_config(gpu, "llama").num_kv_heads,
                     polar_sparsity.model_config(gpu, "llama").num_heads)  # GQA
+
+
+class InferenceCopyTest(absltest.TestCase):
+
+  def test_weights_in_the_compute_dtype_same_logits(self):
+    config = polar_sparsity.model_config(_tiny_config("/tmp/unused"), "opt")
+    config = dataclasses.replace(config, dtype="bfloat16", param_dtype="float32")
+    model = Transformer(config, rngs=nnx.Rngs(3))
+    copy = polar_sparsity.inference_copy(model)
+    self.assertEqual(copy.config.param_dtype, "bfloat16")
+    self.assertEqual(copy.layers[1].mlp.fc1[...].dtype, jnp.bfloat16)
+    self.assertEqual(model.layers[1].mlp.fc1[...].dtype, jnp.float32)  # the original kept
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, config.vocab_size)
+    want, got = model(tokens), copy(tokens)
+    self.assertEqual(got.dtype, want.dtype)
+    # Only the weights' rounding to bfloat16 differs (the step already computed in bf16).
+    chex.assert_trees_all_close(got.astype(jnp.float32), want.astype(jnp.float32),
+                                atol=0.1, rtol=0.05)
+    self.assertGreater(float(jnp.abs(want.astype(jnp.float32)).max()), 0.1)
 
 
 class StudyTest(absltest.TestCase):

@@ -75,7 +75,7 @@ class LayerRecordsTest(parameterized.TestCase):
       chex.assert_trees_all_close(record["group_scores"], groups, atol=1e-5, rtol=1e-5)
       chex.assert_shape(record["group_scores"], (*tokens.shape, config.num_kv_heads))
       if variant == "opt":
-        fc1 = record["mlp_x"] @ layer.mlp.fc1[...] + layer.mlp.fc1_bias[...]
+        fc1 = record["mlp_x"] @ layer.mlp.fc1[...].T + layer.mlp.fc1_bias[...]
         np.testing.assert_array_equal(record["fired"], fc1 > 0)
         self.assertTrue(0 < float(np.mean(record["fired"])) < 1)
       else:
