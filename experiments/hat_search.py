@@ -27,7 +27,8 @@ skips finished points; a failed stage is retried) redoes nothing that finished:
              (`kernel_source="measured"`) or synthetic (`"synthetic"`, the CPU variant), the
              predictor trained on the training problems and its picks scored on held-out ones
 
-`hat_report.md` in `report_dir` (default: the launcher's workdir) is rewritten after every stage from what exists.
+`hat_report.md` in `report_dir` (default: the launcher's workdir) is rewritten after every
+stage from what exists.
 """
 
 from __future__ import annotations
@@ -72,21 +73,9 @@ def setup_dir(config: ml_collections.ConfigDict) -> str:
   return common.under_workdir(config.setup_dir, "setup_dir", "stages")
 
 
-def _write_json(path: str, value: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
-def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
-
-
-def _interpret(config: ml_collections.ConfigDict) -> bool:
-  if config.interpret is not None:
-    return bool(config.interpret)
-  return jax.default_backend() == "cpu"
+_write_json = common.write_json
+_read_json = common.read_json
+_interpret = common.interpret
 
 
 def space(config: ml_collections.ConfigDict) -> SearchSpace:
@@ -521,7 +510,8 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> str:
   if retrain:
     lines += ["## Retrained from scratch", "",
               "| model | arch | params (M) | val loss | prefill ms | decode ms | predicted ms | "
-              f"speed-up ({config.latency_target}) vs baseline |", "|---|---|---|---|---|---|---|---|"]
+              f"speed-up ({config.latency_target}) vs baseline |",
+              "|---|---|---|---|---|---|---|---|"]
     names = ["baseline"] + [f"budget{i}" for i in range(len(search["budgets_ms"]))]
     for name in names:
       lines.append(f"| {name} | {retrain[name + '_arch']} | " + " | ".join(

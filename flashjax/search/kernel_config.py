@@ -12,7 +12,8 @@ the number of tiles (T / block_q) * (S / block_kv) * density, the density itself
 log2 of the padded waste (ceil(T / bq) bq / T and the same for S), num_stages (0 = default),
 persistent (0 / 1), and log2 of three products that set the cost of a tiled kernel: visited
 tiles over batch and heads, programs (row blocks x batch x heads; occupancy) and the tile's
-work block_q x block_kv x head dim (registers). The predictor is flashjax.search.predictor's MLP (log latency).
+work block_q x block_kv x head dim (registers). The predictor is flashjax.search.predictor's
+MLP (log latency).
 `measure_kernel` times `flashjax.dot_product_attention` with a BlockSizes on the device.
 """
 

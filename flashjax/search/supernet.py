@@ -270,18 +270,19 @@ class SuperTransformer(nnx.Module):
     self.transformer = Transformer(self.config, rngs=rngs)
 
 
-class SuperTrainer:
-  """Super parameters, AdamW state and the per-shape jitted steps of sampled SubTransformers."""
+class SuperTrainer(training.Trainer):
+  """Super parameters, AdamW state and the per-shape jitted steps of sampled SubTransformers.
+
+  A flashjax.models.training.Trainer of the super Transformer (`state`, `load_state` and
+  `model` are its own) whose steps train and evaluate one SubTransformer.
+  """
 
   def __init__(self, supernet: SuperTransformer, config: training.OptimizerConfig):
     if not isinstance(supernet, SuperTransformer):
       raise ValueError(f"supernet must be a SuperTransformer, got {type(supernet).__name__}")
+    super().__init__(supernet.transformer, config)
     self.space = supernet.space
     self.base = supernet.base
-    self.graphdef, self.params = nnx.split(supernet.transformer, nnx.Param)
-    self.tx = training.make_optimizer(config)
-    self.opt_state = jax.jit(self.tx.init)(self.params)
-    self.step = 0
     self.shapes: set[Arch] = set()  # compiled bucket shapes of this trainer
 
   def _bucket(self, arch: Arch) -> tuple[Plan, tuple[jax.Array, jax.Array]]:
@@ -290,8 +291,8 @@ class SuperTrainer:
     ffn, heads = masks(self.space, arch)
     return p, (jnp.asarray(ffn), jnp.asarray(heads))
 
-  def train_step(self, arch: Arch, tokens: Any, segment_ids: Any,
-                 lr: float) -> dict[str, jax.Array]:
+  def train_step(  # pylint: disable=arguments-differ
+      self, arch: Arch, tokens: Any, segment_ids: Any, lr: float) -> dict[str, jax.Array]:
     """One AdamW step of SubTransformer `arch` on packed rows [B, T + 1]."""
     p, (ffn, heads) = self._bucket(arch)
     self.params, self.opt_state, metrics = _train_step(
@@ -300,8 +301,8 @@ class SuperTrainer:
     self.step += 1
     return metrics
 
-  def evaluate(self, arch: Arch, tokens: np.ndarray, segment_ids: np.ndarray,
-               batch_size: int) -> float:
+  def evaluate(self, arch: Arch, tokens: np.ndarray,  # pylint: disable=arguments-differ
+               segment_ids: np.ndarray, batch_size: int) -> float:
     """Mean next-token loss (nats per target) of the weight-shared SubTransformer `arch`."""
     p, (ffn, heads) = self._bucket(arch)
     total, count = 0.0, 0.0
@@ -318,16 +319,6 @@ class SuperTrainer:
     (concrete arrays: for measuring, not for training)."""
     p = plan(self.base, self.space, arch, "exact")
     return nnx.merge(p.graphdef, materialize(p, self.params))
-
-  def state(self) -> dict[str, Any]:
-    """Checkpointable state (flashjax.models.checkpoint): params, opt_state, step."""
-    return {"params": self.params, "opt_state": self.opt_state,
-            "step": np.asarray(self.step, np.int64)}
-
-  def load_state(self, state: dict[str, Any]) -> None:
-    self.params = state["params"]
-    self.opt_state = state["opt_state"]
-    self.step = int(state["step"])
 
 
 def arch_for_step(space: SearchSpace, seed: int, step: int) -> Arch:

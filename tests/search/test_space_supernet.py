@@ -1,7 +1,5 @@
 """SearchSpace encoding and the SuperTransformer's weight sharing."""
 
-import dataclasses
-
 from absl.testing import absltest
 import jax
 import jax.numpy as jnp
