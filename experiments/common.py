@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 from absl import flags
+import jax
 
 
 def under_workdir(explicit: str, field: str, *parts: str) -> str:
@@ -24,3 +27,22 @@ def under_workdir(explicit: str, field: str, *parts: str) -> str:
   if not workdir:
     raise ValueError(f"config.{field} is empty and there is no launcher --workdir")
   return os.path.join(workdir, *parts)
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` as JSON to a temporary name, then renames it (never half-written)."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def interpret(config: Any) -> bool:
+  """config.interpret when set, else Pallas in interpret mode exactly on a CPU."""
+  if config.interpret is not None:
+    return bool(config.interpret)
+  return jax.default_backend() == "cpu"

@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -125,21 +124,9 @@ def density_name(density: float) -> str:
   return f"d{float(density):g}"
 
 
-def _write_json(path: str, value: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
-def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
-
-
-def _interpret(config: ml_collections.ConfigDict) -> bool:
-  if config.interpret is not None:
-    return bool(config.interpret)
-  return jax.default_backend() == "cpu"
+_write_json = common.write_json
+_read_json = common.read_json
+_interpret = common.interpret
 
 
 def model_config(config: ml_collections.ConfigDict, variant: str) -> TransformerConfig:

@@ -1,0 +1,541 @@
+"""Experiment kind "hat_search": hardware-aware Transformer search (HAT) end to end.
+
+The sweep is one axis, `stage`, in pipeline order; each stage writes its outputs under
+<setup_dir>/<stage>/ and is skipped when its `done.json` exists, so a re-run (the launcher
+skips finished points; a failed stage is retried) redoes nothing that finished:
+
+  supernet   trains the SuperTransformer (flashjax.search.supernet) on the stdlib corpus, one
+             uniformly sampled SubTransformer per step, checkpointed every
+             `checkpoint_every` steps (flashjax.models.checkpoint), resumed from the latest
+  latency    measures `latency_samples` sampled SubTransformers (weight-shared) on this
+             device through the model's kernels: prefill of `prefill_tokens` tokens and
+             `decode_tokens` cached decode steps at batch `latency_batch`
+             (flashjax.search.latency; JSONL, resumable per sample)
+  predictor  per target (prefill_ms, decode_ms): the MLP predictor on normalised
+             architecture features and the linear baseline on FLOP / byte / layer counts,
+             trained on a random split and scored (RMSE, MAPE, R^2) on the held-out part
+  search     per latency budget (`budget_quantiles` of the measured `latency_target`
+             values): evolutionary search, constraint predicted latency <= budget, fitness the
+             validation loss of the weight-shared SubTransformer (memoised in
+             fitness.jsonl); search_<i>.json per budget, the Pareto front of every evaluated
+             architecture (predicted latency vs loss), pareto.png, trajectory.png
+  retrain    every budget's winner and the hand-designed `baseline` (the same family),
+             trained from scratch for `retrain_steps`, then their true latency (the same
+             protocol), parameters and validation loss; one JSON file per architecture
+  kernel     block-size choice for Pallas attention: latencies of `kernel_configs` over
+             random problems (shape, tile density), measured with `kernel_impl`
+             (`kernel_source="measured"`) or synthetic (`"synthetic"`, the CPU variant), the
+             predictor trained on the training problems and its picks scored on held-out ones
+
+`hat_report.md` in `report_dir` (default: the launcher's workdir) is rewritten after every
+stage from what exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from experiments import common
+from flashjax.models import TransformerConfig
+from flashjax.models import checkpoint
+from flashjax.models import data
+from flashjax.models import training
+from flashjax.search import evolution
+from flashjax.search import kernel_config as kc
+from flashjax.search import latency
+from flashjax.search import predictor as predictor_lib
+from flashjax.search import supernet as supernet_lib
+from flashjax.search.space import Arch
+from flashjax.search.space import SearchSpace
+
+STAGES = ("supernet", "latency", "predictor", "search", "retrain", "kernel")
+DONE_FILE = "done.json"
+REPORT_FILE = "hat_report.md"
+TARGETS = ("prefill_ms", "decode_ms")
+
+# Per process: {setup dir: SuperTrainer} and {(row_len, max_bytes, val_fraction): Corpus}.
+_TRAINERS: dict[str, supernet_lib.SuperTrainer] = {}
+_CORPORA: dict[tuple[Any, ...], data.Corpus] = {}
+
+
+def setup_dir(config: ml_collections.ConfigDict) -> str:
+  """config.setup_dir, else <launcher --workdir>/stages."""
+  return common.under_workdir(config.setup_dir, "setup_dir", "stages")
+
+
+_write_json = common.write_json
+_read_json = common.read_json
+_interpret = common.interpret
+
+
+def space(config: ml_collections.ConfigDict) -> SearchSpace:
+  s = config.space
+  return SearchSpace(tuple(s.embed_dims), tuple(s.layer_counts), tuple(s.ffn_dims),
+                     tuple(s.head_counts), s.head_dim)
+
+
+def base_config(config: ml_collections.ConfigDict) -> TransformerConfig:
+  """Variant, vocabulary, max_len, dtypes and implementations of every SubTransformer."""
+  m = config.model
+  return TransformerConfig(variant=m.variant, vocab_size=data.VOCAB_SIZE, max_len=m.max_len,
+                           dtype=m.dtype, param_dtype=m.param_dtype,
+                           attention_impl=config.attention_impl,
+                           decode_impl=config.decode_impl, interpret=_interpret(config))
+
+
+def baseline_arch(config: ml_collections.ConfigDict) -> Arch:
+  b = config.baseline
+  return space(config).check(Arch(b.embed_dim, (b.ffn_dim,) * b.num_layers,
+                                  (b.num_heads,) * b.num_layers))
+
+
+def _optimizer(config: ml_collections.ConfigDict) -> training.OptimizerConfig:
+  return training.OptimizerConfig(**config.optimizer.to_dict())
+
+
+def _corpus(config: ml_collections.ConfigDict) -> data.Corpus:
+  key = (config.seq_len + 1, config.corpus_max_bytes, config.val_fraction)
+  if key not in _CORPORA:
+    _CORPORA[key] = data.load_stdlib_corpus(config.seq_len + 1,
+                                            val_fraction=config.val_fraction,
+                                            max_bytes=config.corpus_max_bytes or None)
+  return _CORPORA[key]
+
+
+def _val_rows(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  val = _corpus(config).val
+  rows = min(config.eval_rows, val.num_rows)
+  return val.tokens[:rows], val.segment_ids[:rows]
+
+
+def _stage_dir(config: ml_collections.ConfigDict, stage: str) -> str:
+  path = os.path.join(setup_dir(config), stage)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def _done(config: ml_collections.ConfigDict, stage: str) -> dict[str, Any] | None:
+  path = os.path.join(setup_dir(config), stage, DONE_FILE)
+  return _read_json(path) if os.path.exists(path) else None
+
+
+def _require(config: ml_collections.ConfigDict, stage: str) -> dict[str, Any]:
+  done = _done(config, stage)
+  if done is None:
+    raise ValueError(f"stage {stage!r} has not finished (no {stage}/{DONE_FILE} under "
+                     f"{setup_dir(config)}); run the sweep in order")
+  return done
+
+
+def trainer(config: ml_collections.ConfigDict) -> supernet_lib.SuperTrainer:
+  """The SuperTrainer of this setup, restored from the supernet stage's latest checkpoint."""
+  root = setup_dir(config)
+  if root not in _TRAINERS:
+    model = supernet_lib.SuperTransformer(space(config), base_config(config),
+                                          rngs=nnx.Rngs(config.seed))
+    t = supernet_lib.SuperTrainer(model, _optimizer(config))
+    ckpt = checkpoint.Checkpointer(os.path.join(root, "supernet", "checkpoint"),
+                                   max_to_keep=1)
+    step = ckpt.latest_step()
+    if step is not None:
+      state, _ = ckpt.restore(step, t.state())
+      t.load_state(state)
+    ckpt.close()
+    _TRAINERS[root] = t
+  return _TRAINERS[root]
+
+
+def stage_supernet(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  directory = _stage_dir(config, "supernet")
+  t = trainer(config)
+  start = time.perf_counter()
+  ckpt = checkpoint.Checkpointer(os.path.join(directory, "checkpoint"), max_to_keep=1)
+  first = t.step
+
+  def log(step, arch, metrics):
+    if step % max(1, config.super_steps // 10) == 0:
+      logging.info("hat_search supernet step %d %s loss %.3f", step, arch.name(),
+                   metrics["loss"])
+
+  try:
+    history = supernet_lib.train_supernet(
+        t, _corpus(config).train, num_steps=config.super_steps,
+        batch_size=config.batch_size, optimizer=_optimizer(config), seed=config.seed,
+        checkpointer=ckpt, checkpoint_every=config.checkpoint_every, log=log)
+  except BaseException:
+    _TRAINERS.pop(setup_dir(config), None)  # a retry restarts from the latest checkpoint
+    raise
+  finally:
+    ckpt.close()
+  with open(os.path.join(directory, "history.jsonl"), "a") as f:
+    for row in history:
+      f.write(json.dumps(row) + "\n")
+  tokens, segments = _val_rows(config)
+  s = space(config)
+  done = {"steps": t.step, "resumed_from_step": first,
+          "train_s": round(time.perf_counter() - start, 2),
+          "compiled_shapes": len(t.shapes), "space_size": s.size(),
+          "val_loss_largest": t.evaluate(s.largest, tokens, segments, config.eval_batch_size),
+          "val_loss_smallest": t.evaluate(s.smallest, tokens, segments,
+                                          config.eval_batch_size),
+          "super_params_m": supernet_lib.super_config(s, base_config(config)).num_params() / 1e6}
+  _write_json(os.path.join(directory, DONE_FILE), done)
+  return done
+
+
+def stage_latency(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  directory = _stage_dir(config, "latency")
+  _require(config, "supernet")
+  t = trainer(config)
+  start = time.perf_counter()
+  rows = latency.collect_dataset(
+      os.path.join(directory, "latency.jsonl"), space(config), t.sub_model,
+      num_samples=config.latency_samples, batch=config.latency_batch,
+      prefill_tokens=config.prefill_tokens, decode_tokens=config.decode_tokens,
+      vocab_size=data.VOCAB_SIZE, warmup=config.warmup, repeats=config.repeats,
+      trim=config.trim, seed=config.seed,
+      progress=lambda i, row: logging.info("hat_search latency %d %s prefill %.3f ms decode "
+                                           "%.3f ms", i, row["name"], row["prefill_ms"],
+                                           row["decode_ms"]))
+  done = {"samples": len(rows), "collect_s": round(time.perf_counter() - start, 2),
+          "device_kind": rows[-1]["device_kind"],
+          **{f"{k}_min": float(min(r[k] for r in rows)) for k in TARGETS},
+          **{f"{k}_max": float(max(r[k] for r in rows)) for k in TARGETS}}
+  _write_json(os.path.join(directory, DONE_FILE), done)
+  return done
+
+
+def _dataset(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  _require(config, "latency")
+  return latency.read_jsonl(os.path.join(setup_dir(config), "latency", "latency.jsonl"))
+
+
+def _cost_columns(row: dict[str, Any], target: str) -> list[float]:
+  task = target.split("_")[0]
+  cost = row["cost"]
+  return [cost[f"{task}_flops"], cost[f"{task}_bytes"], cost["num_layers"]]
+
+
+def stage_predictor(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  directory = _stage_dir(config, "predictor")
+  rows = _dataset(config)
+  train, test = predictor_lib.split_indices(len(rows), config.test_fraction, config.seed)
+  x = np.asarray([r["features"] for r in rows], np.float32)
+  done: dict[str, Any] = {"train_samples": len(train), "test_samples": len(test)}
+  for target in TARGETS:
+    y = np.asarray([r[target] for r in rows])
+    mlp = predictor_lib.fit_mlp(x[train], y[train], hidden=tuple(config.predictor_hidden),
+                                steps=config.predictor_steps, lr=config.predictor_lr,
+                                seed=config.seed)
+    mlp.save(os.path.join(directory, f"mlp_{target}.json"))
+    cost = np.asarray([_cost_columns(r, target) for r in rows])
+    linear = predictor_lib.fit_linear(cost[train], y[train])
+    for name, pred in (("mlp", mlp.predict(x[test])), ("linear", linear.predict(cost[test]))):
+      for metric, value in predictor_lib.metrics(y[test], pred).items():
+        done[f"{target}_{name}_{metric}"] = value
+  _write_json(os.path.join(directory, DONE_FILE), done)
+  return done
+
+
+def _predictor(config: ml_collections.ConfigDict) -> predictor_lib.MLPPredictor:
+  _require(config, "predictor")
+  return predictor_lib.MLPPredictor.load(
+      os.path.join(setup_dir(config), "predictor", f"mlp_{config.latency_target}.json"))
+
+
+def budgets(config: ml_collections.ConfigDict) -> list[float]:
+  """Latency budgets (ms): `budget_quantiles` of the measured `latency_target` values."""
+  if config.latency_target not in TARGETS:
+    raise ValueError(f"latency_target={config.latency_target!r} must be one of {TARGETS}")
+  values = [r[config.latency_target] for r in _dataset(config)]
+  return [float(np.quantile(values, q)) for q in config.budget_quantiles]
+
+
+def stage_search(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  directory = _stage_dir(config, "search")
+  s = space(config)
+  _require(config, "supernet")
+  t = trainer(config)
+  pred = _predictor(config)
+  tokens, segments = _val_rows(config)
+  fitness_path = os.path.join(directory, "fitness.jsonl")
+  known = {tuple(r["genes"]): r["val_loss"] for r in latency.read_jsonl(fitness_path)}
+
+  def fitness(genes):
+    return t.evaluate(s.decode(genes), tokens, segments, config.eval_batch_size)
+
+  def record(genes, value):
+    known[genes] = value
+    latency.append_jsonl(fitness_path, {"genes": list(genes), "name": s.decode(genes).name(),
+                                        "val_loss": value})
+
+  predicted: dict[tuple[int, ...], float] = {}
+
+  def predicted_ms(genes):
+    if genes not in predicted:
+      predicted[genes] = float(pred.predict(s.features(s.decode(genes))))
+    return predicted[genes]
+
+  done: dict[str, Any] = {"budgets_ms": budgets(config)}
+  start = time.perf_counter()
+  for index, budget in enumerate(done["budgets_ms"]):
+    path = os.path.join(directory, f"search_{index}.json")
+    if os.path.exists(path):
+      continue
+    result = evolution.evolve(
+        s.gene_choices, fitness, lambda g, b=budget: predicted_ms(g) <= b,
+        population=config.population, parents=config.parents, mutations=config.mutations,
+        crossovers=config.crossovers, mutate_prob=config.mutate_prob,
+        generations=config.generations, seed=config.seed + index, known=known,
+        on_evaluate=record)
+    arch = s.decode(result.best_genes)
+    _write_json(path, {"budget_ms": budget, "arch": arch.to_dict(), "name": arch.name(),
+                       "val_loss": result.best_fitness,
+                       "predicted_ms": predicted_ms(result.best_genes),
+                       "history": result.history})
+  results = [_read_json(os.path.join(directory, f"search_{i}.json"))
+             for i in range(len(done["budgets_ms"]))]
+  points = [(predicted_ms(g), v, s.decode(g).name()) for g, v in known.items()]
+  front = evolution.pareto_front(points)
+  _write_json(os.path.join(directory, "pareto.json"),
+              {"all": points, "front": front, "target": config.latency_target})
+  _plot_search(directory, points, front, results, config.latency_target)
+  for i, r in enumerate(results):
+    done[f"budget{i}_ms"] = r["budget_ms"]
+    done[f"budget{i}_val_loss"] = r["val_loss"]
+    done[f"budget{i}_predicted_ms"] = r["predicted_ms"]
+    done[f"budget{i}_arch"] = r["name"]
+  done.update(evaluated=len(known), pareto_points=len(front),
+              search_s=round(time.perf_counter() - start, 2))
+  _write_json(os.path.join(directory, DONE_FILE), done)
+  return done
+
+
+def _plot_search(directory: str, points: list[Any], front: list[Any], results: list[Any],
+                 target: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.scatter([p[0] for p in points], [p[1] for p in points], s=10, c="0.7",
+             label="evaluated SubTransformers")
+  ax.plot([p[0] for p in front], [p[1] for p in front], "o-", c="C0", label="Pareto front")
+  for i, r in enumerate(results):
+    ax.axvline(r["budget_ms"], ls=":", c=f"C{i + 1}", label=f"budget {r['budget_ms']:.3g} ms")
+  ax.set_xlabel(f"predicted {target} (ms)")
+  ax.set_ylabel("validation loss (weight-shared, nats/byte)")
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+  fig.savefig(os.path.join(directory, "pareto.png"), bbox_inches="tight", dpi=100)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for i, r in enumerate(results):
+    ax.plot([h["generation"] for h in r["history"]], [h["best_fitness"] for h in r["history"]],
+            "o-", c=f"C{i + 1}", label=f"budget {r['budget_ms']:.3g} ms")
+  ax.set_xlabel("generation")
+  ax.set_ylabel("best validation loss")
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+  fig.savefig(os.path.join(directory, "trajectory.png"), bbox_inches="tight", dpi=100)
+  plt.close(fig)
+
+
+def _retrain_one(config: ml_collections.ConfigDict, arch: Arch) -> dict[str, Any]:
+  s = space(config)
+  model = supernet_lib.build_sub_transformer(base_config(config), arch, s.head_dim,
+                                             rngs=nnx.Rngs(config.seed))
+  opt = _optimizer(config)
+  t = training.Trainer(model, opt)
+  corpus = _corpus(config)
+  start = time.perf_counter()
+  for step in range(config.retrain_steps):
+    tokens, segments = data.sample_rows(corpus.train, step, config.batch_size, config.seed)
+    t.train_step(tokens, segments, training.lr_schedule(step, config.retrain_steps, opt))
+  train_s = time.perf_counter() - start
+  tokens, segments = _val_rows(config)
+  val_loss = t.evaluate(tokens, segments, config.eval_batch_size)
+  timing = latency.subnet_latency(t.model(), arch, s.head_dim, batch=config.latency_batch,
+                                  prefill_tokens=config.prefill_tokens,
+                                  decode_tokens=config.decode_tokens, warmup=config.warmup,
+                                  repeats=config.repeats, trim=config.trim)
+  params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(t.params))
+  return {"arch": arch.to_dict(), "name": arch.name(), "val_loss": val_loss,
+          "params_m": params / 1e6, "prefill_ms": timing["prefill"]["mean_ms"],
+          "decode_ms": timing["decode"]["mean_ms"], "train_s": round(train_s, 2),
+          **latency.device_info()}
+
+
+def stage_retrain(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  directory = _stage_dir(config, "retrain")
+  search = _require(config, "search")
+  s = space(config)
+  candidates = {"baseline": baseline_arch(config)}
+  for i in range(len(search["budgets_ms"])):
+    result = _read_json(os.path.join(setup_dir(config), "search", f"search_{i}.json"))
+    candidates[f"budget{i}"] = Arch.from_dict(result["arch"])
+  pred = _predictor(config)
+  done: dict[str, Any] = {}
+  for name, arch in candidates.items():
+    path = os.path.join(directory, f"{name}.json")
+    if not os.path.exists(path):
+      row = _retrain_one(config, arch)
+      row["predicted_ms"] = float(pred.predict(s.features(arch)))
+      _write_json(path, row)
+    row = _read_json(path)
+    for key in ("val_loss", "params_m", "prefill_ms", "decode_ms", "predicted_ms"):
+      done[f"{name}_{key}"] = row[key]
+    done[f"{name}_arch"] = row["name"]
+  base = done[f"baseline_{config.latency_target}"]
+  for name in candidates:
+    if name != "baseline":
+      done[f"{name}_speedup"] = base / done[f"{name}_{config.latency_target}"]
+      done[f"{name}_loss_delta"] = done[f"{name}_val_loss"] - done["baseline_val_loss"]
+  _write_json(os.path.join(directory, DONE_FILE), done)
+  return done
+
+
+def _kernel_problems(config: ml_collections.ConfigDict) -> list[tuple[kc.AttentionShape, float]]:
+  rng = np.random.default_rng([config.seed, 13])
+  k = config.kernel
+  problems = []
+  for _ in range(k.problems):
+    length = int(rng.choice(k.lengths))
+    shape = kc.AttentionShape(int(rng.choice(k.batches)), length, length,
+                              int(rng.choice(k.heads)), int(rng.choice(k.head_dims)))
+    problems.append((shape, float(np.round(rng.uniform(k.min_density, 1.0), 2))))
+  return problems
+
+
+def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  directory = _stage_dir(config, "kernel")
+  k = config.kernel
+  if k.source not in ("synthetic", "measured"):
+    raise ValueError(f"kernel.source={k.source!r} must be 'synthetic' or 'measured'")
+  configs = [kc.KernelConfig(bq, bk, st, ps) for bq in k.block_qs for bk in k.block_kvs
+             for st in k.stages for ps in k.persistent]
+  path = os.path.join(directory, "kernel.jsonl")
+  rows = latency.read_jsonl(path)
+  problems = _kernel_problems(config)
+  start = time.perf_counter()
+  for index in range(len(rows), len(problems) * len(configs)):
+    (shape, density), cfg = problems[index // len(configs)], configs[index % len(configs)]
+    if k.source == "synthetic":
+      ms = kc.synthetic_latency(shape, density, cfg)
+    else:
+      try:
+        ms = kc.measure_kernel(shape, density, cfg, implementation=k.implementation,
+                               dtype=k.dtype, warmup=config.warmup, repeats=config.repeats,
+                               interpret=_interpret(config), seed=index)
+      except Exception as e:  # a configuration the backend refuses (e.g. shared memory)
+        logging.warning("kernel config %s on %s failed: %s", cfg, shape, e)
+        ms = None
+    row = {"index": index, "shape": dataclasses.asdict(shape), "density": density,
+           "config": dataclasses.asdict(cfg), "latency_ms": ms, "source": k.source,
+           **latency.device_info()}
+    latency.append_jsonl(path, row)
+    rows.append(row)
+  samples = [kc.KernelSample(kc.AttentionShape(**r["shape"]), r["density"],
+                             kc.KernelConfig(**r["config"]), r["latency_ms"])
+             for r in rows if r["latency_ms"] is not None]
+  held = {(s, d) for s, d in problems[:max(1, round(k.test_fraction * len(problems)))]}
+  train = [r for r in samples if (r.shape, r.density) not in held]
+  test = [r for r in samples if (r.shape, r.density) in held]
+  pred = kc.fit_kernel_predictor(train, hidden=tuple(k.hidden), steps=k.steps, lr=k.lr,
+                                 seed=config.seed)
+  result = kc.evaluate_choices(pred, test, k.tolerance)
+  _write_json(os.path.join(directory, "choices.json"), result)
+  done = {"kernel_source": k.source, "kernel_samples": len(samples),
+          "kernel_problems": len(problems), "kernel_test_problems": result["problems"],
+          "kernel_pick_within_tolerance": result["within_tolerance"],
+          "kernel_mean_slowdown": result["mean_slowdown"],
+          "kernel_s": round(time.perf_counter() - start, 2)}
+  _write_json(os.path.join(directory, DONE_FILE), done)
+  return done
+
+
+_STAGE_FNS = {"supernet": stage_supernet, "latency": stage_latency,
+              "predictor": stage_predictor, "search": stage_search,
+              "retrain": stage_retrain, "kernel": stage_kernel}
+
+
+def _fmt(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+def write_report(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes hat_report.md (in `workdir`) from the stage outputs that exist; returns its path."""
+  root = setup_dir(config)
+  lines = ["# HAT search report", "",
+           f"Device: {latency.device_info()['device_kind']} ({jax.default_backend()}); "
+           f"search target `{config.latency_target}`; setup `{root}`.", ""]
+  supernet = _done(config, "supernet")
+  if supernet:
+    lines += ["## SuperTransformer", "", "| field | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in supernet.items()] + [""]
+  pred = _done(config, "predictor")
+  if pred:
+    lines += ["## Latency predictor (held-out split)", "",
+              f"{pred['train_samples']} training and {pred['test_samples']} held-out "
+              "SubTransformers.", "",
+              "| target | model | RMSE (ms) | MAPE (%) | R^2 |", "|---|---|---|---|---|"]
+    for target in TARGETS:
+      for model in ("mlp", "linear"):
+        lines.append(f"| {target} | {model} | " + " | ".join(
+            _fmt(pred[f"{target}_{model}_{m}"]) for m in ("rmse", "mape", "r2")) + " |")
+    lines.append("")
+  search_dir = os.path.join(root, "search")
+  search = _done(config, "search")
+  if search:
+    lines += ["## Search", "", "| budget (ms) | best arch | val loss (shared) | predicted ms | "
+              "best loss per generation |", "|---|---|---|---|---|"]
+    for i in range(len(search["budgets_ms"])):
+      r = _read_json(os.path.join(search_dir, f"search_{i}.json"))
+      trajectory = ", ".join(f"{h['best_fitness']:.3f}" for h in r["history"])
+      lines.append(f"| {r['budget_ms']:.4g} | {r['name']} | {r['val_loss']:.4f} | "
+                   f"{r['predicted_ms']:.4g} | {trajectory} |")
+    relative = os.path.relpath(search_dir, workdir)
+    lines += ["", f"![Pareto front]({os.path.join(relative, 'pareto.png')})", "",
+              f"![Search trajectory]({os.path.join(relative, 'trajectory.png')})", ""]
+  retrain = _done(config, "retrain")
+  if retrain:
+    lines += ["## Retrained from scratch", "",
+              "| model | arch | params (M) | val loss | prefill ms | decode ms | predicted ms | "
+              f"speed-up ({config.latency_target}) vs baseline |",
+              "|---|---|---|---|---|---|---|---|"]
+    names = ["baseline"] + [f"budget{i}" for i in range(len(search["budgets_ms"]))]
+    for name in names:
+      lines.append(f"| {name} | {retrain[name + '_arch']} | " + " | ".join(
+          _fmt(retrain[f"{name}_{k}"]) for k in ("params_m", "val_loss", "prefill_ms",
+                                                 "decode_ms", "predicted_ms")) +
+          f" | {_fmt(retrain.get(name + '_speedup', 1.0))} |")
+    lines.append("")
+  kernel = _done(config, "kernel")
+  if kernel:
+    lines += ["## Kernel configurations", "", "| field | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in kernel.items()] + [""]
+  path = os.path.join(workdir, REPORT_FILE)
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
+
+
+def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[str, Any]:
+  """Runs (or, when its done.json exists, reads) one stage; returns its summary metrics."""
+  del point
+  if config.stage not in _STAGE_FNS:
+    raise ValueError(f"stage={config.stage!r} must be one of {STAGES}")
+  done = _done(config, config.stage)
+  if done is None:
+    done = _STAGE_FNS[config.stage](config)
+  write_report(config, common.under_workdir(config.report_dir, "report_dir"))
+  return done

@@ -1,0 +1,251 @@
+"""Latency of SubTransformers on the current device: protocol, cost counts, JSONL dataset.
+
+Protocol (`measure`): `warmup` untimed calls (the first also compiles), then `repeats` timed
+calls, each ended by `block_until_ready`; the top and bottom `trim` (10 %) of the sorted
+times are dropped and the rest averaged (`trimmed_mean`).
+
+Tasks (`subnet_latency`), through the model's own kernels (its `attention_impl` for prefill,
+`decode_impl` for the cached decode step):
+
+  prefill_ms   prefill of `prefill_tokens` tokens at batch B into an empty KV cache
+  decode_ms    `decode_tokens` cached decode steps at batch B after a prefill of
+               `prefill_tokens` (one jitted `fori_loop` carrying the cache, greedy tokens)
+
+`collect_dataset` measures SubTransformers sampled with a generator seeded by (seed, index)
+and appends one JSON line per finished sample (flushed and fsynced), so a killed collection
+loses no finished sample and a re-run continues at the next index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flashjax.search.space import Arch
+from flashjax.search.space import SearchSpace
+from flashjax.search.supernet import init_sub_cache
+
+
+def trimmed_mean(samples: Sequence[float], trim: float = 0.1) -> float:
+  """Mean after dropping the floor(trim * n) largest and smallest samples.
+
+  Args:
+    samples: at least one number.
+    trim: fraction dropped at each end, in [0, 0.5).
+  """
+  values = np.sort(np.asarray(samples, np.float64))
+  if values.ndim != 1 or values.size == 0:
+    raise ValueError(f"samples must be a non-empty 1-d sequence, got shape {values.shape}")
+  if not 0 <= trim < 0.5:
+    raise ValueError(f"{trim=} must lie in [0, 0.5)")
+  drop = int(np.floor(trim * values.size))
+  return float(values[drop:values.size - drop].mean())
+
+
+def measure(fn: Callable[..., Any], *args: Any, warmup: int = 3, repeats: int = 20,
+            trim: float = 0.1) -> dict[str, Any]:
+  """Times fn(*args) with the protocol of the module docstring.
+
+  Returns:
+    {"mean_ms": trimmed mean, "median_ms", "min_ms", "samples_ms": every timed call,
+     "warmup": warmup, "repeats": repeats, "trim": trim}.
+  """
+  if not isinstance(warmup, int) or warmup < 1:
+    raise ValueError(f"{warmup=} must be an int >= 1 (the first call compiles)")
+  if not isinstance(repeats, int) or repeats < 1:
+    raise ValueError(f"{repeats=} must be a positive int")
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    samples.append((time.perf_counter() - start) * 1e3)
+  return {"mean_ms": trimmed_mean(samples, trim), "median_ms": float(np.median(samples)),
+          "min_ms": float(np.min(samples)), "samples_ms": [round(s, 5) for s in samples],
+          "warmup": warmup, "repeats": repeats, "trim": trim}
+
+
+def arch_cost(arch: Arch, space: SearchSpace, *, vocab_size: int, batch: int,
+              prefill_tokens: int, decode_tokens: int, bytes_per_value: int = 4
+              ) -> dict[str, float]:
+  """Analytic FLOPs and HBM bytes of the two tasks (a roofline-style count).
+
+  Matmul FLOPs are 2 per weight per token (attention projections 4 d n H, SwiGLU 3 d f, the
+  output head d V); causal attention 2 * 2 * n H per allowed (query, key) pair. Bytes: every
+  weight read once per call (prefill) or per decode step, plus the KV cache written (prefill)
+  or read (decode).
+  """
+  h, d, n_layers = space.head_dim, arch.embed_dim, arch.num_layers
+  weights = sum(4 * d * n * h + 3 * d * f for f, n in zip(arch.ffn_dims, arch.head_counts))
+  weights += vocab_size * d
+  kv_per_token = sum(2 * n * h for n in arch.head_counts)  # values per token, all layers
+  heads_total = sum(arch.head_counts)
+  t = prefill_tokens
+  prefill_flops = 2 * batch * t * weights + 4 * batch * heads_total * h * t * (t + 1) / 2
+  prefill_bytes = bytes_per_value * (weights + batch * t * kv_per_token + batch * t * d)
+  mean_len = t + (decode_tokens + 1) / 2
+  decode_flops = decode_tokens * (2 * batch * weights + 4 * batch * heads_total * h * mean_len)
+  decode_bytes = decode_tokens * bytes_per_value * (weights + batch * mean_len * kv_per_token)
+  return {"params": float(weights), "prefill_flops": float(prefill_flops),
+          "prefill_bytes": float(prefill_bytes), "decode_flops": float(decode_flops),
+          "decode_bytes": float(decode_bytes), "num_layers": float(n_layers)}
+
+
+def subnet_latency(model: nnx.Module, arch: Arch, head_dim: int, *, batch: int,
+                   prefill_tokens: int, decode_tokens: int, warmup: int = 3,
+                   repeats: int = 20, trim: float = 0.1, seed: int = 0) -> dict[str, Any]:
+  """Measured prefill and decode latency of a SubTransformer (module docstring).
+
+  Args:
+    model: the SubTransformer as a flashjax Transformer (e.g. SuperTrainer.sub_model(arch)).
+    arch: its architecture (per-layer KV cache shapes).
+    head_dim: head width.
+    batch: sequences B.
+    prefill_tokens: prompt tokens T.
+    decode_tokens: decode steps n after the prompt.
+    warmup, repeats, trim: the protocol.
+    seed: the random prompt.
+
+  Returns:
+    {"prefill": measure(...), "decode": measure(...)}.
+  """
+  for name, value in (("batch", batch), ("prefill_tokens", prefill_tokens),
+                      ("decode_tokens", decode_tokens)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}={value!r} must be a positive int")
+  config = model.config
+  slots = prefill_tokens + decode_tokens
+  if slots > config.max_len:
+    raise ValueError(f"prefill_tokens + decode_tokens = {slots} exceeds "
+                     f"max_len={config.max_len}")
+  graphdef, state = nnx.split(model)
+  prompt = jax.random.randint(jax.random.key(seed), (batch, prefill_tokens), 0,
+                              config.vocab_size, jnp.int32)
+
+  def empty_cache():
+    return init_sub_cache(arch, head_dim, batch, slots, config.compute_dtype)
+
+  @jax.jit
+  def prefill(state, prompt):
+    logits, cache = nnx.merge(graphdef, state).prefill(prompt, empty_cache())
+    return logits[:, -1], cache
+
+  @jax.jit
+  def decode(state, cache, first):
+    model = nnx.merge(graphdef, state)
+
+    def body(_, carry):
+      tokens, cache = carry
+      logits, cache = model.decode_step(tokens, cache)
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+
+    return jax.lax.fori_loop(0, decode_tokens, body, (first, cache))
+
+  protocol = {"warmup": warmup, "repeats": repeats, "trim": trim}
+  prefill_timing = measure(prefill, state, prompt, **protocol)
+  last, cache = prefill(state, prompt)
+  first = jnp.argmax(last, axis=-1).astype(jnp.int32)
+  decode_timing = measure(decode, state, cache, first, **protocol)
+  return {"prefill": prefill_timing, "decode": decode_timing}
+
+
+def device_info() -> dict[str, Any]:
+  device = jax.devices()[0]
+  return {"backend": jax.default_backend(), "device_kind": device.device_kind,
+          "jax_version": jax.__version__}
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The complete lines of a JSONL file (a torn last line, left by a kill, is dropped)."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      if not line.endswith("\n"):
+        break
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return rows
+
+
+def append_jsonl(path: str, row: dict[str, Any]) -> None:
+  """Appends one line with a single write, flushed and fsynced."""
+  with open(path, "a") as f:
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _drop_torn_tail(path: str) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path, "rb") as f:
+    content = f.read()
+  keep = content.rfind(b"\n") + 1
+  if keep != len(content):
+    with open(path, "r+b") as f:
+      f.truncate(keep)
+
+
+def sample_arch(space: SearchSpace, seed: int, index: int) -> Arch:
+  """The `index`-th SubTransformer of a latency collection (seeded by (seed, index))."""
+  return space.sample(np.random.default_rng([seed, index, 11]))
+
+
+def collect_dataset(path: str, space: SearchSpace, model_for: Callable[[Arch], nnx.Module],
+                    *, num_samples: int, batch: int, prefill_tokens: int, decode_tokens: int,
+                    vocab_size: int, warmup: int = 3, repeats: int = 20, trim: float = 0.1,
+                    seed: int = 0, progress: Callable[[int, dict[str, Any]], None] | None = None
+                    ) -> list[dict[str, Any]]:
+  """Measures `num_samples` sampled SubTransformers into the JSONL file `path` (resumable).
+
+  Args:
+    path: the dataset file; its finished lines are kept and the collection continues after
+      them.
+    space: the design space.
+    model_for: arch -> its flashjax Transformer (e.g. SuperTrainer.sub_model).
+    num_samples: rows wanted in the file.
+    batch, prefill_tokens, decode_tokens: the tasks.
+    vocab_size: for the cost counts.
+    warmup, repeats, trim: the protocol.
+    seed: architecture sampling seed.
+    progress: called with (index, row) after each new row.
+
+  Returns:
+    All rows (previous and new).
+  """
+  if not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(f"{num_samples=} must be a positive int")
+  _drop_torn_tail(path)
+  rows = read_jsonl(path)
+  info = device_info()
+  for index in range(len(rows), num_samples):
+    arch = sample_arch(space, seed, index)
+    timing = subnet_latency(model_for(arch), arch, space.head_dim, batch=batch,
+                            prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
+                            warmup=warmup, repeats=repeats, trim=trim, seed=index)
+    row = {"index": index, "arch": arch.to_dict(), "name": arch.name(),
+           "features": [float(v) for v in space.features(arch)],
+           "prefill_ms": timing["prefill"]["mean_ms"], "decode_ms": timing["decode"]["mean_ms"],
+           "prefill_timing": timing["prefill"], "decode_timing": timing["decode"],
+           "cost": arch_cost(arch, space, vocab_size=vocab_size, batch=batch,
+                             prefill_tokens=prefill_tokens, decode_tokens=decode_tokens),
+           "task": {"batch": batch, "prefill_tokens": prefill_tokens,
+                    "decode_tokens": decode_tokens}, **info}
+    append_jsonl(path, row)
+    rows.append(row)
+    if progress is not None:
+      progress(index, row)
+  return rows

@@ -1,0 +1,142 @@
+"""The hat_search study through the launcher: every stage, resume after a kill."""
+
+import json
+import os
+import shutil
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest
+
+from configs import hat_search as study_config
+from experiments import hat_search
+from experiments import launch
+from flashjax.search import latency
+from flashjax.search import predictor as predictor_lib
+from flashjax.search import supernet as supernet_lib
+
+
+def _tiny_config(workdir):
+  c = study_config.get_config("cpu")
+  c.space.embed_dims = (16, 32)
+  c.space.head_dim = 8
+  c.baseline.embed_dim = 32
+  c.seq_len = 32
+  c.batch_size = 4
+  c.super_steps = 6
+  c.checkpoint_every = 3
+  c.corpus_max_bytes = 60_000
+  c.eval_rows = 2
+  c.eval_batch_size = 2
+  c.latency_samples = 5
+  c.prefill_tokens = 8
+  c.decode_tokens = 2
+  c.warmup = 1
+  c.repeats = 3
+  c.predictor_hidden = (16,)
+  c.predictor_steps = 50
+  c.test_fraction = 0.4
+  c.population, c.parents, c.mutations, c.crossovers, c.generations = 3, 1, 1, 1, 1
+  c.retrain_steps = 2
+  c.kernel.problems = 8
+  c.kernel.block_qs = (32, 64)
+  c.kernel.block_kvs = (32, 64)
+  c.kernel.stages = (0,)
+  c.kernel.steps = 50
+  c.setup_dir = os.path.join(workdir, "stages")
+  c.report_dir = workdir
+  return c
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, launch.RESULTS_FILE)) as f:
+    return [json.loads(line) for line in f]
+
+
+class HatSearchStudyTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.workdir = tempfile.mkdtemp(prefix="fj_hat_test_")
+    self.addCleanup(shutil.rmtree, self.workdir, ignore_errors=True)
+    self.addCleanup(hat_search._TRAINERS.clear)
+    hat_search._TRAINERS.clear()
+
+  def test_variants(self):
+    for arg in ("cpu", "gpu"):
+      c = study_config.get_config(arg)
+      self.assertEqual([p["stage"] for p in launch.expand_sweep(c.sweep)],
+                       list(hat_search.STAGES))
+      hat_search.space(c).check(hat_search.baseline_arch(c))
+      self.assertEqual(c.parents + c.mutations + c.crossovers, c.population)
+    gpu = study_config.get_config("gpu")
+    self.assertEqual((gpu.population, gpu.parents, gpu.mutate_prob, gpu.generations),
+                     (125, 25, 0.3, 30))
+    with self.assertRaisesRegex(ValueError, "stage='nope'"):
+      c = study_config.get_config("cpu")
+      c.stage = "nope"
+      hat_search.run_point(c, {})
+
+  def test_study_runs_and_resumes_after_kills(self):
+    config = _tiny_config(self.workdir)
+    # 1. Killed inside the supernet training at its 5th step (a checkpoint exists at 3).
+    real_step = supernet_lib.SuperTrainer.train_step
+    calls = []
+
+    def dies_at_fifth(self_, *args, **kwargs):
+      calls.append(1)
+      if len(calls) == 5:
+        raise RuntimeError("killed")
+      return real_step(self_, *args, **kwargs)
+
+    with mock.patch.object(supernet_lib.SuperTrainer, "train_step", dies_at_fifth):
+      rows = launch.run(config, self.workdir, progress=False)
+    # Every stage that needs the supernet fails; the kernel stage does not need it.
+    self.assertEqual([r["status"] for r in rows], ["error"] * 5 + ["ok"])
+    self.assertIn("killed", rows[0]["error"])
+    self.assertIn("has not finished", rows[1]["error"])
+
+    # 2. A new process: the supernet resumes from step 3; the predictor stage fails.
+    hat_search._TRAINERS.clear()
+    with mock.patch.object(predictor_lib, "fit_mlp", side_effect=RuntimeError("no mlp")):
+      rows = launch.run(config, self.workdir, progress=False)
+    self.assertEqual([r["status"] for r in rows], ["ok", "ok"] + ["error"] * 3 + ["ok"])
+    self.assertEqual(rows[0]["metrics"]["resumed_from_step"], 3)
+    self.assertEqual(rows[0]["metrics"]["steps"], 6)
+    self.assertEqual(rows[1]["metrics"]["samples"], 5)
+
+    # 3. Again: the finished stages are not redone, the rest completes.
+    hat_search._TRAINERS.clear()
+    forbidden = AssertionError("a finished stage ran again")
+    with mock.patch.object(supernet_lib, "train_supernet", side_effect=forbidden), \
+         mock.patch.object(latency, "collect_dataset", side_effect=forbidden):
+      rows = launch.run(config, self.workdir, progress=False)
+    for row in rows:
+      self.assertEqual(row["status"], "ok", row.get("traceback"))
+    self.assertLen(_rows(self.workdir), 6 + 5 + 3)  # no finished stage ran twice
+    metrics = {r["point"]["stage"]: r["metrics"] for r in rows}
+    self.assertBetween(metrics["predictor"]["decode_ms_mlp_mape"], 0, 1e4)
+    self.assertIn("decode_ms_linear_r2", metrics["predictor"])
+    search = metrics["search"]
+    self.assertLen(search["budgets_ms"], 2)
+    for i in range(2):
+      self.assertLessEqual(search[f"budget{i}_predicted_ms"], search[f"budget{i}_ms"])
+    retrain = metrics["retrain"]
+    for name in ("baseline", "budget0", "budget1"):
+      self.assertGreater(retrain[f"{name}_decode_ms"], 0)
+      self.assertGreater(retrain[f"{name}_params_m"], 0)
+    self.assertIn("budget0_speedup", retrain)
+    self.assertBetween(metrics["kernel"]["kernel_pick_within_tolerance"], 0, 1)
+    stages = config.setup_dir
+    for name in ("search/pareto.png", "search/trajectory.png", "search/pareto.json",
+                 "latency/latency.jsonl", "retrain/baseline.json", "kernel/kernel.jsonl"):
+      self.assertTrue(os.path.exists(os.path.join(stages, name)), name)
+    with open(os.path.join(self.workdir, hat_search.REPORT_FILE)) as f:
+      report = f.read()
+    for heading in ("Latency predictor", "Search", "Retrained from scratch",
+                    "Kernel configurations", "search/pareto.png"):
+      self.assertIn(heading, report)
+
+
+if __name__ == "__main__":
+  absltest.main()
