@@ -32,6 +32,10 @@ Each point (model, batch, context, density) then measures, with the point's Rout
   speedup_mlp          (opt) flashjax.sparse_mlp at the calibrated k_l(B) (neurons chosen by
       the routers on collected MLP inputs) against the dense ReLU MLP of the same layers;
       None for llama
+  router_us            (+ _p10, _p90) the routers alone: every routed layer's head (and
+      neuron) router and its selection (top-k; for neurons the batch union) at the
+      point's batch on collected validation inputs, timed in one jitted loop: the part of
+      step_us_sparse that the skipped work has to repay
   head_router_recall   mean over routed layers of the best validation top-k recall
   mlp_union_recall     (opt) mean over routed layers of the calibration's union recall at
       k_l(B); mlp_density the mean k_l(B) / F; neuron_k the k_l(B) per layer;
@@ -473,6 +477,43 @@ def attention_speedup(config: ml_collections.ConfigDict, setup: Setup,
           **_timing_metrics("attention_us_sparse", sparse)}
 
 
+def router_cost(config: ml_collections.ConfigDict, setup: Setup,
+                routers: router_checkpoint.RouterSet) -> dict[str, Any]:
+  """Device time of the routers alone: every routed layer's head (and neuron) router and
+  its selection (policy.heads / policy.neurons) at the point's batch, on collected
+  validation inputs of that layer in the compute dtype, inside one jitted loop."""
+  policy = routers.policy()
+  dtype = setup.model.config.compute_dtype
+  inputs = []  # (layer, attention x or None, MLP x or None)
+  for layer in range(len(routers.head_routers)):
+    rows = setup.val_rows(layer, config)
+    pick = _sample_rows(rows["attn_x"].shape[0], config.batch, config.seed + layer)
+    attn = routers.head_routers[layer] is not None
+    mlp = policy.neuron_budget(layer, config.batch) is not None
+    if attn or mlp:
+      inputs.append((layer, jnp.asarray(rows["attn_x"][pick], dtype) if attn else None,
+                     jnp.asarray(rows["mlp_x"][pick], dtype) if mlp else None))
+  if not inputs:
+    return {"router_us": None}
+  graphdef, state = nnx.split(policy)
+  layers = tuple(layer for layer, _, _ in inputs)
+  xs = [(a, m) for _, a, m in inputs]
+
+  def run(state, xs):
+    policy = nnx.merge(graphdef, state)
+    total = jnp.zeros((), jnp.int32)
+    for layer, (attn_x, mlp_x) in zip(layers, xs):
+      if attn_x is not None:
+        total += jnp.sum(policy.heads(layer, attn_x))
+      if mlp_x is not None:
+        total += jnp.sum(policy.neurons(layer, mlp_x))
+    return total
+
+  timing = benchmarking.time_in_loop(run, state, xs, iters=config.timing_iters,
+                                     repeats=config.timing_repeats)
+  return _timing_metrics("router_us", timing)
+
+
 def mlp_speedup(config: ml_collections.ConfigDict, setup: Setup,
                 routers: router_checkpoint.RouterSet) -> dict[str, Any]:
   """(opt) sparse_mlp at the calibrated k over the routed layers vs their dense MLPs."""
@@ -604,11 +645,13 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
                  **_timing_metrics("step_us_sparse", sparse))
   del cache
 
-  metrics.update(speedup_attention=None, speedup_mlp=None, head_router_recall=None,
+  metrics.update(speedup_attention=None, speedup_mlp=None, router_us=None,
+                 head_router_recall=None,
                  mlp_union_recall=None, mlp_density=None, head_density_mean=1.0,
                  head_k=None)
   if routers is not None:
     metrics.update(attention_speedup(config, setup, routers))
+    metrics.update(router_cost(config, setup, routers))
     recalls = [r for r in routers.meta["head_recall"] if r is not None]
     metrics["head_router_recall"] = float(np.mean(recalls)) if recalls else None
     routed = [d for r, d in zip(routers.head_routers, routers.head_densities) if r is not None]

@@ -29,7 +29,7 @@ from flashjax.sparsity import router_checkpoint
 from flashjax.sparsity import train
 
 _METRICS = ("tokens_per_s_dense", "tokens_per_s_sparse", "speedup_e2e", "speedup_attention",
-            "speedup_mlp", "head_router_recall", "mlp_union_recall", "ppl_dense",
+            "speedup_mlp", "router_us", "head_router_recall", "mlp_union_recall", "ppl_dense",
             "ppl_sparse", "next_token_agreement")
 
 
@@ -127,11 +127,13 @@ class StudyTest(absltest.TestCase):
     # Density 1.0 is the dense baseline: same perplexity, every greedy token agrees.
     self.assertEqual(dense["ppl_sparse"], dense["ppl_dense"])
     self.assertEqual(dense["next_token_agreement"], 1.0)
-    for name in ("speedup_attention", "speedup_mlp", "head_router_recall", "mlp_union_recall"):
+    for name in ("speedup_attention", "speedup_mlp", "router_us", "head_router_recall",
+                 "mlp_union_recall"):
       self.assertIsNone(dense[name])
     self.assertGreater(dense["speedup_e2e"], 0)
     # Routed rows: every metric measured.
-    for name in ("speedup_e2e", "speedup_attention", "speedup_mlp", "tokens_per_s_sparse"):
+    for name in ("speedup_e2e", "speedup_attention", "speedup_mlp", "tokens_per_s_sparse",
+                 "router_us"):
       self.assertGreater(sparse[name], 0, name)
     for name in ("head_router_recall", "mlp_union_recall", "next_token_agreement"):
       self.assertBetween(sparse[name], 0.0, 1.0)
