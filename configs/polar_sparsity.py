@@ -155,7 +155,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.report = ml_collections.ConfigDict({
       "columns": ["tokens_per_s_dense", "tokens_per_s_sparse", "speedup_e2e",
-                  "speedup_attention", "speedup_mlp", "head_router_recall", "mlp_union_recall",
+                  "speedup_attention", "speedup_mlp", "router_us", "head_router_recall",
+                  "mlp_union_recall",
                   "head_density_mean", "mlp_density", "ppl_dense", "ppl_sparse",
                   "next_token_agreement"],
       "plots": [{"x": "batch", "y": "speedup_e2e", "logx": True},
