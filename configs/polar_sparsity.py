@@ -3,7 +3,8 @@ r"""Polar Sparsity end to end: routed decoding speed and accuracy vs batch, cont
 Experiment kind: polar_sparsity (experiments/polar_sparsity.py). Per model variant ("llama":
 GQA, SwiGLU; "opt": MHA, ReLU MLP) the setup trains a byte-level model on the stdlib corpus
 (or loads `--config.model_checkpoint.<variant>=DIR`, a train_lm checkpoint of a model with
-this config's `model_shapes.<variant>`), collects router data on training rows, trains head
+this config's `model_shapes.<variant>`, or `--config.hf_checkpoint.<variant>=DIR`, a local
+Hugging Face OPT / LLaMA checkpoint fed byte ids), collects router data on training rows, trains head
 routers per target density (and, for opt, neuron routers with the batch-union k calibrated
 per batch size), and saves every RouterSet under <workdir>/setup/<variant>/. Every stage is
 skipped when its outputs exist, so a re-run (or a resumed sweep) redoes nothing. The sweep is
@@ -109,13 +110,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model_shapes = _shapes(small)
   c.model_checkpoint = ml_collections.ConfigDict({"llama": "", "opt": ""})
+  # A local Hugging Face checkpoint per variant instead (its ids are the corpus bytes).
+  c.hf_checkpoint = ml_collections.ConfigDict({"llama": "", "opt": ""})
   impl = "xla" if small else None
   c.attention_impl = ml_collections.FieldReference(impl, field_type=str)
   c.decode_impl = ml_collections.FieldReference(impl, field_type=str)
   c.sparse_mlp_impl = ml_collections.FieldReference(impl, field_type=str)
   c.interpret = ml_collections.FieldReference(None, field_type=bool)
 
-  # Model training (skipped with a model_checkpoint).
+  # Model training (skipped with a model_checkpoint or hf_checkpoint).
   c.seq_len = 64 if small else 512
   c.train_batch_size = 16 if small else 32
   c.train_steps = 200 if small else 2000

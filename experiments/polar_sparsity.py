@@ -6,7 +6,8 @@ exist, so a re-run or a resumed sweep does none of it again):
   model       trains a byte-level model on the stdlib corpus (flashjax.models.training) and
               checkpoints it (flashjax.models.checkpoint, the Trainer state, as train_lm
               does), or loads `model_checkpoint.<variant>` (a train_lm checkpoint directory
-              of a model with the config's shape) when given
+              of a model with the config's shape) or `hf_checkpoint.<variant>` (a local
+              Hugging Face OPT / LLaMA checkpoint, flashjax.models.hf_import) when given
   collect     router data from training rows (flashjax.sparsity.collect), resumable shards
   neurons     (opt, ReLU MLPs) neuron routers, trained once; then per batch size of the
               sweep the union size k_l(B) (calibrate.calibrate_neuron_k, >= `neuron_target`
@@ -63,6 +64,9 @@ Config fields (configs/polar_sparsity.py sets all of them):
   model_shapes.<variant>           TransformerConfig fields of each variant (vocab_size is
                                    the byte tokenizer's)
   model_checkpoint.<variant>       "" (train here) or a checkpoint directory
+  hf_checkpoint.<variant>          "" or a local Hugging Face checkpoint directory of that
+                                   family (config.json + *.safetensors), used instead of
+                                   training; fed byte ids (no tokenizer here)
   attention_impl, decode_impl, sparse_mlp_impl, interpret   implementations: None means the
                                    device's default; sparse_mlp_impl only sets the MLP-kernel
                                    timing's backend (see configs/polar_sparsity.py)
@@ -100,6 +104,7 @@ from flashjax.models import Transformer
 from flashjax.models import TransformerConfig
 from flashjax.models import checkpoint
 from flashjax.models import data
+from flashjax.models import hf_import
 from flashjax.models import training
 from flashjax.sparsity import calibrate
 from flashjax.sparsity import collect
@@ -165,6 +170,9 @@ def stage_model(config: ml_collections.ConfigDict, variant: str, directory: str
   Returns:
     (the model, info: {"source", "params_m", "steps", "val_loss", "train_s"}).
   """
+  hf_dir = config.hf_checkpoint.get(variant, "") or ""
+  if hf_dir:
+    return _hf_model(config, variant, hf_dir, os.path.join(directory, MODEL_FILE))
   mc = model_config(config, variant)
   trainer = training.Trainer(Transformer(mc, rngs=nnx.Rngs(config.seed)), _optimizer(config))
   source = config.model_checkpoint.get(variant, "") or ""
@@ -203,6 +211,35 @@ def stage_model(config: ml_collections.ConfigDict, variant: str, directory: str
     return trainer.model(), info
   finally:
     ckpt.close()
+
+
+def _hf_model(config: ml_collections.ConfigDict, variant: str, path: str, info_path: str
+              ) -> tuple[Transformer, dict[str, Any]]:
+  """A local Hugging Face checkpoint of the variant's family, on the config's dtypes and
+  implementations. Its inputs are the corpus bytes (ids < data.VOCAB_SIZE): the study has
+  no Hugging Face tokenizer, so only a model whose ids are bytes sees real text."""
+  config_path = os.path.join(path, "config.json")
+  family = _read_json(config_path).get("model_type") if os.path.exists(config_path) else None
+  if family != variant:
+    raise ValueError(f"hf_checkpoint.{variant}={path!r} holds model_type={family!r}, "
+                     f"not {variant!r}")
+  shape = config.model_shapes[variant]
+  model = hf_import.load_hf_checkpoint(
+      path, dtype=shape.dtype, param_dtype=shape.param_dtype,
+      attention_impl=config.attention_impl, decode_impl=config.decode_impl,
+      interpret=_interpret(config))
+  mc = model.config
+  if mc.vocab_size < data.VOCAB_SIZE:
+    raise ValueError(f"hf_checkpoint.{variant}={path!r}: vocab_size={mc.vocab_size} must be "
+                     f">= {data.VOCAB_SIZE} (the study feeds byte ids)")
+  needed = max(max(config.contexts), config.eval_len, config.seq_len) + 1
+  if mc.max_len < needed:
+    raise ValueError(f"hf_checkpoint.{variant}={path!r}: max_len={mc.max_len} must be >= "
+                     f"{needed} (contexts, eval_len and seq_len, plus one decoded token)")
+  info = {"source": f"hf:{path}", "params_m": mc.num_params() / 1e6, "steps": None,
+          "val_loss": None}
+  _write_json(info_path, info)
+  return model, info
 
 
 def _collect_batches(config: ml_collections.ConfigDict) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -17,12 +17,14 @@ import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from configs import polar_sparsity as study_config
 from experiments import launch
 from experiments import polar_sparsity
 from flashjax.models import Transformer
 from flashjax.models import checkpoint
+from flashjax.models import safetensors_io
 from flashjax.models import training
 from flashjax.sparsity import collect
 from flashjax.sparsity import router_checkpoint
@@ -205,6 +207,59 @@ class StudyTest(absltest.TestCase):
     loaded = polar_sparsity.get_setup(config, "llama").model
     chex.assert_trees_all_equal(nnx.state(loaded, nnx.Param), nnx.state(model, nnx.Param))
     self.assertEqual(polar_sparsity.get_setup(config, "llama").model_info["source"], source)
+
+  def test_opt_from_a_hugging_face_checkpoint(self):
+    config = _tiny_config(self.workdir, models=("opt",), densities=(0.5,))
+    rng = np.random.default_rng(0)
+    vocab, d, heads, ff, max_pos = 300, 32, 4, 64, 48
+    w = lambda *shape: (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    hf_config = {"model_type": "opt", "vocab_size": vocab, "hidden_size": d, "ffn_dim": ff,
+                 "num_hidden_layers": 2, "num_attention_heads": heads,
+                 "max_position_embeddings": max_pos, "do_layer_norm_before": True,
+                 "word_embed_proj_dim": d, "activation_function": "relu",
+                 "enable_bias": True, "layer_norm_elementwise_affine": True,
+                 "tie_word_embeddings": True}
+    p = "model.decoder."
+    tensors = {p + "embed_tokens.weight": w(vocab, d),
+               p + "embed_positions.weight": w(max_pos + 2, d),
+               p + "final_layer_norm.weight": 1 + w(d), p + "final_layer_norm.bias": w(d)}
+    for i in range(2):
+      q = f"{p}layers.{i}."
+      for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        tensors.update({q + f"self_attn.{name}.weight": w(d, d), q + f"self_attn.{name}.bias":
+                        w(d)})
+      for name in ("self_attn_layer_norm", "final_layer_norm"):
+        tensors.update({q + f"{name}.weight": 1 + w(d), q + f"{name}.bias": w(d)})
+      tensors.update({q + "fc1.weight": w(ff, d), q + "fc1.bias": w(ff),
+                      q + "fc2.weight": w(d, ff), q + "fc2.bias": w(d)})
+    source = os.path.join(self.workdir, "hf_opt")
+    os.makedirs(source)
+    with open(os.path.join(source, "config.json"), "w") as f:
+      json.dump(hf_config, f)
+    safetensors_io.save_file(tensors, os.path.join(source, "model.safetensors"))
+    config.hf_checkpoint.opt = source
+    with mock.patch.object(training.Trainer, "train_step",
+                           side_effect=AssertionError("trained instead of loading")):
+      rows = launch.run(config, self.workdir, progress=False)
+    self.assertLen(rows, 1)
+    self.assertEqual(rows[0]["status"], "ok", rows[0].get("traceback"))
+    self.assertContainsSubset(_METRICS, rows[0]["metrics"])
+    self.assertGreater(rows[0]["metrics"]["speedup_mlp"], 0)  # a ReLU model: neurons routed
+    setup = polar_sparsity.get_setup(config, "opt")
+    self.assertEqual(setup.model_info["source"], f"hf:{source}")
+    np.testing.assert_array_equal(  # the checkpoint's fc1, neuron-major as stored by torch
+        np.asarray(setup.model.layers[1].mlp.fc1[...]), tensors[p + "layers.1.fc1.weight"])
+
+  def test_hugging_face_checkpoint_of_the_wrong_family_raises(self):
+    config = _tiny_config(self.workdir, models=("llama",), densities=(0.5,))
+    source = os.path.join(self.workdir, "hf_bad")
+    os.makedirs(source)
+    with open(os.path.join(source, "config.json"), "w") as f:
+      json.dump({"model_type": "opt", "vocab_size": 100}, f)
+    config.hf_checkpoint.llama = source
+    rows = launch.run(config, self.workdir, progress=False)
+    self.assertEqual(rows[0]["status"], "error")
+    self.assertIn("holds model_type='opt', not 'llama'", rows[0]["error"])
 
 
 if __name__ == "__main__":
