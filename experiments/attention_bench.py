@@ -43,6 +43,7 @@ import flashjax
 from flashjax import benchmarking
 from flashjax import io_model
 from flashjax import masks
+from flashjax import workloads
 from flashjax.masks import families
 from flashjax.ops.attention.configs import BlockSizes
 from flashjax.ops.attention.reference import mha_reference
@@ -88,19 +89,11 @@ def build_mask(config: ml_collections.ConfigDict, rng: np.random.Generator) -> A
 
 def input_sets(config: ml_collections.ConfigDict) -> list[tuple[jax.Array, ...]]:
   """config.input_sets fresh (q, k, v[, dout]) tuples from config.seed."""
-  dtype = jnp.dtype(config.dtype)
-  b, t, s, d = config.batch, config.q_len, config.kv_len, config.head_dim
-  shapes = [(b, t, config.num_heads, d), (b, s, config.num_kv_heads, d),
-            (b, s, config.num_kv_heads, d)]
-  if config.mode == "fwd_bwd":
-    shapes.append(shapes[0])
-  key = jax.random.key(config.seed)
-  sets = []
-  for set_key in jax.random.split(key, config.input_sets):
-    keys = jax.random.split(set_key, len(shapes))
-    sets.append(tuple(jax.random.normal(k, shape, jnp.float32).astype(dtype)
-                      for k, shape in zip(keys, shapes)))
-  return sets
+  return workloads.attention_inputs(
+      batch=config.batch, q_len=config.q_len, kv_len=config.kv_len,
+      num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+      head_dim=config.head_dim, dtype=config.dtype, num_sets=config.input_sets,
+      seed=config.seed, with_dout=config.mode == "fwd_bwd")
 
 
 def with_grads(attend):
