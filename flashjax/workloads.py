@@ -1,5 +1,5 @@
-"""Benchmark inputs: random attention and (head-sparse) decode input sets, the bytes a
-decode step reads from them, and the chunked error check of a decode output.
+"""Benchmark inputs: random attention, (head-sparse) decode and sparse MLP input sets, the
+bytes a decode step reads from them, and the chunked error check of a decode output.
 
 Every generator is deterministic in its seed and gives fresh values per input set (set i
 draws from the seed and i), so timers can rotate among the sets (flashjax.benchmarking).
@@ -207,8 +207,15 @@ def check_row_ids(batch: int, check_rows: int | None) -> tuple[int, ...] | None:
     raise ValueError(f"{check_rows=} must be None or a positive int")
   if check_rows >= batch:
     return None
-  ids = np.unique(np.linspace(0, batch - 1, check_rows).round().astype(int))
-  return tuple(int(i) for i in ids)
+  return tuple(int(i) for i in spread_rows(batch, check_rows))
+
+
+def spread_rows(batch: int, count: int) -> np.ndarray:
+  """Ascending ids of min(count, batch) rows spread evenly over [0, B - 1] (both ends from
+  two rows on): the rows a check that cannot afford every row reads."""
+  if batch < 1 or count < 1:
+    raise ValueError(f"need batch >= 1 and count >= 1: {batch=}, {count=}")
+  return np.unique(np.linspace(0, batch - 1, min(batch, count)).round().astype(int))
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "select"))
@@ -241,3 +248,41 @@ def decode_max_abs_err(out: jax.Array, inputs: tuple[jax.Array, ...], *, rows: i
     return jnp.max(jnp.abs(take(out).astype(jnp.float32) - want))
 
   return jnp.max(lax.map(chunk, jnp.arange(query.shape[0] // rows)))
+
+
+def sparse_mlp_num_selected(density: float, d_ff: int, bucket: int = 128) -> int:
+  """k = density * F neurons rounded up to a multiple of `bucket`, at most F."""
+  if not 0 < density <= 1:
+    raise ValueError(f"{density=} must be in (0, 1]")
+  return min(d_ff, -(-int(np.ceil(density * d_ff)) // bucket) * bucket)
+
+
+def sparse_mlp_weights(*, d_model: int, d_ff: int, dtype: Any,
+                       seed: int) -> dict[str, jax.Array]:
+  """Random neuron-major MLP weights with outputs of scale O(1).
+
+  Args:
+    d_model, d_ff: d and F.
+    dtype: dtype of every array (drawn in float32, then cast).
+    seed: jax.random seed.
+
+  Returns:
+    {"w1": [F, d] ~ N(0, 1/d), "w2": [F, d] ~ N(0, 1/F), "b1": [F], "b2": [d] ~ N(0, 0.01)}.
+  """
+  d, f = d_model, d_ff
+  dtype = jnp.dtype(dtype)
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return dict(
+      w1=(jax.random.normal(keys[0], (f, d), jnp.float32) / np.sqrt(d)).astype(dtype),
+      w2=(jax.random.normal(keys[1], (f, d), jnp.float32) / np.sqrt(f)).astype(dtype),
+      b1=(0.1 * jax.random.normal(keys[2], (f,), jnp.float32)).astype(dtype),
+      b2=(0.1 * jax.random.normal(keys[3], (d,), jnp.float32)).astype(dtype),
+  )
+
+
+def sparse_mlp_input(*, batch: int, d_model: int, dtype: Any, seed: int,
+                     index: int) -> jax.Array:
+  """Standard normal x [B, d] of input set `index` (drawn from seed + 1000 + index, apart
+  from `sparse_mlp_weights`' draws)."""
+  key = jax.random.key(seed + 1000 + index)
+  return jax.random.normal(key, (batch, d_model), jnp.float32).astype(dtype)

@@ -181,5 +181,48 @@ class DecodeErrorTest(absltest.TestCase):
       workloads.decode_max_abs_err(want, inputs, rows=3)
 
 
+class SparseMLPInputsTest(absltest.TestCase):
+
+  def test_num_selected_rounds_up_to_the_bucket(self):
+    self.assertEqual(workloads.sparse_mlp_num_selected(0.05, 16384), 896)
+    self.assertEqual(workloads.sparse_mlp_num_selected(1.0, 16384), 16384)
+    self.assertEqual(workloads.sparse_mlp_num_selected(0.001, 512), 128)
+    self.assertEqual(workloads.sparse_mlp_num_selected(0.3, 1000, bucket=64), 320)
+    self.assertEqual(workloads.sparse_mlp_num_selected(0.99, 1000, bucket=64), 1000)
+    with self.assertRaisesRegex(ValueError, "density=0"):
+      workloads.sparse_mlp_num_selected(0, 512)
+
+  def test_weights_scale_and_shapes(self):
+    w = workloads.sparse_mlp_weights(d_model=64, d_ff=1024, dtype="float32", seed=3)
+    chex.assert_shape([w["w1"], w["w2"]], (1024, 64))
+    chex.assert_shape(w["b1"], (1024,))
+    chex.assert_shape(w["b2"], (64,))
+    self.assertAlmostEqual(float(jnp.std(w["w1"])), 64 ** -0.5, delta=0.01)
+    self.assertAlmostEqual(float(jnp.std(w["w2"])), 1024 ** -0.5, delta=0.002)
+    self.assertAlmostEqual(float(jnp.std(w["b1"])), 0.1, delta=0.01)
+    # relu(x w1^T + b1) w2 + b2 of a standard normal x has outputs of scale O(1).
+    x = workloads.sparse_mlp_input(batch=256, d_model=64, dtype="float32", seed=3, index=0)
+    out = np.maximum(np.asarray(x) @ np.asarray(w["w1"]).T + np.asarray(w["b1"]), 0)
+    out = out @ np.asarray(w["w2"]) + np.asarray(w["b2"])
+    self.assertBetween(float(np.std(out)), 0.3, 1.5)
+    bf16 = workloads.sparse_mlp_weights(d_model=64, d_ff=1024, dtype="bfloat16", seed=3)
+    self.assertEqual(bf16["w1"].dtype, jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(bf16["w1"], np.float32), w["w1"], atol=1e-2)
+
+  def test_inputs_differ_per_index(self):
+    x0, x1 = (workloads.sparse_mlp_input(batch=4, d_model=8, dtype="float32", seed=0,
+                                         index=i) for i in (0, 1))
+    chex.assert_shape(x0, (4, 8))
+    self.assertGreater(float(jnp.max(jnp.abs(x0 - x1))), 0.1)
+
+  def test_spread_rows(self):
+    np.testing.assert_array_equal(workloads.spread_rows(1, 8), [0])
+    np.testing.assert_array_equal(workloads.spread_rows(5, 8), [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(workloads.spread_rows(256, 8),
+                                  [0, 36, 73, 109, 146, 182, 219, 255])
+    with self.assertRaisesRegex(ValueError, "count=0"):
+      workloads.spread_rows(4, 0)
+
+
 if __name__ == "__main__":
   absltest.main()
