@@ -137,6 +137,31 @@ def platform_problem(config: ml_collections.ConfigDict | Mapping, config_file: s
 # The attention_bench and decode_bench fields several study configs start from.
 
 
+def mask_fields(c: ml_collections.ConfigDict, small: bool, *, window: int, doc_len: int,
+                num_global: int, doc_len_dist: str | None = None) -> None:
+  """Sets the mask family parameters of attention_bench (flashjax.masks.families.build).
+
+  Args:
+    c: the config being built.
+    small: CPU settings (a denser random_banded band: decay 0.05, floor 2e-3).
+    window: sliding window / dilated / global: window.
+    doc_len: document and prefix_lm: mean document length.
+    num_global: global: number of global tokens.
+    doc_len_dist: also set doc_len_dist (after doc_len) when given.
+  """
+  c.window = window
+  c.window_right = 0
+  c.doc_len = doc_len
+  if doc_len_dist is not None:
+    c.doc_len_dist = doc_len_dist
+  c.tree_span = 16  # tree: parent within tree_span earlier nodes
+  c.band_peak = 0.5  # random_banded: P(allowed) = max(peak * exp(-decay |i - j|), floor)
+  c.band_decay = 0.05 if small else 0.01
+  c.band_floor = 2e-3 if small else 2e-4
+  c.dilation = 2
+  c.num_global = num_global
+
+
 def attention_base(small: bool) -> ml_collections.ConfigDict:
   """Every attention_bench field, at benchmark (GPU) or tiny (CPU, interpret) settings.
 
@@ -159,16 +184,8 @@ def attention_base(small: bool) -> ml_collections.ConfigDict:
   c.block_q = ml_collections.FieldReference(None, field_type=int)
   c.block_kv = ml_collections.FieldReference(None, field_type=int)
 
-  c.window = 32 if small else 1024
-  c.window_right = 0
-  c.doc_len = 32 if small else 512
-  c.doc_len_dist = "uniform"
-  c.tree_span = 16
-  c.band_peak = 0.5
-  c.band_decay = 0.05 if small else 0.01
-  c.band_floor = 2e-3 if small else 2e-4
-  c.dilation = 2
-  c.num_global = 4 if small else 32
+  mask_fields(c, small, window=32 if small else 1024, doc_len=32 if small else 512,
+              num_global=4 if small else 32, doc_len_dist="uniform")
   c.block_density_target = 0.25
   c.mask_block = ml_collections.FieldReference(None, field_type=int)
   c.medusa_heads = 4
