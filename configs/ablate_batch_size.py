@@ -39,7 +39,6 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
-from configs import bench_decode_gpu
 
 _GRIDS = {
     "gpu": {"implementations": ("pallas_triton", "xla"), "batches": (1, 8, 64, 256),
@@ -73,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = common.choose_variant(arg, VARIANTS, default="full")
   if arg not in _GRIDS:
     raise ValueError(f"{arg=} must be one of {sorted(_GRIDS)}")
-  c = bench_decode_gpu.base_config()
+  c = common.decode_base()
   grid = _GRIDS[arg]
   c.implementations = grid["implementations"]
   c.densities = grid["densities"]
@@ -85,8 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.head_dim = 32
     c.warmup = 1
     c.iters = 3
-    bench_decode_gpu.cpu_settings(c)
-  c.sweep = bench_decode_gpu.decode_sweep(c)
+    common.decode_cpu_settings(c)
+  c.sweep = common.decode_sweep(c)
   c.report = ml_collections.ConfigDict({
       "columns": ["groups", "us_per_step", "median_us_wall", "kv_tbps", "pct_of_ceiling",
                   "dense_equiv_tbps", "input_sets", "max_abs_err", "within_tol"],

@@ -56,52 +56,6 @@ _GRID = {
 }
 
 
-def attention_base(small: bool) -> ml_collections.ConfigDict:
-  """Every attention_bench field, at benchmark (GPU) or tiny (CPU, interpret) settings.
-
-  Args:
-    small: CPU settings (float32, tiny shapes, few timed calls, Pallas in interpret mode).
-
-  Returns:
-    A ConfigDict without sweep and report.
-  """
-  c = ml_collections.ConfigDict()
-  c.experiment = "attention_bench"
-  c.implementation = "pallas_triton"
-  c.mask = "dense"
-  c.mode = "fwd"
-  c.batch = 1 if small else 2
-  c.q_len = c.kv_len = 128 if small else 4096
-  c.num_heads = c.num_kv_heads = 2 if small else 16
-  c.head_dim = 32 if small else 128
-  c.dtype = "float32" if small else "bfloat16"
-  c.block_q = ml_collections.FieldReference(None, field_type=int)
-  c.block_kv = ml_collections.FieldReference(None, field_type=int)
-
-  c.window = 32 if small else 1024
-  c.window_right = 0
-  c.doc_len = 32 if small else 512
-  c.doc_len_dist = "uniform"
-  c.tree_span = 16
-  c.band_peak = 0.5
-  c.band_decay = 0.05 if small else 0.01
-  c.band_floor = 2e-3 if small else 2e-4
-  c.dilation = 2
-  c.num_global = 4 if small else 32
-  c.block_density_target = 0.25
-  c.mask_block = ml_collections.FieldReference(None, field_type=int)
-  c.medusa_heads = 4
-  c.medusa_topk = 3
-
-  c.timing = "wall"
-  c.warmup = 1 if small else 3
-  c.iters = 3 if small else 30
-  c.input_sets = 1 if small else 2
-  c.seed = 0
-  c.interpret = ml_collections.FieldReference(None, field_type=bool)
-  c.check = True
-  return c
-
 VARIANTS = {
     "gpu": common.Variant("B=2 T=4096 N=16 D=128 bf16, causal / document: Mosaic GPU fwd and "
                           "pallas_triton fwd, fwd_bwd over block_q x block_kv: 32 points, "
@@ -125,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = common.choose_variant(arg, VARIANTS, default="full")
   if arg not in _GRID:
     raise ValueError(f"{arg=} must be one of {sorted(_GRID)}")
-  c = attention_base(small=arg == "cpu")
+  c = common.attention_base(small=arg == "cpu")
   grid = _GRID[arg]
   c.implementations = ("pallas_triton",)
   c.masks = grid["masks"]

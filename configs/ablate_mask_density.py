@@ -63,7 +63,6 @@ import ml_collections
 import numpy as np
 
 from configs import common
-from configs import ablate_block_size
 
 _CASE_FIELDS = ("case", "mask", "block_density_target", "window", "doc_len", "medusa_heads",
                 "band_decay")
@@ -146,7 +145,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in _GRIDS:
     raise ValueError(f"{arg=} must be one of {sorted(_GRIDS)}")
   small = arg == "cpu"
-  c = ablate_block_size.attention_base(small)
+  c = common.attention_base(small)
   c.batch = 1
   c.q_len = c.kv_len = 128 if small else 8192
   if small:

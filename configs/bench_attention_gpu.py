@@ -77,15 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.block_q = ml_collections.FieldReference(None, field_type=int)
   c.block_kv = ml_collections.FieldReference(None, field_type=int)
 
-  c.window = 1024
-  c.window_right = 0
-  c.doc_len = 512
-  c.tree_span = 16
-  c.band_peak = 0.5
-  c.band_decay = 0.01
-  c.band_floor = 2e-4
-  c.dilation = 2
-  c.num_global = 32
+  common.mask_fields(c, False, window=1024, doc_len=512, num_global=32)
 
   c.timing = "wall"
   c.warmup = 3

@@ -89,91 +89,6 @@ CPU_ALTERNATIVE = "configs/ablate_batch_size.py:cpu"
 KV_HEADS = (32, 8)
 DENSITIES = (1.0, 0.75, 0.5, 0.25)
 
-REPORT = {
-    "columns": ["groups", "us_per_step", "kv_tbps", "pct_of_ceiling", "dense_equiv_tbps",
-                "median_us_wall", "kv_tbps_wall", "input_sets", "launch_splits",
-                "launch_block_kv", "max_abs_err", "within_tol"],
-    "plots": [{"x": "batch", "y": "kv_tbps", "logx": True},
-              {"x": "batch", "y": "dense_equiv_tbps", "logx": True},
-              {"x": "batch", "y": "us_per_step", "logx": True, "logy": True}],
-}
-
-
-def decode_sweep(c: ml_collections.ConfigDict) -> list[dict[str, object]]:
-  """Sweep over c's lists (implementation outermost, batch innermost), as field references.
-
-  Args:
-    c: a config with the fields implementations, kv_lens, kv_heads, densities, batches.
-
-  Returns:
-    The sweep axes.
-  """
-  return [{"implementation": c.get_ref("implementations")}, {"kv_len": c.get_ref("kv_lens")},
-          {"num_kv_heads": c.get_ref("kv_heads")}, {"head_density": c.get_ref("densities")},
-          {"batch": c.get_ref("batches")}]
-
-
-def fast_timing(c: ml_collections.ConfigDict) -> None:
-  """Sets c's timing fields for about a second per point (module docstring: "grid")."""
-  c.wall_timing = False
-  c.loop_target_ms = 10.0
-  c.loop_min_iters = 3
-  c.loop_repeats = 5
-  c.warmup = 2
-  c.iters = 10
-  c.check_rows = 8
-
-
-def cpu_settings(c: ml_collections.ConfigDict) -> None:
-  """Sets c's precision, timing and memory fields for tiny interpret-mode CPU runs."""
-  c.dtype = "float32"
-  c.loop_iters = 4
-  c.loop_repeats = 2
-  c.input_sets = 2
-  c.min_rotation_mb = None
-  c.torch_memory_gb = None
-  c.chunk_mb = 1.0
-
-
-def base_config() -> ml_collections.ConfigDict:
-  """The decode_bench fields at GPU settings: Nq=32, D=128, bf16, H200-sized budgets."""
-  c = ml_collections.ConfigDict()
-  c.experiment = "decode_bench"
-  c.implementation = "pallas_triton"
-  c.batch = 1
-  c.kv_len = 4096
-  c.num_heads = 32
-  c.num_kv_heads = 32
-  c.head_dim = 128
-  c.dtype = "bfloat16"
-  c.head_density = 1.0
-  c.ragged = False
-  c.num_splits = ml_collections.FieldReference(None, field_type=int)
-  c.block_kv = ml_collections.FieldReference(None, field_type=int)
-  c.xla_merge = False
-
-  c.wall_timing = True
-  c.warmup = 3
-  c.iters = 20
-  c.loop_iters = ml_collections.FieldReference(None, field_type=int)
-  c.loop_target_ms = 50.0
-  c.loop_min_iters = 20
-  c.loop_max_iters = 2000
-  c.loop_repeats = 5
-  c.input_sets = 16
-  c.min_rotation_mb = ml_collections.FieldReference(256.0, field_type=float)
-  c.memory_budget_gb = ml_collections.FieldReference(None, field_type=float)
-  c.torch_memory_gb = ml_collections.FieldReference(100.0, field_type=float)
-  c.torch_keep_alive = True
-  c.chunk_mb = 256.0
-  c.seed = 0
-  c.interpret = ml_collections.FieldReference(None, field_type=bool)
-  c.check = True
-  c.check_rows = ml_collections.FieldReference(None, field_type=int)
-  c.report = ml_collections.ConfigDict(REPORT)
-  return c
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Decode benchmark config; arg "all" (the full grid, default), "grid" (the same grid in
   about 5 minutes, module docstring) or "core" (a 4-5 min subset).
@@ -187,15 +102,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   grid = common.choose_variant(arg, VARIANTS, default="all")
   if grid not in GRIDS:
     raise ValueError(f"{grid=} must be one of {sorted(GRIDS)}")
-  c = base_config()
+  c = common.decode_base()
   c.grid = grid
   c.implementations = GRIDS[grid].get("implementations", IMPLEMENTATIONS)
   if GRIDS[grid].get("fast"):
-    fast_timing(c)
+    common.decode_fast_timing(c)
   c.batches = GRIDS[grid]["batches"]
   c.kv_lens = GRIDS[grid]["kv_lens"]
   c.kv_heads = KV_HEADS
   c.densities = DENSITIES
-  c.sweep = decode_sweep(c)
+  c.sweep = common.decode_sweep(c)
   common.tag(c, grid, VARIANTS, cpu_alternative=CPU_ALTERNATIVE)
   return c

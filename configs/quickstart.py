@@ -96,15 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Mask family parameters (sliding window / dilated / global: window; document and
   # prefix_lm: mean document length; tree: parent within tree_span earlier nodes).
-  c.window = 64 if small else 512
-  c.window_right = 0
-  c.doc_len = 64 if small else 512
-  c.tree_span = 16
-  c.band_peak = 0.5  # random_banded: P(allowed) = max(peak * exp(-decay |i - j|), floor)
-  c.band_decay = 0.05 if small else 0.01
-  c.band_floor = 2e-3 if small else 2e-4
-  c.dilation = 2
-  c.num_global = 8 if small else 32
+  common.mask_fields(c, small, window=64 if small else 512, doc_len=64 if small else 512,
+                     num_global=8 if small else 32)
 
   c.timing = "wall"
   c.warmup = 2 if small else 5

@@ -64,7 +64,6 @@ from typing import Any
 import ml_collections
 
 from configs import common
-from configs import ablate_block_size
 
 BASELINES = ("dense", "causal")
 SPEEDUP_FILE = "speedups.md"
@@ -118,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in _RUNS:
     raise ValueError(f"{arg=} must be one of {sorted(_RUNS)}")
   small = arg == "cpu"
-  c = ablate_block_size.attention_base(small)
+  c = common.attention_base(small)
   if small:
     c.block_q = c.block_kv = 32
     c.doc_len = 16

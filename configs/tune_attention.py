@@ -59,7 +59,6 @@ from typing import Any
 import ml_collections
 
 from configs import common
-from configs import ablate_block_size
 from experiments import report
 
 SUMMARY_FILE = "tuning_summary.md"
@@ -99,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"{arg=} must be one of {sorted(_VARIANTS)}")
   small = arg == "cpu"
   variant = _VARIANTS[arg]
-  c = ablate_block_size.attention_base(small)
+  c = common.attention_base(small)
   c.experiment = "attention_tune"
   if not small:
     c.num_heads = c.num_kv_heads = 32

@@ -59,7 +59,6 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
-from configs import bench_decode_gpu
 
 # (implementation, num_splits, xla_merge) per variant.
 _VARIANTS = {
@@ -100,8 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = common.choose_variant(arg, VARIANTS, default="gpu")
   if arg not in VARIANTS:
     raise ValueError(f"{arg=} must be one of {sorted(VARIANTS)}")
-  c = bench_decode_gpu.base_config()
-  bench_decode_gpu.fast_timing(c)
+  c = common.decode_base()
+  common.decode_fast_timing(c)
   if arg == "gpu_tiles":
     return _tiles_config(c)
   c.check_rows = None  # B <= 8: every row
@@ -115,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.kv_heads = (2,)
     c.num_heads = 4
     c.head_dim = 16
-    bench_decode_gpu.cpu_settings(c)
+    common.decode_cpu_settings(c)
   implementations, splits, merges = zip(*_VARIANTS[arg])
   c.sweep = [{"batch": c.get_ref("batches")}, {"kv_len": c.get_ref("kv_lens")},
              {"num_kv_heads": c.get_ref("kv_heads")},

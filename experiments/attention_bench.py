@@ -14,9 +14,10 @@ Config fields read by `run_point` (configs/quickstart.py sets all of them):
   interpret        None: Pallas backends in interpret mode exactly when running on CPU
   check            compare the output (and gradients) with the float32 reference
   mask parameters  window, window_right, doc_len, tree_span, band_peak, band_decay,
-                   band_floor, dilation, num_global; optional (defaults when a config lacks
-                   them): doc_len_dist ("uniform" or "lognormal"), block_density_target and
-                   mask_block (random_blocks), medusa_heads and medusa_topk (medusa)
+                   band_floor, dilation, num_global, doc_len_dist ("uniform" or
+                   "lognormal"), block_density_target and mask_block (random_blocks),
+                   medusa_heads and medusa_topk (medusa): the arguments of
+                   flashjax.masks.families.build (its defaults when a config lacks them)
 
 Every point is checked against flashjax's float32 reference on the same inputs in the same
 run (max_abs_err; within_tol by dtype: float32 1e-4, bfloat16 2e-2, float16 5e-3 absolute),
@@ -42,120 +43,24 @@ import flashjax
 from flashjax import benchmarking
 from flashjax import io_model
 from flashjax import masks
+from flashjax import workloads
+from flashjax.masks import families
 from flashjax.ops.attention.configs import BlockSizes
 from flashjax.ops.attention.reference import mha_reference
 import third_party
 
-MASK_FAMILIES = ("dense", "causal", "sliding_window", "document", "prefix_lm", "tree",
-                 "random_banded", "dilated", "global", "document_full", "random_blocks",
-                 "random_banded_rcm", "medusa")
-# Families whose flashjax BlockMask is Reverse Cuthill-McKee reordered (peers: unsupported).
+# Families whose flashjax BlockMask is Reverse Cuthill-McKee reordered (peers: unsupported),
+# and the library family (flashjax.masks.families) each one reorders.
 RCM_FAMILIES = ("random_banded_rcm",)
+_BASE_FAMILY = {"random_banded_rcm": "random_banded"}
+MASK_FAMILIES = (*families.FAMILIES, *RCM_FAMILIES)
 TOLERANCES = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 PEER_PREFIX = "peer:"
-
-
-def _segment_ids(rng: np.random.Generator, batch: int, length: int, mean_len: int,
-                 dist: str = "uniform") -> np.ndarray:
-  """int32 [B, T] document ids.
-
-  Args:
-    rng: numpy generator.
-    batch: B.
-    length: T.
-    mean_len: mean document length.
-    dist: "uniform": lengths uniform in [1, 2 * mean_len); "lognormal": an ALPACA-like
-      skewed distribution (log-normal, sigma 0.75, mean `mean_len`, at least 1).
-
-  Returns:
-    The ids.
-  """
-  if dist not in ("uniform", "lognormal"):
-    raise ValueError(f"{dist=} must be 'uniform' or 'lognormal'")
-  ids = np.empty((batch, length), np.int32)
-  for b in range(batch):
-    if dist == "uniform":
-      lengths = rng.integers(1, 2 * mean_len, size=length)
-    else:
-      sigma = 0.75
-      mu = math.log(mean_len) - sigma**2 / 2  # E[exp(N(mu, sigma))] = mean_len
-      lengths = np.maximum(1, np.rint(rng.lognormal(mu, sigma, size=length)))
-    ends = np.cumsum(lengths)
-    ids[b] = np.searchsorted(ends, np.arange(length), side="right")
-  return ids
-
-
-def random_blocks(q_len: int, kv_len: int, block_q: int, block_kv: int, density: float,
-                  rng: np.random.Generator) -> Any:
-  """A mask of whole random tiles: round(density * tiles) of the block_q x block_kv tiles.
-
-  Every row of tiles gets at least one (no query without keys: peers disagree on empty
-  rows), so the block density is at least 1 / cdiv(S, block_kv).
-
-  Args:
-    q_len: T.
-    kv_len: S.
-    block_q: tile rows of the pattern.
-    block_kv: tile columns of the pattern.
-    density: target fraction of non-empty tiles, in (0, 1].
-    rng: numpy generator (the seed of the pattern).
-
-  Returns:
-    A flashjax.masks Mask of shape (T, S) whose tiles at (block_q, block_kv) are FULL or
-    EMPTY (edge tiles clipped to T and S).
-  """
-  if not 0 < density <= 1:
-    raise ValueError(f"{density=} must lie in (0, 1]")
-  nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
-  grid = np.zeros((nq, nk), bool)
-  grid[np.arange(nq), rng.integers(0, nk, size=nq)] = True
-  extra = max(0, round(density * nq * nk) - nq)
-  free = np.flatnonzero(~grid)
-  grid.flat[rng.choice(free, size=extra, replace=False)] = True
-  dense = np.repeat(np.repeat(grid, block_q, 0), block_kv, 1)
-  return masks.from_dense(dense[:q_len, :kv_len])
-
-
-def medusa_tree(length: int, heads: int, topk: int) -> Any:
-  """Tree attention over MEDUSA candidate trees filling `length` tokens.
-
-  One candidate tree has `topk` children per node down to depth `heads` (one level per
-  MEDUSA head), in breadth-first order; the sequence is copies of it back to back (the last
-  one cut). Each node attends to itself and all its ancestors in its own copy.
-
-  Args:
-    length: T = S.
-    heads: tree depth (MEDUSA heads).
-    topk: predictions kept per head.
-
-  Returns:
-    A flashjax.masks Mask of shape (T, T).
-  """
-  if heads < 1 or topk < 1:
-    raise ValueError(f"need heads >= 1 and topk >= 1: {heads=}, {topk=}")
-  parents = [-1]  # the root: the last accepted token
-  level = [0]
-  for _ in range(heads):
-    children = []
-    for node in level:
-      for _ in range(topk):
-        parents.append(node)
-        children.append(len(parents) - 1)
-    level = children
-  size = len(parents)
-  rows, cols = [], []
-  for node in range(size):
-    ancestor = node
-    while ancestor >= 0:
-      rows.append(node)
-      cols.append(ancestor)
-      ancestor = parents[ancestor]
-  rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-  starts = np.arange(0, length, size)
-  all_rows = (starts[:, None] + rows[None]).ravel()
-  all_cols = (starts[:, None] + cols[None]).ravel()
-  keep = all_rows < length  # ancestors precede their nodes, so cols < length too
-  return masks.CoordinateMask(length, length, all_rows[keep], all_cols[keep])
+# Config fields passed to flashjax.masks.families.build under their own names (a config
+# without one gets build's default; block_density_target is build's block_density).
+_MASK_PARAMS = ("batch", "window", "window_right", "doc_len", "doc_len_dist", "tree_span",
+                "band_peak", "band_decay", "band_floor", "dilation", "num_global",
+                "medusa_heads", "medusa_topk")
 
 
 def build_mask(config: ml_collections.ConfigDict, rng: np.random.Generator) -> Any:
@@ -166,63 +71,29 @@ def build_mask(config: ml_collections.ConfigDict, rng: np.random.Generator) -> A
     rng: numpy generator for the random families.
 
   Returns:
-    A Mask or None.
+    A Mask or None (flashjax.masks.families.build; an RCM family builds its base family).
   """
-  t, s, family = config.q_len, config.kv_len, config.mask
+  family = config.mask
   if family not in MASK_FAMILIES:
     raise ValueError(f"unknown mask family {family=}; known: {MASK_FAMILIES}")
-  if family in ("document", "document_full", "prefix_lm", "tree", "medusa",
-                "random_banded_rcm") and t != s:
-    raise ValueError(f"{family=} needs q_len == kv_len: {t=}, {s=}")
-  if family == "dense":
-    return None
-  if family == "causal":
-    return masks.causal(t, s)
-  if family == "sliding_window":
-    return masks.sliding_window(t, s, config.window, config.window_right)
-  if family in ("document", "document_full", "prefix_lm"):
-    ids = _segment_ids(rng, config.batch, t, config.doc_len,
-                       config.get("doc_len_dist", "uniform"))
-    if family != "prefix_lm":
-      return masks.document(ids, causal=family == "document")
-    num_docs = int(ids.max()) + 1
-    prefix = rng.integers(0, config.doc_len, size=(config.batch, num_docs)).astype(np.int32)
-    return masks.prefix_lm(ids, prefix)
-  if family == "tree":
-    # MEDUSA-style: node i attends to itself and its parent, a recent earlier node.
-    parents = np.array([-1] + [int(rng.integers(max(0, i - config.tree_span), i))
-                               for i in range(1, t)], np.int32)
-    return masks.tree(parents)
-  if family == "medusa":
-    return medusa_tree(t, config.get("medusa_heads", 4), config.get("medusa_topk", 3))
+  if family in RCM_FAMILIES and config.q_len != config.kv_len:
+    raise ValueError(f"{family=} needs q_len == kv_len: t={config.q_len}, s={config.kv_len}")
+  params = {name: config[name] for name in _MASK_PARAMS if name in config}
+  if "block_density_target" in config:
+    params["block_density"] = config.block_density_target
   if family == "random_blocks":
-    block_q, block_kv = _pattern_tiles(config)
-    return random_blocks(t, s, block_q, block_kv, config.get("block_density_target", 0.25),
-                         rng)
-  if family in ("random_banded", "random_banded_rcm"):
-    return masks.random_banded(t, s, seed=int(rng.integers(2**31)), peak=config.band_peak,
-                               decay=config.band_decay, floor=config.band_floor)
-  if family == "dilated":
-    return masks.dilated(t, s, config.window, config.dilation)
-  global_ids = np.sort(rng.choice(t, size=config.num_global, replace=False)).astype(np.int32)
-  return masks.global_tokens(t, s, config.window, global_ids)
+    params["block_q"], params["block_kv"] = _pattern_tiles(config)
+  return families.build(_BASE_FAMILY.get(family, family), config.q_len, config.kv_len, rng,
+                        **params)
 
 
 def input_sets(config: ml_collections.ConfigDict) -> list[tuple[jax.Array, ...]]:
   """config.input_sets fresh (q, k, v[, dout]) tuples from config.seed."""
-  dtype = jnp.dtype(config.dtype)
-  b, t, s, d = config.batch, config.q_len, config.kv_len, config.head_dim
-  shapes = [(b, t, config.num_heads, d), (b, s, config.num_kv_heads, d),
-            (b, s, config.num_kv_heads, d)]
-  if config.mode == "fwd_bwd":
-    shapes.append(shapes[0])
-  key = jax.random.key(config.seed)
-  sets = []
-  for set_key in jax.random.split(key, config.input_sets):
-    keys = jax.random.split(set_key, len(shapes))
-    sets.append(tuple(jax.random.normal(k, shape, jnp.float32).astype(dtype)
-                      for k, shape in zip(keys, shapes)))
-  return sets
+  return workloads.attention_inputs(
+      batch=config.batch, q_len=config.q_len, kv_len=config.kv_len,
+      num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+      head_dim=config.head_dim, dtype=config.dtype, num_sets=config.input_sets,
+      seed=config.seed, with_dout=config.mode == "fwd_bwd")
 
 
 def with_grads(attend):

@@ -11,7 +11,7 @@ When the heuristic is faster than every candidate, its resolved BlockSizes are r
 a recorded entry is never slower than the default it replaces. Tuning lookup is off while
 timing (the heuristic is the backend's own, not an earlier tuning).
 
-Config fields: those of attention_bench (configs/ablate_block_size.attention_base sets them
+Config fields: those of attention_bench (configs/common.attention_base sets them
 all; `block_q` / `block_kv` stay None, they only set the random_blocks pattern tiles), plus
 
   implementation  one of tuning.search.TUNABLE ("pallas_mosaic_gpu", "pallas_triton")

@@ -30,6 +30,7 @@ import numpy as np
 
 import flashjax
 from flashjax import benchmarking
+from flashjax import workloads
 from flashjax.ops.sparse_mlp import block_sizes as block_sizes_lib
 from flashjax.ops.sparse_mlp import reference
 
@@ -40,30 +41,15 @@ _BLOCK_FIELDS = ("block_k", "block_k_fc2", "block_d", "block_out", "block_b", "n
                  "num_warps", "num_stages")
 
 
-def num_selected(density: float, d_ff: int, bucket: int = 128) -> int:
-  """k = density * F rounded up to a multiple of `bucket`, at most F."""
-  if not 0 < density <= 1:
-    raise ValueError(f"{density=} must be in (0, 1]")
-  return min(d_ff, -(-int(np.ceil(density * d_ff)) // bucket) * bucket)
-
-
 def make_weights(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-  """Random neuron-major weights (w1 [F, d], w2 [F, d]) and biases, output scale O(1)."""
-  d, f = config.d_model, config.d_ff
-  dtype = jnp.dtype(config.dtype)
-  keys = jax.random.split(jax.random.key(config.seed), 4)
-  return dict(
-      w1=(jax.random.normal(keys[0], (f, d), jnp.float32) / np.sqrt(d)).astype(dtype),
-      w2=(jax.random.normal(keys[1], (f, d), jnp.float32) / np.sqrt(f)).astype(dtype),
-      b1=(0.1 * jax.random.normal(keys[2], (f,), jnp.float32)).astype(dtype),
-      b2=(0.1 * jax.random.normal(keys[3], (d,), jnp.float32)).astype(dtype),
-  )
+  """The point's weights (flashjax.workloads.sparse_mlp_weights)."""
+  return workloads.sparse_mlp_weights(d_model=config.d_model, d_ff=config.d_ff,
+                                      dtype=config.dtype, seed=config.seed)
 
 
 def make_x(config: ml_collections.ConfigDict, index: int) -> jax.Array:
-  key = jax.random.key(config.seed + 1000 + index)
-  return jax.random.normal(key, (config.batch, config.d_model), jnp.float32).astype(
-      config.dtype)
+  return workloads.sparse_mlp_input(batch=config.batch, d_model=config.d_model,
+                                    dtype=config.dtype, seed=config.seed, index=index)
 
 
 def block_sizes(config: ml_collections.ConfigDict) -> block_sizes_lib.BlockSizes | None:
@@ -147,7 +133,7 @@ def check_rows(batch: int, count: int = 8) -> np.ndarray:
   an H100, more than the timing itself; every row uses the same gathered weights, so a
   spread of rows checks the kernel's indexing and the batch tiling.
   """
-  return np.unique(np.linspace(0, batch - 1, min(batch, count)).round().astype(int))
+  return workloads.spread_rows(batch, count)
 
 
 @jax.jit
@@ -168,7 +154,7 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
     raise ValueError(f"unknown implementation {impl!r}; known: {DENSE + SPARSE}")
   if impl in DENSE and config.density != 1:
     raise NotImplementedError(f"{impl} computes every neuron: density 1 only")
-  k = num_selected(config.density, config.d_ff)
+  k = workloads.sparse_mlp_num_selected(config.density, config.d_ff)
   rng = np.random.default_rng(config.seed)
   ids = jnp.asarray(np.sort(rng.choice(config.d_ff, k, replace=False)), jnp.int32)
   start = time.perf_counter()

@@ -93,21 +93,6 @@ def _run_dir(config: ml_collections.ConfigDict) -> str:
                               f"{config.mode}_{config.attention_impl}")
 
 
-def matmul_flops_per_token(c: TransformerConfig, seq_len: int) -> float:
-  """Training FLOPs per token: 6 per weight used in a matmul plus causal attention.
-
-  Weights: every parameter except lookup tables (token embedding unless tied, learned
-  positions). Attention: QK^T and PV are 4 * T * Nq * H FLOPs per token forward, half of
-  it for causal rows, times 3 for forward + backward.
-  """
-  lookups = (0 if c.tie_embeddings else c.vocab_size * c.d_model)
-  if c.variant == "opt":
-    lookups += c.max_len * c.d_model
-  weights = c.num_params() - lookups
-  attention = c.num_layers * 3 * 2 * seq_len * c.num_heads * c.head_dim
-  return 6.0 * weights + attention
-
-
 def _sample(model: nnx.Module, config: ml_collections.ConfigDict, greedy: bool) -> str:
   prompt = np.concatenate([[data.BOS_ID], data.encode(config.sample_prompt)])[None]
   out = generation.generate(
@@ -195,7 +180,7 @@ def run_throughput(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _flops_metrics(mc: TransformerConfig, seq_len: int, tokens_per_s: float) -> dict[str, Any]:
-  flops = matmul_flops_per_token(mc, seq_len) * tokens_per_s
+  flops = training.train_flops_per_token(mc, seq_len) * tokens_per_s
   out = {"model_tflops": flops / 1e12}
   ceilings = benchmarking.device_ceilings(jax.devices()[0].device_kind, mc.compute_dtype)
   if ceilings and "flops_per_s" in ceilings:

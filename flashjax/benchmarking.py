@@ -14,7 +14,13 @@ Two timers:
   iteration is part of the measured time).
 
 Both accept several input sets (`arg_sets`) and rotate among them, so consecutive calls do not
-hit inputs that are still in the GPU's L2 cache.
+hit inputs that are still in the GPU's L2 cache. `output_and_loop` builds one program that
+both returns an output to check and runs such a loop, and `time_program` times whole runs of
+a compiled program (one compile for checking and timing).
+
+Sizing a benchmark: `device_memory_budget` (what the device has free), `fit_input_sets` (how
+many input sets fit that budget with the program's working memory) and `loop_calls` (calls
+per timed loop for a target loop time).
 
 FLOP conventions (docs/architecture.md, "Design"): dense attention forward 4*B*N*T*S*D
 (QK^T and PV, 2 FLOPs per multiply-add), half of that for causal, backward 2.5x forward;
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import platform
 import subprocess
@@ -146,6 +153,20 @@ def _sum_leaves(tree: Any) -> jax.Array:
   return sum((jnp.sum(x, dtype=jnp.float32) for x in leaves), jnp.zeros((), jnp.float32))
 
 
+def _loop_over_sets(fn: Callable[..., Any], sets: Sequence[tuple], trips: int,
+                    total: Callable[[Any], jax.Array]) -> jax.Array:
+  """float32 sum of total(fn(*inputs)) over `trips` fori_loop iterations x every set."""
+
+  def body(_, acc):
+    for inputs in sets:
+      # The barrier makes the inputs depend on the carry: nothing is loop invariant.
+      inputs, acc = jax.lax.optimization_barrier((inputs, acc))
+      acc = acc + total(fn(*inputs))
+    return acc
+
+  return jax.lax.fori_loop(0, trips, body, jnp.zeros((), jnp.float32))
+
+
 def time_in_loop(fn: Callable[..., Any], *args: Any, iters: int = 100, repeats: int = 5,
                  arg_sets: Sequence[Sequence[Any]] | None = None) -> Timing:
   """Times `fn` per iteration of a jitted `lax.fori_loop` (for kernels shorter than dispatch).
@@ -171,14 +192,7 @@ def time_in_loop(fn: Callable[..., Any], *args: Any, iters: int = 100, repeats: 
 
   @jax.jit
   def loop(sets):
-    def body(_, acc):
-      for inputs in sets:
-        # The barrier makes the inputs depend on the carry: nothing is loop invariant.
-        inputs, acc = jax.lax.optimization_barrier((inputs, acc))
-        acc = acc + _sum_leaves(fn(*inputs))
-      return acc
-
-    return jax.lax.fori_loop(0, trips, body, jnp.zeros((), jnp.float32))
+    return _loop_over_sets(fn, sets, trips, _sum_leaves)
 
   start = time.perf_counter()
   jax.block_until_ready(loop(sets))
@@ -189,6 +203,132 @@ def time_in_loop(fn: Callable[..., Any], *args: Any, iters: int = 100, repeats: 
     jax.block_until_ready(loop(sets))
     times.append((time.perf_counter() - start) / calls)
   return Timing(compile_s, tuple(times), "loop", calls_per_sample=calls)
+
+
+def output_and_loop(fn: Callable[..., jax.Array], trips: int) -> Callable[..., Any]:
+  """program(sets) -> (fn(*sets[0]), float32 checksum of `trips` loop iterations).
+
+  One program that both gives an output to check (the first set's) and times the step:
+  each iteration calls `fn` once on every set, as `time_in_loop` does (the barrier makes each
+  call depend on the carry, so nothing is hoisted out of the loop). Compile it (e.g.
+  `jax.jit(program).lower(...).compile()`) and time it with `time_program`, counting
+  trips * len(sets) + 1 calls per run.
+
+  Args:
+    fn: a traceable function returning one array.
+    trips: loop iterations (>= 1).
+
+  Returns:
+    The program, a function of the tuple of input sets.
+  """
+  if trips < 1:
+    raise ValueError(f"{trips=} must be >= 1")
+
+  def program(sets):
+    total = lambda out: jnp.sum(out, dtype=jnp.float32)
+    return fn(*sets[0]), _loop_over_sets(fn, sets, trips, total)
+
+  return program
+
+
+def time_program(program: Callable[..., Any], *args: Any, repeats: int,
+                 calls_per_run: int) -> tuple[Timing, Any]:
+  """Times whole runs of a (compiled) program that makes `calls_per_run` calls per run.
+
+  Args:
+    program: e.g. a compiled `output_and_loop` program.
+    *args: its arguments.
+    repeats: timed runs after the first (untimed, reported as compile_s).
+    calls_per_run: calls of the timed function per run; each time is run time / this.
+
+  Returns:
+    (Timing with method "loop", the first run's output).
+  """
+  if repeats < 1 or calls_per_run < 1:
+    raise ValueError(f"need repeats >= 1 and calls_per_run >= 1: {repeats=}, "
+                     f"{calls_per_run=}")
+  start = time.perf_counter()
+  first = jax.block_until_ready(program(*args))
+  first_s = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(program(*args))
+    times.append((time.perf_counter() - start) / calls_per_run)
+  return Timing(first_s, tuple(times), "loop", calls_per_sample=calls_per_run), first
+
+
+def device_memory_budget(budget_gb: float | None = None, *, fraction: float = 0.9,
+                         device: Any = None) -> float | None:
+  """Bytes a benchmark may use on the device, or None for no limit.
+
+  Args:
+    budget_gb: an explicit budget in GB (1e9 bytes); returned as bytes when given.
+    fraction: else this fraction of what the device reports free (its `bytes_limit` less
+      `bytes_in_use`).
+    device: the device asked (default: the first device).
+
+  Returns:
+    Bytes, or None where the device reports no limit (e.g. on CPU).
+  """
+  if budget_gb is not None:
+    return budget_gb * 1e9
+  if not 0 < fraction <= 1:
+    raise ValueError(f"{fraction=} must lie in (0, 1]")
+  stats = (device or jax.devices()[0]).memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return None
+  return fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
+def fit_input_sets(set_bytes: float, per_set_extra: float, fixed_bytes: float,
+                   budget: float | None, *, max_sets: int,
+                   min_rotation_bytes: float | None = None,
+                   where: str = "device") -> tuple[int, float]:
+  """How many input sets of a benchmark fit a memory budget, and the bytes they need.
+
+  n sets need n * (set_bytes + per_set_extra) + fixed_bytes.
+
+  Args:
+    set_bytes: bytes of one input set.
+    per_set_extra: bytes that may be needed once per set besides it (program temporaries:
+      a timing loop may keep one per unrolled call).
+    fixed_bytes: bytes needed once (outputs, generation and check chunks).
+    budget: bytes available, None for no limit.
+    max_sets: most sets wanted (>= 1).
+    min_rotation_bytes: None: want `max_sets`; else only as many sets as needed to rotate
+      through this many bytes (so that small inputs are not served from a cache).
+    where: "device", "torch child", ...: where the memory is, for the reason.
+
+  Returns:
+    (number of sets, bytes needed).
+
+  Raises:
+    NotImplementedError: not even one set fits (the reason gives the sizes).
+  """
+  if max_sets < 1 or not set_bytes > 0:
+    raise ValueError(f"need max_sets >= 1 and set_bytes > 0: {max_sets=}, {set_bytes=}")
+  want = max_sets
+  if min_rotation_bytes is not None:
+    want = min(want, max(1, math.ceil(min_rotation_bytes / set_bytes)))
+  need = lambda n: n * (set_bytes + per_set_extra) + fixed_bytes
+  if budget is not None:
+    if need(1) > budget:
+      raise NotImplementedError(
+          f"needs {need(1) / 1e9:.3g} GB on the {where} ({set_bytes / 1e9:.3g} GB of inputs "
+          f"+ {(need(1) - set_bytes) / 1e9:.3g} GB working memory) > budget "
+          f"{budget / 1e9:.3g} GB")
+    want = max(n for n in range(1, want + 1) if need(n) <= budget)
+  return want, need(want)
+
+
+def loop_calls(target_s: float, step_s: float, min_calls: int, max_calls: int) -> int:
+  """Calls per timed loop for a loop of about `target_s` of steps of `step_s` each,
+  clamped to [min_calls, max_calls]."""
+  if not 1 <= min_calls <= max_calls:
+    raise ValueError(f"need 1 <= min_calls <= max_calls: {min_calls=}, {max_calls=}")
+  calls = math.ceil(target_s / max(step_s, 1e-9))
+  return min(max(calls, min_calls), max_calls)
 
 
 def _check_mode(mode: str) -> float:

@@ -159,6 +159,93 @@ class TimersTest(parameterized.TestCase):
     self.assertEqual(long.calls_per_sample, 16)
 
 
+  def test_output_and_loop_checks_the_first_set_and_calls_every_set(self):
+    calls = []
+
+    def fn(x):
+      jax.debug.callback(lambda: calls.append(1))
+      return jnp.tanh(x) * 3
+
+    rng = np.random.default_rng(4)
+    sets = tuple((jnp.asarray(rng.standard_normal((5, 3)), jnp.float32),) for _ in range(3))
+    program = jax.jit(benchmarking.output_and_loop(fn, trips=2))
+    timing, (out, checksum) = benchmarking.time_program(program, sets, repeats=4,
+                                                        calls_per_run=2 * 3 + 1)
+    np.testing.assert_allclose(out, np.tanh(np.asarray(sets[0][0])) * 3, rtol=1e-6)
+    want = 2 * sum(float(np.sum(np.tanh(np.asarray(s[0], np.float64)) * 3)) for s in sets)
+    self.assertAlmostEqual(float(checksum), want, places=4)
+    self.assertLen(calls, (1 + 2 * 3) * (1 + 4))  # first run + 4 timed runs
+    self.assertLen(timing.times_s, 4)
+    self.assertEqual((timing.method, timing.calls_per_sample), ("loop", 7))
+    self.assertGreater(timing.compile_s, 0)
+    with self.assertRaisesRegex(ValueError, "trips=0"):
+      benchmarking.output_and_loop(fn, trips=0)
+    with self.assertRaisesRegex(ValueError, "calls_per_run=0"):
+      benchmarking.time_program(program, sets, repeats=1, calls_per_run=0)
+
+  def test_time_program_divides_by_the_calls(self):
+    def program(seconds):
+      time.sleep(seconds)
+      return seconds
+
+    timing, first = benchmarking.time_program(program, 0.02, repeats=3, calls_per_run=4)
+    self.assertEqual(first, 0.02)
+    self.assertBetween(timing.median_s, 0.005, 0.05 / 4 + 0.05)
+
+
+class SizingTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      (f"{max_sets=}_{rotation_mb=}_{budget=}", max_sets, rotation_mb, budget, want)
+      for max_sets, rotation_mb, budget, want in (
+          (4, None, None, 4), (4, None, 2**20 * 2.9, 2), (4, 0.5, None, 1),
+          (8, 2.5, None, 3), (8, 2.5, 2**20 * 2.7, 2), (1, None, 2**20 * 1.4, 1)))
+  def test_fit_input_sets(self, max_sets, rotation_mb, budget, want):
+    # Sets of 1 MB with 0.25 MB of temporaries each, 0.1 MB fixed.
+    rotation = None if rotation_mb is None else rotation_mb * 2**20
+    num_sets, need = benchmarking.fit_input_sets(2**20, 2**18, 1e5, budget,
+                                                 max_sets=max_sets,
+                                                 min_rotation_bytes=rotation)
+    self.assertEqual(num_sets, want)
+    self.assertEqual(need, num_sets * 1.25 * 2**20 + 1e5)
+
+  def test_fit_input_sets_refuses_what_does_not_fit(self):
+    with self.assertRaisesRegex(NotImplementedError,
+                                r"needs 0.0011 GB on the torch child .* budget 0.001 GB"):
+      benchmarking.fit_input_sets(1e6, 0, 1e5, 1e6, max_sets=2, where="torch child")
+    with self.assertRaisesRegex(ValueError, "max_sets=0"):
+      benchmarking.fit_input_sets(1e6, 0, 0, None, max_sets=0)
+
+  def test_device_memory_budget(self):
+    self.assertEqual(benchmarking.device_memory_budget(2.5), 2.5e9)
+
+    class Device:
+      def __init__(self, stats):
+        self.stats = stats
+
+      def memory_stats(self):
+        return self.stats
+
+    device = Device({"bytes_limit": 100, "bytes_in_use": 20})
+    self.assertAlmostEqual(benchmarking.device_memory_budget(device=device), 72.0)
+    self.assertAlmostEqual(benchmarking.device_memory_budget(fraction=0.5, device=device),
+                           40.0)
+    self.assertIsNone(benchmarking.device_memory_budget(device=Device(None)))
+    self.assertIsNone(benchmarking.device_memory_budget(device=Device({"bytes_in_use": 5})))
+    with self.assertRaisesRegex(ValueError, "fraction=1.5"):
+      benchmarking.device_memory_budget(fraction=1.5, device=device)
+
+  @parameterized.parameters((1e-3, 1e-5, 1, 1000, 100), (1e-3, 1e-5, 1, 50, 50),
+                            (1e-3, 1.0, 4, 50, 4), (1e-3, 0.0, 1, 10**12, 10**6),
+                            (1e-3, 3e-4, 1, 100, 4))
+  def test_loop_calls(self, target, step, low, high, want):
+    self.assertEqual(benchmarking.loop_calls(target, step, low, high), want)
+
+  def test_loop_calls_rejects_bad_bounds(self):
+    with self.assertRaisesRegex(ValueError, "min_calls=5, max_calls=2"):
+      benchmarking.loop_calls(1.0, 1.0, 5, 2)
+
+
 def _reference(q, k, v, allowed):
   """float32 HIGHEST attention of [B, T, N, D] inputs, allowed bool [B|1, N|1, T, S]."""
   group = q.shape[2] // k.shape[2]

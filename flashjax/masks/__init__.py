@@ -1,6 +1,7 @@
 """Host-side mask library (numpy) and the kernel-facing BlockMask.
 
-Modules, each importing only those before it: rule -> masks -> rcm -> block_mask -> builders.
+Modules, each importing only those before it: rule -> masks -> rcm -> block_mask -> builders;
+`families` (the studies' mask families) uses only the public constructors of `masks`.
 """
 
 from flashjax.masks.rule import Band, ElementRule, element_mask
@@ -15,3 +16,4 @@ from flashjax.masks.block_mask import BlockMask, block_mask_rcm
 from flashjax.masks.builders import (block_mask_for, block_mask_from_dense,
                                      block_mask_from_mask, block_mask_from_rule,
                                      expand_block_mask)
+from flashjax.masks import families

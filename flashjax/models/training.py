@@ -4,6 +4,7 @@
   lr = lr_schedule(step, ...)
   metrics = trainer.train_step(tokens, segment_ids, lr)   # rows of T + 1 tokens
   loss = trainer.evaluate(val_tokens, val_segment_ids, batch_size=32)
+  flops = train_flops_per_token(model_config, seq_len) * tokens_per_s   # achieved FLOP/s
 
 A row of T + 1 tokens gives inputs row[:-1] and targets row[1:]; a target counts only when
 it is in the same segment (document) as its input, so no token is trained to predict the
@@ -23,6 +24,32 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+
+
+def train_flops_per_token(config: Any, seq_len: int) -> float:
+  """Training FLOPs per token: 6 per weight used in a matmul plus causal attention.
+
+  Weights: every parameter except lookup tables (token embedding unless tied, learned
+  positions). Attention: QK^T and PV are 4 * T * Nq * H FLOPs per token forward, half of
+  it for causal rows, times 3 for forward + backward.
+
+  Args:
+    config: the model's TransformerConfig.
+    seq_len: T, tokens per training row.
+
+  Returns:
+    FLOPs per trained token.
+  """
+  if seq_len < 1:
+    raise ValueError(f"{seq_len=} must be >= 1")
+  c = config
+  lookups = (0 if c.tie_embeddings else c.vocab_size * c.d_model)
+  if c.variant == "opt":
+    lookups += c.max_len * c.d_model
+  weights = c.num_params() - lookups
+  attention = c.num_layers * 3 * 2 * seq_len * c.num_heads * c.head_dim
+  return 6.0 * weights + attention
 
 
 @dataclasses.dataclass(frozen=True)

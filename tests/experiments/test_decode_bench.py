@@ -21,6 +21,7 @@ from configs import tune_decode_splits
 from experiments import decode_bench
 from experiments import launch
 from experiments import report
+from flashjax import workloads
 import third_party
 from third_party import torch_peers
 
@@ -115,17 +116,12 @@ class RunPointTest(parameterized.TestCase):
     with self.assertRaisesRegex(NotImplementedError, r"needs .* GB on the device .* budget"):
       decode_bench.run_point(_config(memory_budget_gb=1e-6), {})
 
-  @parameterized.named_parameters(
-      (f"{input_sets=}_{min_rotation_mb=}_{budget=}", input_sets, min_rotation_mb, budget, want)
-      for input_sets, min_rotation_mb, budget, want in (
-          (4, None, None, 4), (4, None, 2**20 * 2.9, 2), (4, 0.5, None, 1),
-          (8, 2.5, None, 3), (8, 2.5, 2**20 * 2.7, 2), (1, None, 2**20 * 1.4, 1)))
-  def test_fit_sets(self, input_sets, min_rotation_mb, budget, want):
-    config = _config(input_sets=input_sets, min_rotation_mb=min_rotation_mb)
-    # Sets of 1 MB with 0.25 MB of temporaries each, 0.1 MB fixed.
-    num_sets, need = decode_bench._fit_sets(config, 2**20, 2**18, 1e5, budget, "device")
-    self.assertEqual(num_sets, want)
-    self.assertEqual(need, num_sets * 1.25 * 2**20 + 1e5)
+  def test_fit_sets_reads_the_config(self):
+    config = _config(input_sets=8, min_rotation_mb=2.5)
+    # Sets of 1 MB with 0.25 MB of temporaries each, 0.1 MB fixed: 2 fit 2.7 MB.
+    self.assertEqual(decode_bench._fit_sets(config, 2**20, 2**18, 1e5, None, "device")[0], 3)
+    self.assertEqual(
+        decode_bench._fit_sets(config, 2**20, 2**18, 1e5, 2**20 * 2.7, "device")[0], 2)
 
   def test_torch_peer_case_and_metrics(self):
     fake = FakeTorchPeer()
@@ -208,73 +204,17 @@ class RunPointTest(parameterized.TestCase):
       decode_bench.run_point(_config(implementation="peer:jax_nn_xla", num_warps=4), {})
 
 
-class HelpersTest(parameterized.TestCase):
+class InputsTest(absltest.TestCase):
 
-  @parameterized.named_parameters(
-      (f"{density=}_{nkv=}", density, nkv, want)
-      for density, nkv, want in ((1.0, 8, 8), (0.75, 8, 6), (0.5, 8, 4), (0.25, 8, 2),
-                                 (0.25, 32, 8), (0.5, 2, 1), (0.01, 8, 1), (0.3, 5, 2)))
-  def test_num_groups(self, density, nkv, want):
-    self.assertEqual(decode_bench.num_groups(density, nkv), want)
-
-  def test_samples(self):
-    rng = np.random.default_rng(0)
-    heads = decode_bench.sample_head_indices(rng, 64, 8, 3)
-    chex.assert_shape(heads, (64, 3))
-    self.assertTrue(np.all(np.diff(heads, axis=1) > 0))  # distinct, ascending
-    self.assertTrue(np.all((heads >= 0) & (heads < 8)))
-    self.assertGreater(len({tuple(r) for r in heads}), 10)  # random per sequence
-    lengths = decode_bench.sample_lengths(rng, 256, 100, ragged=True)
-    self.assertEqual((lengths.min() >= 50, lengths.max() <= 100), (True, True))
-    self.assertGreater(len(set(lengths.tolist())), 20)
-    np.testing.assert_array_equal(decode_bench.sample_lengths(rng, 3, 100, ragged=False),
-                                  [100, 100, 100])
-    self.assertEqual(decode_bench.chunk_rows(12, 10.0, 45.0), 4)
-    self.assertEqual(decode_bench.chunk_rows(7, 10.0, 45.0), 1)
-    self.assertEqual(decode_bench.chunk_rows(8, 10.0, 1.0), 1)
-
-  def test_check_row_ids(self):
-    self.assertIsNone(decode_bench.check_row_ids(8, None))
-    self.assertIsNone(decode_bench.check_row_ids(8, 8))
-    self.assertEqual(decode_bench.check_row_ids(256, 8), (0, 36, 73, 109, 146, 182, 219, 255))
-    self.assertEqual(decode_bench.check_row_ids(5, 1), (0,))
-    for bad in (0, 2.5, True):
-      with self.assertRaisesRegex(ValueError, "check_rows="):
-        decode_bench.check_row_ids(8, bad)
-
-  def test_inputs_are_fresh_per_set(self):
-    config = _config(head_density=0.5, num_kv_heads=4, batch=8, ragged=True)
+  def test_make_inputs_follow_the_config(self):
+    config = _config(head_density=0.5, num_kv_heads=4, batch=8, ragged=True, dtype="bfloat16")
     sets = decode_bench.make_inputs(config, 2, 2)
-    (q0, k0, v0, len0, heads0), (_, k1, _, len1, heads1) = sets
-    chex.assert_shape([k0, v0], (8, 64, 4, 16))
-    chex.assert_shape(q0, (8, 4, 16))
-    chex.assert_shape(heads0, (8, 2))
-    self.assertEqual(k0.dtype, jnp.float32)
-    self.assertGreater(float(jnp.std(k0)), 0.5)
-    self.assertGreater(float(jnp.max(jnp.abs(k0 - k1))), 0.1)
-    self.assertGreater(float(jnp.max(jnp.abs(k0 - v0))), 0.1)
-    self.assertFalse(np.array_equal(heads0, heads1) and np.array_equal(len0, len1))
-    again = decode_bench.make_inputs(config, 2, 1)[0]
-    chex.assert_trees_all_equal(again, sets[0])  # same seed, same inputs
-
-  def test_error_check_reads_every_row(self):
-    config = _config(batch=4, head_density=0.5, num_kv_heads=2)
-    inputs = decode_bench.make_inputs(config, 1, 1)[0]
-    want = decode_bench.decode_reference(*inputs[:4], head_indices=inputs[4])
-    self.assertLess(float(decode_bench._max_abs_err(want, inputs, rows=1)), 1e-6)
-    wrong = want.at[3, 1, 5].add(0.25)  # the last chunk only
-    for rows in (1, 2, 4):
-      self.assertAlmostEqual(float(decode_bench._max_abs_err(wrong, inputs, rows=rows)), 0.25,
-                             places=5)
-    # Ignoring head_indices (computing every group) is caught: unselected heads must be 0.
-    dense = decode_bench.decode_reference(*inputs[:4])
-    self.assertGreater(float(decode_bench._max_abs_err(dense, inputs, rows=2)), 0.1)
-    nan = want.at[0, 0, 0].set(jnp.nan)
-    self.assertTrue(np.isnan(float(decode_bench._max_abs_err(nan, inputs, rows=2))))
-    # A row subset sees only its rows.
-    for select, err in (((0, 3), 0.25), ((0, 1, 2), 0.0)):
-      got = decode_bench._max_abs_err(wrong, inputs, rows=1, select=select)
-      self.assertAlmostEqual(float(got), err, places=5)
+    want = workloads.decode_inputs(batch=8, kv_len=64, num_heads=4, num_kv_heads=4,
+                                   head_dim=16, dtype="bfloat16", groups=2, num_sets=2,
+                                   seed=config.seed, ragged=True,
+                                   chunk_bytes=config.chunk_mb * 2**20)
+    chex.assert_trees_all_equal(sets, want)
+    self.assertEqual(sets[0][1].dtype, jnp.bfloat16)
 
 
 class ConfigTest(parameterized.TestCase):

@@ -10,13 +10,6 @@ from flashjax import benchmarking
 
 class SparseMLPBenchTest(absltest.TestCase):
 
-  def test_num_selected_rounds_up_to_the_bucket(self):
-    self.assertEqual(sparse_mlp_bench.num_selected(0.05, 16384), 896)
-    self.assertEqual(sparse_mlp_bench.num_selected(1.0, 16384), 16384)
-    self.assertEqual(sparse_mlp_bench.num_selected(0.001, 512), 128)
-    with self.assertRaisesRegex(ValueError, "density=0"):
-      sparse_mlp_bench.num_selected(0, 512)
-
   def test_check_rows_spread_over_the_batch(self):
     np.testing.assert_array_equal(sparse_mlp_bench.check_rows(1), [0])
     rows = sparse_mlp_bench.check_rows(256)

@@ -24,6 +24,7 @@ from experiments import attention_bench
 from experiments import launch
 from flashjax import io_model
 from flashjax import masks
+from flashjax.masks import families
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _STUDIES = {"ablate_block_size": ablate_block_size, "ablate_mask_density": ablate_mask_density,
@@ -46,45 +47,17 @@ def _rows(workdir):
 
 class MaskFamilyTest(parameterized.TestCase):
 
-  @parameterized.named_parameters(
-      (f"{density=}_{block=}", density, block) for density, block in
-      ((0.1, 16), (0.5, 16), (0.5, 32), (1.0, 32)))
-  def test_random_blocks_hits_the_target_tile_count(self, density, block):
-    rng = np.random.default_rng(3)
-    mask = attention_bench.random_blocks(128, 96, block, block, density, rng)
-    kinds = mask.block_kinds(block, block)
-    nq, nk = kinds.shape[-2:]
-    self.assertEqual(int(np.sum(kinds != masks.EMPTY)), max(nq, round(density * nq * nk)))
-    self.assertTrue(np.all(np.any(kinds != masks.EMPTY, axis=-1)))  # no empty tile row
-    self.assertFalse(np.any(kinds == masks.PARTIAL))  # whole tiles only
-    other = attention_bench.random_blocks(128, 96, block, block, density,
-                                          np.random.default_rng(4))
-    if density < 1:
-      self.assertFalse(np.array_equal(mask.to_dense(), other.to_dense()))
-    with self.assertRaisesRegex(ValueError, "density="):
-      attention_bench.random_blocks(64, 64, 16, 16, 0.0, rng)
-
-  def test_medusa_tree_attends_ancestors_in_its_copy(self):
-    # heads=2, topk=3: 1 root + 3 + 9 = 13 nodes per copy; BFS: node 4 is the first child
-    # of node 1, whose parent is the root 0.
-    dense = np.asarray(attention_bench.medusa_tree(30, heads=2, topk=3).to_dense())
-    self.assertEqual(dense.shape, (30, 30))
-    np.testing.assert_array_equal(np.flatnonzero(dense[4]), [0, 1, 4])
-    np.testing.assert_array_equal(np.flatnonzero(dense[12]), [0, 3, 12])
-    np.testing.assert_array_equal(np.flatnonzero(dense[13 + 4]), [13, 14, 17])  # 2nd copy
-    np.testing.assert_array_equal(np.flatnonzero(dense[26]), [26])  # root of the 3rd copy
-    self.assertEqual(int(dense.sum()), 2 * (1 + 3 * 2 + 9 * 3) + 1 + 3 * 2)
-    with self.assertRaisesRegex(ValueError, "heads="):
-      attention_bench.medusa_tree(8, heads=0, topk=3)
-
-  def test_lognormal_document_lengths(self):
-    rng = np.random.default_rng(0)
-    ids = attention_bench._segment_ids(rng, 2, 20000, 64, "lognormal")
-    lengths = np.concatenate([np.bincount(row)[:-1] for row in ids])  # last one is cut
-    self.assertAlmostEqual(float(np.mean(lengths)), 64, delta=6)
-    self.assertGreater(float(np.mean(lengths)), float(np.median(lengths)))  # right skew
-    with self.assertRaisesRegex(ValueError, "dist="):
-      attention_bench._segment_ids(rng, 1, 16, 4, "zipf")
+  @parameterized.parameters(("prefix_lm", {}), ("tree", {}), ("global", {}),
+                            ("random_blocks", {"mask_block": 16, "block_density_target": 0.5}))
+  def test_build_mask_passes_the_config_fields(self, family, extra):
+    config = ablate_block_size.get_config("cpu")
+    config.update(dict(mask=family, q_len=64, kv_len=64, batch=2, doc_len=5, tree_span=3,
+                       window=2, num_global=3, **extra))
+    got = attention_bench.build_mask(config, np.random.default_rng(1))
+    want = families.build(family, 64, 64, np.random.default_rng(1), batch=2, doc_len=5,
+                          doc_len_dist=config.doc_len_dist, tree_span=3, window=2,
+                          num_global=3, block_q=16, block_kv=16, block_density=0.5)
+    np.testing.assert_array_equal(got.to_dense(), want.to_dense())
 
   def test_rcm_family_passes_a_permuted_block_mask(self):
     config = reproduce_binblkmsk.get_config("cpu")

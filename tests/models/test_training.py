@@ -191,5 +191,25 @@ class CheckpointTest(parameterized.TestCase):
     self.assertIn("0.mu.w", checkpoint.flatten(opt))
 
 
+class FlopsTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("llama_untied", "llama", False), ("llama_tied", "llama", True),
+      ("opt_untied", "opt", False), ("opt_tied", "opt", True))
+  def test_train_flops_per_token_counts_the_matmul_weights(self, variant, tied):
+    config = TransformerConfig(variant=variant, vocab_size=data.VOCAB_SIZE, d_model=32,
+                               num_layers=2, num_heads=4, num_kv_heads=2, max_len=48,
+                               tie_embeddings=tied)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    lookups = (0 if tied else data.VOCAB_SIZE * 32) + (48 * 32 if variant == "opt" else 0)
+    head_dim = 32 // 4
+    attention = 2 * 3 * (4 * 40 * 4 * head_dim) / 2  # 2 layers, fwd + bwd, causal half
+    self.assertEqual(training.train_flops_per_token(config, 40),
+                     6.0 * (params - lookups) + attention)
+    with self.assertRaisesRegex(ValueError, "seq_len=0"):
+      training.train_flops_per_token(config, 0)
+
+
 if __name__ == "__main__":
   absltest.main()
