@@ -42,7 +42,7 @@ import flashjax
 from flashjax import benchmarking
 from flashjax import io_model
 from flashjax import masks
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.reference import mha_reference
 import third_party
 

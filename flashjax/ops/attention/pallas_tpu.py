@@ -21,15 +21,12 @@ import jax.numpy as jnp
 from flashjax.masks import builders, rcm
 from flashjax.masks.block_mask import BlockMask
 from flashjax.ops.attention import pallas_tpu_vjp
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.pallas_tpu_common import LANES, KernelConfig
+from flashjax.ops.tiling import round_up
 
 SUBLANES = 8
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_kv=128)
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
 
 
 def min_block_q(dtype) -> int:
@@ -130,7 +127,7 @@ def dot_product_attention(
     # An RCM BlockMask describes the sequences reordered by q_perm / kv_perm.
     query, key, value = rcm.permute_qkv(query, key, value, fwd_mask)
   # [B, T, N, D] -> head-major [B, N, T, Dp]; zero lanes added to D change no dot product.
-  d_pad = _round_up(head_dim, LANES) - head_dim
+  d_pad = round_up(head_dim, LANES) - head_dim
   q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, d_pad))).transpose(0, 2, 1, 3)
              for x in (query, key, value))
   out = pallas_tpu_vjp.attention(q, k, v, fwd_mask, bwd_mask, cfg)

@@ -40,6 +40,7 @@ from jax.experimental.pallas import tpu as pltpu
 from flashjax.masks import block_mask as block_mask_lib
 from flashjax.masks.block_mask import BlockMask
 from flashjax.masks.rule import element_mask
+from flashjax.ops.tiling import pad_axis
 
 LANES = 128
 
@@ -393,13 +394,6 @@ def _fwd_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, *
     l = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc_ref[...] / l[:, :1]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, jnp.inf, m_ref[...] + jnp.log(l))
-
-
-def pad_axis(x: jax.Array, axis: int, size: int, value: float = 0) -> jax.Array:
-  """Pads `x` at the end of `axis` up to `size`."""
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def flash_fwd(q: jax.Array, k: jax.Array, v: jax.Array, bm: BlockMask,

@@ -29,6 +29,7 @@ from jax.experimental.pallas import tpu as pltpu
 from flashjax.masks.block_mask import BlockMask
 from flashjax.ops.attention import pallas_tpu_common as common
 from flashjax.ops.attention.pallas_tpu_common import LANES, NN_DIMS, NT_DIMS, KernelConfig
+from flashjax.ops.tiling import pad_axis
 
 
 def _dlogits(q, k, v, do, lse, delta, mask, cfg: KernelConfig):
@@ -172,10 +173,10 @@ def flash_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax
   delta = jnp.einsum("bntd,bntd->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
   # Row statistics lane-broadcast to [B, Nq, T, 128]; padding rows get lse = +inf (P = 0).
   lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, LANES))
-  operands = (common.pad_axis(q, 2, t_pad), common.pad_axis(k, 2, s_pad),
-              common.pad_axis(v, 2, s_pad), common.pad_axis(do.astype(q.dtype), 2, t_pad),
-              common.pad_axis(lanes(lse), 2, t_pad, jnp.inf),
-              common.pad_axis(lanes(delta), 2, t_pad))
+  operands = (pad_axis(q, 2, t_pad), pad_axis(k, 2, s_pad),
+              pad_axis(v, 2, s_pad), pad_axis(do.astype(q.dtype), 2, t_pad),
+              pad_axis(lanes(lse), 2, t_pad, jnp.inf),
+              pad_axis(lanes(delta), 2, t_pad))
   interpret = common.interpret_arg(cfg.interpret)
   static = dict(cfg=cfg, block_q=block_q, block_kv=block_kv)
 

@@ -39,6 +39,7 @@ from flashjax.masks import masks as masks_lib
 from flashjax.masks.block_mask import BlockMask
 from flashjax.masks.rule import ElementRule
 from flashjax.ops.attention.reference import expand_block_mask
+from flashjax.ops.tiling import pad_axis
 
 DEFAULT_CHUNK = 512
 
@@ -270,12 +271,6 @@ def dot_product_attention(
   return out
 
 
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad)
-
-
 def dot_product_attention_chunked(
     query: jax.Array,
     key: jax.Array,
@@ -315,11 +310,11 @@ def dot_product_attention_chunked(
   parts = MaskParts(mask=mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                     is_causal=is_causal, q_len=t, kv_len=s)
   parts.pad(t_pad - t, s_pad - s)
-  q = _pad_axis(query, 1, t_pad).reshape(b, t_pad, nkv, g, d)
-  k = _pad_axis(key, 1, s_pad)
-  v = _pad_axis(value, 1, s_pad)
+  q = pad_axis(query, 1, t_pad).reshape(b, t_pad, nkv, g, d)
+  k = pad_axis(key, 1, s_pad)
+  v = pad_axis(value, 1, s_pad)
   if bias is not None:
-    bias = _pad_axis(_pad_axis(bias, 2, t_pad), 3, s_pad)
+    bias = pad_axis(pad_axis(bias, 2, t_pad), 3, s_pad)
 
   def q_chunk(qi):
     q0 = qi * cq

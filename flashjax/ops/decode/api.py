@@ -33,7 +33,7 @@ from jax.experimental import checkify
 from flashjax.ops.attention import api as attention_api
 from flashjax.ops.attention.api import (check_lengths, check_platform, check_positive, concrete,
                                         dispatch_named)
-from flashjax.ops.decode.configs import DecodeConfig
+from flashjax.ops.decode.block_sizes import DecodeBlockSizes
 
 DECODE_BACKENDS: dict[str, tuple[str, str]] = {
     name: (f"flashjax.ops.decode.{name}", "decode_attention")
@@ -65,7 +65,7 @@ def decode_attention(
     head_indices: jax.Array | None = None,
     scale: float | None = None,
     logits_soft_cap: float | None = None,
-    block_sizes: DecodeConfig | None = None,
+    block_sizes: DecodeBlockSizes | None = None,
     implementation: str | Sequence[str] | None = None,
     interpret: bool = False,
     debug_checks: bool = False,
@@ -98,8 +98,8 @@ def decode_attention(
       (out-of-range policy above).
     scale: logit scale, default 1 / sqrt(D).
     logits_soft_cap: optional positive cap: logits = cap * tanh(logits / cap).
-    block_sizes: None (heuristics) or a `flashjax.ops.decode.configs.DecodeConfig` for the
-      Pallas backends: tile length, number of splits (e.g. DecodeConfig(num_splits=8)),
+    block_sizes: None (heuristics) or a `flashjax.ops.decode.block_sizes.DecodeBlockSizes` for the
+      Pallas backends: tile length, number of splits (e.g. DecodeBlockSizes(num_splits=8)),
       warps, stages; "xla" ignores it. A split count above the cache's tiles raises
       ValueError from the backend.
     implementation: None (best for the default device, falling back to "xla"; see
@@ -182,9 +182,9 @@ def decode_attention(
   logits_soft_cap = check_positive("logits_soft_cap", logits_soft_cap)
   if not isinstance(interpret, (bool, np.bool_)):
     raise ValueError(f"{interpret=} must be a bool")
-  if block_sizes is not None and not isinstance(block_sizes, DecodeConfig):
+  if block_sizes is not None and not isinstance(block_sizes, DecodeBlockSizes):
     raise ValueError(f"block_sizes={block_sizes!r} must be None or a "
-                     "flashjax.ops.decode.configs.DecodeConfig")
+                     "flashjax.ops.decode.block_sizes.DecodeBlockSizes")
 
   empty = 0 in (batch, q_heads, max_len)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax
 
-from flashjax.ops.decode import configs
+from flashjax.ops.decode import block_sizes as decode_sizes
 from flashjax.ops.decode import pallas_triton
 
 # The backend whose kernel this name runs.
@@ -35,7 +35,7 @@ def decode_attention(
     scale: float,
     logits_soft_cap: float | None,
     interpret: bool,
-    block_sizes: configs.DecodeConfig | None = None,
+    block_sizes: decode_sizes.DecodeBlockSizes | None = None,
     kv_layout: str = "BSND",
 ) -> jax.Array:
   """pallas_triton's decode kernel under the "pallas_mosaic_gpu" name (module docstring).
