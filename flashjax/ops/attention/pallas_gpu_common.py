@@ -2,8 +2,8 @@
 
 Both consume the same BlockMask operands (`MaskLayout`, `mask_operands` with the FULL slots
 of every list first), the same zero-padding of [B, L, N, D] inputs (`pad_to`, `pad_rows`),
-the same input checks (`check_inputs`, `check_block_mask`) and the same construction of the
-forward / backward BlockMasks (`block_masks`). The Triton kernels' static parameters
+the same capability and BlockMask checks (`check_supported`, `check_block_mask`) and the
+same construction of the forward / backward BlockMasks (`block_masks`). The Triton kernels' static parameters
 (`TritonParams`, with per-kernel `LaunchParams` from `launch_params`) live here too, because
 the Mosaic GPU backend runs pallas_triton's backward kernels where its own cannot run.
 Nothing here builds a kernel; neither backend module is imported.
@@ -180,22 +180,10 @@ def pad_rows(x: jax.Array, length: int, value: float) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
 
 
-def check_inputs(query, key, value, *, backend: str = "pallas_triton",
-                 dtypes: tuple[Any, ...] = TRITON_DTYPES,
-                 max_head_dim: int = MAX_HEAD_DIM):
-  """Shape/dtype checks shared by the Pallas GPU backends (NotImplementedError for inputs
-  the backend cannot run, so dispatch moves on)."""
-  if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
-    raise ValueError(f"expected rank-4 [B, T, N, D] inputs: {query.shape=} {key.shape=} "
-                     f"{value.shape=}")
-  if key.shape != value.shape or key.shape[0] != query.shape[0] or (
-      key.shape[3] != query.shape[3]):
-    raise ValueError(f"incompatible shapes: {query.shape=} {key.shape=} {value.shape=}")
-  if query.shape[2] % key.shape[2]:
-    raise ValueError(f"query heads must be a multiple of kv heads: {query.shape=} "
-                     f"{key.shape=}")
-  if not query.dtype == key.dtype == value.dtype:
-    raise ValueError(f"dtypes differ: {query.dtype=} {key.dtype=} {value.dtype=}")
+def check_supported(query, *, backend: str, dtypes: tuple[Any, ...] = TRITON_DTYPES,
+                    max_head_dim: int = MAX_HEAD_DIM) -> None:
+  """NotImplementedError (so dispatch moves on) for a dtype or head dim the backend cannot
+  run; the shapes are checked by the contract (base.check_qkv)."""
   if query.dtype not in dtypes:
     supported = ", ".join(jnp.dtype(d).name for d in dtypes)
     raise NotImplementedError(f"{backend}: {query.dtype=} is not supported ({supported})")

@@ -55,8 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax import lax
@@ -64,8 +63,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from flashjax.masks import rcm
 from flashjax.masks.block_mask import BlockMask
+from flashjax.ops.attention import base
 from flashjax.ops.attention import pallas_gpu_common as gpu_common
 from flashjax.ops.attention import pallas_mosaic_gpu_common as mosaic_common
 from flashjax.ops.attention import pallas_mosaic_gpu_vjp
@@ -395,7 +394,8 @@ def _forward(q, k, v, bm: BlockMask, config: MosaicParams):
   # Persistent: work items (query block, batch, head) longest list first; program p runs
   # items p, p + G, p + 2G, ... of that order.
   order, grid, grid_names, programs = mosaic_common.grid_and_order(
-      config, nq, batch * num_heads, lambda: mosaic_common.query_item_order(parts.count, batch, num_heads), "q")
+      config, nq, batch * num_heads,
+      lambda: mosaic_common.query_item_order(parts.count, batch, num_heads), "q")
   operands = order + [x for x in parts if x is not None]
   kernel = functools.partial(_forward_kernel, layout=layout, config=config,
                              num_heads=num_heads, group=num_heads // num_kv_heads,
@@ -404,7 +404,8 @@ def _forward(q, k, v, bm: BlockMask, config: MosaicParams):
   kernel.__name__ = "flashjax_mosaic_gpu_fwd"  # plgpu.kernel names the kernel after its body
   scratch = [
       mosaic_common.swizzled_smem((consumers, _WGMMA_M, dp), q.dtype),
-      mosaic_common.swizzled_smem((stages, dp, bk) if config.interpret else (stages, bk, dp), q.dtype),
+      mosaic_common.swizzled_smem((stages, dp, bk) if config.interpret else (stages, bk, dp),
+                                  q.dtype),
       mosaic_common.swizzled_smem((stages, bk, dp), q.dtype),
       plgpu.SMEM((consumers, _WGMMA_M), jnp.float32),
       plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
@@ -524,99 +525,79 @@ def _backward_plan(mask, query, key, fwd_mask: BlockMask, block_sizes, build,
       dq_launch=dq_launch, dkdv_launch=dkdv_launch)
 
 
-def _check_inputs(query, key, value):
-  # wgmma takes bfloat16 / float16 operands only.
-  gpu_common.check_inputs(query, key, value, backend="pallas_mosaic_gpu", dtypes=_DTYPES,
-                          max_head_dim=MAX_HEAD_DIM)
+class _Plan(NamedTuple):
+  fwd_mask: BlockMask
+  dq_mask: BlockMask
+  dkdv_mask: BlockMask
+  config: MosaicParams
+  bwd_params: Any  # MosaicParams (Mosaic GPU backward) or TritonParams (pallas_triton's)
 
 
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: Any = None,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
+class PallasMosaicGpu(base.BlockSparseBackend):
   """Block-sparse FlashAttention in Pallas Mosaic GPU, forward and backward.
 
-  Args:
-    query: [B, T, Nq, D] bfloat16 or float16; D <= 256.
-    key: [B, S, Nkv, D], Nq % Nkv == 0; query head n uses kv head n // (Nq // Nkv).
-    value: [B, S, Nkv, D].
-    bias: must be None (additive bias is not supported by this backend).
-    mask: None | flashjax.masks.Mask | BlockMask | bool array [B|1, Nq|1, T, S].
-    q_segment_ids: None or int32 [B, T].
-    kv_segment_ids: None or int32 [B, S] (given together with q_segment_ids).
-    is_causal: AND the mask with j <= i.
-    scale: logit scale (default 1 / sqrt(D)).
-    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    block_sizes: BlockSizes (block_q 64 or 128, block_kv >= 64, num_stages >= 2 the K/V
-      ring depth, persistent for the persistent grids) or None for the tuned tiles of this
-      device (tuning store) or `default_block_sizes`. The Mosaic GPU backward runs dQ at
-      block_q x 64 and dK/dV at block_q_bwd x block_kv_bwd (default 64 x 128); other
-      dK/dV tiles, D > 128, or a caller's BlockMask other than 64 x 64 run pallas_triton's
-      backward (docs/mosaic_gpu.md).
-    interpret: run the kernels in Mosaic GPU interpret mode (CPU; pallas_triton's backward,
-      where it applies, in Pallas interpret mode).
-
-  Returns:
-    [B, T, Nq, D] in the query's dtype; rows with no allowed key are 0.
-
-  Raises:
-    NotImplementedError: for bias, float32 or other dtypes, D > 256.
-    ValueError: for inconsistent shapes, tiles that wgmma cannot use or that overflow shared
-      memory, or a block_sizes that disagrees with a BlockMask.
+  Takes the canonical arguments of flashjax.ops.attention.base: bfloat16 or float16 inputs
+  with D <= 256 (NotImplementedError for float32 and other dtypes, D > 256 or a bias).
+  block_sizes: BlockSizes (block_q 64 or 128, block_kv >= 64, num_stages >= 2 the K/V ring
+  depth, persistent for the persistent grids) or None for the tuned tiles of this device
+  (tuning store) or `default_block_sizes`. The Mosaic GPU backward runs dQ at block_q x 64
+  and dK/dV at block_q_bwd x block_kv_bwd (default 64 x 128); other dK/dV tiles, D > 128, or
+  a caller's BlockMask other than 64 x 64 run pallas_triton's backward (docs/mosaic_gpu.md).
+  interpret=True runs the kernels in Mosaic GPU interpret mode (pallas_triton's backward,
+  where it applies, in Pallas interpret mode). Tiles that wgmma cannot use or that overflow
+  shared memory, and a block_sizes that disagrees with a BlockMask, are ValueErrors.
   """
-  if bias is not None:
-    raise NotImplementedError(
-        "pallas_mosaic_gpu: additive bias is not supported; use the xla backend")
-  _check_inputs(query, key, value)
-  if logits_soft_cap is not None and logits_soft_cap <= 0:
-    raise ValueError(f"{logits_soft_cap=} must be > 0")
-  defaulted = block_sizes is None and not isinstance(mask, BlockMask)
-  if defaulted:
-    # Measured tiles for this device and shape class (tuning store) or the heuristic.
-    block_sizes = tuning_store.tuned_block_sizes(
-        "pallas_mosaic_gpu", query, key, mask=mask, is_causal=is_causal,
-        q_segment_ids=q_segment_ids, interpret=interpret) or default_block_sizes(
-            query.shape[3], query.shape[1], key.shape[1], interpret=interpret)
-  build = functools.partial(
-      gpu_common.block_masks, mask, query, key, is_causal=is_causal, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids)
-  while True:
-    forward_only = block_sizes and dataclasses.replace(block_sizes, block_q_bwd=None,
-                                                       block_kv_bwd=None)
-    fwd_mask, _, sizes = build(block_sizes=forward_only)
-    _check_tiling(sizes, fwd_mask.block_q, fwd_mask.block_kv)
-    smem = _smem_bytes(MaskLayout.of(fwd_mask), padded_head_dim(query.shape[3]),
-                       sizes.num_stages or 2, query.dtype.itemsize)
-    if smem <= SMEM_LIMIT:
-      break
-    if defaulted and sizes.block_kv > _MIN_BLOCK_KV:
-      # Stored mask tiles need a third SMEM ring: halve the default kv tile to fit it.
-      block_sizes = dataclasses.replace(block_sizes, block_kv=sizes.block_kv // 2)
-      continue
-    raise ValueError(f"pallas_mosaic_gpu: tiles {fwd_mask.block_q} x {fwd_mask.block_kv} with "
-                     f"num_stages={sizes.num_stages} and head_dim={query.shape[3]} need "
-                     f"{smem} bytes of shared memory > {SMEM_LIMIT}; use smaller tiles")
-  scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
-  soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
-  # persistent=None (backend default) is off until it is measured on the H200.
-  config = MosaicParams(scale=scale, soft_cap=soft_cap, interpret=bool(interpret),
-                   stages=sizes.num_stages or 2, persistent=bool(sizes.persistent))
-  dq_mask, dkdv_mask, bwd_params = _backward_plan(
-      mask, query, key, fwd_mask, block_sizes, build, config)
-  for bm in (fwd_mask, dq_mask, dkdv_mask):
-    gpu_common.check_block_mask(bm, query, key)
-  # An RCM BlockMask describes the sequences reordered by q_perm / kv_perm.
-  query, key, value = rcm.permute_qkv(query, key, value, fwd_mask)
-  out = _attention(query, key, value, fwd_mask, dq_mask, dkdv_mask, config, bwd_params)
-  return rcm.unpermute_output(out, fwd_mask)
+
+  name = "pallas_mosaic_gpu"
+
+  def check_supported(self, args):
+    # wgmma takes bfloat16 / float16 operands only.
+    gpu_common.check_supported(args.query, backend=self.name, dtypes=_DTYPES,
+                               max_head_dim=MAX_HEAD_DIM)
+
+  def plan(self, args):
+    query, key, mask, block_sizes = args.query, args.key, args.mask, args.block_sizes
+    is_causal, interpret = args.is_causal, args.interpret
+    q_segment_ids, kv_segment_ids = args.q_segment_ids, args.kv_segment_ids
+    defaulted = block_sizes is None and not isinstance(mask, BlockMask)
+    if defaulted:
+      # Measured tiles for this device and shape class (tuning store) or the heuristic.
+      block_sizes = tuning_store.tuned_block_sizes(
+          "pallas_mosaic_gpu", query, key, mask=mask, is_causal=is_causal,
+          q_segment_ids=q_segment_ids, interpret=interpret) or default_block_sizes(
+              query.shape[3], query.shape[1], key.shape[1], interpret=interpret)
+    build = functools.partial(
+        gpu_common.block_masks, mask, query, key, is_causal=is_causal,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    while True:
+      forward_only = block_sizes and dataclasses.replace(block_sizes, block_q_bwd=None,
+                                                         block_kv_bwd=None)
+      fwd_mask, _, sizes = build(block_sizes=forward_only)
+      _check_tiling(sizes, fwd_mask.block_q, fwd_mask.block_kv)
+      smem = _smem_bytes(MaskLayout.of(fwd_mask), padded_head_dim(query.shape[3]),
+                         sizes.num_stages or 2, query.dtype.itemsize)
+      if smem <= SMEM_LIMIT:
+        break
+      if defaulted and sizes.block_kv > _MIN_BLOCK_KV:
+        # Stored mask tiles need a third SMEM ring: halve the default kv tile to fit it.
+        block_sizes = dataclasses.replace(block_sizes, block_kv=sizes.block_kv // 2)
+        continue
+      raise ValueError(f"pallas_mosaic_gpu: tiles {fwd_mask.block_q} x {fwd_mask.block_kv} "
+                       f"with num_stages={sizes.num_stages} and head_dim={query.shape[3]} need "
+                       f"{smem} bytes of shared memory > {SMEM_LIMIT}; use smaller tiles")
+    # persistent=None (backend default) is off until it is measured on the H200.
+    config = MosaicParams(scale=float(args.scale), soft_cap=args.logits_soft_cap,
+                          interpret=bool(interpret), stages=sizes.num_stages or 2,
+                          persistent=bool(sizes.persistent))
+    dq_mask, dkdv_mask, bwd_params = _backward_plan(
+        mask, query, key, fwd_mask, block_sizes, build, config)
+    for bm in (fwd_mask, dq_mask, dkdv_mask):
+      gpu_common.check_block_mask(bm, query, key)
+    return _Plan(fwd_mask, dq_mask, dkdv_mask, config, bwd_params)
+
+  def kernel(self, query, key, value, plan):
+    return _attention(query, key, value, plan.fwd_mask, plan.dq_mask, plan.dkdv_mask,
+                      plan.config, plan.bwd_params)
+
+
+dot_product_attention = PallasMosaicGpu()

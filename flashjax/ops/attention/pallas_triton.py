@@ -44,8 +44,8 @@ Design (ideas 1 and 2 of docs/architecture.md, "Design"):
 Block sizes (`default_block_sizes`): on GPU 128x64 forward (and dQ) tiles and 64x64 dK/dV tiles
 for head dim <= 128, 64x32 / 32x32 for head dim 256; in interpret mode 32x32 so that small CPU
 tests still see many tiles. Defaults shrink to the sequence (power of two >= 16). Warps and
-stages default per kernel (`pallas_gpu_common.launch_params`); a `BlockSizes` with num_warps / num_stages set
-applies them to all three kernels. A caller's `BlockSizes` is used as given. A BlockMask fixes
+stages default per kernel (`pallas_gpu_common.launch_params`); a `BlockSizes` with num_warps /
+num_stages set applies them to all three kernels. A caller's `BlockSizes` is used as given. A BlockMask fixes
 the tiling of both passes: `block_sizes` whose forward tiles disagree with it is a ValueError,
 its backward tiles are then ignored (only num_warps / num_stages apply).
 
@@ -59,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -67,9 +66,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-from flashjax.masks import rcm
 from flashjax.masks.block_mask import BlockMask
 from flashjax.masks.rule import element_mask
+from flashjax.ops.attention import base
 from flashjax.ops.attention import pallas_gpu_common as gpu_common
 from flashjax.ops.attention.block_sizes import BlockSizes, padded_head_dim
 from flashjax.ops.attention.pallas_gpu_common import (LOG2E, MaskLayout, TritonParams,
@@ -534,63 +533,42 @@ def block_masks(mask, query, key, *, is_causal, q_segment_ids, kv_segment_ids, b
                                 block_sizes=block_sizes)
 
 
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: Any = None,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
+class _Plan(NamedTuple):
+  fwd_mask: BlockMask
+  bwd_mask: BlockMask
+  params: TritonParams
+
+
+class PallasTriton(base.BlockSparseBackend):
   """Block-sparse FlashAttention (Pallas Triton backend); differentiable in q, k, v.
 
-  Args:
-    query: [B, T, Nq, D] float32, bfloat16 or float16; D <= 256.
-    key: [B, S, Nkv, D], Nq % Nkv == 0; query head n uses kv head n // (Nq // Nkv).
-    value: [B, S, Nkv, D].
-    bias: must be None (additive bias is not supported by this backend).
-    mask: None | flashjax.masks.Mask | BlockMask | bool array [B|1, Nq|1, T, S].
-    q_segment_ids: None or int32 [B, T].
-    kv_segment_ids: None or int32 [B, S] (given together with q_segment_ids).
-    is_causal: AND the mask with j <= i.
-    scale: logit scale (default 1 / sqrt(D)).
-    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    block_sizes: BlockSizes or None for `default_block_sizes`.
-    interpret: run the kernels in Pallas interpret mode (CPU).
-
-  Returns:
-    [B, T, Nq, D] in the query's dtype; rows with no allowed key are 0.
-
-  Raises:
-    NotImplementedError: for bias, unsupported dtypes or D > 256.
-    ValueError: for inconsistent shapes or a block_sizes that disagrees with a BlockMask.
+  Takes the canonical arguments of flashjax.ops.attention.base: float32, bfloat16 or
+  float16 inputs with D <= 256 (NotImplementedError otherwise, and for a bias); block_sizes
+  None for the tuned tiles of this device or `default_block_sizes`. Rows with no allowed key
+  are 0. A block_sizes that disagrees with a BlockMask is a ValueError.
   """
-  if bias is not None:
-    raise NotImplementedError(
-        "pallas_triton: additive bias is not supported; use the xla backend")
-  gpu_common.check_inputs(query, key, value)
-  if logits_soft_cap is not None and logits_soft_cap <= 0:
-    raise ValueError(f"{logits_soft_cap=} must be > 0")
-  fwd_mask, bwd_mask, sizes = block_masks(
-      mask, query, key, is_causal=is_causal, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, block_sizes=block_sizes, interpret=interpret)
-  for bm in (fwd_mask, bwd_mask):
-    gpu_common.check_block_mask(bm, query, key)
-  fwd_launch, dq_launch, dkdv_launch = gpu_common.launch_params(
-      sizes, query.shape[3], (bwd_mask.block_q, bwd_mask.block_kv))
-  params = TritonParams(
-      scale=1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale),
-      soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-      interpret=bool(interpret), fwd_launch=fwd_launch, dq_launch=dq_launch,
-      dkdv_launch=dkdv_launch)
-  # An RCM BlockMask describes the sequences reordered by q_perm / kv_perm.
-  query, key, value = rcm.permute_qkv(query, key, value, fwd_mask)
-  out = _attention(query, key, value, fwd_mask, bwd_mask, params)
-  return rcm.unpermute_output(out, fwd_mask)
+
+  name = "pallas_triton"
+
+  def check_supported(self, args):
+    gpu_common.check_supported(args.query, backend=self.name)
+
+  def plan(self, args):
+    fwd_mask, bwd_mask, sizes = block_masks(
+        args.mask, args.query, args.key, is_causal=args.is_causal,
+        q_segment_ids=args.q_segment_ids, kv_segment_ids=args.kv_segment_ids,
+        block_sizes=args.block_sizes, interpret=args.interpret)
+    for bm in (fwd_mask, bwd_mask):
+      gpu_common.check_block_mask(bm, args.query, args.key)
+    fwd_launch, dq_launch, dkdv_launch = gpu_common.launch_params(
+        sizes, args.head_dim, (bwd_mask.block_q, bwd_mask.block_kv))
+    params = TritonParams(scale=float(args.scale), soft_cap=args.logits_soft_cap,
+                          interpret=bool(args.interpret), fwd_launch=fwd_launch,
+                          dq_launch=dq_launch, dkdv_launch=dkdv_launch)
+    return _Plan(fwd_mask, bwd_mask, params)
+
+  def kernel(self, query, key, value, plan):
+    return _attention(query, key, value, plan.fwd_mask, plan.bwd_mask, plan.params)
+
+
+dot_product_attention = PallasTriton()

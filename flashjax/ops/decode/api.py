@@ -1,6 +1,10 @@
 """Public entry point of (head-sparse) decode attention: validation and backend dispatch.
 
-Registered backends (name -> module.function, imported lazily; dispatch rules as in
+`decode_attention` (the public signature, written only here) validates, applies the
+out-of-range policy and hands the backend object of the module named by `implementation`
+one canonical `flashjax.ops.decode.base.DecodeArgs` (`DecodeBackend.run`).
+
+Registered backends (name -> module.object, imported lazily; dispatch rules as in
 flashjax.ops.attention.api):
 
   xla                flashjax.ops.decode.xla.decode_attention
@@ -33,6 +37,7 @@ from jax.experimental import checkify
 from flashjax.ops.attention import api as attention_api
 from flashjax.ops.attention.api import (check_lengths, check_platform, check_positive, concrete,
                                         dispatch_named)
+from flashjax.ops.decode import base
 from flashjax.ops.decode.block_sizes import DecodeBlockSizes
 
 DECODE_BACKENDS: dict[str, tuple[str, str]] = {
@@ -192,6 +197,12 @@ def decode_attention(
     check_platform(name, PLATFORM_NEEDS.get(name), bool(interpret))
     if empty:  # S_max == 0 leaves only length 0: zeros, as B == 0 or Nq == 0 do
       return jnp.zeros(query.shape, query.dtype)
+    if isinstance(backend, base.DecodeBackend):
+      # The contract's canonical form: validated above, handed over as is.
+      return backend.run(base.DecodeArgs(
+          query=query, key_cache=key_cache, value_cache=value_cache, lengths=lengths,
+          head_indices=head_indices, scale=scale, logits_soft_cap=logits_soft_cap,
+          block_sizes=block_sizes, interpret=bool(interpret)))
     return backend(query, key_cache, value_cache, lengths, head_indices=head_indices,
                    scale=scale, logits_soft_cap=logits_soft_cap, interpret=bool(interpret),
                    block_sizes=block_sizes)

@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
+from flashjax.ops.decode import base
 from flashjax.ops.decode import block_sizes as decode_sizes
 from flashjax.ops.decode import split_k
 from flashjax.ops.tiling import round_up
@@ -134,42 +135,30 @@ def _lane_tiling(num_kv_heads: int, head_dim: int) -> tuple[int, int]:
   return padded, padded
 
 
+class PallasTpu(base.DecodeBackend):
+  """Head-sparse decode attention over a KV cache on Pallas TPU (decode backend contract).
+
+  interpret=True runs the kernel with the Pallas TPU interpreter. block_sizes: tile and
+  split parameters; None for the defaults and the split heuristic (num_warps, num_stages
+  and xla_merge do not apply: the merge is always in XLA). ValueError for
+  block_sizes.num_splits above the cache's tiles.
+  """
+
+  name = "pallas_tpu"
+
+  def attend(self, args: base.DecodeArgs) -> jax.Array:
+    return _decode(args.query, args.key_cache, args.value_cache, args.lengths,
+                   args.head_indices, scale=args.scale,
+                   logits_soft_cap=args.logits_soft_cap, interpret=bool(args.interpret),
+                   block_sizes=args.block_sizes)
+
+
 @functools.partial(
     jax.jit, static_argnames=("scale", "logits_soft_cap", "interpret", "block_sizes")
 )
-def decode_attention(
-    query: jax.Array,
-    key_cache: jax.Array,
-    value_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    head_indices: jax.Array | None,
-    scale: float,
-    logits_soft_cap: float | None,
-    interpret: bool,
-    block_sizes: decode_sizes.DecodeBlockSizes | None = None,
-) -> jax.Array:
-  """Head-sparse decode attention over a KV cache (decode backend protocol).
-
-  Args:
-    query: [B, Nq, D], one new token per sequence.
-    key_cache: [B, S_max, Nkv, D].
-    value_cache: [B, S_max, Nkv, D].
-    lengths: int32 [B], valid cache entries per sequence (0 <= lengths <= S_max).
-    head_indices: None (all groups) or int32 [B, K] KV groups to compute per sequence; query
-      heads of the other groups output zeros.
-    scale: logit scale.
-    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    interpret: run the kernel with the Pallas TPU interpreter.
-    block_sizes: tile and split parameters; None for the defaults and the split heuristic
-      (num_warps, num_stages and xla_merge do not apply: the merge is always in XLA).
-
-  Returns:
-    [B, Nq, D] in the query's dtype.
-
-  Raises:
-    ValueError: block_sizes.num_splits above the cache's tiles.
-  """
+def _decode(query, key_cache, value_cache, lengths, head_indices, *, scale, logits_soft_cap,
+            interpret, block_sizes):
+  """The split-K kernel on canonical arguments (jitted; the static ones are hashable)."""
   batch, num_heads, head_dim = query.shape
   _, max_len, num_kv_heads, _ = key_cache.shape
   config = block_sizes or decode_sizes.DecodeBlockSizes()
@@ -253,3 +242,6 @@ def decode_attention(
     lanes = offset[..., None] + jnp.arange(head_dim)  # [B, K, D]
     out = jnp.take_along_axis(out, lanes[:, :, None, :], axis=-1)
   return split_k.scatter_groups(out, head_indices, num_kv_heads, num_heads).astype(query.dtype)
+
+
+decode_attention = PallasTpu()

@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from flashjax.ops.decode import base
 from flashjax.ops.decode import block_sizes as decode_sizes
 from flashjax.ops.decode import split_k
 from flashjax.ops.tiling import pow2_ceil
@@ -184,46 +185,32 @@ def _whole(x) -> pl.BlockSpec:
   return pl.BlockSpec(x.shape, lambda *_: (0,) * len(x.shape))
 
 
+class PallasTriton(base.DecodeBackend):
+  """Head-sparse decode attention over a KV cache on Pallas Triton (decode backend contract).
+
+  `attend(args, kv_layout="BSND")`: kv_layout "BNSD" reads [B, Nkv, S_max, D] caches.
+  block_sizes: tile, split and merge parameters; None for the defaults and heuristics
+  (block_sizes.launch_shape). NotImplementedError when D is not a power of two >= 16
+  (Triton tiles need one); ValueError for an unknown kv_layout, or block_sizes.num_splits
+  above the cache's tiles.
+  """
+
+  name = "pallas_triton"
+
+  def attend(self, args: base.DecodeArgs, *, kv_layout: str = "BSND") -> jax.Array:
+    return _decode(args.query, args.key_cache, args.value_cache, args.lengths,
+                   args.head_indices, scale=args.scale,
+                   logits_soft_cap=args.logits_soft_cap, interpret=bool(args.interpret),
+                   block_sizes=args.block_sizes, kv_layout=kv_layout)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("scale", "logits_soft_cap", "interpret", "block_sizes", "kv_layout"),
 )
-def decode_attention(
-    query: jax.Array,
-    key_cache: jax.Array,
-    value_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    head_indices: jax.Array | None,
-    scale: float,
-    logits_soft_cap: float | None,
-    interpret: bool,
-    block_sizes: decode_sizes.DecodeBlockSizes | None = None,
-    kv_layout: str = "BSND",
-) -> jax.Array:
-  """Head-sparse decode attention over a KV cache (decode backend protocol).
-
-  Args:
-    query: [B, Nq, D], one new token per sequence.
-    key_cache: [B, S_max, Nkv, D] ([B, Nkv, S_max, D] with kv_layout="BNSD"), query's dtype.
-    value_cache: same shape as key_cache.
-    lengths: int32 [B], valid cache entries per sequence (0 <= lengths <= S_max).
-    head_indices: None (all groups) or int32 [B, K] KV groups to compute per sequence; query
-      heads of the other groups output zeros.
-    scale: logit scale.
-    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    interpret: run the kernels in Pallas interpret mode.
-    block_sizes: tile, split and merge parameters; None for the defaults and heuristics
-      (decode_sizes.launch_shape).
-    kv_layout: "BSND" (public layout) or "BNSD".
-
-  Returns:
-    [B, Nq, D] in the query's dtype.
-
-  Raises:
-    NotImplementedError: D is not a power of two >= 16 (Triton tiles need one).
-    ValueError: unknown kv_layout, or block_sizes.num_splits above the cache's tiles.
-  """
+def _decode(query, key_cache, value_cache, lengths, head_indices, *, scale, logits_soft_cap,
+            interpret, block_sizes, kv_layout):
+  """The split-K kernels on canonical arguments (jitted; the static ones are hashable)."""
   if kv_layout not in _KV_LAYOUTS:
     raise ValueError(f"{kv_layout=} must be one of {_KV_LAYOUTS}")
   batch, num_heads, head_dim = query.shape
@@ -292,3 +279,6 @@ def decode_attention(
   return output_call(merge, (heads, o, m, l), (batch, num_groups, head_dim // columns),
                      plgpu.CompilerParams(num_warps=_MERGE_WARPS, num_stages=_MERGE_STAGES),
                      "flashjax_decode_triton_merge")
+
+
+decode_attention = PallasTriton()
