@@ -6,7 +6,7 @@ than streaming efficiency. Sweep (experiment kind decode_bench, as
 configs/bench_decode_gpu.py): B in {1, 8} x S in {1k, 4k, 16k} x Nkv in {32, 8} (Nq = 32,
 D = 128, bf16, dense, all lengths = S) x 8 variants, innermost:
 
-  pallas_triton  num_splits = None (the heuristic: flashjax.ops.decode.configs.launch_shape,
+  pallas_triton  num_splits = None (the heuristic: flashjax.ops.decode.block_sizes.launch_shape,
                  which also shortens the tile until the SMs are filled), 4, 8, 16, 32, 64
                  (block_kv left to the heuristic: the tile is halved, down to 16, until every
                  split owns one, so every count runs at every S)

@@ -45,7 +45,7 @@ from flashjax import io_model
 from flashjax import masks
 from flashjax import workloads
 from flashjax.masks import families
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.reference import mha_reference
 import third_party
 

@@ -41,7 +41,7 @@ import numpy as np
 
 import flashjax
 from experiments import attention_bench
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.tuning import keys as tuning_keys
 from flashjax.ops.attention.tuning import search as tuning_search
 from flashjax.ops.attention.tuning import store as tuning_store

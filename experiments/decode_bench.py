@@ -14,7 +14,7 @@ Config fields read by `run_point` (configs/bench_decode_gpu.py sets all of them)
                    drawn afresh for every input set. Peers compute every head, so they are
                    "unsupported" (NotImplementedError) below 1; flashjax backends take it.
   num_splits, block_kv, xla_merge    the flashjax `block_sizes`
-                   (flashjax.ops.decode.configs.DecodeConfig; None / False: heuristics and
+                   (flashjax.ops.decode.block_sizes.DecodeBlockSizes; None / False: heuristics and
                    defaults); a peer point that sets one is a ValueError. num_warps and
                    num_stages (Triton launch parameters) are optional fields of the same
                    kind: a config without them means None (configs/tune_decode_splits.py
@@ -89,7 +89,7 @@ from experiments.attention_bench import PEER_PREFIX, TOLERANCES
 from flashjax import benchmarking
 from flashjax import workloads
 from flashjax.ops.decode import api as decode_api
-from flashjax.ops.decode import configs as decode_configs
+from flashjax.ops.decode import block_sizes as decode_block_sizes
 from flashjax.ops.decode import pallas_triton
 import third_party
 from third_party import torch_peers
@@ -208,8 +208,8 @@ def _run_torch(config: ml_collections.ConfigDict, peer: Any) -> dict[str, Any]:
   return metrics
 
 
-def _block_sizes(config: ml_collections.ConfigDict) -> decode_configs.DecodeConfig:
-  return decode_configs.DecodeConfig(num_splits=config.num_splits, block_kv=config.block_kv,
+def _block_sizes(config: ml_collections.ConfigDict) -> decode_block_sizes.DecodeBlockSizes:
+  return decode_block_sizes.DecodeBlockSizes(num_splits=config.num_splits, block_kv=config.block_kv,
                                      num_warps=config.get("num_warps"),
                                      num_stages=config.get("num_stages"),
                                      xla_merge=config.xla_merge)

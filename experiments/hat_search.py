@@ -22,7 +22,7 @@ skips finished points; a failed stage is retried) redoes nothing that finished:
   retrain    every budget's winner and the hand-designed `baseline` (the same family),
              trained from scratch for `retrain_steps`, then their true latency (the same
              protocol), parameters and validation loss; one JSON file per architecture
-  kernel     block-size choice for Pallas attention: latencies of `kernel_configs` over
+  kernel     block-size choice for Pallas attention: latencies of `kernel_candidates` over
              random problems (shape, tile density), measured with `kernel_impl`
              (`kernel_source="measured"`) or synthetic (`"synthetic"`, the CPU variant), the
              predictor trained on the training problems and its picks scored on held-out ones
@@ -51,7 +51,7 @@ from flashjax.models import checkpoint
 from flashjax.models import data
 from flashjax.models import training
 from flashjax.search import evolution
-from flashjax.search import kernel_config as kc
+from flashjax.search import kernel_choice as kc
 from flashjax.search import latency
 from flashjax.search import predictor as predictor_lib
 from flashjax.search import supernet as supernet_lib
@@ -419,7 +419,7 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
   k = config.kernel
   if k.source not in ("synthetic", "measured"):
     raise ValueError(f"kernel.source={k.source!r} must be 'synthetic' or 'measured'")
-  configs = [kc.KernelConfig(bq, bk, st, ps) for bq in k.block_qs for bk in k.block_kvs
+  configs = [kc.KernelCandidate(bq, bk, st, ps) for bq in k.block_qs for bk in k.block_kvs
              for st in k.stages for ps in k.persistent]
   path = os.path.join(directory, "kernel.jsonl")
   rows = latency.read_jsonl(path)
@@ -443,7 +443,7 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
     latency.append_jsonl(path, row)
     rows.append(row)
   samples = [kc.KernelSample(kc.AttentionShape(**r["shape"]), r["density"],
-                             kc.KernelConfig(**r["config"]), r["latency_ms"])
+                             kc.KernelCandidate(**r["config"]), r["latency_ms"])
              for r in rows if r["latency_ms"] is not None]
   held = {(s, d) for s, d in problems[:max(1, round(k.test_fraction * len(problems)))]}
   train = [r for r in samples if (r.shape, r.density) not in held]

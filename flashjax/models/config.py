@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flashjax.layers.attention import check_implementation
 from flashjax.layers.attention import decode_implementation_for
 from flashjax.ops.attention.api import ATTENTION_BACKENDS
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.decode.api import DECODE_BACKENDS
 
 VARIANTS = ("llama", "opt")

@@ -8,11 +8,11 @@
                 SubTransformer, analytic cost counts, the resumable JSONL dataset
   predictor     MLP latency predictor (optax), linear cost baseline, RMSE / MAPE / R^2
   evolution     evolutionary search under a constraint, Pareto fronts
-  kernel_config the same machinery for Pallas attention block sizes
+  kernel_choice the same machinery for Pallas attention block sizes
 """
 
 from flashjax.search import evolution
-from flashjax.search import kernel_config
+from flashjax.search import kernel_choice
 from flashjax.search import latency
 from flashjax.search import predictor
 from flashjax.search import space
@@ -23,4 +23,4 @@ from flashjax.search.supernet import SuperTrainer
 from flashjax.search.supernet import SuperTransformer
 
 __all__ = ["Arch", "SearchSpace", "SuperTrainer", "SuperTransformer", "evolution",
-           "kernel_config", "latency", "predictor", "space", "supernet"]
+           "kernel_choice", "latency", "predictor", "space", "supernet"]

@@ -16,7 +16,7 @@ from experiments import attention_bench
 from experiments import attention_tune
 from experiments import launch
 from flashjax.ops.attention import pallas_triton
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.tuning import keys as tuning_keys
 from flashjax.ops.attention.tuning import store as tuning_store
 

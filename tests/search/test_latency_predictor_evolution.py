@@ -11,7 +11,7 @@ from flax import nnx
 
 from flashjax.models import TransformerConfig
 from flashjax.search import evolution
-from flashjax.search import kernel_config as kc
+from flashjax.search import kernel_choice as kc
 from flashjax.search import latency
 from flashjax.search import predictor
 from flashjax.search import supernet as sn
@@ -174,10 +174,10 @@ class EvolutionTest(absltest.TestCase):
     self.assertEqual([p[2] for p in evolution.pareto_front(points)], ["a", "b", "e"])
 
 
-class KernelConfigTest(absltest.TestCase):
+class KernelCandidateTest(absltest.TestCase):
 
   def test_predictor_picks_near_the_best_on_held_out_shapes(self):
-    configs = [kc.KernelConfig(bq, bk, st, ps) for bq in (32, 64, 128) for bk in (32, 64, 128)
+    configs = [kc.KernelCandidate(bq, bk, st, ps) for bq in (32, 64, 128) for bk in (32, 64, 128)
                for st in (0, 3) for ps in (False, True)]
     shapes = [kc.AttentionShape(b, t, t, n, d) for b in (1, 4) for t in (512, 1024, 4096)
               for n in (8, 16) for d in (64, 128)]
@@ -193,20 +193,20 @@ class KernelConfigTest(absltest.TestCase):
     result = kc.evaluate_choices(pred, test)
     self.assertEqual(result["problems"], len(held))
     self.assertGreaterEqual(result["within_tolerance"], 0.8, result["mean_slowdown"])
-    pick = kc.choose_config(pred, shapes[0], 0.5, configs)
+    pick = kc.choose_candidate(pred, shapes[0], 0.5, configs)
     self.assertIn(pick, configs)
     self.assertEqual(pick.block_sizes().block_q, pick.block_q)
 
   def test_bad_values(self):
     with self.assertRaisesRegex(ValueError, "block_q=48"):
-      kc.KernelConfig(48, 64)
+      kc.KernelCandidate(48, 64)
     with self.assertRaisesRegex(ValueError, "density=0"):
-      kc.kernel_features(kc.AttentionShape(1, 8, 8, 1, 8), 0, kc.KernelConfig(8, 8))
+      kc.kernel_features(kc.AttentionShape(1, 8, 8, 1, 8), 0, kc.KernelCandidate(8, 8))
     with self.assertRaisesRegex(ValueError, "q_len=0"):
       kc.AttentionShape(1, 0, 8, 1, 8)
 
   def test_measure_kernel_runs_in_interpret_mode(self):
-    ms = kc.measure_kernel(kc.AttentionShape(1, 64, 64, 1, 16), 0.5, kc.KernelConfig(32, 32),
+    ms = kc.measure_kernel(kc.AttentionShape(1, 64, 64, 1, 16), 0.5, kc.KernelCandidate(32, 32),
                            dtype="float32", warmup=1, repeats=2, interpret=True)
     self.assertGreater(ms, 0)
 

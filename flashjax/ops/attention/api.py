@@ -1,8 +1,11 @@
 """Public entry point of blocked attention: input validation and backend dispatch.
 
-`dot_product_attention` checks every input (ValueError naming the offending values),
-normalises the optional arguments to the backend protocol of docs/architecture.md and calls
-`dot_product_attention` of the backend module named by `implementation`. It takes every
+`dot_product_attention` (the public signature, written only here) checks every input
+(ValueError naming the offending values), normalises the optional arguments to the canonical
+form of the backend contract (flashjax.ops.attention.base.AttentionArgs) and hands it to the
+backend object `dot_product_attention` of the module named by `implementation`
+(`AttentionBackend.run`; a plain function there, such as the jax.nn pass-throughs, gets the
+backend-protocol keywords instead). It takes every
 argument of `jax.nn.dot_product_attention` with jax.nn's meaning; docs/jax_nn_compat.md
 lists the differences.
 
@@ -46,6 +49,7 @@ import numpy as np
 
 from flashjax.masks import masks as masks_lib
 from flashjax.masks.block_mask import BlockMask
+from flashjax.ops.attention import base
 
 ATTENTION_BACKENDS: dict[str, tuple[str, str]] = {
     "xla": ("flashjax.ops.attention.xla", "dot_product_attention"),
@@ -555,26 +559,9 @@ def dot_product_attention(
   unbatched = query.ndim == key.ndim == value.ndim == 3
   if unbatched:  # jax.nn's [T, N, H] layout
     query, key, value = query[None], key[None], value[None]
-  for name, x in (("query", query), ("key", key), ("value", value)):
-    if x.ndim != 4:
-      raise ValueError(f"{name}.shape={tuple(x.shape)} must have rank 4 [B, T|S, N, D] (or "
-                       "query, key and value all rank 3)")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name}.dtype={x.dtype} must be floating point")
-  if not query.dtype == key.dtype == value.dtype:
-    raise ValueError(f"dtypes differ: {query.dtype=!s}, {key.dtype=!s}, {value.dtype=!s}")
+  base.check_qkv(query, key, value)
   batch, q_len, q_heads, head_dim = query.shape
-  if key.shape != value.shape:
-    raise ValueError(f"{key.shape=} != {value.shape=}")
-  kv_batch, kv_len, kv_heads, kv_head_dim = key.shape
-  if kv_batch != batch:
-    raise ValueError(f"batch mismatch: {query.shape=} vs {key.shape=}")
-  if kv_head_dim != head_dim:
-    raise ValueError(f"head dim mismatch: {query.shape=} vs {key.shape=}")
-  if kv_heads < 1 or head_dim < 1:
-    raise ValueError(f"{kv_heads=} and {head_dim=} must be >= 1 ({key.shape=})")
-  if q_heads % kv_heads:
-    raise ValueError(f"query heads must be a multiple of kv heads: {q_heads=}, {kv_heads=}")
+  kv_len = key.shape[1]
 
   if bias is not None:
     if not _is_array(bias) or not jnp.issubdtype(bias.dtype, jnp.floating):
@@ -630,6 +617,14 @@ def dot_product_attention(
     q, s = query, scale
     if scale_traced and name not in TRACED_SCALE_BACKENDS:
       q, s = (query.astype(jnp.float32) * scale).astype(query.dtype), 1.0
+    if isinstance(backend, base.AttentionBackend) and name not in PASS_THROUGH_BACKENDS:
+      # The contract's canonical form: validated above, handed over as is.
+      args = base.AttentionArgs(
+          query=q, key=key, value=value, bias=bias, mask=folded_mask,
+          q_segment_ids=folded_q_ids, kv_segment_ids=folded_kv_ids, is_causal=is_causal,
+          scale=s, logits_soft_cap=logits_soft_cap, block_sizes=block_sizes,
+          interpret=interpret)
+      return backend.run(args, **({"return_residual": True} if return_residual else {}))
     kwargs = dict(bias=bias, is_causal=is_causal, scale=s, logits_soft_cap=logits_soft_cap,
                   block_sizes=block_sizes, interpret=interpret)
     if name in PASS_THROUGH_BACKENDS:

@@ -55,8 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax import lax
@@ -64,32 +63,22 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from flashjax.masks import rcm
 from flashjax.masks.block_mask import BlockMask
-from flashjax.ops.attention import pallas_mosaic_gpu_vjp as mosaic_vjp
-from flashjax.ops.attention import pallas_triton as triton_backend
-from flashjax.ops.attention.configs import BlockSizes, padded_head_dim, pow2_ceil
+from flashjax.ops.attention import base
+from flashjax.ops.attention import pallas_gpu_common as gpu_common
+from flashjax.ops.attention import pallas_mosaic_gpu_common as mosaic_common
+from flashjax.ops.attention import pallas_mosaic_gpu_vjp
+from flashjax.ops.attention import pallas_triton
+from flashjax.ops.attention.block_sizes import BlockSizes, padded_head_dim
+from flashjax.ops.attention.pallas_gpu_common import (LOG2E, MAX_HEAD_DIM, MaskLayout,
+                                                      TritonParams, pad_to)
+from flashjax.ops.attention.pallas_mosaic_gpu_common import ROWS, SMEM_LIMIT, MosaicParams
 from flashjax.ops.attention.tuning import store as tuning_store
+from flashjax.ops.tiling import cdiv, pow2_ceil
 
-_LOG2E = math.log2(math.e)
-_MAX_HEAD_DIM = 256
-_DTYPES = (jnp.bfloat16, jnp.float16)
-_WGMMA_M = 64
+_DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma takes 16-bit operands only
+_WGMMA_M = ROWS
 _MIN_BLOCK_KV = 64
-_SMEM_LIMIT = mosaic_vjp.SMEM_LIMIT
-
-# pallas_triton internals shared on purpose: same BlockMask operands and tile-mask code,
-# same residuals, and its backward kernels.
-# pylint: disable=protected-access
-_MaskLayout = triton_backend._MaskLayout
-_TritonParams = triton_backend._Params
-_triton_attention_bwd = triton_backend._attention_bwd
-_block_masks = triton_backend._block_masks
-_check_block_mask = triton_backend._check_block_mask
-_triton_check_inputs = triton_backend._check_inputs
-_launch_params = triton_backend._launch_params
-_pad_to = triton_backend._pad_to
-# pylint: enable=protected-access
 
 
 def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
@@ -145,7 +134,7 @@ def _check_tiling(sizes: BlockSizes | None, block_q: int, block_kv: int) -> None
     raise ValueError(f"pallas_mosaic_gpu: num_stages={stages} must be >= 2 (K/V ring depth)")
 
 
-def _smem_bytes(layout: _MaskLayout, head_dim_padded: int, stages: int, itemsize: int) -> int:
+def _smem_bytes(layout: MaskLayout, head_dim_padded: int, stages: int, itemsize: int) -> int:
   """Shared memory the forward kernel allocates (plus slack for barriers and alignment)."""
   bq, bk, dp = layout.block_q, layout.block_kv, head_dim_padded
   total = bq * dp * itemsize + 2 * stages * bk * dp * itemsize + bq * 4
@@ -156,12 +145,7 @@ def _smem_bytes(layout: _MaskLayout, head_dim_padded: int, stages: int, itemsize
   return total + 4096
 
 
-_Config = mosaic_vjp.Config  # forward and backward share one static config
-_num_programs = mosaic_vjp.num_programs
-_item_order = mosaic_vjp.query_item_order
-
-
-def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_heads: int,
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, num_heads: int,
                     group: int, head_dim: int, consumers: int, stages: int,
                     present: tuple[bool, ...], num_q_blocks: int, num_programs: int):
   """BlockMask query blocks of (batch, query head) pairs: one per program, or, persistent,
@@ -179,7 +163,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
   compiled = not config.interpret
   it = iter(refs)
   order_ref = next(it) if config.persistent else None
-  parts = mosaic_vjp.MaskParts(*(next(it) if p else None for p in present))
+  parts = mosaic_common.MaskParts(*(next(it) if p else None for p in present))
   o_ref, lse_ref = next(it), next(it)
   (qo_smem, k_smem, v_smem, lse_smem, q_bars, k_bars, v_bars, k_free, v_free) = (
       next(it) for _ in range(9))
@@ -194,7 +178,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
   wg = lax.axis_index("wg")
   bk = layout.block_kv
   # Register layouts, iotas and loads: plain jnp under the interpreter.
-  ops = mosaic_vjp.KernelOps(config.interpret)
+  ops = mosaic_common.KernelOps(config.interpret)
   wgmma_layout, row_layout, col_layout = ops.tile, ops.rows, ops.cols
 
   def kv_start(item, slot):
@@ -205,7 +189,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
       plgpu.barrier_arrive(schedule)
       plgpu.barrier_wait(schedule)
 
-  def produce(item: mosaic_vjp.QueryItem):
+  def produce(item: mosaic_common.QueryItem):
     """TMA-loads the item's kv list into the rings, then awaits the ring's last releases."""
     @pl.loop(0, item.count)
     def _(slot):
@@ -244,7 +228,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
       plgpu.barrier_wait(k_free.at[buf])
       plgpu.barrier_wait(v_free.at[buf])
 
-  def consume(item: mosaic_vjp.QueryItem):
+  def consume(item: mosaic_common.QueryItem):
     """Attends the item's 64 query rows of this warpgroup and stores output and lse2."""
     count, n_full = item.count, item.n_full
     q_start = item.qi * layout.block_q + wg * _WGMMA_M
@@ -269,7 +253,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
         plgpu.barrier_wait(meta_bars.at[buf])
         kv_meta = lax.broadcast_in_dim(ops.load(meta_smem.at[buf], col_layout), shape, [1])
         q_ids = lax.broadcast_in_dim(q_seg, shape, [0])
-      keep = mosaic_vjp.keep_mask(layout, ops.iota(shape, 0) + q_start,
+      keep = mosaic_common.keep_mask(layout, ops.iota(shape, 0) + q_start,
                                   ops.iota(shape, 1) + kv_start(item, slot), q_ids, kv_meta)
       tile = None
       if tile_smem is not None:
@@ -281,7 +265,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
     # Logits in base 2: exp(x) = exp2(x * log2(e)). Without a soft cap the scale is folded
     # into the row max and the exponent (one FMA per element); with one, the tanh transform
     # already yields base-2 logits.
-    logit_scale = config.scale * _LOG2E if config.soft_cap is None else 1.0
+    logit_scale = config.scale * LOG2E if config.soft_cap is None else 1.0
 
     def body(slot, carry, *, partial):
       acc, row_max, row_sum = carry
@@ -297,7 +281,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
       s = pl.run_scoped(qk, plgpu.ACC((_WGMMA_M, bk), jnp.float32))
       plgpu.barrier_arrive(k_free.at[buf])
       if config.soft_cap is not None:
-        s = jnp.tanh(s * (config.scale / config.soft_cap)) * (config.soft_cap * _LOG2E)
+        s = jnp.tanh(s * (config.scale / config.soft_cap)) * (config.soft_cap * LOG2E)
       if tile is not None:
         s = s + tile
       if keep is not None:
@@ -376,14 +360,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: _Config, num_hea
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   def per_item(fn):
-    return lambda qi, bh: fn(mosaic_vjp.query_item(qi, bh, parts, layout, num_heads, group))
+    return lambda qi, bh: fn(mosaic_common.query_item(qi, bh, parts, layout, num_heads, group))
 
-  mosaic_vjp.run_warpgroups(
+  mosaic_common.run_warpgroups(
       consumers, config.interpret, per_item(produce), per_item(consume),
-      mosaic_vjp.for_each_item(order_ref, "q", num_q_blocks, num_programs))
+      mosaic_common.for_each_item(order_ref, "q", num_q_blocks, num_programs))
 
 
-def _forward(q, k, v, bm: BlockMask, config: _Config):
+def _forward(q, k, v, bm: BlockMask, config: MosaicParams):
   """Forward pass.
 
   Args:
@@ -400,17 +384,18 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
   """
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  layout = _MaskLayout.of(bm)
+  layout = MaskLayout.of(bm)
   bq, bk, stages = layout.block_q, layout.block_kv, config.stages
   consumers = bq // _WGMMA_M
-  nq, nk = -(-q_len // bq), -(-kv_len // bk)
+  nq, nk = cdiv(q_len, bq), cdiv(kv_len, bk)
   dp = padded_head_dim(head_dim)
-  parts = mosaic_vjp.mask_parts(bm, layout, q.dtype, nq * bq, nk * bk, backward=False)
+  parts = mosaic_common.mask_parts(bm, layout, q.dtype, nq * bq, nk * bk, backward=False)
   present = tuple(x is not None for x in parts)
   # Persistent: work items (query block, batch, head) longest list first; program p runs
   # items p, p + G, p + 2G, ... of that order.
-  order, grid, grid_names, programs = mosaic_vjp.grid_and_order(
-      config, nq, batch * num_heads, lambda: _item_order(parts.count, batch, num_heads), "q")
+  order, grid, grid_names, programs = mosaic_common.grid_and_order(
+      config, nq, batch * num_heads,
+      lambda: mosaic_common.query_item_order(parts.count, batch, num_heads), "q")
   operands = order + [x for x in parts if x is not None]
   kernel = functools.partial(_forward_kernel, layout=layout, config=config,
                              num_heads=num_heads, group=num_heads // num_kv_heads,
@@ -418,9 +403,10 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
                              present=present, num_q_blocks=nq, num_programs=programs)
   kernel.__name__ = "flashjax_mosaic_gpu_fwd"  # plgpu.kernel names the kernel after its body
   scratch = [
-      mosaic_vjp.swizzled_smem((consumers, _WGMMA_M, dp), q.dtype),
-      mosaic_vjp.swizzled_smem((stages, dp, bk) if config.interpret else (stages, bk, dp), q.dtype),
-      mosaic_vjp.swizzled_smem((stages, bk, dp), q.dtype),
+      mosaic_common.swizzled_smem((consumers, _WGMMA_M, dp), q.dtype),
+      mosaic_common.swizzled_smem((stages, dp, bk) if config.interpret else (stages, bk, dp),
+                                  q.dtype),
+      mosaic_common.swizzled_smem((stages, bk, dp), q.dtype),
       plgpu.SMEM((consumers, _WGMMA_M), jnp.float32),
       plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),
@@ -438,16 +424,16 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
   if layout.has_tiles:
     scratch += [plgpu.SMEM((stages, bq, bk), q.dtype),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
-  k_in = _pad_to(k, nk * bk, dp)
+  k_in = pad_to(k, nk * bk, dp)
   if config.interpret:
     # The interpreter cannot read a transposed SMEM view: K^T comes from XLA, P via SMEM.
     k_in = jnp.einsum("bsnd->bnds", k_in)
-    scratch += [mosaic_vjp.swizzled_smem((consumers, _WGMMA_M, bk), q.dtype)]
+    scratch += [mosaic_common.swizzled_smem((consumers, _WGMMA_M, bk), q.dtype)]
   out_type = [jax.ShapeDtypeStruct((batch, nq * bq, num_heads, dp), q.dtype),
               jax.ShapeDtypeStruct((batch * num_heads, nq * bq), jnp.float32)]
-  out, lse = mosaic_vjp.launch(kernel, out_type, scratch, grid, grid_names, consumers,
+  out, lse = mosaic_common.launch(kernel, out_type, scratch, grid, grid_names, consumers,
                                  config.interpret)(
-      _pad_to(q, nq * bq, dp), k_in, _pad_to(v, nk * bk, dp), *operands)
+      pad_to(q, nq * bq, dp), k_in, pad_to(v, nk * bk, dp), *operands)
   return out[:, :q_len, :, :head_dim], lse[:, :q_len]
 
 
@@ -456,7 +442,7 @@ def _forward(q, k, v, bm: BlockMask, config: _Config):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _attention(q, k, v, fwd_mask: BlockMask, dq_mask: BlockMask, dkdv_mask: BlockMask,
-               config: _Config, bwd_params: Any):
+               config: MosaicParams, bwd_params: Any):
   del dq_mask, dkdv_mask, bwd_params
   return _forward(q, k, v, fwd_mask, config)[0]
 
@@ -470,12 +456,12 @@ def _attention_fwd(q, k, v, fwd_mask, dq_mask, dkdv_mask, config, bwd_params):
 def _attention_bwd(config, bwd_params, residuals, do):
   del config
   q, k, v, out, lse, dq_mask, dkdv_mask = residuals
-  if isinstance(bwd_params, mosaic_vjp.Config):
-    grads = mosaic_vjp.backward(q, k, v, out, lse, do, dq_mask, dkdv_mask, bwd_params)
+  if isinstance(bwd_params, MosaicParams):
+    grads = pallas_mosaic_gpu_vjp.backward(q, k, v, out, lse, do, dq_mask, dkdv_mask, bwd_params)
     return grads + (None, None, None)
   # pallas_triton's backward takes exactly these residuals (same lse2 layout): its dQ kernel
   # walks the forward lists of dq_mask, its dK/dV kernel the backward lists of dkdv_mask.
-  return _triton_attention_bwd(bwd_params, residuals, do) + (None,)
+  return pallas_triton.backward(bwd_params, residuals, do) + (None,)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -492,9 +478,9 @@ def _mosaic_backward_masks(mask, query, key, fwd_mask: BlockMask, block_sizes, b
   64 x block_kv_bwd (default 128, two consumer warpgroups; 64 in interpret mode). A caller's
   BlockMask or an RCM-permuted one is used as is, so only a 64 x 64 one fits both kernels.
   """
-  if padded_head_dim(query.shape[3]) > mosaic_vjp.MAX_HEAD_DIM:
+  if padded_head_dim(query.shape[3]) > mosaic_common.BWD_MAX_HEAD_DIM:
     return None  # dK + dV accumulators of D = 256 do not fit a warpgroup's registers
-  rows = mosaic_vjp.ROWS
+  rows = ROWS
   if isinstance(mask, BlockMask) or fwd_mask.q_perm is not None:
     fits = (fwd_mask.block_q, fwd_mask.block_kv) == (rows, rows)
     return (fwd_mask, fwd_mask) if fits else None
@@ -513,7 +499,7 @@ def _mosaic_backward_masks(mask, query, key, fwd_mask: BlockMask, block_sizes, b
 
 
 def _backward_plan(mask, query, key, fwd_mask: BlockMask, block_sizes, build,
-                   config: _Config):
+                   config: MosaicParams):
   """The backward's masks and static parameters: the Mosaic GPU kernels where they run
   (`_mosaic_backward_masks`), else pallas_triton's at Triton's own tiles (or the caller's
   *_bwd tiles for dK/dV)."""
@@ -526,112 +512,92 @@ def _backward_plan(mask, query, key, fwd_mask: BlockMask, block_sizes, build,
     dq_mask = dkdv_mask = fwd_mask
     bwd_sizes = BlockSizes(fwd_mask.block_q, fwd_mask.block_kv)
   else:
-    bwd_sizes = triton_backend.default_block_sizes(query.shape[3], query.shape[1],
+    bwd_sizes = pallas_triton.default_block_sizes(query.shape[3], query.shape[1],
                                                    key.shape[1], interpret=config.interpret)
     if block_sizes.block_q_bwd is not None or block_sizes.block_kv_bwd is not None:
       bwd_sizes = dataclasses.replace(bwd_sizes, block_q_bwd=block_sizes.bwd_q,
                                       block_kv_bwd=block_sizes.bwd_kv)
     dq_mask, dkdv_mask, bwd_sizes = build(block_sizes=bwd_sizes)
-  _, dq_launch, dkdv_launch = _launch_params(bwd_sizes, query.shape[3],
+  _, dq_launch, dkdv_launch = gpu_common.launch_params(bwd_sizes, query.shape[3],
                                              (dkdv_mask.block_q, dkdv_mask.block_kv))
-  return dq_mask, dkdv_mask, _TritonParams(
+  return dq_mask, dkdv_mask, TritonParams(
       scale=config.scale, soft_cap=config.soft_cap, interpret=config.interpret,
       dq_launch=dq_launch, dkdv_launch=dkdv_launch)
 
 
-def _check_inputs(query, key, value):
-  # wgmma takes bfloat16 / float16 operands only.
-  _triton_check_inputs(query, key, value, backend="pallas_mosaic_gpu", dtypes=_DTYPES,
-                       max_head_dim=_MAX_HEAD_DIM)
+class _Plan(NamedTuple):
+  fwd_mask: BlockMask
+  dq_mask: BlockMask
+  dkdv_mask: BlockMask
+  config: MosaicParams
+  bwd_params: Any  # MosaicParams (Mosaic GPU backward) or TritonParams (pallas_triton's)
 
 
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: Any = None,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
+class PallasMosaicGpu(base.BlockSparseBackend):
   """Block-sparse FlashAttention in Pallas Mosaic GPU, forward and backward.
 
-  Args:
-    query: [B, T, Nq, D] bfloat16 or float16; D <= 256.
-    key: [B, S, Nkv, D], Nq % Nkv == 0; query head n uses kv head n // (Nq // Nkv).
-    value: [B, S, Nkv, D].
-    bias: must be None (additive bias is not supported by this backend).
-    mask: None | flashjax.masks.Mask | BlockMask | bool array [B|1, Nq|1, T, S].
-    q_segment_ids: None or int32 [B, T].
-    kv_segment_ids: None or int32 [B, S] (given together with q_segment_ids).
-    is_causal: AND the mask with j <= i.
-    scale: logit scale (default 1 / sqrt(D)).
-    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    block_sizes: BlockSizes (block_q 64 or 128, block_kv >= 64, num_stages >= 2 the K/V
-      ring depth, persistent for the persistent grids) or None for the tuned tiles of this
-      device (tuning store) or `default_block_sizes`. The Mosaic GPU backward runs dQ at
-      block_q x 64 and dK/dV at block_q_bwd x block_kv_bwd (default 64 x 128); other
-      dK/dV tiles, D > 128, or a caller's BlockMask other than 64 x 64 run pallas_triton's
-      backward (docs/mosaic_gpu.md).
-    interpret: run the kernels in Mosaic GPU interpret mode (CPU; pallas_triton's backward,
-      where it applies, in Pallas interpret mode).
-
-  Returns:
-    [B, T, Nq, D] in the query's dtype; rows with no allowed key are 0.
-
-  Raises:
-    NotImplementedError: for bias, float32 or other dtypes, D > 256.
-    ValueError: for inconsistent shapes, tiles that wgmma cannot use or that overflow shared
-      memory, or a block_sizes that disagrees with a BlockMask.
+  Takes the canonical arguments of flashjax.ops.attention.base: bfloat16 or float16 inputs
+  with D <= 256 (NotImplementedError for float32 and other dtypes, D > 256 or a bias).
+  block_sizes: BlockSizes (block_q 64 or 128, block_kv >= 64, num_stages >= 2 the K/V ring
+  depth, persistent for the persistent grids) or None for the tuned tiles of this device
+  (tuning store) or `default_block_sizes`. The Mosaic GPU backward runs dQ at block_q x 64
+  and dK/dV at block_q_bwd x block_kv_bwd (default 64 x 128); other dK/dV tiles, D > 128, or
+  a caller's BlockMask other than 64 x 64 run pallas_triton's backward (docs/mosaic_gpu.md).
+  interpret=True runs the kernels in Mosaic GPU interpret mode (pallas_triton's backward,
+  where it applies, in Pallas interpret mode). Tiles that wgmma cannot use or that overflow
+  shared memory, and a block_sizes that disagrees with a BlockMask, are ValueErrors.
   """
-  if bias is not None:
-    raise NotImplementedError(
-        "pallas_mosaic_gpu: additive bias is not supported; use the xla backend")
-  _check_inputs(query, key, value)
-  if logits_soft_cap is not None and logits_soft_cap <= 0:
-    raise ValueError(f"{logits_soft_cap=} must be > 0")
-  defaulted = block_sizes is None and not isinstance(mask, BlockMask)
-  if defaulted:
-    # Measured tiles for this device and shape class (tuning store) or the heuristic.
-    block_sizes = tuning_store.tuned_block_sizes(
-        "pallas_mosaic_gpu", query, key, mask=mask, is_causal=is_causal,
-        q_segment_ids=q_segment_ids, interpret=interpret) or default_block_sizes(
-            query.shape[3], query.shape[1], key.shape[1], interpret=interpret)
-  build = functools.partial(
-      _block_masks, mask, query, key, is_causal=is_causal, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, interpret=interpret)
-  while True:
-    forward_only = block_sizes and dataclasses.replace(block_sizes, block_q_bwd=None,
-                                                       block_kv_bwd=None)
-    fwd_mask, _, sizes = build(block_sizes=forward_only)
-    _check_tiling(sizes, fwd_mask.block_q, fwd_mask.block_kv)
-    smem = _smem_bytes(_MaskLayout.of(fwd_mask), padded_head_dim(query.shape[3]),
-                       sizes.num_stages or 2, query.dtype.itemsize)
-    if smem <= _SMEM_LIMIT:
-      break
-    if defaulted and sizes.block_kv > _MIN_BLOCK_KV:
-      # Stored mask tiles need a third SMEM ring: halve the default kv tile to fit it.
-      block_sizes = dataclasses.replace(block_sizes, block_kv=sizes.block_kv // 2)
-      continue
-    raise ValueError(f"pallas_mosaic_gpu: tiles {fwd_mask.block_q} x {fwd_mask.block_kv} with "
-                     f"num_stages={sizes.num_stages} and head_dim={query.shape[3]} need "
-                     f"{smem} bytes of shared memory > {_SMEM_LIMIT}; use smaller tiles")
-  scale = 1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale)
-  soft_cap = None if logits_soft_cap is None else float(logits_soft_cap)
-  # persistent=None (backend default) is off until it is measured on the H200.
-  config = _Config(scale=scale, soft_cap=soft_cap, interpret=bool(interpret),
-                   stages=sizes.num_stages or 2, persistent=bool(sizes.persistent))
-  dq_mask, dkdv_mask, bwd_params = _backward_plan(
-      mask, query, key, fwd_mask, block_sizes, build, config)
-  for bm in (fwd_mask, dq_mask, dkdv_mask):
-    _check_block_mask(bm, query, key)
-  # An RCM BlockMask describes the sequences reordered by q_perm / kv_perm.
-  query, key, value = rcm.permute_qkv(query, key, value, fwd_mask)
-  out = _attention(query, key, value, fwd_mask, dq_mask, dkdv_mask, config, bwd_params)
-  return rcm.unpermute_output(out, fwd_mask)
+
+  name = "pallas_mosaic_gpu"
+
+  def check_supported(self, args):
+    # wgmma takes bfloat16 / float16 operands only.
+    gpu_common.check_supported(args.query, backend=self.name, dtypes=_DTYPES,
+                               max_head_dim=MAX_HEAD_DIM)
+
+  def plan(self, args):
+    query, key, mask, block_sizes = args.query, args.key, args.mask, args.block_sizes
+    is_causal, interpret = args.is_causal, args.interpret
+    q_segment_ids, kv_segment_ids = args.q_segment_ids, args.kv_segment_ids
+    defaulted = block_sizes is None and not isinstance(mask, BlockMask)
+    if defaulted:
+      # Measured tiles for this device and shape class (tuning store) or the heuristic.
+      block_sizes = tuning_store.tuned_block_sizes(
+          "pallas_mosaic_gpu", query, key, mask=mask, is_causal=is_causal,
+          q_segment_ids=q_segment_ids, interpret=interpret) or default_block_sizes(
+              query.shape[3], query.shape[1], key.shape[1], interpret=interpret)
+    build = functools.partial(
+        gpu_common.block_masks, mask, query, key, is_causal=is_causal,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    while True:
+      forward_only = block_sizes and dataclasses.replace(block_sizes, block_q_bwd=None,
+                                                         block_kv_bwd=None)
+      fwd_mask, _, sizes = build(block_sizes=forward_only)
+      _check_tiling(sizes, fwd_mask.block_q, fwd_mask.block_kv)
+      smem = _smem_bytes(MaskLayout.of(fwd_mask), padded_head_dim(query.shape[3]),
+                         sizes.num_stages or 2, query.dtype.itemsize)
+      if smem <= SMEM_LIMIT:
+        break
+      if defaulted and sizes.block_kv > _MIN_BLOCK_KV:
+        # Stored mask tiles need a third SMEM ring: halve the default kv tile to fit it.
+        block_sizes = dataclasses.replace(block_sizes, block_kv=sizes.block_kv // 2)
+        continue
+      raise ValueError(f"pallas_mosaic_gpu: tiles {fwd_mask.block_q} x {fwd_mask.block_kv} "
+                       f"with num_stages={sizes.num_stages} and head_dim={query.shape[3]} need "
+                       f"{smem} bytes of shared memory > {SMEM_LIMIT}; use smaller tiles")
+    # persistent=None (backend default) is off until it is measured on the H200.
+    config = MosaicParams(scale=float(args.scale), soft_cap=args.logits_soft_cap,
+                          interpret=bool(interpret), stages=sizes.num_stages or 2,
+                          persistent=bool(sizes.persistent))
+    dq_mask, dkdv_mask, bwd_params = _backward_plan(
+        mask, query, key, fwd_mask, block_sizes, build, config)
+    for bm in (fwd_mask, dq_mask, dkdv_mask):
+      gpu_common.check_block_mask(bm, query, key)
+    return _Plan(fwd_mask, dq_mask, dkdv_mask, config, bwd_params)
+
+  def kernel(self, query, key, value, plan):
+    return _attention(query, key, value, plan.fwd_mask, plan.dq_mask, plan.dkdv_mask,
+                      plan.config, plan.bwd_params)
+
+
+dot_product_attention = PallasMosaicGpu()

@@ -1,9 +1,9 @@
 """Block-sparse FlashAttention for TPU (Pallas Mosaic TPU), backend "pallas_tpu": the entry.
 
-`dot_product_attention` checks the tiling, builds the forward and backward BlockMasks
-(flashjax.masks.builders.block_mask_for), applies an RCM order (flashjax.masks.rcm), moves to
-the kernels' head-major, lane-padded layout and calls the differentiable kernel pair
-`pallas_tpu_vjp.attention`. The kernels live in pallas_tpu_common (the forward and the pieces
+`dot_product_attention` (a base.BlockSparseBackend: the contract applies an RCM order
+through flashjax.masks.rcm around it) checks the tiling, builds the forward and backward
+BlockMasks (flashjax.masks.builders.block_mask_for), moves to the kernels' head-major,
+lane-padded layout and calls the differentiable kernel pair `pallas_tpu_vjp.attention`. The kernels live in pallas_tpu_common (the forward and the pieces
 both passes share) and pallas_tpu_vjp (the backward); neither imports this module.
 
 No TPU was reachable while writing this: correctness is checked in interpret mode on CPU and
@@ -13,23 +13,19 @@ the TPU lowering is traced on CPU; speed is unmeasured (docs/tpu.md).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
-from flashjax.masks import builders, rcm
+from flashjax.masks import builders
 from flashjax.masks.block_mask import BlockMask
-from flashjax.ops.attention import pallas_tpu_vjp
-from flashjax.ops.attention.configs import BlockSizes
-from flashjax.ops.attention.pallas_tpu_common import LANES, KernelConfig
+from flashjax.ops.attention import base, pallas_tpu_vjp
+from flashjax.ops.attention.block_sizes import BlockSizes
+from flashjax.ops.attention.pallas_tpu_common import LANES, TpuParams
+from flashjax.ops.tiling import round_up
 
 SUBLANES = 8
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_kv=128)
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
 
 
 def min_block_q(dtype) -> int:
@@ -63,76 +59,56 @@ def _kernel_tiling(mask: Any, block_sizes: BlockSizes | None) -> tuple[int, int,
   return sizes.block_q, sizes.block_kv, sizes.bwd_q, sizes.bwd_kv
 
 
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: Any = None,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: Any = False,
-) -> jax.Array:
-  """Block-sparse FlashAttention on TPU (the "pallas_tpu" backend protocol).
+class _Plan(NamedTuple):
+  fwd_mask: BlockMask
+  bwd_mask: BlockMask
+  params: TpuParams
 
-  Args:
-    query: [B, T, Nq, D].
-    key: [B, S, Nkv, D], Nq % Nkv == 0 (query head n reads kv head n // (Nq // Nkv)).
-    value: [B, S, Nkv, D].
-    bias: must be None (additive bias is not supported).
-    mask: None | flashjax.masks.Mask | BlockMask | bool array [B|1, Nq|1, T, S].
-    q_segment_ids: None or int32 [B, T].
-    kv_segment_ids: None or int32 [B, S] (with q_segment_ids).
-    is_causal: AND a causal mask (j <= i).
-    scale: logits multiplier, default 1/sqrt(D).
-    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    block_sizes: BlockSizes; default 128 x 128. block_kv must be a multiple of 128 and
-      block_q of 8 (16 for 16-bit inputs).
-    interpret: run the kernels in Pallas interpret mode (CPU tests); a
-      pltpu.InterpretParams selects the TPU interpreter instead.
 
-  Returns:
-    [B, T, Nq, D] in query.dtype; rows with no allowed key are 0.
+class PallasTpu(base.BlockSparseBackend):
+  """Block-sparse FlashAttention on TPU (the "pallas_tpu" backend).
+
+  Takes the canonical arguments of flashjax.ops.attention.base (no bias: NotImplementedError).
+  block_sizes: BlockSizes, default 128 x 128; block_kv must be a multiple of 128 and block_q
+  of 8 (16 for 16-bit inputs). interpret=True runs the kernels in Pallas interpret mode (CPU
+  tests); a pltpu.InterpretParams selects the TPU interpreter instead. An RCM-reordered
+  BlockMask with is_causal or segment ids is refused (NotImplementedError).
   """
-  if bias is not None:
-    raise NotImplementedError("pallas_tpu: additive bias is not supported; use the xla "
-                              "backend or express the bias as a mask")
-  _, q_len, num_q_heads, head_dim = query.shape
-  kv_len, num_kv_heads = key.shape[1], key.shape[2]
-  if num_q_heads % num_kv_heads:
-    raise ValueError(f"pallas_tpu: {num_q_heads=} must be a multiple of {num_kv_heads=}")
-  permuted = isinstance(mask, BlockMask) and (mask.q_perm is not None
-                                              or mask.kv_perm is not None)
-  if permuted and (is_causal or q_segment_ids is not None):
-    # The kernels would apply them in the permuted order.
-    raise NotImplementedError("pallas_tpu: an RCM-reordered BlockMask cannot be combined "
-                              "with is_causal or segment ids")
-  block_q, block_kv, block_q_bwd, block_kv_bwd = _kernel_tiling(mask, block_sizes)
-  validate_block_shape(block_q, block_kv, query.dtype)
-  validate_block_shape(block_q_bwd, block_kv_bwd, query.dtype, " backward")
-  make_mask = functools.partial(
-      builders.block_mask_for, q_len=q_len, kv_len=kv_len, mask=mask, is_causal=is_causal,
-      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-  fwd_mask = make_mask(block_q=block_q, block_kv=block_kv)
-  bwd_mask = fwd_mask
-  if (block_q_bwd, block_kv_bwd) != (block_q, block_kv):
-    bwd_mask = make_mask(block_q=block_q_bwd, block_kv=block_kv_bwd)
-  cfg = KernelConfig(
-      scale=float(scale if scale is not None else 1.0 / head_dim**0.5),
-      soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-      q_len=q_len, kv_len=kv_len, interpret=interpret)
-  if permuted:
-    # An RCM BlockMask describes the sequences reordered by q_perm / kv_perm.
-    query, key, value = rcm.permute_qkv(query, key, value, fwd_mask)
-  # [B, T, N, D] -> head-major [B, N, T, Dp]; zero lanes added to D change no dot product.
-  d_pad = _round_up(head_dim, LANES) - head_dim
-  q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, d_pad))).transpose(0, 2, 1, 3)
-             for x in (query, key, value))
-  out = pallas_tpu_vjp.attention(q, k, v, fwd_mask, bwd_mask, cfg)
-  out = out[..., :head_dim].transpose(0, 2, 1, 3)
-  return rcm.unpermute_output(out, fwd_mask) if permuted else out
+
+  name = "pallas_tpu"
+  bias_hint = "use the xla backend or express the bias as a mask"
+
+  def check_supported(self, args):
+    if args.permuted and (args.is_causal or args.q_segment_ids is not None):
+      # The kernels would apply them in the permuted order.
+      raise NotImplementedError("pallas_tpu: an RCM-reordered BlockMask cannot be combined "
+                                "with is_causal or segment ids")
+
+  def plan(self, args):
+    dtype = args.query.dtype
+    block_q, block_kv, block_q_bwd, block_kv_bwd = _kernel_tiling(args.mask, args.block_sizes)
+    validate_block_shape(block_q, block_kv, dtype)
+    validate_block_shape(block_q_bwd, block_kv_bwd, dtype, " backward")
+    make_mask = functools.partial(
+        builders.block_mask_for, q_len=args.q_len, kv_len=args.kv_len, mask=args.mask,
+        is_causal=args.is_causal, q_segment_ids=args.q_segment_ids,
+        kv_segment_ids=args.kv_segment_ids)
+    fwd_mask = make_mask(block_q=block_q, block_kv=block_kv)
+    bwd_mask = fwd_mask
+    if (block_q_bwd, block_kv_bwd) != (block_q, block_kv):
+      bwd_mask = make_mask(block_q=block_q_bwd, block_kv=block_kv_bwd)
+    params = TpuParams(scale=float(args.scale), soft_cap=args.logits_soft_cap,
+                       q_len=args.q_len, kv_len=args.kv_len, interpret=args.interpret)
+    return _Plan(fwd_mask, bwd_mask, params)
+
+  def kernel(self, query, key, value, plan):
+    head_dim = query.shape[3]
+    # [B, T, N, D] -> head-major [B, N, T, Dp]; zero lanes added to D change no dot product.
+    d_pad = round_up(head_dim, LANES) - head_dim
+    q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, d_pad))).transpose(0, 2, 1, 3)
+               for x in (query, key, value))
+    out = pallas_tpu_vjp.attention(q, k, v, plan.fwd_mask, plan.bwd_mask, plan.params)
+    return out[..., :head_dim].transpose(0, 2, 1, 3)
+
+
+dot_product_attention = PallasTpu()

@@ -1,7 +1,7 @@
 """Block-sparse FlashAttention forward kernel for TPU and the pieces its backward shares.
 
 The "pallas_tpu" backend is three modules, each importing only those before it:
-pallas_tpu_common (this: KernelConfig, the list indexers, mask operands, BlockSpecs, the
+pallas_tpu_common (this: TpuParams, the list indexers, mask operands, BlockSpecs, the
 partial-tile mask and the forward kernel `flash_fwd`) -> pallas_tpu_vjp (the dQ and dK/dV
 kernels and the custom_vjp `attention`) -> pallas_tpu (the backend entry
 `dot_product_attention`: tiling checks, BlockMask, RCM order, layout).
@@ -40,6 +40,7 @@ from jax.experimental.pallas import tpu as pltpu
 from flashjax.masks import block_mask as block_mask_lib
 from flashjax.masks.block_mask import BlockMask
 from flashjax.masks.rule import element_mask
+from flashjax.ops.tiling import pad_axis
 
 LANES = 128
 
@@ -50,7 +51,7 @@ NN_DIMS = (((1,), (0,)), ((), ()))
 
 
 @dataclasses.dataclass(frozen=True)
-class KernelConfig:
+class TpuParams:
   """Static parameters shared by the forward and backward kernels.
 
   Attributes:
@@ -288,7 +289,7 @@ def block_specs(steps: Callable[..., Step], ops: MaskOperands, block_q: int, blo
 
 
 def partial_mask(refs: dict, band, q_start, kv_start, block_q: int, block_kv: int,
-                 cfg: KernelConfig) -> jax.Array:
+                 cfg: TpuParams) -> jax.Array:
   """Element mask of a PARTIAL tile: rule AND stored tile AND bounds.
 
   Args:
@@ -299,7 +300,7 @@ def partial_mask(refs: dict, band, q_start, kv_start, block_q: int, block_kv: in
     kv_start: first key position of the tile.
     block_q: tile rows.
     block_kv: tile columns.
-    cfg: KernelConfig (logical lengths).
+    cfg: TpuParams (logical lengths).
 
   Returns:
     bool [block_q, block_kv].
@@ -328,7 +329,7 @@ def split_optional_refs(refs, flags) -> tuple[dict, list]:
   return out, refs
 
 
-def scaled_logits(q: jax.Array, k: jax.Array, cfg: KernelConfig) -> jax.Array:
+def scaled_logits(q: jax.Array, k: jax.Array, cfg: TpuParams) -> jax.Array:
   """float32 [block_q, block_kv] logits q k^T * scale, soft-capped if configured."""
   s = lax.dot_general(q, k, NT_DIMS, precision=precision_for(q.dtype),
                       preferred_element_type=jnp.float32) * cfg.scale
@@ -353,7 +354,7 @@ def grid_ids(rank: int) -> tuple[jax.Array, ...]:
 
 
 def _fwd_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, *refs,
-                steps, flags, band, last_pos: int, cfg: KernelConfig, block_q: int,
+                steps, flags, band, last_pos: int, cfg: TpuParams, block_q: int,
                 block_kv: int):
   """One (batch, head, query block, list slot) step of the forward."""
   opt, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = split_optional_refs(refs, flags)
@@ -395,15 +396,8 @@ def _fwd_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, *
     lse_ref[...] = jnp.where(empty, jnp.inf, m_ref[...] + jnp.log(l))
 
 
-def pad_axis(x: jax.Array, axis: int, size: int, value: float = 0) -> jax.Array:
-  """Pads `x` at the end of `axis` up to `size`."""
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
-
-
 def flash_fwd(q: jax.Array, k: jax.Array, v: jax.Array, bm: BlockMask,
-              cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
+              cfg: TpuParams) -> tuple[jax.Array, jax.Array]:
   """Runs the forward kernel.
 
   Args:
@@ -411,7 +405,7 @@ def flash_fwd(q: jax.Array, k: jax.Array, v: jax.Array, bm: BlockMask,
     k: [B, Nkv, S, D] keys.
     v: [B, Nkv, S, D] values.
     bm: BlockMask of logical shape (Bm, Nm, T, S) at the kernel tiling.
-    cfg: KernelConfig.
+    cfg: TpuParams.
 
   Returns:
     (out [B, Nq, T, D] in q.dtype, logsumexp [B, Nq, T] float32; +inf on rows with no key).

@@ -28,10 +28,11 @@ from jax.experimental.pallas import tpu as pltpu
 
 from flashjax.masks.block_mask import BlockMask
 from flashjax.ops.attention import pallas_tpu_common as common
-from flashjax.ops.attention.pallas_tpu_common import LANES, NN_DIMS, NT_DIMS, KernelConfig
+from flashjax.ops.attention.pallas_tpu_common import LANES, NN_DIMS, NT_DIMS, TpuParams
+from flashjax.ops.tiling import pad_axis
 
 
-def _dlogits(q, k, v, do, lse, delta, mask, cfg: KernelConfig):
+def _dlogits(q, k, v, do, lse, delta, mask, cfg: TpuParams):
   """P and dS/d(q.k) of one tile.
 
   Args:
@@ -42,7 +43,7 @@ def _dlogits(q, k, v, do, lse, delta, mask, cfg: KernelConfig):
     lse: [bq, 1] float32 logsumexp (+inf on rows with no key).
     delta: [bq, 1] float32 rowsum(dO * O).
     mask: bool [bq, bkv] or None (FULL tile).
-    cfg: KernelConfig.
+    cfg: TpuParams.
 
   Returns:
     (p, ds) float32 [bq, bkv]; ds already includes the soft-cap slope and the scale.
@@ -81,7 +82,7 @@ def dkv_steps(ix: common.ListIndexer, group: int) -> Callable[..., common.Step]:
 
 def _dkv_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref,
                 lse_ref, delta_ref, *refs, steps, flags, band, last_pos: int, group: int,
-                cfg: KernelConfig, block_q: int, block_kv: int):
+                cfg: TpuParams, block_q: int, block_kv: int):
   """One (batch, kv head, kv block, group member, list slot) step of dK/dV."""
   opt, (dk_ref, dv_ref, dk_acc, dv_acc) = common.split_optional_refs(refs, flags)
   ids = common.grid_ids(5)
@@ -117,7 +118,7 @@ def _dkv_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, d
 
 def _dq_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do_ref,
                lse_ref, delta_ref, *refs, steps, flags, band, last_pos: int,
-               cfg: KernelConfig, block_q: int, block_kv: int):
+               cfg: TpuParams, block_q: int, block_kv: int):
   """One (batch, head, query block, list slot) step of dQ."""
   opt, (dq_ref, dq_acc) = common.split_optional_refs(refs, flags)
   st = steps(*common.grid_ids(4), count_ref, block_ref, kind_ref, tile_ref)
@@ -146,7 +147,7 @@ def _dq_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do
 
 
 def flash_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array,
-              do: jax.Array, bm: BlockMask, cfg: KernelConfig):
+              do: jax.Array, bm: BlockMask, cfg: TpuParams):
   """Gradients of the attention output with respect to q, k and v.
 
   Args:
@@ -157,7 +158,7 @@ def flash_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax
     lse: [B, Nq, T] float32 forward logsumexp.
     do: [B, Nq, T, D] output cotangent.
     bm: BlockMask at the backward tiling.
-    cfg: KernelConfig.
+    cfg: TpuParams.
 
   Returns:
     (dq [B, Nq, T, D], dk [B, Nkv, S, D], dv [B, Nkv, S, D]) in the input dtypes.
@@ -172,10 +173,10 @@ def flash_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax
   delta = jnp.einsum("bntd,bntd->bnt", do.astype(jnp.float32), out.astype(jnp.float32))
   # Row statistics lane-broadcast to [B, Nq, T, 128]; padding rows get lse = +inf (P = 0).
   lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, LANES))
-  operands = (common.pad_axis(q, 2, t_pad), common.pad_axis(k, 2, s_pad),
-              common.pad_axis(v, 2, s_pad), common.pad_axis(do.astype(q.dtype), 2, t_pad),
-              common.pad_axis(lanes(lse), 2, t_pad, jnp.inf),
-              common.pad_axis(lanes(delta), 2, t_pad))
+  operands = (pad_axis(q, 2, t_pad), pad_axis(k, 2, s_pad),
+              pad_axis(v, 2, s_pad), pad_axis(do.astype(q.dtype), 2, t_pad),
+              pad_axis(lanes(lse), 2, t_pad, jnp.inf),
+              pad_axis(lanes(delta), 2, t_pad))
   interpret = common.interpret_arg(cfg.interpret)
   static = dict(cfg=cfg, block_q=block_q, block_kv=block_kv)
 
@@ -229,7 +230,7 @@ def flash_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, fwd_mask: BlockMask,
-              bwd_mask: BlockMask, cfg: KernelConfig) -> jax.Array:
+              bwd_mask: BlockMask, cfg: TpuParams) -> jax.Array:
   """Differentiable block-sparse attention on head-major arrays.
 
   Args:
@@ -238,7 +239,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, fwd_mask: BlockMask,
     v: [B, Nkv, S, D] values.
     fwd_mask: BlockMask at the forward tiling.
     bwd_mask: BlockMask at the backward tiling (may be `fwd_mask`).
-    cfg: static KernelConfig.
+    cfg: static TpuParams.
 
   Returns:
     [B, Nq, T, D] in q.dtype.

@@ -44,8 +44,8 @@ Design (ideas 1 and 2 of docs/architecture.md, "Design"):
 Block sizes (`default_block_sizes`): on GPU 128x64 forward (and dQ) tiles and 64x64 dK/dV tiles
 for head dim <= 128, 64x32 / 32x32 for head dim 256; in interpret mode 32x32 so that small CPU
 tests still see many tiles. Defaults shrink to the sequence (power of two >= 16). Warps and
-stages default per kernel (`_launch_params`); a `BlockSizes` with num_warps / num_stages set
-applies them to all three kernels. A caller's `BlockSizes` is used as given. A BlockMask fixes
+stages default per kernel (`pallas_gpu_common.launch_params`); a `BlockSizes` with num_warps /
+num_stages set applies them to all three kernels. A caller's `BlockSizes` is used as given. A BlockMask fixes
 the tiling of both passes: `block_sizes` whose forward tiles disagree with it is a ValueError,
 its backward tiles are then ignored (only num_warps / num_stages apply).
 
@@ -59,29 +59,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 from typing import Any, NamedTuple
 
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 import jax.numpy as jnp
 
-from flashjax.masks import builders, rcm
-from flashjax.masks.block_mask import FULL, PARTIAL, BlockMask
-from flashjax.masks.rule import Band, element_mask
-from flashjax.ops.attention.configs import BlockSizes, padded_head_dim, pow2_ceil
+from flashjax.masks.block_mask import BlockMask
+from flashjax.masks.rule import element_mask
+from flashjax.ops.attention import base
+from flashjax.ops.attention import pallas_gpu_common as gpu_common
+from flashjax.ops.attention.block_sizes import BlockSizes, padded_head_dim
+from flashjax.ops.attention.pallas_gpu_common import (LOG2E, MaskLayout, TritonParams,
+                                                      mask_operands, pad_rows, pad_to)
 from flashjax.ops.attention.tuning import store as tuning_store
-
-_LOG2E = math.log2(math.e)
-_MAX_HEAD_DIM = 256
-_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
+from flashjax.ops.tiling import cdiv, pow2_ceil
 
 def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
                         interpret: bool = False) -> BlockSizes:
@@ -95,7 +88,7 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
 
   Returns:
     BlockSizes with forward (also dQ) and dK/dV tiles; num_warps and num_stages are left None
-    so that each kernel picks its own (`_launch_params`).
+    so that each kernel picks its own (`pallas_gpu_common.launch_params`).
   """
   if interpret:
     sizes = BlockSizes(32, 32)
@@ -114,7 +107,7 @@ def search_space(head_dim: int) -> list[BlockSizes]:
   """Candidate forward tiles for the block-size search (flashjax.ops.attention.tuning.search).
 
   block_q {64, 128} x block_kv {32, 64, 128} x num_warps {4, 8} x num_stages {2, 3}: 24
-  candidates for every D; the dK/dV tiles stay the heuristic's (`_block_masks`).
+  candidates for every D; the dK/dV tiles stay the heuristic's (`block_masks`).
 
   Args:
     head_dim: D (unused: the same space for every D).
@@ -127,101 +120,11 @@ def search_space(head_dim: int) -> list[BlockSizes]:
           for q, kv, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Launch:
-  """Triton launch parameters of one kernel (None: the backend default)."""
-
-  num_warps: int | None = None
-  num_stages: int | None = None
-
-  def compiler_params(self) -> plt.CompilerParams:
-    return plt.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
-
-
-def _launch_params(sizes: BlockSizes, head_dim: int, dkdv_tile: tuple[int, int]
-                   ) -> tuple[_Launch, _Launch, _Launch]:
-  """(forward, dQ, dK/dV) launch parameters: the caller's, else by tile and head dim.
-
-  Defaults from a sweep on an H200 (bf16, B=4, T=4096, N=32, D=128): the 128x64 forward ran
-  at 411 TFLOP/s with 4 warps vs 278 with 8, while dQ at the same tiling needs 8 warps
-  (backward 8.0 ms vs 10.7 ms) and 64x64 dK/dV 4 warps (8.0 ms vs 13.3 ms with 8).
-  """
-  dp = padded_head_dim(head_dim)
-  stages = 3 if dp <= 128 else 2
-  fwd = _Launch(4 if dp <= 128 else 8, stages)
-  dq = _Launch(4 if dp <= 64 else 8, stages)
-  # dK/dV keeps two f32 [block_kv, Dp] accumulators in registers.
-  dkdv = _Launch(4 if dkdv_tile[1] * dp <= 64 * 128 else 8, stages)
-  launches = (fwd, dq, dkdv)
-  if sizes.num_warps is not None:
-    launches = tuple(_Launch(sizes.num_warps, x.num_stages) for x in launches)
-  if sizes.num_stages is not None:
-    launches = tuple(_Launch(x.num_warps, sizes.num_stages) for x in launches)
-  return launches
-
-
-@dataclasses.dataclass(frozen=True)
-class _Params:
-  """Static (hashable) kernel parameters."""
-
-  scale: float
-  soft_cap: float | None
-  interpret: bool
-  fwd_launch: _Launch = _Launch()
-  dq_launch: _Launch = _Launch()
-  dkdv_launch: _Launch = _Launch()
-
-
-@dataclasses.dataclass(frozen=True)
-class _MaskLayout:
-  """Static description of a BlockMask as seen by a kernel (which operands it gets)."""
-
-  block_q: int
-  block_kv: int
-  q_len: int
-  kv_len: int
-  batch_bcast: bool       # BlockMask Bm == 1
-  head_bcast: bool        # BlockMask Nm == 1
-  band: Band | None       # None: no ElementRule to evaluate
-  rule_batch_bcast: bool  # segment / prefix arrays have batch 1
-  has_segments: bool
-  has_prefix: bool
-  has_tiles: bool
-
-  @classmethod
-  def of(cls, bm: BlockMask) -> _MaskLayout:
-    rule = bm.rule
-    if rule is not None and rule.band.unbounded and not rule.has_segments:
-      rule = None
-    seg = None if rule is None else rule.q_segment_ids
-    return cls(
-        block_q=bm.block_q, block_kv=bm.block_kv, q_len=bm.shape[2], kv_len=bm.shape[3],
-        batch_bcast=bm.shape[0] == 1, head_bcast=bm.shape[1] == 1,
-        band=None if rule is None else rule.band,
-        rule_batch_bcast=seg is None or seg.shape[0] == 1,
-        has_segments=seg is not None,
-        has_prefix=rule is not None and rule.kv_in_prefix is not None,
-        has_tiles=bm.tiles is not None and bm.tiles.shape[0] > 0)
-
-  @property
-  def q_bounds(self) -> bool:
-    return self.q_len % self.block_q != 0
-
-  @property
-  def kv_bounds(self) -> bool:
-    return self.kv_len % self.block_kv != 0
-
-  @property
-  def has_partial(self) -> bool:
-    """Whether any tile can need element masking."""
-    return self.band is not None or self.has_tiles or self.q_bounds or self.kv_bounds
-
-
 class _MaskRefs(NamedTuple):
   """Kernel refs of one direction's block lists and of the element-mask parts."""
 
   count: Any            # [Bm, Nm, n_outer] int32
-  block: Any            # [Bm, Nm, n_outer, L] int32, FULL slots first (`_full_first`)
+  block: Any            # [Bm, Nm, n_outer, L] int32, FULL slots first (`full_first`)
   n_full: Any = None    # [Bm, Nm, n_outer] int32 (only if some tile can be partial)
   tile: Any = None      # [Bm, Nm, n_outer, L] int32 (only with stored tiles)
   q_seg: Any = None     # [B|1, T_pad] int32
@@ -230,50 +133,7 @@ class _MaskRefs(NamedTuple):
   tiles: Any = None     # [n_tiles, block_q, block_kv] int8
 
 
-def _full_first(block: jax.Array, kind: jax.Array, tile: jax.Array
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Reorders each block list so that its FULL slots come first.
-
-  Args:
-    block: [Bm, Nm, n_outer, L] int32 block ids of the compacted lists.
-    kind: [Bm, Nm, n_outer, L] int32 slot kinds (FULL, PARTIAL, or 0 for padding slots).
-    tile: [Bm, Nm, n_outer, L] int32 stored-tile indices.
-
-  Returns:
-    block and tile with, per list, the FULL slots, then the PARTIAL ones, then the padding
-    (stable inside each kind), and n_full [Bm, Nm, n_outer] int32, the number of FULL slots.
-  """
-  rank = jnp.where(kind == FULL, 0, jnp.where(kind == PARTIAL, 1, 2))
-  order = jnp.argsort(rank, axis=-1, stable=True)
-  take = lambda x: jnp.take_along_axis(x, order, axis=-1)
-  return take(block), take(tile), jnp.sum(kind == FULL, axis=-1, dtype=jnp.int32)
-
-
-def _mask_operands(bm: BlockMask, layout: _MaskLayout, *, backward: bool, q_pad: int,
-                   kv_pad: int) -> list[jax.Array]:
-  """Flat list of the arrays a kernel needs, in `_MaskRefs` order (absent parts skipped)."""
-  lists = ((bm.bwd_count, bm.bwd_block, bm.bwd_kind, bm.bwd_tile) if backward else
-           (bm.fwd_count, bm.fwd_block, bm.fwd_kind, bm.fwd_tile))
-  count, block, kind, tile = (jnp.asarray(x, jnp.int32) for x in lists)
-  if layout.has_partial:
-    block, tile, n_full = _full_first(block, kind, tile)
-    ops = [count, block, n_full]
-  else:  # every listed slot is FULL: the lists are already in loop order
-    ops = [count, block]
-  if layout.has_tiles:
-    ops.append(tile)
-  pad_seq = lambda x, n, dtype: jnp.pad(jnp.asarray(x, dtype), ((0, 0), (0, n - x.shape[1])))
-  if layout.has_segments:
-    ops.append(pad_seq(bm.rule.q_segment_ids, q_pad, jnp.int32))
-    ops.append(pad_seq(bm.rule.kv_segment_ids, kv_pad, jnp.int32))
-  if layout.has_prefix:
-    ops.append(pad_seq(bm.rule.kv_in_prefix, kv_pad, jnp.int8))
-  if layout.has_tiles:
-    ops.append(jnp.asarray(bm.tiles, jnp.int8))
-  return ops
-
-
-def _unpack_mask_refs(layout: _MaskLayout, refs) -> _MaskRefs:
+def _unpack_mask_refs(layout: MaskLayout, refs) -> _MaskRefs:
   it = iter(refs)
   take = lambda present: next(it) if present else None
   return _MaskRefs(
@@ -283,7 +143,7 @@ def _unpack_mask_refs(layout: _MaskLayout, refs) -> _MaskRefs:
       tiles=take(layout.has_tiles))
 
 
-def _tile_mask(layout: _MaskLayout, refs: _MaskRefs, batch, list_index, q_start, kv_start):
+def _tile_mask(layout: MaskLayout, refs: _MaskRefs, batch, list_index, q_start, kv_start):
   """Element mask [block_q, block_kv] of a partial tile: rule AND stored tile AND bounds."""
   bq, bk = layout.block_q, layout.block_kv
   q_pos = q_start + jnp.arange(bq, dtype=jnp.int32)[:, None]
@@ -307,7 +167,7 @@ def _tile_mask(layout: _MaskLayout, refs: _MaskRefs, batch, list_index, q_start,
   return functools.reduce(jnp.logical_and, parts)
 
 
-def _mask_logits(s, layout: _MaskLayout, refs: _MaskRefs, batch, list_index, q_start,
+def _mask_logits(s, layout: MaskLayout, refs: _MaskRefs, batch, list_index, q_start,
                  kv_start, *, partial: bool):
   """Sets disallowed logits of a PARTIAL tile to -inf; FULL tiles (partial=False) pass through
   untouched."""
@@ -317,7 +177,7 @@ def _mask_logits(s, layout: _MaskLayout, refs: _MaskRefs, batch, list_index, q_s
   return jnp.where(keep, s, -jnp.inf)
 
 
-def _full_then_partial(layout: _MaskLayout, refs: _MaskRefs, index, body, carry):
+def _full_then_partial(layout: MaskLayout, refs: _MaskRefs, index, body, carry):
   """Runs `body(slot, carry, partial=...)` over the FULL slots of list `index`, then over its
   PARTIAL slots: two loops, so that the FULL one holds no mask code and no branch (a branch in
   the loop body keeps Triton from pipelining the K/V loads). Only the FULL loop is emitted when
@@ -341,16 +201,16 @@ def _dot(a, b, contract: tuple[int, int]):
                          preferred_element_type=jnp.float32)
 
 
-def _logits(q, k, params: _Params):
+def _logits(q, k, params: TritonParams):
   """Base-2 logits [bq, bk] (f32) and, with a soft cap, t = tanh(scale * q k^T / cap)."""
   s = _dot(q, k, (1, 1))
   if params.soft_cap is None:
-    return s * (params.scale * _LOG2E), None
+    return s * (params.scale * LOG2E), None
   t = jnp.tanh(s * (params.scale / params.soft_cap))
-  return t * (params.soft_cap * _LOG2E), t
+  return t * (params.soft_cap * LOG2E), t
 
 
-def _mask_batch_head(layout: _MaskLayout, batch, head):
+def _mask_batch_head(layout: MaskLayout, batch, head):
   return (0 if layout.batch_bcast else batch), (0 if layout.head_bcast else head)
 
 
@@ -372,7 +232,7 @@ def _head_spec(rows: int, head_dim: int, num_heads: int, *, group: int = 1,
 # ----------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout: _MaskLayout, params: _Params,
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout: MaskLayout, params: TritonParams,
                     num_heads: int):
   """One query block of one (batch, query head): online softmax over its kv block list.
 
@@ -415,15 +275,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout: _MaskLayout, params: _Pa
   lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log2(row_sum))
 
 
-def _pad_to(x: jax.Array, seq_len: int, head_dim: int) -> jax.Array:
-  """Zero-pads [B, L, N, D] to [B, seq_len, N, head_dim]; no copy when already that size."""
-  pads = ((0, 0), (0, seq_len - x.shape[1]), (0, 0), (0, head_dim - x.shape[3]))
-  if all(p == (0, 0) for p in pads):
-    return x
-  return jnp.pad(x, pads)
-
-
-def _forward(q, k, v, bm: BlockMask, params: _Params):
+def _forward(q, k, v, bm: BlockMask, params: TritonParams):
   """Forward pass.
 
   Args:
@@ -440,11 +292,11 @@ def _forward(q, k, v, bm: BlockMask, params: _Params):
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
-  layout = _MaskLayout.of(bm)
+  layout = MaskLayout.of(bm)
   bq, bk = layout.block_q, layout.block_kv
-  nq, nk = _cdiv(q_len, bq), _cdiv(kv_len, bk)
+  nq, nk = cdiv(q_len, bq), cdiv(kv_len, bk)
   dp = padded_head_dim(head_dim)
-  mask_ops = _mask_operands(bm, layout, backward=False, q_pad=nq * bq, kv_pad=nk * bk)
+  mask_ops = mask_operands(bm, layout, backward=False, q_pad=nq * bq, kv_pad=nk * bk)
   q_spec = _head_spec(bq, dp, num_heads)
   kv_spec = _head_spec(nk * bk, dp, num_heads, group=group, tiled=False)
   kernel = functools.partial(_forward_kernel, layout=layout, params=params,
@@ -459,14 +311,14 @@ def _forward(q, k, v, bm: BlockMask, params: _Params):
       compiler_params=params.fwd_launch.compiler_params(),
       interpret=params.interpret,
       name="flashjax_triton_fwd",
-  )(_pad_to(q, nq * bq, dp), _pad_to(k, nk * bk, dp), _pad_to(v, nk * bk, dp), *mask_ops)
+  )(pad_to(q, nq * bq, dp), pad_to(k, nk * bk, dp), pad_to(v, nk * bk, dp), *mask_ops)
   return out[:, :q_len, :, :head_dim], lse[:, :q_len]
 
 
 # ---------------------------------------------------------------------------- backward
 
 
-def _probs_and_dscores(q, k, v, do, lse, delta, s_mask, params: _Params):
+def _probs_and_dscores(q, k, v, do, lse, delta, s_mask, params: TritonParams):
   """Recomputes P [bq, bk] and dS = dLoss/d(q k^T) / scale for one tile (f32)."""
   s, t = _logits(q, k, params)
   s = s_mask(s)
@@ -478,8 +330,8 @@ def _probs_and_dscores(q, k, v, do, lse, delta, s_mask, params: _Params):
   return p, ds
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout: _MaskLayout,
-                 params: _Params, num_kv_heads: int, group: int):
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout: MaskLayout,
+                 params: TritonParams, num_kv_heads: int, group: int):
   """dK, dV of one kv block of one (batch, kv head), summed over the group's query heads.
 
   Refs: q/do [T_pad, group, Dp], k/v [bk, Dp], lse2/delta [group, T_pad], mask operands
@@ -518,8 +370,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout:
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout: _MaskLayout,
-               params: _Params, num_heads: int):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout: MaskLayout,
+               params: TritonParams, num_heads: int):
   """dQ of one query block of one (batch, query head) over its forward kv block list.
 
   Refs: q/do [bq, Dp], k/v [S_pad, Dp], lse2/delta [bq], mask operands (fwd lists), then
@@ -548,14 +400,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, layout: _
   dq_ref[...] = (dq * params.scale).astype(dq_ref.dtype)
 
 
-def _pad_rows(x: jax.Array, length: int, value: float) -> jax.Array:
-  """Pads [R, L] to [R, length] with `value`."""
-  if x.shape[1] == length:
-    return x
-  return jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
-
-
-def _dkdv(q, k, v, do, lse, delta, bm: BlockMask, params: _Params):
+def _dkdv(q, k, v, do, lse, delta, bm: BlockMask, params: TritonParams):
   """dK, dV [B, S, Nkv, D] over the `bwd_*` lists of `bm` (its tiling).
 
   Args:
@@ -571,9 +416,9 @@ def _dkdv(q, k, v, do, lse, delta, bm: BlockMask, params: _Params):
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
-  layout = _MaskLayout.of(bm)
+  layout = MaskLayout.of(bm)
   bq, bk = layout.block_q, layout.block_kv
-  q_pad, kv_pad = _cdiv(q_len, bq) * bq, _cdiv(kv_len, bk) * bk
+  q_pad, kv_pad = cdiv(q_len, bq) * bq, cdiv(kv_len, bk) * bk
   dp = padded_head_dim(head_dim)
   kv_block = _head_spec(bk, dp, num_kv_heads)
 
@@ -584,8 +429,8 @@ def _dkdv(q, k, v, do, lse, delta, bm: BlockMask, params: _Params):
 
   q_group = pl.BlockSpec((None, q_pad, group, dp), q_group_index)
   stat_group = pl.BlockSpec((group, q_pad), lambda j, bh: (bh, 0))
-  mask_ops = _mask_operands(bm, layout, backward=True, q_pad=q_pad, kv_pad=kv_pad)
-  kp, vp = _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp)
+  mask_ops = mask_operands(bm, layout, backward=True, q_pad=q_pad, kv_pad=kv_pad)
+  kp, vp = pad_to(k, kv_pad, dp), pad_to(v, kv_pad, dp)
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, layout=layout, params=params,
                         num_kv_heads=num_kv_heads, group=group),
@@ -598,25 +443,25 @@ def _dkdv(q, k, v, do, lse, delta, bm: BlockMask, params: _Params):
       compiler_params=params.dkdv_launch.compiler_params(),
       interpret=params.interpret,
       name="flashjax_triton_dkdv",
-  )(_pad_to(q, q_pad, dp), kp, vp, _pad_to(do, q_pad, dp), _pad_rows(lse, q_pad, jnp.inf),
-    _pad_rows(delta, q_pad, 0.0), *mask_ops)
+  )(pad_to(q, q_pad, dp), kp, vp, pad_to(do, q_pad, dp), pad_rows(lse, q_pad, jnp.inf),
+    pad_rows(delta, q_pad, 0.0), *mask_ops)
   return dk[:, :kv_len, :, :head_dim], dv[:, :kv_len, :, :head_dim]
 
 
-def _dq(q, k, v, do, lse, delta, bm: BlockMask, params: _Params):
+def _dq(q, k, v, do, lse, delta, bm: BlockMask, params: TritonParams):
   """dQ [B, T, Nq, D] over the `fwd_*` lists of `bm` (its tiling); arguments as `_dkdv`."""
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
-  layout = _MaskLayout.of(bm)
+  layout = MaskLayout.of(bm)
   bq, bk = layout.block_q, layout.block_kv
-  q_pad, kv_pad = _cdiv(q_len, bq) * bq, _cdiv(kv_len, bk) * bk
+  q_pad, kv_pad = cdiv(q_len, bq) * bq, cdiv(kv_len, bk) * bk
   dp = padded_head_dim(head_dim)
   q_block = _head_spec(bq, dp, num_heads)
   kv_all = _head_spec(kv_pad, dp, num_heads, group=group, tiled=False)
   stat_block = pl.BlockSpec((None, bq), lambda i, bh: (bh, i))
-  mask_ops = _mask_operands(bm, layout, backward=False, q_pad=q_pad, kv_pad=kv_pad)
-  qp = _pad_to(q, q_pad, dp)
+  mask_ops = mask_operands(bm, layout, backward=False, q_pad=q_pad, kv_pad=kv_pad)
+  qp = pad_to(q, q_pad, dp)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, layout=layout, params=params, num_heads=num_heads),
       grid=(q_pad // bq, batch * num_heads),
@@ -627,8 +472,8 @@ def _dq(q, k, v, do, lse, delta, bm: BlockMask, params: _Params):
       compiler_params=params.dq_launch.compiler_params(),
       interpret=params.interpret,
       name="flashjax_triton_dq",
-  )(qp, _pad_to(k, kv_pad, dp), _pad_to(v, kv_pad, dp), _pad_to(do, q_pad, dp),
-    _pad_rows(lse, q_pad, jnp.inf), _pad_rows(delta, q_pad, 0.0), *mask_ops)
+  )(qp, pad_to(k, kv_pad, dp), pad_to(v, kv_pad, dp), pad_to(do, q_pad, dp),
+    pad_rows(lse, q_pad, jnp.inf), pad_rows(delta, q_pad, 0.0), *mask_ops)
   return dq[:, :q_len, :, :head_dim]
 
 
@@ -636,7 +481,7 @@ def _dq(q, k, v, do, lse, delta, bm: BlockMask, params: _Params):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, fwd_mask: BlockMask, bwd_mask: BlockMask, params: _Params):
+def _attention(q, k, v, fwd_mask: BlockMask, bwd_mask: BlockMask, params: TritonParams):
   return _forward(q, k, v, fwd_mask, params)[0]
 
 
@@ -645,7 +490,11 @@ def _attention_fwd(q, k, v, fwd_mask, bwd_mask, params):
   return out, (q, k, v, out, lse, fwd_mask, bwd_mask)
 
 
-def _attention_bwd(params, residuals, do):
+def backward(params: TritonParams, residuals, do):
+  """dQ, dK, dV (and None for the two BlockMasks) from the forward's residuals
+  (q, k, v, out, lse2, fwd_mask, bwd_mask): dQ over fwd_mask's forward lists, dK/dV over
+  bwd_mask's backward lists. Also the backward of pallas_mosaic_gpu where its own kernels
+  cannot run (same lse2 residual)."""
   q, k, v, out, lse, fwd_mask, bwd_mask = residuals
   batch, q_len, num_heads, _ = q.shape
   # Delta = rowsum(dO * O) [B * Nq, T]: elementwise in f32 (no TF32 matmul).
@@ -657,129 +506,69 @@ def _attention_bwd(params, residuals, do):
   return dq, dk, dv, None, None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, backward)
 
 
 # -------------------------------------------------------------------------- entry point
 
 
-def _check_inputs(query, key, value, *, backend: str = "pallas_triton",
-                  dtypes: tuple[Any, ...] = _DTYPES, max_head_dim: int = _MAX_HEAD_DIM):
-  """Shape/dtype checks shared by the Pallas GPU backends (NotImplementedError for inputs
-  the backend cannot run, so dispatch moves on)."""
-  if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
-    raise ValueError(f"expected rank-4 [B, T, N, D] inputs: {query.shape=} {key.shape=} "
-                     f"{value.shape=}")
-  if key.shape != value.shape or key.shape[0] != query.shape[0] or (
-      key.shape[3] != query.shape[3]):
-    raise ValueError(f"incompatible shapes: {query.shape=} {key.shape=} {value.shape=}")
-  if query.shape[2] % key.shape[2]:
-    raise ValueError(f"query heads must be a multiple of kv heads: {query.shape=} "
-                     f"{key.shape=}")
-  if not query.dtype == key.dtype == value.dtype:
-    raise ValueError(f"dtypes differ: {query.dtype=} {key.dtype=} {value.dtype=}")
-  if query.dtype not in dtypes:
-    supported = ", ".join(jnp.dtype(d).name for d in dtypes)
-    raise NotImplementedError(f"{backend}: {query.dtype=} is not supported ({supported})")
-  if query.shape[3] > max_head_dim:
-    raise NotImplementedError(f"{backend}: head_dim={query.shape[3]} > {max_head_dim} "
-                              "is not supported")
+def block_masks(mask, query, key, *, is_causal, q_segment_ids, kv_segment_ids, block_sizes,
+                interpret):
+  """Forward and backward BlockMasks plus the BlockSizes whose launch parameters apply.
+
+  Without `block_sizes` (and without a BlockMask) the tiles are the tuned ones of this device
+  (tuning store: forward tiles / launch parameters, the dK/dV tiles stay) or
+  `default_block_sizes`; then pallas_gpu_common.block_masks builds both BlockMasks.
+  """
+  if block_sizes is None and not isinstance(mask, BlockMask):
+    q_len, kv_len, head_dim = query.shape[1], key.shape[1], query.shape[3]
+    block_sizes = default_block_sizes(head_dim, q_len, kv_len, interpret=interpret)
+    tuned = tuning_store.tuned_block_sizes(
+        "pallas_triton", query, key, mask=mask, is_causal=is_causal,
+        q_segment_ids=q_segment_ids, interpret=interpret)
+    if tuned is not None:
+      block_sizes = dataclasses.replace(block_sizes, **tuning_store.block_sizes_to_dict(tuned))
+  return gpu_common.block_masks(mask, query, key, is_causal=is_causal,
+                                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                block_sizes=block_sizes)
 
 
-def _check_block_mask(bm: BlockMask, query, key):
-  batch, q_len, num_heads, _ = query.shape
-  kv_len = key.shape[1]
-  bm_batch, bm_heads, bm_q, bm_kv = bm.shape
-  if (bm_q, bm_kv) != (q_len, kv_len) or bm_batch not in (1, batch) or (
-      bm_heads not in (1, num_heads)):
-    raise ValueError(f"BlockMask shape {bm.shape} does not fit {query.shape=} {key.shape=}")
+class _Plan(NamedTuple):
+  fwd_mask: BlockMask
+  bwd_mask: BlockMask
+  params: TritonParams
 
 
-def _block_masks(mask, query, key, *, is_causal, q_segment_ids, kv_segment_ids, block_sizes,
-                 interpret):
-  """Forward and backward BlockMasks plus the BlockSizes whose launch parameters apply."""
-  q_len, kv_len, head_dim = query.shape[1], key.shape[1], query.shape[3]
-  extra = is_causal or q_segment_ids is not None
-  build = functools.partial(
-      builders.block_mask_for, q_len=q_len, kv_len=kv_len, mask=mask, is_causal=is_causal,
-      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-  if isinstance(mask, BlockMask):
-    tiling = (mask.block_q, mask.block_kv)
-    if block_sizes is not None and (block_sizes.block_q, block_sizes.block_kv) != tiling:
-      raise ValueError(f"{block_sizes=} disagrees with the BlockMask tiling "
-                       f"block_q={mask.block_q}, block_kv={mask.block_kv}")
-    bm = build(block_q=mask.block_q, block_kv=mask.block_kv) if extra else mask
-    return bm, bm, block_sizes or BlockSizes(*tiling)
-  sizes = block_sizes or default_block_sizes(head_dim, q_len, kv_len, interpret=interpret)
-  tuned = None if block_sizes else tuning_store.tuned_block_sizes(
-      "pallas_triton", query, key, mask=mask, is_causal=is_causal,
-      q_segment_ids=q_segment_ids, interpret=interpret)
-  if tuned is not None:  # measured forward tiles / launch parameters; dK/dV tiles stay
-    sizes = dataclasses.replace(sizes, **tuning_store.block_sizes_to_dict(tuned))
-  fwd = build(block_q=sizes.block_q, block_kv=sizes.block_kv)
-  if (sizes.bwd_q, sizes.bwd_kv) == (sizes.block_q, sizes.block_kv) or fwd.q_perm is not None:
-    # A permuted (RCM) BlockMask is reused as is so both passes share one permutation.
-    return fwd, fwd, sizes
-  return fwd, build(block_q=sizes.bwd_q, block_kv=sizes.bwd_kv), sizes
-
-
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: Any = None,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
-) -> jax.Array:
+class PallasTriton(base.BlockSparseBackend):
   """Block-sparse FlashAttention (Pallas Triton backend); differentiable in q, k, v.
 
-  Args:
-    query: [B, T, Nq, D] float32, bfloat16 or float16; D <= 256.
-    key: [B, S, Nkv, D], Nq % Nkv == 0; query head n uses kv head n // (Nq // Nkv).
-    value: [B, S, Nkv, D].
-    bias: must be None (additive bias is not supported by this backend).
-    mask: None | flashjax.masks.Mask | BlockMask | bool array [B|1, Nq|1, T, S].
-    q_segment_ids: None or int32 [B, T].
-    kv_segment_ids: None or int32 [B, S] (given together with q_segment_ids).
-    is_causal: AND the mask with j <= i.
-    scale: logit scale (default 1 / sqrt(D)).
-    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    block_sizes: BlockSizes or None for `default_block_sizes`.
-    interpret: run the kernels in Pallas interpret mode (CPU).
-
-  Returns:
-    [B, T, Nq, D] in the query's dtype; rows with no allowed key are 0.
-
-  Raises:
-    NotImplementedError: for bias, unsupported dtypes or D > 256.
-    ValueError: for inconsistent shapes or a block_sizes that disagrees with a BlockMask.
+  Takes the canonical arguments of flashjax.ops.attention.base: float32, bfloat16 or
+  float16 inputs with D <= 256 (NotImplementedError otherwise, and for a bias); block_sizes
+  None for the tuned tiles of this device or `default_block_sizes`. Rows with no allowed key
+  are 0. A block_sizes that disagrees with a BlockMask is a ValueError.
   """
-  if bias is not None:
-    raise NotImplementedError(
-        "pallas_triton: additive bias is not supported; use the xla backend")
-  _check_inputs(query, key, value)
-  if logits_soft_cap is not None and logits_soft_cap <= 0:
-    raise ValueError(f"{logits_soft_cap=} must be > 0")
-  fwd_mask, bwd_mask, sizes = _block_masks(
-      mask, query, key, is_causal=is_causal, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, block_sizes=block_sizes, interpret=interpret)
-  for bm in (fwd_mask, bwd_mask):
-    _check_block_mask(bm, query, key)
-  fwd_launch, dq_launch, dkdv_launch = _launch_params(
-      sizes, query.shape[3], (bwd_mask.block_q, bwd_mask.block_kv))
-  params = _Params(
-      scale=1.0 / math.sqrt(query.shape[3]) if scale is None else float(scale),
-      soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-      interpret=bool(interpret), fwd_launch=fwd_launch, dq_launch=dq_launch,
-      dkdv_launch=dkdv_launch)
-  # An RCM BlockMask describes the sequences reordered by q_perm / kv_perm.
-  query, key, value = rcm.permute_qkv(query, key, value, fwd_mask)
-  out = _attention(query, key, value, fwd_mask, bwd_mask, params)
-  return rcm.unpermute_output(out, fwd_mask)
+
+  name = "pallas_triton"
+
+  def check_supported(self, args):
+    gpu_common.check_supported(args.query, backend=self.name)
+
+  def plan(self, args):
+    fwd_mask, bwd_mask, sizes = block_masks(
+        args.mask, args.query, args.key, is_causal=args.is_causal,
+        q_segment_ids=args.q_segment_ids, kv_segment_ids=args.kv_segment_ids,
+        block_sizes=args.block_sizes, interpret=args.interpret)
+    for bm in (fwd_mask, bwd_mask):
+      gpu_common.check_block_mask(bm, args.query, args.key)
+    fwd_launch, dq_launch, dkdv_launch = gpu_common.launch_params(
+        sizes, args.head_dim, (bwd_mask.block_q, bwd_mask.block_kv))
+    params = TritonParams(scale=float(args.scale), soft_cap=args.logits_soft_cap,
+                          interpret=bool(args.interpret), fwd_launch=fwd_launch,
+                          dq_launch=dq_launch, dkdv_launch=dkdv_launch)
+    return _Plan(fwd_mask, bwd_mask, params)
+
+  def kernel(self, query, key, value, plan):
+    return _attention(query, key, value, plan.fwd_mask, plan.bwd_mask, plan.params)
+
+
+dot_product_attention = PallasTriton()

@@ -1,6 +1,6 @@
 """Reference attention: dense float32 at Precision.HIGHEST, the oracle of the backend tests.
 
-`mha_reference` takes the backend keyword protocol of docs/architecture.md, materialises
+`mha_reference` takes the backend keyword protocol (flashjax.ops.attention.base), materialises
 the whole [B|1, Nq|1, T, S] mask (Mask.to_dense(), or the expanded BlockMask with an RCM
 permutation undone), repeats K/V heads for GQA and runs a plain softmax. It is deliberately
 simple rather than fast; the array part is jitted, and the whole function can be jitted with
@@ -10,7 +10,6 @@ Mask objects closed over.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -21,6 +20,7 @@ from flashjax.masks import block_mask as block_mask_lib
 from flashjax.masks import masks as masks_lib
 from flashjax.masks import rcm
 from flashjax.masks.block_mask import BlockMask
+from flashjax.ops.attention import base
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -105,49 +105,27 @@ def _attend(query, key, value, bias, allowed, *, scale, logits_soft_cap):
   return out.astype(dtype)
 
 
-def mha_reference(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: Any = None,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    block_sizes: Any = None,
-    interpret: bool = False,
-) -> jax.Array:
-  """Dense float32 multi-head (grouped-query) attention.
+class Reference(base.AttentionBackend):
+  """Dense float32 multi-head (grouped-query) attention: the oracle of the backend tests.
 
-  Args:
-    query: [B, T, Nq, D].
-    key: [B, S, Nkv, D].
-    value: [B, S, Nkv, D].
-    bias: None or float [B|1, Nq|1, T, S], added after the soft cap.
-    mask: None | Mask | BlockMask | bool array broadcastable to [B, Nq, T, S].
-    q_segment_ids: None or int [B, T].
-    kv_segment_ids: None or int [B, S].
-    is_causal: allow only j <= i.
-    scale: logit scale (None: 1 / sqrt(D)).
-    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    block_sizes: ignored.
-    interpret: ignored.
-
-  Returns:
-    [B, T, Nq, D] in query's dtype; rows with no allowed key are zeros.
+  Takes the backend-protocol keywords (flashjax.ops.attention.base), a bias included (added
+  after the soft cap); block_sizes and interpret are ignored. Returns [B, T, Nq, D] in
+  query's dtype; rows with no allowed key are zeros.
   """
-  del block_sizes, interpret
-  t, d = query.shape[1], query.shape[3]
-  allowed = dense_mask(mask=mask, q_segment_ids=q_segment_ids,
-                       kv_segment_ids=kv_segment_ids, is_causal=is_causal, q_len=t,
-                       kv_len=key.shape[1])
-  if scale is None:
-    scale = 1.0 / math.sqrt(d)
-  if bias is not None:
-    bias = jnp.asarray(bias)
-    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-  return _attend(query, key, value, bias, allowed, scale=float(scale),
-                 logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
+
+  name = "reference"
+  supports_bias = True
+
+  def attend(self, args: base.AttentionArgs):
+    allowed = dense_mask(mask=args.mask, q_segment_ids=args.q_segment_ids,
+                         kv_segment_ids=args.kv_segment_ids, is_causal=args.is_causal,
+                         q_len=args.q_len, kv_len=args.kv_len)
+    bias = args.bias
+    if bias is not None:
+      bias = jnp.asarray(bias)
+      bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    return _attend(args.query, args.key, args.value, bias, allowed, scale=float(args.scale),
+                   logits_soft_cap=args.logits_soft_cap)
+
+
+mha_reference = Reference()

@@ -28,7 +28,6 @@ DEFAULT_CHUNK x DEFAULT_CHUNK. api.py registers it as the name "xla_chunked".
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -38,7 +37,9 @@ from jax import lax
 from flashjax.masks import masks as masks_lib
 from flashjax.masks.block_mask import BlockMask
 from flashjax.masks.rule import ElementRule
+from flashjax.ops.attention import base
 from flashjax.ops.attention.reference import expand_block_mask
+from flashjax.ops.tiling import pad_axis
 
 DEFAULT_CHUNK = 512
 
@@ -46,13 +47,6 @@ DEFAULT_CHUNK = 512
 def matmul_precision(dtype) -> lax.Precision:
   """HIGHEST for float32 operands, DEFAULT (float32 accumulation) for 16-bit ones."""
   return lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else lax.Precision.DEFAULT
-
-
-def resolve_scale(scale: Any, head_dim: int) -> Any:
-  """1 / sqrt(head_dim) for None, a jax array (e.g. a traced scale) as is, else a float."""
-  if scale is None:
-    return 1.0 / math.sqrt(head_dim)
-  return scale if isinstance(scale, jax.Array) else float(scale)
 
 
 def residual(shift: jax.Array, denom: jax.Array, dtype) -> jax.Array:
@@ -215,50 +209,31 @@ def _from_grouped(out: jax.Array, dtype) -> jax.Array:
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, d).astype(dtype)
 
 
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: Any = None,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    block_sizes: Any = None,
-    interpret: bool = False,
-    return_residual: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+class Xla(base.AttentionBackend):
   """Attention with one softmax over the full [T, S] logits (backend "xla").
 
-  Args:
-    query: [B, T, Nq, D].
-    key: [B, S, Nkv, D].
-    value: [B, S, Nkv, D].
-    bias: None or float [B|1, Nq|1, T, S], added after the soft cap.
-    mask: None | Mask | BlockMask | bool [B|1, Nq|1, T, S].
-    q_segment_ids: None or int [B, T].
-    kv_segment_ids: None or int [B, S].
-    is_causal: allow only j <= i.
-    scale: logit scale (None: 1 / sqrt(D)); a float or a (traced) float32 scalar.
-    logits_soft_cap: None or cap > 0.
-    block_sizes: ignored (no tiling).
-    interpret: ignored (no Pallas).
-    return_residual: also return the log-sum-exp of the allowed logits, [B, T, Nq].
-
-  Returns:
-    [B, T, Nq, D] in query's dtype, or (that, residual in query's dtype).
+  Takes the canonical arguments of flashjax.ops.attention.base, a bias included, and a
+  traced scale; block_sizes and interpret are ignored. `return_residual=True` also returns
+  the log-sum-exp of the allowed logits, [B, T, Nq] in query's dtype.
   """
-  del block_sizes, interpret
+
+  name = "xla"
+  supports_bias = True
+
+  def attend(self, args: base.AttentionArgs, *, return_residual: bool = False):
+    return _attend_dense(args.query, args.key, args.value, args.bias, args.mask,
+                         args.q_segment_ids, args.kv_segment_ids, args.is_causal, args.scale,
+                         args.logits_soft_cap, return_residual)
+
+
+def _attend_dense(query, key, value, bias, mask, q_segment_ids, kv_segment_ids, is_causal,
+                  scale, logits_soft_cap, return_residual):
   b, t, nq, d = query.shape
   s, nkv = key.shape[1], key.shape[2]
   parts = MaskParts(mask=mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                     is_causal=is_causal, q_len=t, kv_len=s)
   allowed = _group(parts.window(0, t, 0, s), nkv)
-  logits = _logits(query.reshape(b, t, nkv, nq // nkv, d), key, resolve_scale(scale, d),
-                   logits_soft_cap)
+  logits = _logits(query.reshape(b, t, nkv, nq // nkv, d), key, scale, logits_soft_cap)
   if bias is not None:
     logits = logits + _group(bias, nkv).astype(jnp.float32)
   shift = finite_shift(masked_row_max(logits, allowed))
@@ -270,37 +245,25 @@ def dot_product_attention(
   return out
 
 
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad)
-
-
-def dot_product_attention_chunked(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: Any = None,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    block_sizes: Any = None,
-    interpret: bool = False,
-    return_residual: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+class XlaChunked(base.AttentionBackend):
   """Online-softmax attention over kv chunks, one query chunk at a time ("xla_chunked").
 
-  Args: as `dot_product_attention`; `block_sizes.block_q` / `.block_kv` set the chunk sizes
-    (default up to DEFAULT_CHUNK each). T and S need not be chunk multiples.
-
-  Returns:
-    [B, T, Nq, D] in query's dtype, or (that, residual [B, T, Nq]) with return_residual.
+  As `Xla`; `block_sizes.block_q` / `.block_kv` set the chunk sizes (default up to
+  DEFAULT_CHUNK each). T and S need not be chunk multiples.
   """
-  del interpret
+
+  name = "xla_chunked"
+  supports_bias = True
+
+  def attend(self, args: base.AttentionArgs, *, return_residual: bool = False):
+    return _attend_chunked(args.query, args.key, args.value, args.bias, args.mask,
+                           args.q_segment_ids, args.kv_segment_ids, args.is_causal,
+                           args.scale, args.logits_soft_cap, args.block_sizes,
+                           return_residual)
+
+
+def _attend_chunked(query, key, value, bias, mask, q_segment_ids, kv_segment_ids, is_causal,
+                    scale, logits_soft_cap, block_sizes, return_residual):
   b, t, nq, d = query.shape
   s, nkv = key.shape[1], key.shape[2]
   g = nq // nkv
@@ -310,16 +273,15 @@ def dot_product_attention_chunked(
     cq, ck = block_sizes.block_q, block_sizes.block_kv
   n_q, n_kv = -(-t // cq), -(-s // ck)
   t_pad, s_pad = n_q * cq, n_kv * ck
-  scale = resolve_scale(scale, d)
 
   parts = MaskParts(mask=mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                     is_causal=is_causal, q_len=t, kv_len=s)
   parts.pad(t_pad - t, s_pad - s)
-  q = _pad_axis(query, 1, t_pad).reshape(b, t_pad, nkv, g, d)
-  k = _pad_axis(key, 1, s_pad)
-  v = _pad_axis(value, 1, s_pad)
+  q = pad_axis(query, 1, t_pad).reshape(b, t_pad, nkv, g, d)
+  k = pad_axis(key, 1, s_pad)
+  v = pad_axis(value, 1, s_pad)
   if bias is not None:
-    bias = _pad_axis(_pad_axis(bias, 2, t_pad), 3, s_pad)
+    bias = pad_axis(pad_axis(bias, 2, t_pad), 3, s_pad)
 
   def q_chunk(qi):
     q0 = qi * cq
@@ -360,3 +322,7 @@ def dot_product_attention_chunked(
   stats = [x.transpose(1, 2, 3, 0, 4).reshape(b, nkv, g, t_pad)[..., :t]
            for x in (shift, denom)]
   return out, residual(*stats, query.dtype)
+
+
+dot_product_attention = Xla()
+dot_product_attention_chunked = XlaChunked()

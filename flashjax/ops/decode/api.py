@@ -1,6 +1,10 @@
 """Public entry point of (head-sparse) decode attention: validation and backend dispatch.
 
-Registered backends (name -> module.function, imported lazily; dispatch rules as in
+`decode_attention` (the public signature, written only here) validates, applies the
+out-of-range policy and hands the backend object of the module named by `implementation`
+one canonical `flashjax.ops.decode.base.DecodeArgs` (`DecodeBackend.run`).
+
+Registered backends (name -> module.object, imported lazily; dispatch rules as in
 flashjax.ops.attention.api):
 
   xla                flashjax.ops.decode.xla.decode_attention
@@ -33,7 +37,8 @@ from jax.experimental import checkify
 from flashjax.ops.attention import api as attention_api
 from flashjax.ops.attention.api import (check_lengths, check_platform, check_positive, concrete,
                                         dispatch_named)
-from flashjax.ops.decode.configs import DecodeConfig
+from flashjax.ops.decode import base
+from flashjax.ops.decode.block_sizes import DecodeBlockSizes
 
 DECODE_BACKENDS: dict[str, tuple[str, str]] = {
     name: (f"flashjax.ops.decode.{name}", "decode_attention")
@@ -65,7 +70,7 @@ def decode_attention(
     head_indices: jax.Array | None = None,
     scale: float | None = None,
     logits_soft_cap: float | None = None,
-    block_sizes: DecodeConfig | None = None,
+    block_sizes: DecodeBlockSizes | None = None,
     implementation: str | Sequence[str] | None = None,
     interpret: bool = False,
     debug_checks: bool = False,
@@ -98,8 +103,8 @@ def decode_attention(
       (out-of-range policy above).
     scale: logit scale, default 1 / sqrt(D).
     logits_soft_cap: optional positive cap: logits = cap * tanh(logits / cap).
-    block_sizes: None (heuristics) or a `flashjax.ops.decode.configs.DecodeConfig` for the
-      Pallas backends: tile length, number of splits (e.g. DecodeConfig(num_splits=8)),
+    block_sizes: None (heuristics) or a `flashjax.ops.decode.block_sizes.DecodeBlockSizes` for the
+      Pallas backends: tile length, number of splits (e.g. DecodeBlockSizes(num_splits=8)),
       warps, stages; "xla" ignores it. A split count above the cache's tiles raises
       ValueError from the backend.
     implementation: None (best for the default device, falling back to "xla"; see
@@ -182,9 +187,9 @@ def decode_attention(
   logits_soft_cap = check_positive("logits_soft_cap", logits_soft_cap)
   if not isinstance(interpret, (bool, np.bool_)):
     raise ValueError(f"{interpret=} must be a bool")
-  if block_sizes is not None and not isinstance(block_sizes, DecodeConfig):
+  if block_sizes is not None and not isinstance(block_sizes, DecodeBlockSizes):
     raise ValueError(f"block_sizes={block_sizes!r} must be None or a "
-                     "flashjax.ops.decode.configs.DecodeConfig")
+                     "flashjax.ops.decode.block_sizes.DecodeBlockSizes")
 
   empty = 0 in (batch, q_heads, max_len)
 
@@ -192,6 +197,12 @@ def decode_attention(
     check_platform(name, PLATFORM_NEEDS.get(name), bool(interpret))
     if empty:  # S_max == 0 leaves only length 0: zeros, as B == 0 or Nq == 0 do
       return jnp.zeros(query.shape, query.dtype)
+    if isinstance(backend, base.DecodeBackend):
+      # The contract's canonical form: validated above, handed over as is.
+      return backend.run(base.DecodeArgs(
+          query=query, key_cache=key_cache, value_cache=value_cache, lengths=lengths,
+          head_indices=head_indices, scale=scale, logits_soft_cap=logits_soft_cap,
+          block_sizes=block_sizes, interpret=bool(interpret)))
     return backend(query, key_cache, value_cache, lengths, head_indices=head_indices,
                    scale=scale, logits_soft_cap=logits_soft_cap, interpret=bool(interpret),
                    block_sizes=block_sizes)

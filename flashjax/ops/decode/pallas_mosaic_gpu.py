@@ -18,53 +18,27 @@ from __future__ import annotations
 
 import jax
 
-from flashjax.ops.decode import configs
-from flashjax.ops.decode import pallas_triton
+from flashjax.ops.decode import base, pallas_triton
 
 # The backend whose kernel this name runs.
 KERNEL = "pallas_triton"
 
 
-def decode_attention(
-    query: jax.Array,
-    key_cache: jax.Array,
-    value_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    head_indices: jax.Array | None,
-    scale: float,
-    logits_soft_cap: float | None,
-    interpret: bool,
-    block_sizes: configs.DecodeConfig | None = None,
-    kv_layout: str = "BSND",
-) -> jax.Array:
+class PallasMosaicGpu(base.DecodeBackend):
   """pallas_triton's decode kernel under the "pallas_mosaic_gpu" name (module docstring).
 
-  Args:
-    query: [B, Nq, D].
-    key_cache: [B, S_max, Nkv, D] ([B, Nkv, S_max, D] with kv_layout="BNSD").
-    value_cache: same shape as key_cache.
-    lengths: int32 [B], valid cache entries per sequence.
-    head_indices: None or int32 [B, K] KV groups to compute per sequence.
-    scale: logit scale.
-    logits_soft_cap: None or cap > 0.
-    interpret: run the (Triton) kernels in Pallas interpret mode.
-    block_sizes: as pallas_triton's.
-    kv_layout: as pallas_triton's.
-
-  Returns:
-    [B, Nq, D] in the query's dtype, identical to pallas_triton's output.
-
-  Raises:
-    NotImplementedError: wherever pallas_triton's decode raises it (D not a power of two
-      >= 16), naming this backend.
-    ValueError: as pallas_triton's.
+  Same arguments and output as pallas_triton's decode (kv_layout included); its
+  NotImplementedError (D not a power of two >= 16) is re-raised naming this backend.
   """
-  try:
-    return pallas_triton.decode_attention(
-        query, key_cache, value_cache, lengths, head_indices=head_indices, scale=scale,
-        logits_soft_cap=logits_soft_cap, interpret=interpret, block_sizes=block_sizes,
-        kv_layout=kv_layout)
-  except NotImplementedError as e:
-    raise NotImplementedError(
-        f"pallas_mosaic_gpu decode runs pallas_triton's kernel, which cannot: {e}") from e
+
+  name = "pallas_mosaic_gpu"
+
+  def attend(self, args: base.DecodeArgs, *, kv_layout: str = "BSND") -> jax.Array:
+    try:
+      return pallas_triton.decode_attention.run(args, kv_layout=kv_layout)
+    except NotImplementedError as e:
+      raise NotImplementedError(
+          f"pallas_mosaic_gpu decode runs pallas_triton's kernel, which cannot: {e}") from e
+
+
+decode_attention = PallasMosaicGpu()

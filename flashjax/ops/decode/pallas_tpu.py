@@ -1,7 +1,7 @@
 """Head-sparse split-K flash decoding on Pallas Mosaic TPU.
 
 Grid (B, K, num_splits, blocks_per_split); the last axis walks the KV blocks of one split
-(see configs.py for the per-length split layout) with the softmax state in VMEM scratch.
+(see block_sizes.py for the per-length split layout) with the softmax state in VMEM scratch.
 `lengths` and the selected groups are scalar-prefetched into SMEM, so the KV index_map picks
 the selected group's lanes and the block of the split directly. It clamps the block index
 to the split's last block and to the sequence's last live block: grid steps past the end of
@@ -31,16 +31,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
-from flashjax.ops.decode import configs
+from flashjax.ops.decode import base
+from flashjax.ops.decode import block_sizes as decode_sizes
+from flashjax.ops.decode import split_k
+from flashjax.ops.tiling import round_up
 
 _LANES = 128
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _cdiv(a, b):
+def _traced_cdiv(a, b):
   # Truncating division: operands are non-negative, and it keeps the scalar code simple.
   return lax.div(a + b - 1, b)
 
@@ -51,8 +50,8 @@ def _split_blocks(length, split, step, *, block_kv: int, num_splits: int):
   Returns:
     (block index clamped into the split and the live range, live flag).
   """
-  num_blocks = _cdiv(length, block_kv)
-  per_split = _cdiv(num_blocks, num_splits)
+  num_blocks = _traced_cdiv(length, block_kv)
+  per_split = _traced_cdiv(num_blocks, num_splits)
   block = split * per_split + step
   live = (step < per_split) & (block < num_blocks)
   last = jnp.minimum(split * per_split + per_split, num_blocks) - 1
@@ -132,53 +131,41 @@ def _lane_tiling(num_kv_heads: int, head_dim: int) -> tuple[int, int]:
     return head_dim, num_kv_heads * head_dim
   if _LANES % head_dim == 0:
     return head_dim, _LANES
-  padded = _round_up(head_dim, _LANES)
+  padded = round_up(head_dim, _LANES)
   return padded, padded
+
+
+class PallasTpu(base.DecodeBackend):
+  """Head-sparse decode attention over a KV cache on Pallas TPU (decode backend contract).
+
+  interpret=True runs the kernel with the Pallas TPU interpreter. block_sizes: tile and
+  split parameters; None for the defaults and the split heuristic (num_warps, num_stages
+  and xla_merge do not apply: the merge is always in XLA). ValueError for
+  block_sizes.num_splits above the cache's tiles.
+  """
+
+  name = "pallas_tpu"
+
+  def attend(self, args: base.DecodeArgs) -> jax.Array:
+    return _decode(args.query, args.key_cache, args.value_cache, args.lengths,
+                   args.head_indices, scale=args.scale,
+                   logits_soft_cap=args.logits_soft_cap, interpret=bool(args.interpret),
+                   block_sizes=args.block_sizes)
 
 
 @functools.partial(
     jax.jit, static_argnames=("scale", "logits_soft_cap", "interpret", "block_sizes")
 )
-def decode_attention(
-    query: jax.Array,
-    key_cache: jax.Array,
-    value_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    head_indices: jax.Array | None,
-    scale: float,
-    logits_soft_cap: float | None,
-    interpret: bool,
-    block_sizes: configs.DecodeConfig | None = None,
-) -> jax.Array:
-  """Head-sparse decode attention over a KV cache (decode backend protocol).
-
-  Args:
-    query: [B, Nq, D], one new token per sequence.
-    key_cache: [B, S_max, Nkv, D].
-    value_cache: [B, S_max, Nkv, D].
-    lengths: int32 [B], valid cache entries per sequence (0 <= lengths <= S_max).
-    head_indices: None (all groups) or int32 [B, K] KV groups to compute per sequence; query
-      heads of the other groups output zeros.
-    scale: logit scale.
-    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    interpret: run the kernel with the Pallas TPU interpreter.
-    block_sizes: tile and split parameters; None for the defaults and the split heuristic
-      (num_warps, num_stages and xla_merge do not apply: the merge is always in XLA).
-
-  Returns:
-    [B, Nq, D] in the query's dtype.
-
-  Raises:
-    ValueError: block_sizes.num_splits above the cache's tiles.
-  """
+def _decode(query, key_cache, value_cache, lengths, head_indices, *, scale, logits_soft_cap,
+            interpret, block_sizes):
+  """The split-K kernel on canonical arguments (jitted; the static ones are hashable)."""
   batch, num_heads, head_dim = query.shape
   _, max_len, num_kv_heads, _ = key_cache.shape
-  config = block_sizes or configs.DecodeConfig()
+  config = block_sizes or decode_sizes.DecodeBlockSizes()
   # A tile as long as the whole cache is always a legal block.
-  block_kv = min(max_len, config.block_kv or configs.DEFAULT_BLOCK_KV)
+  block_kv = min(max_len, config.block_kv or decode_sizes.DEFAULT_BLOCK_KV)
   group = num_heads // num_kv_heads
-  rows = _round_up(group, 8 * 4 // key_cache.dtype.itemsize)  # sublane tile of the dtype
+  rows = round_up(group, 8 * 4 // key_cache.dtype.itemsize)  # sublane tile of the dtype
   stride, width = _lane_tiling(num_kv_heads, head_dim)
   if stride != head_dim:
     pad = ((0, 0), (0, 0), (0, 0), (0, stride - head_dim))
@@ -186,15 +173,15 @@ def decode_attention(
   key_view = key_cache.reshape(batch, max_len, num_kv_heads * stride)
   value_view = value_cache.reshape(batch, max_len, num_kv_heads * stride)
 
-  heads = configs.group_ids(head_indices, batch, num_kv_heads)
+  heads = split_k.group_ids(head_indices, batch, num_kv_heads)
   num_groups = heads.shape[1]
-  num_splits = config.num_splits or configs.num_splits_heuristic(
+  num_splits = config.num_splits or decode_sizes.num_splits_heuristic(
       batch, num_groups, max_len, block_kv, num_cores=2, waves=1
   )
-  configs.check_num_splits(num_splits, max_len, block_kv)
+  decode_sizes.check_num_splits(num_splits, max_len, block_kv)
   blocks_per_split = pl.cdiv(pl.cdiv(max_len, block_kv), num_splits)
 
-  q = configs.select_queries(query, head_indices, num_kv_heads, rows)  # [B, K, R, D]
+  q = split_k.select_queries(query, head_indices, num_kv_heads, rows)  # [B, K, R, D]
   offset = heads * stride % width  # [B, K] first lane of each selected group in its tile
   if width != head_dim:
     # Place each selected group's queries in its lanes of a zero [R, W] tile.
@@ -250,8 +237,11 @@ def decode_attention(
       interpret=pltpu.InterpretParams() if interpret else False,
       name="flashjax_decode_tpu",
   )(lengths.astype(jnp.int32), heads.reshape(-1), q, key_view, value_view)
-  out = configs.merge_splits(o, m[..., 0], l[..., 0])  # [B, K, R, W]
+  out = split_k.merge_splits(o, m[..., 0], l[..., 0])  # [B, K, R, W]
   if width != head_dim:
     lanes = offset[..., None] + jnp.arange(head_dim)  # [B, K, D]
     out = jnp.take_along_axis(out, lanes[:, :, None, :], axis=-1)
-  return configs.scatter_groups(out, head_indices, num_kv_heads, num_heads).astype(query.dtype)
+  return split_k.scatter_groups(out, head_indices, num_kv_heads, num_heads).astype(query.dtype)
+
+
+decode_attention = PallasTpu()

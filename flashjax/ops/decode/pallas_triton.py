@@ -5,7 +5,7 @@ b (read inside the kernel from the program ids, so unselected groups are never t
 loads the G = Nq / Nkv query heads of that group straight from the [B, Nq, D] query into one
 [R, D] tile (R = max(16, G rounded up to a power of two); rows past G are masked, so GQA
 reads each KV byte once for all G heads) and streams split s of the sequence's live blocks
-(see configs.py) with an online softmax in float32. Positions at or past lengths[b] are
+(see block_sizes.py) with an online softmax in float32. Positions at or past lengths[b] are
 masked in the loads themselves: they are neither read nor able to leak garbage (even NaN)
 from the unused part of the cache, and S_max need not be a multiple of block_kv.
 
@@ -16,8 +16,8 @@ Output, by launch (every path writes [B, Nq, D] in the query's dtype):
     second Pallas kernel (grid (B, K, D / 32): head-dim chunks, so that a few sequences
     with many splits still spread the merge over several SMs) merges them with
     log-sum-exp weights and stores the group's rows: two kernels;
-  * `DecodeConfig(xla_merge=True)`, the default: partial states merged and scattered in
-    XLA (configs.merge_splits / scatter_groups). The two paths above run with
+  * `DecodeBlockSizes(xla_merge=True)`, the default: partial states merged and scattered in
+    XLA (split_k.merge_splits / scatter_groups). The two paths above run with
     xla_merge=False; on the H200 they were slower at B = 1 (docs/performance.md).
 With head_indices, the output is a zero array aliased into the kernel that stores it
 (`input_output_aliases`), so the heads of unselected groups stay 0; without, every group
@@ -39,7 +39,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-from flashjax.ops.decode import configs
+from flashjax.ops.decode import base
+from flashjax.ops.decode import block_sizes as decode_sizes
+from flashjax.ops.decode import split_k
+from flashjax.ops.tiling import pow2_ceil
 
 _KV_LAYOUTS = ("BSND", "BNSD")
 # The merge kernel splits the head dim into chunks of this many columns (more programs when
@@ -47,25 +50,25 @@ _KV_LAYOUTS = ("BSND", "BNSD")
 _MERGE_COLUMNS = 32
 _MERGE_WARPS = 2
 _MERGE_STAGES = 3
-_WAVES = 2  # programs wanted per SM (configs.py: measured split counts)
+_WAVES = 2  # programs wanted per SM (block_sizes.py: measured split counts)
 
 
 def launch_shape(batch: int, num_groups: int, max_len: int,
-                 block_sizes: configs.DecodeConfig | None = None) -> tuple[int, int]:
+                 block_sizes: decode_sizes.DecodeBlockSizes | None = None) -> tuple[int, int]:
   """(block_kv, num_splits) this backend launches with on the default device.
 
   Args:
     batch: B.
     num_groups: K, KV groups computed per sequence (Nkv when head_indices is None).
     max_len: S_max.
-    block_sizes: the caller's DecodeConfig, None for the defaults.
+    block_sizes: the caller's DecodeBlockSizes, None for the defaults.
 
   Returns:
-    configs.launch_shape for the device's SM count.
+    decode_sizes.launch_shape for the device's SM count.
   """
-  return configs.launch_shape(batch, num_groups, max_len,
-                              block_sizes or configs.DecodeConfig(),
-                              num_cores=configs.gpu_core_count(), waves=_WAVES)
+  return decode_sizes.launch_shape(batch, num_groups, max_len,
+                              block_sizes or decode_sizes.DecodeBlockSizes(),
+                              num_cores=decode_sizes.gpu_core_count(), waves=_WAVES)
 
 
 def _attend_split(heads_ref, lengths_ref, q_ref, k_ref, v_ref, *, block_kv: int,
@@ -81,7 +84,7 @@ def _attend_split(heads_ref, lengths_ref, q_ref, k_ref, v_ref, *, block_kv: int,
   last = jnp.minimum(first + per_split, num_blocks)
 
   head_dim = q_ref.shape[2]
-  rows = configs.next_pow2(max(16, group))
+  rows = pow2_ceil(max(16, group))
   q_live = jnp.arange(rows) < group  # [R]: rows past G belong to the next group
   q = plgpu.load(q_ref.at[b, pl.ds(head * group, rows), :], mask=q_live[:, None], other=0)
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
@@ -182,46 +185,32 @@ def _whole(x) -> pl.BlockSpec:
   return pl.BlockSpec(x.shape, lambda *_: (0,) * len(x.shape))
 
 
+class PallasTriton(base.DecodeBackend):
+  """Head-sparse decode attention over a KV cache on Pallas Triton (decode backend contract).
+
+  `attend(args, kv_layout="BSND")`: kv_layout "BNSD" reads [B, Nkv, S_max, D] caches.
+  block_sizes: tile, split and merge parameters; None for the defaults and heuristics
+  (block_sizes.launch_shape). NotImplementedError when D is not a power of two >= 16
+  (Triton tiles need one); ValueError for an unknown kv_layout, or block_sizes.num_splits
+  above the cache's tiles.
+  """
+
+  name = "pallas_triton"
+
+  def attend(self, args: base.DecodeArgs, *, kv_layout: str = "BSND") -> jax.Array:
+    return _decode(args.query, args.key_cache, args.value_cache, args.lengths,
+                   args.head_indices, scale=args.scale,
+                   logits_soft_cap=args.logits_soft_cap, interpret=bool(args.interpret),
+                   block_sizes=args.block_sizes, kv_layout=kv_layout)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("scale", "logits_soft_cap", "interpret", "block_sizes", "kv_layout"),
 )
-def decode_attention(
-    query: jax.Array,
-    key_cache: jax.Array,
-    value_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    head_indices: jax.Array | None,
-    scale: float,
-    logits_soft_cap: float | None,
-    interpret: bool,
-    block_sizes: configs.DecodeConfig | None = None,
-    kv_layout: str = "BSND",
-) -> jax.Array:
-  """Head-sparse decode attention over a KV cache (decode backend protocol).
-
-  Args:
-    query: [B, Nq, D], one new token per sequence.
-    key_cache: [B, S_max, Nkv, D] ([B, Nkv, S_max, D] with kv_layout="BNSD"), query's dtype.
-    value_cache: same shape as key_cache.
-    lengths: int32 [B], valid cache entries per sequence (0 <= lengths <= S_max).
-    head_indices: None (all groups) or int32 [B, K] KV groups to compute per sequence; query
-      heads of the other groups output zeros.
-    scale: logit scale.
-    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    interpret: run the kernels in Pallas interpret mode.
-    block_sizes: tile, split and merge parameters; None for the defaults and heuristics
-      (configs.launch_shape).
-    kv_layout: "BSND" (public layout) or "BNSD".
-
-  Returns:
-    [B, Nq, D] in the query's dtype.
-
-  Raises:
-    NotImplementedError: D is not a power of two >= 16 (Triton tiles need one).
-    ValueError: unknown kv_layout, or block_sizes.num_splits above the cache's tiles.
-  """
+def _decode(query, key_cache, value_cache, lengths, head_indices, *, scale, logits_soft_cap,
+            interpret, block_sizes, kv_layout):
+  """The split-K kernels on canonical arguments (jitted; the static ones are hashable)."""
   if kv_layout not in _KV_LAYOUTS:
     raise ValueError(f"{kv_layout=} must be one of {_KV_LAYOUTS}")
   batch, num_heads, head_dim = query.shape
@@ -229,12 +218,12 @@ def decode_attention(
     max_len, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
   else:
     num_kv_heads, max_len = key_cache.shape[1], key_cache.shape[2]
-  if head_dim < 16 or head_dim != configs.next_pow2(head_dim):
+  if head_dim < 16 or head_dim != pow2_ceil(head_dim):
     raise NotImplementedError(f"pallas_triton decode needs a power-of-two {head_dim=} >= 16")
-  config = block_sizes or configs.DecodeConfig()
+  config = block_sizes or decode_sizes.DecodeBlockSizes()
   group = num_heads // num_kv_heads
-  rows = configs.next_pow2(max(16, group))
-  heads = configs.group_ids(head_indices, batch, num_kv_heads)
+  rows = pow2_ceil(max(16, group))
+  heads = split_k.group_ids(head_indices, batch, num_kv_heads)
   num_groups = heads.shape[1]
   block_kv, num_splits = launch_shape(batch, num_groups, max_len, config)
   lengths = lengths.astype(jnp.int32)
@@ -281,8 +270,8 @@ def decode_attention(
       name="flashjax_decode_triton",
   )(*kernel_inputs)
   if config.xla_merge:
-    out = configs.merge_splits(o, m, l)
-    return configs.scatter_groups(out, head_indices, num_kv_heads, num_heads).astype(
+    out = split_k.merge_splits(o, m, l)
+    return split_k.scatter_groups(out, head_indices, num_kv_heads, num_heads).astype(
         query.dtype)
   columns = min(head_dim, _MERGE_COLUMNS)
   merge = functools.partial(_merge_kernel, num_splits=num_splits, group=group,
@@ -290,3 +279,6 @@ def decode_attention(
   return output_call(merge, (heads, o, m, l), (batch, num_groups, head_dim // columns),
                      plgpu.CompilerParams(num_warps=_MERGE_WARPS, num_stages=_MERGE_STAGES),
                      "flashjax_decode_triton_merge")
+
+
+decode_attention = PallasTriton()

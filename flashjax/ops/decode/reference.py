@@ -2,44 +2,31 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flashjax.ops.decode import base
 
-def decode_reference(
-    query: jax.Array,
-    key_cache: jax.Array,
-    value_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    head_indices: jax.Array | None = None,
-    scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    interpret: bool = False,
-) -> jax.Array:
+
+class Reference(base.DecodeBackend):
   """Decode attention computed densely, with unselected heads zeroed afterwards.
 
-  Args:
-    query: [B, Nq, D].
-    key_cache: [B, S_max, Nkv, D].
-    value_cache: [B, S_max, Nkv, D].
-    lengths: int [B]; keys j >= lengths[b] are masked, length 0 gives zeros.
-    head_indices: None or int [B, K] KV-group ids to keep per sequence.
-    scale: logit scale (None: 1 / sqrt(D)).
-    logits_soft_cap: None or cap > 0: logits = cap * tanh(logits / cap).
-    interpret: ignored.
-
-  Returns:
-    [B, Nq, D] in query's dtype.
+  Takes the backend-protocol keywords (flashjax.ops.decode.base): keys j >= lengths[b] are
+  masked, length 0 gives zeros; interpret and block_sizes are ignored. Returns [B, Nq, D] in
+  query's dtype.
   """
-  del interpret
+
+  name = "reference"
+
+  def attend(self, args: base.DecodeArgs) -> jax.Array:
+    return _dense(args.query, args.key_cache, args.value_cache, args.lengths,
+                  args.head_indices, args.scale, args.logits_soft_cap)
+
+
+def _dense(query, key_cache, value_cache, lengths, head_indices, scale, logits_soft_cap):
   b, nq, d = query.shape
   s, nkv = key_cache.shape[1], key_cache.shape[2]
-  if scale is None:
-    scale = 1.0 / math.sqrt(d)
   q = query.astype(jnp.float32)
   k = jnp.repeat(key_cache.astype(jnp.float32), nq // nkv, axis=2)
   v = jnp.repeat(value_cache.astype(jnp.float32), nq // nkv, axis=2)
@@ -56,3 +43,6 @@ def decode_reference(
     keep = jnp.any(jnp.asarray(head_indices)[:, :, None] == group_of_head, axis=1)  # [B, Nq]
     out = jnp.where(keep[:, :, None], out, 0.0)
   return out.astype(query.dtype)
+
+
+decode_reference = Reference()

@@ -9,14 +9,13 @@ cache entries j >= lengths[b] are masked, and a sequence of length 0 outputs zer
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from flashjax.ops.attention.xla import (finite_shift, masked_exp, masked_row_max,
-                                        matmul_precision, resolve_scale, safe_divide,
-                                        soft_cap)
+                                        matmul_precision, safe_divide, soft_cap)
+from flashjax.ops.decode import base
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, scale: float,
@@ -32,39 +31,20 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, scale:
   return safe_divide(acc, jnp.sum(p, axis=-1))
 
 
-def decode_attention(
-    query: jax.Array,
-    key_cache: jax.Array,
-    value_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    head_indices: jax.Array | None = None,
-    scale: float | None = None,
-    logits_soft_cap: float | None = None,
-    interpret: bool = False,
-    block_sizes: Any = None,
-) -> jax.Array:
-  """Decode attention in plain XLA.
+class Xla(base.DecodeBackend):
+  """Decode attention in plain XLA (backend "xla"); interpret and block_sizes are ignored."""
 
-  Args:
-    query: [B, Nq, D].
-    key_cache: [B, S_max, Nkv, D].
-    value_cache: [B, S_max, Nkv, D].
-    lengths: int [B], valid cache entries per sequence.
-    head_indices: None or int [B, K] KV-group ids to compute per sequence.
-    scale: logit scale (None: 1 / sqrt(D)).
-    logits_soft_cap: None or cap > 0.
-    interpret: ignored (no Pallas).
-    block_sizes: ignored (no tiles or splits).
+  name = "xla"
 
-  Returns:
-    [B, Nq, D] in query's dtype.
-  """
-  del interpret, block_sizes
+  def attend(self, args: base.DecodeArgs) -> jax.Array:
+    return _decode(args.query, args.key_cache, args.value_cache, args.lengths,
+                   args.head_indices, args.scale, args.logits_soft_cap)
+
+
+def _decode(query, key_cache, value_cache, lengths, head_indices, scale, logits_soft_cap):
   b, nq, d = query.shape
   nkv = key_cache.shape[2]
   q = query.reshape(b, nkv, nq // nkv, d)
-  scale = resolve_scale(scale, d)
   lengths = jnp.asarray(lengths, jnp.int32)
   if head_indices is None:
     out = _attend(q, key_cache, value_cache, lengths, scale, logits_soft_cap)
@@ -83,3 +63,6 @@ def decode_attention(
       selected = jnp.any(head_indices[:, :, None] == jnp.arange(nkv), axis=1)  # [B, Nkv]
       out = jnp.where(selected[:, :, None, None], out, 0.0)
   return out.reshape(b, nq, d).astype(query.dtype)
+
+
+decode_attention = Xla()

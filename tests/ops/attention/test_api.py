@@ -18,7 +18,7 @@ from absl.testing import absltest, parameterized
 import flashjax
 from flashjax import masks
 from flashjax.ops.attention import api
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from tests import oracle
 
 B, T, S, NQ, NKV, D = 2, 24, 40, 4, 2, 16

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashjax import masks
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.tuning import keys
 from flashjax.ops.attention.tuning import search
 from flashjax.ops.attention.tuning import store
@@ -342,13 +342,13 @@ class BackendWiringTest(parameterized.TestCase):
     q, k, _ = self._qkv(jnp.float32)
     with mock.patch.object(store, "tuned_block_sizes",
                            return_value=BlockSizes(64, 32, num_warps=8)) as spy:
-      fwd, _, sizes = pallas_triton._block_masks(  # pylint: disable=protected-access
+      fwd, _, sizes = pallas_triton.block_masks(
           None, q, k, is_causal=True, q_segment_ids=None, kv_segment_ids=None,
           block_sizes=None, interpret=True)
     self.assertEqual(spy.call_args.args[0], "pallas_triton")
     self.assertEqual((fwd.block_q, fwd.block_kv, sizes.num_warps), (64, 32, 8))
     with mock.patch.object(store, "tuned_block_sizes") as spy:
-      pallas_triton._block_masks(  # pylint: disable=protected-access
+      pallas_triton.block_masks(
           None, q, k, is_causal=True, q_segment_ids=None, kv_segment_ids=None,
           block_sizes=BlockSizes(32, 32), interpret=True)
     spy.assert_not_called()

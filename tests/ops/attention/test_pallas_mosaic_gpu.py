@@ -20,8 +20,9 @@ from absl.testing import parameterized
 
 import flashjax
 from flashjax.ops.attention import pallas_mosaic_gpu
+from flashjax.ops.attention import pallas_mosaic_gpu_common
 from flashjax.ops.attention import reference
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from tests import oracle
 from tests.ops.attention import attention_suite
 
@@ -153,7 +154,7 @@ class PallasMosaicGpuTest(parameterized.TestCase):
     mask[:, 2, :64] = False       # head 2: the first query block attends to nothing
     mask[0, 3] = oracle.causal_mask(128, 160)
     bm = flashjax.masks.BlockMask.from_mask(flashjax.masks.from_dense(mask), 64, 64)
-    config = pallas_mosaic_gpu._Config(scale=0.3, soft_cap=None, interpret=True,
+    config = pallas_mosaic_gpu_common.MosaicParams(scale=0.3, soft_cap=None, interpret=True,
                                        persistent=persistent)
     # Eager: under jax.jit the interpreter's simulated warpgroups (io_callbacks) deadlocked
     # on this 2-core machine (docs/mosaic_gpu.md).
@@ -230,11 +231,11 @@ class PallasMosaicGpuTest(parameterized.TestCase):
   def test_item_order(self):
     """Longest kv list first, ties in item id order; ids are (b * Nq + h) * nq + qi."""
     count = jnp.asarray([[[1, 3, 3]], [[0, 3, 2]]], jnp.int32)  # [B=2, Nm=1, nq=3]
-    order = pallas_mosaic_gpu._item_order(count, batch=2, num_heads=2)
+    order = pallas_mosaic_gpu_common.query_item_order(count, batch=2, num_heads=2)
     chex.assert_trees_all_equal(
         order, jnp.asarray([1, 2, 4, 5, 7, 10, 8, 11, 0, 3, 6, 9], jnp.int32))
     counts = self.rng.integers(0, 4, (1, 3, 5))
-    order = np.asarray(pallas_mosaic_gpu._item_order(jnp.asarray(counts), batch=2,
+    order = np.asarray(pallas_mosaic_gpu_common.query_item_order(jnp.asarray(counts), batch=2,
                                                      num_heads=3))
     lengths = np.broadcast_to(counts, (2, 3, 5)).reshape(-1)[order]
     chex.assert_trees_all_equal(np.sort(order), np.arange(30))
@@ -246,7 +247,7 @@ class PallasMosaicGpuTest(parameterized.TestCase):
       (f"{n_items=}_{interpret=}", n_items, interpret, expected)
       for n_items, interpret, expected in ((2, True, 2), (50, True, 3), (7, False, 7)))
   def test_num_programs(self, n_items, interpret, expected):
-    self.assertEqual(pallas_mosaic_gpu._num_programs(n_items, interpret), expected)
+    self.assertEqual(pallas_mosaic_gpu_common.num_programs(n_items, interpret), expected)
 
   def test_gradients(self):
     """The backward (Mosaic GPU kernels) takes this forward's lse2 residual."""

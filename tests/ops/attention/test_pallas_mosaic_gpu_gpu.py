@@ -20,8 +20,9 @@ from absl.testing import parameterized
 
 import flashjax
 from flashjax.ops.attention import pallas_mosaic_gpu
+from flashjax.ops.attention import pallas_mosaic_gpu_common
 from flashjax.ops.attention import reference
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from tests.ops.attention import test_pallas_mosaic_gpu
 
 pytestmark = [
@@ -117,7 +118,7 @@ class PersistentGridTest(parameterized.TestCase):
     q, k, v = self._qkv(batch, length, *heads, head_dim)
     kwargs, ref_kwargs = self._case(name, batch, length, heads[0])
     n_items = batch * heads[0] * -(-length // block_q)
-    self.assertGreater(n_items, pallas_mosaic_gpu._num_programs(n_items, False),
+    self.assertGreater(n_items, pallas_mosaic_gpu_common.num_programs(n_items, False),
                        msg="fewer work items than programs: each program runs one")
     sizes = pallas_mosaic_gpu.default_block_sizes(head_dim, length, length)
     sizes = dataclasses.replace(sizes, block_q=block_q)

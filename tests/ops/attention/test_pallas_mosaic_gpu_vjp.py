@@ -18,11 +18,12 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 import flashjax
+from flashjax.ops.attention import pallas_gpu_common
 from flashjax.ops.attention import pallas_mosaic_gpu
+from flashjax.ops.attention import pallas_mosaic_gpu_common
 from flashjax.ops.attention import pallas_mosaic_gpu_vjp
-from flashjax.ops.attention import pallas_triton
 from flashjax.ops.attention import reference
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 
 
 def _attention(q, k, v, **kwargs):
@@ -130,13 +131,13 @@ class MosaicGpuBackwardTest(parameterized.TestCase):
       jax.eval_shape(lambda q, k, v: jax.vjp(lambda *a: _attention(*a, **kwargs), q, k, v)[1](
           do), q, k, v)
     params = plans[-1][2]
-    self.assertIsInstance(params, pallas_mosaic_gpu_vjp.Config if mosaic else
-                          pallas_triton._Params)  # pylint: disable=protected-access
+    self.assertIsInstance(params, pallas_mosaic_gpu_common.MosaicParams if mosaic else
+                          pallas_gpu_common.TritonParams)
 
   def test_kernel_tiles_validated(self):
     q, k, v, do = self._qkv_do(1, 128, 128, 1, 1, 32)
     stats = jnp.zeros((1, 2, 128), jnp.float32) + 1.0
-    config = pallas_mosaic_gpu_vjp.Config(scale=0.2, soft_cap=None, interpret=True)
+    config = pallas_mosaic_gpu_common.MosaicParams(scale=0.2, soft_cap=None, interpret=True)
     causal = flashjax.masks.causal(128, 128)
     with self.assertRaisesRegex(ValueError, "block_kv=128"):
       pallas_mosaic_gpu_vjp.dq(q, k, v, do, stats,

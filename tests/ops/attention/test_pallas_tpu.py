@@ -26,7 +26,7 @@ from flashjax import masks
 from flashjax.masks import block_mask as block_mask_lib
 from flashjax.masks import builders
 from flashjax.ops.attention import pallas_tpu, pallas_tpu_common, pallas_tpu_vjp, reference
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from tests.ops.attention import attention_suite
 
 

@@ -17,9 +17,10 @@ from absl.testing import parameterized
 
 import flashjax
 from flashjax.masks import builders
+from flashjax.ops.attention import pallas_gpu_common
 from flashjax.ops.attention import pallas_triton
 from flashjax.ops.attention import reference
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from tests import oracle
 from tests.ops.attention import attention_suite
 
@@ -125,7 +126,7 @@ class PallasTritonTest(parameterized.TestCase):
       block = np.asarray(bm.bwd_block if backward else bm.fwd_block)
       # The case must exercise the reordering: some list has a PARTIAL slot before a FULL one.
       self.assertTrue(np.any((kind[..., :-1] == 1) & (kind[..., 1:] == 2)), f"{backward=}")
-      got_block, _, n_full = pallas_triton._full_first(
+      got_block, _, n_full = pallas_gpu_common.full_first(
           jnp.asarray(block), jnp.asarray(kind, jnp.int32), jnp.zeros(block.shape, jnp.int32))
       chex.assert_trees_all_equal(n_full, (kind == 2).sum(-1).astype(np.int32))
       for index in np.ndindex(kind.shape[:-1]):

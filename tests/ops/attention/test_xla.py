@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from absl.testing import absltest
 
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from tests import oracle
 from tests.ops.attention import attention_suite
 

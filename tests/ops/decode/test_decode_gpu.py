@@ -19,7 +19,7 @@ import pytest
 
 import flashjax
 from flashjax import benchmarking
-from flashjax.ops.decode import configs
+from flashjax.ops.decode import block_sizes
 from flashjax.ops.decode import pallas_triton
 from flashjax.ops.decode import xla
 from tests.ops.decode import test_pallas_triton as cases
@@ -105,7 +105,7 @@ class TritonDecodeGpuTest(parameterized.TestCase):
     args = cases.make_inputs(seed, 6, 1000, num_heads, num_kv_heads, 128, dtype, lengths)
     heads = None if num_selected is None else _random_heads(seed, 6, num_kv_heads,
                                                             num_selected)
-    config = configs.DecodeConfig(block_kv=block_kv, num_splits=num_splits,
+    config = block_sizes.DecodeBlockSizes(block_kv=block_kv, num_splits=num_splits,
                                   xla_merge=xla_merge)
     for cap in (None, 5.0):
       out = pallas_triton.decode_attention(*args, head_indices=heads, scale=0.09,

@@ -12,7 +12,7 @@ import numpy as np
 import flashjax
 from flashjax.ops.attention import api as attention_api
 from flashjax.ops.decode import api as decode_api
-from flashjax.ops.decode import configs
+from flashjax.ops.decode import block_sizes
 from flashjax.ops.decode import pallas_mosaic_gpu
 from flashjax.ops.decode import pallas_triton
 from tests import oracle
@@ -34,7 +34,7 @@ class MosaicGpuDecodeAliasTest(parameterized.TestCase):
   def test_runs_the_triton_kernel(self, sparse, num_splits):
     args = self.inputs()
     heads = jnp.array([[1], [0], [1]], jnp.int32) if sparse else None
-    config = configs.DecodeConfig(num_splits=num_splits)
+    config = block_sizes.DecodeBlockSizes(num_splits=num_splits)
     out = flashjax.decode_attention(*args, head_indices=heads, block_sizes=config,
                                     implementation="pallas_mosaic_gpu", interpret=True)
     triton = pallas_triton.decode_attention(*args, head_indices=heads, scale=32**-0.5,
@@ -102,16 +102,16 @@ class DecodeBlockSizesTest(parameterized.TestCase):
     # 64 positions hold at most 4 tiles of 16: 5 splits is the backend's ValueError.
     with self.assertRaisesRegex(ValueError, "num_splits=5 exceeds"):
       flashjax.decode_attention(*args, implementation=implementation, interpret=True,
-                                block_sizes=configs.DecodeConfig(block_kv=16, num_splits=5))
+                                block_sizes=block_sizes.DecodeBlockSizes(block_kv=16, num_splits=5))
     out = flashjax.decode_attention(*args, implementation=implementation, interpret=True,
-                                    block_sizes=configs.DecodeConfig(block_kv=16,
+                                    block_sizes=block_sizes.DecodeBlockSizes(block_kv=16,
                                                                      num_splits=4))
     chex.assert_trees_all_close(out, oracle.decode_oracle(*args), atol=5e-5, rtol=1e-5)
 
   def test_xla_ignores_block_sizes(self):
     args = self.inputs()
     out = flashjax.decode_attention(*args, implementation="xla",
-                                    block_sizes=configs.DecodeConfig(num_splits=64))
+                                    block_sizes=block_sizes.DecodeBlockSizes(num_splits=64))
     chex.assert_trees_all_close(out, oracle.decode_oracle(*args), atol=5e-5, rtol=1e-5)
 
 

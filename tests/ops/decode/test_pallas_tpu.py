@@ -7,7 +7,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 
-from flashjax.ops.decode import configs
+from flashjax.ops.decode import block_sizes
 from flashjax.ops.decode import pallas_tpu
 from tests.ops.decode import decode_suite
 from tests.ops.decode import test_pallas_triton as cases
@@ -38,7 +38,7 @@ class PallasTpuKernelTest(cases.PallasTritonKernelTest):
                              [96, 45])
     heads = jax.random.randint(jax.random.key(seed + 1), (2, 2), 0, num_kv_heads, jnp.int32)
     out = self.decode(*args, head_indices=heads, scale=0.2, logits_soft_cap=None,
-                      block_sizes=configs.DecodeConfig(block_kv=32, num_splits=2))
+                      block_sizes=block_sizes.DecodeBlockSizes(block_kv=32, num_splits=2))
     self.check(out, args, heads, 0.2, None)
 
 

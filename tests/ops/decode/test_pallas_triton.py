@@ -9,7 +9,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from flashjax.ops.decode import configs
+from flashjax.ops.decode import block_sizes
+from flashjax.ops.decode import split_k
 from flashjax.ops.decode import pallas_triton
 from flashjax.ops.decode import reference
 from tests.ops.decode import decode_suite
@@ -91,7 +92,7 @@ class PallasTritonKernelTest(parameterized.TestCase):
   def test_splits_gqa_ragged(self):
     # S_max = 200 is not a multiple of block_kv = 64; lengths 0 and 1 leave dead splits.
     args = make_inputs(self.seed(), 4, 200, 8, 2, 64, jnp.float32, [200, 0, 1, 131])
-    config = configs.DecodeConfig(block_kv=64, num_splits=3)
+    config = block_sizes.DecodeBlockSizes(block_kv=64, num_splits=3)
     out = self.decode(*args, head_indices=None, scale=0.125, logits_soft_cap=None,
                       block_sizes=config)
     self.check(out, args, None, 0.125, None)
@@ -102,7 +103,7 @@ class PallasTritonKernelTest(parameterized.TestCase):
     perms = jax.vmap(lambda k: jax.random.permutation(k, 4))(
         jax.random.split(jax.random.key(seed + 1), 3))
     heads = perms[:, :3].astype(jnp.int32)
-    config = configs.DecodeConfig(block_kv=32, num_splits=4)
+    config = block_sizes.DecodeBlockSizes(block_kv=32, num_splits=4)
     out = self.decode(*args, head_indices=heads, scale=0.5, logits_soft_cap=2.0,
                       block_sizes=config)
     self.check(out, args, heads, 0.5, 2.0)
@@ -115,7 +116,7 @@ class PallasTritonKernelTest(parameterized.TestCase):
     poisoned_v = jnp.where(tail, jnp.inf, value_cache)
     out = self.decode(query, poisoned_k, poisoned_v, lengths, head_indices=None, scale=0.125,
                       logits_soft_cap=None,
-                      block_sizes=configs.DecodeConfig(block_kv=32, num_splits=2))
+                      block_sizes=block_sizes.DecodeBlockSizes(block_kv=32, num_splits=2))
     self.check(out, (query, key_cache, value_cache, lengths), None, 0.125, None)
 
   def test_short_cache_and_default_config(self):
@@ -134,7 +135,7 @@ class TritonOnlyTest(parameterized.TestCase):
     out = pallas_triton.decode_attention(
         query, key_cache.transpose(0, 2, 1, 3), value_cache.transpose(0, 2, 1, 3), lengths,
         head_indices=heads, scale=0.125, logits_soft_cap=None, interpret=True,
-        block_sizes=configs.DecodeConfig(block_kv=32, num_splits=2), kv_layout="BNSD")
+        block_sizes=block_sizes.DecodeBlockSizes(block_kv=32, num_splits=2), kv_layout="BNSD")
     expected = oracle(query, key_cache, value_cache, lengths, heads, 0.125, None)
     chex.assert_trees_all_close(out, expected, atol=2e-5, rtol=1e-5)
 
@@ -148,9 +149,9 @@ class TritonOnlyTest(parameterized.TestCase):
     # D = 64: the merge kernel works on two 32-column chunks.
     args = make_inputs(seed, 3, 160, 12, 4, 64, jnp.float32, [160, 0, 70])
     heads = jnp.array([[3, 0], [1, 2], [2, 2]], jnp.int32) if sparse else None
-    config = {"direct": configs.DecodeConfig(num_splits=1, xla_merge=False),
-              "merge_kernel": configs.DecodeConfig(block_kv=32, num_splits=3, xla_merge=False),
-              "xla_merge": configs.DecodeConfig(block_kv=32, num_splits=3, xla_merge=True),
+    config = {"direct": block_sizes.DecodeBlockSizes(num_splits=1, xla_merge=False),
+              "merge_kernel": block_sizes.DecodeBlockSizes(block_kv=32, num_splits=3, xla_merge=False),
+              "xla_merge": block_sizes.DecodeBlockSizes(block_kv=32, num_splits=3, xla_merge=True),
               }[path]
     out = pallas_triton.decode_attention(*args, head_indices=heads, scale=0.2,
                                          logits_soft_cap=None, interpret=True,
@@ -165,8 +166,8 @@ class TritonOnlyTest(parameterized.TestCase):
 
   def test_split_count_above_the_tiles_is_a_value_error(self):
     args = make_inputs(2, 1, 64, 2, 1, 16, jnp.float32, [64])
-    for config in (configs.DecodeConfig(block_kv=32, num_splits=3),
-                   configs.DecodeConfig(num_splits=5)):
+    for config in (block_sizes.DecodeBlockSizes(block_kv=32, num_splits=3),
+                   block_sizes.DecodeBlockSizes(num_splits=5)):
       with self.assertRaisesRegex(ValueError, f"num_splits={config.num_splits} exceeds"):
         pallas_triton.decode_attention(*args, head_indices=None, scale=0.1,
                                        logits_soft_cap=None, interpret=True,
@@ -190,64 +191,64 @@ class SplitHeuristicTest(parameterized.TestCase):
       dict(testcase_name="batch=1_groups=8", batch=1, groups=8, expected=32),
   )
   def test_gpu_heuristic(self, batch, groups, expected):
-    got = configs.num_splits_heuristic(batch, groups, 4096, 128, num_cores=132, waves=2)
+    got = block_sizes.num_splits_heuristic(batch, groups, 4096, 128, num_cores=132, waves=2)
     self.assertEqual(got, expected)
 
   def test_heuristic_drops_splits_without_blocks(self):
     # 33 splits of 64 blocks would take 2 blocks each and leave the 33rd empty.
     self.assertEqual(
-        configs.num_splits_heuristic(1, 8, 4096, 64, num_cores=132, waves=2), 32)
+        block_sizes.num_splits_heuristic(1, 8, 4096, 64, num_cores=132, waves=2), 32)
     # 3 splits of 8 blocks own 3, 3 and 2 blocks: kept.
-    self.assertEqual(configs.num_splits_heuristic(1, 1, 1024, 128, num_cores=3, waves=1), 3)
+    self.assertEqual(block_sizes.num_splits_heuristic(1, 1, 1024, 128, num_cores=3, waves=1), 3)
 
   @parameterized.named_parameters(
       # (block_kv, num_splits) picked for B, K groups, S_max on 132 SMs.
       dict(testcase_name="batch=1_groups=8_len=1024", batch=1, groups=8, max_len=1024,
-           config=configs.DecodeConfig(), expected=(64, 16)),  # 128 tiles: only 64 programs
+           config=block_sizes.DecodeBlockSizes(), expected=(64, 16)),  # 128 tiles: only 64 programs
       dict(testcase_name="batch=1_groups=2_len=1024", batch=1, groups=2, max_len=1024,
-           config=configs.DecodeConfig(), expected=(64, 16)),  # tiles stop shrinking at 64
+           config=block_sizes.DecodeBlockSizes(), expected=(64, 16)),  # tiles stop shrinking at 64
       dict(testcase_name="batch=1_groups=2_len=16384", batch=1, groups=2, max_len=16384,
-           config=configs.DecodeConfig(), expected=(128, 128)),  # 256 programs
+           config=block_sizes.DecodeBlockSizes(), expected=(128, 128)),  # 256 programs
       dict(testcase_name="batch=1_groups=32_len=1024", batch=1, groups=32, max_len=1024,
-           config=configs.DecodeConfig(), expected=(128, 8)),
+           config=block_sizes.DecodeBlockSizes(), expected=(128, 8)),
       dict(testcase_name="batch=1_groups=8_len=4096", batch=1, groups=8, max_len=4096,
-           config=configs.DecodeConfig(), expected=(128, 32)),
+           config=block_sizes.DecodeBlockSizes(), expected=(128, 32)),
       dict(testcase_name="batch=8_groups=8_len=16384", batch=8, groups=8, max_len=16384,
-           config=configs.DecodeConfig(), expected=(128, 4)),
+           config=block_sizes.DecodeBlockSizes(), expected=(128, 4)),
       dict(testcase_name="batch=64_groups=8_len=4096", batch=64, groups=8, max_len=4096,
-           config=configs.DecodeConfig(), expected=(128, 1)),
+           config=block_sizes.DecodeBlockSizes(), expected=(128, 1)),
       dict(testcase_name="short_cache", batch=2, groups=1, max_len=9,
-           config=configs.DecodeConfig(), expected=(16, 1)),
+           config=block_sizes.DecodeBlockSizes(), expected=(16, 1)),
       dict(testcase_name="explicit_block_kv", batch=1, groups=8, max_len=1024,
-           config=configs.DecodeConfig(block_kv=128), expected=(128, 8)),
+           config=block_sizes.DecodeBlockSizes(block_kv=128), expected=(128, 8)),
       dict(testcase_name="num_splits=64_len=1024", batch=1, groups=8, max_len=1024,
-           config=configs.DecodeConfig(num_splits=64), expected=(16, 64)),
+           config=block_sizes.DecodeBlockSizes(num_splits=64), expected=(16, 64)),
       dict(testcase_name="num_splits=4_len=1024", batch=1, groups=8, max_len=1024,
-           config=configs.DecodeConfig(num_splits=4), expected=(128, 4)),
+           config=block_sizes.DecodeBlockSizes(num_splits=4), expected=(128, 4)),
   )
   def test_launch_shape(self, batch, groups, max_len, config, expected):
-    got = configs.launch_shape(batch, groups, max_len, config, num_cores=132, waves=2)
+    got = block_sizes.launch_shape(batch, groups, max_len, config, num_cores=132, waves=2)
     self.assertEqual(got, expected)
 
   def test_launch_shape_refuses_more_splits_than_tiles(self):
     with self.assertRaisesRegex(ValueError, "num_splits=65 exceeds the 64 tiles"):
-      configs.launch_shape(1, 8, 1024, configs.DecodeConfig(num_splits=65), num_cores=132,
+      block_sizes.launch_shape(1, 8, 1024, block_sizes.DecodeBlockSizes(num_splits=65), num_cores=132,
                            waves=2)
     with self.assertRaisesRegex(ValueError, "num_splits=16 exceeds the 8 tiles of block_kv=128"):
-      configs.launch_shape(1, 8, 1024, configs.DecodeConfig(block_kv=128, num_splits=16),
+      block_sizes.launch_shape(1, 8, 1024, block_sizes.DecodeBlockSizes(block_kv=128, num_splits=16),
                            num_cores=132, waves=2)
 
   def test_config_validation(self):
     with self.assertRaisesRegex(ValueError, "block_kv=48"):
-      configs.DecodeConfig(block_kv=48)
+      block_sizes.DecodeBlockSizes(block_kv=48)
     with self.assertRaisesRegex(ValueError, "block_kv=8"):
-      configs.DecodeConfig(block_kv=8)
+      block_sizes.DecodeBlockSizes(block_kv=8)
     with self.assertRaisesRegex(ValueError, "num_splits=0"):
-      configs.DecodeConfig(num_splits=0)
+      block_sizes.DecodeBlockSizes(num_splits=0)
     with self.assertRaisesRegex(ValueError, "num_splits=True"):
-      configs.DecodeConfig(num_splits=True)
+      block_sizes.DecodeBlockSizes(num_splits=True)
     with self.assertRaisesRegex(ValueError, "xla_merge='yes'"):
-      configs.DecodeConfig(xla_merge="yes")
+      block_sizes.DecodeBlockSizes(xla_merge="yes")
 
   def test_merge_ignores_dead_splits(self):
     # Split 0 read keys (m = 1, l = 2, o = 4 -> output 2); split 1 read nothing (m = -inf,
@@ -255,8 +256,8 @@ class SplitHeuristicTest(parameterized.TestCase):
     o = jnp.stack([jnp.full((16, 8), 4.0), jnp.full((16, 8), 7.0)])[None, None]
     m = jnp.array([1.0, -jnp.inf])[None, None, :, None] * jnp.ones((1, 1, 2, 16))
     l = jnp.array([2.0, 0.0])[None, None, :, None] * jnp.ones((1, 1, 2, 16))
-    chex.assert_trees_all_close(configs.merge_splits(o, m, l), jnp.full((1, 1, 16, 8), 2.0))
-    dead = configs.merge_splits(o, jnp.full_like(m, -jnp.inf), jnp.zeros_like(l))
+    chex.assert_trees_all_close(split_k.merge_splits(o, m, l), jnp.full((1, 1, 16, 8), 2.0))
+    dead = split_k.merge_splits(o, jnp.full_like(m, -jnp.inf), jnp.zeros_like(l))
     chex.assert_trees_all_equal(dead, jnp.zeros((1, 1, 16, 8)))
 
 

@@ -37,7 +37,8 @@ import numpy as np
 
 from flashjax import masks as masks_lib
 from flashjax.masks.block_mask import EMPTY
-from flashjax.ops.attention import configs
+from flashjax.ops.attention.block_sizes import padded_head_dim as _padded_head_dim
+from flashjax.ops.tiling import pow2_ceil
 
 KEY_FIELDS = ("backend", "device_kind", "dtype", "head_dim", "causal", "density", "q_len",
               "kv_len", "group")
@@ -51,7 +52,7 @@ def bucket_length(n: int) -> int:
   if not isinstance(n, (int, np.integer)) or n < 1:
     raise ValueError(f"sequence length {n=} must be a positive int")
   lo, hi = LENGTH_RANGE
-  return min(hi, max(lo, configs.pow2_ceil(int(n))))
+  return min(hi, max(lo, pow2_ceil(int(n))))
 
 
 def bucket_density(density: float | None) -> float | None:
@@ -69,7 +70,7 @@ def padded_head_dim(head_dim: int) -> int:
   """D as the Pallas kernels pad it: the next power of two, at least 16."""
   if not isinstance(head_dim, (int, np.integer)) or head_dim < 1:
     raise ValueError(f"{head_dim=} must be a positive int")
-  return configs.padded_head_dim(int(head_dim))
+  return _padded_head_dim(int(head_dim))
 
 
 def make_key(backend: str, *, device_kind: str, dtype: Any, head_dim: int, q_len: int,

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.tuning import keys
 from flashjax.ops.attention.tuning import store
 

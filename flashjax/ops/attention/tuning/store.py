@@ -41,7 +41,7 @@ from typing import Any
 import jax
 
 from flashjax.masks.block_mask import BlockMask
-from flashjax.ops.attention.configs import BlockSizes
+from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.tuning import keys
 
 ENV_ENABLE = "FLASHJAX_AUTOTUNE"

@@ -1,17 +1,15 @@
-"""Block-size configuration shared by the Pallas attention backends."""
+"""Tile sizes of the blocked attention kernels (`BlockSizes`, the API's `block_sizes=`).
+
+The backends' static kernel parameters built from them are each backend's `*Params`
+(pallas_gpu_common.TritonParams, pallas_mosaic_gpu_common.MosaicParams,
+pallas_tpu_common.TpuParams).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
-
-def _is_pow2(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
-
-
-def pow2_ceil(n: int) -> int:
-  """The smallest power of two >= n (1 for n <= 1)."""
-  return 1 << max(0, n - 1).bit_length()
+from flashjax.ops.tiling import is_pow2, pow2_ceil
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -54,7 +52,7 @@ class BlockSizes:
       value = getattr(self, name)
       if value is None and name.endswith("_bwd"):
         continue
-      if not isinstance(value, int) or not _is_pow2(value) or value < 16:
+      if not isinstance(value, int) or not is_pow2(value) or value < 16:
         raise ValueError(f"BlockSizes.{name}={value!r} must be a power of two >= 16")
     for name in ("num_warps", "num_stages"):
       value = getattr(self, name)

@@ -1,9 +1,9 @@
-"""Launch configuration of the Pallas split-K decode kernels, and their shared bookkeeping.
+"""Tiles and splits of the Pallas split-K decode kernels (`DecodeBlockSizes`, heuristics).
 
 A split-K decode kernel runs one program per (sequence b, selected KV group k, split s). The
 program streams the KV blocks of split s of sequence b through fast memory and keeps a
 partial softmax state (row max m, row sum l, unnormalised output o) in float32; the splits
-are then merged with log-sum-exp weights (`merge_splits`, or pallas_triton's merge kernel).
+are then merged with log-sum-exp weights (split_k.merge_splits, or pallas_triton's merge kernel).
 
 Splits are laid out per sequence from its *length*, not from the cache size: sequence b has
 nb = cdiv(lengths[b], block_kv) live blocks and split s covers the blocks
@@ -47,7 +47,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
+
+from flashjax.ops.tiling import cdiv, is_pow2, pow2_ceil
 
 H200_SM_COUNT = 132
 DEFAULT_BLOCK_KV = 128
@@ -56,21 +57,8 @@ MIN_AUTO_BLOCK_KV = 64
 MIN_BLOCK_KV = 16
 
 
-def _is_pow2(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def next_pow2(x: int) -> int:
-  """Smallest power of two >= x (1 for x <= 1)."""
-  return 1 << max(x - 1, 0).bit_length()
-
-
 @dataclasses.dataclass(frozen=True)
-class DecodeConfig:
+class DecodeBlockSizes:
   """Tile and launch parameters of a split-K decode kernel (`block_sizes` of the API).
 
   Attributes:
@@ -94,17 +82,17 @@ class DecodeConfig:
 
   def __post_init__(self):
     if self.block_kv is not None and (
-        not isinstance(self.block_kv, int) or not _is_pow2(self.block_kv)
+        not isinstance(self.block_kv, int) or not is_pow2(self.block_kv)
         or self.block_kv < MIN_BLOCK_KV):
-      raise ValueError(f"DecodeConfig.block_kv={self.block_kv!r} must be None or a power of "
+      raise ValueError(f"DecodeBlockSizes.block_kv={self.block_kv!r} must be None or a power of "
                        f"two >= {MIN_BLOCK_KV}")
     for name in ("num_splits", "num_warps", "num_stages"):
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                 or value < 1):
-        raise ValueError(f"DecodeConfig.{name}={value!r} must be a positive int or None")
+        raise ValueError(f"DecodeBlockSizes.{name}={value!r} must be a positive int or None")
     if not isinstance(self.xla_merge, bool):
-      raise ValueError(f"DecodeConfig.xla_merge={self.xla_merge!r} must be a bool")
+      raise ValueError(f"DecodeBlockSizes.xla_merge={self.xla_merge!r} must be a bool")
 
 
 def num_splits_heuristic(
@@ -132,16 +120,16 @@ def num_splits_heuristic(
     The number of splits, >= 1.
   """
   wanted = waves * num_cores // max(batch * num_groups, 1)
-  tiles = _cdiv(max_len, block_kv)
+  tiles = cdiv(max_len, block_kv)
   splits = max(1, min(wanted, tiles // min_blocks))
-  return _cdiv(tiles, _cdiv(tiles, splits))  # drop splits that would own no block
+  return cdiv(tiles, cdiv(tiles, splits))  # drop splits that would own no block
 
 
 def check_num_splits(num_splits: int, max_len: int, block_kv: int) -> None:
   """ValueError when some split could never own a tile of the cache."""
-  tiles = _cdiv(max_len, block_kv)
+  tiles = cdiv(max_len, block_kv)
   if num_splits > max(1, tiles):
-    raise ValueError(f"DecodeConfig.num_splits={num_splits} exceeds the {tiles} tiles of "
+    raise ValueError(f"DecodeBlockSizes.num_splits={num_splits} exceeds the {tiles} tiles of "
                      f"{block_kv=} in S_max={max_len}: use fewer splits or a shorter tile")
 
 
@@ -149,7 +137,7 @@ def launch_shape(
     batch: int,
     num_groups: int,
     max_len: int,
-    config: DecodeConfig,
+    config: DecodeBlockSizes,
     *,
     num_cores: int,
     waves: int,
@@ -160,7 +148,7 @@ def launch_shape(
     batch: B.
     num_groups: K, KV groups computed per sequence.
     max_len: S_max.
-    config: the caller's DecodeConfig (None fields are chosen here).
+    config: the caller's DecodeBlockSizes (None fields are chosen here).
     num_cores: SM count.
     waves: programs wanted per SM.
 
@@ -172,7 +160,7 @@ def launch_shape(
     ValueError: config.num_splits exceeds the tiles of config.block_kv.
   """
   # Tiles never need to be longer than the cache (rounded up to a power of two).
-  cap = max(MIN_BLOCK_KV, next_pow2(max_len))
+  cap = max(MIN_BLOCK_KV, pow2_ceil(max_len))
   if config.block_kv is not None:
     block_kv = min(config.block_kv, cap)
     num_splits = config.num_splits or num_splits_heuristic(
@@ -180,11 +168,11 @@ def launch_shape(
   else:
     block_kv = min(DEFAULT_BLOCK_KV, cap)
     if config.num_splits is not None:
-      while block_kv > MIN_BLOCK_KV and _cdiv(max_len, block_kv) < config.num_splits:
+      while block_kv > MIN_BLOCK_KV and cdiv(max_len, block_kv) < config.num_splits:
         block_kv //= 2
     else:
       while (block_kv > MIN_AUTO_BLOCK_KV
-             and batch * num_groups * _cdiv(max_len, block_kv) < num_cores):
+             and batch * num_groups * cdiv(max_len, block_kv) < num_cores):
         block_kv //= 2
     num_splits = config.num_splits or num_splits_heuristic(
         batch, num_groups, max_len, block_kv, num_cores=num_cores, waves=waves)
@@ -196,74 +184,3 @@ def gpu_core_count() -> int:
   """SM count of the default GPU, or the H200's 132 elsewhere (interpret mode)."""
   device = jax.devices()[0]
   return int(getattr(device, "core_count", 0) or H200_SM_COUNT)
-
-
-def group_ids(head_indices: jax.Array | None, batch: int, num_kv_heads: int) -> jax.Array:
-  """KV group computed by each (sequence, slot): int32 [B, K] (K = Nkv when None)."""
-  if head_indices is None:
-    return jnp.broadcast_to(jnp.arange(num_kv_heads, dtype=jnp.int32), (batch, num_kv_heads))
-  return head_indices.astype(jnp.int32)
-
-
-def select_queries(
-    query: jax.Array, head_indices: jax.Array | None, num_kv_heads: int, rows: int
-) -> jax.Array:
-  """Query heads of the selected groups, packed one group per tile.
-
-  Args:
-    query: [B, Nq, D].
-    head_indices: None or int32 [B, K] selected KV groups.
-    num_kv_heads: Nkv.
-    rows: tile height >= G = Nq // Nkv; rows past G are zero.
-
-  Returns:
-    [B, K, rows, D]: row g < G holds query head head_indices[b, k] * G + g.
-  """
-  batch, num_heads, head_dim = query.shape
-  grouped = query.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  if head_indices is not None:
-    grouped = jnp.take_along_axis(grouped, head_indices[:, :, None, None], axis=1)
-  return jnp.pad(grouped, ((0, 0), (0, 0), (0, rows - grouped.shape[2]), (0, 0)))
-
-
-def merge_splits(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
-  """Merges per-split softmax states with log-sum-exp weights.
-
-  Args:
-    o: float32 [B, K, splits, R, D] unnormalised partial outputs.
-    m: float32 [B, K, splits, R] partial row maxima (-inf for splits that read nothing).
-    l: float32 [B, K, splits, R] partial row sums (0 for splits that read nothing).
-
-  Returns:
-    float32 [B, K, R, D] normalised outputs; rows of a sequence with no key are 0.
-  """
-  m_max = jnp.max(m, axis=2, keepdims=True)
-  m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
-  weight = jnp.exp(m - m_max)  # [B, K, splits, R], 0 for dead splits
-  total = jnp.sum(weight * l, axis=2)
-  # A weighted sum over the (few) splits: elementwise, exact in float32, no matmul.
-  out = jnp.sum(weight[..., None] * o, axis=2)
-  return out / jnp.where(total > 0, total, 1.0)[..., None]
-
-
-def scatter_groups(
-    out: jax.Array, head_indices: jax.Array | None, num_kv_heads: int, num_heads: int
-) -> jax.Array:
-  """Places the computed groups into the full head axis, zeros elsewhere.
-
-  Args:
-    out: [B, K, R, D] per selected group, rows [0, G) valid.
-    head_indices: None or int32 [B, K].
-    num_kv_heads: Nkv.
-    num_heads: Nq.
-
-  Returns:
-    [B, Nq, D].
-  """
-  batch, _, _, head_dim = out.shape
-  group = num_heads // num_kv_heads
-  out = out[:, :, :group]
-  if head_indices is not None:
-    full = jnp.zeros((batch, num_kv_heads, group, head_dim), out.dtype)
-    out = full.at[jnp.arange(batch)[:, None], head_indices].set(out)
-  return out.reshape(batch, num_heads, head_dim)

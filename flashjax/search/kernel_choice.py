@@ -4,7 +4,7 @@ table.
 
   rows = [KernelSample(shape, density, config, latency_ms), ...]   # measured (GPU) or synthetic
   pred = fit_kernel_predictor(rows)          # ranks the configurations of a problem
-  best = choose_config(pred, shape, density, candidates)           # a KernelConfig
+  best = choose_candidate(pred, shape, density, candidates)           # a KernelCandidate
   evaluate_choices(pred, rows)   # per held-out (shape, density): pick vs measured best
 
 Features (`kernel_features`): log2 of B, T, S, heads, head dim, block_q, block_kv and of
@@ -45,7 +45,7 @@ class AttentionShape:
 
 
 @dataclasses.dataclass(frozen=True)
-class KernelConfig:
+class KernelCandidate:
   """A kernel configuration: tiles, pipelining stages (0: the backend default), persistent."""
   block_q: int
   block_kv: int
@@ -64,7 +64,7 @@ class KernelConfig:
 
   def block_sizes(self) -> Any:
     """The flashjax BlockSizes of this configuration."""
-    from flashjax.ops.attention.configs import BlockSizes  # pylint: disable=g-import-not-at-top
+    from flashjax.ops.attention.block_sizes import BlockSizes  # pylint: disable=g-import-not-at-top
     return BlockSizes(block_q=self.block_q, block_kv=self.block_kv,
                       num_stages=self.num_stages or None,
                       persistent=self.persistent or None)
@@ -75,11 +75,11 @@ class KernelSample:
   """One measured (or synthetic) latency."""
   shape: AttentionShape
   density: float
-  config: KernelConfig
+  config: KernelCandidate
   latency_ms: float
 
 
-def kernel_features(shape: AttentionShape, density: float, config: KernelConfig) -> np.ndarray:
+def kernel_features(shape: AttentionShape, density: float, config: KernelCandidate) -> np.ndarray:
   """float32 feature vector of one (shape, density, config) (module docstring)."""
   if not 0 < density <= 1:
     raise ValueError(f"{density=} must lie in (0, 1]")
@@ -113,7 +113,7 @@ def fit_kernel_predictor(samples: Sequence[KernelSample], *, relative: bool = Tr
   Args:
     samples: measured latencies, several configurations per (shape, density).
     relative: fit `relative_latencies` (default): the predictor then ranks the
-      configurations of a problem (all `choose_config` needs) instead of spending its
+      configurations of a problem (all `choose_candidate` needs) instead of spending its
       capacity on the problems' scale, which spans orders of magnitude. On synthetic
       latencies this took held-out picks within 5 % of the best from 35 % of the problems
       (absolute log latency, 9 % MAPE) to all of them.
@@ -128,8 +128,8 @@ def fit_kernel_predictor(samples: Sequence[KernelSample], *, relative: bool = Tr
   return predictor_lib.fit_mlp(x, y, **mlp_kwargs)
 
 
-def choose_config(pred: Any, shape: AttentionShape, density: float,
-                  candidates: Sequence[KernelConfig]) -> KernelConfig:
+def choose_candidate(pred: Any, shape: AttentionShape, density: float,
+                  candidates: Sequence[KernelCandidate]) -> KernelCandidate:
   """The candidate with the lowest predicted latency."""
   if not candidates:
     raise ValueError("candidates must not be empty")
@@ -158,7 +158,7 @@ def evaluate_choices(pred: Any, samples: Sequence[KernelSample], tolerance: floa
   rows = []
   for (shape, density), group in group_by_problem(samples).items():
     measured = {r.config: r.latency_ms for r in group}
-    pick = choose_config(pred, shape, density, list(measured))
+    pick = choose_candidate(pred, shape, density, list(measured))
     best = min(measured.values())
     rows.append({"shape": dataclasses.asdict(shape), "density": density,
                  "pick": dataclasses.asdict(pick), "pick_ms": measured[pick], "best_ms": best,
@@ -170,7 +170,7 @@ def evaluate_choices(pred: Any, samples: Sequence[KernelSample], tolerance: floa
           "mean_slowdown": float(slow.mean()), "rows": rows}
 
 
-def synthetic_latency(shape: AttentionShape, density: float, config: KernelConfig) -> float:
+def synthetic_latency(shape: AttentionShape, density: float, config: KernelCandidate) -> float:
   """A made-up but structured latency (ms) for tests and the CPU study: work over the
   visited tiles with padding waste, a per-tile overhead that favours large tiles, an
   occupancy penalty when there are fewer row-blocks than 132 SMs, and small effects of
@@ -188,7 +188,7 @@ def synthetic_latency(shape: AttentionShape, density: float, config: KernelConfi
   return (work + overhead) * occupancy * register * stages * persistent + 5e-3
 
 
-def measure_kernel(shape: AttentionShape, density: float, config: KernelConfig, *,
+def measure_kernel(shape: AttentionShape, density: float, config: KernelCandidate, *,
                    implementation: str = "pallas_triton", dtype: Any = "bfloat16",
                    warmup: int = 3, repeats: int = 20, interpret: bool = False,
                    seed: int = 0) -> float:
