@@ -42,8 +42,6 @@ _TILE_VARIANTS = [
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Sparse MLP benchmark config; arg "gpu", "tune" or "cpu" (default: cpu on a CPU host)."""
   arg = common.choose_variant(arg, VARIANTS, default="gpu")
-  if arg not in VARIANTS:
-    raise ValueError(f"{arg=} must be one of {sorted(VARIANTS)}")
   c = ml_collections.ConfigDict()
   c.experiment = "sparse_mlp_bench"
   small = arg == "cpu"

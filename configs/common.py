@@ -67,10 +67,14 @@ def choose_variant(arg: str | None, variants: Mapping[str, Variant], *, default:
     cpu: whether JAX runs on CPU (default: asks JAX).
 
   Returns:
-    `arg` when given (validated by the caller's own checks), else the CPU variant on a CPU
-    host, else `default`.
+    `arg` when given, else the CPU variant on a CPU host, else `default`.
+
+  Raises:
+    ValueError: `arg` is not one of `variants`.
   """
   if arg:
+    if arg not in variants:
+      raise ValueError(f"{arg=} must be one of {sorted(variants)}")
     return arg
   cpu_name = cpu_variant(variants)
   if cpu_name is not None and (on_cpu() if cpu is None else cpu):

@@ -68,8 +68,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """
   platform = jax.default_backend()
   arg = common.choose_variant(arg, VARIANTS, default="gpu", cpu=platform == "cpu")
-  if arg not in ("cpu", "gpu"):
-    raise ValueError(f"{arg=} must be 'cpu' or 'gpu'")
   small = arg == "cpu"
   backend_key = "cpu" if small else ("tpu" if platform == "tpu" else "gpu")
 

@@ -97,8 +97,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     The ConfigDict.
   """
   arg = common.choose_variant(arg, VARIANTS, default="gpu")
-  if arg not in VARIANTS:
-    raise ValueError(f"{arg=} must be one of {sorted(VARIANTS)}")
   c = common.decode_base()
   common.decode_fast_timing(c)
   if arg == "gpu_tiles":
