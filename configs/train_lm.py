@@ -30,7 +30,6 @@ import ml_collections
 
 from configs import common
 
-_ARGS = ("cpu", "gpu", "gpu_throughput")
 # Attention implementations timed on GPU: flashjax's Pallas Triton kernel, cuDNN through
 # jax.nn, flashjax's XLA backend.
 _GPU_IMPLS = ("pallas_triton", "jax_nn_cudnn", "xla")

@@ -45,7 +45,7 @@ def _small(run_dir: str, **overrides) -> ml_collections.ConfigDict:
 
 class ConfigTest(parameterized.TestCase):
 
-  @parameterized.named_parameters((f"{arg=}", arg) for arg in train_lm_config._ARGS)
+  @parameterized.named_parameters((f"{arg=}", arg) for arg in sorted(train_lm_config.VARIANTS))
   def test_points_apply_and_models_build(self, arg):
     config = train_lm_config.get_config(arg)
     points = launch.expand_sweep(config.sweep)
