@@ -100,8 +100,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     The ConfigDict.
   """
   grid = common.choose_variant(arg, VARIANTS, default="all")
-  if grid not in GRIDS:
-    raise ValueError(f"{grid=} must be one of {sorted(GRIDS)}")
   c = common.decode_base()
   c.grid = grid
   c.implementations = GRIDS[grid].get("implementations", IMPLEMENTATIONS)

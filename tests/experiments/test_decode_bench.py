@@ -239,7 +239,7 @@ class ConfigTest(parameterized.TestCase):
     for point in expanded[:: len(expanded) // 7]:
       point_config = launch.apply_point(config, point)
       self.assertEqual((point_config.num_heads, point_config.head_dim), (32, 128))
-    with self.assertRaisesRegex(ValueError, "grid='nope'"):
+    with self.assertRaisesRegex(ValueError, "arg='nope' must be one of"):
       bench_decode_gpu.get_config("nope")
 
   def test_tune_splits_config(self):
