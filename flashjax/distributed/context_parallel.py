@@ -556,37 +556,22 @@ def _allgather(plan: ContextParallelPlan, axis_name: str, scale: float, implemen
   return attend
 
 
-def _check_inputs(query, key, value, segment_ids):
+def _check_inputs(query, key, value, segment_ids, scale):
+  """(q_ids, kv_ids) as int32 or (None, None); ValueError for bad input.
+
+  Shapes, dtypes, GQA and segment ids are checked by tracing the single-device call
+  abstractly (same messages as dot_product_attention, no compute).
+  """
   for name, x in (("query", query), ("key", key), ("value", value)):
-    if not isinstance(x, (jax.Array, np.ndarray)) or x.ndim != 4:
+    if getattr(x, "ndim", None) != 4:
       raise ValueError(f"{name} must be a rank-4 array [B, T|S, N, D], got "
                        f"{getattr(x, 'shape', type(x).__name__)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name}.dtype={x.dtype} must be floating point")
-  if not query.dtype == key.dtype == value.dtype:
-    raise ValueError(f"dtypes differ: {query.dtype=!s}, {key.dtype=!s}, {value.dtype=!s}")
-  if key.shape != value.shape:
-    raise ValueError(f"{key.shape=} != {value.shape=}")
-  b, t, nq, h = query.shape
-  if key.shape[0] != b or key.shape[3] != h or nq % key.shape[2]:
-    raise ValueError(f"{query.shape=} and {key.shape=} need equal B and D and Nq a multiple "
-                     "of Nkv")
+  jax.eval_shape(lambda: dot_product_attention(query, key, value, segment_ids=segment_ids,
+                                               scale=scale, implementation="xla"))
   if segment_ids is None:
     return None, None
-  if isinstance(segment_ids, tuple):
-    if len(segment_ids) != 2:
-      raise ValueError(f"{len(segment_ids)=} must be 2: (q_segment_ids, kv_segment_ids)")
-    q_ids, kv_ids = segment_ids
-  else:
-    if t != key.shape[1]:
-      raise ValueError(f"a single segment_ids array needs T == S, got {t} and {key.shape[1]}")
-    q_ids = kv_ids = segment_ids
-  for name, ids, length in (("q_segment_ids", q_ids, t), ("kv_segment_ids", kv_ids,
-                                                           key.shape[1])):
-    if tuple(ids.shape) != (b, length) or not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise ValueError(f"{name} (shape={tuple(ids.shape)}, dtype={ids.dtype}) must be int "
-                       f"[B, T|S] = {(b, length)}")
-  return jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)
+  pair = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+  return tuple(jnp.asarray(ids, jnp.int32) for ids in pair)
 
 
 def context_parallel_attention(
@@ -642,7 +627,7 @@ def context_parallel_attention(
     ValueError: bad input (axis_name not in the mesh, T or S not divisible by the shard
       count, shapes), naming the values.
   """
-  q_ids, kv_ids = _check_inputs(query, key, value, segment_ids)
+  q_ids, kv_ids = _check_inputs(query, key, value, segment_ids, scale)
   if axis_name not in mesh.axis_names:
     raise ValueError(f"{axis_name=} is not an axis of the mesh (axes {mesh.axis_names})")
   p = int(mesh.shape[axis_name])
