@@ -32,12 +32,13 @@ def _qkv(seed=0, t=T):
 
 
 def _random_block_mask(t, block, seed=3):
-  """Random blocks of `block` x `block` (diagonal blocks kept), so whole shard pairs drop."""
+  """Per-head (1, Nq, T, T) random elements inside random `block` x `block` blocks (the
+  diagonal blocks kept), so whole shard pairs drop."""
   n = t // block
   keep = np.random.default_rng(seed).random((n, n)) < 0.3
   keep |= np.eye(n, dtype=bool)
   dense = np.kron(keep, np.ones((block, block), bool)) & (
-      np.random.default_rng(seed + 1).random((t, t)) < 0.7)
+      np.random.default_rng(seed + 1).random((1, NQ, t, t)) < 0.7)
   return masks.from_dense(dense | np.eye(t, dtype=bool))
 
 
@@ -78,7 +79,10 @@ class ContextParallelTest(parameterized.TestCase):
     q, k, v = _qkv()
     ids = None
     if kwargs.pop("documents", False):
-      ids = jnp.asarray(np.repeat([[0, 1, 2, 3], [5, 5, 6, 7]], [10, 20, 30, 4], axis=1))
+      ids = np.repeat([[0, 1, 2, 3], [5, 5, 6, 7]], [10, 20, 30, 4], axis=1)
+      if strategy == "ring":  # also as a batched Mask (B, 1, T, T): the two AND
+        kwargs["mask"] = masks.document(ids, causal=False)
+      ids = jnp.asarray(ids)
     if p == 4:  # a 2 x 4 mesh: the sequence axis is one of two
       mesh, axis = _mesh(p, (2, 4), ("data", "cp")), "cp"
     else:
