@@ -644,13 +644,35 @@ def context_parallel_attention(
   plan = plan_context_parallel(t, s, p, mask=mask, is_causal=is_causal, strategy=strategy,
                                layout=layout, implementation=implementation)
   logger.info("flashjax %s", plan.summary())
-  if plan.strategy == "ring":
-    local = _ring(plan, axis_name, float(scale), implementation)
-  else:
-    local = _allgather(plan, axis_name, float(scale), implementation)
-  zigzag = plan.layout == "zigzag"
   with_ids = q_ids is not None
-  dtype = query.dtype
+  args = (query, key, value) + ((q_ids, kv_ids) if with_ids else ())
+  impl = tuple(implementation) if isinstance(implementation, list) else implementation
+  return _sharded_fn(plan, mesh, axis_name, float(scale), impl, query.dtype, with_ids)(*args)
+
+
+def _program_key(plan: ContextParallelPlan) -> tuple:
+  """Equal keys: plans that build the same program (masks compared by content)."""
+  calls = lambda rows: tuple(tuple(c.key for c in cs) for cs in rows)
+  return (plan.strategy, plan.layout, plan.num_shards, plan.q_len, plan.kv_len,
+          tuple(calls(row) for row in plan.pair_calls), calls(plan.row_calls))
+
+
+_PROGRAMS: dict[tuple, Any] = {}
+_MAX_PROGRAMS = 64
+
+
+def _sharded_fn(plan, mesh, axis_name, scale, implementation, dtype, with_ids):
+  """The jitted shard_map of one plan, cached so repeated eager calls compile once."""
+  key = (_program_key(plan), mesh, axis_name, scale, implementation, jnp.dtype(dtype),
+         with_ids)
+  if key in _PROGRAMS:
+    return _PROGRAMS[key]
+  p = plan.num_shards
+  if plan.strategy == "ring":
+    local = _ring(plan, axis_name, scale, implementation)
+  else:
+    local = _allgather(plan, axis_name, scale, implementation)
+  zigzag = plan.layout == "zigzag"
 
   def per_device(q, k, v, *ids):
     q_i, kv_i = ids if with_ids else (None, None)
@@ -664,7 +686,10 @@ def context_parallel_attention(
     return layout_lib.unzigzag_local(out, axis_name, p) if zigzag else out
 
   spec = PartitionSpec(None, axis_name)
-  args = (query, key, value) + ((q_ids, kv_ids) if with_ids else ())
   # jit: an eager shard_map would dispatch every op of the ring one by one.
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec,) * len(args),
-                               out_specs=spec, check_vma=False))(*args)
+  fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec,) * (5 if with_ids else 3),
+                             out_specs=spec, check_vma=False))
+  if len(_PROGRAMS) >= _MAX_PROGRAMS:
+    _PROGRAMS.pop(next(iter(_PROGRAMS)))
+  _PROGRAMS[key] = fn
+  return fn

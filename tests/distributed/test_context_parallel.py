@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import flashjax
 from flashjax import distributed, masks
+from flashjax.distributed import context_parallel
 from flashjax.distributed import layout as layout_lib
 
 B, T, NQ, NKV, D = 2, 64, 4, 2, 16
@@ -127,6 +128,10 @@ class ContextParallelTest(parameterized.TestCase):
     out = distributed.context_parallel_attention(q, k, v, mesh=mesh, axis_name="cp",
                                                  is_causal=True, strategy="ring")
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
+    programs = len(context_parallel._PROGRAMS)  # pylint: disable=protected-access
+    distributed.context_parallel_attention(q, k, v, mesh=mesh, axis_name="cp",
+                                           mask=masks.causal(t, t), strategy="ring")
+    self.assertLen(context_parallel._PROGRAMS, programs)  # same plan: compiled once
 
   def test_plan_rules(self):
     long = distributed.plan_context_parallel(16384, 16384, 8, is_causal=True)
