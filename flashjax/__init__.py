@@ -5,6 +5,9 @@ Public API:
   decode_attention        one-token (head-sparse) decode attention over a KV cache
   resolve_implementation  which backend a dot_product_attention / decode_attention call runs
   sparse_mlp              MLP over a batch-union of selected neurons (gather-GEMM)
+  context_parallel_attention
+                          attention with the sequence sharded over a mesh axis (ring or
+                          all-gather K/V; flashjax.distributed has its plan and layouts)
   masks                   host-side mask library; masks.BlockMask is what kernels consume
 """
 
@@ -14,11 +17,14 @@ from flashjax.ops.attention.api import dot_product_attention
 from flashjax.ops.attention.api import resolve_implementation
 from flashjax.ops.decode.api import decode_attention
 from flashjax.ops.sparse_mlp.api import sparse_mlp
+from flashjax import distributed
+from flashjax.distributed import context_parallel_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockMask", "decode_attention", "dot_product_attention", "layers", "masks",
-           "models", "resolve_implementation", "sparse_mlp"]
+__all__ = ["BlockMask", "context_parallel_attention", "decode_attention", "distributed",
+           "dot_product_attention", "layers", "masks", "models", "resolve_implementation",
+           "sparse_mlp"]
 
 
 def __getattr__(name: str):

@@ -10,6 +10,10 @@ There JAX picks its default platform (the GPU when one is present and jax[cuda] 
 installed); the GPU tests skip themselves when JAX finds no GPU. A run selects the GPU
 tests when its `-m` expression accepts a test marked `gpu` and rejects an unmarked one
 ("gpu", "gpu and not slow", "gpu or slow"); the default run ("not slow") stays on CPU.
+
+A CPU run also gets 8 fake host devices (XLA_FLAGS --xla_force_host_platform_device_count=8,
+read when JAX starts its backends, after this hook) for the sharding tests of
+tests/distributed; a caller's own device count flag is kept.
 """
 
 from __future__ import annotations
@@ -49,3 +53,15 @@ def pytest_configure(config: pytest.Config) -> None:
   platforms = jax_platforms(config.getoption("markexpr", None), dict(os.environ))
   if platforms is not None:
     os.environ["JAX_PLATFORMS"] = platforms
+  if platforms == "cpu":
+    os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
+
+
+CPU_DEVICE_COUNT = 8
+
+
+def xla_flags(flags: str) -> str:
+  """flags with CPU_DEVICE_COUNT fake host devices unless they already set a count."""
+  if "xla_force_host_platform_device_count" in flags:
+    return flags
+  return f"{flags} --xla_force_host_platform_device_count={CPU_DEVICE_COUNT}".strip()

@@ -21,6 +21,13 @@ class PlatformSelectionTest(parameterized.TestCase):
     self.assertEqual(conftest.jax_platforms("gpu", {"JAX_PLATFORMS": "cpu"}), "cpu")
     self.assertEqual(conftest.jax_platforms("not slow", {"JAX_PLATFORMS": "cuda"}), "cuda")
 
+  def test_xla_flags_add_cpu_devices(self):
+    self.assertEqual(conftest.xla_flags(""), "--xla_force_host_platform_device_count=8")
+    self.assertEqual(conftest.xla_flags("--xla_dump_to=/tmp/x"),
+                     "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=8")
+    own = "--xla_force_host_platform_device_count=2"
+    self.assertEqual(conftest.xla_flags(own), own)  # the caller's count is kept
+
   def test_this_run_is_on_cpu(self):
     import jax  # pylint: disable=import-outside-toplevel
     self.assertEqual(jax.default_backend(), "cpu")
