@@ -289,3 +289,20 @@ def decode_base() -> ml_collections.ConfigDict:
   c.check_rows = ml_collections.FieldReference(None, field_type=int)
   c.report = ml_collections.ConfigDict(DECODE_REPORT)
   return c
+
+
+def adamw(peak_lr: float, warmup_steps: int) -> ml_collections.ConfigDict:
+  """The model studies' optimizer fields (training.OptimizerConfig): AdamW with warm-up and
+  a cosine decay to 0.1 x peak, weight decay 0.1, betas (0.9, 0.95), clipping at norm 1."""
+  return ml_collections.ConfigDict({
+      "peak_lr": peak_lr, "warmup_steps": warmup_steps, "final_lr_fraction": 0.1,
+      "weight_decay": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip_norm": 1.0})
+
+
+def model_implementations(c: ml_collections.ConfigDict, impl: str | None, *names: str) -> None:
+  """Sets c.<name> (e.g. attention_impl, decode_impl) to `impl` and c.interpret to None
+  (Pallas interpret mode exactly on CPU), as overridable FieldReferences."""
+  for name in names:
+    c[name] = ml_collections.FieldReference(impl, field_type=str)
+  c.interpret = ml_collections.FieldReference(None, field_type=bool)
+

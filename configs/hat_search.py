@@ -85,20 +85,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                          "dtype": "bfloat16", "param_dtype": "float32"})
     c.baseline = ml_collections.ConfigDict({"embed_dim": 768, "num_layers": 8,
                                             "ffn_dim": 3072, "num_heads": 12})
-  impl = "xla" if small else None
-  c.attention_impl = ml_collections.FieldReference(impl, field_type=str)
-  c.decode_impl = ml_collections.FieldReference(impl, field_type=str)
-  c.interpret = ml_collections.FieldReference(None, field_type=bool)
+  common.model_implementations(c, "xla" if small else None, "attention_impl", "decode_impl")
 
   # Supernet training (and the retraining's optimizer, corpus and batch).
   c.seq_len = 64 if small else 512
   c.batch_size = 8 if small else 32
   c.super_steps = 120 if small else 20000
   c.checkpoint_every = 40 if small else 1000
-  c.optimizer = ml_collections.ConfigDict({
-      "peak_lr": 3e-3 if small else 1e-3, "warmup_steps": 20 if small else 500,
-      "final_lr_fraction": 0.1, "weight_decay": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
-      "clip_norm": 1.0})
+  c.optimizer = common.adamw(3e-3 if small else 1e-3, 20 if small else 500)
   c.corpus_max_bytes = 300_000 if small else 0  # 0: the whole stdlib
   c.val_fraction = 0.05
   c.eval_rows = 8 if small else 64

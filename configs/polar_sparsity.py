@@ -110,20 +110,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model_checkpoint = ml_collections.ConfigDict({"llama": "", "opt": ""})
   # A local Hugging Face checkpoint per variant instead (its ids are the corpus bytes).
   c.hf_checkpoint = ml_collections.ConfigDict({"llama": "", "opt": ""})
-  impl = "xla" if small else None
-  c.attention_impl = ml_collections.FieldReference(impl, field_type=str)
-  c.decode_impl = ml_collections.FieldReference(impl, field_type=str)
-  c.sparse_mlp_impl = ml_collections.FieldReference(impl, field_type=str)
-  c.interpret = ml_collections.FieldReference(None, field_type=bool)
+  common.model_implementations(c, "xla" if small else None, "attention_impl", "decode_impl",
+                               "sparse_mlp_impl")
 
   # Model training (skipped with a model_checkpoint or hf_checkpoint).
   c.seq_len = 64 if small else 512
   c.train_batch_size = 16 if small else 32
   c.train_steps = 200 if small else 2000
-  c.optimizer = ml_collections.ConfigDict({
-      "peak_lr": 3e-3 if small else 1e-3, "warmup_steps": 30 if small else 200,
-      "final_lr_fraction": 0.1, "weight_decay": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
-      "clip_norm": 1.0})
+  c.optimizer = common.adamw(3e-3 if small else 1e-3, 30 if small else 200)
   c.corpus_max_bytes = 400_000 if small else 0  # 0: the whole stdlib
   c.val_fraction = 0.05
   c.seed = 0

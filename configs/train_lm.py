@@ -88,16 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_steps = 40 if small else 0  # 0: fit the cosine to time_budget_s
   c.time_budget_s = 60.0 if small else 420.0
   c.calibration_steps = 20
-  c.optimizer = ml_collections.ConfigDict({
-      "peak_lr": 3e-3 if small else 1.5e-3,
-      "warmup_steps": 10 if small else 200,
-      "final_lr_fraction": 0.1,
-      "weight_decay": 0.1,
-      "b1": 0.9,
-      "b2": 0.95,
-      "eps": 1e-8,
-      "clip_norm": 1.0,
-  })
+  c.optimizer = common.adamw(3e-3 if small else 1.5e-3, 10 if small else 200)
 
   c.eval_every = 20 if small else 250
   c.eval_rows = 64 if small else 512
