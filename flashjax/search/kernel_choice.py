@@ -24,8 +24,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
+import flashjax
+from flashjax import masks
+from flashjax.ops.attention.block_sizes import BlockSizes
+from flashjax.search import latency
 from flashjax.search import predictor as predictor_lib
 
 
@@ -64,7 +69,6 @@ class KernelCandidate:
 
   def block_sizes(self) -> Any:
     """The flashjax BlockSizes of this configuration."""
-    from flashjax.ops.attention.block_sizes import BlockSizes  # pylint: disable=g-import-not-at-top
     return BlockSizes(block_q=self.block_q, block_kv=self.block_kv,
                       num_stages=self.num_stages or None,
                       persistent=self.persistent or None)
@@ -194,10 +198,6 @@ def measure_kernel(shape: AttentionShape, density: float, config: KernelCandidat
                    seed: int = 0) -> float:
   """Trimmed-mean latency (ms; flashjax.search.latency.measure) of block-sparse attention
   with `config`: a random block mask of the given tile density at the config's tiles."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import flashjax  # pylint: disable=g-import-not-at-top
-  from flashjax import masks  # pylint: disable=g-import-not-at-top
-  from flashjax.search import latency  # pylint: disable=g-import-not-at-top
   s = shape
   rng = np.random.default_rng(seed)
   tq, tk = math.ceil(s.q_len / config.block_q), math.ceil(s.kv_len / config.block_kv)

@@ -41,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from flashjax.models import data
 from flashjax.models import training
 from flashjax.models.cache import KVCache
 from flashjax.models.config import TransformerConfig
@@ -349,7 +350,6 @@ def train_supernet(trainer: SuperTrainer, train_split: Any, *, num_steps: int,
   Returns:
     One {"step", "arch", "loss", "lr"} per step run here.
   """
-  from flashjax.models import data  # pylint: disable=g-import-not-at-top
   if not isinstance(num_steps, int) or num_steps < 1:
     raise ValueError(f"{num_steps=} must be a positive int")
   history = []
