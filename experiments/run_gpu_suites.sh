@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The compiled-kernel test suites (pytest marker `gpu`) on a GPU machine, one file at a time
+# under its own time limit, each file's log written to OUT_DIR/<name>.log and a one-line
+# summary per file to OUT_DIR/summary.txt (at most 8 files come back from a device call:
+# the logs of the files that did not pass, plus the summary, are what to copy out).
+#
+#   experiments/run_gpu_suites.sh OUT_DIR [FILE:SECONDS ...]
+#
+# Run it from the repository root. Without FILE arguments it runs every GPU suite with the
+# budgets below (about 9 minutes in all, not yet measured as a whole).
+set -u
+out=${1:?usage: $0 OUT_DIR [FILE:SECONDS ...]}
+shift
+mkdir -p "$out"
+python=${PYTHON:-python}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+suites=("$@")
+if [ ${#suites[@]} -eq 0 ]; then
+  suites=(tests/sparsity/test_routed_decode_gpu.py:90
+          tests/ops/attention/test_jax_nn_compat_gpu.py:60
+          tests/ops/decode/test_decode_gpu.py:90
+          tests/ops/sparse_mlp/test_sparse_mlp_gpu.py:120
+          tests/ops/attention/test_pallas_triton_gpu.py:120
+          tests/ops/attention/test_pallas_mosaic_gpu_gpu.py:120)
+fi
+: > "$out/summary.txt"
+for entry in "${suites[@]}"; do
+  file=${entry%:*}
+  limit=${entry#*:}
+  name=$(basename "$file" .py)
+  start=$SECONDS
+  timeout -k 10 "$limit" "$python" -m pytest -q -m gpu -p no:cacheprovider "$file" \
+    > "$out/$name.log" 2>&1
+  rc=$?
+  echo "$name rc=$rc $((SECONDS - start))s: $(tail -n 1 "$out/$name.log")" \
+    | tee -a "$out/summary.txt"
+done
