@@ -49,6 +49,10 @@ import numpy as np
 H200_BF16_MATMUL_FLOPS_PER_S = 790e12
 H200_HBM_BYTES_PER_S = 4.3e12
 H200_HBM_SPEC_BYTES_PER_S = 4.8e12
+# NVIDIA H100 80GB HBM3: achieved copy bandwidth (bytes read + written per second) measured
+# by `measured_copy_bandwidth` on 2026-12-06 (jax 0.11.2; the spec sheet says 3.35 TB/s).
+# Its matmul ceiling has not been measured here, so device_ceilings gives none.
+H100_HBM_BYTES_PER_S = 2.74e12
 
 _MODES = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
@@ -437,21 +441,26 @@ def percent_of_ceiling(value: float, ceiling: float) -> float:
 
 
 def device_ceilings(device_kind: str, dtype: Any = jnp.bfloat16) -> dict[str, float] | None:
-  """Known ceilings of a device kind, or None when it was not measured.
+  """The measured ceilings of a device kind, or None when none was measured.
+
+  Only numbers measured on that device kind are given (H200: bf16 / fp16 matmul and copy
+  bandwidth; H100 80GB: copy bandwidth only); a ceiling that was not measured is absent.
 
   Args:
     device_kind: `jax.devices()[0].device_kind`, e.g. "NVIDIA H200".
     dtype: compute dtype; the matmul ceiling is given for bf16 and fp16 only.
 
   Returns:
-    {"flops_per_s": ... (absent for other dtypes), "hbm_bytes_per_s": ...} or None.
+    {"flops_per_s": ... (when measured for this dtype), "hbm_bytes_per_s": ...} or None.
   """
-  if "H200" not in device_kind:
-    return None
-  ceilings = {"hbm_bytes_per_s": H200_HBM_BYTES_PER_S}
-  if np.dtype(dtype) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
-    ceilings["flops_per_s"] = H200_BF16_MATMUL_FLOPS_PER_S
-  return ceilings
+  if "H200" in device_kind:
+    ceilings = {"hbm_bytes_per_s": H200_HBM_BYTES_PER_S}
+    if np.dtype(dtype) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
+      ceilings["flops_per_s"] = H200_BF16_MATMUL_FLOPS_PER_S
+    return ceilings
+  if "H100" in device_kind:
+    return {"hbm_bytes_per_s": H100_HBM_BYTES_PER_S}
+  return None
 
 
 @functools.cache

@@ -80,6 +80,9 @@ class CountersTest(parameterized.TestCase):
     self.assertEqual(h200["hbm_bytes_per_s"], benchmarking.H200_HBM_BYTES_PER_S)
     self.assertNotIn("flops_per_s", benchmarking.device_ceilings("NVIDIA H200", np.float32))
     self.assertIsNone(benchmarking.device_ceilings("cpu"))
+    h100 = benchmarking.device_ceilings("NVIDIA H100 80GB HBM3", jnp.bfloat16)
+    self.assertEqual(h100, {"hbm_bytes_per_s": benchmarking.H100_HBM_BYTES_PER_S})
+    self.assertLess(h100["hbm_bytes_per_s"], h200["hbm_bytes_per_s"])  # H100 HBM3 < H200 HBM3e
 
   def test_environment_info(self):
     info = benchmarking.environment_info()
