@@ -22,6 +22,7 @@ import numpy as np
 from configs import polar_sparsity as study_config
 from experiments import launch
 from experiments import polar_sparsity
+from flashjax import benchmarking
 from flashjax.models import Transformer
 from flashjax.models import checkpoint
 from flashjax.models import safetensors_io
@@ -207,6 +208,30 @@ class StudyTest(absltest.TestCase):
     loaded = polar_sparsity.get_setup(config, "llama").model
     chex.assert_trees_all_equal(nnx.state(loaded, nnx.Param), nnx.state(model, nnx.Param))
     self.assertEqual(polar_sparsity.get_setup(config, "llama").model_info["source"], source)
+
+  def test_kernel_timing_makes_one_dense_call_per_routed_layer(self):
+    # The dense side of speedup_attention must not collapse to one call: identical calls
+    # (same query, no head indices) are merged by XLA, which timed 1 dense call against
+    # n routed ones on the first GPU run.
+    config = _tiny_config(self.workdir, models=("llama",), densities=(0.5,))
+    for shape in config.model_shapes.values():
+      shape.num_layers = 3  # two routed layers
+    setup = polar_sparsity.get_setup(config, "llama")
+    point = launch.apply_point(config, {"model": "llama", "density": 0.5, "batch": 2,
+                                        "context": 8})
+    timed = []
+    real = benchmarking.time_in_loop
+
+    def spy(fn, *args, **kwargs):
+      timed.append((fn, args))
+      return real(fn, *args, **kwargs)
+
+    with mock.patch.object(benchmarking, "time_in_loop", spy):
+      polar_sparsity.attention_speedup(point, setup, setup.routers[0.5])
+    self.assertLen(timed, 2)  # dense, routed
+    for fn, args in timed:  # one softmax (exp) per routed layer survives compilation
+      hlo = jax.jit(fn).lower(*args).compile().as_text()
+      self.assertEqual(hlo.count("exponential("), 2)
 
   def test_opt_from_a_hugging_face_checkpoint(self):
     config = _tiny_config(self.workdir, models=("opt",), densities=(0.5,))
