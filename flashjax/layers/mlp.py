@@ -82,11 +82,16 @@ class ReluMLP(nnx.Module):
       self.fc1_bias = nnx.Param(jnp.zeros((d_ff,), param_dtype))
       self.fc2_bias = nnx.Param(jnp.zeros((d_model,), param_dtype))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x [..., D] -> [..., D], computed in x's dtype."""
+  def preactivation(self, x: jax.Array) -> jax.Array:
+    """fc1(x) plus its bias, before the ReLU: [..., D] -> [..., F], in x's dtype."""
     hidden = jnp.einsum("...D,FD->...F", x, self.fc1[...].astype(x.dtype))
     if self.use_bias:
       hidden = hidden + self.fc1_bias[...].astype(x.dtype)
+    return hidden
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [..., D] -> [..., D], computed in x's dtype."""
+    hidden = self.preactivation(x)
     out = jnp.einsum("...F,FD->...D", jax.nn.relu(hidden), self.fc2[...].astype(x.dtype))
     if self.use_bias:
       out = out + self.fc2_bias[...].astype(x.dtype)

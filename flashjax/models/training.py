@@ -26,7 +26,6 @@ import optax
 from flax import nnx
 
 
-
 def train_flops_per_token(config: Any, seq_len: int) -> float:
   """Training FLOPs per token: 6 per weight used in a matmul plus causal attention.
 

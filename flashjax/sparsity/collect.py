@@ -62,14 +62,6 @@ def _is_relu_mlp(layer: nnx.Module) -> bool:
   return isinstance(layer.mlp, layers.ReluMLP)
 
 
-def _fc1_preactivation(mlp: layers.ReluMLP, x: jax.Array) -> jax.Array:
-  """fc1(x) (plus bias) of a ReluMLP, [..., D] -> [..., F], in x's dtype."""
-  hidden = jnp.einsum("...D,FD->...F", x, mlp.fc1[...].astype(x.dtype))
-  if mlp.use_bias:
-    hidden = hidden + mlp.fc1_bias[...].astype(x.dtype)
-  return hidden
-
-
 def group_max(head_norms: jax.Array, num_groups: int) -> jax.Array:
   """Group scores: max over each KV group's query heads.
 
@@ -129,7 +121,7 @@ def layer_records(model: nnx.Module, tokens: jax.Array, segment_ids: jax.Array |
     mlp_x = layer.mlp_norm(x)
     if _is_relu_mlp(layer):
       record["mlp_x"] = mlp_x
-      record["fired"] = _fc1_preactivation(layer.mlp, mlp_x) > 0
+      record["fired"] = layer.mlp.preactivation(mlp_x) > 0
     x = x + layer.mlp(mlp_x)
     records.append(record)
   return records, x
