@@ -133,9 +133,15 @@ def density_name(density: float) -> str:
   return f"d{float(density):g}"
 
 
-_write_json = common.write_json
-_read_json = common.read_json
-_interpret = common.interpret
+
+
+def _check_max_len(config: ml_collections.ConfigDict, name: str, max_len: int) -> None:
+  """ValueError naming `name` unless a model of max_len positions holds every sequence the
+  study feeds it (contexts, eval_len and seq_len, plus one decoded token)."""
+  needed = max(max(config.contexts), config.eval_len, config.seq_len) + 1
+  if max_len < needed:
+    raise ValueError(f"{name}={max_len} must be >= {needed} (contexts, eval_len and "
+                     "seq_len, plus one decoded token)")
 
 
 def model_config(config: ml_collections.ConfigDict, variant: str) -> TransformerConfig:
@@ -146,11 +152,8 @@ def model_config(config: ml_collections.ConfigDict, variant: str) -> Transformer
   fields = dict(config.model_shapes[variant].to_dict())
   fields.update(variant=variant, vocab_size=data.VOCAB_SIZE,
                 attention_impl=config.attention_impl, decode_impl=config.decode_impl,
-                interpret=_interpret(config))
-  needed = max(max(config.contexts), config.eval_len, config.seq_len) + 1
-  if fields["max_len"] < needed:
-    raise ValueError(f"model_shapes.{variant}.max_len={fields['max_len']} must be >= {needed} "
-                     "(contexts, eval_len and seq_len, plus one decoded token)")
+                interpret=common.interpret(config))
+  _check_max_len(config, f"model_shapes.{variant}.max_len", fields["max_len"])
   return TransformerConfig(**fields)
 
 
@@ -187,9 +190,9 @@ def stage_model(config: ml_collections.ConfigDict, variant: str, directory: str
       state, _ = ckpt.restore(step, trainer.state())
       trainer.load_state(state)
       if not os.path.exists(info_path):
-        _write_json(info_path, {"source": source or "trained", "steps": trainer.step,
+        common.write_json(info_path, {"source": source or "trained", "steps": trainer.step,
                                 "params_m": mc.num_params() / 1e6, "val_loss": None})
-      return trainer.model(), _read_json(info_path)
+      return trainer.model(), common.read_json(info_path)
     start = time.perf_counter()
     corpus = _corpus(config, config.seq_len + 1)
     opt = _optimizer(config)
@@ -206,7 +209,7 @@ def stage_model(config: ml_collections.ConfigDict, variant: str, directory: str
     info = {"source": "trained", "params_m": mc.num_params() / 1e6, "steps": trainer.step,
             "train_loss": loss, "val_loss": val_loss,
             "train_s": time.perf_counter() - start}
-    _write_json(info_path, info)
+    common.write_json(info_path, info)
     logging.info("polar_sparsity: trained %s: %s", variant, info)
     return trainer.model(), info
   finally:
@@ -219,7 +222,7 @@ def _hf_model(config: ml_collections.ConfigDict, variant: str, path: str, info_p
   implementations. Its inputs are the corpus bytes (ids < data.VOCAB_SIZE): the study has
   no Hugging Face tokenizer, so only a model whose ids are bytes sees real text."""
   config_path = os.path.join(path, "config.json")
-  family = _read_json(config_path).get("model_type") if os.path.exists(config_path) else None
+  family = common.read_json(config_path).get("model_type") if os.path.exists(config_path) else None
   if family != variant:
     raise ValueError(f"hf_checkpoint.{variant}={path!r} holds model_type={family!r}, "
                      f"not {variant!r}")
@@ -227,18 +230,15 @@ def _hf_model(config: ml_collections.ConfigDict, variant: str, path: str, info_p
   model = hf_import.load_hf_checkpoint(
       path, dtype=shape.dtype, param_dtype=shape.param_dtype,
       attention_impl=config.attention_impl, decode_impl=config.decode_impl,
-      interpret=_interpret(config))
+      interpret=common.interpret(config))
   mc = model.config
   if mc.vocab_size < data.VOCAB_SIZE:
     raise ValueError(f"hf_checkpoint.{variant}={path!r}: vocab_size={mc.vocab_size} must be "
                      f">= {data.VOCAB_SIZE} (the study feeds byte ids)")
-  needed = max(max(config.contexts), config.eval_len, config.seq_len) + 1
-  if mc.max_len < needed:
-    raise ValueError(f"hf_checkpoint.{variant}={path!r}: max_len={mc.max_len} must be >= "
-                     f"{needed} (contexts, eval_len and seq_len, plus one decoded token)")
+  _check_max_len(config, f"hf_checkpoint.{variant}={path!r}: max_len", mc.max_len)
   info = {"source": f"hf:{path}", "params_m": mc.num_params() / 1e6, "steps": None,
           "val_loss": None}
-  _write_json(info_path, info)
+  common.write_json(info_path, info)
   return model, info
 
 
@@ -261,7 +261,7 @@ def stage_collect(config: ml_collections.ConfigDict, model: Transformer, directo
   stats = collect.collect(model, _collect_batches(config), directory,
                           rows_per_sequence=config.rows_per_sequence, seed=config.seed,
                           progress=config.progress)
-  _write_json(os.path.join(directory, DONE_FILE), stats)
+  common.write_json(os.path.join(directory, DONE_FILE), stats)
 
 
 def _fit_config(config: ml_collections.ConfigDict) -> train.RouterTrainConfig:
@@ -295,7 +295,7 @@ def stage_neurons(config: ml_collections.ConfigDict, directory: str, data_dir: s
     router_checkpoint.save_routers(routers_dir, router_checkpoint.RouterSet(
         [None] * num_layers, neurons, [1.0] * num_layers, meta={"recall": recall}))
   path = os.path.join(directory, CALIBRATION_FILE)
-  table = _read_json(path) if os.path.exists(path) else {}
+  table = common.read_json(path) if os.path.exists(path) else {}
   missing = [b for b in _calibration_batches(config) if str(b) not in table]
   if missing:
     ks = calibrate.calibrate_neuron_k(neurons, data_dir, missing, split="val",
@@ -304,7 +304,7 @@ def stage_neurons(config: ml_collections.ConfigDict, directory: str, data_dir: s
                                       multiple=config.neuron_multiple, seed=config.seed)
     for b in missing:
       table[str(b)] = _union_stats(neurons, data_dir, config, b, ks[b])
-    _write_json(path, table)
+    common.write_json(path, table)
   table["recall"] = recall
   return neurons, table
 
@@ -387,9 +387,9 @@ class _StageClock:
     start = time.perf_counter()
     yield
     seconds = time.perf_counter() - start
-    table = _read_json(self.path) if os.path.exists(self.path) else {}
+    table = common.read_json(self.path) if os.path.exists(self.path) else {}
     table.setdefault(stage, []).append(round(seconds, 2))
-    _write_json(self.path, table)
+    common.write_json(self.path, table)
     logging.info("polar_sparsity: stage %s took %.1f s", stage, seconds)
 
 
@@ -617,7 +617,7 @@ def accuracy(config: ml_collections.ConfigDict, setup: Setup,
   path = os.path.join(setup.root, "eval", f"{name}_b{batch}.json" if batch_matters
                       else f"{name}.json")
   if os.path.exists(path):
-    return _read_json(path)
+    return common.read_json(path)
   count = -(-max(config.eval_rows, batch) // batch) * batch
   tokens = eval_rows(config, count)
   policy = None if routers is None else routers.policy()
@@ -639,7 +639,7 @@ def accuracy(config: ml_collections.ConfigDict, setup: Setup,
   if routers is None:  # the same dense step twice: equal by construction
     result.update(ppl_sparse=result["ppl_dense"], nll_sparse=result["nll_dense"])
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  _write_json(path, result)
+  common.write_json(path, result)
   return result
 
 
