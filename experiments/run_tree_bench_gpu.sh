@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Old tree vs this tree on one GPU, alternating processes (old, new, old, new): the attention
+# forward / forward+backward cases of configs/bench_attention_gpu.py that the kernels' speed is
+# judged on, for pallas_mosaic_gpu and pallas_triton, and pallas_triton decode at S=4k, GQA 32/8,
+# head density 1 and 0.5, B in {1, 64, 256}. Rows go to OUT_DIR/trees.jsonl, the tables
+# (attention median ms, decode us per step; ratio of each tree's best run) to OUT_DIR/table.md.
+#
+#   experiments/run_tree_bench_gpu.sh OLD_TREE OUT_DIR [PART]   (PART: attention, decode or all)
+#
+# OLD_TREE is a checkout of the commit to compare with (e.g. `git archive COMMIT | tar -x -C
+# DIR`); run from this repository's root.
+set -u
+old=${1:?usage: $0 OLD_TREE OUT_DIR [attention|decode|all]}
+out=${2:?usage: $0 OLD_TREE OUT_DIR [attention|decode|all]}
+part=${3:-all}
+mkdir -p "$out"
+python=${PYTHON:-python}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+attention_where="implementation=pallas_mosaic_gpu,implementation=pallas_triton,case=B4-T4k"
+attention_where+=",case=B8-T2k-D64,case=B2-T8k-doc512,case=B1-T16k-win1k,case=B1-T4k-tree"
+decode_where="implementation=pallas_triton,kv_len=4096,num_kv_heads=8,batch=1,batch=64"
+decode_where+=",batch=256,head_density=1.0,head_density=0.5"
+for round in 1 2; do
+  for tree in "$old" .; do
+    label=$([ "$tree" = . ] && echo new || echo old)
+    if [ "$part" != decode ]; then
+      "$python" experiments/tree_bench.py --tree="$tree" --label="$label" \
+        --config=configs/bench_attention_gpu.py:all --out="$out/trees.jsonl" \
+        --where="$attention_where" --set=check=False,timing=loop 2>&1 | tail -n 3
+    fi
+    if [ "$part" != attention ]; then
+      "$python" experiments/tree_bench.py --tree="$tree" --label="$label" \
+        --config=configs/bench_decode_gpu.py:grid --out="$out/trees.jsonl" \
+        --where="$decode_where" 2>&1 | tail -n 3
+    fi
+  done
+done
+{ "$python" experiments/tree_bench.py --table="$out/trees.jsonl" --metric=median_ms
+  "$python" experiments/tree_bench.py --table="$out/trees.jsonl" --metric=us_per_step
+} > "$out/table.md"
+cat "$out/table.md"
