@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Old tree vs this tree on one GPU, alternating processes (old, new, old, new): the attention
-# forward / forward+backward cases of configs/bench_attention_gpu.py that the kernels' speed is
-# judged on, for pallas_mosaic_gpu and pallas_triton, and pallas_triton decode at S=4k, GQA 32/8,
+# cases of configs/bench_attention_gpu.py B4-T4k (dense and causal, forward and forward+backward),
+# B2-T8k-doc512 (both modes) and B1-T16k-win1k for pallas_mosaic_gpu and pallas_triton, and pallas_triton decode at S=4k, GQA 32/8,
 # head density 1 and 0.5, B in {1, 64, 256}. Rows go to OUT_DIR/trees.jsonl, the tables
 # (attention median ms, decode us per step; ratio of each tree's best run) to OUT_DIR/table.md.
 #
@@ -17,7 +17,7 @@ mkdir -p "$out"
 python=${PYTHON:-python}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 attention_where="implementation=pallas_mosaic_gpu,implementation=pallas_triton,case=B4-T4k"
-attention_where+=",case=B8-T2k-D64,case=B2-T8k-doc512,case=B1-T16k-win1k,case=B1-T4k-tree"
+attention_where+=",case=B2-T8k-doc512,case=B1-T16k-win1k"
 decode_where="implementation=pallas_triton,kv_len=4096,num_kv_heads=8,batch=1,batch=64"
 decode_where+=",batch=256,head_density=1.0,head_density=0.5"
 for round in 1 2; do
