@@ -177,7 +177,8 @@ class LookupTest(TuningTestCase):
     self.assertIsNone(_lookup(dtype="float16"))
     self.assertIsNone(_lookup(head_dim=64))
     self.assertIsNone(_lookup(backend="pallas_triton"))
-    self.assertIsNone(_lookup(device_kind="NVIDIA H100"))
+    self.assertIsNone(_lookup(device_kind="NVIDIA A100-SXM4-80GB"))  # not Hopper
+    self.assertIsNone(_lookup(device_kind="cpu"))  # no architecture
 
   def test_unknown_density_prefers_the_denser_entry(self):
     self._record(self.user_file, BlockSizes(64, 64), density=1 / 16)
