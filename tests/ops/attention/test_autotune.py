@@ -124,6 +124,42 @@ class KeyTest(parameterized.TestCase):
       search.candidates("xla", head_dim)
 
 
+class DeviceArchitectureTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      (name, name, arch, family, sms) for name, arch, family, sms in
+      (("NVIDIA H100 80GB HBM3", "sm90", "h100", 132), ("NVIDIA H100 PCIe", "sm90", "h100", 114),
+       ("NVIDIA H100 NVL", "sm90", "h100", 132), ("NVIDIA H200", "sm90", "h200", 132),
+       ("nvidia_h200", "sm90", "h200", 132), ("NVIDIA H800", "sm90", "h800", 132),
+       ("NVIDIA H20", "sm90", "h20", 78), ("NVIDIA GH200 480GB", "sm90", "gh200", 132),
+       ("NVIDIA A100-SXM4-80GB", "sm80", "a100", 108), ("NVIDIA B200", "sm100", "b200", None),
+       ("cpu", None, None, None), ("TPU v5 lite", None, None, None),
+       ("NVIDIA H2000", None, None, None)))
+  def test_known_names(self, name, arch, family, sms):
+    self.assertEqual(keys.device_architecture(name), arch)
+    self.assertEqual(keys.device_family(name), family)
+    self.assertEqual(keys.device_sm_count(name), sms)
+
+  def test_compute_capability_wins_over_the_name(self):
+    self.assertEqual(keys.device_architecture("NVIDIA Hopper Sample", "9.0"), "sm90")
+    self.assertEqual(keys.device_architecture("NVIDIA H100 80GB HBM3", "8.0"), "sm80")
+    self.assertEqual(keys.device_architecture("NVIDIA B200", "10.0a"), "sm100")
+    self.assertEqual(keys.device_architecture("NVIDIA H100", ""), "sm90")  # empty: by name
+    with self.assertRaisesRegex(ValueError, "compute_capability='nine'"):
+      keys.device_architecture("NVIDIA H100", "nine")
+    with self.assertRaisesRegex(ValueError, "device_kind="):
+      keys.device_architecture("")
+
+  def test_device_distance(self):
+    h100 = "NVIDIA H100 80GB HBM3"
+    self.assertEqual(keys.device_distance(h100, "NVIDIA H100 NVL"), (0, 0))
+    self.assertEqual(keys.device_distance(h100, "NVIDIA H200"), (0, 1))
+    self.assertEqual(keys.device_distance(h100, "NVIDIA H100 PCIe"), (1, 0))
+    self.assertEqual(keys.device_distance(h100, "NVIDIA H20"), (1, 1))
+    self.assertEqual(keys.device_distance(h100, "NVIDIA H100 PCIe", sm_count=114), (0, 0))
+    self.assertEqual(keys.device_distance("NVIDIA Hopper Sample", "NVIDIA H200"), (1, 1))
+
+
 class MaskFeaturesTest(parameterized.TestCase):
 
   def test_features(self):
@@ -177,7 +213,8 @@ class LookupTest(TuningTestCase):
     self.assertIsNone(_lookup(dtype="float16"))
     self.assertIsNone(_lookup(head_dim=64))
     self.assertIsNone(_lookup(backend="pallas_triton"))
-    self.assertIsNone(_lookup(device_kind="NVIDIA H100"))
+    self.assertIsNone(_lookup(device_kind="NVIDIA A100-SXM4-80GB"))  # not Hopper
+    self.assertIsNone(_lookup(device_kind="cpu"))  # no architecture
 
   def test_unknown_density_prefers_the_denser_entry(self):
     self._record(self.user_file, BlockSizes(64, 64), density=1 / 16)
@@ -218,6 +255,228 @@ class LookupTest(TuningTestCase):
                                                  **call))
     block_mask = masks.BlockMask.from_mask(masks.causal(1024, 1024), 64, 32)
     self.assertIsNone(store.tuned_block_sizes("pallas_triton", q, k, mask=block_mask))
+
+
+_H100 = "NVIDIA H100 80GB HBM3"
+
+
+class ArchitectureFallbackTest(TuningTestCase):
+  """Other device kinds of the caller's architecture serve when its own files have nothing."""
+
+  def _record(self, device_kind, sizes, *, packaged=False, **key_overrides):
+    directory = self.packaged_dir if packaged else self.user_dir
+    path = directory / f"{keys.device_slug(device_kind)}.json"
+    store.record(store.make_entry(_key(device_kind=device_kind, **key_overrides), sizes,
+                                  1.0), path)
+    return str(path)
+
+  def test_h100_takes_the_h200_entry(self):
+    path = self._record(_DEVICE, BlockSizes(128, 64, num_stages=3), packaged=True)
+    source = store.lookup_source("pallas_mosaic_gpu", **dict(
+        device_kind=_H100, dtype="bfloat16", head_dim=128, q_len=4096, kv_len=4096,
+        causal=True, density=0.5, group=1))
+    self.assertEqual(source.block_sizes, BlockSizes(128, 64, num_stages=3))
+    self.assertEqual((source.path, source.device_kind, source.match),
+                     (path, _DEVICE, "architecture-exact"))
+    self.assertEqual(json.loads(source.key), _key())
+    self.assertEqual(source.as_dict()["block_sizes"],
+                     {"block_q": 128, "block_kv": 64, "num_stages": 3})
+    self.assertEqual(_lookup(device_kind=_H100), BlockSizes(128, 64, num_stages=3))
+    near = store.lookup_source("pallas_mosaic_gpu", device_kind=_H100, dtype="bfloat16",
+                               head_dim=128, q_len=8192, kv_len=8192, causal=True,
+                               density=0.5, group=1)
+    self.assertEqual((near.block_sizes, near.match),
+                     (BlockSizes(128, 64, num_stages=3), "architecture-nearest"))
+    self.assertIsNone(_lookup(device_kind=_H100, causal=False))  # shared fields still hold
+    self.assertIsNone(_lookup(device_kind=_H100, group=2))
+
+  def test_own_device_entries_win(self):
+    self._record(_DEVICE, BlockSizes(64, 64), packaged=True)
+    path = self._record(_H100, BlockSizes(128, 128, persistent=True))
+    source = store.lookup_source("pallas_mosaic_gpu", device_kind=_H100, dtype="bfloat16",
+                                 head_dim=128, q_len=4096, kv_len=4096, causal=True,
+                                 density=0.5, group=1)
+    self.assertEqual((source.block_sizes, source.path, source.device_kind, source.match),
+                     (BlockSizes(128, 128, persistent=True), path, _H100, "exact"))
+    # A nearest entry of the H100 itself still beats an exact one of the H200.
+    self.assertEqual(_lookup(device_kind=_H100, q_len=2048, kv_len=2048),
+                     BlockSizes(128, 128, persistent=True))
+    self.assertEqual(_lookup(), BlockSizes(64, 64))  # and the H200 keeps its own
+
+  def test_exact_over_nearest_then_closest_device(self):
+    self._record("NVIDIA H100 PCIe", BlockSizes(64, 128), packaged=True)
+    self._record("NVIDIA H20", BlockSizes(128, 32), q_len=8192, kv_len=8192)
+    self._record(_DEVICE, BlockSizes(128, 64), packaged=True)
+    # Exact entries of the PCIe H100 (same family, 114 SMs) and of the H200 (132 SMs as the
+    # SXM H100): the SM count decides; with 114 SMs of the device, the PCIe entry wins.
+    self.assertEqual(_lookup(device_kind=_H100), BlockSizes(128, 64))
+    self.assertEqual(_lookup(device_kind=_H100, sm_count=114), BlockSizes(64, 128))
+    self.assertEqual(_lookup(device_kind="NVIDIA H100 NVL"), BlockSizes(128, 64))
+    # The H20 has the only 8k entry: exact in every field but the device, it beats both.
+    self.assertEqual(_lookup(device_kind=_H100, q_len=8192, kv_len=8192),
+                     BlockSizes(128, 32))
+    # At 16k no entry is exact: the H20 is nearest (distance 2 < 4).
+    self.assertEqual(_lookup(device_kind=_H100, q_len=16384, kv_len=16384),
+                     BlockSizes(128, 32))
+    with self.assertRaisesRegex(ValueError, "sm_count=0"):
+      _lookup(device_kind=_H100, sm_count=0)
+
+  def test_user_file_of_another_device_over_its_packaged_file(self):
+    self._record(_DEVICE, BlockSizes(64, 64), packaged=True)
+    path = self._record(_DEVICE, BlockSizes(64, 128))
+    source = store.lookup_source("pallas_mosaic_gpu", device_kind=_H100, dtype="bfloat16",
+                                 head_dim=128, q_len=4096, kv_len=4096, causal=True,
+                                 density=0.5, group=1)
+    self.assertEqual((source.block_sizes, source.path), (BlockSizes(64, 128), path))
+
+  def test_architecture_by_name_or_compute_capability(self):
+    self._record(_DEVICE, BlockSizes(128, 64, num_stages=3), packaged=True)
+    self.assertEqual(_lookup(device_kind="NVIDIA H100 NVL"),
+                     BlockSizes(128, 64, num_stages=3))
+    self.assertEqual(_lookup(device_kind="NVIDIA GH200 480GB"),
+                     BlockSizes(128, 64, num_stages=3))
+    self.assertIsNone(_lookup(device_kind="NVIDIA Hopper Sample"))  # unknown name
+    self.assertEqual(_lookup(device_kind="NVIDIA Hopper Sample", compute_capability="9.0"),
+                     BlockSizes(128, 64, num_stages=3))
+    self.assertIsNone(_lookup(device_kind="NVIDIA A100-SXM4-80GB"))
+    self.assertIsNone(_lookup(device_kind="NVIDIA Ampere Sample", compute_capability="8.0"))
+    # A file named for a Hopper part holding entries of another architecture: not used.
+    self._record("NVIDIA A100-SXM4-80GB", BlockSizes(32, 32))
+    (self.user_dir / "nvidia_a100_sxm4_80gb.json").rename(self.user_dir / "nvidia_h800.json")
+    store.clear_cache()
+    self.assertEqual(_lookup(device_kind=_H100), BlockSizes(128, 64, num_stages=3))
+
+  def test_disabled(self):
+    self._record(_DEVICE, BlockSizes(128, 64), packaged=True)
+    self.assertEqual(_lookup(device_kind=_H100), BlockSizes(128, 64))
+    with store.disabled():
+      self.assertIsNone(_lookup(device_kind=_H100))
+    with mock.patch.dict(os.environ, {store.ENV_ENABLE: "0"}):
+      self.assertIsNone(_lookup(device_kind=_H100))
+      self.assertIsNone(store.lookup_source("pallas_mosaic_gpu", device_kind=_H100,
+                                            dtype="bfloat16", head_dim=128, q_len=4096,
+                                            kv_len=4096, causal=True, density=0.5, group=1))
+
+  def test_new_and_changed_files_of_other_devices_are_seen(self):
+    # Files written behind the store's back (no `record`, which clears the caches): the
+    # cached lookups must notice by the files' listing, mtimes and sizes.
+    def write(sizes, mtime_ns):
+      self.packaged_file.write_text(json.dumps({
+          "format": store.FILE_FORMAT, "version": store.FILE_VERSION,
+          "entries": [store.make_entry(_key(), sizes, 1.0)]}))
+      os.utime(self.packaged_file, ns=(mtime_ns, mtime_ns))
+
+    self.assertIsNone(_lookup(device_kind=_H100))
+    write(BlockSizes(128, 64), 10**18)  # a new file
+    self.assertEqual(_lookup(device_kind=_H100), BlockSizes(128, 64))
+    write(BlockSizes(64, 64, num_stages=3), 2 * 10**18)  # rewritten
+    self.assertEqual(_lookup(device_kind=_H100), BlockSizes(64, 64, num_stages=3))
+    self.packaged_file.unlink()
+    self.assertIsNone(_lookup(device_kind=_H100))
+
+  def test_malformed_file_of_the_architecture_names_the_file(self):
+    bad = self.user_dir / "nvidia_h800.json"
+    bad.write_text("{entries: []")
+    with self.assertRaisesRegex(ValueError, str(bad)):
+      _lookup(device_kind=_H100)
+    self.assertIsNone(_lookup(device_kind="NVIDIA A100-SXM4-80GB"))  # not consulted
+
+
+class _FakeGpu:
+  platform = "gpu"
+
+  def __init__(self, device_kind, compute_capability, core_count):
+    self.device_kind = device_kind
+    self.compute_capability = compute_capability
+    self.core_count = core_count
+
+
+class PackagedFallbackTest(parameterized.TestCase):
+  """The shipped H200 table serves other Hopper parts (values read from nvidia_h200.json)."""
+
+  def setUp(self):
+    super().setUp()
+    root = tempfile.mkdtemp(prefix="fj_autotune_")
+    self.addCleanup(shutil.rmtree, root, ignore_errors=True)
+    self.user_dir = pathlib.Path(root)
+    self.enter_context(mock.patch.dict(os.environ, {store.ENV_DIR: root}))
+    os.environ.pop(store.ENV_ENABLE, None)
+    store.clear_cache()
+    self.addCleanup(store.clear_cache)
+
+  def _source(self, device_kind, **overrides):
+    fields = dict(device_kind=device_kind, dtype="bfloat16", head_dim=128, q_len=4096,
+                  kv_len=4096, causal=True, density=1 / 8, group=1)
+    fields.update(overrides)
+    return store.lookup_source("pallas_mosaic_gpu", **fields)
+
+  @parameterized.named_parameters(
+      ("h100_sxm", _H100, None), ("h100_nvl", "NVIDIA H100 NVL", None),
+      ("unknown_name_sm90", "NVIDIA Hopper Sample", "9.0"))
+  def test_hopper_parts_use_the_h200_table(self, device_kind, capability):
+    packaged = str(store.PACKAGED_DIR / "nvidia_h200.json")
+    documents = self._source(device_kind, compute_capability=capability)
+    self.assertEqual(documents.block_sizes,
+                     BlockSizes(128, 64, num_stages=2, persistent=False))
+    self.assertEqual((documents.path, documents.device_kind, documents.match),
+                     (packaged, "NVIDIA H200", "architecture-exact"))
+    dense = self._source(device_kind, compute_capability=capability, causal=False,
+                         density=1.0, q_len=16384, kv_len=16384)
+    self.assertEqual(dense.block_sizes, BlockSizes(128, 128, num_stages=2, persistent=True))
+    # No 8k x 16k causal entry: the nearest is the 16k one (distance 1 against 3 for 4k).
+    causal = self._source(device_kind, compute_capability=capability, density=0.5,
+                          q_len=16384, kv_len=8192)
+    self.assertEqual((causal.block_sizes, causal.match),
+                     (BlockSizes(128, 128, num_stages=2, persistent=True),
+                      "architecture-nearest"))
+    d64 = self._source(device_kind, compute_capability=capability, head_dim=64,
+                       causal=False, density=1.0, q_len=2048, kv_len=2048)
+    self.assertEqual(d64.block_sizes, BlockSizes(128, 128, num_stages=3, persistent=False))
+
+  def test_non_hopper_and_unknown_devices_get_none(self):
+    self.assertIsNone(self._source("NVIDIA A100-SXM4-80GB"))
+    self.assertIsNone(self._source("NVIDIA Hopper Sample"))  # no compute capability
+    self.assertIsNone(self._source("NVIDIA Hopper Sample", compute_capability="8.0"))
+    self.assertIsNone(self._source("cpu"))
+
+  def test_user_entry_of_the_h100_wins(self):
+    key = keys.make_key("pallas_mosaic_gpu", device_kind=_H100, dtype="bfloat16",
+                        head_dim=128, q_len=4096, kv_len=4096, causal=True, density=1 / 8,
+                        group=1)
+    store.record(store.make_entry(key, BlockSizes(64, 64, num_stages=3), 1.0),
+                 store.user_file(_H100))
+    source = self._source(_H100)
+    self.assertEqual((source.block_sizes, source.match, source.path),
+                     (BlockSizes(64, 64, num_stages=3), "exact", str(store.user_file(_H100))))
+    # Other keys still come from the H200 table.
+    self.assertEqual(self._source(_H100, causal=False, density=1.0, q_len=16384,
+                                  kv_len=16384).block_sizes,
+                     BlockSizes(128, 128, num_stages=2, persistent=True))
+
+  def test_disabled(self):
+    with store.disabled():
+      self.assertIsNone(self._source(_H100))
+    with mock.patch.dict(os.environ, {store.ENV_ENABLE: "off"}):
+      self.assertIsNone(self._source(_H100))
+    self.assertIsNotNone(self._source(_H100))
+
+  def test_backend_call_on_an_h100(self):
+    q = jax.ShapeDtypeStruct((1, 16384, 8, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 16384, 8, 128), jnp.bfloat16)
+    h100 = _FakeGpu(_H100, "9.0", 132)
+    with mock.patch.object(jax, "devices", return_value=[h100]):
+      source = store.tuned_source("pallas_mosaic_gpu", q, k, mask=None, is_causal=False)
+      sizes = store.tuned_block_sizes("pallas_mosaic_gpu", q, k, mask=None, is_causal=False)
+      self.assertIsNone(store.tuned_source("pallas_mosaic_gpu", q, k, interpret=True))
+      with store.disabled():
+        self.assertIsNone(store.tuned_block_sizes("pallas_mosaic_gpu", q, k))
+    self.assertEqual(sizes, BlockSizes(128, 128, num_stages=2, persistent=True))
+    self.assertEqual((source.block_sizes, source.device_kind, source.match),
+                     (sizes, "NVIDIA H200", "architecture-exact"))
+    # The device's compute capability decides, not the name.
+    ampere = _FakeGpu(_H100, "8.0", 108)
+    with mock.patch.object(jax, "devices", return_value=[ampere]):
+      self.assertIsNone(store.tuned_block_sizes("pallas_mosaic_gpu", q, k))
 
 
 class FileTest(TuningTestCase):

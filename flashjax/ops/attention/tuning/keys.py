@@ -21,6 +21,13 @@ measurement serves nearby shapes:
 `key_string` is the canonical text of a key (the identity of an entry in a file, store.py);
 `device_slug` names a device kind's file; `mask_features` derives `causal` and `density`
 from a call's mask arguments.
+
+Devices of one GPU architecture share entries when a device kind has none of its own
+(store.py). `device_architecture` names the architecture of a device kind ("sm90" for
+Hopper): from the device's compute capability when the caller has the device (jax GPU
+devices have `compute_capability`, e.g. "9.0"), else from the name by `KNOWN_DEVICES`.
+`device_family` and `device_sm_count` (the same table) rank the other device kinds of an
+architecture by how close they are to the caller's (`device_distance`).
 """
 
 from __future__ import annotations
@@ -114,6 +121,116 @@ def device_slug(device_kind: str) -> str:
   if not slug:
     raise ValueError(f"{device_kind=} gives an empty file name")
   return slug
+
+
+# ----------------------------------------------------------------------------------------
+# Device kinds: architecture, family, SM count.
+
+# (family, architecture, SM count by variant) of known NVIDIA device kinds. A device kind
+# belongs to a family when its name (or file slug), lower-cased, contains the family as a
+# token: not preceded or followed by a letter or digit, so "NVIDIA H100 80GB HBM3",
+# "NVIDIA H100 NVL", "nvidia_h100_pcie" are H100, "NVIDIA H20" is not H200, and
+# "NVIDIA GH200 480GB" is GH200, not H200. Variants are further tokens of the name; "" is
+# every other name of the family. SM counts are the published ones of each part.
+KNOWN_DEVICES: tuple[tuple[str, str, tuple[tuple[str, int], ...]], ...] = (
+    # Hopper, compute capability 9.0.
+    ("gh200", "sm90", (("", 132),)),
+    ("h100", "sm90", (("pcie", 114), ("", 132))),  # SXM, NVL: 132
+    ("h200", "sm90", (("", 132),)),  # SXM, NVL
+    ("h800", "sm90", (("pcie", 114), ("", 132))),
+    ("h20", "sm90", (("", 78),)),
+    # Ampere (8.0) and Blackwell (10.0): no tables yet; named so that they never borrow
+    # Hopper entries however their names are spelled.
+    ("a100", "sm80", (("", 108),)),
+    ("a800", "sm80", (("", 108),)),
+    ("a30", "sm80", (("", 56),)),
+    ("gb200", "sm100", ()),
+    ("b200", "sm100", ()),
+    ("b100", "sm100", ()),
+)
+
+
+def _has_token(name: str, token: str) -> bool:
+  return re.search(rf"(?<![a-z0-9]){re.escape(token)}(?![a-z0-9])", name) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _known_device(device_kind: str):
+  if not isinstance(device_kind, str) or not device_kind:
+    raise ValueError(f"{device_kind=} must be a non-empty string")
+  name = device_kind.lower()
+  for family, architecture, variants in KNOWN_DEVICES:
+    if _has_token(name, family):
+      return family, architecture, variants, name
+  return None
+
+
+def architecture_from_capability(compute_capability: str) -> str:
+  """"9.0" -> "sm90" (a jax GPU device's `compute_capability`; a suffix as in "9.0a" is
+  ignored)."""
+  match = re.fullmatch(r"\s*(\d+)\.(\d+)[a-z]*\s*", str(compute_capability))
+  if match is None:
+    raise ValueError(f"{compute_capability=} is not a compute capability like '9.0'")
+  return f"sm{int(match.group(1))}{int(match.group(2))}"
+
+
+def device_architecture(device_kind: str, compute_capability: str | None = None
+                        ) -> str | None:
+  """The GPU architecture of a device kind, e.g. "sm90" for any Hopper part; None unknown.
+
+  Args:
+    device_kind: `jax.devices()[0].device_kind` or a file slug ("nvidia_h200").
+    compute_capability: the device's `compute_capability` ("9.0") when known; it wins over
+      the name.
+
+  Returns:
+    "sm<major><minor>" from the compute capability, else from `KNOWN_DEVICES` by name
+    (any name with an H100, H200, H800, H20 or GH200 token is "sm90"), else None (CPUs,
+    TPUs, GPUs not in the table).
+  """
+  if compute_capability is not None and str(compute_capability).strip():
+    return architecture_from_capability(compute_capability)
+  known = _known_device(device_kind)
+  return None if known is None else known[1]
+
+
+def device_family(device_kind: str) -> str | None:
+  """The family token of a known device kind ("NVIDIA H100 80GB HBM3" -> "h100"), or None."""
+  known = _known_device(device_kind)
+  return None if known is None else known[0]
+
+
+def device_sm_count(device_kind: str) -> int | None:
+  """The SM count of a known device kind by its name (KNOWN_DEVICES), or None."""
+  known = _known_device(device_kind)
+  if known is None:
+    return None
+  _, _, variants, name = known
+  for variant, count in variants:
+    if not variant or _has_token(name, variant):
+      return count
+  return None
+
+
+def device_distance(device_kind: str, other_kind: str, *, sm_count: int | None = None
+                    ) -> tuple[int, int]:
+  """How far `other_kind`'s tuned tiles are from `device_kind`'s, for ordering fallbacks.
+
+  (0 when both have the same, known SM count else 1, 0 when both are of the same known
+  family else 1): lower is closer; the SM count comes first because it sets the number of
+  programs of a persistent grid.
+
+  Args:
+    device_kind: the caller's device kind.
+    other_kind: the device kind of a tuning entry.
+    sm_count: the caller's SM count when the device is at hand (a jax GPU device's
+      `core_count`); else the table's.
+  """
+  mine = sm_count if sm_count is not None else device_sm_count(device_kind)
+  theirs = device_sm_count(other_kind)
+  family = device_family(device_kind)
+  return (0 if mine is not None and mine == theirs else 1,
+          0 if family is not None and family == device_family(other_kind) else 1)
 
 
 @functools.lru_cache(maxsize=64)

@@ -12,14 +12,31 @@ with one entry per key (keys.py; extra entry fields, e.g. the heuristic's time, 
 written). `save` / `record` merge entries into a file under an exclusive lock and replace it
 atomically.
 
-Lookup order: an exact key in the user file, an exact key in the packaged file, then the
-nearest entry of either file with the same backend, device kind, dtype, head dim, causal
-flag and group, by the distance |dlog2 q_len| + |dlog2 kv_len| + |dlog2 density| (a None
-density on either side adds 0); ties go to the user file, then to the denser entry. No such
-entry: None. `FLASHJAX_AUTOTUNE=0` (or false / off / no) turns lookup off, as does the
-`disabled()` context. Files are parsed once per (path, mtime, size) and lookups are cached in
-the process; a malformed file raises ValueError naming the file. The backends call
-`tuned_block_sizes`, which builds the key from a call's arguments.
+Lookup order (`lookup_source`; `lookup` and `tuned_block_sizes` return its BlockSizes):
+
+  1. the caller's device kind: an exact key in its user file, an exact key in its packaged
+     file, then the nearest entry of either file with the same backend, device kind, dtype,
+     head dim, causal flag and group, by the distance |dlog2 q_len| + |dlog2 kv_len| +
+     |dlog2 density| (a None density on either side adds 0); ties go to the user file, then
+     to the denser entry. Match "exact" / "nearest".
+  2. other device kinds of the same GPU architecture (keys.device_architecture: the
+     device's compute capability when known, else keys.KNOWN_DEVICES by name; Hopper is
+     "sm90": H100 SXM / PCIe / NVL, H200, H800, H20, GH200): every `*.json` in the user
+     directory, then in the packaged directory, whose file name is of that architecture by
+     the table, and in them the entries whose device kind is of it. First an entry equal
+     to the key in every field but device_kind ("architecture-exact"; the closest device
+     wins, then the user file), else the nearest as in 1 by (distance, closeness of the
+     device, user file first, denser entry) ("architecture-nearest"). Closeness
+     (keys.device_distance): the same SM count first, then the same family (H100, H200, ...).
+  3. None: the backend uses its heuristic. Device kinds of unknown architecture (CPU, TPU,
+     GPUs not in the table without a compute capability) stop after 1.
+
+`FLASHJAX_AUTOTUNE=0` (or false / off / no) turns lookup off, as does the `disabled()`
+context. Files are parsed once per (path, mtime, size) and lookups are cached in the process
+under the key and the (path, mtime, size) of every file consulted, so a new, changed or
+removed file is seen; a malformed file raises ValueError naming the file. The backends call
+`tuned_block_sizes`, which builds the key from a call's arguments and the device
+(`tuned_source` returns the TunedSource: file, device kind and match of the entry).
 """
 
 from __future__ import annotations
@@ -244,6 +261,7 @@ def clear_cache() -> None:
   """Forgets parsed files and cached lookups (`save` calls it)."""
   _read_cached.cache_clear()
   _lookup_cached.cache_clear()
+  _fallback_cached.cache_clear()
 
 
 def _log2_distance(a: float | None, b: float | None) -> float:
@@ -252,34 +270,134 @@ def _log2_distance(a: float | None, b: float | None) -> float:
   return abs(math.log2(a) - math.log2(b))
 
 
+MATCHES = ("exact", "nearest", "architecture-exact", "architecture-nearest")
+# Fields a nearest entry must share with the key (besides the device, which the two stages
+# of lookup treat differently); the others are compared by distance.
+_SHARED_FIELDS = ("backend", "dtype", "head_dim", "causal", "group")
+_DISTANCE_FIELDS = ("q_len", "kv_len", "density")
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedSource:
+  """Which entry served a lookup (what benchmarks record next to their times).
+
+  Attributes:
+    block_sizes: the entry's BlockSizes.
+    path: the tuning file that holds the entry.
+    device_kind: the device kind of the entry (another one of the same architecture for
+      the architecture-* matches).
+    match: one of MATCHES: "exact" / "nearest" in the caller's device-kind files,
+      "architecture-exact" / "architecture-nearest" in the files of another device kind of
+      the same architecture.
+    key: the entry's key string (keys.key_string).
+  """
+
+  block_sizes: BlockSizes
+  path: str
+  device_kind: str
+  match: str
+  key: str
+
+  def as_dict(self) -> dict[str, Any]:
+    """JSON-ready fields: block_sizes as a dict, key as an object."""
+    return {"block_sizes": block_sizes_to_dict(self.block_sizes), "path": self.path,
+            "device_kind": self.device_kind, "match": self.match,
+            "key": json.loads(self.key)}
+
+
+def _source(entry: Mapping[str, Any], path: str, match: str) -> TunedSource:
+  return TunedSource(block_sizes=block_sizes_from_dict(entry["block_sizes"]), path=path,
+                     device_kind=entry["key"]["device_kind"], match=match,
+                     key=keys.key_string(entry["key"]))
+
+
+def _distance(key: Mapping[str, Any], other: Mapping[str, Any]) -> float:
+  return sum(_log2_distance(key[f], other[f]) for f in _DISTANCE_FIELDS)
+
+
+def _entries(path: str, sig: tuple[int, int] | None) -> dict[str, dict[str, Any]]:
+  return {} if sig is None else _read_cached(path, *sig)
+
+
 @functools.lru_cache(maxsize=1024)
 def _lookup_cached(name: str, files: tuple[tuple[str, tuple[int, int] | None], ...]
-                   ) -> BlockSizes | None:
+                   ) -> TunedSource | None:
+  """Stage 1: the caller's device-kind files (user first), exact key then nearest."""
   key = json.loads(name)
-  sources = [{} if sig is None else _read_cached(path, *sig) for path, sig in files]
-  for entries in sources:  # exact key, user file first
+  sources = [(path, _entries(path, sig)) for path, sig in files]
+  for path, entries in sources:  # exact key, user file first
     if name in entries:
-      return block_sizes_from_dict(entries[name]["block_sizes"])
-  same = ("backend", "device_kind", "dtype", "head_dim", "causal", "group")
-  best, best_rank = None, None
-  for rank, entries in enumerate(sources):
+      return _source(entries[name], path, "exact")
+  best, best_order = None, None
+  for rank, (path, entries) in enumerate(sources):
     for other_name, entry in entries.items():
       other = entry["key"]
-      if any(other[f] != key[f] for f in same):
+      if any(other[f] != key[f] for f in _SHARED_FIELDS + ("device_kind",)):
         continue
-      distance = (_log2_distance(key["q_len"], other["q_len"])
-                  + _log2_distance(key["kv_len"], other["kv_len"])
-                  + _log2_distance(key["density"], other["density"]))
-      order = (distance, rank, -(other["density"] or 0.0), other_name)
-      if best_rank is None or order < best_rank:
-        best, best_rank = entry, order
-  return None if best is None else block_sizes_from_dict(best["block_sizes"])
+      order = (_distance(key, other), rank, -(other["density"] or 0.0), other_name)
+      if best_order is None or order < best_order:
+        best, best_order = (entry, path), order
+  return None if best is None else _source(*best, "nearest")
 
 
-def lookup(backend: str, *, device_kind: str, dtype: Any, head_dim: int, q_len: int,
-           kv_len: int, causal: bool, density: float | None, group: int
-           ) -> BlockSizes | None:
-  """Recorded BlockSizes for a call, or None (module docstring: order and distance).
+@functools.lru_cache(maxsize=1024)
+def _fallback_cached(name: str, architecture: str, sm_count: int | None,
+                     files: tuple[tuple[int, str, tuple[int, int] | None], ...]
+                     ) -> TunedSource | None:
+  """Stage 2: entries of other device kinds of `architecture` in `files` ((rank, path,
+  signature), user files rank 0, packaged rank 1); exact in every field but device_kind,
+  then nearest (module docstring: order)."""
+  key = json.loads(name)
+  device_kind = key["device_kind"]
+  exact, exact_order, nearest, nearest_order = None, None, None, None
+  for rank, path, sig in files:
+    for other_name, entry in _entries(path, sig).items():
+      other = entry["key"]
+      if (any(other[f] != key[f] for f in _SHARED_FIELDS)
+          or keys.device_architecture(other["device_kind"]) != architecture):
+        continue
+      closeness = keys.device_distance(device_kind, other["device_kind"],
+                                       sm_count=sm_count)
+      distance = _distance(key, other)
+      if all(other[f] == key[f] for f in _DISTANCE_FIELDS):
+        order = (closeness, rank, other["device_kind"], path)
+        if exact_order is None or order < exact_order:
+          exact, exact_order = (entry, path), order
+      else:
+        order = (distance, closeness, rank, -(other["density"] or 0.0),
+                 other["device_kind"], other_name, path)
+        if nearest_order is None or order < nearest_order:
+          nearest, nearest_order = (entry, path), order
+  if exact is not None:
+    return _source(*exact, "architecture-exact")
+  return None if nearest is None else _source(*nearest, "architecture-nearest")
+
+
+def _architecture_files(architecture: str, exclude: Iterable[pathlib.Path]
+                        ) -> tuple[tuple[int, str, tuple[int, int] | None], ...]:
+  """(rank, path, signature) of the user (rank 0) and packaged (rank 1) files whose name
+  (device slug) is of `architecture` by keys.KNOWN_DEVICES, less `exclude`."""
+  seen = {str(p) for p in exclude}
+  files = []
+  for rank, directory in enumerate((tuning_dir(), PACKAGED_DIR)):
+    if not directory.is_dir():
+      continue
+    for path in sorted(directory.glob("*.json")):
+      if str(path) in seen or keys.device_architecture(path.stem) != architecture:
+        continue
+      seen.add(str(path))
+      sig = _signature(path)
+      if sig is not None:  # removed since the listing
+        files.append((rank, str(path), sig))
+  return tuple(files)
+
+
+def lookup_source(backend: str, *, device_kind: str, dtype: Any, head_dim: int,
+                  q_len: int, kv_len: int, causal: bool, density: float | None, group: int,
+                  compute_capability: str | None = None, sm_count: int | None = None
+                  ) -> TunedSource | None:
+  """The entry that serves a call, with where it came from, or None (module docstring:
+  order and distance).
 
   Args:
     backend: implementation name.
@@ -291,21 +409,79 @@ def lookup(backend: str, *, device_kind: str, dtype: Any, head_dim: int, q_len: 
     causal: whether no query attends a later key.
     density: fraction of non-empty 128 x 128 tiles, or None when unknown.
     group: Nq // Nkv.
+    compute_capability: the device's `compute_capability` (e.g. "9.0") when known: it sets
+      the architecture whose other device kinds may serve; else keys.KNOWN_DEVICES does,
+      by name.
+    sm_count: the device's SM count (`core_count` of a jax GPU device) when known, to
+      prefer device kinds with as many SMs; else the table's.
 
   Returns:
-    The user file's or the packaged file's BlockSizes for the exact or nearest key, or None
-    when lookup is disabled or no entry matches.
+    A TunedSource, or None when lookup is disabled or no entry of this device kind or of
+    another one of its architecture matches.
 
   Raises:
-    ValueError: a tuning file is malformed (the message names it).
+    ValueError: a tuning file is malformed (the message names it), or a bad
+      compute_capability / sm_count.
   """
   if not enabled():
     return None
+  if sm_count is not None and (not isinstance(sm_count, int) or isinstance(sm_count, bool)
+                               or sm_count < 1):
+    raise ValueError(f"{sm_count=} must be a positive int or None")
   key = keys.make_key(backend, device_kind=device_kind, dtype=dtype, head_dim=head_dim,
                       q_len=q_len, kv_len=kv_len, causal=causal, density=density,
                       group=group)
-  paths = (user_file(device_kind), packaged_file(device_kind))
-  return _lookup_cached(keys.key_string(key), tuple((str(p), _signature(p)) for p in paths))
+  name = keys.key_string(key)
+  own = (user_file(device_kind), packaged_file(device_kind))
+  found = _lookup_cached(name, tuple((str(p), _signature(p)) for p in own))
+  if found is not None:
+    return found
+  architecture = keys.device_architecture(device_kind, compute_capability)
+  if architecture is None:
+    return None
+  return _fallback_cached(name, architecture, sm_count,
+                          _architecture_files(architecture, own))
+
+
+def lookup(backend: str, *, device_kind: str, dtype: Any, head_dim: int, q_len: int,
+           kv_len: int, causal: bool, density: float | None, group: int,
+           compute_capability: str | None = None, sm_count: int | None = None
+           ) -> BlockSizes | None:
+  """Recorded BlockSizes for a call, or None: `lookup_source`'s block sizes (same args)."""
+  source = lookup_source(backend, device_kind=device_kind, dtype=dtype, head_dim=head_dim,
+                         q_len=q_len, kv_len=kv_len, causal=causal, density=density,
+                         group=group, compute_capability=compute_capability,
+                         sm_count=sm_count)
+  return None if source is None else source.block_sizes
+
+
+def _device_facts(device: Any) -> tuple[str, str | None, int | None]:
+  """(device_kind, compute_capability, SM count) of a jax device; None where it has none
+  (only GPU devices have `compute_capability` and `core_count`)."""
+  if getattr(device, "platform", None) != "gpu":
+    return device.device_kind, None, None
+  capability = getattr(device, "compute_capability", None)
+  capability = str(capability) if capability is not None and str(capability) else None
+  count = getattr(device, "core_count", None)
+  count = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 \
+      else None
+  return device.device_kind, capability, count
+
+
+def tuned_source(backend: str, query: jax.Array, key: jax.Array, *, mask: Any = None,
+                 is_causal: bool = False, q_segment_ids: jax.Array | None = None,
+                 interpret: bool = False) -> TunedSource | None:
+  """`lookup_source` for a backend call on `jax.devices()[0]` (args: `tuned_block_sizes`)."""
+  if interpret or isinstance(mask, BlockMask) or not enabled():
+    return None
+  q_len, kv_len = query.shape[1], key.shape[1]
+  causal, density = keys.mask_features(mask, q_len, kv_len, is_causal=is_causal,
+                                       has_segment_ids=q_segment_ids is not None)
+  device_kind, capability, sm_count = _device_facts(jax.devices()[0])
+  return lookup_source(backend, device_kind=device_kind, dtype=query.dtype,
+                       head_dim=query.shape[3], q_len=q_len, kv_len=kv_len, causal=causal,
+                       density=density, group=max(1, query.shape[2] // key.shape[2]),
+                       compute_capability=capability, sm_count=sm_count)
 
 
 def tuned_block_sizes(backend: str, query: jax.Array, key: jax.Array, *, mask: Any = None,
@@ -324,13 +500,8 @@ def tuned_block_sizes(backend: str, query: jax.Array, key: jax.Array, *, mask: A
 
   Returns:
     The recorded BlockSizes, or None (interpret mode, a BlockMask, which fixes the tiles,
-    lookup disabled, or no entry).
+    lookup disabled, or no entry). `tuned_source` says which entry it was.
   """
-  if interpret or isinstance(mask, BlockMask) or not enabled():
-    return None
-  q_len, kv_len = query.shape[1], key.shape[1]
-  causal, density = keys.mask_features(mask, q_len, kv_len, is_causal=is_causal,
-                                       has_segment_ids=q_segment_ids is not None)
-  return lookup(backend, device_kind=jax.devices()[0].device_kind, dtype=query.dtype,
-                head_dim=query.shape[3], q_len=q_len, kv_len=kv_len, causal=causal,
-                density=density, group=max(1, query.shape[2] // key.shape[2]))
+  source = tuned_source(backend, query, key, mask=mask, is_causal=is_causal,
+                        q_segment_ids=q_segment_ids, interpret=interpret)
+  return None if source is None else source.block_sizes
