@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Old tree vs this tree on one GPU, alternating processes (old, new, old, new): the attention
-# cases of configs/bench_attention_gpu.py B4-T4k (dense and causal, forward and forward+backward),
-# B2-T8k-doc512 (both modes) and B1-T16k-win1k for pallas_mosaic_gpu and pallas_triton, and pallas_triton decode at S=4k, GQA 32/8,
-# head density 1 and 0.5, B in {1, 64, 256}. Rows go to OUT_DIR/trees.jsonl, the tables
-# (attention median ms, decode us per step; ratio of each tree's best run) to OUT_DIR/table.md.
+# Old tree vs this tree on one GPU, alternating processes (old, new, new_tuned, old, new):
+# the attention cases of configs/bench_attention_gpu.py B4-T4k (dense and causal, forward and
+# forward+backward), B2-T8k-doc512 (both modes) and B1-T16k-win1k for pallas_mosaic_gpu and
+# pallas_triton, and pallas_triton decode at S=4k, GQA 32/8, head density 1 and 0.5, B in
+# {1, 64, 256}. Rows go to OUT_DIR/trees.jsonl, the tables (attention median ms, decode us per
+# step; each run's best / old's best) to OUT_DIR/table.md.
 #
 #   experiments/run_tree_bench_gpu.sh OLD_TREE OUT_DIR [PART]   (PART: attention, decode or all)
 #
@@ -20,17 +21,21 @@ attention_where="implementation=pallas_mosaic_gpu,implementation=pallas_triton,c
 attention_where+=",case=B2-T8k-doc512,case=B1-T16k-win1k"
 decode_where="implementation=pallas_triton,kv_len=4096,num_kv_heads=8,batch=1,batch=64"
 decode_where+=",batch=256,head_density=1.0,head_density=0.5"
+# old and new run with the tuning tables off (both on the heuristics: the same tiles unless the
+# refactor changed them); new_tuned (round 1 only) is this tree as users get it, tables on.
 for round in 1 2; do
-  for tree in "$old" .; do
-    label=$([ "$tree" = . ] && echo new || echo old)
+  runs="old:$old:0 new:.:0"
+  [ "$round" = 1 ] && runs+=" new_tuned:.:1"
+  for run in $runs; do
+    IFS=: read -r label tree autotune <<< "$run"
     if [ "$part" != decode ]; then
-      "$python" experiments/tree_bench.py --tree="$tree" --label="$label" \
-        --config=configs/bench_attention_gpu.py:all --out="$out/trees.jsonl" \
+      FLASHJAX_AUTOTUNE=$autotune "$python" experiments/tree_bench.py --tree="$tree" \
+        --label="$label" --config=configs/bench_attention_gpu.py:all --out="$out/trees.jsonl" \
         --where="$attention_where" --set=check=False,timing=loop 2>&1 | tail -n 3
     fi
     if [ "$part" != attention ]; then
-      "$python" experiments/tree_bench.py --tree="$tree" --label="$label" \
-        --config=configs/bench_decode_gpu.py:grid --out="$out/trees.jsonl" \
+      FLASHJAX_AUTOTUNE=$autotune "$python" experiments/tree_bench.py --tree="$tree" \
+        --label="$label" --config=configs/bench_decode_gpu.py:grid --out="$out/trees.jsonl" \
         --where="$decode_where" 2>&1 | tail -n 3
     fi
   done

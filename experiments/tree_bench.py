@@ -18,7 +18,7 @@ recorded and the rest still run.
   python experiments/tree_bench.py --table=/tmp/trees.jsonl [--metric=median_ms]
 
 prints one markdown row per point: each label's values over its runs (in run order) and the
-ratio of the labels' best values (last label / first label).
+ratio of each later label's best value to the first label's.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _pairs(text: str) -> list[tuple[str, object]]:
 
 def table(path: str, metric: str) -> str:
   """Markdown table of `metric`: one row per point, one column per label (values in run
-  order, "err" for failed runs), and the ratio of the best values (last label / first)."""
+  order, "err" for failed runs), and each later label's best value / the first label's."""
   by_point: dict[str, dict[str, list]] = {}
   points: dict[str, dict] = {}
   with open(path) as f:
@@ -68,18 +68,19 @@ def table(path: str, metric: str) -> str:
   if not labels:
     return f"(no rows with {metric=})"
   fields = list(dict.fromkeys(f for p in points.values() for f in p))
-  lines = ["| " + " | ".join(fields + labels + [f"{labels[-1]}/{labels[0]}"]) + " |",
-           "|" + "---|" * (len(fields) + len(labels) + 1)]
+  ratios = [f"{label}/{labels[0]}" for label in labels[1:]]
+  lines = ["| " + " | ".join(fields + labels + ratios) + " |",
+           "|" + "---|" * (len(fields) + len(labels) + len(ratios))]
   for key, cells in by_point.items():
     shown = []
     for label in labels:
       values = cells.get(label, [])
       shown.append(", ".join("err" if v is None else f"{v:.4g}" for v in values))
     best = [min((v for v in cells.get(label, []) if v is not None), default=None)
-            for label in (labels[0], labels[-1])]
-    ratio = f"{best[1] / best[0]:.3f}" if None not in best else ""
-    lines.append("| " + " | ".join([str(points[key].get(f)) for f in fields] + shown + [ratio])
-                 + " |")
+            for label in labels]
+    shown += [f"{b / best[0]:.3f}" if b is not None and best[0] is not None else ""
+              for b in best[1:]]
+    lines.append("| " + " | ".join([str(points[key].get(f)) for f in fields] + shown) + " |")
   return "\n".join(lines)
 
 
