@@ -61,14 +61,8 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Batch-size ablation config; arg "full", "gpu" or "cpu"; none: "cpu" on a CPU host, else "full".
-
-  Args:
-    arg: "full", "gpu" or "cpu".
-
-  Returns:
-    The ConfigDict.
-  """
+  """Batch-size ablation config; arg "full", "gpu" or "cpu"; none: "cpu" on a CPU host, else
+  "full"."""
   arg = common.choose_variant(arg, VARIANTS, default="full")
   c = common.decode_base()
   grid = _GRIDS[arg]

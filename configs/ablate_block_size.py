@@ -68,14 +68,8 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Block-size ablation config; arg "full", "gpu" or "cpu"; none: "cpu" on a CPU host, else "full".
-
-  Args:
-    arg: "full", "gpu" or "cpu".
-
-  Returns:
-    The ConfigDict.
-  """
+  """Block-size ablation config; arg "full", "gpu" or "cpu"; none: "cpu" on a CPU host, else
+  "full"."""
   arg = common.choose_variant(arg, VARIANTS, default="full")
   c = common.attention_base(small=arg == "cpu")
   grid = _GRID[arg]

@@ -133,14 +133,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Mask-density ablation config; arg "full", "gpu" or "cpu"; none: "cpu" on CPU, else "full".
-
-  Args:
-    arg: "full", "gpu" or "cpu".
-
-  Returns:
-    The ConfigDict.
-  """
+  """Mask-density ablation config; arg "full", "gpu" or "cpu"; none: "cpu" on CPU, else "full"."""
   arg = common.choose_variant(arg, VARIANTS, default="full")
   small = arg == "cpu"
   c = common.attention_base(small)

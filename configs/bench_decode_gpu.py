@@ -90,15 +90,8 @@ KV_HEADS = (32, 8)
 DENSITIES = (1.0, 0.75, 0.5, 0.25)
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Decode benchmark config; arg "all" (the full grid, default), "grid" (the same grid in
-  about 5 minutes, module docstring) or "core" (a 4-5 min subset).
-
-  Args:
-    arg: grid name, a key of GRIDS.
-
-  Returns:
-    The ConfigDict.
-  """
+  """Decode benchmark config; arg "all" (the full grid, default), "grid" (the same grid in about
+  5 minutes, module docstring) or "core" (a 4-5 min subset)."""
   grid = common.choose_variant(arg, VARIANTS, default="all")
   c = common.decode_base()
   c.grid = grid

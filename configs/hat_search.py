@@ -53,14 +53,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """HAT search study config.
-
-  Args:
-    arg: "cpu" or "gpu"; None: "cpu" on a CPU host, else "gpu".
-
-  Returns:
-    The ConfigDict.
-  """
+  """HAT search study config; arg "cpu" or "gpu"; None: "cpu" on a CPU host, else "gpu"."""
   arg = common.choose_variant(arg, VARIANTS, default="gpu")
   small = arg == "cpu"
   c = ml_collections.ConfigDict()

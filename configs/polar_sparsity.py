@@ -82,14 +82,7 @@ def _shapes(small: bool) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Polar Sparsity study config.
-
-  Args:
-    arg: "cpu" or "gpu"; None: "cpu" on a CPU host, else "gpu".
-
-  Returns:
-    The ConfigDict.
-  """
+  """Polar Sparsity study config; arg "cpu" or "gpu"; None: "cpu" on a CPU host, else "gpu"."""
   arg = common.choose_variant(arg, VARIANTS, default="gpu")
   small = arg == "cpu"
   c = ml_collections.ConfigDict()

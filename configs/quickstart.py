@@ -57,15 +57,8 @@ def _importable_backends(names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Quickstart config; arg "cpu" or "gpu" (default: "cpu" when JAX runs on CPU, else gpu).
-
-  Args:
-    arg: "cpu" (small shapes, float32) or "gpu" (benchmark shapes, bfloat16; on a TPU host
-      the same shapes with the TPU backends).
-
-  Returns:
-    The ConfigDict.
-  """
+  """Quickstart config; arg "cpu" (small float32 shapes) or "gpu" (benchmark shapes, bfloat16;
+  the TPU backends on a TPU host); none: "cpu" when JAX runs on CPU, else "gpu"."""
   platform = jax.default_backend()
   arg = common.choose_variant(arg, VARIANTS, default="gpu", cpu=platform == "cpu")
   small = arg == "cpu"

@@ -105,14 +105,8 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Paper-reproduction config; arg "full", "gpu" or "cpu"; none: "cpu" on a CPU host, else "full".
-
-  Args:
-    arg: "full", "gpu" or "cpu".
-
-  Returns:
-    The ConfigDict.
-  """
+  """Paper-reproduction config; arg "full", "gpu" or "cpu"; none: "cpu" on a CPU host, else
+  "full"."""
   arg = common.choose_variant(arg, VARIANTS, default="full")
   small = arg == "cpu"
   c = common.attention_base(small)

@@ -45,14 +45,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """train_lm config.
-
-  Args:
-    arg: "cpu" (default), "gpu" or "gpu_throughput" (module docstring).
-
-  Returns:
-    The ConfigDict.
-  """
+  """train_lm config; arg "cpu" (default), "gpu" or "gpu_throughput" (module docstring)."""
   arg = common.choose_variant(arg, VARIANTS, default="cpu")
   small = arg == "cpu"
 

@@ -85,14 +85,7 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Tuning config; arg "gpu", "gpu_triton" or "cpu"; none: "cpu" on a CPU host, else "gpu".
-
-  Args:
-    arg: the variant.
-
-  Returns:
-    The ConfigDict.
-  """
+  """Tuning config; arg "gpu", "gpu_triton" or "cpu"; none: "cpu" on a CPU host, else "gpu"."""
   arg = common.choose_variant(arg, VARIANTS, default="gpu")
   small = arg == "cpu"
   variant = _VARIANTS[arg]

@@ -87,15 +87,8 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Split tuning config; arg "gpu", "gpu_tiles" or "cpu" (tiny, interpret mode); none:
-  "cpu" on a CPU host, else "gpu".
-
-  Args:
-    arg: "gpu", "gpu_tiles" or "cpu".
-
-  Returns:
-    The ConfigDict.
-  """
+  """Split tuning config; arg "gpu", "gpu_tiles" or "cpu" (tiny, interpret mode); none: "cpu" on
+  a CPU host, else "gpu"."""
   arg = common.choose_variant(arg, VARIANTS, default="gpu")
   c = common.decode_base()
   common.decode_fast_timing(c)
