@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax.experimental.pallas import triton as plt
@@ -163,6 +163,36 @@ def mask_operands(bm: BlockMask, layout: MaskLayout, *, backward: bool, q_pad: i
   if layout.has_tiles:
     ops.append(jnp.asarray(bm.tiles, jnp.int8))
   return ops
+
+
+class Tiling(NamedTuple):
+  """Shapes of one call at a BlockMask's tiling, as every pass of both GPU backends reads them:
+  q [B, T, Nq, D], k [B, S, Nkv, D]; lengths padded up to whole tiles, D to the kernels'
+  padded head dim."""
+  batch: int
+  q_len: int
+  kv_len: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  group: int  # Nq // Nkv
+  layout: MaskLayout
+  block_q: int
+  block_kv: int
+  q_pad: int  # T rounded up to block_q
+  kv_pad: int  # S rounded up to block_kv
+  padded_dim: int  # padded_head_dim(D)
+
+
+def tiling(q: jax.Array, k: jax.Array, bm: BlockMask) -> Tiling:
+  """The Tiling of q [B, T, Nq, D] and k [B, S, Nkv, D] at `bm`'s tiles."""
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  layout = MaskLayout.of(bm)
+  bq, bk = layout.block_q, layout.block_kv
+  return Tiling(batch, q_len, kv_len, num_heads, num_kv_heads, head_dim,
+                num_heads // num_kv_heads, layout, bq, bk, -(-q_len // bq) * bq,
+                -(-kv_len // bk) * bk, padded_head_dim(head_dim))
 
 
 def pad_to(x: jax.Array, seq_len: int, head_dim: int) -> jax.Array:

@@ -74,7 +74,7 @@ from flashjax.ops.attention.pallas_gpu_common import (LOG2E, MAX_HEAD_DIM, MaskL
                                                       TritonParams, pad_to)
 from flashjax.ops.attention.pallas_mosaic_gpu_common import ROWS, SMEM_LIMIT, MosaicParams
 from flashjax.ops.attention.tuning import store as tuning_store
-from flashjax.ops.tiling import cdiv, pow2_ceil
+from flashjax.ops.tiling import pow2_ceil
 
 _DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma takes 16-bit operands only
 _WGMMA_M = ROWS
@@ -382,14 +382,11 @@ def _forward(q, k, v, bm: BlockMask, config: MosaicParams):
     out [B, T, Nq, D] (dtype of q) and lse2 [B * Nq, T] float32 (base-2 logsumexp of the
     scaled logits, +inf for rows without an allowed key): pallas_triton's residual layout.
   """
-  batch, q_len, num_heads, head_dim = q.shape
-  kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  layout = MaskLayout.of(bm)
-  bq, bk, stages = layout.block_q, layout.block_kv, config.stages
-  consumers = bq // _WGMMA_M
-  nq, nk = cdiv(q_len, bq), cdiv(kv_len, bk)
-  dp = padded_head_dim(head_dim)
-  parts = mosaic_common.mask_parts(bm, layout, q.dtype, nq * bq, nk * bk, backward=False)
+  (batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, group, layout, bq, bk, q_pad, kv_pad,
+   dp) = gpu_common.tiling(q, k, bm)
+  stages, consumers = config.stages, bq // _WGMMA_M
+  nq, nk = q_pad // bq, kv_pad // bk
+  parts = mosaic_common.mask_parts(bm, layout, q.dtype, q_pad, kv_pad, backward=False)
   present = tuple(x is not None for x in parts)
   # Persistent: work items (query block, batch, head) longest list first; program p runs
   # items p, p + G, p + 2G, ... of that order.

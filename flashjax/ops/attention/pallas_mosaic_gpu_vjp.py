@@ -46,8 +46,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from flashjax.masks.block_mask import BlockMask
-from flashjax.ops.attention.block_sizes import padded_head_dim
-from flashjax.ops.attention.pallas_gpu_common import LOG2E, MaskLayout, pad_to
+from flashjax.ops.attention.pallas_gpu_common import LOG2E, pad_to, tiling
 from flashjax.ops.attention.pallas_mosaic_gpu_common import (
     ROWS, KernelOps, MaskParts, MosaicParams, for_each_item, grid_and_order, keep_mask,
     launch, longest_first, mask_parts, query_item, query_item_order, run_warpgroups,
@@ -421,15 +420,12 @@ def dq(q, k, v, do, stats, bm: BlockMask, config: MosaicParams) -> jax.Array:
     bm: BlockMask at the dQ tiling.
     config: static parameters.
   """
-  batch, q_len, num_heads, head_dim = q.shape
-  kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  layout = MaskLayout.of(bm)
-  bq, bk, stages = layout.block_q, layout.block_kv, config.stages
+  (batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, group, layout, bq, bk, q_pad, kv_pad,
+   dp) = tiling(q, k, bm)
+  stages = config.stages
   if bk != ROWS:
     raise ValueError(f"pallas_mosaic_gpu dQ: block_kv={bk} must be {ROWS}")
   consumers = _consumers(bq, "block_q")
-  q_pad, kv_pad = -(-q_len // bq) * bq, -(-kv_len // bk) * bk
-  dp = padded_head_dim(head_dim)
   parts = mask_parts(bm, layout, q.dtype, q_pad, kv_pad, backward=False)
   present = tuple(x is not None for x in parts)
   nq = q_pad // bq
@@ -437,7 +433,7 @@ def dq(q, k, v, do, stats, bm: BlockMask, config: MosaicParams) -> jax.Array:
       config, nq, batch * num_heads, lambda: query_item_order(parts.count, batch, num_heads),
       "q")
   kernel = functools.partial(_dq_kernel, layout=layout, config=config, num_heads=num_heads,
-                             group=num_heads // num_kv_heads, head_dim=dp,
+                             group=group, head_dim=dp,
                              consumers=consumers, present=present, num_outer=nq,
                              num_programs=programs)
   kernel.__name__ = "flashjax_mosaic_gpu_dq"
@@ -473,18 +469,15 @@ def dq(q, k, v, do, stats, bm: BlockMask, config: MosaicParams) -> jax.Array:
 def dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams) -> tuple[jax.Array, jax.Array]:
   """dK, dV [B, S, Nkv, D] over the backward lists of `bm` (block_q 64, block_kv 64 or 128);
   arguments as `dq`."""
-  batch, q_len, num_heads, head_dim = q.shape
-  kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  layout = MaskLayout.of(bm)
-  bq, bk, stages = layout.block_q, layout.block_kv, config.stages
+  (batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, group, layout, bq, bk, q_pad, kv_pad,
+   dp) = tiling(q, k, bm)
+  stages = config.stages
   if bq != ROWS:
     raise ValueError(f"pallas_mosaic_gpu dK/dV: block_q={bq} must be {ROWS}")
   consumers = _consumers(bk, "block_kv")
-  q_pad, kv_pad = -(-q_len // bq) * bq, -(-kv_len // bk) * bk
-  dp = padded_head_dim(head_dim)
   parts = mask_parts(bm, layout, q.dtype, q_pad, kv_pad, backward=True)
   present = tuple(x is not None for x in parts)
-  group, nk = num_heads // num_kv_heads, kv_pad // bk
+  nk = kv_pad // bk
 
   def lengths():  # an item's slots: its kv head's group of query heads together
     counts = jnp.broadcast_to(parts.count, (batch, num_heads, nk))

@@ -70,11 +70,11 @@ from flashjax.masks.block_mask import BlockMask
 from flashjax.masks.rule import element_mask
 from flashjax.ops.attention import base
 from flashjax.ops.attention import pallas_gpu_common as gpu_common
-from flashjax.ops.attention.block_sizes import BlockSizes, padded_head_dim
+from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.pallas_gpu_common import (LOG2E, MaskLayout, TritonParams,
                                                       mask_operands, pad_rows, pad_to)
 from flashjax.ops.attention.tuning import store as tuning_store
-from flashjax.ops.tiling import cdiv, pow2_ceil
+from flashjax.ops.tiling import pow2_ceil
 
 def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
                         interpret: bool = False) -> BlockSizes:
@@ -289,14 +289,10 @@ def _forward(q, k, v, bm: BlockMask, params: TritonParams):
     out [B, T, Nq, D] (dtype of q) and lse2 [B * Nq, T] float32 (base-2 logsumexp of the
     scaled logits, +inf for rows without an allowed key).
   """
-  batch, q_len, num_heads, head_dim = q.shape
-  kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  group = num_heads // num_kv_heads
-  layout = MaskLayout.of(bm)
-  bq, bk = layout.block_q, layout.block_kv
-  nq, nk = cdiv(q_len, bq), cdiv(kv_len, bk)
-  dp = padded_head_dim(head_dim)
-  mask_ops = mask_operands(bm, layout, backward=False, q_pad=nq * bq, kv_pad=nk * bk)
+  (batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, group, layout, bq, bk, q_pad, kv_pad,
+   dp) = gpu_common.tiling(q, k, bm)
+  nq, nk = q_pad // bq, kv_pad // bk
+  mask_ops = mask_operands(bm, layout, backward=False, q_pad=q_pad, kv_pad=kv_pad)
   q_spec = _head_spec(bq, dp, num_heads)
   kv_spec = _head_spec(nk * bk, dp, num_heads, group=group, tiled=False)
   kernel = functools.partial(_forward_kernel, layout=layout, params=params,
@@ -413,13 +409,8 @@ def _dkdv(q, k, v, do, lse, delta, bm: BlockMask, params: TritonParams):
     bm: BlockMask at the dK/dV tiling.
     params: static kernel parameters.
   """
-  batch, q_len, num_heads, head_dim = q.shape
-  kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  group = num_heads // num_kv_heads
-  layout = MaskLayout.of(bm)
-  bq, bk = layout.block_q, layout.block_kv
-  q_pad, kv_pad = cdiv(q_len, bq) * bq, cdiv(kv_len, bk) * bk
-  dp = padded_head_dim(head_dim)
+  (batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, group, layout, bq, bk, q_pad, kv_pad,
+   dp) = gpu_common.tiling(q, k, bm)
   kv_block = _head_spec(bk, dp, num_kv_heads)
 
   def q_group_index(j, bh):  # all rows of the `group` query heads of kv head bh % Nkv
@@ -450,13 +441,8 @@ def _dkdv(q, k, v, do, lse, delta, bm: BlockMask, params: TritonParams):
 
 def _dq(q, k, v, do, lse, delta, bm: BlockMask, params: TritonParams):
   """dQ [B, T, Nq, D] over the `fwd_*` lists of `bm` (its tiling); arguments as `_dkdv`."""
-  batch, q_len, num_heads, head_dim = q.shape
-  kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  group = num_heads // num_kv_heads
-  layout = MaskLayout.of(bm)
-  bq, bk = layout.block_q, layout.block_kv
-  q_pad, kv_pad = cdiv(q_len, bq) * bq, cdiv(kv_len, bk) * bk
-  dp = padded_head_dim(head_dim)
+  (batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, group, layout, bq, bk, q_pad, kv_pad,
+   dp) = gpu_common.tiling(q, k, bm)
   q_block = _head_spec(bq, dp, num_heads)
   kv_all = _head_spec(kv_pad, dp, num_heads, group=group, tiled=False)
   stat_block = pl.BlockSpec((None, bq), lambda i, bh: (bh, i))
