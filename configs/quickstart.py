@@ -107,8 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.check = True
 
   c.report = ml_collections.ConfigDict({
-      "columns": ["median_ms", "compile_s", "useful_tflops", "pct_of_peak", "density",
-                  "block_density", "max_abs_err", "within_tol"],
+      "columns": ["median_ms", "timing_method", "compile_s", "useful_tflops", "pct_of_peak",
+                  "density", "block_density", "backend", "fwd_tiles", "max_abs_err",
+                  "within_tol", "check"],
       "plots": [{"x": "mask", "y": "median_ms", "logy": True},
                 {"x": "mask", "y": "useful_tflops"}],
   })
