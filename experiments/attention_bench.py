@@ -9,10 +9,15 @@ Config fields read by `run_point` (configs/quickstart.py sets all of them):
   block_q, block_kv  tiles of the Pallas backends (also the tiles of the reported block
                    density); None: the backend's defaults (block density then at 128 x 64)
   mode             "fwd" or "fwd_bwd" (gradients of q, k, v)
-  timing           "wall" (time_fn), "loop" (time_in_loop) or "both"
+  timing           "wall" (time_fn), "loop" (time_in_loop: device time) or "both" (loop
+                   timing as median_ms etc., the wall timing beside it as wall_median_ms etc.)
   warmup, iters, input_sets, seed
   interpret        None: Pallas backends in interpret mode exactly when running on CPU
   check            compare the output (and gradients) with the float32 reference
+  check_budget_gb  optional: device memory the reference check may use (None or absent:
+                   half of what the device has free, DEFAULT_CHECK_BUDGET_BYTES on a CPU)
+  check_rows       optional: None (absent) check every batch row the budget allows, n: at
+                   most n rows spread over the batch
   mask parameters  window, window_right, doc_len, tree_span, band_peak, band_decay,
                    band_floor, dilation, num_global, doc_len_dist ("uniform" or
                    "lognormal"), block_density_target and mask_block (random_blocks),
@@ -20,8 +25,16 @@ Config fields read by `run_point` (configs/quickstart.py sets all of them):
                    flashjax.masks.families.build (its defaults when a config lacks them)
 
 Every point is checked against flashjax's float32 reference on the same inputs in the same
-run (max_abs_err; within_tol by dtype: float32 1e-4, bfloat16 2e-2, float16 5e-3 absolute),
-and reports time, useful TFLOP/s (4*N*D per allowed pair), mask density and block density,
+run (max_abs_err; within_tol by dtype: float32 1e-4, bfloat16 2e-2, float16 5e-3 absolute,
+doubled for gradients). The check is sized to the device's memory (`plan_check`): the
+reference runs in query chunks against the whole key side on as many batch rows as fit, and
+the row records `check` ("all rows", "subset" or "skipped: <reason>"), `check_batch_rows`,
+`check_q_chunk`, `check_call_gb` and `check_budget_gb`. `timing_method` names the timer of
+median_ms ("loop": device time, "wall", or the torch child's "cuda_events"). A flashjax row
+records the kernel that ran (`kernel_fields`: backend, fwd_tiles, dq_tiles / dkdv_tiles /
+bwd_backend for fwd_bwd, tiles_from, plan_tiles, kernel_params). The point
+reports time, useful TFLOP/s (4*N*D per allowed pair), mask density and block density (at
+the forward tiles that ran),
 and the analytical IO model of the implementation's algorithm (flashjax.io_model:
 block-skipping FlashAttention for the Pallas backends and FlexAttention, FlashAttention on the
 full mask for the other peers, materialised scores for XLA): `model_algorithm`,
@@ -30,6 +43,7 @@ full mask for the other peers, materialised scores for XLA): `model_algorithm`,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -45,8 +59,11 @@ from flashjax import io_model
 from flashjax import masks
 from flashjax import workloads
 from flashjax.masks import families
+from flashjax.ops.attention import api as attention_api
+from flashjax.ops.attention import base as attention_base
 from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.reference import mha_reference
+from flashjax.ops.attention.tuning import store as tuning_store
 import third_party
 
 # Families whose flashjax BlockMask is Reverse Cuthill-McKee reordered (peers: unsupported),
@@ -140,62 +157,323 @@ def kernel_mask(config: ml_collections.ConfigDict, mask: Any) -> Any:
   return masks.BlockMask.from_mask(mask, *_tiles(config), reorder="rcm")
 
 
-def _flashjax_fn(config, mask):
+def _flashjax_kwargs(config, mask) -> dict[str, Any]:
+  """Keyword arguments of the point's flashjax.dot_product_attention call."""
   implementation = config.implementation
   block_sizes = None if implementation.startswith("xla") else _block_sizes(config)
-  return jax.jit(functools.partial(
-      flashjax.dot_product_attention, mask=mask, implementation=implementation,
-      block_sizes=block_sizes,
-      interpret=interpret_mode(config) and implementation.startswith("pallas")))
+  return dict(mask=mask, implementation=implementation, block_sizes=block_sizes,
+              interpret=interpret_mode(config) and implementation.startswith("pallas"))
 
 
-# Above this many logits (B * N * T * S) the dense reference would need tens of GB: check
-# against the chunked XLA backend in float32 (full-precision matmuls, never T x S) instead.
-DENSE_REFERENCE_MAX_LOGITS = 2**31
+def _flashjax_fn(config, mask):
+  return jax.jit(functools.partial(flashjax.dot_product_attention,
+                                   **_flashjax_kwargs(config, mask)))
 
 
-def _reference_fn(config, mask):
-  """float32 reference attention for the error check: dense when small, else chunked."""
-  logits = config.batch * config.num_heads * config.q_len * config.kv_len
-  if logits <= DENSE_REFERENCE_MAX_LOGITS:
-    return functools.partial(mha_reference, mask=mask)
-  return jax.jit(functools.partial(flashjax.dot_product_attention, mask=mask,
-                                   implementation="xla_chunked"))
+# Which plan BlockMask each backward kernel of a Pallas backend walks: (dQ, dK/dV).
+_BWD_MASKS = {"pallas_triton": ("fwd_mask", "bwd_mask"),
+              "pallas_mosaic_gpu": ("dq_mask", "dkdv_mask"),
+              "pallas_tpu": ("bwd_mask", "bwd_mask")}
+# Fields of a plan's parameter dataclasses that are not launch parameters.
+_NOT_LAUNCH = frozenset({"scale", "soft_cap", "interpret", "q_len", "kv_len"})
+
+
+def _tiles_of(bm: masks.BlockMask) -> str:
+  return f"{bm.block_q}x{bm.block_kv}"
+
+
+def _launch_params(value: Any) -> Any:
+  """A plan's parameter dataclass as a dict without scale / soft cap / interpret."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return {f.name: _launch_params(getattr(value, f.name))
+            for f in dataclasses.fields(value) if f.name not in _NOT_LAUNCH}
+  return value
+
+
+def kernel_fields(config: ml_collections.ConfigDict, mask: Any,
+                  inputs: tuple[jax.Array, ...]) -> dict[str, Any]:
+  """Which kernel the point's flashjax call runs, as the call resolves it.
+
+  The backend comes from flashjax.resolve_implementation on the same call; for a Pallas
+  backend its plan (the BlockMasks and launch parameters the kernels are built with) is
+  computed from the same arguments the dispatcher hands it, so the tiles are the ones that
+  ran (tuning store or backend defaults included), not the config's request.
+
+  Args:
+    config: the point's config.
+    mask: what flashjax receives (`kernel_mask`).
+    inputs: one input set (q, k, v[, dout]).
+
+  Returns:
+    backend; for Pallas backends also fwd_tiles ("block_q x block_kv"), tiles_from
+    ("config", "block_mask", "tuning_store" or "backend_default"), kernel_params (launch
+    parameters of the plan) and plan_tiles (every BlockMask of the plan); for fwd_bwd
+    dq_tiles, dkdv_tiles and bwd_backend (whose backward kernels run).
+  """
+  q, k, v = inputs[:3]
+  kwargs = _flashjax_kwargs(config, mask)
+  name = flashjax.resolve_implementation(flashjax.dot_product_attention, q, k, v, **kwargs)
+  fields: dict[str, Any] = {"backend": name}
+  backend = attention_api.load_backend(name, attention_api.ATTENTION_BACKENDS)
+  if not isinstance(backend, attention_base.BlockSparseBackend):
+    return fields
+  plan = backend.plan(attention_base.AttentionArgs.bind(
+      q, k, v, mask=mask, block_sizes=kwargs["block_sizes"], interpret=kwargs["interpret"]))
+  parts = plan._asdict()
+  fields["fwd_tiles"] = _tiles_of(plan.fwd_mask)
+  if isinstance(mask, masks.BlockMask):
+    fields["tiles_from"] = "block_mask"
+  elif kwargs["block_sizes"] is not None:
+    fields["tiles_from"] = "config"
+  else:
+    tuned = tuning_store.tuned_block_sizes(name, q, k, mask=mask,
+                                           interpret=kwargs["interpret"])
+    fields["tiles_from"] = "backend_default" if tuned is None else "tuning_store"
+  fields["plan_tiles"] = {field: _tiles_of(value) for field, value in parts.items()
+                          if isinstance(value, masks.BlockMask)}
+  fields["kernel_params"] = {field: _launch_params(value) for field, value in parts.items()
+                             if dataclasses.is_dataclass(value)
+                             and not isinstance(value, masks.BlockMask)}
+  if config.mode == "fwd_bwd":
+    if name not in _BWD_MASKS:
+      raise ValueError(f"backend {name!r}: which BlockMask its backward kernels walk is not "
+                       f"known here; known: {sorted(_BWD_MASKS)}")
+    dq, dkdv = _BWD_MASKS[name]
+    fields["dq_tiles"], fields["dkdv_tiles"] = _tiles_of(parts[dq]), _tiles_of(parts[dkdv])
+    fields["bwd_backend"] = name
+    if "bwd_params" in parts:  # pallas_mosaic_gpu: its own backward or pallas_triton's
+      from flashjax.ops.attention import pallas_gpu_common  # pylint: disable=g-import-not-at-top
+      if isinstance(parts["bwd_params"], pallas_gpu_common.TritonParams):
+        fields["bwd_backend"] = "pallas_triton"
+  return fields
+
+
+# Float32 copies of the score matrix [rows, N, q_chunk, S] that the reference keeps live at
+# once (logits, masked logits, exponentials, probabilities; the backward adds the saved
+# probabilities and the score gradients): the memory estimate of one reference call.
+SCORE_COPIES = {"fwd": 4, "fwd_bwd": 8}
+# Smallest query chunk of a reference call (or T, when shorter).
+MIN_CHECK_CHUNK = 16
+# Check budget where the device reports no memory limit (CPU) and config.check_budget_gb is
+# None: a fixed size that any benchmark host has.
+DEFAULT_CHECK_BUDGET_BYTES = 4e9
+# Fraction of the device's free memory (after timing) a check may use by default: the
+# estimate leaves out XLA's workspaces.
+CHECK_BUDGET_FRACTION = 0.5
+
+
+class CheckSkipped(Exception):
+  """Not even the smallest reference check fits the budget (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckPlan:
+  """What the float32 reference check of a point computes.
+
+  Attributes:
+    rows: batch rows checked (every query row of each, chunk by chunk).
+    q_chunk: query rows per reference call; the key side is always whole.
+    call_bytes: estimated device bytes of one reference call (`reference_bytes`).
+    budget: the bytes it had to fit.
+  """
+
+  rows: tuple[int, ...]
+  q_chunk: int
+  call_bytes: float
+  budget: float
+
+
+def reference_bytes(config: ml_collections.ConfigDict, rows: int, q_chunk: int) -> float:
+  """Estimated device bytes of one float32 reference call on `rows` batch rows x `q_chunk`
+  query rows against all S keys: SCORE_COPIES score matrices and the bool mask, the float32
+  inputs of those rows (K/V repeated to Nq heads) and, for fwd_bwd, their gradients."""
+  n, s, d = config.num_heads, config.kv_len, config.head_dim
+  copies = SCORE_COPIES[config.mode]
+  scores = rows * n * q_chunk * s * (4 * copies + 1)
+  per_query = (2 if config.mode == "fwd" else 4) * q_chunk * n * d  # q, out (+ dout, dq)
+  per_key = (2 if config.mode == "fwd" else 6) * s * n * d  # k, v (+ dk, dv, partials)
+  rows_f32 = (config.q_len * n + 2 * s * config.num_kv_heads) * d  # the rows' f32 inputs
+  if config.mode == "fwd_bwd":
+    rows_f32 += config.q_len * n * d + 2 * s * config.num_kv_heads * d  # dout, dk/dv sums
+  return 4.0 * rows * (per_query + per_key + rows_f32) + scores
+
+
+def _chunk_sizes(q_len: int) -> list[int]:
+  """T, then the powers of two below it down to MIN_CHECK_CHUNK (largest first)."""
+  sizes = [q_len]
+  size = 1 << ((q_len - 1).bit_length() - 1) if q_len > 1 else 1
+  while size >= MIN_CHECK_CHUNK:
+    if size < q_len:
+      sizes.append(size)
+    size //= 2
+  return sizes
+
+
+def check_budget(config: ml_collections.ConfigDict) -> float:
+  """Bytes the reference check may use: config.check_budget_gb when set, else
+  CHECK_BUDGET_FRACTION of the device's free memory, else DEFAULT_CHECK_BUDGET_BYTES."""
+  budget_gb = config.get("check_budget_gb", None)
+  if budget_gb is not None and not budget_gb > 0:
+    raise ValueError(f"config.check_budget_gb={budget_gb!r} must be positive or None")
+  budget = benchmarking.device_memory_budget(budget_gb, fraction=CHECK_BUDGET_FRACTION)
+  return DEFAULT_CHECK_BUDGET_BYTES if budget is None else budget
+
+
+def plan_check(config: ml_collections.ConfigDict, budget: float) -> CheckPlan:
+  """The largest reference check whose calls fit `budget` bytes.
+
+  Starts from the requested batch rows (config.check_rows: None for all, else that many
+  spread over the batch, flashjax.workloads.check_row_ids) and the whole query length; the
+  query chunk halves first (down to MIN_CHECK_CHUNK: all query rows are still checked), then
+  the batch rows halve (spread over the requested ones, down to one).
+
+  Raises:
+    CheckSkipped: one batch row at the smallest chunk still needs more than `budget`.
+  """
+  if not budget > 0:
+    raise ValueError(f"check {budget=} must be positive")
+  b = config.batch
+  requested = workloads.check_row_ids(b, config.get("check_rows", None)) or tuple(range(b))
+  counts = []
+  count = len(requested)
+  while count >= 1:
+    counts.append(count)
+    count //= 2
+  chunks = _chunk_sizes(config.q_len)
+  for count in counts:
+    rows = tuple(requested[i] for i in workloads.spread_rows(len(requested), count))
+    for chunk in chunks:
+      need = reference_bytes(config, len(rows), chunk)
+      if need <= budget:
+        return CheckPlan(rows=rows, q_chunk=chunk, call_bytes=need, budget=budget)
+  smallest = reference_bytes(config, 1, chunks[-1])
+  raise CheckSkipped(f"the smallest float32 reference call (1 batch row x {chunks[-1]} "
+                     f"query rows x {config.kv_len} keys, {config.mode}) needs "
+                     f"{smallest / 1e9:.3g} GB > check budget {budget / 1e9:.3g} GB")
+
+
+def _mask_rows(mask: Any, rows: tuple[int, ...], q0: int, q1: int) -> np.ndarray | None:
+  """bool [R|1, N|1, q1 - q0, S] of the mask for the checked batch rows (None: dense)."""
+  if mask is None:
+    return None
+  tile = mask.dense_tile(q0, q1, 0, mask.shape[-1])
+  if tile.ndim == 2:
+    return tile[None, None]
+  return tile[list(rows)] if tile.shape[0] > 1 else tile
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def _max_err(got: jax.Array, want: jax.Array) -> float:
+  return float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+
+
+def _worst(errors: list[float]) -> float:
+  return max(errors, key=lambda e: math.inf if math.isnan(e) else e)
+
+
+def _checked_errors(config, got, inputs, mask, plan: CheckPlan) -> dict[str, float]:
+  """Max abs errors of `got` (fn's outputs on `inputs`) on the plan's rows, chunk by chunk.
+
+  fwd: out. fwd_bwd: the gradients of sum(out * dout) over one query chunk at a time; a
+  chunk's dq rows are exact, and dk / dv are the sums of the chunks' contributions (the loss
+  is linear in its chunks). Batch rows are independent, so a subset of them is exact too.
+  """
+  rows = np.asarray(plan.rows)
+  f32 = [jnp.asarray(x)[rows].astype(jnp.float32) for x in inputs]
+  got = {name: jnp.asarray(g)[rows] for name, g in got.items()}
+  errors = {name: [] for name in got}
+  if config.mode == "fwd_bwd":
+    dk_sum = jnp.zeros(f32[1].shape, jnp.float32)
+    dv_sum = jnp.zeros(f32[2].shape, jnp.float32)
+  for q0 in range(0, config.q_len, plan.q_chunk):
+    q1 = min(config.q_len, q0 + plan.q_chunk)
+    reference = functools.partial(mha_reference, mask=_mask_rows(mask, plan.rows, q0, q1))
+    if config.mode == "fwd":
+      want = reference(f32[0][:, q0:q1], f32[1], f32[2])
+      errors["out"].append(_max_err(got["out"][:, q0:q1], want))
+      continue
+    _, vjp = jax.vjp(reference, f32[0][:, q0:q1], f32[1], f32[2])
+    dq, dk, dv = vjp(f32[3][:, q0:q1])
+    errors["dq"].append(_max_err(got["dq"][:, q0:q1], dq))
+    dk_sum, dv_sum = dk_sum + dk, dv_sum + dv
+  if config.mode == "fwd_bwd":
+    errors["dk"].append(_max_err(got["dk"], dk_sum))
+    errors["dv"].append(_max_err(got["dv"], dv_sum))
+  return {f"max_abs_err_{name}": _worst(values) for name, values in errors.items()}
 
 
 def check_errors(config, fn, sets, mask) -> dict[str, Any]:
-  """Max abs errors of `fn` on the first input set against the float32 reference."""
+  """Max abs errors of `fn` on the first input set against the float32 reference.
+
+  The check is sized to the device's memory (`check_budget`, `plan_check`): the reference
+  runs on a subset of batch rows and in query chunks with the key side whole, and the row
+  records what was checked. A reference call that still runs out of memory halves the
+  budget and plans again. When even the smallest check cannot run, the row says so
+  (check="skipped: <reason>", max_abs_err and within_tol None); it is never silently left out.
+
+  Returns:
+    check ("all rows", "subset" or "skipped: ..."), check_batch_rows (the batch rows whose
+    every query row was compared), check_q_chunk, check_call_gb (estimate of one reference
+    call), check_budget_gb, max_abs_err, within_tol (by dtype: TOLERANCES, doubled for
+    gradients) and max_abs_err_<out | dq | dk | dv>.
+  """
   inputs = sets[0]
-  f32 = [x.astype(jnp.float32) for x in inputs]
-  reference = _reference_fn(config, mask)
   if config.mode == "fwd":
-    got, want = {"out": fn(*inputs)}, {"out": reference(*f32)}
+    got = {"out": fn(*inputs)}
   else:
-    names = ("dq", "dk", "dv")
-    _, vjp = jax.vjp(reference, *f32[:3])
-    got, want = dict(zip(names, fn(*inputs))), dict(zip(names, vjp(f32[3])))
-  errors = {f"max_abs_err_{name}": float(jnp.max(jnp.abs(got[name].astype(jnp.float32)
-                                                           - want[name])))
-            for name in got}
-  worst = max(errors.values(), key=lambda e: math.inf if math.isnan(e) else e)
+    got = dict(zip(("dq", "dk", "dv"), fn(*inputs)))
+  budget = check_budget(config)
+  reasons = []
+  while True:
+    try:
+      plan = plan_check(config, budget)
+    except CheckSkipped as e:
+      reason = "; ".join([*reasons, str(e)])
+      return {"check": f"skipped: {reason}", "check_budget_gb": budget / 1e9,
+              "max_abs_err": None, "within_tol": None}
+    try:
+      errors = _checked_errors(config, got, inputs, mask, plan)
+      break
+    except Exception as e:  # an estimate that was too small: retry with less memory
+      if not _is_out_of_memory(e):
+        raise
+      reasons.append(f"{plan.call_bytes / 1e9:.3g} GB reference calls ran out of memory")
+      budget = plan.call_bytes / 2
+  worst = _worst(list(errors.values()))
   tol = TOLERANCES.get(config.dtype, 1e-4) * (1 if config.mode == "fwd" else 2)
-  return {"max_abs_err": worst, "within_tol": worst <= tol, **errors}  # NaN never passes
+  every_row = len(plan.rows) == config.batch
+  return {"check": "all rows" if every_row else "subset",
+          "check_batch_rows": list(plan.rows), "check_q_chunk": plan.q_chunk,
+          "check_call_gb": plan.call_bytes / 1e9, "check_budget_gb": plan.budget / 1e9,
+          "max_abs_err": worst, "within_tol": worst <= tol, **errors}  # NaN never passes
+
+
+TIMINGS = ("wall", "loop", "both")
 
 
 def time_point(config, fn, sets) -> dict[str, Any]:
-  """Timing metrics of `fn` over the input sets (config.timing: wall, loop or both)."""
+  """Timing metrics of `fn` over the input sets.
+
+  config.timing "wall": `time_fn` (each call timed from Python); "loop": `time_in_loop`
+  (config.iters calls inside one jitted loop, dispatch paid once: device time); "both": the
+  loop timing as the headline (median_ms, ...) and the wall timing beside it as
+  wall_median_ms, wall_p10_ms, ... `timing_method` names the headline's timer.
+  """
+  if config.timing not in TIMINGS:
+    raise ValueError(f"{config.timing=} must be one of {TIMINGS}")
   metrics = {}
-  if config.timing in ("wall", "both"):
-    metrics.update(benchmarking.time_fn(fn, warmup=config.warmup, iters=config.iters,
-                                        arg_sets=sets).summary())
   if config.timing in ("loop", "both"):
-    loop = benchmarking.time_in_loop(fn, iters=config.iters, arg_sets=sets).summary()
-    if config.timing == "loop":
-      metrics.update(loop)
-    else:
-      metrics.update({f"loop_{k}": v for k, v in loop.items()})
-  if not metrics:
-    raise ValueError(f"{config.timing=} must be 'wall', 'loop' or 'both'")
+    metrics.update(benchmarking.time_in_loop(fn, iters=config.iters, arg_sets=sets).summary())
+  if config.timing in ("wall", "both"):
+    wall = benchmarking.time_fn(fn, warmup=config.warmup, iters=config.iters,
+                                arg_sets=sets).summary()
+    metrics.update(wall if config.timing == "wall" else {f"wall_{k}": v
+                                                          for k, v in wall.items()})
+  metrics["timing_method"] = "wall" if config.timing == "wall" else "loop"
   return metrics
 
 
@@ -223,7 +501,17 @@ def _run_peer(config, mask, sets) -> dict[str, Any]:
     raise NotImplementedError(f"peer {name} is not available: {availability.reason}")
   peer_mask = third_party.PeerMask.from_mask(mask, config.q_len, config.kv_len)
   if isinstance(peer, third_party.TorchPeer):
-    return peer.run(*_torch_case(config, peer_mask))
+    metrics = peer.run(*_torch_case(config, peer_mask))  # CUDA events on a GPU
+    metrics["timing_method"] = metrics.get("timing")
+    # The torch child compares the forward output only, on every row (its own reference).
+    err = metrics.get("max_abs_err")
+    if err is None:
+      metrics.update(check="skipped: the torch child reported no max_abs_err",
+                     within_tol=None)
+    else:
+      metrics.update(check="all rows, forward output (torch child)",
+                     within_tol=err <= TOLERANCES.get(config.dtype, 1e-4))  # NaN fails
+    return metrics
   attend = peer.make(peer_mask)
   fn = attend if config.mode == "fwd" else with_grads(attend)
   metrics = time_point(config, fn, sets)
@@ -232,12 +520,14 @@ def _run_peer(config, mask, sets) -> dict[str, Any]:
   return metrics
 
 
-def model_columns(config: ml_collections.ConfigDict, block_density: float) -> dict[str, Any]:
+def model_columns(config: ml_collections.ConfigDict, block_density: float,
+                  tiles: tuple[int, int] | None = None) -> dict[str, Any]:
   """The IO model of the point's algorithm (flashjax.io_model) on the H200 ceilings.
 
   Args:
     config: the point's config (implementation, shapes, dtype, mode, tiles).
     block_density: fraction of non-empty tiles at the benchmark tiles (block skipping).
+    tiles: (block_q, block_kv) that ran; None: the config's tiles (or the defaults).
 
   Returns:
     model_algorithm, model_bytes, model_flops and roofline_ms.
@@ -248,7 +538,7 @@ def model_columns(config: ml_collections.ConfigDict, block_density: float) -> di
       num_heads=config.num_heads, head_dim=config.head_dim,
       itemsize=jnp.dtype(config.dtype).itemsize, num_kv_heads=config.num_kv_heads,
       score_itemsize=4 if algorithm == "naive" else None)  # XLA keeps float32 logits
-  block_q, block_kv = _tiles(config)
+  block_q, block_kv = tiles or _tiles(config)
   full = io_model.dense_tiles(shape, block_q, block_kv)
   tiles = min(full, block_density * full)
   cost = io_model.attention_cost(algorithm, shape, config.mode, block_q=block_q,
@@ -279,9 +569,10 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
                                 "peers run the same mask as 'random_banded'")
     metrics = _run_peer(config, mask, sets)
   else:
+    metrics = kernel_fields(config, kernel_mask(config, mask), sets[0])
     attend = _flashjax_fn(config, kernel_mask(config, mask))
     fn = attend if config.mode == "fwd" else with_grads(attend)
-    metrics = time_point(config, fn, sets)
+    metrics.update(time_point(config, fn, sets))
     if config.check:
       metrics.update(check_errors(config, fn, sets, mask))
 
@@ -291,7 +582,9 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
   flops = benchmarking.masked_attention_flops(config.num_heads, config.head_dim, pairs,
                                               config.mode)
   seconds = metrics["median_ms"] / 1e3 if "median_ms" in metrics else math.nan
-  block_q, block_kv = _tiles(config)
+  # The forward tiles that ran (a Pallas backend's plan), else the config's / the defaults.
+  tiles = metrics.get("fwd_tiles")
+  block_q, block_kv = map(int, tiles.split("x")) if tiles else _tiles(config)
   block_density = 1.0
   if mask is not None:
     if config.mask in RCM_FAMILIES:
@@ -299,7 +592,7 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
     else:
       kinds = mask.block_kinds(block_q, block_kv)
     block_density = float(np.mean(np.asarray(kinds) != masks.EMPTY))
-  metrics.update(model_columns(config, block_density))
+  metrics.update(model_columns(config, block_density, tiles=(block_q, block_kv)))
   metrics.update(
       density=density, block_density=block_density, bd_tiles=f"{block_q}x{block_kv}",
       useful_tflops=flops / seconds / 1e12,

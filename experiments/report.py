@@ -15,6 +15,10 @@ with the point's fields applied) and, beside every median timing column that has
 the rows (`median_ms` with `p10_ms` / `p90_ms`, `us_per_step` with the p10 / p90 of its
 `step_timing`), a `[p10, p90]` column, so that load noise is not read as a gap. Plots give
 every series its own colour and marker and put the legend to the right of the axes.
+
+A row whose output check failed (`within_tol` false or a NaN `max_abs_err`) has its numbers
+marked "!" and one whose check was skipped (`check` "skipped: ...") "?", with a footnote
+under the table (`check_flag`): a wrong or unchecked result never reads as a plain number.
 """
 
 from __future__ import annotations
@@ -169,9 +173,45 @@ def _cell(value: Any, width: int = 80) -> str:
   return text if len(text) <= width else text[:width - 3] + "..."
 
 
+# Marks of a row's numbers whose output check failed or did not run (check_flag).
+FAILS_TOL = "!"
+NOT_CHECKED = "?"
+FLAG_NOTES = {
+    FAILS_TOL: "fails tolerance: the output's max_abs_err against the float32 reference is "
+               "above the dtype's tolerance (within_tol false), so these numbers time a "
+               "wrong result",
+    NOT_CHECKED: "not checked: the reference check was skipped (the row's `check` says why)",
+}
+
+
+def check_flag(metrics: Mapping[str, Any] | None) -> str:
+  """FAILS_TOL, NOT_CHECKED or "" for a row's metrics.
+
+  FAILS_TOL when `within_tol` is false or `max_abs_err` is NaN; NOT_CHECKED when `check`
+  starts with "skipped"; "" otherwise (checked and within tolerance, or a kind without a
+  check).
+  """
+  metrics = metrics or {}
+  err = metrics.get("max_abs_err")
+  if metrics.get("within_tol") is False or (isinstance(err, float) and err != err):
+    return FAILS_TOL
+  if str(metrics.get("check", "")).startswith("skipped"):
+    return NOT_CHECKED
+  return ""
+
+
+def flag_notes(flags: Iterable[str]) -> list[str]:
+  """Footnote lines for the flags that occur (in FLAG_NOTES order)."""
+  used = set(flags)
+  return [f"`{flag}` {note}" for flag, note in FLAG_NOTES.items() if flag in used]
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
                  config: Mapping[str, Any] | None = None) -> str:
   """Markdown table of rows (results.jsonl rows).
+
+  The numbers of a row whose output check failed get check_flag's mark (e.g. "1.23!"), so
+  they never read as plain numbers, and the table is followed by a footnote per mark used.
 
   Args:
     rows: results rows.
@@ -184,9 +224,24 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
   if not rows:
     return "(no results)"
   columns = list(columns or table_columns(config, rows))
-  flat = [flatten(r, config if config is not None else {}) for r in rows]
+  point_fields = set(_first_seen(r["point"] for r in rows)) | {SHAPE_COLUMN, "status"}
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(_cell(f.get(c)) for c in columns) + " |" for f in flat]
+  used = []
+  for row in rows:
+    f = flatten(row, config if config is not None else {})
+    flag = check_flag(row.get("metrics")) if row["status"] == "ok" else ""
+    cells = []
+    for c in columns:
+      text = _cell(f.get(c))
+      numeric = _is_number(f.get(c)) or c.endswith(SPREAD_SUFFIX)
+      if flag and text and numeric and c not in point_fields:
+        text += flag
+        used.append(flag)
+      cells.append(text)
+    lines.append("| " + " | ".join(cells) + " |")
+  notes = flag_notes(used)
+  if notes:
+    lines += [""] + notes
   return "\n".join(lines)
 
 
@@ -279,7 +334,8 @@ def plot(rows: Sequence[Mapping[str, Any]], spec: Mapping[str, Any], path: str) 
 
 def _environment_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   lines = []
-  for name in ("device_kind", "backend", "jax_version", "git_commit", "git_dirty"):
+  for name in ("device_kind", "backend", "jax_version", "git_commit", "git_dirty",
+               "source_hash"):
     values = sorted({str((r.get("env") or {}).get(name)) for r in rows})
     lines.append(f"- {name}: {', '.join(values)}")
   return lines

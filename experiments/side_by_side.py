@@ -4,7 +4,9 @@ r"""Side-by-side table: one row per case, one column per implementation, from re
       --metric=median_ms --columns=pallas_triton,peer:jax_nn_cudnn,peer:torch_flex
 
 Rows are the points' fields other than `implementation`; cells are the metric of the latest
-"ok" row, "-" for unsupported points and "err" for failed ones. Points measured in different
+"ok" row, "-" for unsupported points and "err" for failed ones. A cell whose output failed the
+error check (`within_tol` false) ends in "!" and one whose check was skipped in "?", with a
+footnote under the table: a wrong result never reads as a plain number. Points measured in different
 runs should only be put side by side when they come from the same session on the same device.
 """
 
@@ -39,14 +41,17 @@ def _cell(row: dict[str, Any] | None, metric: str) -> str:
   if row["status"] != "ok":
     return "err"
   value = row["metrics"].get(metric)
-  if isinstance(value, float):
-    return f"{value:.4g}"
-  return str(value)
+  text = f"{value:.4g}" if isinstance(value, float) else str(value)
+  return text + report.check_flag(row["metrics"])
 
 
 def pivot(rows: list[dict[str, Any]], metric: str, columns: Sequence[str] | None = None,
           row_fields: Sequence[str] | None = None) -> str:
-  """Markdown table of `metric` with one column per implementation."""
+  """Markdown table of `metric` with one column per implementation.
+
+  A cell of a row whose output check failed ends in "!", of one whose check was skipped in
+  "?" (report.check_flag); footnotes under the table say what the marks mean.
+  """
   columns = list(columns or dict.fromkeys(r["point"]["implementation"] for r in rows))
   if row_fields is None:
     row_fields = [f for f in rows[0]["point"] if f != "implementation"] if rows else []
@@ -59,6 +64,11 @@ def pivot(rows: list[dict[str, Any]], metric: str, columns: Sequence[str] | None
   for key, by_impl in table.items():
     cells = [str(k) for k in key] + [_cell(by_impl.get(c), metric) for c in columns]
     lines.append("| " + " | ".join(cells) + " |")
+  flags = [report.check_flag(r["metrics"]) for r in rows
+           if r["status"] == "ok" and r["point"]["implementation"] in columns]
+  notes = report.flag_notes(flags)
+  if notes:
+    lines += [""] + notes
   return "\n".join(lines)
 
 

@@ -18,6 +18,9 @@ hit inputs that are still in the GPU's L2 cache. `output_and_loop` builds one pr
 both returns an output to check and runs such a loop, and `time_program` times whole runs of
 a compiled program (one compile for checking and timing).
 
+Provenance: `environment_info` (what every result row records) and `source_tree_hash` (a
+content hash of the code, beside the git commit).
+
 Sizing a benchmark: `device_memory_budget` (what the device has free), `fit_input_sets` (how
 many input sets fit that budget with the program's working memory) and `loop_calls` (calls
 per timed loop for a target loop time).
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import platform
@@ -488,7 +492,7 @@ def measured_copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
 
 @functools.cache
 def _git_state() -> tuple[str | None, bool | None]:
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = _checkout_root()
   try:
     commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True,
                             text=True, timeout=10, check=True).stdout.strip()
@@ -499,13 +503,80 @@ def _git_state() -> tuple[str | None, bool | None]:
   return commit, bool(status.strip())
 
 
+# What `source_tree_hash` covers by default: the library, the study configs and the
+# experiment kinds (the code that decides what a benchmark row measures).
+SOURCE_TREE_PARTS = ("flashjax", "configs", "experiments")
+
+
+def _checkout_root() -> str:
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def source_tree_hash(root: str | None = None,
+                     parts: Sequence[str] = SOURCE_TREE_PARTS) -> str:
+  """sha256 of the *.py files under `parts` of `root`: which code produced a row.
+
+  Unlike a git commit it names uncommitted edits and copies outside git: the digest covers
+  each file's path relative to `root` (with "/" separators) and its bytes, files in sorted
+  path order, so it changes when any file is edited, added, removed or renamed. Directories
+  named __pycache__ or starting with "." are skipped.
+
+  Args:
+    root: directory holding `parts` (default: this flashjax checkout).
+    parts: directories (or single files) below `root`; at least one must exist.
+
+  Returns:
+    "sha256:" followed by 64 hex digits.
+
+  Raises:
+    ValueError: no part exists under `root`, or `parts` is empty.
+  """
+  root = os.path.abspath(root or _checkout_root())
+  if not parts:
+    raise ValueError(f"{parts=} must name at least one directory below {root}")
+  files = []
+  found = False
+  for part in parts:
+    top = os.path.join(root, part)
+    if os.path.isfile(top):
+      found = True
+      files.append(top)
+      continue
+    if not os.path.isdir(top):
+      continue
+    found = True
+    for dirpath, dirnames, filenames in os.walk(top):
+      dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")]
+      files += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+  if not found:
+    raise ValueError(f"none of {list(parts)} exists under {root}")
+  digest = hashlib.sha256()
+  for path in sorted(set(files), key=lambda p: os.path.relpath(p, root).replace(os.sep, "/")):
+    rel = os.path.relpath(path, root).replace(os.sep, "/")
+    with open(path, "rb") as f:
+      data = f.read()
+    digest.update(f"{rel}\0{len(data)}\0".encode())
+    digest.update(data)
+  return "sha256:" + digest.hexdigest()
+
+
+@functools.cache
+def _this_tree_hash() -> str | None:
+  try:
+    return source_tree_hash()
+  except (OSError, ValueError):
+    return None
+
+
 def environment_info() -> dict[str, Any]:
   """What a result row must record about where it was measured.
 
   Returns:
     jax / jaxlib versions, backend, device kind and count, Python version, host name, the
-    git commit of the flashjax checkout (None outside a git checkout) and whether the
-    checkout had uncommitted changes to tracked files.
+    git commit of the flashjax checkout (None outside a git checkout), whether the
+    checkout had uncommitted changes to tracked files, and `source_hash`: the
+    `source_tree_hash` of this checkout's flashjax/, configs/ and experiments/ (computed
+    once per process), which identifies the code of a dirty or non-git copy too.
   """
   commit, dirty = _git_state()
   return {
@@ -518,4 +589,5 @@ def environment_info() -> dict[str, Any]:
       "hostname": platform.node(),
       "git_commit": commit,
       "git_dirty": dirty,
+      "source_hash": _this_tree_hash(),
   }

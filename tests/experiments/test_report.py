@@ -52,6 +52,25 @@ class ReportTest(absltest.TestCase):
     self.assertIn("| shape |", text)
     self.assertIn("median_ms [p10, p90]", text)
 
+  def test_rows_failing_tolerance_are_flagged(self):
+    good, bad = _row("xla", 64, 2.0), _row("peer:x", 64, 1.5)
+    good["metrics"]["within_tol"] = True
+    bad["metrics"].update(max_abs_err=0.25, within_tol=False)
+    columns = ["implementation", "status", "median_ms", "median_ms [p10, p90]",
+               "max_abs_err", "within_tol"]
+    table = report.format_table([good, bad], columns, _CONFIG)
+    lines = table.splitlines()
+    self.assertEqual(lines[2], "| xla | ok | 2 | [1.8, 3] | 1e-06 | True |")
+    self.assertEqual(lines[3], "| peer:x | ok | 1.5! | [1.35, 2.25]! | 0.25! | False |")
+    self.assertIn("`!` fails tolerance", table)
+    self.assertNotIn("`?`", table)
+    self.assertEqual(report.check_flag({"max_abs_err": float("nan")}), report.FAILS_TOL)
+    self.assertEqual(report.check_flag({"check": "skipped: too big"}), report.NOT_CHECKED)
+    self.assertEqual(report.check_flag({"max_abs_err": 0.0, "within_tol": True}), "")
+    self.assertEqual(report.check_flag(None), "")
+    clean = report.format_table([good], columns, _CONFIG)
+    self.assertNotIn("fails tolerance", clean)
+
   def test_series_styles_are_distinct(self):
     styles = [report.series_style(i) for i in range(90)]
     self.assertLen({(s["color"], s["marker"]) for s in styles}, 90)

@@ -33,6 +33,26 @@ class SideBySideTest(absltest.TestCase):
     self.assertEqual(lines[2], "| c1 | 2.25 | 3.5 |")
     self.assertEqual(lines[3], "| c2 | - |  |")
 
+  def test_cells_failing_tolerance_are_flagged(self):
+    bad = _row("c1", "peer", ms=0.5)
+    bad["metrics"].update(max_abs_err=0.3, within_tol=False)
+    good = _row("c1", "ours", ms=1.25)
+    good["metrics"].update(max_abs_err=1e-3, within_tol=True)
+    nan = _row("c2", "peer", ms=0.75)
+    nan["metrics"].update(max_abs_err=float("nan"))
+    skipped = _row("c2", "ours", ms=2.0)
+    skipped["metrics"].update(check="skipped: needs 3 GB > budget 1 GB")
+    table = side_by_side.pivot([good, bad, skipped, nan], "median_ms",
+                               columns=["ours", "peer"])
+    lines = table.splitlines()
+    self.assertEqual(lines[2], "| c1 | 1.25 | 0.5! |")
+    self.assertEqual(lines[3], "| c2 | 2? | 0.75! |")
+    self.assertTrue(any(line.startswith("`!` fails tolerance") for line in lines), table)
+    self.assertTrue(any(line.startswith("`?` not checked") for line in lines), table)
+    # Without a failing or skipped row: no marks, no footnotes.
+    clean = side_by_side.pivot([good], "median_ms", columns=["ours"])
+    self.assertEqual(clean.splitlines()[2:], ["| c1 | 1.25 |"])
+
 
 if __name__ == "__main__":
   absltest.main()
