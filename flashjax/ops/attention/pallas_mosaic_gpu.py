@@ -413,14 +413,9 @@ def _forward(q, k, v, bm: BlockMask, config: MosaicParams):
   ]
   if consumers == 2:
     scratch.append(plgpu.Barrier(num_arrivals=2))
-  if layout.has_segments:
-    scratch += [plgpu.SMEM((consumers, _WGMMA_M), jnp.int32),
-                plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
-                plgpu.SMEM((stages, bk), jnp.int32),
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
-  if layout.has_tiles:
-    scratch += [plgpu.SMEM((stages, bq, bk), q.dtype),
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+  scratch += mosaic_common.mask_scratch(layout, stages=stages, streamed_len=bk,
+                                       tile_shape=(bq, bk), dtype=q.dtype,
+                                       resident=(consumers, _WGMMA_M))
   k_in = pad_to(k, nk * bk, dp)
   if config.interpret:
     # The interpreter cannot read a transposed SMEM view: K^T comes from XLA, P via SMEM.

@@ -88,6 +88,26 @@ def swizzled_smem(shape: tuple[int, ...], dtype) -> Any:
   return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
+def mask_scratch(layout, *, stages: int, streamed_len: int, tile_shape: tuple[int, int], dtype,
+                 resident: tuple[int, int] | None = None) -> list[Any]:
+  """Shared memory (and barriers) for the mask operands a kernel copies in: per pipeline stage
+  the streamed block's segment ids / prefix flags [streamed_len] and the stored tile
+  [tile_shape]; with resident=(consumers, rows), each consumer's resident-block segment ids
+  first. Empty for masks without segments or stored tiles."""
+  scratch = []
+  if layout.has_segments:
+    if resident is not None:
+      consumers, rows = resident
+      scratch += [plgpu.SMEM((consumers, rows), jnp.int32),
+                  plgpu.Barrier(num_arrivals=1, num_barriers=consumers)]
+    scratch += [plgpu.SMEM((stages, streamed_len), jnp.int32),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+  if layout.has_tiles:
+    scratch += [plgpu.SMEM((stages, *tile_shape), dtype),
+                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+  return scratch
+
+
 def interpret_params() -> Any:
   """Mosaic GPU interpreter parameters (jax-private module: NotImplementedError if absent)."""
   try:

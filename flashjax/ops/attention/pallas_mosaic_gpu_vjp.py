@@ -49,8 +49,8 @@ from flashjax.masks.block_mask import BlockMask
 from flashjax.ops.attention.pallas_gpu_common import LOG2E, pad_to, tiling
 from flashjax.ops.attention.pallas_mosaic_gpu_common import (
     ROWS, KernelOps, MaskParts, MosaicParams, for_each_item, grid_and_order, keep_mask,
-    launch, longest_first, mask_parts, query_item, query_item_order, run_warpgroups,
-    swizzled_smem)
+    launch, longest_first, mask_parts, mask_scratch, query_item, query_item_order,
+    run_warpgroups, swizzled_smem)
 
 
 def _probs(s, lse, config: MosaicParams, *, lse_dim: int, keep, tile):
@@ -449,14 +449,8 @@ def dq(q, k, v, do, stats, bm: BlockMask, config: MosaicParams) -> jax.Array:
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),
       plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
   ]
-  if layout.has_segments:
-    scratch += [plgpu.SMEM((consumers, ROWS), jnp.int32),
-                plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
-                plgpu.SMEM((stages, bk), jnp.int32),
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
-  if layout.has_tiles:
-    scratch += [plgpu.SMEM((stages, bq, bk), dtype),
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+  scratch += mask_scratch(layout, stages=stages, streamed_len=bk, tile_shape=(bq, bk),
+                          dtype=dtype, resident=(consumers, ROWS))
   kp, vp = pad_to(k, kv_pad, dp), pad_to(v, kv_pad, dp)
   extra = _interpret_extras(config, kp, vp, bk, scratch, consumers)
   out = launch(kernel, jax.ShapeDtypeStruct((batch, q_pad, num_heads, dp), dtype), scratch,
@@ -504,12 +498,9 @@ def dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams) -> tuple[jax.A
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),
       plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
   ]
-  if layout.has_segments:
-    scratch += [plgpu.SMEM((stages, bq), jnp.int32),
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
-  if layout.has_tiles:
-    scratch += [plgpu.SMEM((stages, bk, bq), dtype),
-                plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
+  # The resident K/V block's segment ids share the main scratch (kv segment ids slot).
+  scratch += mask_scratch(layout, stages=stages, streamed_len=bq, tile_shape=(bk, bq),
+                          dtype=dtype)
   qp, dop = pad_to(q, q_pad, dp), pad_to(do, q_pad, dp)
   extra = _interpret_extras(config, qp, dop, bq, scratch, consumers)
   out = jax.ShapeDtypeStruct((batch, kv_pad, num_kv_heads, dp), dtype)
