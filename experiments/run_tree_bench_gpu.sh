@@ -9,7 +9,8 @@
 #   experiments/run_tree_bench_gpu.sh OLD_TREE OUT_DIR [PART]   (PART: attention, decode or all)
 #
 # OLD_TREE is a checkout of the commit to compare with (e.g. `git archive COMMIT | tar -x -C
-# DIR`); run from this repository's root.
+# DIR`); NEW_TREE (environment, default: this repository's root) the one compared with it.
+# Run from this repository's root.
 set -u
 old=${1:?usage: $0 OLD_TREE OUT_DIR [attention|decode|all]}
 out=${2:?usage: $0 OLD_TREE OUT_DIR [attention|decode|all]}
@@ -24,8 +25,9 @@ decode_where+=",batch=256,head_density=1.0,head_density=0.5"
 # old and new run with the tuning tables off (both on the heuristics: the same tiles unless the
 # refactor changed them); new_tuned (round 1 only) is this tree as users get it, tables on.
 for round in 1 2; do
-  runs="old:$old:0 new:.:0"
-  [ "$round" = 1 ] && runs+=" new_tuned:.:1"
+  new=${NEW_TREE:-.}
+  runs="old:$old:0 new:$new:0"
+  [ "$round" = 1 ] && runs+=" new_tuned:$new:1"
   for run in $runs; do
     IFS=: read -r label tree autotune <<< "$run"
     if [ "$part" != decode ]; then
