@@ -38,7 +38,11 @@ the forward tiles that ran),
 and the analytical IO model of the implementation's algorithm (flashjax.io_model:
 block-skipping FlashAttention for the Pallas backends and FlexAttention, FlashAttention on the
 full mask for the other peers, materialised scores for XLA): `model_algorithm`,
-`model_bytes`, `model_flops` and `roofline_ms` on the H200 ceilings.
+`model_bytes`, `model_flops` and `roofline_ms` on the ceilings of `roofline_device` (config
+field `roofline_device`, None: the running device; `benchmarking.device_ceilings`, measured
+where measured, else the datasheet: `roofline_source`). On a device kind without ceilings
+(CPU) roofline_ms is None. `pct_of_peak` is against the running device's matmul ceiling,
+`pct_of_peak_source` says whether that ceiling was measured or is the datasheet's.
 """
 
 from __future__ import annotations
@@ -522,15 +526,19 @@ def _run_peer(config, mask, sets) -> dict[str, Any]:
 
 def model_columns(config: ml_collections.ConfigDict, block_density: float,
                   tiles: tuple[int, int] | None = None) -> dict[str, Any]:
-  """The IO model of the point's algorithm (flashjax.io_model) on the H200 ceilings.
+  """The IO model of the point's algorithm (flashjax.io_model) on a device's ceilings.
 
   Args:
-    config: the point's config (implementation, shapes, dtype, mode, tiles).
+    config: the point's config (implementation, shapes, dtype, mode, tiles; optional
+      roofline_device: the device kind whose ceilings the roofline uses, None or absent:
+      the running device).
     block_density: fraction of non-empty tiles at the benchmark tiles (block skipping).
     tiles: (block_q, block_kv) that ran; None: the config's tiles (or the defaults).
 
   Returns:
-    model_algorithm, model_bytes, model_flops and roofline_ms.
+    model_algorithm, model_bytes, model_flops, roofline_ms (None when the device kind has
+    no ceilings for the dtype), roofline_device and roofline_source ("measured",
+    "datasheet" or "measured flops, datasheet hbm" ...; None without ceilings).
   """
   algorithm = io_model.implementation_algorithm(config.implementation)
   shape = io_model.Shape(
@@ -543,8 +551,19 @@ def model_columns(config: ml_collections.ConfigDict, block_density: float,
   tiles = min(full, block_density * full)
   cost = io_model.attention_cost(algorithm, shape, config.mode, block_q=block_q,
                                  block_kv=block_kv, nonempty_tiles=tiles)
+  device = config.get("roofline_device", None) or benchmarking.running_device_kind()
+  # The roofline's matmul ceiling is the bf16 / fp16 one (a float32 point is compared
+  # against it too: the model counts work, not the dtype's peak).
+  ceilings = benchmarking.device_ceilings(device, "bfloat16")
+  roofline, source = None, None
+  if ceilings is not None:
+    roofline = cost.roofline_ms(ceilings["flops_per_s"], ceilings["hbm_bytes_per_s"])
+    sources = {ceilings["flops_source"], ceilings["hbm_source"]}
+    source = (sources.pop() if len(sources) == 1 else
+              f"{ceilings['flops_source']} flops, {ceilings['hbm_source']} hbm")
   return {"model_algorithm": algorithm, "model_bytes": cost.hbm_bytes,
-          "model_flops": cost.flops, "roofline_ms": cost.roofline_ms()}
+          "model_flops": cost.flops, "roofline_ms": roofline, "roofline_device": device,
+          "roofline_source": source}
 
 
 def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[str, Any]:
@@ -598,8 +617,9 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
       useful_tflops=flops / seconds / 1e12,
       dense_equiv_tflops=benchmarking.attention_flops(
           b, t, s, config.num_heads, config.head_dim, mode=config.mode) / seconds / 1e12)
-  ceilings = benchmarking.device_ceilings(jax.devices()[0].device_kind, config.dtype)
+  ceilings = benchmarking.device_ceilings(benchmarking.running_device_kind(), config.dtype)
   if ceilings and "flops_per_s" in ceilings:
     metrics["pct_of_peak"] = benchmarking.percent_of_ceiling(flops / seconds,
                                                              ceilings["flops_per_s"])
+    metrics["pct_of_peak_source"] = ceilings["flops_source"]
   return metrics

@@ -22,6 +22,7 @@ from configs import ablate_mask_density
 from configs import reproduce_binblkmsk
 from experiments import attention_bench
 from experiments import launch
+from flashjax import benchmarking
 from flashjax import io_model
 from flashjax import masks
 from flashjax.masks import families
@@ -84,8 +85,20 @@ class MaskFamilyTest(parameterized.TestCase):
     want = io_model.attention_cost(algorithm, shape, "fwd", block_q=32, block_kv=64,
                                    nonempty_tiles=0.5 * 4 * 2 * 2)
     self.assertEqual(got["model_algorithm"], algorithm)
-    chex.assert_trees_all_close((got["model_bytes"], got["model_flops"], got["roofline_ms"]),
-                                (want.hbm_bytes, want.flops, want.roofline_ms()))
+    chex.assert_trees_all_close((got["model_bytes"], got["model_flops"]),
+                                (want.hbm_bytes, want.flops))
+    running = benchmarking.running_device_kind()
+    self.assertEqual(got["roofline_device"], running)
+    if benchmarking.device_ceilings(running) is None:  # CPU: no roofline
+      self.assertIsNone(got["roofline_ms"])
+      self.assertIsNone(got["roofline_source"])
+    for kind, source in (("NVIDIA H200", "measured"),
+                         ("NVIDIA H100 80GB HBM3", "datasheet flops, measured hbm"),
+                         ("NVIDIA H100 PCIe", "datasheet")):
+      config.roofline_device = kind
+      got = attention_bench.model_columns(config, 0.5)
+      self.assertAlmostEqual(got["roofline_ms"], want.roofline_ms(device_kind=kind))
+      self.assertEqual((got["roofline_device"], got["roofline_source"]), (kind, source))
 
 
 class PostProcessingTest(absltest.TestCase):
@@ -230,7 +243,10 @@ class LauncherTest(absltest.TestCase):
       self.assertIn(row["status"], ("ok", "unsupported"), row.get("error"))
       if row["status"] == "ok":
         self.assertTrue(row["metrics"]["within_tol"], row["point"])
-        self.assertGreater(row["metrics"]["roofline_ms"], 0)
+        if benchmarking.device_ceilings(row["metrics"]["roofline_device"]) is None:
+          self.assertIsNone(row["metrics"]["roofline_ms"])  # a CPU host: no roofline
+        else:
+          self.assertGreater(row["metrics"]["roofline_ms"], 0)
 
   def test_block_size(self):
     rows = self._run("ablate_block_size", "--config.masks=('causal',)",
