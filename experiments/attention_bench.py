@@ -21,8 +21,11 @@ Config fields read by `run_point` (configs/quickstart.py sets all of them):
   mask parameters  window, window_right, doc_len, tree_span, band_peak, band_decay,
                    band_floor, dilation, num_global, doc_len_dist ("uniform" or
                    "lognormal"), block_density_target and mask_block (random_blocks),
-                   medusa_heads and medusa_topk (medusa): the arguments of
-                   flashjax.masks.families.build (its defaults when a config lacks them)
+                   medusa_heads and medusa_topk (medusa, medusa_padded), prefix_frac
+                   (prefix_lm): the arguments of flashjax.masks.families.build (its
+                   defaults when a config lacks them)
+  rcm_report       optional: add flashjax.masks.rcm.rcm_report's fields (`rcm_fields`)
+  roofline_device  optional: device kind of the roofline's ceilings (None: running device)
 
 Every point is checked against flashjax's float32 reference on the same inputs in the same
 run (max_abs_err; within_tol by dtype: float32 1e-4, bfloat16 2e-2, float16 5e-3 absolute,
@@ -34,11 +37,17 @@ median_ms ("loop": device time, "wall", or the torch child's "cuda_events"). A f
 records the kernel that ran (`kernel_fields`: backend, fwd_tiles, dq_tiles / dkdv_tiles /
 bwd_backend for fwd_bwd, tiles_from, plan_tiles, kernel_params). The point
 reports time, useful TFLOP/s (4*N*D per allowed pair), mask density and block density (at
-the forward tiles that ran),
+the forward tiles that ran), the host preprocessing apart from the kernel time
+(`mask_build_ms`: the mask family's constructor; flashjax rows also `block_mask_ms`: mask
+-> BlockMask at the forward tiles, RCM ordering included for RCM families),
 and the analytical IO model of the implementation's algorithm (flashjax.io_model:
 block-skipping FlashAttention for the Pallas backends and FlexAttention, FlashAttention on the
 full mask for the other peers, materialised scores for XLA): `model_algorithm`,
-`model_bytes`, `model_flops` and `roofline_ms` on the H200 ceilings.
+`model_bytes`, `model_flops` and `roofline_ms` on the ceilings of `roofline_device` (config
+field `roofline_device`, None: the running device; `benchmarking.device_ceilings`, measured
+where measured, else the datasheet: `roofline_source`). On a device kind without ceilings
+(CPU) roofline_ms is None. `pct_of_peak` is against the running device's matmul ceiling,
+`pct_of_peak_source` says whether that ceiling was measured or is the datasheet's.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from typing import Any
 
 import jax
@@ -59,6 +69,7 @@ from flashjax import io_model
 from flashjax import masks
 from flashjax import workloads
 from flashjax.masks import families
+from flashjax.masks import rcm
 from flashjax.ops.attention import api as attention_api
 from flashjax.ops.attention import base as attention_base
 from flashjax.ops.attention.block_sizes import BlockSizes
@@ -77,7 +88,7 @@ PEER_PREFIX = "peer:"
 # without one gets build's default; block_density_target is build's block_density).
 _MASK_PARAMS = ("batch", "window", "window_right", "doc_len", "doc_len_dist", "tree_span",
                 "band_peak", "band_decay", "band_floor", "dilation", "num_global",
-                "medusa_heads", "medusa_topk")
+                "medusa_heads", "medusa_topk", "prefix_frac")
 
 
 def build_mask(config: ml_collections.ConfigDict, rng: np.random.Generator) -> Any:
@@ -522,15 +533,19 @@ def _run_peer(config, mask, sets) -> dict[str, Any]:
 
 def model_columns(config: ml_collections.ConfigDict, block_density: float,
                   tiles: tuple[int, int] | None = None) -> dict[str, Any]:
-  """The IO model of the point's algorithm (flashjax.io_model) on the H200 ceilings.
+  """The IO model of the point's algorithm (flashjax.io_model) on a device's ceilings.
 
   Args:
-    config: the point's config (implementation, shapes, dtype, mode, tiles).
+    config: the point's config (implementation, shapes, dtype, mode, tiles; optional
+      roofline_device: the device kind whose ceilings the roofline uses, None or absent:
+      the running device).
     block_density: fraction of non-empty tiles at the benchmark tiles (block skipping).
     tiles: (block_q, block_kv) that ran; None: the config's tiles (or the defaults).
 
   Returns:
-    model_algorithm, model_bytes, model_flops and roofline_ms.
+    model_algorithm, model_bytes, model_flops, roofline_ms (None when the device kind has
+    no ceilings for the dtype), roofline_device and roofline_source ("measured",
+    "datasheet" or "measured flops, datasheet hbm" ...; None without ceilings).
   """
   algorithm = io_model.implementation_algorithm(config.implementation)
   shape = io_model.Shape(
@@ -543,8 +558,61 @@ def model_columns(config: ml_collections.ConfigDict, block_density: float,
   tiles = min(full, block_density * full)
   cost = io_model.attention_cost(algorithm, shape, config.mode, block_q=block_q,
                                  block_kv=block_kv, nonempty_tiles=tiles)
+  device = config.get("roofline_device", None) or benchmarking.running_device_kind()
+  # The roofline's matmul ceiling is the bf16 / fp16 one (a float32 point is compared
+  # against it too: the model counts work, not the dtype's peak).
+  ceilings = benchmarking.device_ceilings(device, "bfloat16")
+  roofline, source = None, None
+  if ceilings is not None:
+    roofline = cost.roofline_ms(ceilings["flops_per_s"], ceilings["hbm_bytes_per_s"])
+    sources = {ceilings["flops_source"], ceilings["hbm_source"]}
+    source = (sources.pop() if len(sources) == 1 else
+              f"{ceilings['flops_source']} flops, {ceilings['hbm_source']} hbm")
   return {"model_algorithm": algorithm, "model_bytes": cost.hbm_bytes,
-          "model_flops": cost.flops, "roofline_ms": cost.roofline_ms()}
+          "model_flops": cost.flops, "roofline_ms": roofline, "roofline_device": device,
+          "roofline_source": source}
+
+
+def preprocess_fields(config: ml_collections.ConfigDict, mask: Any, tiles: tuple[int, int],
+                      mask_build_ms: float) -> dict[str, Any]:
+  """Host preprocessing times of a point, apart from the kernel time.
+
+  Args:
+    config: the point's config.
+    mask: the point's Mask (None: dense).
+    tiles: (block_q, block_kv) of the forward kernel.
+    mask_build_ms: host time `build_mask` took (the mask family's constructor).
+
+  Returns:
+    mask_build_ms, and block_mask_ms: host time of BlockMask.from_mask at `tiles` (the
+    mask -> BlockMask step of binary block masking; RCM families: the RCM ordering, the
+    permuted mask and its BlockMask; 0.0 for dense, which needs none).
+  """
+  block_mask_ms = 0.0
+  if mask is not None:
+    start = time.perf_counter()
+    if config.mask in RCM_FAMILIES:
+      masks.BlockMask.from_mask(mask, *tiles, reorder="rcm")
+    else:
+      masks.BlockMask.from_mask(mask, *tiles)
+    block_mask_ms = 1e3 * (time.perf_counter() - start)
+  return {"mask_build_ms": mask_build_ms, "block_mask_ms": block_mask_ms}
+
+
+def rcm_fields(mask: Any, tiles: tuple[int, int]) -> dict[str, Any]:
+  """flashjax.masks.rcm.rcm_report of a square single-row mask at `tiles`, as rcm_* fields.
+
+  Returns rcm_density, rcm_bandwidth_before / _after, rcm_block_density_before / _after,
+  rcm_ms and rcm_permute_ms; for a dense, non-square or batched mask (RCM reorders one
+  (T, T) pattern) rcm_status "skipped: <why>" instead (else "ok").
+  """
+  if mask is None:
+    return {"rcm_status": "skipped: dense"}
+  if mask.lead != (1, 1) or mask.q_len != mask.kv_len:
+    return {"rcm_status": f"skipped: mask shape {mask.shape} is not one (T, T) pattern"}
+  report = rcm.rcm_report(mask, *tiles)
+  return {"rcm_status": "ok", **{f"rcm_{k}" if not k.startswith("rcm") else k: v
+                                 for k, v in report.items()}}
 
 
 def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[str, Any]:
@@ -561,16 +629,22 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
   if config.mode not in ("fwd", "fwd_bwd"):
     raise ValueError(f"{config.mode=} must be 'fwd' or 'fwd_bwd'")
   rng = np.random.default_rng(config.seed)
+  start = time.perf_counter()
   mask = build_mask(config, rng)
+  mask_build_ms = 1e3 * (time.perf_counter() - start)
   sets = input_sets(config)
+  kmask = None
   if config.implementation.startswith(PEER_PREFIX):
     if config.mask in RCM_FAMILIES:
       raise NotImplementedError(f"{config.mask=}: RCM reordering is a flashjax BlockMask; "
                                 "peers run the same mask as 'random_banded'")
     metrics = _run_peer(config, mask, sets)
   else:
-    metrics = kernel_fields(config, kernel_mask(config, mask), sets[0])
-    attend = _flashjax_fn(config, kernel_mask(config, mask))
+    start = time.perf_counter()
+    kmask = kernel_mask(config, mask)
+    rcm_block_mask_ms = 1e3 * (time.perf_counter() - start)
+    metrics = kernel_fields(config, kmask, sets[0])
+    attend = _flashjax_fn(config, kmask)
     fn = attend if config.mode == "fwd" else with_grads(attend)
     metrics.update(time_point(config, fn, sets))
     if config.check:
@@ -588,18 +662,27 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
   block_density = 1.0
   if mask is not None:
     if config.mask in RCM_FAMILIES:
-      kinds = kernel_mask(config, mask).kinds  # tiles of the reordered sequence
+      kinds = (kmask if kmask is not None else kernel_mask(config, mask)).kinds  # reordered
     else:
       kinds = mask.block_kinds(block_q, block_kv)
     block_density = float(np.mean(np.asarray(kinds) != masks.EMPTY))
+  if config.implementation.startswith(PEER_PREFIX):  # builds its own structures
+    metrics["mask_build_ms"] = mask_build_ms
+  else:
+    metrics.update(preprocess_fields(config, mask, (block_q, block_kv), mask_build_ms))
+    if config.mask in RCM_FAMILIES:
+      metrics["block_mask_ms"] = rcm_block_mask_ms  # the BlockMask that ran, RCM included
+  if config.get("rcm_report", False):
+    metrics.update(rcm_fields(mask, (block_q, block_kv)))
   metrics.update(model_columns(config, block_density, tiles=(block_q, block_kv)))
   metrics.update(
       density=density, block_density=block_density, bd_tiles=f"{block_q}x{block_kv}",
       useful_tflops=flops / seconds / 1e12,
       dense_equiv_tflops=benchmarking.attention_flops(
           b, t, s, config.num_heads, config.head_dim, mode=config.mode) / seconds / 1e12)
-  ceilings = benchmarking.device_ceilings(jax.devices()[0].device_kind, config.dtype)
+  ceilings = benchmarking.device_ceilings(benchmarking.running_device_kind(), config.dtype)
   if ceilings and "flops_per_s" in ceilings:
     metrics["pct_of_peak"] = benchmarking.percent_of_ceiling(flops / seconds,
                                                              ceilings["flops_per_s"])
+    metrics["pct_of_peak_source"] = ceilings["flops_source"]
   return metrics

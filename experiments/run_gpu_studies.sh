@@ -18,7 +18,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 failed=0
 # study:seconds (the configs' docstrings give the points and the estimates behind each budget)
 for entry in ablate_block_size:150 ablate_mask_density:190 ablate_batch_size:90 \
-             reproduce_binblkmsk:120; do
+             reproduce_binblkmsk:140; do
   study=${entry%:*}
   limit=${entry#*:}
   dir=$work/$study

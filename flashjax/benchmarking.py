@@ -38,6 +38,7 @@ import hashlib
 import math
 import os
 import platform
+import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -55,8 +56,82 @@ H200_HBM_BYTES_PER_S = 4.3e12
 H200_HBM_SPEC_BYTES_PER_S = 4.8e12
 # NVIDIA H100 80GB HBM3: achieved copy bandwidth (bytes read + written per second) measured
 # by `measured_copy_bandwidth` on 2026-12-06 (jax 0.11.2; the spec sheet says 3.35 TB/s).
-# Its matmul ceiling has not been measured here, so device_ceilings gives none.
+# Its matmul ceiling has not been measured here; device_ceilings gives the datasheet's.
 H100_HBM_BYTES_PER_S = 2.74e12
+
+MEASURED, DATASHEET = "measured", "datasheet"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+  """Ceilings of one GPU model: vendor datasheet peaks, and what was measured here.
+
+  Attributes:
+    name: canonical name (the `device_kind` JAX reports where known).
+    datasheet_flops_per_s: dense (no 2:4 sparsity) bf16 / fp16 tensor-core peak.
+    datasheet_hbm_bytes_per_s: HBM bandwidth of the datasheet.
+    source: the datasheet the two peaks come from.
+    measured_flops_per_s: dense bf16 matmul measured on this model (None: not measured).
+    measured_hbm_bytes_per_s: achieved copy bandwidth measured here (None: not measured).
+  """
+
+  name: str
+  datasheet_flops_per_s: float
+  datasheet_hbm_bytes_per_s: float
+  source: str
+  measured_flops_per_s: float | None = None
+  measured_hbm_bytes_per_s: float | None = None
+
+
+# Vendor datasheet peaks, dense bf16 / fp16 tensor-core FLOP/s (the datasheets print the 2:4
+# sparsity figure; dense is half of it) and HBM bandwidth. Order matters in `device_spec`:
+# "GH200" contains "H200", and the PCIe / NVL parts are checked before the SXM ones.
+DEVICE_SPECS = (
+    DeviceSpec("NVIDIA GH200 480GB", 989.4e12, 4.0e12,
+               "NVIDIA GH200 Grace Hopper Superchip datasheet (96 GB HBM3: 4 TB/s; "
+               "990 TFLOP/s dense BF16)"),
+    DeviceSpec("NVIDIA GH200 144G HBM3e", 989.4e12, 4.9e12,
+               "NVIDIA GH200 Grace Hopper Superchip datasheet (144 GB HBM3e: 4.9 TB/s)"),
+    DeviceSpec("NVIDIA H200 NVL", 835.5e12, 4.8e12,
+               "NVIDIA H200 NVL datasheet (1,671 TFLOP/s BF16 with sparsity, 4.8 TB/s)"),
+    DeviceSpec("NVIDIA H200", 989.4e12, 4.8e12,
+               "NVIDIA H200 SXM datasheet (1,979 TFLOP/s BF16 with sparsity, 4.8 TB/s "
+               "HBM3e)", measured_flops_per_s=H200_BF16_MATMUL_FLOPS_PER_S,
+               measured_hbm_bytes_per_s=H200_HBM_BYTES_PER_S),
+    DeviceSpec("NVIDIA H100 PCIe", 756.5e12, 2.0e12,
+               "NVIDIA H100 PCIe datasheet (1,513 TFLOP/s BF16 with sparsity, 2 TB/s "
+               "HBM2e)"),
+    DeviceSpec("NVIDIA H100 NVL", 835.5e12, 3.9e12,
+               "NVIDIA H100 NVL datasheet (1,671 TFLOP/s BF16 with sparsity per GPU, "
+               "3.9 TB/s HBM3)"),
+    DeviceSpec("NVIDIA H100 80GB HBM3", 989.4e12, 3.35e12,
+               "NVIDIA H100 SXM5 datasheet (1,979 TFLOP/s BF16 with sparsity, 3.35 TB/s "
+               "HBM3)", measured_hbm_bytes_per_s=H100_HBM_BYTES_PER_S),
+)
+
+
+def device_spec(device_kind: str | None) -> DeviceSpec | None:
+  """The DEVICE_SPECS entry of a `device_kind` string, or None for an unknown kind.
+
+  Matching is by model: "GH200" (the 144 GB HBM3e part when the kind says "HBM3e" or
+  "144"), "H200" ("NVL" for the PCIe-card part), "H100" ("PCIe", "NVL", else the SXM5
+  80GB HBM3 part). Other names (CPU, TPU, H800, H20, ...) give None.
+  """
+  if not device_kind:
+    return None
+  kind = device_kind.upper()
+  by_name = {spec.name: spec for spec in DEVICE_SPECS}
+  if "GH200" in kind:
+    hbm3e = "HBM3E" in kind or "144" in kind
+    return by_name["NVIDIA GH200 144G HBM3e" if hbm3e else "NVIDIA GH200 480GB"]
+  if re.search(r"\bH200\b", kind):
+    return by_name["NVIDIA H200 NVL" if "NVL" in kind else "NVIDIA H200"]
+  if re.search(r"\bH100\b", kind):
+    if "PCIE" in kind:
+      return by_name["NVIDIA H100 PCIe"]
+    return by_name["NVIDIA H100 NVL" if "NVL" in kind else "NVIDIA H100 80GB HBM3"]
+  return None
+
 
 _MODES = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
@@ -444,27 +519,46 @@ def percent_of_ceiling(value: float, ceiling: float) -> float:
   return 100.0 * value / ceiling
 
 
-def device_ceilings(device_kind: str, dtype: Any = jnp.bfloat16) -> dict[str, float] | None:
-  """The measured ceilings of a device kind, or None when none was measured.
+def device_ceilings(device_kind: str | None,
+                    dtype: Any = jnp.bfloat16) -> dict[str, Any] | None:
+  """The ceilings of a device kind, or None for a kind without a DEVICE_SPECS entry.
 
-  Only numbers measured on that device kind are given (H200: bf16 / fp16 matmul and copy
-  bandwidth; H100 80GB: copy bandwidth only); a ceiling that was not measured is absent.
+  Each ceiling is the measured one where it was measured on that kind (H200: bf16 / fp16
+  matmul and copy bandwidth; H100 80GB HBM3: copy bandwidth), else the vendor datasheet's
+  peak; `flops_source` / `hbm_source` say which ("measured" or "datasheet"), and the
+  datasheet peaks are always given beside them. The matmul ceiling is given for bf16 and
+  fp16 only (no float32 ceiling).
 
   Args:
-    device_kind: `jax.devices()[0].device_kind`, e.g. "NVIDIA H200".
-    dtype: compute dtype; the matmul ceiling is given for bf16 and fp16 only.
+    device_kind: `jax.devices()[0].device_kind`, e.g. "NVIDIA H200" or
+      "NVIDIA H100 80GB HBM3".
+    dtype: compute dtype.
 
   Returns:
-    {"flops_per_s": ... (when measured for this dtype), "hbm_bytes_per_s": ...} or None.
+    {"device": canonical name, "hbm_bytes_per_s", "hbm_source",
+    "datasheet_hbm_bytes_per_s", "source" (the datasheet), and for bf16 / fp16
+    "flops_per_s", "flops_source", "datasheet_flops_per_s"} or None.
   """
-  if "H200" in device_kind:
-    ceilings = {"hbm_bytes_per_s": H200_HBM_BYTES_PER_S}
-    if np.dtype(dtype) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
-      ceilings["flops_per_s"] = H200_BF16_MATMUL_FLOPS_PER_S
-    return ceilings
-  if "H100" in device_kind:
-    return {"hbm_bytes_per_s": H100_HBM_BYTES_PER_S}
-  return None
+  spec = device_spec(device_kind)
+  if spec is None:
+    return None
+  measured_hbm = spec.measured_hbm_bytes_per_s
+  ceilings: dict[str, Any] = {
+      "device": spec.name, "source": spec.source,
+      "hbm_bytes_per_s": measured_hbm or spec.datasheet_hbm_bytes_per_s,
+      "hbm_source": MEASURED if measured_hbm else DATASHEET,
+      "datasheet_hbm_bytes_per_s": spec.datasheet_hbm_bytes_per_s}
+  if np.dtype(dtype) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
+    measured = spec.measured_flops_per_s
+    ceilings.update(flops_per_s=measured or spec.datasheet_flops_per_s,
+                    flops_source=MEASURED if measured else DATASHEET,
+                    datasheet_flops_per_s=spec.datasheet_flops_per_s)
+  return ceilings
+
+
+def running_device_kind() -> str:
+  """`device_kind` of the default JAX device ("cpu" on a CPU host)."""
+  return jax.devices()[0].device_kind
 
 
 @functools.cache

@@ -35,14 +35,16 @@ head's programs load their group's K/V tiles; L2 sharing across a group is not c
 naive algorithms read K and V once per KV head. Mask tile loads of partial tiles, masks
 themselves and the RCM permutation gathers are not counted.
 
-`roofline_ms` = max(FLOPs / peak, bytes / bandwidth) with the H200 ceilings of
-flashjax.benchmarking (790 TFLOP/s bf16 matmul, 4.3 TB/s HBM copy) by default.
+`roofline_ms` = max(FLOPs / peak, bytes / bandwidth), with the ceilings given or those of a
+device kind (`benchmarking.device_ceilings`: measured where measured, else the vendor
+datasheet; default: the running device's kind).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from flashjax import benchmarking
 
@@ -72,9 +74,32 @@ class IOCost:
     """FLOPs per byte."""
     return self.flops / self.hbm_bytes
 
-  def roofline_ms(self, peak_flops_per_s: float = benchmarking.H200_BF16_MATMUL_FLOPS_PER_S,
-                  bytes_per_s: float = benchmarking.H200_HBM_BYTES_PER_S) -> float:
-    """max(FLOPs / peak, bytes / bandwidth) in milliseconds."""
+  def roofline_ms(self, peak_flops_per_s: float | None = None,
+                  bytes_per_s: float | None = None, *, device_kind: str | None = None,
+                  dtype: Any = "bfloat16") -> float:
+    """max(FLOPs / peak, bytes / bandwidth) in milliseconds.
+
+    Args:
+      peak_flops_per_s: matmul ceiling; None: the device kind's (`device_ceilings`).
+      bytes_per_s: HBM ceiling; None: the device kind's.
+      device_kind: whose ceilings fill the ones not given; None: the running device's.
+      dtype: compute dtype for the device's matmul ceiling (bf16 / fp16 only).
+
+    Raises:
+      ValueError: a ceiling that is not positive, or one left None for a device kind
+        without that ceiling (e.g. "cpu", or a float32 dtype).
+    """
+    if peak_flops_per_s is None or bytes_per_s is None:
+      kind = benchmarking.running_device_kind() if device_kind is None else device_kind
+      ceilings = benchmarking.device_ceilings(kind, dtype) or {}
+      if peak_flops_per_s is None:
+        peak_flops_per_s = ceilings.get("flops_per_s")
+      if bytes_per_s is None:
+        bytes_per_s = ceilings.get("hbm_bytes_per_s")
+      if peak_flops_per_s is None or bytes_per_s is None:
+        raise ValueError(f"no {'matmul' if peak_flops_per_s is None else 'HBM'} ceiling for "
+                         f"device_kind={kind!r}, {dtype=}; known kinds: "
+                         f"{[spec.name for spec in benchmarking.DEVICE_SPECS]}")
     if not (peak_flops_per_s > 0 and bytes_per_s > 0):
       raise ValueError(f"ceilings must be positive: {peak_flops_per_s=}, {bytes_per_s=}")
     return 1e3 * max(self.flops / peak_flops_per_s, self.hbm_bytes / bytes_per_s)

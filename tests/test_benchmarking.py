@@ -75,14 +75,47 @@ class CountersTest(parameterized.TestCase):
     self.assertAlmostEqual(benchmarking.percent_of_ceiling(395e12, 790e12), 50.0)
     with self.assertRaisesRegex(ValueError, "ceiling=0"):
       benchmarking.percent_of_ceiling(1.0, 0)
+    # H200: both ceilings measured; the datasheet's beside them.
     h200 = benchmarking.device_ceilings("NVIDIA H200", jnp.bfloat16)
     self.assertEqual(h200["flops_per_s"], benchmarking.H200_BF16_MATMUL_FLOPS_PER_S)
     self.assertEqual(h200["hbm_bytes_per_s"], benchmarking.H200_HBM_BYTES_PER_S)
+    self.assertEqual((h200["flops_source"], h200["hbm_source"]), ("measured", "measured"))
+    self.assertEqual(h200["datasheet_hbm_bytes_per_s"], 4.8e12)
+    self.assertEqual(h200["device"], "NVIDIA H200")
+    self.assertIn("H200", h200["source"])
     self.assertNotIn("flops_per_s", benchmarking.device_ceilings("NVIDIA H200", np.float32))
-    self.assertIsNone(benchmarking.device_ceilings("cpu"))
+    self.assertEqual(benchmarking.device_ceilings("NVIDIA H200", jnp.float16)["flops_per_s"],
+                     benchmarking.H200_BF16_MATMUL_FLOPS_PER_S)
+    # H100 SXM5: copy bandwidth measured, matmul from the datasheet.
     h100 = benchmarking.device_ceilings("NVIDIA H100 80GB HBM3", jnp.bfloat16)
-    self.assertEqual(h100, {"hbm_bytes_per_s": benchmarking.H100_HBM_BYTES_PER_S})
+    self.assertEqual(h100["hbm_bytes_per_s"], benchmarking.H100_HBM_BYTES_PER_S)
+    self.assertEqual(h100["hbm_source"], "measured")
+    self.assertEqual(h100["flops_per_s"], 989.4e12)
+    self.assertEqual(h100["flops_source"], "datasheet")
+    self.assertEqual(h100["datasheet_hbm_bytes_per_s"], 3.35e12)
+    self.assertIn("SXM5", h100["source"])
     self.assertLess(h100["hbm_bytes_per_s"], h200["hbm_bytes_per_s"])  # H100 HBM3 < H200 HBM3e
+    # Unknown kinds (CPU, TPU, other GPUs, empty) have no ceilings.
+    for kind in ("cpu", "TPU v5 lite", "NVIDIA A100-SXM4-80GB", "NVIDIA H800", "", None):
+      self.assertIsNone(benchmarking.device_ceilings(kind), kind)
+
+  def test_ceilings_other_hopper_kinds(self):
+    want = {  # kind -> (device, flops, hbm, both from the datasheet)
+        "NVIDIA H100 PCIe": ("NVIDIA H100 PCIe", 756.5e12, 2.0e12),
+        "NVIDIA H100 NVL": ("NVIDIA H100 NVL", 835.5e12, 3.9e12),
+        "NVIDIA H200 NVL": ("NVIDIA H200 NVL", 835.5e12, 4.8e12),
+        "NVIDIA GH200 480GB": ("NVIDIA GH200 480GB", 989.4e12, 4.0e12),
+        "NVIDIA GH200 144G HBM3e": ("NVIDIA GH200 144G HBM3e", 989.4e12, 4.9e12),
+    }
+    for kind, (device, flops, hbm) in want.items():
+      got = benchmarking.device_ceilings(kind, jnp.float16)
+      self.assertEqual((got["device"], got["flops_per_s"], got["hbm_bytes_per_s"]),
+                       (device, flops, hbm), kind)
+      self.assertEqual((got["flops_source"], got["hbm_source"]), ("datasheet", "datasheet"))
+      self.assertEqual(got["datasheet_flops_per_s"], flops)
+    # GH200 contains "H200": it must not get the H200's measured numbers.
+    self.assertNotEqual(benchmarking.device_ceilings("NVIDIA GH200 480GB")["hbm_bytes_per_s"],
+                        benchmarking.H200_HBM_BYTES_PER_S)
 
   def test_environment_info(self):
     info = benchmarking.environment_info()

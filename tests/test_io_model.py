@@ -66,7 +66,21 @@ class IOModelTest(parameterized.TestCase):
     self.assertAlmostEqual(cost.roofline_ms(1e3, 1e3), 192.0)
     self.assertAlmostEqual(cost.roofline_ms(1e2, 1e3), 1280.0)
     big = io_model.IOCost(flops=790e12, hbm_bytes=1.0)
-    self.assertAlmostEqual(big.roofline_ms(), 1e3)
+    self.assertAlmostEqual(big.roofline_ms(device_kind="NVIDIA H200"), 1e3)  # measured 790
+    self.assertAlmostEqual(big.roofline_ms(device_kind="NVIDIA H100 80GB HBM3"),
+                           1e3 * 790 / 989.4)  # datasheet 989.4 TFLOP/s
+    copy = io_model.IOCost(flops=1.0, hbm_bytes=2.74e12)
+    self.assertAlmostEqual(copy.roofline_ms(device_kind="NVIDIA H100 80GB HBM3"), 1e3)
+    self.assertAlmostEqual(copy.roofline_ms(device_kind="NVIDIA H200"), 1e3 * 2.74 / 4.3)
+    self.assertAlmostEqual(copy.roofline_ms(1e15, None, device_kind="NVIDIA H200"),
+                           1e3 * 2.74e12 / 4.3e12)  # peak given: only the bandwidth looked up
+    with self.assertRaisesRegex(ValueError, "device_kind='cpu'"):
+      big.roofline_ms(device_kind="cpu")
+    with self.assertRaisesRegex(ValueError, "matmul ceiling"):
+      big.roofline_ms(device_kind="NVIDIA H200", dtype="float32")
+    if benchmarking.device_ceilings(benchmarking.running_device_kind()) is None:
+      with self.assertRaisesRegex(ValueError, "no matmul ceiling"):
+        big.roofline_ms()  # default: the running device (here one without ceilings)
     self.assertAlmostEqual(cost.intensity, 128 / 192)
     with self.assertRaisesRegex(ValueError, "peak_flops_per_s"):
       cost.roofline_ms(0.0, 1.0)

@@ -2,7 +2,8 @@
 
 A family is a named way to draw a (T, S) mask: "causal", "sliding_window", "document"
 (random packed documents), "prefix_lm", "tree" (random parents), "medusa" (MEDUSA candidate
-trees), "random_blocks" (whole random tiles at a target block density), ... `build(family,
+trees), "medusa_padded" (one parent-only tree padded, as the binary block masking paper sets
+it), "longformer_global" (window plus the paper's global tokens), "random_blocks" (whole random tiles at a target block density), ... `build(family,
 ...)` draws one; the random families take a numpy generator, and the same generator state
 gives the same mask. The pieces behind them (`document_ids`, `random_blocks`, `medusa_tree`,
 `random_tree`, `random_global_tokens`) are usable on their own.
@@ -20,9 +21,11 @@ import numpy as np
 from flashjax.masks import masks
 
 FAMILIES = ("dense", "causal", "sliding_window", "document", "prefix_lm", "tree",
-            "random_banded", "dilated", "global", "document_full", "random_blocks", "medusa")
+            "random_banded", "dilated", "global", "document_full", "random_blocks", "medusa",
+            "medusa_padded", "longformer_global")
 # Families defined on a square (T == S) sequence.
-SQUARE_FAMILIES = ("document", "document_full", "prefix_lm", "tree", "medusa")
+SQUARE_FAMILIES = ("document", "document_full", "prefix_lm", "tree", "medusa",
+                   "medusa_padded", "longformer_global")
 DOC_LEN_DISTS = ("uniform", "lognormal")
 
 
@@ -129,6 +132,84 @@ def medusa_tree(length: int, heads: int, topk: int) -> masks.Mask:
   return masks.CoordinateMask(length, length, all_rows[keep], all_cols[keep])
 
 
+def medusa_nodes(heads: int, topk: int) -> int:
+  """Nodes of one MEDUSA candidate tree without its root: topk + topk**2 + ... + topk**heads."""
+  if heads < 1 or topk < 1:
+    raise ValueError(f"need heads >= 1 and topk >= 1: {heads=}, {topk=}")
+  return sum(topk**level for level in range(1, heads + 1))
+
+
+def medusa_depth(length: int, topk: int) -> int:
+  """The deepest MEDUSA tree (heads) whose nodes (`medusa_nodes`) fit in `length` tokens."""
+  if topk < 1 or length < topk:
+    raise ValueError(f"no MEDUSA tree of {topk=} fits {length=} tokens (need length >= topk)")
+  heads = 1
+  while medusa_nodes(heads + 1, topk) <= length:
+    heads += 1
+  return heads
+
+
+def medusa_padded(length: int, heads: int | None, topk: int) -> masks.Mask:
+  """One parent-only MEDUSA candidate tree, padded to `length` tokens (Sharma & Geiping 2024).
+
+  The tree has `topk` children per node down to depth `heads`, in breadth-first order,
+  without its root (the last accepted token): node k's parent is k // topk - 1, and the
+  first `topk` nodes (the root's children) have none. Node k attends to itself and its
+  parent only (`masks.tree`), not to its further ancestors. The tokens after the tree are
+  padding; each attends to itself only (the paper's padding rows are empty; a diagonal
+  keeps every row non-empty, at the cost of the padding's diagonal tiles).
+
+  Args:
+    length: T = S, at least the tree's nodes.
+    heads: tree depth (MEDUSA heads); None: the deepest that fits (`medusa_depth`).
+    topk: predictions kept per head (children per node).
+
+  Returns:
+    A flashjax.masks Mask of shape (T, T).
+  """
+  if heads is None:
+    heads = medusa_depth(length, topk)
+  nodes = medusa_nodes(heads, topk)
+  if nodes > length:
+    raise ValueError(f"a MEDUSA tree of {heads=}, {topk=} has {nodes} nodes > {length=}")
+  parents = np.full(length, -1, np.int64)
+  k = np.arange(nodes)
+  parents[:nodes] = k // topk - 1
+  return masks.tree(parents)
+
+
+def longformer_global(length: int, window: int, rng: np.random.Generator) -> masks.Mask:
+  """LongFormer window plus global tokens as Sharma & Geiping (2024) set them.
+
+  A symmetric window of `window` keys on each side, the first two tokens global, and
+  log2(length) - 2 more global tokens drawn from the rest (a global token attends to every
+  key and every query attends to it).
+
+  Args:
+    length: T = S, at least 4.
+    window: keys per side.
+    rng: numpy generator for the extra global positions.
+
+  Returns:
+    A flashjax.masks Mask of shape (T, T).
+  """
+  if length < 4:
+    raise ValueError(f"{length=} must be >= 4 (two fixed global tokens, log2(T) - 2 more)")
+  extra = int(math.log2(length)) - 2
+  drawn = rng.choice(np.arange(2, length), size=min(extra, length - 2), replace=False)
+  global_ids = np.sort(np.concatenate([[0, 1], drawn])).astype(np.int64)
+  return masks.global_tokens(length, length, window, global_ids)
+
+
+def prefix_lengths_from_fraction(ids: np.ndarray, fraction: float) -> np.ndarray:
+  """int32 [B, num_ids]: round(fraction * length) of each document of `ids` ([B, T])."""
+  if not 0 <= fraction <= 1:
+    raise ValueError(f"prefix {fraction=} must lie in [0, 1]")
+  num_ids = int(ids.max()) + 1
+  lengths = np.stack([np.bincount(row, minlength=num_ids) for row in ids])
+  return np.rint(fraction * lengths).astype(np.int32)
+
+
 def random_tree(length: int, span: int, rng: np.random.Generator) -> masks.Mask:
   """`masks.tree` over random parents: node i attends to itself and its parent, drawn
   uniformly from the `span` nodes before it (node 0 is the root).
@@ -162,8 +243,8 @@ def build(family: str, q_len: int, kv_len: int, rng: np.random.Generator, *,
           doc_len_dist: str = "uniform", tree_span: int = 16, band_peak: float = 0.5,
           band_decay: float = 0.01, band_floor: float = 2e-4, dilation: int = 2,
           num_global: int = 4, block_q: int = 128, block_kv: int = 128,
-          block_density: float = 0.25, medusa_heads: int = 4,
-          medusa_topk: int = 3) -> masks.Mask | None:
+          block_density: float = 0.25, medusa_heads: int | None = 4,
+          medusa_topk: int = 3, prefix_frac: float | None = None) -> masks.Mask | None:
   """One mask of `family` at (T, S) (None for "dense"), drawn with `rng`.
 
   Args:
@@ -175,7 +256,7 @@ def build(family: str, q_len: int, kv_len: int, rng: np.random.Generator, *,
     window: left window of "sliding_window", "dilated" and "global".
     window_right: right window of "sliding_window".
     doc_len: mean document length ("document", "document_full", "prefix_lm"); prefix-LM
-      prefixes are uniform in [0, doc_len).
+      prefixes are uniform in [0, doc_len) unless `prefix_frac` is set.
     doc_len_dist: "uniform" or "lognormal" (see `document_ids`).
     tree_span: "tree": how far back a parent may be.
     band_peak, band_decay, band_floor: "random_banded" (`masks.random_banded`).
@@ -183,7 +264,10 @@ def build(family: str, q_len: int, kv_len: int, rng: np.random.Generator, *,
     num_global: "global": random global tokens.
     block_q, block_kv: "random_blocks": tiles of the pattern.
     block_density: "random_blocks": target fraction of non-empty tiles.
-    medusa_heads, medusa_topk: "medusa" (see `medusa_tree`).
+    medusa_heads, medusa_topk: "medusa" (see `medusa_tree`) and "medusa_padded" (see
+      `medusa_padded`; heads None: the deepest tree that fits T).
+    prefix_frac: "prefix_lm": each document's prefix is round(prefix_frac * its length)
+      (None: uniform in [0, doc_len)).
 
   Returns:
     A flashjax.masks Mask of shape (T, S) or (B, 1, T, S), or None for "dense".
@@ -207,12 +291,18 @@ def build(family: str, q_len: int, kv_len: int, rng: np.random.Generator, *,
     if family != "prefix_lm":
       return masks.document(ids, causal=family == "document")
     num_docs = int(ids.max()) + 1
+    if prefix_frac is not None:
+      return masks.prefix_lm(ids, prefix_lengths_from_fraction(ids, prefix_frac))
     prefix = rng.integers(0, doc_len, size=(batch, num_docs)).astype(np.int32)
     return masks.prefix_lm(ids, prefix)
   if family == "tree":
     return random_tree(t, tree_span, rng)
   if family == "medusa":
     return medusa_tree(t, medusa_heads, medusa_topk)
+  if family == "medusa_padded":
+    return medusa_padded(t, medusa_heads, medusa_topk)
+  if family == "longformer_global":
+    return longformer_global(t, window, rng)
   if family == "random_blocks":
     return random_blocks(t, s, block_q, block_kv, block_density, rng)
   if family == "random_banded":

@@ -10,12 +10,14 @@ fewer tiles are non-empty. Attention is permutation-equivariant: with P the perm
 `flashjax.masks.block_mask.block_mask_rcm` builds the BlockMask of the permuted mask and
 stores P as q_perm / kv_perm; `permute_qkv` and `unpermute_output` apply it around any backend
 (the one route every backend takes), `unpermute_dense_mask` brings its expanded element mask
-back to the original order. They read only q_perm / kv_perm of the BlockMask, so this module
+back to the original order. `rcm_report` says what the reordering does to a mask (density,
+bandwidth and tile density before and after). They read only q_perm / kv_perm of the BlockMask, so this module
 sits below flashjax.masks.block_mask.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
@@ -144,3 +146,45 @@ def unpermute_dense_mask(dense: jax.Array, bm: Any) -> jax.Array:
   if bm.kv_perm is not None:
     dense = _unpermute(dense, bm.kv_perm, -1)
   return dense
+
+
+def bandwidth(mask: Any) -> int:
+  """max |i - j| over the allowed (query i, key j) elements of a square mask (0 if none)."""
+  rows, cols = _pattern(_square_mask(mask))
+  return int(np.max(np.abs(rows - cols))) if rows.size else 0
+
+
+def _block_density(mask: masks_lib.Mask, block_q: int, block_kv: int) -> float:
+  kinds = np.asarray(mask.block_kinds(block_q, block_kv))
+  return float(np.mean(kinds != masks_lib.EMPTY))
+
+
+def rcm_report(mask: Any, block_q: int, block_kv: int) -> dict[str, Any]:
+  """What RCM reordering does to a self-attention mask, before and after.
+
+  Args:
+    mask: a flashjax.masks Mask or bool array (T, T) (or (1, 1, T, T)).
+    block_q: tile rows of the block densities.
+    block_kv: tile columns of the block densities.
+
+  Returns:
+    density (fraction of allowed elements; a permutation keeps it), bandwidth_before /
+    bandwidth_after (max |i - j| of the allowed elements), block_density_before /
+    block_density_after (fraction of non-empty block_q x block_kv tiles), rcm_ms (host
+    time of the RCM ordering) and permute_ms (host time to build the reordered mask).
+  """
+  for name, value in (("block_q", block_q), ("block_kv", block_kv)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name}={value!r} must be a positive int")
+  mask = _square_mask(mask)
+  start = time.perf_counter()
+  perm, _ = rcm_permutation(mask)
+  rcm_s = time.perf_counter() - start
+  start = time.perf_counter()
+  reordered = permute_mask(mask, perm)
+  permute_s = time.perf_counter() - start
+  return {"density": float(mask.density),
+          "bandwidth_before": bandwidth(mask), "bandwidth_after": bandwidth(reordered),
+          "block_density_before": _block_density(mask, block_q, block_kv),
+          "block_density_after": _block_density(reordered, block_q, block_kv),
+          "rcm_ms": 1e3 * rcm_s, "permute_ms": 1e3 * permute_s}

@@ -22,6 +22,7 @@ from configs import ablate_mask_density
 from configs import reproduce_binblkmsk
 from experiments import attention_bench
 from experiments import launch
+from flashjax import benchmarking
 from flashjax import io_model
 from flashjax import masks
 from flashjax.masks import families
@@ -32,7 +33,7 @@ _STUDIES = {"ablate_block_size": ablate_block_size, "ablate_mask_density": ablat
 _SCRIPT = os.path.join(_REPO, "experiments", "run_gpu_studies.sh")
 # Points of each study's "gpu" grid (the configs' docstrings estimate their time from these).
 _GPU_POINTS = {"ablate_block_size": 32, "ablate_mask_density": 34, "ablate_batch_size": 24,
-               "reproduce_binblkmsk": 33}
+               "reproduce_binblkmsk": 36}
 
 
 def _launch_cmd(study, workdir, *overrides):
@@ -84,8 +85,20 @@ class MaskFamilyTest(parameterized.TestCase):
     want = io_model.attention_cost(algorithm, shape, "fwd", block_q=32, block_kv=64,
                                    nonempty_tiles=0.5 * 4 * 2 * 2)
     self.assertEqual(got["model_algorithm"], algorithm)
-    chex.assert_trees_all_close((got["model_bytes"], got["model_flops"], got["roofline_ms"]),
-                                (want.hbm_bytes, want.flops, want.roofline_ms()))
+    chex.assert_trees_all_close((got["model_bytes"], got["model_flops"]),
+                                (want.hbm_bytes, want.flops))
+    running = benchmarking.running_device_kind()
+    self.assertEqual(got["roofline_device"], running)
+    if benchmarking.device_ceilings(running) is None:  # CPU: no roofline
+      self.assertIsNone(got["roofline_ms"])
+      self.assertIsNone(got["roofline_source"])
+    for kind, source in (("NVIDIA H200", "measured"),
+                         ("NVIDIA H100 80GB HBM3", "datasheet flops, measured hbm"),
+                         ("NVIDIA H100 PCIe", "datasheet")):
+      config.roofline_device = kind
+      got = attention_bench.model_columns(config, 0.5)
+      self.assertAlmostEqual(got["roofline_ms"], want.roofline_ms(device_kind=kind))
+      self.assertEqual((got["roofline_device"], got["roofline_source"]), (kind, source))
 
 
 class PostProcessingTest(absltest.TestCase):
@@ -97,26 +110,75 @@ class PostProcessingTest(absltest.TestCase):
 
   def test_speedups_match_hand_ratios(self):
     times = {("dense", "fwd"): 8.0, ("dense", "fwd_bwd"): 32.0, ("causal", "fwd"): 4.0,
-             ("causal", "fwd_bwd"): 16.0, ("medusa4", "fwd"): 1.0, ("medusa4", "fwd_bwd"): 4.0}
-    rows = [self._row({"implementation": "pallas_triton", "case": case, "q_len": 256,
-                       "mode": mode}, median_ms=ms, block_density=0.25)
+             ("causal", "fwd_bwd"): 16.0, ("medusa", "fwd"): 1.0, ("medusa", "fwd_bwd"): 4.0}
+    rows = [self._row({"implementation": "pallas_triton", "case": case, "q_len": 512,
+                       "mode": mode}, median_ms=ms, block_density=0.25, block_mask_ms=1.5)
             for (case, mode), ms in times.items()]
-    rows.append(self._row({"implementation": "pallas_triton", "case": "medusa4", "q_len": 256,
+    # A peer baseline: dense twice as slow as ours, causal the same.
+    rows += [self._row({"implementation": "peer:jax_nn_cudnn", "case": case, "q_len": 512,
+                        "mode": mode}, median_ms=ms * (2 if case == "dense" else 1))
+             for (case, mode), ms in times.items() if case != "medusa"]
+    rows.append(self._row({"implementation": "pallas_triton", "case": "medusa", "q_len": 512,
                            "mode": "fwd"}, status="error"))  # an older failed row is ignored
-    rows.insert(0, self._row({"implementation": "pallas_triton", "case": "medusa4",
-                              "q_len": 256, "mode": "fwd"}, median_ms=99.0,
+    rows.insert(0, self._row({"implementation": "pallas_triton", "case": "medusa",
+                              "q_len": 512, "mode": "fwd"}, median_ms=99.0,
                              block_density=0.25))
-    by_case = {e["case"]: e for e in reproduce_binblkmsk.speedups(rows[:-1])}
-    medusa = by_case["medusa4"]
-    # bwd = fwd_bwd - fwd: dense 24, causal 12, medusa 3.
+    entries = reproduce_binblkmsk.speedups(rows[:-1])
+    ours = {e["case"]: e for e in entries
+            if (e["implementation"], e["baseline_implementation"]) == ("pallas_triton",) * 2}
+    medusa = ours["medusa"]
+    # bwd = fwd_bwd - fwd: dense 24, causal 12, medusa 3; total = fwd_bwd.
     chex.assert_trees_all_close(
         [medusa[k] for k in ("fwd_vs_dense", "fwd_vs_causal", "bwd_vs_dense",
-                             "bwd_vs_causal")], [8.0, 4.0, 8.0, 4.0])
-    self.assertEqual([e["case"] for e in reproduce_binblkmsk.speedups(rows[:-1])],
-                     ["dense", "causal", "medusa4"])
-    self.assertNotIn("fwd_vs_dense", reproduce_binblkmsk.speedups(rows)[2])
+                             "bwd_vs_causal", "total_vs_dense", "total_vs_causal")],
+        [8.0, 4.0, 8.0, 4.0, 8.0, 4.0])
+    self.assertEqual(medusa["block_mask_ms"], 1.5)
+    want_paper = 1.573071 / 1.119772  # the authors' MEDUSA at N = 512 (5 heads), vs causal
+    self.assertAlmostEqual(medusa["paper_total"], want_paper)
+    self.assertEqual(medusa["paper_baseline"], "causal")
+    vs_cudnn = next(e for e in entries if e["case"] == "medusa"
+                    and e["baseline_implementation"] == "peer:jax_nn_cudnn")
+    self.assertAlmostEqual(vs_cudnn["fwd_vs_dense"], 16.0)
+    self.assertAlmostEqual(vs_cudnn["total_vs_causal"], 4.0)
+    self.assertEqual([e["case"] for e in entries if e["implementation"] == "pallas_triton"
+                      and e["baseline_implementation"] == "pallas_triton"],
+                     ["dense", "causal", "medusa"])
+    broken = reproduce_binblkmsk.speedups(rows)  # the failed row is the latest medusa fwd
+    self.assertNotIn("fwd_vs_dense", next(e for e in broken if e["case"] == "medusa"))
     table = reproduce_binblkmsk.speedup_table(rows[:-1])
-    self.assertIn("| medusa4 | 256 | 0.250 | 8.00 | 4.00 | 8.00 | 4.00 |", table)
+    self.assertIn("## pallas_triton vs FlashAttention baselines on peer:jax_nn_cudnn", table)
+    self.assertIn(f"| medusa | 512 | 0.250 | 8.00 | 4.00 | 8.00 | 4.00 | 8.00 | 4.00 | "
+                  f"{want_paper:.2f} (vs causal) | 1.5 |", table)
+    header = next(l for l in table.splitlines() if l.startswith("| mask |"))
+    self.assertEqual(header.count("|") - 1, 11)  # the paper's table: 11 columns
+
+  def test_paper_speedups_table(self):
+    for case, entry in reproduce_binblkmsk.PAPER_SPEEDUPS.items():
+      self.assertIn(case, reproduce_binblkmsk.CASE_NAMES)
+      self.assertIn(entry["baseline"], reproduce_binblkmsk.BASELINES)
+      self.assertTrue(entry["source"])
+      for n, (base, ours) in entry["ms"].items():
+        self.assertGreater(base, 0)
+        self.assertGreater(ours, 0)
+        self.assertEqual(n & (n - 1), 0, n)  # powers of two
+    self.assertIsNone(reproduce_binblkmsk.paper_speedup("dense", 1024))
+    self.assertIsNone(reproduce_binblkmsk.paper_speedup("rcm", 100))
+    # The authors' synthetic mask: RCM helps, from 2.35x over dense at 1k to ~10.7x at 16k.
+    self.assertAlmostEqual(reproduce_binblkmsk.paper_speedup("rcm", 16384)[0],
+                           1799.329742 / 168.44698)
+
+  def test_rcm_table(self):
+    metrics = dict(median_ms=1.0, rcm_status="ok", rcm_density=0.01, rcm_bandwidth_before=900,
+                   rcm_bandwidth_after=40, rcm_block_density_before=0.9,
+                   rcm_block_density_after=0.1, rcm_ms=2.0)
+    rows = [self._row({"implementation": "pallas_triton", "case": "random_banded",
+                       "q_len": 1024, "mode": "fwd"}, **metrics),
+            self._row({"implementation": "pallas_triton", "case": "alpaca_full",
+                       "q_len": 1024, "mode": "fwd"}, median_ms=1.0,
+                      rcm_status="skipped: batched")]
+    table = reproduce_binblkmsk.rcm_table(rows)
+    self.assertIn("| random_banded | 1024 | 0.01 | 900 | 40 | 0.9 | 0.1 | 2 |", table)
+    self.assertNotIn("alpaca_full", table)
 
   def test_density_summary_fit_and_break_even(self):
     rows = []
@@ -162,10 +224,52 @@ class ConfigTest(parameterized.TestCase):
                             for mode in ("fwd", "fwd_bwd")})
     self.assertEqual((config.batch, config.num_heads, config.head_dim, config.dtype),
                      (4, 32, 64, "float16"))
-    cases = launch.expand_sweep(config.sweep)
-    heads = sorted({p["medusa_heads"] for p in cases if p["mask"] == "medusa"})
-    self.assertEqual(heads, [4, 6, 8])
-    self.assertContainsSubset(set(reproduce_binblkmsk.BASELINES), {p["case"] for p in cases})
+    self.assertEqual((config.band_peak, config.band_decay, config.band_floor),
+                     (0.5, 0.3, 2e-4))
+    self.assertTrue(config.rcm_report)
+    points = launch.expand_sweep(config.sweep)
+    self.assertLen(points, 14 * 23)
+    by_impl = {}
+    for p in points:
+      by_impl.setdefault(p["implementation"], set()).add(p["case"])
+    baselines = set(reproduce_binblkmsk.BASELINES)
+    self.assertEqual(by_impl["pallas_triton"], set(reproduce_binblkmsk.CASE_NAMES))
+    self.assertEqual(by_impl["peer:torch_sdpa"], baselines)
+    self.assertEqual(by_impl["peer:jax_nn_cudnn"], baselines)
+    self.assertEqual(by_impl["peer:torch_flex"], set(reproduce_binblkmsk.CASE_NAMES) - {"rcm"})
+    first = points[:7]  # every baseline point comes before the masked cases
+    self.assertTrue(all(p["case"] in baselines for p in first))
+    masks_by_case = {p["case"]: p["mask"] for p in points}
+    self.assertEqual(masks_by_case["medusa"], "medusa_padded")
+    self.assertEqual(masks_by_case["alpaca_full"], "document")  # causal inside each sample
+    self.assertEqual(masks_by_case["rcm"], "random_banded_rcm")
+    prefix = {p["prefix_frac"] for p in points if p["case"] == "alpaca_prefix"}
+    self.assertEqual(prefix, {reproduce_binblkmsk.ALPACA_PROMPT_FRAC})
+
+  def test_reproduction_masks_at_paper_sizes(self):
+    config = reproduce_binblkmsk.get_config("full")
+    points = {p["case"]: p for p in launch.expand_sweep(config.sweep)
+              if p["q_len"] == 512 and p["mode"] == "fwd"}
+    want_medusa_nodes = 3 + 9 + 27 + 81 + 243  # 5 heads fit 512 tokens
+    for case, point in points.items():
+      cfg = launch.apply_point(config, point)
+      cfg.batch = 1
+      mask = attention_bench.build_mask(cfg, np.random.default_rng(0))
+      if case == "dense":
+        self.assertIsNone(mask)
+        continue
+      dense = np.asarray(mask.to_dense()).reshape(512, 512)
+      self.assertTrue(dense.any(axis=1).all(), case)  # no empty row
+      if case == "medusa":
+        self.assertEqual(int(dense.sum()), 2 * want_medusa_nodes - 3 + (512 - want_medusa_nodes))
+        self.assertTrue(dense[3, 0] and dense[12, 3] and not dense[12, 0])  # parent only
+      if case == "longformer_window":
+        self.assertEqual(int(dense[100].sum()), 9)  # 4 keys each side and itself
+      if case == "longformer_global":
+        self.assertTrue(dense[:, :2].all() and dense[:2].all())
+        self.assertEqual(int(dense.all(axis=1).sum()), 2 + int(np.log2(512)) - 2)
+      if case == "alpaca_full":
+        self.assertFalse(np.triu(dense, 1).any())  # causal inside each sample
 
   @parameterized.named_parameters(
       (f"{study=}", study) for study in (*_STUDIES, "ablate_batch_size"))
@@ -230,7 +334,10 @@ class LauncherTest(absltest.TestCase):
       self.assertIn(row["status"], ("ok", "unsupported"), row.get("error"))
       if row["status"] == "ok":
         self.assertTrue(row["metrics"]["within_tol"], row["point"])
-        self.assertGreater(row["metrics"]["roofline_ms"], 0)
+        if benchmarking.device_ceilings(row["metrics"]["roofline_device"]) is None:
+          self.assertIsNone(row["metrics"]["roofline_ms"])  # a CPU host: no roofline
+        else:
+          self.assertGreater(row["metrics"]["roofline_ms"], 0)
 
   def test_block_size(self):
     rows = self._run("ablate_block_size", "--config.masks=('causal',)",
@@ -273,14 +380,32 @@ class LauncherTest(absltest.TestCase):
     self.assertLen(set(keys), 24)
     self.assertLen(keys, 24)  # no finished point ran twice
     self._assert_ok(rows, 24)
+    statuses = {(r["point"]["implementation"], r["point"]["case"], r["status"]) for r in rows}
+    self.assertNotIn("unsupported", {s for impl, _, s in statuses if impl == "pallas_triton"},
+                     statuses)
+    for row in rows:
+      m = row["metrics"]
+      self.assertGreaterEqual(m["mask_build_ms"], 0)
+      if row["point"]["implementation"] == "pallas_triton":
+        self.assertGreaterEqual(m["block_mask_ms"], 0)
+      if row["point"]["case"] in ("random_banded", "rcm", "longformer_window", "medusa"):
+        self.assertEqual(m["rcm_status"], "ok", row["point"])
+        self.assertLessEqual(m["rcm_bandwidth_after"], 63)
     text = reproduce_binblkmsk.write_speedups(self.workdir)
-    for case in ("medusa8", "alpaca_prefix", "longformer_global", "rcm"):
+    for case in ("medusa", "alpaca_prefix", "longformer_global", "rcm"):
       line = next(l for l in text.splitlines() if l.startswith(f"| {case} | 64 |"))
       fwd_dense, fwd_causal = line.split("|")[4:6]
       # Forward speed-ups always exist. Backward ones (fwd_bwd minus fwd) may be "-" when
       # timing noise on a loaded CPU makes that difference non-positive.
       self.assertNotIn("-", fwd_dense + fwd_causal)
+    self.assertIn("## pallas_triton vs FlashAttention baselines on peer:jax_nn_xla", text)
+    self.assertIn("| random_banded | 64 |", text.split("Reverse Cuthill-McKee")[1])
 
+  def test_reproduction_cpu_variant_is_quick(self):
+    start = time.monotonic()
+    rows = self._run("reproduce_binblkmsk")
+    self._assert_ok(rows, 36)
+    self.assertLess(time.monotonic() - start, 120)  # ~35-50 s on 2 cores; a loaded host
 
 class ScriptTest(absltest.TestCase):
 

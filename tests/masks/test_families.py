@@ -101,7 +101,8 @@ class BuildTest(parameterized.TestCase):
   @parameterized.named_parameters((f, f) for f in families.FAMILIES)
   def test_same_generator_state_same_mask(self, family):
     build = lambda seed: families.build(family, 96, 96, np.random.default_rng(seed), batch=2,
-                                        window=8, doc_len=12, block_q=16, block_kv=16)
+                                        window=8, doc_len=12, block_q=16, block_kv=16,
+                                        medusa_heads=3)
     first, again = build(11), build(11)
     if family == "dense":
       self.assertIsNone(first)
@@ -158,6 +159,46 @@ class BuildTest(parameterized.TestCase):
       families.build("document", 16, 16, rng, doc_len_dist="zipf")
     with self.assertRaisesRegex(ValueError, "density=1.5"):
       families.build("random_blocks", 16, 16, rng, block_q=8, block_kv=8, block_density=1.5)
+
+
+class PaperFamiliesTest(absltest.TestCase):
+  """The binary block masking paper's masks (configs/reproduce_binblkmsk.py)."""
+
+  def test_medusa_padded_is_one_parent_only_tree(self):
+    self.assertEqual(families.medusa_nodes(2, 3), 12)
+    self.assertEqual(families.medusa_depth(12, 3), 2)
+    self.assertEqual(families.medusa_depth(38, 3), 2)
+    self.assertEqual(families.medusa_depth(39, 3), 3)
+    dense = np.asarray(families.medusa_padded(16, None, 3).to_dense())
+    want = np.eye(16, dtype=bool)
+    for node in range(3, 12):  # depth 2: nodes 3..11 have parents 0..2
+      want[node, node // 3 - 1] = True
+    np.testing.assert_array_equal(dense, want)
+    with self.assertRaisesRegex(ValueError, "nodes > length"):
+      families.medusa_padded(16, 3, 3)
+    with self.assertRaisesRegex(ValueError, "topk"):
+      families.medusa_depth(2, 3)
+
+  def test_longformer_global(self):
+    dense = np.asarray(families.longformer_global(64, 2, np.random.default_rng(0)).to_dense())
+    rows = np.flatnonzero(dense.all(axis=1))
+    self.assertLen(rows, 2 + 6 - 2)  # tokens 0, 1 and log2(64) - 2 more
+    self.assertEqual(list(rows[:2]), [0, 1])
+    np.testing.assert_array_equal(dense.all(axis=0), dense.all(axis=1))  # symmetric globals
+    self.assertTrue(dense[30, 28] and dense[30, 32])
+    with self.assertRaisesRegex(ValueError, "length=3"):
+      families.longformer_global(3, 2, np.random.default_rng(0))
+
+  def test_prefix_fraction(self):
+    ids = np.array([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(families.prefix_lengths_from_fraction(ids, 0.4), [[2, 2]])
+    got = families.build("prefix_lm", 64, 64, np.random.default_rng(5), batch=2, doc_len=8,
+                         prefix_frac=0.4)
+    doc_ids = families.document_ids(np.random.default_rng(5), 2, 64, 8)
+    want = masks.prefix_lm(doc_ids, families.prefix_lengths_from_fraction(doc_ids, 0.4))
+    np.testing.assert_array_equal(got.to_dense(), want.to_dense())
+    with self.assertRaisesRegex(ValueError, "fraction=1.5"):
+      families.prefix_lengths_from_fraction(ids, 1.5)
 
 
 if __name__ == "__main__":

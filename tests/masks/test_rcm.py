@@ -94,5 +94,39 @@ class RcmTest(parameterized.TestCase):
       build()
 
 
+class RcmReportTest(absltest.TestCase):
+
+  def test_permuted_band_gets_narrower_and_fewer_tiles(self):
+    size, block = 256, 16
+    shuffled, _ = _shuffled_band(size, seed=3)  # a band of half-width 3, tokens shuffled
+    got = rcm.rcm_report(shuffled, block, block)
+    self.assertAlmostEqual(got["density"], shuffled.mean())
+    self.assertGreater(got["bandwidth_before"], size // 2)  # scattered over the square
+    self.assertLess(got["bandwidth_after"], got["bandwidth_before"])
+    self.assertLessEqual(got["bandwidth_after"], 2 * 3)  # RCM recovers a narrow band
+    # The shuffled band touches most tiles; the reordered one about 3 tiles per tile row.
+    self.assertGreater(got["block_density_before"], 0.5)
+    self.assertLess(got["block_density_after"], 0.25)
+    self.assertLess(got["block_density_after"], got["block_density_before"])
+    self.assertGreaterEqual(got["rcm_ms"], 0.0)
+    self.assertGreaterEqual(got["permute_ms"], 0.0)
+
+  def test_band_already_in_order_is_unchanged(self):
+    band = masks.sliding_window(128, 128, 2, 2)
+    got = rcm.rcm_report(band, 32, 32)
+    self.assertEqual(got["bandwidth_before"], 2)
+    self.assertEqual(got["bandwidth_after"], 2)
+    self.assertEqual(rcm.bandwidth(np.zeros((4, 4), bool)), 0)
+
+  def test_bad_arguments(self):
+    band = masks.sliding_window(64, 64, 2, 2)
+    with self.assertRaisesRegex(ValueError, "block_q=0"):
+      rcm.rcm_report(band, 0, 16)
+    with self.assertRaisesRegex(ValueError, "block_kv=16.5"):
+      rcm.rcm_report(band, 16, 16.5)
+    with self.assertRaisesRegex(ValueError, "T == S"):
+      rcm.rcm_report(masks.causal(32, 64), 16, 16)
+
+
 if __name__ == "__main__":
   absltest.main()
