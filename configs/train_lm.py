@@ -106,6 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample_temperature = 0.8
   c.sample_top_k = 40
   c.progress = True
+  # None: one device. A mesh spec ("data:2,model:2"; axes data / fsdp / model) shards the
+  # parameters, optimizer state and batches over jax.devices() (flashjax.distributed).
+  c.mesh = ml_collections.FieldReference(None, field_type=str)
 
   c.report = ml_collections.ConfigDict({
       "columns": ["tokens_per_s", "model_tflops", "pct_of_peak", "median_ms", "compile_s",

@@ -30,6 +30,10 @@ Config fields (configs/train_lm.py sets all of them):
   throughput_warmup, throughput_iters, throughput_input_sets
   sample_prompt, sample_tokens, sample_temperature, sample_top_k
   progress                      tqdm bar over training steps
+  mesh                          None: one device; a mesh spec "data:2,model:2" (axes data /
+                                fsdp / model, sizes multiplying to the device count):
+                                parameters, optimizer state and batches sharded
+                                (flashjax.distributed; batch_size divisible by data x fsdp)
 
 Files in run_dir: history.jsonl (train loss / lr / grad norm every `log_every` steps and
 val loss at every evaluation; entries past the restored step are dropped on resume),
@@ -150,16 +154,30 @@ def _optimizer_config(config: ml_collections.ConfigDict) -> training.OptimizerCo
   return training.OptimizerConfig(**config.optimizer.to_dict())
 
 
+def _mesh(config: ml_collections.ConfigDict) -> Any:
+  """The point's jax.sharding.Mesh, or None (config.mesh None or "")."""
+  spec = config.get("mesh")
+  if not spec:
+    return None
+  from flashjax import distributed  # pylint: disable=import-outside-toplevel
+  return distributed.make_mesh(spec)
+
+
+def _trainer(config: ml_collections.ConfigDict, mc: TransformerConfig) -> training.Trainer:
+  return training.Trainer(Transformer(mc, rngs=nnx.Rngs(config.seed)),
+                          _optimizer_config(config), mesh=_mesh(config))
+
+
 def run_throughput(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Times training steps of one attention implementation (module docstring)."""
   mc = model_config(config)
   corpus = data.load_stdlib_corpus(config.seq_len + 1, val_fraction=config.val_fraction,
                                    max_bytes=config.corpus_max_bytes or None)
-  trainer = training.Trainer(Transformer(mc, rngs=nnx.Rngs(config.seed)),
-                             _optimizer_config(config))
+  trainer = _trainer(config, mc)
   arg_sets = [data.sample_rows(corpus.train, i, config.batch_size, config.data_seed)
               for i in range(config.throughput_input_sets)]
-  arg_sets = [tuple(jnp.asarray(a) for a in batch) for batch in arg_sets]
+  arg_sets = [trainer.shard_batch(*batch) if trainer.mesh is not None
+              else tuple(jnp.asarray(a) for a in batch) for batch in arg_sets]
   lr = config.optimizer.peak_lr
   start = time.perf_counter()
   # The first step compiles; its loss (same seed and batch for every implementation) is
@@ -174,9 +192,14 @@ def run_throughput(config: ml_collections.ConfigDict) -> dict[str, Any]:
   metrics = {"params_m": mc.num_params() / 1e6, "tokens_per_s": tokens / timing.median_s,
              **timing.summary(), "compile_s": compile_s, "initial_loss": initial_loss,
              "loss_after": final_loss,
-             "finite": math.isfinite(initial_loss) and math.isfinite(final_loss)}
+             "finite": math.isfinite(initial_loss) and math.isfinite(final_loss),
+             "mesh": config.get("mesh") or None, "devices": _devices(trainer)}
   metrics.update(_flops_metrics(mc, config.seq_len, tokens / timing.median_s))
   return metrics
+
+
+def _devices(trainer: training.Trainer) -> int:
+  return 1 if trainer.mesh is None else int(trainer.mesh.devices.size)
 
 
 def _flops_metrics(mc: TransformerConfig, seq_len: int, tokens_per_s: float) -> dict[str, Any]:
@@ -197,7 +220,7 @@ def run_train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   corpus = data.load_stdlib_corpus(config.seq_len + 1, val_fraction=config.val_fraction,
                                    max_bytes=config.corpus_max_bytes or None)
   opt = _optimizer_config(config)
-  trainer = training.Trainer(Transformer(mc, rngs=nnx.Rngs(config.seed)), opt)
+  trainer = _trainer(config, mc)
   ckpt = checkpoint.Checkpointer(config.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
                                  backend=config.checkpoint_backend)
   meta: dict[str, Any] = {}
@@ -301,7 +324,8 @@ def run_train(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "val_bits_per_byte": val_loss / math.log(2), "eval_rows": val_rows,
       "tokens_per_s": tokens_per_s, "compile_s": compile_s, "train_time_s": train_time_s,
       "tokens_seen": trainer.step * tokens_per_step, "run_dir": run_dir,
-      "checkpoint_backend": ckpt.backend,
+      "checkpoint_backend": ckpt.backend, "mesh": config.get("mesh") or None,
+      "devices": _devices(trainer),
       "sample_greedy": _sample(model, config, greedy=True),
       "sample": _sample(model, config, greedy=False),
       "wall_s": time.perf_counter() - start, **corpus.summary(),

@@ -49,3 +49,19 @@ class KVCache:
   @property
   def max_len(self) -> int:
     return self.keys[0].shape[1]
+
+  def shard(self, mesh: jax.sharding.Mesh, batch_axis: str | tuple[str, ...] | None = "data",
+            head_axis: str | None = "model") -> "KVCache":
+    """The cache placed on `mesh`: keys / values [B, S_max, Nkv, H] split over B
+    (`batch_axis`, one axis or a tuple) and Nkv (`head_axis`), lengths over B; None leaves
+    that dimension whole. See flashjax.distributed.ShardedDecoder for decoding with it.
+
+    Raises:
+      ValueError: an axis not in the mesh, or B / Nkv not divisible by its axis size.
+    """
+    from flashjax.distributed import sharding  # pylint: disable=import-outside-toplevel
+    specs = sharding.cache_specs(self, mesh, batch_axis, head_axis)
+    return jax.device_put(self, jax.tree.map(
+        lambda s: jax.sharding.NamedSharding(mesh, s), specs,
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+

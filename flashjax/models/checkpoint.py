@@ -8,6 +8,14 @@ namedtuples of optax states and integer keys of nnx.List come back as they were.
 Backends: "orbax" (orbax.checkpoint.CheckpointManager, one directory per step) and
 "msgpack" (flax.serialization, one file `step_XXXXXXXX.msgpack` per step, written to a
 temporary name and renamed). "auto" picks orbax when it imports.
+
+Sharded states (e.g. a Trainer on a mesh): with orbax, jax.Array leaves are written as they
+are, every device writing its own shards (no gather to the host), and `restore` reads each
+leaf straight onto its target sharding: the template leaf's (a sharded jax.Array or a
+jax.ShapeDtypeStruct with `sharding`), or the `shardings` argument's. The target mesh may
+differ from the saved one (another shape or device count): orbax reads the slices each
+device needs. msgpack gathers to the host on save and places the restored arrays with
+jax.device_put.
 """
 
 from __future__ import annotations
@@ -67,7 +75,10 @@ def unflatten_like(template: Any, flat: dict[str, Any]) -> Any:
     if tuple(np.shape(value)) != tuple(np.shape(leaf)):
       raise ValueError(f"checkpoint entry {name!r} has shape {np.shape(value)}, expected "
                        f"{np.shape(leaf)}")
-    xp = jax.numpy if isinstance(leaf, jax.Array) else np
+    if isinstance(value, jax.Array) and value.dtype == _dtype(leaf):
+      out.append(value)  # restored onto its target (sharded) placement: keep it
+      continue
+    xp = jax.numpy if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) else np
     out.append(xp.asarray(value, dtype=_dtype(leaf)))
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -151,8 +162,10 @@ class Checkpointer:
       state: pytree of arrays.
       meta: JSON-serialisable dict stored beside it.
     """
-    flat = {k: np.asarray(v) for k, v in flatten(state).items()}
     if self._manager is not None:
+      # jax.Arrays go to orbax as they are: each device writes its shards.
+      flat = {k: v if isinstance(v, jax.Array) else np.asarray(v)
+              for k, v in flatten(state).items()}
       ocp = self._ocp
       with _quiet_orbax():
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
@@ -160,6 +173,7 @@ class Checkpointer:
                            force=True)
         self._manager.wait_until_finished()
       return
+    flat = {k: np.asarray(v) for k, v in flatten(state).items()}
     payload = serialization.msgpack_serialize({"state": flat, "meta": json.dumps(meta)})
     path = self._msgpack_path(step)
     with open(path + ".tmp", "wb") as f:
@@ -170,20 +184,27 @@ class Checkpointer:
     for old in self._msgpack_steps()[:-self.max_to_keep]:
       os.remove(self._msgpack_path(old))
 
-  def restore(self, step: int, template: Any) -> tuple[Any, dict[str, Any]]:
+  def restore(self, step: int, template: Any, shardings: Any = None
+              ) -> tuple[Any, dict[str, Any]]:
     """Reads the checkpoint of `step` into the structure of `template`.
 
     Args:
       step: a saved step.
-      template: pytree with the structure and shapes of the saved state.
+      template: pytree with the structure and shapes of the saved state (arrays or
+        jax.ShapeDtypeStructs). A leaf that is a jax.Array, or a ShapeDtypeStruct with a
+        sharding, is restored onto that sharding; numpy leaves come back as numpy.
+      shardings: None, or a pytree of the template's structure whose leaves are
+        jax.sharding.Sharding (or None: the template's placement), e.g.
+        `{"params": trainer.param_shardings, ...}`; it overrides the template's.
 
     Returns:
       (state, meta).
     """
+    targets = self._targets(template, shardings)
     flat_template = flatten(template)
     if self._manager is not None:
       ocp = self._ocp
-      abstract = {k: jax.ShapeDtypeStruct(np.shape(v), _dtype(v))
+      abstract = {k: jax.ShapeDtypeStruct(np.shape(v), _dtype(v), sharding=targets[k])
                   for k, v in flat_template.items()}
       with _quiet_orbax():
         restored = self._manager.restore(
@@ -197,7 +218,34 @@ class Checkpointer:
       with open(path, "rb") as f:
         payload = serialization.msgpack_restore(f.read())
       flat, meta = payload["state"], json.loads(payload["meta"])
+      flat = {k: jax.device_put(np.asarray(v, _dtype(flat_template[k])), targets[k])
+              if targets.get(k) is not None and k in flat_template else v
+              for k, v in flat.items()}
     return unflatten_like(template, flat), meta
+
+  @staticmethod
+  def _targets(template: Any, shardings: Any) -> dict[str, Any]:
+    """{dotted path: target Sharding or None} of the template's leaves."""
+    targets = {k: getattr(v, "sharding", None) if isinstance(v, (jax.Array,
+                                                                 jax.ShapeDtypeStruct))
+               else None for k, v in flatten(template).items()}
+    if shardings is None:
+      return targets
+    is_sharding = lambda x: x is None or isinstance(x, jax.sharding.Sharding)
+    try:
+      leaves = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_sharding)[0]
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"shardings must be a pytree of jax.sharding.Sharding: {e}") from e
+    for path, sharding in leaves:
+      name = ".".join(_key_name(k) for k in path)
+      if name not in targets:
+        raise ValueError(f"shardings has an entry {name!r} that the template lacks")
+      if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+        raise ValueError(f"shardings entry {name!r} is {sharding!r}, not a "
+                         f"jax.sharding.Sharding")
+      if sharding is not None:
+        targets[name] = sharding
+    return targets
 
   def close(self) -> None:
     if self._manager is not None:

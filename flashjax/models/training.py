@@ -170,8 +170,7 @@ def _mean_loss(graphdef, params, tokens, segment_ids):
   return loss_sum / jnp.maximum(count, 1.0), count
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
-def _train_step(graphdef, tx, params, opt_state, tokens, segment_ids, lr):
+def _train_step_impl(graphdef, tx, params, opt_state, tokens, segment_ids, lr):
   (loss, count), grads = jax.value_and_grad(_mean_loss, argnums=1, has_aux=True)(
       graphdef, params, tokens, segment_ids)
   opt_state.hyperparams["learning_rate"] = lr
@@ -181,40 +180,105 @@ def _train_step(graphdef, tx, params, opt_state, tokens, segment_ids, lr):
   return params, opt_state, metrics
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_step(graphdef, params, tokens, segment_ids):
+_train_step = jax.jit(_train_step_impl, static_argnums=(0, 1), donate_argnums=(2, 3))
+
+
+def _eval_step_impl(graphdef, params, tokens, segment_ids):
   return next_token_loss(nnx.merge(graphdef, params), tokens, segment_ids)
 
 
-class Trainer:
-  """Parameters, optimizer state and jitted train / eval steps of a model."""
+_eval_step = jax.jit(_eval_step_impl, static_argnums=0)
 
-  def __init__(self, model: nnx.Module, config: OptimizerConfig):
+
+class Trainer:
+  """Parameters, optimizer state and jitted train / eval steps of a model.
+
+  With `mesh` (a jax.sharding.Mesh, e.g. flashjax.distributed.make_mesh("data:2,model:2"))
+  the parameters and optimizer state are sharded per flashjax.distributed.sharding's rule
+  table, batches are split over the mesh's "data" / "fsdp" axes and the steps are jitted
+  with those shardings (XLA's SPMD partitioner inserts the collectives). Without a mesh
+  everything stays on the default device, as before.
+  """
+
+  def __init__(self, model: nnx.Module, config: OptimizerConfig, *, mesh: Any = None,
+               rules: Any = None):
     """Splits the model into its static graph and parameters and initialises AdamW.
 
     Args:
       model: an nnx model whose state is all nnx.Param (a flashjax Transformer).
       config: optimizer settings.
+      mesh: None (one device) or a jax.sharding.Mesh with axes among data / fsdp / model.
+      rules: logical axis -> mesh axis rules (default
+        flashjax.distributed.sharding.DEFAULT_RULES); only with a mesh.
     """
     if jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param))):
       raise ValueError("Trainer needs a model whose state is all nnx.Param")
+    if rules is not None and mesh is None:
+      raise ValueError(f"rules={rules!r} need a mesh")
     self.graphdef, self.params = nnx.split(model, nnx.Param)
     self.config = config
     self.tx = make_optimizer(config)
-    self.opt_state = jax.jit(self.tx.init)(self.params)
+    self.mesh = mesh
     self.step = 0
+    if mesh is None:
+      self.opt_state = jax.jit(self.tx.init)(self.params)
+      return
+    from flashjax.distributed import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+    from flashjax.distributed import sharding  # pylint: disable=import-outside-toplevel
+    if not isinstance(mesh, jax.sharding.Mesh):
+      raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    self.param_shardings = sharding.param_shardings(self.params, mesh, rules)
+    self.params = jax.device_put(self.params, self.param_shardings)
+    self.opt_shardings = sharding.opt_state_shardings(
+        self.tx, jax.eval_shape(self.tx.init, self.params), self.param_shardings, mesh)
+    self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(self.params)
+    self._batch_sharding = mesh_lib.batch_sharding(mesh)
+    self._batch_shards = mesh_lib.batch_size_divisor(mesh)
+    replicated = mesh_lib.replicated(mesh)
+    self._replicated = replicated
+    self._sharded_train_step = jax.jit(
+        functools.partial(_train_step_impl, self.graphdef, self.tx),
+        in_shardings=(self.param_shardings, self.opt_shardings, self._batch_sharding,
+                      self._batch_sharding, replicated),
+        out_shardings=(self.param_shardings, self.opt_shardings, replicated),
+        donate_argnums=(0, 1))
+    self._sharded_eval_steps = {}
+
+  def _sharded_eval_step(self, batch_sharding: Any) -> Any:
+    key = batch_sharding.spec
+    if key not in self._sharded_eval_steps:
+      self._sharded_eval_steps[key] = jax.jit(
+          functools.partial(_eval_step_impl, self.graphdef),
+          in_shardings=(self.param_shardings, batch_sharding, batch_sharding),
+          out_shardings=self._replicated)
+    return self._sharded_eval_steps[key]
+
+  def shard_batch(self, tokens: Any, segment_ids: Any) -> tuple[jax.Array, jax.Array]:
+    """A training batch placed on the mesh (rows split over the batch axes)."""
+    rows = np.shape(tokens)[0]
+    if rows % self._batch_shards:
+      raise ValueError(f"batch of {rows} rows must be divisible by the {self._batch_shards} "
+                       f"batch shards of the mesh {dict(self.mesh.shape)}")
+    return (jax.device_put(jnp.asarray(tokens), self._batch_sharding),
+            jax.device_put(jnp.asarray(segment_ids), self._batch_sharding))
 
   def train_step(self, tokens: Any, segment_ids: Any, lr: float) -> dict[str, jax.Array]:
     """One AdamW step on a batch of packed rows; returns device scalars (not synced).
 
     Args:
-      tokens: int [B, T + 1].
+      tokens: int [B, T + 1] (with a mesh: B divisible by the batch shards).
       segment_ids: int [B, T + 1].
       lr: learning rate of this step.
 
     Returns:
       {"loss": mean loss, "grad_norm": global gradient norm, "targets": counted targets}.
     """
+    if self.mesh is not None:
+      tokens, segment_ids = self.shard_batch(tokens, segment_ids)
+      self.params, self.opt_state, metrics = self._sharded_train_step(
+          self.params, self.opt_state, tokens, segment_ids, jnp.float32(lr))
+      self.step += 1
+      return metrics
     self.params, self.opt_state, metrics = _train_step(
         self.graphdef, self.tx, self.params, self.opt_state, jnp.asarray(tokens),
         jnp.asarray(segment_ids), jnp.float32(lr))
@@ -234,9 +298,14 @@ class Trainer:
     """
     total, count = 0.0, 0.0
     for start in range(0, tokens.shape[0], batch_size):
-      loss_sum, n = _eval_step(self.graphdef, self.params,
-                               jnp.asarray(tokens[start:start + batch_size]),
-                               jnp.asarray(segment_ids[start:start + batch_size]))
+      rows = jnp.asarray(tokens[start:start + batch_size])
+      ids = jnp.asarray(segment_ids[start:start + batch_size])
+      if self.mesh is None:
+        loss_sum, n = _eval_step(self.graphdef, self.params, rows, ids)
+      else:  # a last batch the batch shards do not divide runs replicated
+        placement = (self._batch_sharding if rows.shape[0] % self._batch_shards == 0
+                     else self._replicated)
+        loss_sum, n = self._sharded_eval_step(placement)(self.params, rows, ids)
       total += float(loss_sum)
       count += float(n)
     return total / max(count, 1.0)
@@ -251,7 +320,11 @@ class Trainer:
             "step": np.asarray(self.step, np.int64)}
 
   def load_state(self, state: dict[str, Any]) -> None:
-    """Restores a state produced by `state()` (e.g. through a Checkpointer)."""
+    """Restores a state produced by `state()` (e.g. through a Checkpointer); with a mesh the
+    arrays are placed on the trainer's shardings (a no-op when they already are)."""
     self.params = state["params"]
     self.opt_state = state["opt_state"]
+    if self.mesh is not None:
+      self.params = jax.device_put(self.params, self.param_shardings)
+      self.opt_state = jax.device_put(self.opt_state, self.opt_shardings)
     self.step = int(state["step"])

@@ -96,6 +96,25 @@ class RunPointTest(parameterized.TestCase):
     self.assertLess(metrics["train_time_s"], 2.5 + 10.0)
     self.assertEqual(metrics["checkpoint_backend"], "msgpack")
 
+  def test_mesh_matches_one_device_and_resumes(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      one = train_lm.run_point(_small(tmp, mode="throughput"), {})
+      sharded = train_lm.run_point(_small(tmp, mode="throughput", mesh="data:2,model:4"), {})
+      self.assertEqual((one["mesh"], one["devices"]), (None, 1))
+      self.assertEqual((sharded["mesh"], sharded["devices"]), ("data:2,model:4", 8))
+      self.assertAlmostEqual(sharded["initial_loss"], one["initial_loss"], delta=1e-5)
+      self.assertAlmostEqual(sharded["loss_after"], one["loss_after"], delta=1e-4)
+      config = _small(tmp, mesh="fsdp:2,data:2,model:2", num_steps=3, eval_every=3,
+                      checkpoint_every=3)
+      metrics = train_lm.run_point(config, {})
+      self.assertEqual((metrics["steps"], metrics["devices"]), (3, 8))
+      self.assertTrue(math.isfinite(metrics["val_loss"]))
+      again = train_lm.run_point(config, {})  # restores the sharded checkpoint
+      self.assertEqual((again["steps"], again["resumed_from"]), (3, 3))
+      self.assertAlmostEqual(again["val_loss"], metrics["val_loss"], places=5)
+      with self.assertRaisesRegex(ValueError, "'data:3'"):
+        train_lm.run_point(_small(tmp, mode="throughput", mesh="data:3"), {})
+
   def test_throughput_and_unavailable_cudnn(self):
     with tempfile.TemporaryDirectory() as tmp:
       metrics = train_lm.run_point(_small(tmp, mode="throughput"), {})
