@@ -37,6 +37,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from flashjax import masks as masks_lib
 from flashjax.distributed import layout as layout_lib
+from flashjax.ops.attention import api as attention_api
+from flashjax.ops.attention import base as attention_base
 from flashjax.ops.attention.api import dot_product_attention
 
 logger = logging.getLogger("flashjax")
@@ -47,7 +49,11 @@ STRATEGIES = ("ring", "allgather")
 # (P * T_local rows) is small.
 ALLGATHER_MAX_LOCAL_LEN = 1024
 # Backends that return the row log-sum-exp the ring merges with (return_residual=True).
-LSE_BACKENDS = frozenset({"xla", "xla_chunked", "jax_nn", "cudnn"})
+# pallas_mosaic_gpu returns it too, but takes bf16 / fp16 only and the ring runs in float32.
+LSE_BACKENDS = frozenset({"xla", "xla_chunked", "jax_nn", "cudnn", "pallas_triton"})
+# Backends whose kernels run the ring's backward from the global lse / delta
+# (AttentionBackend.backward_from_stats); the ring's backward is jnp for the others.
+KERNEL_BACKWARD_BACKENDS = frozenset({"pallas_triton"})
 _EMPTY, _PARTIAL, _FULL = masks_lib.EMPTY, masks_lib.PARTIAL, masks_lib.FULL
 
 
@@ -237,7 +243,7 @@ def plan_context_parallel(q_len: int, kv_len: int, num_shards: int, *, mask: Any
     layout=None: "zigzag" when T and S divide by 2P and zig-zag lowers `load_balance` of
       the mask (causal and other lower-triangular masks), else "contiguous".
     strategy=None: "allgather" when `implementation` names no backend that returns the
-      log-sum-exp (LSE_BACKENDS: the Pallas backends do not yet) or when T / P <=
+      log-sum-exp (LSE_BACKENDS: XLA / jax.nn backends and pallas_triton) or when T / P <=
       ALLGATHER_MAX_LOCAL_LEN (1024); else "ring".
 
   Args:
@@ -347,7 +353,8 @@ def _piece(x, chunk: int, size: int):
   return x if x is None or chunk < 0 else x[:, chunk * size:(chunk + 1) * size]
 
 
-def _block_forward(q, k, v, q_ids, kv_ids, *, calls, num_chunks, scale, implementation):
+def _block_forward(q, k, v, q_ids, kv_ids, *, calls, num_chunks, scale, implementation,
+                   interpret):
   """(out f32 [B, Tl, Nq, H], lse f32 [B, Tl, Nq]) of the local queries against one kv
   shard (or, for allgather calls, all keys)."""
   cq = q.shape[1] // num_chunks
@@ -360,7 +367,7 @@ def _block_forward(q, k, v, q_ids, kv_ids, *, calls, num_chunks, scale, implemen
       res = dot_product_attention(
           _piece(q, a, cq), _piece(k, call.kv_chunk, ck), _piece(v, call.kv_chunk, ck),
           mask=call.mask, segment_ids=seg, scale=scale, implementation=implementation,
-          return_residual=True)
+          interpret=interpret, return_residual=True)
       res = (res[0].astype(jnp.float32), res[1].astype(jnp.float32))
       acc = res if acc is None else _merge(acc, res)
     if acc is None:
@@ -414,17 +421,58 @@ def _chunk_grads(q, k, v, do, lse, delta, allowed, scale):
   return dq, dk, dv
 
 
-def _block_backward(q, k, v, q_ids, kv_ids, do, lse, delta, *, calls, num_chunks, scale):
+_BACKENDS_RUN: dict[tuple, str] = {}
+
+
+def _backend_run(call, q, k, q_ids, scale, implementation, interpret) -> str:
+  """Name of the backend the forward ran for `call` on pieces shaped like q, k (cached).
+
+  Traced abstractly on zeros of the pieces' shapes (no compute), so the backward follows
+  the forward's choice also when `implementation` is a list or None.
+  """
+  key = (call.key, q.shape, k.shape, str(q.dtype), q_ids is not None, scale, implementation,
+         interpret)
+  if key not in _BACKENDS_RUN:
+    def probe():
+      seg = None
+      if q_ids is not None:
+        seg = (jnp.zeros(q.shape[:2], jnp.int32), jnp.zeros(k.shape[:2], jnp.int32))
+      return dot_product_attention(
+          jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(k.shape, k.dtype),
+          mask=call.mask, segment_ids=seg, scale=scale, implementation=implementation,
+          interpret=interpret, return_residual=True)
+    if len(_BACKENDS_RUN) >= 4096:
+      _BACKENDS_RUN.clear()
+    _BACKENDS_RUN[key] = attention_api.resolve_implementation(probe)
+  return _BACKENDS_RUN[key]
+
+
+def _call_grads(call, q, k, v, q_ids, kv_ids, do, lse, delta, *, scale, implementation,
+                interpret):
+  """dq, dk, dv of one chunk pair: the backend's kernels when the forward ran one of
+  KERNEL_BACKWARD_BACKENDS, else the jnp `_chunk_grads`."""
+  name = _backend_run(call, q, k, q_ids, scale, implementation, interpret)
+  if name in KERNEL_BACKWARD_BACKENDS:
+    backend = attention_api.load_backend(name, attention_api.ATTENTION_BACKENDS)
+    args = attention_base.AttentionArgs.bind(
+        q, k, v, mask=call.mask, q_segment_ids=q_ids, kv_segment_ids=kv_ids, scale=scale,
+        interpret=interpret)
+    return backend.backward_from_stats(args, do, lse, delta)
+  allowed = _allowed(call, q_ids, kv_ids, k.shape[2], q.shape[2] // k.shape[2])
+  return _chunk_grads(q, k, v, do, lse, delta, allowed, scale)
+
+
+def _block_backward(q, k, v, q_ids, kv_ids, do, lse, delta, *, calls, num_chunks, scale,
+                    implementation, interpret):
   cq = q.shape[1] // num_chunks
   ck = k.shape[1] // num_chunks
   dq, dk, dv = jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
   for call in calls:
     a, c = call.q_chunk, call.kv_chunk
-    allowed = _allowed(call, _piece(q_ids, a, cq), _piece(kv_ids, c, ck), k.shape[2],
-                       q.shape[2] // k.shape[2])
-    gq, gk, gv = _chunk_grads(_piece(q, a, cq), _piece(k, c, ck), _piece(v, c, ck),
-                              _piece(do, a, cq), _piece(lse, a, cq), _piece(delta, a, cq),
-                              allowed, scale)
+    gq, gk, gv = _call_grads(
+        call, _piece(q, a, cq), _piece(k, c, ck), _piece(v, c, ck), _piece(q_ids, a, cq),
+        _piece(kv_ids, c, ck), _piece(do, a, cq), _piece(lse, a, cq), _piece(delta, a, cq),
+        scale=scale, implementation=implementation, interpret=interpret)
     dq = dq.at[:, a * cq:(a + 1) * cq].add(gq)
     dk = dk.at[:, c * ck:(c + 1) * ck].add(gk)
     dv = dv.at[:, c * ck:(c + 1) * ck].add(gv)
@@ -457,7 +505,8 @@ def _step_branches(plan: ContextParallelPlan, step: int, make):
   return table, branches
 
 
-def _ring(plan: ContextParallelPlan, axis_name: str, scale: float, implementation):
+def _ring(plan: ContextParallelPlan, axis_name: str, scale: float, implementation,
+          interpret: bool):
   """Per-device ring attention (q, k, v, q_ids, kv_ids) -> out f32, with a ring VJP."""
   p = plan.num_shards
   nch = layout_lib.chunks_per_device(plan.layout)
@@ -475,7 +524,7 @@ def _ring(plan: ContextParallelPlan, axis_name: str, scale: float, implementatio
         held = pass_on(held)
       sched = _step_branches(plan, step, lambda calls: functools.partial(
           _block_forward, calls=calls, num_chunks=nch, scale=scale,
-          implementation=implementation))
+          implementation=implementation, interpret=interpret))
       if sched is None:
         continue
       part = _switch(sched[0], sched[1], (q,) + held[:2] + (q_ids, held[2]), axis_name)
@@ -499,7 +548,8 @@ def _ring(plan: ContextParallelPlan, axis_name: str, scale: float, implementatio
       if step:
         held = pass_on(held)
       sched = _step_branches(plan, step, lambda calls: functools.partial(
-          _block_backward, calls=calls, num_chunks=nch, scale=scale))
+          _block_backward, calls=calls, num_chunks=nch, scale=scale,
+          implementation=implementation, interpret=interpret))
       if sched is None:
         continue
       gq, gk, gv = _switch(sched[0], sched[1],
@@ -514,7 +564,8 @@ def _ring(plan: ContextParallelPlan, axis_name: str, scale: float, implementatio
   return attend
 
 
-def _allgather(plan: ContextParallelPlan, axis_name: str, scale: float, implementation):
+def _allgather(plan: ContextParallelPlan, axis_name: str, scale: float, implementation,
+               interpret: bool):
   """Per-device all-gather attention (q, k, v, q_ids, kv_ids) -> out (autodiff VJP)."""
   p = plan.num_shards
   nch = layout_lib.chunks_per_device(plan.layout)
@@ -538,7 +589,8 @@ def _allgather(plan: ContextParallelPlan, axis_name: str, scale: float, implemen
       seg = None if q_ids is None else (_piece(q_ids, a, cq), kv_ids)
       parts.append(dot_product_attention(_piece(q, a, cq), k, v, mask=call.mask,
                                          segment_ids=seg, scale=scale,
-                                         implementation=implementation))
+                                         implementation=implementation,
+                                         interpret=interpret))
     return jnp.concatenate(parts, axis=1)
 
   def attend(q, k, v, q_ids, kv_ids):
@@ -588,6 +640,7 @@ def context_parallel_attention(
     implementation: str | Sequence[str] | None = None,
     layout: str | None = None,
     strategy: str | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
   """Attention with the sequence sharded over mesh axis `axis_name` (context parallelism).
 
@@ -616,9 +669,15 @@ def context_parallel_attention(
       `mask` for that, when the ids are concrete).
     scale: logit scale (a Python float), default 1 / sqrt(D).
     implementation: the local backend, as in dot_product_attention. The ring needs a
-      backend returning the log-sum-exp (LSE_BACKENDS); None falls through to "xla".
+      backend returning the log-sum-exp (LSE_BACKENDS: the XLA / jax.nn backends and
+      pallas_triton); None falls through to "xla". With pallas_triton the ring's forward
+      runs its forward kernel per block and its backward runs its dQ and dK/dV kernels per
+      block from the global lse / delta (KERNEL_BACKWARD_BACKENDS); for the other backends
+      the ring's backward is jnp.
     layout: None (auto), "contiguous" or "zigzag"; see plan_context_parallel.
     strategy: None (auto), "ring" or "allgather"; see plan_context_parallel.
+    interpret: run Pallas backends in interpret mode (as in dot_product_attention;
+      required to run them on a CPU).
 
   Returns:
     [B, T, Nq, D] in query's dtype, sharded like query. The ring computes in float32.
@@ -639,15 +698,17 @@ def context_parallel_attention(
     scale = 1.0 / math.sqrt(query.shape[3])
   if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
     raise ValueError(f"{scale=} must be a positive Python float (or None)")
-  if not isinstance(is_causal, bool):
-    raise ValueError(f"{is_causal=} must be a bool")
+  for name, flag in (("is_causal", is_causal), ("interpret", interpret)):
+    if not isinstance(flag, bool):
+      raise ValueError(f"{name}={flag!r} must be a bool")
   plan = plan_context_parallel(t, s, p, mask=mask, is_causal=is_causal, strategy=strategy,
                                layout=layout, implementation=implementation)
   logger.info("flashjax %s", plan.summary())
   with_ids = q_ids is not None
   args = (query, key, value) + ((q_ids, kv_ids) if with_ids else ())
   impl = tuple(implementation) if isinstance(implementation, list) else implementation
-  return _sharded_fn(plan, mesh, axis_name, float(scale), impl, query.dtype, with_ids)(*args)
+  return _sharded_fn(plan, mesh, axis_name, float(scale), impl, query.dtype, with_ids,
+                     interpret)(*args)
 
 
 def _program_key(plan: ContextParallelPlan) -> tuple:
@@ -661,17 +722,17 @@ _PROGRAMS: dict[tuple, Any] = {}
 _MAX_PROGRAMS = 64
 
 
-def _sharded_fn(plan, mesh, axis_name, scale, implementation, dtype, with_ids):
+def _sharded_fn(plan, mesh, axis_name, scale, implementation, dtype, with_ids, interpret):
   """The jitted shard_map of one plan, cached so repeated eager calls compile once."""
   key = (_program_key(plan), mesh, axis_name, scale, implementation, jnp.dtype(dtype),
-         with_ids)
+         with_ids, interpret)
   if key in _PROGRAMS:
     return _PROGRAMS[key]
   p = plan.num_shards
   if plan.strategy == "ring":
-    local = _ring(plan, axis_name, scale, implementation)
+    local = _ring(plan, axis_name, scale, implementation, interpret)
   else:
-    local = _allgather(plan, axis_name, scale, implementation)
+    local = _allgather(plan, axis_name, scale, implementation, interpret)
   zigzag = plan.layout == "zigzag"
 
   def per_device(q, k, v, *ids):

@@ -6,6 +6,7 @@ flashjax.dot_product_attention in float32.
 """
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import flashjax
 from flashjax import distributed, masks
 from flashjax.distributed import context_parallel
 from flashjax.distributed import layout as layout_lib
+from flashjax.ops.attention import pallas_triton
 
 B, T, NQ, NKV, D = 2, 64, 4, 2, 16
 
@@ -114,6 +116,71 @@ class ContextParallelTest(parameterized.TestCase):
     for name, got, expected in zip("qkv", grads, want_grads):
       np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=f"d{name}")
 
+  @parameterized.named_parameters(
+      ("causal_2", 2, dict(is_causal=True), "zigzag"),
+      ("causal_documents_4", 4, dict(documents=True), "zigzag"),
+      ("window_4_of_2x4", 4, dict(mask=masks.sliding_window(T, T, 9, 2)), None),
+  )
+  def test_pallas_triton_ring(self, p, kwargs, layout):
+    # The ring on the Pallas Triton kernels (interpret mode on CPU): forward kernel per
+    # block (its lse residual), backward dQ / dK/dV kernels per block from the global
+    # lse / delta; equal to the single-device call.
+    kwargs = dict(kwargs)
+    q, k, v = _qkv(2)
+    ids = None
+    if kwargs.pop("documents", False):
+      ids = jnp.asarray(np.repeat([[0, 1, 2, 3], [5, 5, 6, 7]], [10, 20, 30, 4], axis=1))
+      kwargs["is_causal"] = True
+    if p == 4:
+      mesh, axis = _mesh(p, (2, 4), ("data", "cp")), "cp"
+    else:
+      mesh, axis = _mesh(p), "cp"
+    plan = distributed.plan_context_parallel(T, T, p, mask=kwargs.get("mask"),
+                                             is_causal=kwargs.get("is_causal", False),
+                                             strategy="ring", implementation="pallas_triton")
+    self.assertEqual(plan.strategy, "ring")
+    if layout is not None:
+      self.assertEqual(plan.layout, layout)
+    triton = pallas_triton.PallasTriton
+    counts = {"kernel_with_lse": 0, "backward_from_stats": 0}
+
+    def counting(name):
+      original = getattr(triton, name)
+
+      @functools.wraps(original)
+      def wrapper(*args, **kw):
+        counts[name] += 1
+        return original(*args, **kw)
+      return wrapper
+
+    def sharded_attend(q, k, v, ids):
+      return distributed.context_parallel_attention(
+          q, k, v, mesh=mesh, axis_name=axis, segment_ids=ids, strategy="ring",
+          implementation="pallas_triton", interpret=True, **kwargs)
+
+    def local_attend(q, k, v, ids):
+      return flashjax.dot_product_attention(q, k, v, segment_ids=ids, **kwargs)
+
+    with mock.patch.object(triton, "kernel_with_lse", counting("kernel_with_lse")), \
+        mock.patch.object(triton, "backward_from_stats", counting("backward_from_stats")):
+      out, grads = _value_and_grads(sharded_attend, q, k, v, ids)
+    self.assertGreater(counts["kernel_with_lse"], 0)
+    self.assertGreater(counts["backward_from_stats"], 0)
+    want, want_grads = _value_and_grads(local_attend, q, k, v, ids)
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
+    for name, got, expected in zip("qkv", grads, want_grads):
+      np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=f"d{name}")
+
+  def test_ring_needs_lse_backend(self):
+    q, k, v = _qkv()
+    with self.assertRaisesRegex(NotImplementedError, "pallas_tpu"):
+      distributed.context_parallel_attention(
+          q, k, v, mesh=_mesh(2), axis_name="cp", is_causal=True, strategy="ring",
+          implementation="pallas_tpu", interpret=True)
+    with self.assertRaisesRegex(ValueError, "interpret=1"):
+      distributed.context_parallel_attention(q, k, v, mesh=_mesh(2), axis_name="cp",
+                                             interpret=1)
+
   def test_odd_local_length_and_auto_plan(self):
     # T = 24 over 8 devices: 3 rows each (no kernel tile divides it), zig-zag impossible.
     t = 24
@@ -142,8 +209,11 @@ class ContextParallelTest(parameterized.TestCase):
                                                    layout="contiguous")
     self.assertEqual(contiguous.skipped_pairs, 28)
     self.assertEqual(contiguous.compute_steps, 8)
-    pallas = distributed.plan_context_parallel(16384, 16384, 8,
+    triton = distributed.plan_context_parallel(16384, 16384, 8,
                                                implementation="pallas_triton")
+    self.assertEqual(triton.strategy, "ring")  # pallas_triton returns the log-sum-exp
+    pallas = distributed.plan_context_parallel(16384, 16384, 8,
+                                               implementation="pallas_mosaic_gpu")
     self.assertEqual(pallas.strategy, "allgather")
     self.assertIn("log-sum-exp", pallas.reason)
     self.assertEqual(pallas.layout, "contiguous")  # no mask: nothing to balance

@@ -64,7 +64,8 @@ ATTENTION_BACKENDS: dict[str, tuple[str, str]] = {
 # local_window_size) instead of having them folded into segment ids and masks.
 PASS_THROUGH_BACKENDS = frozenset({"cudnn", "jax_nn"})
 # Backends that take `return_residual=True` (the others raise NotImplementedError for it).
-RESIDUAL_BACKENDS = frozenset({"xla", "xla_chunked", "cudnn", "jax_nn"})
+RESIDUAL_BACKENDS = frozenset({"xla", "xla_chunked", "cudnn", "jax_nn", "pallas_triton",
+                               "pallas_mosaic_gpu"})
 # Backends that take a traced `scale`; the others get the query multiplied by it and 1.0.
 TRACED_SCALE_BACKENDS = frozenset({"xla", "xla_chunked", "jax_nn"})
 # Backend name -> (platform it compiles for, whether interpret=True runs it anywhere).
@@ -536,8 +537,9 @@ def dot_product_attention(
       jax.nn.dot_product_attention itself (cuDNN / XLA paths, jax.nn semantics).
     return_residual: also return the log-sum-exp of each row's allowed logits,
       [B, T, Nq] ([T, Nq] for rank-3 inputs) in query's dtype, -inf for rows without an
-      allowed key, no gradient (as jax.nn). Backends that cannot produce it ("pallas_*")
-      raise NotImplementedError, so lists of names move on.
+      allowed key, no gradient (as jax.nn). "pallas_triton" and "pallas_mosaic_gpu" return
+      their forward kernel's float32 statistic converted (rounded to query's dtype);
+      "pallas_tpu" cannot and raises NotImplementedError, so lists of names move on.
     segment_ids: int [B, T] (self-attention, T == S) or a pair (q_ids [B, T],
       kv_ids [B, S]); query i may attend key j only with equal ids.
     logits_soft_cap: optional positive cap of the logits.

@@ -28,6 +28,7 @@ import math
 from typing import Any
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 from flashjax.masks import rcm
@@ -162,6 +163,30 @@ class AttentionBackend:
     """[B, T, Nq, D] in query's dtype (rows with no allowed key 0). Backends override."""
     raise NotImplementedError(f"{type(self).__name__} does not implement attend")
 
+  def backward_from_stats(self, args: AttentionArgs, d_out: jax.Array, lse: jax.Array,
+                          delta: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """dQ, dK, dV of this call given row statistics computed elsewhere.
+
+    For a call that is one key block of a larger attention (context-parallel ring): with the
+    rows' log-sum-exp over *all* keys, P = exp(s - lse) is this block's slice of the full
+    softmax and the usual backward applies block by block.
+
+    Args:
+      args: the call's canonical arguments.
+      d_out: [B, T, Nq, D] cotangent of the full attention output.
+      lse: float32 [B, T, Nq] natural-log log-sum-exp of each row's allowed logits over all
+        keys (-inf: the row has no allowed key anywhere).
+      delta: float32 [B, T, Nq] rowsum(d_out * out) of the full output.
+
+    Returns:
+      (dQ, dK, dV) in the input dtypes. Backends without such a backward raise
+      NotImplementedError naming themselves.
+    """
+    del args, d_out, lse, delta
+    raise NotImplementedError(
+        f"{self.name}: no backward from external row statistics (lse, delta); "
+        "pallas_triton has one")
+
   def __repr__(self) -> str:
     return f"<flashjax attention backend {self.name!r}>"
 
@@ -186,11 +211,43 @@ class BlockSparseBackend(AttentionBackend):
     """The (differentiable) kernels on q/k/v in the plan's BlockMask order."""
     raise NotImplementedError
 
-  def attend(self, args: AttentionArgs, **options):
+  def kernel_with_lse(self, query, key, value, plan: Any) -> tuple[jax.Array, jax.Array]:
+    """`kernel`'s output (differentiable) and the forward's lse2 residual: float32
+    [B * Nq, T] base-2 log-sum-exp of the scaled logits, +inf for rows with no allowed key.
+    Backends whose forward keeps no such residual raise NotImplementedError."""
+    del query, key, value, plan
+    raise NotImplementedError(f"{self.name} cannot return the softmax residual "
+                              "(return_residual=True)")
+
+  def attend(self, args: AttentionArgs, *, return_residual: bool = False, **options):
+    """The output, or (output, residual) with return_residual: the residual is the natural
+    log-sum-exp [B, T, Nq] of each row's allowed logits in query's dtype, -inf for rows
+    without an allowed key, without gradient (api.dot_product_attention's contract)."""
     if options:
       raise NotImplementedError(f"{self.name}: unsupported options {sorted(options)}")
     self.check_supported(args)
     plan = self.plan(args)
     query, key, value = rcm.permute_qkv(args.query, args.key, args.value, plan.fwd_mask)
-    out = self.kernel(query, key, value, plan)
-    return rcm.unpermute_output(out, plan.fwd_mask)
+    if not return_residual:
+      out = self.kernel(query, key, value, plan)
+      return rcm.unpermute_output(out, plan.fwd_mask)
+    out, lse2 = self.kernel_with_lse(query, key, value, plan)
+    lse = natural_lse(lax.stop_gradient(lse2), *args.query.shape[:3])
+    lse = rcm.unpermute_output(lse[..., None], plan.fwd_mask)[..., 0]
+    return rcm.unpermute_output(out, plan.fwd_mask), lse.astype(args.query.dtype)
+
+
+def natural_lse(lse2: jax.Array, batch: int, q_len: int, num_heads: int) -> jax.Array:
+  """Pallas lse2 [B * Nq, T] (base 2, +inf: no allowed key) -> float32 [B, T, Nq] natural
+  log-sum-exp (-inf: no allowed key)."""
+  lse = jnp.where(jnp.isposinf(lse2), -jnp.inf, lse2 * math.log(2.0))
+  return lse.reshape(batch, num_heads, q_len).transpose(0, 2, 1).astype(jnp.float32)
+
+
+def lse2_rows(lse: jax.Array) -> jax.Array:
+  """Inverse of `natural_lse`: float32 [B, T, Nq] (-inf: no key) -> [B * Nq, T] base 2
+  (+inf: no key, so the backward kernels recompute P = exp2(s - lse2) = 0)."""
+  batch, q_len, num_heads = lse.shape
+  lse = lse.astype(jnp.float32)
+  lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse / math.log(2.0))
+  return lse2.transpose(0, 2, 1).reshape(batch * num_heads, q_len)

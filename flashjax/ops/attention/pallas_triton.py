@@ -495,6 +495,25 @@ def backward(params: TritonParams, residuals, do):
 _attention.defvjp(_attention_fwd, backward)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention_lse(q, k, v, fwd_mask: BlockMask, bwd_mask: BlockMask, params: TritonParams):
+  """(out, lse2) of the forward kernel; differentiable in q, k, v through `out` only (the
+  caller stops lse2's gradient: return_residual's contract)."""
+  return _forward(q, k, v, fwd_mask, params)
+
+
+def _attention_lse_fwd(q, k, v, fwd_mask, bwd_mask, params):
+  out, lse = _forward(q, k, v, fwd_mask, params)
+  return (out, lse), (q, k, v, out, lse, fwd_mask, bwd_mask)
+
+
+def _attention_lse_bwd(params, residuals, cotangents):
+  return backward(params, residuals, cotangents[0])
+
+
+_attention_lse.defvjp(_attention_lse_fwd, _attention_lse_bwd)
+
+
 # -------------------------------------------------------------------------- entry point
 
 
@@ -555,6 +574,33 @@ class PallasTriton(base.BlockSparseBackend):
 
   def kernel(self, query, key, value, plan):
     return _attention(query, key, value, plan.fwd_mask, plan.bwd_mask, plan.params)
+
+  def kernel_with_lse(self, query, key, value, plan):
+    return _attention_lse(query, key, value, plan.fwd_mask, plan.bwd_mask, plan.params)
+
+  def backward_from_stats(self, args, d_out, lse, delta):
+    """dQ, dK, dV from external row statistics (base.AttentionBackend.backward_from_stats)
+    on this backend's dQ and dK/dV kernels, at the BlockMasks `plan` builds for `args`."""
+    if args.bias is not None:
+      raise NotImplementedError(f"{self.name}: additive bias is not supported")
+    self.check_supported(args)
+    plan = self.plan(args)
+    if args.permuted:
+      raise NotImplementedError(f"{self.name}: backward_from_stats with an RCM-reordered "
+                                "BlockMask is not supported")
+    q, k, v = args.query, args.key, args.value
+    want = q.shape[:3]
+    for name, x in (("lse", lse), ("delta", delta)):
+      if tuple(x.shape) != want:
+        raise ValueError(f"{name}.shape={tuple(x.shape)} must be [B, T, Nq] = {want}")
+    if tuple(d_out.shape) != q.shape:
+      raise ValueError(f"d_out.shape={tuple(d_out.shape)} must be query's {q.shape}")
+    lse2 = base.lse2_rows(lse)
+    delta = delta.astype(jnp.float32).transpose(0, 2, 1).reshape(lse2.shape)
+    d_out = d_out.astype(q.dtype)
+    dk, dv = _dkdv(q, k, v, d_out, lse2, delta, plan.bwd_mask, plan.params)
+    dq = _dq(q, k, v, d_out, lse2, delta, plan.fwd_mask, plan.params)
+    return dq, dk, dv
 
 
 dot_product_attention = PallasTriton()
