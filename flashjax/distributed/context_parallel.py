@@ -4,7 +4,7 @@ q, k and v arrive sharded along the sequence over the mesh axis `axis_name` (P d
 every device computes the output rows of the queries it holds. Two strategies:
 
   ring       P steps: the local queries attend the K/V shard held now (with
-             `flashjax.dot_product_attention`, which also returns the row log-sum-exp), the
+             `flashjax.ops.attention.api.attention_with_lse`, which also returns the row log-sum-exp), the
              partial results are merged by the log-sum-exp rule, and K/V (with their segment
              ids) move to the next device (`lax.ppermute`). Shard pairs the mask leaves empty
              are skipped (a static schedule built host-side from the Mask); the ring still
@@ -48,7 +48,7 @@ STRATEGIES = ("ring", "allgather")
 # step would then compute too little to hide its K/V transfer, and the gathered K/V
 # (P * T_local rows) is small.
 ALLGATHER_MAX_LOCAL_LEN = 1024
-# Backends that return the row log-sum-exp the ring merges with (return_residual=True).
+# Backends that return the row log-sum-exp the ring merges with (attention_with_lse).
 # pallas_mosaic_gpu returns it too, but takes bf16 / fp16 only and the ring runs in float32.
 LSE_BACKENDS = frozenset({"xla", "xla_chunked", "jax_nn", "cudnn", "pallas_triton"})
 # Backends whose kernels run the ring's backward from the global lse / delta
@@ -364,10 +364,10 @@ def _block_forward(q, k, v, q_ids, kv_ids, *, calls, num_chunks, scale, implemen
     acc = None
     for call in (c for c in calls if c.q_chunk == a):
       seg = None if q_ids is None else (_piece(q_ids, a, cq), _piece(kv_ids, call.kv_chunk, ck))
-      res = dot_product_attention(
+      res = attention_api.attention_with_lse(
           _piece(q, a, cq), _piece(k, call.kv_chunk, ck), _piece(v, call.kv_chunk, ck),
           mask=call.mask, segment_ids=seg, scale=scale, implementation=implementation,
-          interpret=interpret, return_residual=True)
+          interpret=interpret)
       res = (res[0].astype(jnp.float32), res[1].astype(jnp.float32))
       acc = res if acc is None else _merge(acc, res)
     if acc is None:
@@ -437,10 +437,10 @@ def _backend_run(call, q, k, q_ids, scale, implementation, interpret) -> str:
       seg = None
       if q_ids is not None:
         seg = (jnp.zeros(q.shape[:2], jnp.int32), jnp.zeros(k.shape[:2], jnp.int32))
-      return dot_product_attention(
+      return attention_api.attention_with_lse(
           jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(k.shape, k.dtype),
           mask=call.mask, segment_ids=seg, scale=scale, implementation=implementation,
-          interpret=interpret, return_residual=True)
+          interpret=interpret)
     if len(_BACKENDS_RUN) >= 4096:
       _BACKENDS_RUN.clear()
     _BACKENDS_RUN[key] = attention_api.resolve_implementation(probe)

@@ -64,8 +64,12 @@ ATTENTION_BACKENDS: dict[str, tuple[str, str]] = {
 # local_window_size) instead of having them folded into segment ids and masks.
 PASS_THROUGH_BACKENDS = frozenset({"cudnn", "jax_nn"})
 # Backends that take `return_residual=True` (the others raise NotImplementedError for it).
-RESIDUAL_BACKENDS = frozenset({"xla", "xla_chunked", "cudnn", "jax_nn", "pallas_triton",
-                               "pallas_mosaic_gpu"})
+RESIDUAL_BACKENDS = frozenset({"xla", "xla_chunked", "cudnn", "jax_nn"})
+# Pallas backends whose forward kernel keeps the row log-sum-exp: `attention_with_lse`
+# returns it (public return_residual still refuses them).
+KERNEL_RESIDUAL_BACKENDS = frozenset({"pallas_triton", "pallas_mosaic_gpu"})
+_KERNEL_RESIDUAL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "flashjax_kernel_residual", default=False)
 # Backends that take a traced `scale`; the others get the query multiplied by it and 1.0.
 TRACED_SCALE_BACKENDS = frozenset({"xla", "xla_chunked", "jax_nn"})
 # Backend name -> (platform it compiles for, whether interpret=True runs it anywhere).
@@ -537,9 +541,9 @@ def dot_product_attention(
       jax.nn.dot_product_attention itself (cuDNN / XLA paths, jax.nn semantics).
     return_residual: also return the log-sum-exp of each row's allowed logits,
       [B, T, Nq] ([T, Nq] for rank-3 inputs) in query's dtype, -inf for rows without an
-      allowed key, no gradient (as jax.nn). "pallas_triton" and "pallas_mosaic_gpu" return
-      their forward kernel's float32 statistic converted (rounded to query's dtype);
-      "pallas_tpu" cannot and raises NotImplementedError, so lists of names move on.
+      allowed key, no gradient (as jax.nn). Backends that cannot produce it ("pallas_*")
+      raise NotImplementedError, so lists of names move on (`attention_with_lse` also takes
+      pallas_triton and pallas_mosaic_gpu).
     segment_ids: int [B, T] (self-attention, T == S) or a pair (q_ids [B, T],
       kv_ids [B, S]); query i may attend key j only with equal ids.
     logits_soft_cap: optional positive cap of the logits.
@@ -605,7 +609,8 @@ def dot_product_attention(
 
   def call(name, backend):
     check_platform(name, PLATFORM_NEEDS.get(name), interpret)
-    if return_residual and name not in RESIDUAL_BACKENDS:
+    if return_residual and name not in RESIDUAL_BACKENDS and not (
+        _KERNEL_RESIDUAL.get() and name in KERNEL_RESIDUAL_BACKENDS):
       raise NotImplementedError(
           f"backend {name!r} cannot return the softmax residual (return_residual=True); "
           f"{sorted(RESIDUAL_BACKENDS)} can")
@@ -644,3 +649,24 @@ def dot_product_attention(
   if unbatched:
     out = jax.tree.map(lambda x: x[0], out)
   return out
+
+
+def attention_with_lse(query: jax.Array, key: jax.Array, value: jax.Array,
+                       **kwargs: Any) -> tuple[jax.Array, jax.Array]:
+  """`dot_product_attention(..., return_residual=True)` that also runs the Pallas backends
+  whose forward kernel keeps the row log-sum-exp (KERNEL_RESIDUAL_BACKENDS: pallas_triton,
+  pallas_mosaic_gpu), e.g. for merging key blocks (the context-parallel ring).
+
+  Same arguments (except return_residual) and result: (out, lse [B, T, Nq] in query's
+  dtype, natural log, -inf for rows without an allowed key, no gradient). For the Pallas
+  backends lse is their float32 base-2 statistic converted. pallas_tpu raises
+  NotImplementedError (lists of names move on).
+  """
+  if "return_residual" in kwargs:
+    raise ValueError("attention_with_lse always returns the residual; do not pass "
+                     f"return_residual={kwargs['return_residual']!r}")
+  token = _KERNEL_RESIDUAL.set(True)
+  try:
+    return dot_product_attention(query, key, value, return_residual=True, **kwargs)
+  finally:
+    _KERNEL_RESIDUAL.reset(token)
