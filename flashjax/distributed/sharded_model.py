@@ -8,10 +8,10 @@
 The parameters are placed per flashjax.distributed.sharding's rules (heads / KV heads / MLP
 units / vocabulary over "model", d_model over "fsdp"), the cache over the batch axes and
 "model", and `Transformer.prefill` / `decode_step` are jitted with those in / out
-shardings: XLA's SPMD partitioner splits the attention op (the model's own decode backend,
-e.g. flashjax's XLA decode) per device. No shard_map is involved, so backends that XLA
-cannot partition (Pallas custom calls) would be gathered and replicated; use
-flashjax.distributed.sharded_decode_attention for an explicit per-device kernel call.
+shardings: XLA's SPMD partitioner splits the projections, MLPs and cache writes, and the
+attention op itself (prefill and decode attention, any backend, Pallas included) runs
+inside a shard_map over the batch and KV-head shards (flashjax.distributed.model_attention),
+so each device calls the kernel on its rows and heads.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flashjax.distributed import sharding
+from flashjax.distributed import model_attention, sharding
 
 _AUTO = "auto"
 
@@ -104,11 +104,13 @@ class ShardedDecoder:
     logits_sh = self._rows(batch, 3 if kind == "prefill" else 2)
     if kind == "prefill":
       def fn(params, tokens, cache, lengths):
-        return nnx.merge(graphdef, params).prefill(tokens, cache, lengths)
+        with model_attention.attention_mesh(self.mesh):
+          return nnx.merge(graphdef, params).prefill(tokens, cache, lengths)
       ins = (self.param_shardings, self._rows(batch, 2), cache_sh, self._rows(batch, 1))
     else:
       def fn(params, tokens, cache):
-        return nnx.merge(graphdef, params).decode_step(tokens, cache)
+        with model_attention.attention_mesh(self.mesh):
+          return nnx.merge(graphdef, params).decode_step(tokens, cache)
       ins = (self.param_shardings, self._rows(batch, 1), cache_sh)
     self._compiled[key] = jax.jit(fn, in_shardings=ins, out_shardings=(logits_sh, cache_sh))
     return self._compiled[key]

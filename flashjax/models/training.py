@@ -224,6 +224,7 @@ class Trainer:
       self.opt_state = jax.jit(self.tx.init)(self.params)
       return
     from flashjax.distributed import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+    from flashjax.distributed import model_attention  # pylint: disable=import-outside-toplevel
     from flashjax.distributed import sharding  # pylint: disable=import-outside-toplevel
     if not isinstance(mesh, jax.sharding.Mesh):
       raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
@@ -236,8 +237,11 @@ class Trainer:
     self._batch_shards = mesh_lib.batch_size_divisor(mesh)
     replicated = mesh_lib.replicated(mesh)
     self._replicated = replicated
+    # The models' attention op runs per (batch, head) shard (distributed.model_attention),
+    # so Pallas backends, which XLA cannot partition, run on each device's share.
     self._sharded_train_step = jax.jit(
-        functools.partial(_train_step_impl, self.graphdef, self.tx),
+        model_attention.with_attention_mesh(
+            functools.partial(_train_step_impl, self.graphdef, self.tx), mesh),
         in_shardings=(self.param_shardings, self.opt_shardings, self._batch_sharding,
                       self._batch_sharding, replicated),
         out_shardings=(self.param_shardings, self.opt_shardings, replicated),
@@ -245,10 +249,12 @@ class Trainer:
     self._sharded_eval_steps = {}
 
   def _sharded_eval_step(self, batch_sharding: Any) -> Any:
+    from flashjax.distributed import model_attention  # pylint: disable=import-outside-toplevel
     key = batch_sharding.spec
     if key not in self._sharded_eval_steps:
       self._sharded_eval_steps[key] = jax.jit(
-          functools.partial(_eval_step_impl, self.graphdef),
+          model_attention.with_attention_mesh(
+              functools.partial(_eval_step_impl, self.graphdef), self.mesh),
           in_shardings=(self.param_shardings, batch_sharding, batch_sharding),
           out_shardings=self._replicated)
     return self._sharded_eval_steps[key]

@@ -12,6 +12,7 @@ segment, and positions restart at 0 at every segment start (unless `positions` i
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from flashjax import layers
+from flashjax.distributed import model_attention
 from flashjax.models import generation
 from flashjax.models.cache import KVCache
 from flashjax.models.config import TransformerConfig
@@ -62,14 +64,20 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None) -> jax.Array:
     """x [B, T, D] -> [B, T, D]."""
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+    if model_attention.active_mesh() is None:
+      x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+    else:  # the attention op per (batch, head) shard of the mesh
+      x = x + model_attention.self_attention(self.attn, self.attn_norm(x), positions,
+                                             segment_ids)
     return x + self.mlp(self.mlp_norm(x))
 
   def prefill(self, x: jax.Array, positions: jax.Array, key_cache: jax.Array,
               value_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [B, T, D] -> ([B, T, D], caches with slots [0, T) written)."""
-    attn, key_cache, value_cache = self.attn.prefill(self.attn_norm(x), positions, key_cache,
-                                                     value_cache)
+    prefill = (self.attn.prefill if model_attention.active_mesh() is None else
+               functools.partial(model_attention.prefill, self.attn))
+    attn, key_cache, value_cache = prefill(self.attn_norm(x), positions, key_cache,
+                                           value_cache)
     x = x + attn
     return x + self.mlp(self.mlp_norm(x)), key_cache, value_cache
 
@@ -85,8 +93,10 @@ class Block(nnx.Module):
     attn_in = self.attn_norm(x)
     if sparsity is not None:
       head_indices = sparsity.heads(layer, attn_in)
-    attn, key_cache, value_cache = self.attn.decode(attn_in, positions, key_cache,
-                                                    value_cache, head_indices)
+    decode = (self.attn.decode if model_attention.active_mesh() is None else
+              functools.partial(model_attention.decode, self.attn))
+    attn, key_cache, value_cache = decode(attn_in, positions, key_cache, value_cache,
+                                          head_indices)
     x = x + attn
     mlp_in = self.mlp_norm(x)
     neurons = None if sparsity is None else sparsity.neurons(layer, mlp_in)

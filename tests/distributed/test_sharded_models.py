@@ -4,8 +4,10 @@ tests/conftest.py gives 8 host devices; everything is float32 and compared with 
 computation on one device.
 """
 
+import dataclasses
 import os
 import tempfile
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from jax.sharding import PartitionSpec
 
 from flashjax import distributed
 from flashjax.distributed import sharding
+from flashjax.layers import attention as attention_layer
 from flashjax.models import Transformer, TransformerConfig, checkpoint, training
 
 CONFIG = TransformerConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4,
@@ -210,6 +213,67 @@ class ShardedCheckpointTest(parameterized.TestCase):
       with self.assertRaisesRegex(ValueError, "'params.nope'"):
         ckpt.restore(1, single.state(), shardings={"params": {"nope": None}})
       ckpt.close()
+
+
+def _recording(calls):
+  """mock.patch.object targets recording the query shape of the layers' attention ops."""
+  def wrap(name):
+    original = getattr(attention_layer, name)
+
+    def wrapper(query, *args, **kwargs):
+      calls.append((name, tuple(query.shape)))
+      return original(query, *args, **kwargs)
+    return mock.patch.object(attention_layer, name, wrapper)
+  return wrap("causal_self_attention"), wrap("cached_decode_attention")
+
+
+class ShardedPallasTest(parameterized.TestCase):
+  """pallas_triton (interpret mode) inside the models under a mesh: the attention op runs in
+  a shard_map per (batch, head) shard and equals the unsharded model."""
+
+  def test_train_step(self):
+    config = dataclasses.replace(CONFIG, attention_impl="pallas_triton", interpret=True)
+    tokens, segments = _batch()
+    reference = training.Trainer(Transformer(config, rngs=nnx.Rngs(0)), OPT)
+    want = float(reference.train_step(tokens, segments, LR)["loss"])
+    calls = []
+    trainer = training.Trainer(Transformer(config, rngs=nnx.Rngs(0)), OPT,
+                               mesh=_mesh("data:2,model:2"))
+    patches = _recording(calls)
+    with patches[0], patches[1]:
+      got = float(trainer.train_step(tokens, segments, LR)["loss"])
+    self.assertAlmostEqual(got, want, delta=1e-5)
+    self.assertLess(_max_diff(trainer.params, jax.device_get(reference.params)), 1e-4)
+    # Per shard: B = 8 / 2 rows, Nq = 4 / 2 heads (T = 16, H = 8).
+    self.assertIn(("causal_self_attention", (4, 16, 2, 8)), calls)
+    self.assertNotIn(("causal_self_attention", (8, 16, 4, 8)), calls)
+
+  def test_decode(self):
+    # d_model 64: head dim 16, the smallest the pallas_triton decode kernel takes.
+    config = TransformerConfig(vocab_size=64, d_model=64, num_layers=1, num_heads=4,
+                               num_kv_heads=2, d_ff=64, max_len=32,
+                               attention_impl="pallas_triton", interpret=True)
+    prompts = jnp.asarray(np.random.default_rng(1).integers(0, 64, (4, 6)), jnp.int32)
+    lengths = jnp.array([6, 3, 5, 1], jnp.int32)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    logits, cache = model.prefill(prompts, model.init_cache(4, 16), lengths)
+    calls = []
+    decoder = distributed.ShardedDecoder(Transformer(config, rngs=nnx.Rngs(0)),
+                                         _mesh("data:2,model:2"))
+    patches = _recording(calls)
+    with patches[0], patches[1]:
+      sharded_logits, sharded_cache = decoder.prefill(prompts, decoder.init_cache(4, 16),
+                                                      lengths)
+      np.testing.assert_allclose(sharded_logits, logits, atol=1e-5, rtol=0)
+      tokens = jnp.argmax(logits[jnp.arange(4), lengths - 1], axis=-1).astype(jnp.int32)
+      for _ in range(2):
+        logits, cache = model.decode_step(tokens, cache)
+        sharded_logits, sharded_cache = decoder.decode_step(tokens, sharded_cache)
+        np.testing.assert_allclose(sharded_logits, logits, atol=1e-5, rtol=0)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    self.assertIn(("causal_self_attention", (2, 6, 2, 16)), calls)
+    self.assertIn(("cached_decode_attention", (2, 2, 16)), calls)
+    self.assertEqual(sharded_cache.keys[0].sharding.spec, PartitionSpec("data", None, "model"))
 
 
 def _next_loss(saved, tokens, segments):
