@@ -3,11 +3,11 @@
 XLA's SPMD partitioner cannot split a Pallas kernel's custom call: under a jit with mesh
 shardings it would gather q / k / v and run the whole kernel on every device. So while
 `attention_mesh(mesh)` is active (Trainer(mesh=...) and ShardedDecoder trace their steps
-inside it), a flashjax.models Block runs its attention layer through the functions below:
-the projections, RoPE, cache writes and output projection stay with XLA's partitioner
-(they are the layer's own code: `Attention._qkv` / `project`), and only the attention op
-(`causal_self_attention` for training / prefill, `cached_decode_attention` for decode) runs
-inside a `jax.shard_map` over
+inside it), every flashjax.layers.Attention calls its attention op through the functions
+below (the layer's op wrapper, `layers.attention.wrap_attention_ops`): the projections,
+RoPE, cache writes and output projection stay the layer's code under XLA's partitioner, and
+only the attention op (`causal_self_attention` for training / prefill,
+`cached_decode_attention` for decode) runs inside a `jax.shard_map` over
 
   batch: the mesh's batch axes ("data", "fsdp") when B divides by their product, else whole;
   heads: "model" when the mesh has it and it divides Nkv (Nq follows: query head n reads
@@ -36,14 +36,25 @@ _MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def attention_mesh(mesh: Mesh):
-  """Within this context (while tracing), models' attention ops run per shard of `mesh`."""
+  """Within this context (while tracing), models' attention ops run per shard of `mesh`
+  (installed as flashjax.layers.attention's op wrapper)."""
   if not isinstance(mesh, Mesh):
     raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
   token = _MESH.set(mesh)
   try:
-    yield mesh
+    with attention_layer.wrap_attention_ops(_per_shard_op):
+      yield mesh
   finally:
     _MESH.reset(token)
+
+
+def _per_shard_op(op: Any, *args: Any, **kwargs: Any) -> jax.Array:
+  """The layer's attention op `op` run by its per-shard counterpart below."""
+  sharded = {attention_layer.causal_self_attention: causal_self_attention,
+             attention_layer.cached_decode_attention: cached_decode_attention}.get(op)
+  if sharded is None:
+    raise NotImplementedError(f"no per-shard form of the attention op {op!r}")
+  return sharded(*args, **kwargs)
 
 
 def active_mesh() -> Mesh | None:
@@ -124,48 +135,3 @@ def cached_decode_attention(query: jax.Array, key_cache: jax.Array, value_cache:
   return _per_shard(fn, mesh, (q_spec, cache_spec, cache_spec, rows,
                                PartitionSpec(batch_axis, None)), q_spec, query, key_cache,
                     value_cache, lengths, head_indices)
-
-
-# The attention layer's methods with the op above (same code as layers.Attention's
-# __call__ / prefill / decode otherwise).
-
-
-def self_attention(layer: Any, x: jax.Array, positions: jax.Array,
-                   segment_ids: jax.Array | None) -> jax.Array:
-  """layers.Attention.__call__ with the attention op per shard."""
-  q, k, v = layer._qkv(x, positions)  # pylint: disable=protected-access
-  heads = causal_self_attention(q, k, v, segment_ids=segment_ids,
-                                implementation=layer.implementation,
-                                interpret=layer.interpret, block_sizes=layer.block_sizes)
-  return layer.project(heads)
-
-
-def prefill(layer: Any, x: jax.Array, positions: jax.Array, key_cache: jax.Array,
-            value_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """layers.Attention.prefill with the attention op per shard."""
-  if x.shape[1] > key_cache.shape[1]:
-    raise ValueError(f"prompt length {x.shape[1]} exceeds the cache length "
-                     f"{key_cache.shape[1]}")
-  q, k, v = layer._qkv(x, positions)  # pylint: disable=protected-access
-  heads = causal_self_attention(q, k, v, implementation=layer.implementation,
-                                interpret=layer.interpret, block_sizes=layer.block_sizes)
-  key_cache = jax.lax.dynamic_update_slice(key_cache, k.astype(key_cache.dtype), (0, 0, 0, 0))
-  value_cache = jax.lax.dynamic_update_slice(value_cache, v.astype(value_cache.dtype),
-                                             (0, 0, 0, 0))
-  return layer.project(heads), key_cache, value_cache
-
-
-def decode(layer: Any, x: jax.Array, positions: jax.Array, key_cache: jax.Array,
-           value_cache: jax.Array, head_indices: jax.Array | None = None
-           ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """layers.Attention.decode with the attention op per shard."""
-  q, k, v = layer._qkv(x[:, None], positions[:, None])  # pylint: disable=protected-access
-  rows = jax.numpy.arange(x.shape[0])
-  key_cache = key_cache.at[rows, positions].set(k[:, 0].astype(key_cache.dtype), mode="drop")
-  value_cache = value_cache.at[rows, positions].set(v[:, 0].astype(value_cache.dtype),
-                                                    mode="drop")
-  heads = cached_decode_attention(
-      q[:, 0].astype(key_cache.dtype), key_cache, value_cache, positions + 1,
-      head_indices=head_indices, implementation=layer.decode_implementation,
-      interpret=layer.interpret)
-  return layer.project(heads[:, None].astype(x.dtype))[:, 0], key_cache, value_cache

@@ -118,7 +118,7 @@ class ShardedDecoder:
   def prefill(self, tokens: Any, cache: Any, lengths: Any = None) -> tuple[jax.Array, Any]:
     """Transformer.prefill on the mesh: (float32 logits [B, T, V], sharded cache)."""
     tokens = jnp.asarray(tokens, jnp.int32)
-    self.model()._check_tokens(tokens)  # pylint: disable=protected-access  # same errors
+    self.model().check_tokens(tokens)  # the unsharded model's errors
     if lengths is None:
       lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
     if tokens.shape[0] != cache.batch_size or tokens.shape[1] > cache.max_len:

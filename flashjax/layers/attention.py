@@ -16,7 +16,9 @@ The attention core is chosen by an implementation name:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -132,6 +134,32 @@ def cached_decode_attention(query: jax.Array, key_cache: jax.Array, value_cache:
                                    interpret=interpret)
 
 
+# How Attention layers call their attention op (causal_self_attention / cached_decode_attention):
+# directly, or through a wrapper installed while a step is traced (flashjax.distributed's
+# model_attention runs the op per device shard of a mesh this way).
+_OP_WRAPPER: contextvars.ContextVar[Callable[..., jax.Array] | None] = contextvars.ContextVar(
+    "flashjax_attention_op_wrapper", default=None)
+
+
+@contextlib.contextmanager
+def wrap_attention_ops(wrapper: Callable[..., jax.Array]) -> Iterator[None]:
+  """Within this context Attention layers call `wrapper(op, *args, **kwargs)` instead of
+  `op(*args, **kwargs)` for their attention op (projections, RoPE and cache writes stay
+  the layer's); the wrapper must return what op would."""
+  if not callable(wrapper):
+    raise ValueError(f"wrapper must be callable, got {type(wrapper).__name__}")
+  token = _OP_WRAPPER.set(wrapper)
+  try:
+    yield
+  finally:
+    _OP_WRAPPER.reset(token)
+
+
+def _call_op(op: Callable[..., jax.Array], *args: Any, **kwargs: Any) -> jax.Array:
+  wrapper = _OP_WRAPPER.get()
+  return op(*args, **kwargs) if wrapper is None else wrapper(op, *args, **kwargs)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with grouped KV heads, optional RoPE and biases.
 
@@ -220,9 +248,9 @@ class Attention(nnx.Module):
       [B, T, Nq, H] in x's dtype.
     """
     q, k, v = self._qkv(x, positions)
-    return causal_self_attention(q, k, v, segment_ids=segment_ids,
-                                 implementation=self.implementation, interpret=self.interpret,
-                                 block_sizes=self.block_sizes)
+    return _call_op(causal_self_attention, q, k, v, segment_ids=segment_ids,
+                    implementation=self.implementation, interpret=self.interpret,
+                    block_sizes=self.block_sizes)
 
   def project(self, heads: jax.Array) -> jax.Array:
     """Output projection (plus bias) of per-head outputs heads [B, T, Nq, H] -> [B, T, D]."""
@@ -262,8 +290,8 @@ class Attention(nnx.Module):
       raise ValueError(f"prompt length {x.shape[1]} exceeds the cache length "
                        f"{key_cache.shape[1]}")
     q, k, v = self._qkv(x, positions)
-    heads = causal_self_attention(q, k, v, implementation=self.implementation,
-                                  interpret=self.interpret, block_sizes=self.block_sizes)
+    heads = _call_op(causal_self_attention, q, k, v, implementation=self.implementation,
+                     interpret=self.interpret, block_sizes=self.block_sizes)
     key_cache = jax.lax.dynamic_update_slice(key_cache, k.astype(key_cache.dtype), (0, 0, 0, 0))
     value_cache = jax.lax.dynamic_update_slice(value_cache, v.astype(value_cache.dtype),
                                                (0, 0, 0, 0))
@@ -290,8 +318,9 @@ class Attention(nnx.Module):
     key_cache = key_cache.at[rows, positions].set(k[:, 0].astype(key_cache.dtype), mode="drop")
     value_cache = value_cache.at[rows, positions].set(v[:, 0].astype(value_cache.dtype),
                                                       mode="drop")
-    heads = cached_decode_attention(
-        q[:, 0].astype(key_cache.dtype), key_cache, value_cache, positions + 1,
+    heads = _call_op(
+        cached_decode_attention, q[:, 0].astype(key_cache.dtype), key_cache, value_cache,
+        positions + 1,
         head_indices=head_indices, implementation=self.decode_implementation,
         interpret=self.interpret)
     return self.project(heads[:, None].astype(x.dtype))[:, 0], key_cache, value_cache

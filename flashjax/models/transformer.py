@@ -12,7 +12,6 @@ segment, and positions restart at 0 at every segment start (unless `positions` i
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +22,6 @@ import numpy as np
 from flax import nnx
 
 from flashjax import layers
-from flashjax.distributed import model_attention
 from flashjax.models import generation
 from flashjax.models.cache import KVCache
 from flashjax.models.config import TransformerConfig
@@ -64,20 +62,14 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None) -> jax.Array:
     """x [B, T, D] -> [B, T, D]."""
-    if model_attention.active_mesh() is None:
-      x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-    else:  # the attention op per (batch, head) shard of the mesh
-      x = x + model_attention.self_attention(self.attn, self.attn_norm(x), positions,
-                                             segment_ids)
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     return x + self.mlp(self.mlp_norm(x))
 
   def prefill(self, x: jax.Array, positions: jax.Array, key_cache: jax.Array,
               value_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [B, T, D] -> ([B, T, D], caches with slots [0, T) written)."""
-    prefill = (self.attn.prefill if model_attention.active_mesh() is None else
-               functools.partial(model_attention.prefill, self.attn))
-    attn, key_cache, value_cache = prefill(self.attn_norm(x), positions, key_cache,
-                                           value_cache)
+    attn, key_cache, value_cache = self.attn.prefill(self.attn_norm(x), positions, key_cache,
+                                                     value_cache)
     x = x + attn
     return x + self.mlp(self.mlp_norm(x)), key_cache, value_cache
 
@@ -93,10 +85,8 @@ class Block(nnx.Module):
     attn_in = self.attn_norm(x)
     if sparsity is not None:
       head_indices = sparsity.heads(layer, attn_in)
-    decode = (self.attn.decode if model_attention.active_mesh() is None else
-              functools.partial(model_attention.decode, self.attn))
-    attn, key_cache, value_cache = decode(attn_in, positions, key_cache, value_cache,
-                                          head_indices)
+    attn, key_cache, value_cache = self.attn.decode(attn_in, positions, key_cache,
+                                                    value_cache, head_indices)
     x = x + attn
     mlp_in = self.mlp_norm(x)
     neurons = None if sparsity is None else sparsity.neurons(layer, mlp_in)
@@ -156,7 +146,8 @@ class Transformer(nnx.Module):
     return jnp.einsum("...D,DV->...V", x, self.lm_head[...].astype(x.dtype),
                       preferred_element_type=jnp.float32)
 
-  def _check_tokens(self, tokens: Any) -> tuple[int, int]:
+  def check_tokens(self, tokens: Any) -> tuple[int, int]:
+    """(B, T) of int tokens [B, T]; ValueError naming a wrong shape, dtype or T > max_len."""
     if not isinstance(tokens, (np.ndarray, jax.Array)) or tokens.ndim != 2:
       raise ValueError(f"tokens must be an int array [B, T], got "
                        f"{getattr(tokens, 'shape', type(tokens).__name__)}")
@@ -180,7 +171,7 @@ class Transformer(nnx.Module):
     Returns:
       float32 logits [B, T, V].
     """
-    batch, length = self._check_tokens(tokens)
+    batch, length = self.check_tokens(tokens)
     if segment_ids is not None:
       _check_int_array("segment_ids", segment_ids, (batch, length))
       segment_ids = jnp.asarray(segment_ids, jnp.int32)
@@ -228,7 +219,7 @@ class Transformer(nnx.Module):
       (float32 logits [B, T, V] (row b meaningful up to lengths[b] - 1), cache with
       lengths set).
     """
-    batch, length = self._check_tokens(tokens)
+    batch, length = self.check_tokens(tokens)
     if batch != cache.batch_size or length > cache.max_len:
       raise ValueError(f"tokens.shape={tuple(tokens.shape)} does not fit the cache "
                        f"(batch {cache.batch_size}, {cache.max_len} slots)")
