@@ -10,7 +10,8 @@
 #
 # OLD_TREE is a checkout of the commit to compare with (e.g. `git archive COMMIT | tar -x -C
 # DIR`); NEW_TREE (environment, default: this repository's root) the one compared with it.
-# Run from this repository's root.
+# ROUNDS (default 2) and IMPLEMENTATIONS (default "pallas_mosaic_gpu pallas_triton", the
+# attention columns) narrow a short run. Run from this repository's root.
 set -u
 old=${1:?usage: $0 OLD_TREE OUT_DIR [attention|decode|all]}
 out=${2:?usage: $0 OLD_TREE OUT_DIR [attention|decode|all]}
@@ -18,13 +19,14 @@ part=${3:-all}
 mkdir -p "$out"
 python=${PYTHON:-python}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-attention_where="implementation=pallas_mosaic_gpu,implementation=pallas_triton,case=B4-T4k"
-attention_where+=",case=B2-T8k-doc512,case=B1-T16k-win1k"
+attention_impls=${IMPLEMENTATIONS:-pallas_mosaic_gpu pallas_triton}
+attention_where="case=B4-T4k,case=B2-T8k-doc512,case=B1-T16k-win1k"
+for impl in $attention_impls; do attention_where+=",implementation=$impl"; done
 decode_where="implementation=pallas_triton,kv_len=4096,num_kv_heads=8,batch=1,batch=64"
 decode_where+=",batch=256,head_density=1.0,head_density=0.5"
 # old and new run with the tuning tables off (both on the heuristics: the same tiles unless the
 # refactor changed them); new_tuned (round 1 only) is this tree as users get it, tables on.
-for round in 1 2; do
+for round in $(seq "${ROUNDS:-2}"); do
   new=${NEW_TREE:-.}
   runs="old:$old:0 new:$new:0"
   [ "$round" = 1 ] && runs+=" new_tuned:$new:1"
