@@ -103,8 +103,29 @@ def _linear(w: np.ndarray, *shape: int) -> np.ndarray:
   return w.T.reshape(w.shape[1], *shape)
 
 
-def _llama_params(c: TransformerConfig, t: Callable[[str], np.ndarray]) -> dict[tuple, Any]:
+def _attention_params(c: TransformerConfig, t: Callable[[str], np.ndarray], prefix: str,
+                      out_name: str) -> dict[tuple, Any]:
+  """The attention layer's projections (and biases when c.use_bias) from the Hugging Face
+  tensors `prefix` + "q_proj" / "k_proj" / "v_proj" / `out_name`."""
   n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
+  params = {
+      ("attn", "q_proj"): _linear(t(prefix + "q_proj.weight"), n, h),
+      ("attn", "k_proj"): _linear(t(prefix + "k_proj.weight"), k, h),
+      ("attn", "v_proj"): _linear(t(prefix + "v_proj.weight"), k, h),
+      # o_proj [D, N*H] -> [N, H, D]
+      ("attn", "o_proj"): t(prefix + out_name + ".weight").T.reshape(n, h, c.d_model),
+  }
+  if c.use_bias:
+    params.update({
+        ("attn", "q_bias"): t(prefix + "q_proj.bias").reshape(n, h),
+        ("attn", "k_bias"): t(prefix + "k_proj.bias").reshape(k, h),
+        ("attn", "v_bias"): t(prefix + "v_proj.bias").reshape(k, h),
+        ("attn", "o_bias"): t(prefix + out_name + ".bias"),
+    })
+  return params
+
+
+def _llama_params(c: TransformerConfig, t: Callable[[str], np.ndarray]) -> dict[tuple, Any]:
   params = {("embed", "embedding"): t("model.embed_tokens.weight"),
             ("final_norm", "scale"): t("model.norm.weight")}
   if not c.tie_embeddings:
@@ -114,28 +135,16 @@ def _llama_params(c: TransformerConfig, t: Callable[[str], np.ndarray]) -> dict[
     layer = {
         ("attn_norm", "scale"): t(p + "input_layernorm.weight"),
         ("mlp_norm", "scale"): t(p + "post_attention_layernorm.weight"),
-        ("attn", "q_proj"): _linear(t(p + "self_attn.q_proj.weight"), n, h),
-        ("attn", "k_proj"): _linear(t(p + "self_attn.k_proj.weight"), k, h),
-        ("attn", "v_proj"): _linear(t(p + "self_attn.v_proj.weight"), k, h),
-        # o_proj [D, N*H] -> [N, H, D]
-        ("attn", "o_proj"): t(p + "self_attn.o_proj.weight").T.reshape(n, h, c.d_model),
         ("mlp", "gate"): t(p + "mlp.gate_proj.weight").T,
         ("mlp", "up"): t(p + "mlp.up_proj.weight").T,
         ("mlp", "down"): t(p + "mlp.down_proj.weight").T,
+        **_attention_params(c, t, p + "self_attn.", "o_proj"),
     }
-    if c.use_bias:
-      layer.update({
-          ("attn", "q_bias"): t(p + "self_attn.q_proj.bias").reshape(n, h),
-          ("attn", "k_bias"): t(p + "self_attn.k_proj.bias").reshape(k, h),
-          ("attn", "v_bias"): t(p + "self_attn.v_proj.bias").reshape(k, h),
-          ("attn", "o_bias"): t(p + "self_attn.o_proj.bias"),
-      })
     params.update({("layers", i) + key: value for key, value in layer.items()})
   return params
 
 
 def _opt_params(c: TransformerConfig, t: Callable[[str], np.ndarray]) -> dict[tuple, Any]:
-  n, h = c.num_heads, c.head_dim
   d = "model.decoder."
   positions = t(d + "embed_positions.weight")[_OPT_POSITION_OFFSET:]
   params = {("embed", "embedding"): t(d + "embed_tokens.weight"),
@@ -151,22 +160,13 @@ def _opt_params(c: TransformerConfig, t: Callable[[str], np.ndarray]) -> dict[tu
         ("attn_norm", "bias"): t(p + "self_attn_layer_norm.bias"),
         ("mlp_norm", "scale"): t(p + "final_layer_norm.weight"),
         ("mlp_norm", "bias"): t(p + "final_layer_norm.bias"),
-        ("attn", "q_proj"): _linear(t(p + "self_attn.q_proj.weight"), n, h),
-        ("attn", "k_proj"): _linear(t(p + "self_attn.k_proj.weight"), n, h),
-        ("attn", "v_proj"): _linear(t(p + "self_attn.v_proj.weight"), n, h),
-        ("attn", "o_proj"): t(p + "self_attn.out_proj.weight").T.reshape(n, h, c.d_model),
         ("mlp", "fc1"): t(p + "fc1.weight"),
         ("mlp", "fc2"): t(p + "fc2.weight").T,
+        **_attention_params(c, t, p + "self_attn.", "out_proj"),
     }
     if c.use_bias:
-      layer.update({
-          ("attn", "q_bias"): t(p + "self_attn.q_proj.bias").reshape(n, h),
-          ("attn", "k_bias"): t(p + "self_attn.k_proj.bias").reshape(n, h),
-          ("attn", "v_bias"): t(p + "self_attn.v_proj.bias").reshape(n, h),
-          ("attn", "o_bias"): t(p + "self_attn.out_proj.bias"),
-          ("mlp", "fc1_bias"): t(p + "fc1.bias"),
-          ("mlp", "fc2_bias"): t(p + "fc2.bias"),
-      })
+      layer.update({("mlp", "fc1_bias"): t(p + "fc1.bias"),
+                    ("mlp", "fc2_bias"): t(p + "fc2.bias")})
     params.update({("layers", i) + key: value for key, value in layer.items()})
   return params
 
