@@ -20,6 +20,8 @@ Registered backends (name -> module.function, imported lazily on first use):
                      to jax.nn.dot_product_attention(implementation="cudnn")
   jax_nn             flashjax.ops.attention.jax_nn.dot_product_attention: a pass-through to
                      jax.nn.dot_product_attention(implementation="xla")
+  partially_fused    flashjax.ops.attention.partially_fused.dot_product_attention: scores
+                     kernel + P @ V kernel (Pallas, Triton lowering; no masks but causal)
 
 "xla" stays flashjax's own XLA backend (rows without an allowed key output zeros); the two
 pass-through names run jax.nn itself, with jax.nn's semantics.
@@ -59,6 +61,7 @@ ATTENTION_BACKENDS: dict[str, tuple[str, str]] = {
     "pallas_mosaic_gpu": ("flashjax.ops.attention.pallas_mosaic_gpu", "dot_product_attention"),
     "cudnn": ("flashjax.ops.attention.jax_nn", "dot_product_attention_cudnn"),
     "jax_nn": ("flashjax.ops.attention.jax_nn", "dot_product_attention"),
+    "partially_fused": ("flashjax.ops.attention.partially_fused", "dot_product_attention"),
 }
 # Backends called with jax.nn's own arguments (query_seq_lengths, key_value_seq_lengths,
 # local_window_size) instead of having them folded into segment ids and masks.
@@ -79,6 +82,7 @@ PLATFORM_NEEDS: dict[str, tuple[str, bool]] = {
     "pallas_tpu": ("tpu", True),
     "pallas_mosaic_gpu": ("gpu_sm90", True),
     "cudnn": ("gpu", False),
+    "partially_fused": ("gpu", True),
 }
 
 logger = logging.getLogger("flashjax")
