@@ -46,6 +46,8 @@ import dataclasses
 import math
 from typing import Any
 
+import numpy as np
+
 from flashjax import benchmarking
 
 ALGORITHMS = ("naive", "partial_fused", "flash", "flash_skip")
@@ -260,3 +262,116 @@ def implementation_algorithm(implementation: str) -> str:
   if implementation in ("xla", "peer:jax_nn_xla"):
     return "naive"
   return "flash"
+
+
+# ------------------------------------------------- rule for the "partially_fused" backend
+# L2 capacity of the Hopper parts in benchmarking.DEVICE_SPECS (H100 / H200 / GH200: 50 MB,
+# NVIDIA Hopper architecture whitepaper). Kinds without an entry raise in the rule.
+L2_BYTES = {"H100": 50e6, "H200": 50e6, "GH200": 50e6}
+# Assumed fixed cost per kernel launch (not measured here): flash 1 kernel, the partially
+# fused backend 2, unfused XLA 3 (QK^T, softmax, P @ V).
+LAUNCH_MS = 0.004
+_KERNELS = {"partial_fused": 2, "flash": 1, "naive": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialFusedPrediction:
+  """Modelled forward times (ms) behind `prefer_partially_fused`; a prediction, unmeasured.
+
+  Attributes:
+    partially_fused_ms, flash_ms, naive_ms: modelled time of each algorithm.
+    scores_in_l2: whether the T x S scores of all heads fit the L2 cache.
+    kv_in_l2: whether K and V of all heads fit the L2 cache.
+  """
+
+  partially_fused_ms: float
+  flash_ms: float
+  naive_ms: float
+  scores_in_l2: bool
+  kv_in_l2: bool
+
+  @property
+  def beats_flash(self) -> bool:
+    return self.partially_fused_ms < self.flash_ms
+
+  @property
+  def beats_naive(self) -> bool:
+    return self.partially_fused_ms < self.naive_ms
+
+  @property
+  def prefer(self) -> bool:
+    """Fastest of the three."""
+    return self.beats_flash and self.beats_naive
+
+
+def predict_partially_fused(t: int, s: int, head_dim: int, dtype: Any, device_kind: str, *,
+                            batch: int = 1, num_heads: int = 1,
+                            num_kv_heads: int | None = None, block_q: int = 128,
+                            block_kv: int = 64) -> PartialFusedPrediction:
+  """Modelled forward time of the partially fused softmax vs FlashAttention vs unfused XLA.
+
+  A prediction from this module's byte / FLOP counts, not a measurement: no GPU timing of
+  the "partially_fused" backend exists yet. Per algorithm (module docstring lines
+  "partial_fused", "flash" at block_q x block_kv, "naive"):
+
+    time = max(FLOPs / matmul peak, HBM bytes / bandwidth) + kernels * LAUNCH_MS
+
+  with two cache credits, both from L2_BYTES of the device: when the scores of all heads
+  (B*N*T*S items) fit in L2, score-sized *reads* are served from L2 (writes still reach HBM):
+  "partial_fused" keeps 1 of its 3 score transfers, "naive" 2 of 4; when K and V of all heads
+  fit, FlashAttention's re-reads of K/V after the first are served from L2. float32 has no
+  matmul ceiling in benchmarking.device_ceilings, so float32 compares bytes and launches only.
+  The ceilings are benchmarking.device_ceilings(device_kind) (measured where measured).
+
+  Args:
+    t, s: query and key lengths.
+    head_dim: D.
+    dtype: input dtype (its itemsize is that of q, k, v, o and the stored scores).
+    device_kind: e.g. "NVIDIA H100 80GB HBM3" or "NVIDIA H200".
+    batch, num_heads, num_kv_heads: B, query heads N, KV heads (None: N).
+    block_q, block_kv: FlashAttention tiles compared against (pallas_triton's defaults).
+
+  Returns:
+    The PartialFusedPrediction.
+
+  Raises:
+    ValueError: a device kind without ceilings or L2 size, or bad sizes (naming them).
+  """
+  itemsize = np.dtype(dtype).itemsize
+  ceilings = benchmarking.device_ceilings(device_kind, dtype)
+  model = None if ceilings is None else ceilings["device"].split()[1]
+  if ceilings is None or model not in L2_BYTES:
+    raise ValueError(f"no ceilings / L2 size for {device_kind=}; known kinds: "
+                     f"{[spec.name for spec in benchmarking.DEVICE_SPECS]}")
+  shape = Shape(batch, t, s, num_heads, head_dim, itemsize, num_kv_heads)
+  l2 = L2_BYTES[model]
+  score_bytes = float(shape.score_bytes * batch * num_heads * t * s)
+  scores_in_l2 = score_bytes <= l2
+  kv_in_l2 = 2 * itemsize * batch * shape.kv_heads * s * head_dim <= l2
+
+  costs = {name: attention_cost(name, shape, "fwd", block_q=block_q, block_kv=block_kv)
+           for name in _KERNELS}
+  hbm = {name: cost.hbm_bytes for name, cost in costs.items()}
+  if scores_in_l2:
+    hbm["partial_fused"] -= 2 * score_bytes
+    hbm["naive"] -= 2 * score_bytes
+  if kv_in_l2:
+    passes = math.ceil(t / block_q)
+    hbm["flash"] -= (passes - 1) * 2 * itemsize * batch * num_heads * head_dim * (
+        math.ceil(s / block_kv) * block_kv)
+  peak = ceilings.get("flops_per_s")
+
+  def ms(name):
+    memory = hbm[name] / ceilings["hbm_bytes_per_s"]
+    compute = 0.0 if peak is None else costs[name].flops / peak
+    return 1e3 * max(memory, compute) + _KERNELS[name] * LAUNCH_MS
+
+  return PartialFusedPrediction(ms("partial_fused"), ms("flash"), ms("naive"), scores_in_l2,
+                                kv_in_l2)
+
+
+def prefer_partially_fused(t: int, s: int, head_dim: int, dtype: Any, device_kind: str,
+                           **sizes: Any) -> bool:
+  """Whether the "partially_fused" backend is predicted faster than both FlashAttention and
+  unfused XLA for this forward (`predict_partially_fused(...).prefer`; unmeasured)."""
+  return predict_partially_fused(t, s, head_dim, dtype, device_kind, **sizes).prefer
