@@ -2,7 +2,7 @@
 
 The "partially fused softmax" of "Speed is all you need: on-device acceleration of large
 diffusion models via GPU-aware optimizations" (Chen et al., 2023), as a flashjax backend
-(`implementation="partially_fused"`, issue #18 item 3). Instead of FlashAttention's fully
+(`implementation="partially_fused"`). Instead of FlashAttention's fully
 fused online softmax:
 
 1. Scores kernel, program (query block i, batch * query head): for each key tile j it
