@@ -52,18 +52,22 @@ run cut by a time limit loses the last entries' cases, not whole N.
 
 Variants (no GPU run of this grid exists yet: the times below are estimates):
 
-  "gpu": 10 cases on pallas_triton, dense / causal on cuDNN x {N=1024 fwd (checked), N=8192
-      fwd, N=8192 fwd_bwd} = 36 points; estimate (from the earlier grid of this study on an
-      H200, jax 0.11.2) 2.5-3.5 s per point, ~6 s of reference compiles and ~15 s of
-      start-up: about 130 s (budget 140 s in experiments/run_gpu_studies.sh). Torch SDPA and
-      FlexAttention (child processes) are left to "full".
+  "gpu": 10 cases on pallas_triton, dense / causal on cuDNN, and the flag-loop ablation
+      (pallas_triton with dispatch lists / flags on causal and longformer_window) x {N=1024
+      fwd (checked), N=8192 fwd, N=8192 fwd_bwd} = 48 points; estimate (from the earlier grid
+      of this study on an H200, jax 0.11.2) 2.5-3.5 s per point, ~6 s of reference compiles
+      and ~15 s of start-up: about 165 s, over the 140 s budget of
+      experiments/run_gpu_studies.sh: a cut run loses the last ablation points of N=8192
+      fwd_bwd first. Torch SDPA and FlexAttention (child processes) are left to "full".
   "full" (default on a GPU host): N in {256, ..., 16384} x {fwd, fwd_bwd}, checked up to N =
       2048; pallas_triton on the 10 cases, torch SDPA and cuDNN on dense / causal,
-      FlexAttention on 9 cases: 23 x 14 = 322 points; the FlexAttention children (~25 s
-      each) dominate: about an hour.
+      FlexAttention on 9 cases, the flag-loop ablation (lists / flags on causal, alpaca_full,
+      longformer_window, random_banded): 31 x 14 = 434 points; the FlexAttention children
+      (~25 s each) dominate: about an hour.
   "cpu": B=1, 2 heads, D=32, float32, 32 x 32 tiles, {N=64 fwd, N=64 fwd_bwd, N=128 fwd},
       all checked, pallas_triton in interpret mode on the 10 cases and the XLA peer on dense
-      / causal: 36 points (the numbers only show that everything runs).
+      / causal, and causal with dispatch flags (its lists side: the main causal points at
+      the same tiles): 39 points (the numbers only show that everything runs).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
       --config=configs/reproduce_binblkmsk.py:gpu --workdir=/tmp/fj_binblkmsk
@@ -73,14 +77,21 @@ The second command writes DIR/speedups.md: the paper's table, rows mask x N, col
 forward, backward and forward + backward speed-ups over the dense and the causal baseline,
 one table per (implementation, baseline implementation), with the authors' forward +
 backward speed-up beside ours (PAPER_SPEEDUPS) and the host preprocessing; then the RCM
-table (bandwidth and tile density before / after).
+table (bandwidth and tile density before / after) and the flag-loop ablation
+(`dispatch_table`: lists ms, flags ms, flags / lists per mask, N and mode).
+
+The flag-loop ablation: the paper's kernel visits every kv tile of a query block and skips
+an empty one by its flag; ours walks compacted lists of the non-empty tiles.
+`BlockSizes(dispatch="flags")` (config field `dispatch`, DISPATCH_ABLATION) runs the paper's
+form in pallas_triton's forward (a branch per tile on the BlockMask's tile kinds; the
+backward keeps the lists, so fwd_bwd points differ only in their forward). Both forms run at
+the same forward tiles (BlockSizes' 128 x 64 on GPU, the config's 32 x 32 on CPU).
 
 `--config.seq_lens="(1024, 4096)"` with `--config.modes="('fwd', 'fwd')"` and
 `--config.checks="(True, False)"` (same lengths) change the grid.
 
 Not reproduced: the paper's "dense" kernel variant (contiguous all-ones tiles handled
-apart) and the flag-loop ablation (a kernel that visits every tile and skips by a flag,
-against our compacted lists of non-empty tiles): the Pallas kernel has no such option.
+apart). No GPU numbers of the flag-loop ablation exist yet.
 """
 
 from __future__ import annotations
@@ -200,6 +211,15 @@ _RUNS = {
                   for mode in ("fwd", "fwd_bwd")),
     "cpu": ((64, "fwd", True), (64, "fwd_bwd", True), (128, "fwd", True)),
 }
+# The flag-loop ablation per variant: the cases pallas_triton also runs with an explicit
+# BlockSizes.dispatch, and the forms. "cpu" adds flags only: its main pallas_triton points
+# already run at the config's 32 x 32 tiles, so they are the lists side.
+DISPATCH_ABLATION = {
+    "gpu": (("causal", "longformer_window"), ("lists", "flags")),
+    "full": (("causal", "alpaca_full", "longformer_window", "random_banded"),
+             ("lists", "flags")),
+    "cpu": (("causal",), ("flags",)),
+}
 # Per variant, implementation -> the cases it runs (None: all).
 _IMPLEMENTATIONS = {
     "gpu": {"pallas_triton": None, _CUDNN: BASELINES},
@@ -209,29 +229,41 @@ _IMPLEMENTATIONS = {
 }
 
 VARIANTS = {
-    "gpu": common.Variant("10 mask cases on pallas_triton, dense / causal on cuDNN x {N=1024 "
-                          "fwd, N=8192 fwd, N=8192 fwd_bwd}, B=4 32 heads D=64 fp16: 36 "
-                          "points, ~130 s (estimate)"),
+    "gpu": common.Variant("10 mask cases on pallas_triton, dense / causal on cuDNN, the "
+                          "flag-loop ablation on 2 cases x {N=1024 fwd, N=8192 fwd, N=8192 "
+                          "fwd_bwd}, B=4 32 heads D=64 fp16: 48 points, ~165 s (estimate)"),
     "full": common.Variant("the paper's grid, N 256..16384 x 2 modes, pallas_triton, SDPA, "
-                           "cuDNN and FlexAttention: 322 points, ~1 h (estimate; default on a "
-                           "GPU host)"),
+                           "cuDNN and FlexAttention, the flag-loop ablation: 434 points, ~1 h "
+                           "(estimate; default on a GPU host)"),
     "cpu": common.Variant("B=1 N=2 heads D=32 float32, N = 64 and 128, pallas_triton in "
-                          "interpret mode and the XLA peer: 36 points (default on a CPU host)",
+                          "interpret mode, the XLA peer, one flags point per N: 39 points "
+                          "(default on a CPU host)",
                           cpu=True),
 }
 
 
-def _points_axis(implementations: Mapping[str, Sequence[str] | None]) -> dict[str, list]:
-  """The zipped (case fields, implementation) axis, baselines first."""
+def _points_axis(implementations: Mapping[str, Sequence[str] | None],
+                 ablation: tuple[Sequence[str], Sequence[str]] = ((), ())
+                 ) -> dict[str, list]:
+  """The zipped (case fields, implementation, dispatch) axis: baselines first, then the
+  masked cases (dispatch None: the backend's default), then the flag-loop ablation
+  (pallas_triton on ablation[0]'s cases with each BlockSizes.dispatch of ablation[1])."""
+  cases, dispatches = ablation
   pairs = []
   for impl, only in implementations.items():
     if only is not None and not set(only) <= set(CASE_NAMES):
       raise ValueError(f"{impl=}: cases {sorted(set(only) - set(CASE_NAMES))} are not in "
                        f"{CASE_NAMES}")
-    pairs += [(row, impl) for row in CASES if only is None or row[0] in only]
+    pairs += [(row, impl, None) for row in CASES if only is None or row[0] in only]
   pairs.sort(key=lambda pair: pair[0][0] not in BASELINES)  # stable: baselines first
-  axis = {f: [row[i] for row, _ in pairs] for i, f in enumerate(_CASE_FIELDS)}
-  axis["implementation"] = [impl for _, impl in pairs]
+  if not set(cases) <= set(CASE_NAMES):
+    raise ValueError(f"ablation cases {sorted(set(cases) - set(CASE_NAMES))} are not in "
+                     f"{CASE_NAMES}")
+  pairs += [(row, "pallas_triton", dispatch) for row in CASES if row[0] in cases
+            for dispatch in dispatches]
+  axis = {f: [row[i] for row, _, _ in pairs] for i, f in enumerate(_CASE_FIELDS)}
+  axis["implementation"] = [impl for _, impl, _ in pairs]
+  axis["dispatch"] = [dispatch for _, _, dispatch in pairs]
   return axis
 
 
@@ -258,9 +290,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rcm_report = True
   c.seq_lens, c.modes, c.checks = (tuple(x) for x in zip(*_RUNS[arg]))
   c.case = "dense"
+  c.dispatch = ml_collections.FieldReference(None, field_type=str)
   c.sweep = [{"q_len": c.get_ref("seq_lens"), "kv_len": c.get_ref("seq_lens"),
               "mode": c.get_ref("modes"), "check": c.get_ref("checks")},
-             _points_axis(_IMPLEMENTATIONS[arg])]
+             _points_axis(_IMPLEMENTATIONS[arg], DISPATCH_ABLATION[arg])]
   c.report = ml_collections.ConfigDict({
       "columns": ["median_ms", "roofline_ms", "block_density", "density", "block_mask_ms",
                   "useful_tflops", "max_abs_err", "within_tol"],
@@ -286,7 +319,8 @@ def speedups(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   implementation that ran the dense / causal baselines at that N.
 
   Args:
-    rows: results.jsonl rows (the latest row per point counts; only status ok).
+    rows: results.jsonl rows (the latest row per point counts; only status ok; the
+      flag-loop ablation's points, those with a dispatch, are left to `dispatch_table`).
 
   Returns:
     One dict per (implementation, baseline implementation, case, N) with block_density,
@@ -297,6 +331,8 @@ def speedups(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   extra: dict[tuple[str, str, int], dict[str, Any]] = {}
   for row in _latest_ok(rows):
     p, m = row["point"], row["metrics"]
+    if p.get("dispatch") is not None:
+      continue  # the flag-loop ablation: dispatch_table
     key = (p["implementation"], p["case"], p["q_len"])
     times.setdefault(key, {})[p["mode"]] = m["median_ms"]
     if p["mode"] == "fwd" or key not in extra:
@@ -383,6 +419,60 @@ def rcm_table(rows: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def dispatch_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """The flag-loop ablation: per (case, N, mode, forward tiles) where pallas_triton ran both
+  forward dispatch forms, the lists and flags times and flags / lists.
+
+  A row's form is the one that ran (metric fwd_dispatch); the ablation's own points (with a
+  dispatch) are preferred over the main points (dispatch None, the lists by default) of the
+  same key, so "cpu" pairs its flags points with the main lists points at the same tiles.
+
+  Args:
+    rows: results.jsonl rows (latest per point, status ok).
+
+  Returns:
+    Dicts with case, N, mode, fwd_tiles, block_density, lists_ms, flags_ms, flags_over_lists,
+    in CASE_NAMES order.
+  """
+  found: dict[tuple[Any, ...], dict[str, tuple[bool, Mapping[str, Any]]]] = {}
+  for row in _latest_ok(rows):
+    p, m = row["point"], row["metrics"]
+    form = m.get("fwd_dispatch")
+    if p["implementation"] != "pallas_triton" or form is None:
+      continue
+    key = (p["case"], p["q_len"], p["mode"], m.get("fwd_tiles"))
+    explicit = p.get("dispatch") is not None
+    seen = found.setdefault(key, {})
+    if form not in seen or explicit or not seen[form][0]:
+      seen[form] = (explicit, m)
+  order = {name: i for i, name in enumerate(CASE_NAMES)}
+  out = []
+  for key in sorted(found, key=lambda k: (order.get(k[0], len(order)), k[0], k[1], k[2])):
+    forms = found[key]
+    if set(forms) != {"lists", "flags"} or not any(e for e, _ in forms.values()):
+      continue  # both forms, at least one from the ablation
+    lists, flags = forms["lists"][1], forms["flags"][1]
+    case, n, mode, tiles = key
+    out.append({"case": case, "N": n, "mode": mode, "fwd_tiles": tiles,
+                "block_density": flags.get("block_density"), "lists_ms": lists["median_ms"],
+                "flags_ms": flags["median_ms"],
+                "flags_over_lists": flags["median_ms"] / lists["median_ms"]})
+  return out
+
+
+def dispatch_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Markdown of `dispatch_rows`: the paper's flag loop against our compacted lists."""
+  lines = ["## Flag-loop ablation: pallas_triton forward, every kv tile (flags) vs the "
+           "compacted lists", "",
+           "| mask | N | mode | tiles | block density | lists ms | flags ms | flags / lists |",
+           "|---" * 8 + "|"]
+  for e in dispatch_rows(rows):
+    lines.append(f"| {e['case']} | {e['N']} | {e['mode']} | {e['fwd_tiles']} | "
+                 f"{_cell(e['block_density'], '.3f')} | {_cell(e['lists_ms'], '.3f')} | "
+                 f"{_cell(e['flags_ms'], '.3f')} | {_cell(e['flags_over_lists'])} |")
+  return "\n".join(lines) + "\n"
+
+
 def write_speedups(workdir: str) -> str:
   """Writes DIR/speedups.md from DIR/results.jsonl and returns its text."""
   rows = []
@@ -396,7 +486,7 @@ def write_speedups(workdir: str) -> str:
           "paper fwd+bwd: the authors' published forward + backward speed-up of binary block "
           "masking over their FlashAttention baseline (configs/reproduce_binblkmsk.py, "
           "PAPER_SPEEDUPS), against the mask named.\n\n"
-          + speedup_table(rows) + "\n" + rcm_table(rows))
+          + speedup_table(rows) + "\n" + rcm_table(rows) + "\n" + dispatch_table(rows))
   with open(os.path.join(workdir, SPEEDUP_FILE), "w") as f:
     f.write(text)
   return text

@@ -8,6 +8,10 @@ Config fields read by `run_point` (configs/quickstart.py sets all of them):
   batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, dtype
   block_q, block_kv  tiles of the Pallas backends (also the tiles of the reported block
                    density); None: the backend's defaults (block density then at 128 x 64)
+  dispatch         optional: BlockSizes.dispatch, pallas_triton's forward dispatch ("lists"
+                   or "flags", the binary block masking paper's flag loop); None or absent:
+                   the backend's default. Set without block_q / block_kv it fixes the tiles
+                   at BlockSizes' 128 x 64 (the rows record fwd_dispatch and fwd_tiles)
   mode             "fwd" or "fwd_bwd" (gradients of q, k, v)
   timing           "wall" (time_fn), "loop" (time_in_loop: device time) or "both" (loop
                    timing as median_ms etc., the wall timing beside it as wall_median_ms etc.)
@@ -35,7 +39,8 @@ the row records `check` ("all rows", "subset" or "skipped: <reason>"), `check_ba
 `check_q_chunk`, `check_call_gb` and `check_budget_gb`. `timing_method` names the timer of
 median_ms ("loop": device time, "wall", or the torch child's "cuda_events"). A flashjax row
 records the kernel that ran (`kernel_fields`: backend, fwd_tiles, dq_tiles / dkdv_tiles /
-bwd_backend for fwd_bwd, tiles_from, plan_tiles, kernel_params). The point
+bwd_backend for fwd_bwd, tiles_from, plan_tiles, kernel_params; fwd_dispatch for
+pallas_triton). The point
 reports time, useful TFLOP/s (4*N*D per allowed pair), mask density and block density (at
 the forward tiles that ran), the host preprocessing apart from the kernel time
 (`mask_build_ms`: the mask family's constructor; flashjax rows also `block_mask_ms`: mask
@@ -142,11 +147,12 @@ def interpret_mode(config: ml_collections.ConfigDict) -> bool:
 
 
 def _block_sizes(config: ml_collections.ConfigDict) -> BlockSizes | None:
-  if config.block_q is None and config.block_kv is None:
+  dispatch = config.get("dispatch", None)
+  if config.block_q is None and config.block_kv is None and dispatch is None:
     return None
   defaults = BlockSizes()
   return BlockSizes(block_q=config.block_q or defaults.block_q,
-                    block_kv=config.block_kv or defaults.block_kv)
+                    block_kv=config.block_kv or defaults.block_kv, dispatch=dispatch)
 
 
 def _tiles(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -186,7 +192,8 @@ _BWD_MASKS = {"pallas_triton": ("fwd_mask", "bwd_mask"),
               "pallas_mosaic_gpu": ("dq_mask", "dkdv_mask"),
               "pallas_tpu": ("bwd_mask", "bwd_mask")}
 # Fields of a plan's parameter dataclasses that are not launch parameters.
-_NOT_LAUNCH = frozenset({"scale", "soft_cap", "interpret", "q_len", "kv_len"})
+_NOT_LAUNCH = frozenset({"scale", "soft_cap", "interpret", "q_len", "kv_len",
+                         "fwd_dispatch"})
 
 
 def _tiles_of(bm: masks.BlockMask) -> str:
@@ -218,7 +225,8 @@ def kernel_fields(config: ml_collections.ConfigDict, mask: Any,
   Returns:
     backend; for Pallas backends also fwd_tiles ("block_q x block_kv"), tiles_from
     ("config", "block_mask", "tuning_store" or "backend_default"), kernel_params (launch
-    parameters of the plan) and plan_tiles (every BlockMask of the plan); for fwd_bwd
+    parameters of the plan), plan_tiles (every BlockMask of the plan) and, for
+    pallas_triton, fwd_dispatch (BlockSizes.dispatch as resolved: lists or flags); for fwd_bwd
     dq_tiles, dkdv_tiles and bwd_backend (whose backward kernels run).
   """
   q, k, v = inputs[:3]
@@ -240,6 +248,8 @@ def kernel_fields(config: ml_collections.ConfigDict, mask: Any,
     tuned = tuning_store.tuned_block_sizes(name, q, k, mask=mask,
                                            interpret=kwargs["interpret"])
     fields["tiles_from"] = "backend_default" if tuned is None else "tuning_store"
+  if name == "pallas_triton":  # the forward's dispatch form (lists or flags)
+    fields["fwd_dispatch"] = parts["params"].fwd_dispatch
   fields["plan_tiles"] = {field: _tiles_of(value) for field, value in parts.items()
                           if isinstance(value, masks.BlockMask)}
   fields["kernel_params"] = {field: _launch_params(value) for field, value in parts.items()

@@ -33,7 +33,7 @@ _STUDIES = {"ablate_block_size": ablate_block_size, "ablate_mask_density": ablat
 _SCRIPT = os.path.join(_REPO, "experiments", "run_gpu_studies.sh")
 # Points of each study's "gpu" grid (the configs' docstrings estimate their time from these).
 _GPU_POINTS = {"ablate_block_size": 32, "ablate_mask_density": 34, "ablate_batch_size": 24,
-               "reproduce_binblkmsk": 36}
+               "reproduce_binblkmsk": 48}
 
 
 def _launch_cmd(study, workdir, *overrides):
@@ -228,7 +228,7 @@ class ConfigTest(parameterized.TestCase):
                      (0.5, 0.3, 2e-4))
     self.assertTrue(config.rcm_report)
     points = launch.expand_sweep(config.sweep)
-    self.assertLen(points, 14 * 23)
+    self.assertLen(points, 14 * 31)  # 23 cases x implementations, 8 flag-loop ablation
     by_impl = {}
     for p in points:
       by_impl.setdefault(p["implementation"], set()).add(p["case"])
@@ -374,12 +374,12 @@ class LauncherTest(absltest.TestCase):
       proc.send_signal(signal.SIGKILL)
       proc.wait()
     killed_at = len(_rows(self.workdir))
-    self.assertBetween(killed_at, 3, 23)
+    self.assertBetween(killed_at, 3, 25)
     rows = self._run("reproduce_binblkmsk", *one_length)
     keys = [r["key"] for r in rows]
-    self.assertLen(set(keys), 24)
-    self.assertLen(keys, 24)  # no finished point ran twice
-    self._assert_ok(rows, 24)
+    self.assertLen(set(keys), 26)
+    self.assertLen(keys, 26)  # no finished point ran twice
+    self._assert_ok(rows, 26)
     statuses = {(r["point"]["implementation"], r["point"]["case"], r["status"]) for r in rows}
     self.assertNotIn("unsupported", {s for impl, _, s in statuses if impl == "pallas_triton"},
                      statuses)
@@ -400,11 +400,17 @@ class LauncherTest(absltest.TestCase):
       self.assertNotIn("-", fwd_dense + fwd_causal)
     self.assertIn("## pallas_triton vs FlashAttention baselines on peer:jax_nn_xla", text)
     self.assertIn("| random_banded | 64 |", text.split("Reverse Cuthill-McKee")[1])
+    # The flag-loop ablation: flags points beside the main (lists) causal points.
+    flags = [r for r in rows if r["point"]["dispatch"] == "flags"]
+    self.assertEqual({r["metrics"]["fwd_dispatch"] for r in flags}, {"flags"})
+    ablation = text.split("Flag-loop ablation")[1]
+    for mode in ("fwd", "fwd_bwd"):
+      self.assertIn(f"| causal | 64 | {mode} | 32x32 |", ablation)
 
   def test_reproduction_cpu_variant_is_quick(self):
     start = time.monotonic()
     rows = self._run("reproduce_binblkmsk")
-    self._assert_ok(rows, 36)
+    self._assert_ok(rows, 39)
     self.assertLess(time.monotonic() - start, 120)  # ~35-50 s on 2 cores; a loaded host
 
 class ScriptTest(absltest.TestCase):

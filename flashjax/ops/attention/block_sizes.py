@@ -11,6 +11,9 @@ import dataclasses
 
 from flashjax.ops.tiling import is_pow2, pow2_ceil
 
+# Forward dispatch forms of the pallas_triton kernel (`BlockSizes.dispatch`).
+DISPATCHES = ("lists", "flags")
+
 
 def padded_head_dim(head_dim: int) -> int:
   """D as the Pallas attention kernels pad it: the next power of two, at least 16."""
@@ -37,6 +40,11 @@ class BlockSizes:
     persistent: Mosaic GPU forward: one program per SM looping over work items ordered by
       their number of non-empty blocks (True), one program per work item (False), or None
       for the backend default. Other backends ignore it.
+    dispatch: pallas_triton forward: how a query block finds its kv tiles. "lists" (the
+      backend default, None): loop over the BlockMask's compacted list of non-empty tiles;
+      "flags": the binary block masking paper's form, loop over every kv tile and skip the
+      EMPTY ones by their kind flag (an ablation). The backward kernels always use the lists.
+      Other backends ignore it.
   """
 
   block_q: int = 128
@@ -46,6 +54,7 @@ class BlockSizes:
   num_warps: int | None = None
   num_stages: int | None = None
   persistent: bool | None = None
+  dispatch: str | None = None
 
   def __post_init__(self):
     for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
@@ -60,6 +69,9 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{name}={value!r} must be a positive int or None")
     if self.persistent is not None and not isinstance(self.persistent, bool):
       raise ValueError(f"BlockSizes.persistent={self.persistent!r} must be a bool or None")
+    if self.dispatch is not None and self.dispatch not in DISPATCHES:
+      raise ValueError(f"BlockSizes.dispatch={self.dispatch!r} must be one of {DISPATCHES} "
+                       "or None")
 
   @property
   def bwd_q(self) -> int:

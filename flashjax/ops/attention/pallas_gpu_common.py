@@ -1,7 +1,7 @@
 """What the two Pallas GPU attention backends (Triton and Mosaic GPU) share.
 
 Both consume the same BlockMask operands (`MaskLayout`, `mask_operands` with the FULL slots
-of every list first), the same zero-padding of [B, L, N, D] inputs (`pad_to`, `pad_rows`),
+of every list first; `flag_operands` for pallas_triton's flag-loop forward ablation), the same zero-padding of [B, L, N, D] inputs (`pad_to`, `pad_rows`),
 the same capability and BlockMask checks (`check_supported`, `check_block_mask`) and the
 same construction of the forward / backward BlockMasks (`block_masks`). The Triton kernels' static parameters
 (`TritonParams`, with per-kernel `LaunchParams` from `launch_params`) live here too, because
@@ -21,9 +21,10 @@ from jax.experimental.pallas import triton as plt
 import jax.numpy as jnp
 
 from flashjax.masks import builders
+from flashjax.masks import block_mask as block_mask_lib
 from flashjax.masks.block_mask import FULL, PARTIAL, BlockMask
 from flashjax.masks.rule import Band
-from flashjax.ops.attention.block_sizes import BlockSizes, padded_head_dim
+from flashjax.ops.attention.block_sizes import DISPATCHES, BlockSizes, padded_head_dim
 
 LOG2E = math.log2(math.e)
 MAX_HEAD_DIM = 256
@@ -65,7 +66,12 @@ def launch_params(sizes: BlockSizes, head_dim: int, dkdv_tile: tuple[int, int]
 
 @dataclasses.dataclass(frozen=True)
 class TritonParams:
-  """Static (hashable) parameters of the Triton kernels (forward, dQ, dK/dV)."""
+  """Static (hashable) parameters of the Triton kernels (forward, dQ, dK/dV).
+
+  fwd_dispatch: how the forward kernel finds its kv tiles, "lists" (compacted lists of
+  non-empty tiles) or "flags" (every kv tile, EMPTY ones skipped by their kind); from
+  `BlockSizes.dispatch` (`fwd_dispatch`). The dQ and dK/dV kernels always walk the lists.
+  """
 
   scale: float
   soft_cap: float | None
@@ -73,6 +79,17 @@ class TritonParams:
   fwd_launch: LaunchParams = LaunchParams()
   dq_launch: LaunchParams = LaunchParams()
   dkdv_launch: LaunchParams = LaunchParams()
+  fwd_dispatch: str = "lists"
+
+  def __post_init__(self):
+    if self.fwd_dispatch not in DISPATCHES:
+      raise ValueError(f"TritonParams.fwd_dispatch={self.fwd_dispatch!r} must be one of "
+                       f"{DISPATCHES}")
+
+
+def fwd_dispatch(sizes: BlockSizes) -> str:
+  """The forward dispatch form of `sizes` ("lists" unless BlockSizes.dispatch says "flags")."""
+  return sizes.dispatch or "lists"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +171,25 @@ def mask_operands(bm: BlockMask, layout: MaskLayout, *, backward: bool, q_pad: i
     ops = [count, block]
   if layout.has_tiles:
     ops.append(tile)
+  return ops + _element_operands(bm, layout, q_pad=q_pad, kv_pad=kv_pad)
+
+
+def flag_operands(bm: BlockMask, layout: MaskLayout, *, q_pad: int, kv_pad: int
+                  ) -> list[jax.Array]:
+  """Operands of the flag-loop forward (pallas_triton's dispatch="flags"): the tile kinds
+  [Bm, Nm, nq, nk] int32 (EMPTY / PARTIAL / FULL per tile, no lists), the stored-tile index
+  of every grid tile [Bm, Nm, nq, nk] int32 (only with stored tiles), then the element-mask
+  parts in `mask_operands`' order (segment ids, prefix flags, stored tiles)."""
+  ops = [jnp.asarray(bm.kinds, jnp.int32)]
+  if layout.has_tiles:
+    ops.append(block_mask_lib.tile_grid(bm, jnp))
+  return ops + _element_operands(bm, layout, q_pad=q_pad, kv_pad=kv_pad)
+
+
+def _element_operands(bm: BlockMask, layout: MaskLayout, *, q_pad: int, kv_pad: int
+                      ) -> list[jax.Array]:
+  """q / kv segment ids, prefix flags and stored tiles (absent parts skipped)."""
+  ops = []
   pad_seq = lambda x, n, dtype: jnp.pad(jnp.asarray(x, dtype), ((0, 0), (0, n - x.shape[1])))
   if layout.has_segments:
     ops.append(pad_seq(bm.rule.q_segment_ids, q_pad, jnp.int32))

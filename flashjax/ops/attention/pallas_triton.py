@@ -21,6 +21,12 @@ Design (ideas 1 and 2 of docs/architecture.md, "Design"):
   which would stop Triton from software-pipelining the K/V loads. When a BlockMask can have no
   PARTIAL masking at all (no rule, no tiles, lengths that are block multiples) only the FULL
   loop is emitted and the lists are not reordered.
+* Ablation (`BlockSizes(dispatch="flags")`, forward only; default "lists"): the binary block
+  masking paper's dispatch. The forward program loops over all nk kv tiles, reads each tile's
+  kind from the BlockMask's [Bm, Nm, nq, nk] `kinds` (`pallas_gpu_common.flag_operands`) and
+  branches (`lax.cond`, `_flag_loop`): EMPTY skipped, FULL unmasked, PARTIAL masked as above.
+  The dQ and dK/dV kernels keep the lists. docs/studies.md (the binary block masking
+  reproduction) describes the ablation.
 * Softmax statistics are float32 and base 2: logits are multiplied by log2(e) so the kernels use
   exp2, and the saved statistic is lse2 = max + log2(sum) per row. A row without an allowed key
   gets output 0 and lse2 = +inf, so the backward recomputes P = exp2(s - lse2) = 0 and its
@@ -66,13 +72,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-from flashjax.masks.block_mask import BlockMask
+from flashjax.masks.block_mask import EMPTY, FULL, BlockMask
 from flashjax.masks.rule import element_mask
 from flashjax.ops.attention import base
 from flashjax.ops.attention import pallas_gpu_common as gpu_common
 from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.pallas_gpu_common import (LOG2E, MaskLayout, TritonParams,
-                                                      mask_operands, pad_rows, pad_to)
+                                                      flag_operands, mask_operands, pad_rows,
+                                                      pad_to)
 from flashjax.ops.attention.tuning import store as tuning_store
 from flashjax.ops.tiling import pow2_ceil
 
@@ -121,26 +128,33 @@ def search_space(head_dim: int) -> list[BlockSizes]:
 
 
 class _MaskRefs(NamedTuple):
-  """Kernel refs of one direction's block lists and of the element-mask parts."""
+  """Kernel refs of one direction's block lists (or, for the flag-loop forward, of the tile
+  kinds) and of the element-mask parts."""
 
-  count: Any            # [Bm, Nm, n_outer] int32
-  block: Any            # [Bm, Nm, n_outer, L] int32, FULL slots first (`full_first`)
+  count: Any = None     # [Bm, Nm, n_outer] int32 (lists)
+  block: Any = None     # [Bm, Nm, n_outer, L] int32, FULL slots first (`full_first`)
   n_full: Any = None    # [Bm, Nm, n_outer] int32 (only if some tile can be partial)
-  tile: Any = None      # [Bm, Nm, n_outer, L] int32 (only with stored tiles)
+  tile: Any = None      # lists: [Bm, Nm, n_outer, L] int32, flags: [Bm, Nm, nq, nk] int32
+                        # (only with stored tiles)
+  kinds: Any = None     # [Bm, Nm, nq, nk] int32 EMPTY / PARTIAL / FULL (flags only)
   q_seg: Any = None     # [B|1, T_pad] int32
   kv_seg: Any = None    # [B|1, S_pad] int32
   prefix: Any = None    # [B|1, S_pad] int8
   tiles: Any = None     # [n_tiles, block_q, block_kv] int8
 
 
-def _unpack_mask_refs(layout: MaskLayout, refs) -> _MaskRefs:
+def _unpack_mask_refs(layout: MaskLayout, refs, *, flags: bool = False) -> _MaskRefs:
+  """Refs in the order of `mask_operands` (flags=False) or `flag_operands` (flags=True)."""
   it = iter(refs)
   take = lambda present: next(it) if present else None
+  if flags:
+    head = dict(kinds=next(it), tile=take(layout.has_tiles))
+  else:
+    head = dict(count=next(it), block=next(it), n_full=take(layout.has_partial),
+                tile=take(layout.has_tiles))
   return _MaskRefs(
-      count=next(it), block=next(it), n_full=take(layout.has_partial),
-      tile=take(layout.has_tiles), q_seg=take(layout.has_segments),
-      kv_seg=take(layout.has_segments), prefix=take(layout.has_prefix),
-      tiles=take(layout.has_tiles))
+      **head, q_seg=take(layout.has_segments), kv_seg=take(layout.has_segments),
+      prefix=take(layout.has_prefix), tiles=take(layout.has_tiles))
 
 
 def _tile_mask(layout: MaskLayout, refs: _MaskRefs, batch, list_index, q_start, kv_start):
@@ -190,6 +204,30 @@ def _full_then_partial(layout: MaskLayout, refs: _MaskRefs, index, body, carry):
   return lax.fori_loop(n_full, count, functools.partial(body, partial=True), carry)
 
 
+def _flag_loop(layout: MaskLayout, refs: _MaskRefs, index, num_tiles: int, step, carry):
+  """The binary block masking paper's dispatch (`dispatch="flags"`, forward only): visits
+  every kv tile 0..num_tiles-1 of row `index` (mask batch, mask head, query block), reads its
+  kind and branches: EMPTY tiles are skipped (nothing loaded), FULL ones run
+  `step(carry, j, list_index, partial=False)`, PARTIAL ones `partial=True`, the element mask
+  applied exactly as in the list form (`list_index` (*index, j) reads the stored-tile grid).
+  Without PARTIAL masking in the layout every non-EMPTY tile runs as FULL, as the lists do.
+
+  The FULL branch keeps no -inf guard although a PARTIAL tile may come first here: a FULL
+  tile makes every row max finite, and exp2(-inf - finite) = 0 rescales the empty
+  accumulator, so the order of the kinds does not matter.
+  """
+  def body(j, carry):
+    kind = refs.kinds[(*index, j)]
+    visit = lambda partial: lambda c: step(c, j, (*index, j), partial=partial)
+    skip = lambda c: c
+    if not layout.has_partial:
+      return lax.cond(kind == EMPTY, skip, visit(False), carry)
+    return lax.cond(kind == EMPTY, skip,
+                    lambda c: lax.cond(kind == FULL, visit(False), visit(True), c), carry)
+
+  return lax.fori_loop(0, num_tiles, body, carry)
+
+
 def _dot(a, b, contract: tuple[int, int]):
   """2-D matmul contracting a's axis contract[0] with b's axis contract[1], f32 result.
 
@@ -233,14 +271,17 @@ def _head_spec(rows: int, head_dim: int, num_heads: int, *, group: int = 1,
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout: MaskLayout, params: TritonParams,
-                    num_heads: int):
-  """One query block of one (batch, query head): online softmax over its kv block list.
+                    num_heads: int, num_kv_tiles: int):
+  """One query block of one (batch, query head): online softmax over its kv block list
+  (params.fwd_dispatch "lists"), or over all num_kv_tiles kv tiles, EMPTY ones skipped by
+  their kind ("flags", `_flag_loop`).
 
-  Refs: q [bq, Dp], k/v [S_pad, Dp] (the kv head of this query head), mask operands, then
-  outputs o [bq, Dp] and lse2 [bq].
+  Refs: q [bq, Dp], k/v [S_pad, Dp] (the kv head of this query head), mask operands
+  (`mask_operands` or `flag_operands`), then outputs o [bq, Dp] and lse2 [bq].
   """
   *mask_refs, o_ref, lse_ref = refs
-  m = _unpack_mask_refs(layout, mask_refs)
+  flags = params.fwd_dispatch == "flags"
+  m = _unpack_mask_refs(layout, mask_refs, flags=flags)
   qi, bh = pl.program_id(0), pl.program_id(1)
   batch, head = _split_bh(bh, num_heads)
   mb, mh = _mask_batch_head(layout, batch, head)
@@ -248,13 +289,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout: MaskLayout, params: Trit
   q = q_ref[...]
   q_start = qi * bq
 
-  def body(slot, carry, *, partial):
+  def step(carry, kv_block, list_index, *, partial):
     acc, row_max, row_sum = carry
-    kv_start = pl.multiple_of(m.block[mb, mh, qi, slot] * bk, bk)
+    kv_start = pl.multiple_of(kv_block * bk, bk)
     k = k_ref[pl.ds(kv_start, bk), :]
     s, _ = _logits(q, k, params)
-    s = _mask_logits(s, layout, m, batch, (mb, mh, qi, slot), q_start, kv_start,
-                     partial=partial)
+    s = _mask_logits(s, layout, m, batch, list_index, q_start, kv_start, partial=partial)
     new_max = jnp.maximum(row_max, s.max(axis=1))
     shift = new_max
     if partial:
@@ -269,7 +309,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout: MaskLayout, params: Trit
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
-  acc, row_max, row_sum = _full_then_partial(layout, m, (mb, mh, qi), body, init)
+  if flags:
+    acc, row_max, row_sum = _flag_loop(layout, m, (mb, mh, qi), num_kv_tiles, step, init)
+  else:
+    def body(slot, carry, *, partial):
+      return step(carry, m.block[mb, mh, qi, slot], (mb, mh, qi, slot), partial=partial)
+
+    acc, row_max, row_sum = _full_then_partial(layout, m, (mb, mh, qi), body, init)
   empty = row_sum == 0.0
   o_ref[...] = (acc / jnp.where(empty, 1.0, row_sum)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log2(row_sum))
@@ -292,11 +338,14 @@ def _forward(q, k, v, bm: BlockMask, params: TritonParams):
   (batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, group, layout, bq, bk, q_pad, kv_pad,
    dp) = gpu_common.tiling(q, k, bm)
   nq, nk = q_pad // bq, kv_pad // bk
-  mask_ops = mask_operands(bm, layout, backward=False, q_pad=q_pad, kv_pad=kv_pad)
+  if params.fwd_dispatch == "flags":
+    mask_ops = flag_operands(bm, layout, q_pad=q_pad, kv_pad=kv_pad)
+  else:
+    mask_ops = mask_operands(bm, layout, backward=False, q_pad=q_pad, kv_pad=kv_pad)
   q_spec = _head_spec(bq, dp, num_heads)
   kv_spec = _head_spec(nk * bk, dp, num_heads, group=group, tiled=False)
   kernel = functools.partial(_forward_kernel, layout=layout, params=params,
-                             num_heads=num_heads)
+                             num_heads=num_heads, num_kv_tiles=nk)
   out, lse = pl.pallas_call(
       kernel,
       grid=(nq, batch * num_heads),
@@ -569,7 +618,8 @@ class PallasTriton(base.BlockSparseBackend):
         sizes, args.head_dim, (bwd_mask.block_q, bwd_mask.block_kv))
     params = TritonParams(scale=float(args.scale), soft_cap=args.logits_soft_cap,
                           interpret=bool(args.interpret), fwd_launch=fwd_launch,
-                          dq_launch=dq_launch, dkdv_launch=dkdv_launch)
+                          dq_launch=dq_launch, dkdv_launch=dkdv_launch,
+                          fwd_dispatch=gpu_common.fwd_dispatch(sizes))
     return _Plan(fwd_mask, bwd_mask, params)
 
   def kernel(self, query, key, value, plan):
