@@ -6,7 +6,8 @@
 #
 #   experiments/run_gpu_suites.sh OUT_DIR [FILE:SECONDS ...]
 #
-# Run it from the repository root. Without FILE arguments it runs every GPU suite with the
+# Run it from the repository root. PYTEST_ADDOPTS="-n 8" runs each file's tests in parallel
+# processes (pytest-xdist; the suites are compile-bound), at a start-up cost of ~10-30 s a file. Without FILE arguments it runs every GPU suite with the
 # budgets below (about 9 minutes in all, not yet measured as a whole).
 set -u
 out=${1:?usage: $0 OUT_DIR [FILE:SECONDS ...]}
