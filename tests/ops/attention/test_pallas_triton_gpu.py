@@ -16,24 +16,15 @@ import pytest
 from flashjax import benchmarking
 from flashjax.ops.attention import pallas_triton
 from flashjax.ops.attention import reference
+from tests.ops.attention import gpu_inputs
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"),
 ]
 
-# Tolerances on max|err| / max(1, max|ref|), by input dtype: (output, gradients).
-_TOLERANCE = {jnp.float32: (2e-5, 1e-4), jnp.bfloat16: (2e-2, 3e-2),
-              jnp.float16: (5e-3, 1e-2)}
-
-
-def _inputs(seed, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, dtype):
-  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-  q = jax.random.normal(keys[0], (batch, q_len, num_heads, head_dim), dtype)
-  k = jax.random.normal(keys[1], (batch, kv_len, num_kv_heads, head_dim), dtype)
-  v = jax.random.normal(keys[2], (batch, kv_len, num_kv_heads, head_dim), dtype)
-  do = jax.random.normal(keys[3], q.shape, dtype)
-  return q, k, v, do
+_TOLERANCE = gpu_inputs.TOLERANCE
+_inputs = gpu_inputs.random_qkv_do
 
 
 def _assert_close(actual, expected, tol, name):
