@@ -6,11 +6,11 @@
 #
 #   experiments/run_gpu_suites.sh OUT_DIR [FILE:SECONDS ...]
 #
-# Run it from the repository root. PYTEST_ADDOPTS="-n 8" runs each file's tests in parallel
-# processes (pytest-xdist; the suites are compile-bound), at a start-up cost of ~10-30 s a file. Without FILE arguments it runs every GPU suite with the
+# Run it from the repository root. Without FILE arguments it runs every GPU suite with the
 # budgets below (at most about 16 minutes in all: split the files over two device calls, or
-# use the xdist option below; on an H100 with 8 xdist workers ~140 of the Mosaic file's 199
-# tests ran in 110 s).
+# run each file's tests in parallel processes with PYTEST_ADDOPTS="-n 8" (pytest-xdist; the
+# suites are compile-bound; ~10-30 s of start-up a file). On an H100 with 8 xdist workers
+# ~140 of the Mosaic file's 199 tests ran in 110 s.
 set -u
 out=${1:?usage: $0 OUT_DIR [FILE:SECONDS ...]}
 shift
