@@ -10,7 +10,8 @@
 # budgets below (at most about 16 minutes in all: split the files over two device calls, or
 # run each file's tests in parallel processes with PYTEST_ADDOPTS="-n 8" (pytest-xdist; the
 # suites are compile-bound; ~10-30 s of start-up a file). On an H100 with 8 xdist workers
-# ~140 of the Mosaic file's 199 tests ran in 110 s.
+# ~140 of the Mosaic file's 199 tests ran in 110 s (pytest-xdist and execnet were installed there
+# from wheels carried with the tree: the machine had none).
 set -u
 out=${1:?usage: $0 OUT_DIR [FILE:SECONDS ...]}
 shift
