@@ -435,18 +435,21 @@ def _forward(q, k, v, bm: BlockMask, config: MosaicParams):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _attention(q, k, v, fwd_mask: BlockMask, dq_mask: BlockMask, dkdv_mask: BlockMask,
                config: MosaicParams, bwd_params: Any):
+  """(out, lse2) of the forward kernel; differentiable through `out` only (lse2 is a
+  statistic: return_residual stops its gradient, `kernel` drops it)."""
   del dq_mask, dkdv_mask, bwd_params
-  return _forward(q, k, v, fwd_mask, config)[0]
+  return _forward(q, k, v, fwd_mask, config)
 
 
 def _attention_fwd(q, k, v, fwd_mask, dq_mask, dkdv_mask, config, bwd_params):
   del bwd_params
   out, lse = _forward(q, k, v, fwd_mask, config)
-  return out, (q, k, v, out, lse, dq_mask, dkdv_mask)
+  return (out, lse), (q, k, v, out, lse, dq_mask, dkdv_mask)
 
 
-def _attention_bwd(config, bwd_params, residuals, do):
+def _attention_bwd(config, bwd_params, residuals, cotangents):
   del config
+  do = cotangents[0]
   q, k, v, out, lse, dq_mask, dkdv_mask = residuals
   if isinstance(bwd_params, MosaicParams):
     grads = pallas_mosaic_gpu_vjp.backward(q, k, v, out, lse, do, dq_mask, dkdv_mask, bwd_params)
@@ -457,27 +460,6 @@ def _attention_bwd(config, bwd_params, residuals, do):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _attention_lse(q, k, v, fwd_mask: BlockMask, dq_mask: BlockMask, dkdv_mask: BlockMask,
-                   config: MosaicParams, bwd_params: Any):
-  """(out, lse2) of the forward kernel; differentiable through `out` only (the caller stops
-  lse2's gradient: return_residual's contract)."""
-  del dq_mask, dkdv_mask, bwd_params
-  return _forward(q, k, v, fwd_mask, config)
-
-
-def _attention_lse_fwd(q, k, v, fwd_mask, dq_mask, dkdv_mask, config, bwd_params):
-  out, residuals = _attention_fwd(q, k, v, fwd_mask, dq_mask, dkdv_mask, config, bwd_params)
-  return (out, residuals[4]), residuals
-
-
-def _attention_lse_bwd(config, bwd_params, residuals, cotangents):
-  return _attention_bwd(config, bwd_params, residuals, cotangents[0])
-
-
-_attention_lse.defvjp(_attention_lse_fwd, _attention_lse_bwd)
 
 
 # -------------------------------------------------------------------------- entry point
@@ -609,12 +591,11 @@ class PallasMosaicGpu(base.BlockSparseBackend):
     return _Plan(fwd_mask, dq_mask, dkdv_mask, config, bwd_params)
 
   def kernel(self, query, key, value, plan):
-    return _attention(query, key, value, plan.fwd_mask, plan.dq_mask, plan.dkdv_mask,
-                      plan.config, plan.bwd_params)
+    return self.kernel_with_lse(query, key, value, plan)[0]
 
   def kernel_with_lse(self, query, key, value, plan):
-    return _attention_lse(query, key, value, plan.fwd_mask, plan.dq_mask, plan.dkdv_mask,
-                          plan.config, plan.bwd_params)
+    return _attention(query, key, value, plan.fwd_mask, plan.dq_mask, plan.dkdv_mask,
+                      plan.config, plan.bwd_params)
 
 
 dot_product_attention = PallasMosaicGpu()

@@ -517,12 +517,18 @@ def _dq(q, k, v, do, lse, delta, bm: BlockMask, params: TritonParams):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, fwd_mask: BlockMask, bwd_mask: BlockMask, params: TritonParams):
-  return _forward(q, k, v, fwd_mask, params)[0]
+  """(out, lse2) of the forward kernel; differentiable in q, k, v through `out` only (lse2
+  is a statistic: return_residual stops its gradient, `kernel` drops it)."""
+  return _forward(q, k, v, fwd_mask, params)
 
 
 def _attention_fwd(q, k, v, fwd_mask, bwd_mask, params):
   out, lse = _forward(q, k, v, fwd_mask, params)
-  return out, (q, k, v, out, lse, fwd_mask, bwd_mask)
+  return (out, lse), (q, k, v, out, lse, fwd_mask, bwd_mask)
+
+
+def _attention_bwd(params, residuals, cotangents):
+  return backward(params, residuals, cotangents[0])
 
 
 def backward(params: TritonParams, residuals, do):
@@ -535,32 +541,20 @@ def backward(params: TritonParams, residuals, do):
   # Delta = rowsum(dO * O) [B * Nq, T]: elementwise in f32 (no TF32 matmul).
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   delta = delta.transpose(0, 2, 1).reshape(batch * num_heads, q_len)
+  return _grads(q, k, v, do, lse, delta, fwd_mask, bwd_mask, params) + (None, None)
+
+
+def _grads(q, k, v, do, lse2, delta, fwd_mask: BlockMask, bwd_mask: BlockMask,
+           params: TritonParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """dQ (fwd_mask's forward lists) and dK, dV (bwd_mask's backward lists) from the rows'
+  lse2 and delta [B * Nq, T] float32."""
   do = do.astype(q.dtype)
-  dk, dv = _dkdv(q, k, v, do, lse, delta, bwd_mask, params)
-  dq = _dq(q, k, v, do, lse, delta, fwd_mask, params)
-  return dq, dk, dv, None, None
+  dk, dv = _dkdv(q, k, v, do, lse2, delta, bwd_mask, params)
+  dq = _dq(q, k, v, do, lse2, delta, fwd_mask, params)
+  return dq, dk, dv
 
 
-_attention.defvjp(_attention_fwd, backward)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention_lse(q, k, v, fwd_mask: BlockMask, bwd_mask: BlockMask, params: TritonParams):
-  """(out, lse2) of the forward kernel; differentiable in q, k, v through `out` only (the
-  caller stops lse2's gradient: return_residual's contract)."""
-  return _forward(q, k, v, fwd_mask, params)
-
-
-def _attention_lse_fwd(q, k, v, fwd_mask, bwd_mask, params):
-  out, lse = _forward(q, k, v, fwd_mask, params)
-  return (out, lse), (q, k, v, out, lse, fwd_mask, bwd_mask)
-
-
-def _attention_lse_bwd(params, residuals, cotangents):
-  return backward(params, residuals, cotangents[0])
-
-
-_attention_lse.defvjp(_attention_lse_fwd, _attention_lse_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # -------------------------------------------------------------------------- entry point
@@ -623,10 +617,10 @@ class PallasTriton(base.BlockSparseBackend):
     return _Plan(fwd_mask, bwd_mask, params)
 
   def kernel(self, query, key, value, plan):
-    return _attention(query, key, value, plan.fwd_mask, plan.bwd_mask, plan.params)
+    return self.kernel_with_lse(query, key, value, plan)[0]
 
   def kernel_with_lse(self, query, key, value, plan):
-    return _attention_lse(query, key, value, plan.fwd_mask, plan.bwd_mask, plan.params)
+    return _attention(query, key, value, plan.fwd_mask, plan.bwd_mask, plan.params)
 
   def backward_from_stats(self, args, d_out, lse, delta):
     """dQ, dK, dV from external row statistics (base.AttentionBackend.backward_from_stats)
@@ -647,10 +641,7 @@ class PallasTriton(base.BlockSparseBackend):
       raise ValueError(f"d_out.shape={tuple(d_out.shape)} must be query's {q.shape}")
     lse2 = base.lse2_rows(lse)
     delta = delta.astype(jnp.float32).transpose(0, 2, 1).reshape(lse2.shape)
-    d_out = d_out.astype(q.dtype)
-    dk, dv = _dkdv(q, k, v, d_out, lse2, delta, plan.bwd_mask, plan.params)
-    dq = _dq(q, k, v, d_out, lse2, delta, plan.fwd_mask, plan.params)
-    return dq, dk, dv
+    return _grads(q, k, v, d_out, lse2, delta, plan.fwd_mask, plan.bwd_mask, plan.params)
 
 
 dot_product_attention = PallasTriton()
