@@ -52,8 +52,6 @@ change the shape. The (case, implementation) points are fixed by the variant.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -63,6 +61,7 @@ import ml_collections
 import numpy as np
 
 from configs import common
+from experiments import report
 
 _CASE_FIELDS = ("case", "mask", "block_density_target", "window", "doc_len", "medusa_heads",
                 "band_decay")
@@ -157,10 +156,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _ok_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Flat {point fields, metrics} of the latest ok row per point."""
-  latest = {}
-  for row in rows:
-    latest[row["key"]] = row
-  return [{**r["point"], **r["metrics"]} for r in latest.values() if r["status"] == "ok"]
+  return [{**r["point"], **r["metrics"]} for r in report.latest_ok_rows(rows)]
 
 
 def fit_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float]:
@@ -237,14 +233,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str) -> None:
 
 def write_summary(workdir: str) -> str:
   """Writes DIR/density_summary.md and the plot from DIR/results.jsonl; returns the md."""
-  path = os.path.join(workdir, "results.jsonl")
-  with open(path) as f:
-    rows = []
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue  # a torn last line
+  rows = report.read_rows(workdir)
   text = summarize(rows)
   with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
     f.write(text)
@@ -254,6 +243,4 @@ def write_summary(workdir: str) -> str:
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
-  print(write_summary(parser.parse_args().workdir))
+  common.rewrite_main(__doc__, write_summary)

@@ -23,8 +23,9 @@ A config module lists its variants (the `ARG` of `--config=FILE:ARG`) in a modul
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from absl import logging
 import jax
@@ -102,6 +103,14 @@ def tag(c: ml_collections.ConfigDict, name: str, variants: Mapping[str, Variant]
     c[FIELD] = ml_collections.ConfigDict(
         {"name": name, "cpu": variants[name].cpu,
          "cpu_variant": cpu_variant(variants) or cpu_alternative})
+
+
+def rewrite_main(doc: str, write: Callable[[str], str]) -> None:
+  """`python -m configs.STUDY --workdir=DIR`: rewrites a study's report from DIR/results.jsonl
+  with `write(DIR)` (which returns the text it wrote) and prints it."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--workdir", required=True)
+  print(write(parser.parse_args().workdir))
 
 
 def platform_problem(config: ml_collections.ConfigDict | Mapping, config_file: str, *,

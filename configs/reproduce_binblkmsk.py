@@ -96,8 +96,6 @@ apart). No GPU numbers of the flag-loop ablation exist yet.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -106,6 +104,7 @@ from typing import Any
 import ml_collections
 
 from configs import common
+from experiments import report
 
 BASELINES = ("dense", "causal")
 SPEEDUP_FILE = "speedups.md"
@@ -303,13 +302,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
-def _latest_ok(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-  latest = {}
-  for row in rows:
-    latest[row["key"]] = row
-  return [row for row in latest.values() if row["status"] == "ok"]
-
-
 def speedups(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Speed-ups of every case over the dense and causal baselines at the same N.
 
@@ -329,7 +321,7 @@ def speedups(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """
   times: dict[tuple[str, str, int], dict[str, float]] = {}
   extra: dict[tuple[str, str, int], dict[str, Any]] = {}
-  for row in _latest_ok(rows):
+  for row in report.latest_ok_rows(rows):
     p, m = row["point"], row["metrics"]
     if p.get("dispatch") is not None:
       continue  # the flag-loop ablation: dispatch_table
@@ -403,7 +395,7 @@ def rcm_table(rows: Sequence[Mapping[str, Any]]) -> str:
   """Markdown: per square single-row mask case and N (forward points of the first
   implementation that reported them), what RCM does: RCM_COLUMNS."""
   seen = {}
-  for row in _latest_ok(rows):
+  for row in report.latest_ok_rows(rows):
     p, m = row["point"], row["metrics"]
     if m.get("rcm_status") != "ok":
       continue
@@ -435,7 +427,7 @@ def dispatch_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     in CASE_NAMES order.
   """
   found: dict[tuple[Any, ...], dict[str, tuple[bool, Mapping[str, Any]]]] = {}
-  for row in _latest_ok(rows):
+  for row in report.latest_ok_rows(rows):
     p, m = row["point"], row["metrics"]
     form = m.get("fwd_dispatch")
     if p["implementation"] != "pallas_triton" or form is None:
@@ -475,13 +467,7 @@ def dispatch_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def write_speedups(workdir: str) -> str:
   """Writes DIR/speedups.md from DIR/results.jsonl and returns its text."""
-  rows = []
-  with open(os.path.join(workdir, "results.jsonl")) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue  # a torn last line
+  rows = report.read_rows(workdir)
   text = ("# Speed-up over FlashAttention on dense and causal masks\n\n"
           "paper fwd+bwd: the authors' published forward + backward speed-up of binary block "
           "masking over their FlashAttention baseline (configs/reproduce_binblkmsk.py, "
@@ -493,6 +479,4 @@ def write_speedups(workdir: str) -> str:
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
-  print(write_speedups(parser.parse_args().workdir))
+  common.rewrite_main(__doc__, write_speedups)

@@ -49,7 +49,6 @@ Grid overrides: `--config.implementations`, `--config.masks`, and the zipped sha
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -163,6 +162,4 @@ def write_summary(workdir: str) -> str:
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
-  print(write_summary(parser.parse_args().workdir))
+  common.rewrite_main(__doc__, write_summary)

@@ -70,6 +70,12 @@ def latest_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
   return list(latest.values())
 
 
+def latest_ok_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """The last row of each point key when that row finished ok (a point whose last try
+  failed is left out)."""
+  return [row for row in latest_rows(rows) if row["status"] == "ok"]
+
+
 # Config fields that make up a point's shape, with their labels in the `shape` column.
 SHAPE_FIELDS = (("batch", "B"), ("q_len", "T"), ("seq_len", "T"), ("kv_len", "S"),
                 ("num_heads", "Nq"), ("num_kv_heads", "Nkv"), ("head_dim", "D"), ("dtype", ""))
