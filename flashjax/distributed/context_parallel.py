@@ -515,6 +515,14 @@ def _ring(plan: ContextParallelPlan, axis_name: str, scale: float, implementatio
   def pass_on(x):
     return x if p == 1 else lax.ppermute(x, axis_name, shift)
 
+  def run_step(step, block, operands):
+    """`block` (_block_forward or _block_backward) on this device's chunk pairs of ring step
+    `step`, or None when no device has any."""
+    sched = _step_branches(plan, step, lambda calls: functools.partial(
+        block, calls=calls, num_chunks=nch, scale=scale, implementation=implementation,
+        interpret=interpret))
+    return None if sched is None else _switch(*sched, operands, axis_name)
+
   def forward(q, k, v, q_ids, kv_ids):
     o = jnp.zeros(q.shape, jnp.float32)
     lse = jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
@@ -522,13 +530,9 @@ def _ring(plan: ContextParallelPlan, axis_name: str, scale: float, implementatio
     for step in range(p):  # at step s device d holds kv shard (d - s) mod P
       if step:
         held = pass_on(held)
-      sched = _step_branches(plan, step, lambda calls: functools.partial(
-          _block_forward, calls=calls, num_chunks=nch, scale=scale,
-          implementation=implementation, interpret=interpret))
-      if sched is None:
-        continue
-      part = _switch(sched[0], sched[1], (q,) + held[:2] + (q_ids, held[2]), axis_name)
-      o, lse = _merge((o, lse), part)
+      part = run_step(step, _block_forward, (q,) + held[:2] + (q_ids, held[2]))
+      if part is not None:
+        o, lse = _merge((o, lse), part)
     return o, lse
 
   @jax.custom_vjp
@@ -547,15 +551,11 @@ def _ring(plan: ContextParallelPlan, axis_name: str, scale: float, implementatio
     for step in range(p):
       if step:
         held = pass_on(held)
-      sched = _step_branches(plan, step, lambda calls: functools.partial(
-          _block_backward, calls=calls, num_chunks=nch, scale=scale,
-          implementation=implementation, interpret=interpret))
-      if sched is None:
-        continue
-      gq, gk, gv = _switch(sched[0], sched[1],
-                           (q, held[0], held[1], q_ids, held[2], do, lse, delta), axis_name)
-      dq = dq + gq
-      held = held[:3] + (held[3] + gk, held[4] + gv)
+      grads = run_step(step, _block_backward,
+                       (q, held[0], held[1], q_ids, held[2], do, lse, delta))
+      if grads is not None:
+        dq = dq + grads[0]
+        held = held[:3] + (held[3] + grads[1], held[4] + grads[2])
     # Device d now holds the dK/dV of kv shard d + 1: one more hop returns them.
     dk, dv = pass_on(held[3:])
     return dq, dk, dv, None, None
