@@ -20,29 +20,24 @@ class Reference(base.DecodeBackend):
   name = "reference"
 
   def attend(self, args: base.DecodeArgs) -> jax.Array:
-    return _dense(args.query, args.key_cache, args.value_cache, args.lengths,
-                  args.head_indices, args.scale, args.logits_soft_cap)
-
-
-def _dense(query, key_cache, value_cache, lengths, head_indices, scale, logits_soft_cap):
-  b, nq, d = query.shape
-  s, nkv = key_cache.shape[1], key_cache.shape[2]
-  q = query.astype(jnp.float32)
-  k = jnp.repeat(key_cache.astype(jnp.float32), nq // nkv, axis=2)
-  v = jnp.repeat(value_cache.astype(jnp.float32), nq // nkv, axis=2)
-  logits = jnp.einsum("bnd,bsnd->bns", q, k, precision=lax.Precision.HIGHEST) * scale
-  if logits_soft_cap is not None:
-    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
-  valid = jnp.arange(s)[None, :] < jnp.asarray(lengths)[:, None]  # [B, S]
-  logits = jnp.where(valid[:, None, :], logits, -jnp.inf)
-  has_key = jnp.any(valid, axis=-1)[:, None, None]
-  probs = jnp.where(has_key, jax.nn.softmax(jnp.where(has_key, logits, 0.0), axis=-1), 0.0)
-  out = jnp.einsum("bns,bsnd->bnd", probs, v, precision=lax.Precision.HIGHEST)
-  if head_indices is not None:
-    group_of_head = jnp.arange(nq) // (nq // nkv)  # [Nq]
-    keep = jnp.any(jnp.asarray(head_indices)[:, :, None] == group_of_head, axis=1)  # [B, Nq]
-    out = jnp.where(keep[:, :, None], out, 0.0)
-  return out.astype(query.dtype)
+    nq, (s, nkv) = args.query.shape[1], args.key_cache.shape[1:3]
+    q = args.query.astype(jnp.float32)
+    k = jnp.repeat(args.key_cache.astype(jnp.float32), nq // nkv, axis=2)
+    v = jnp.repeat(args.value_cache.astype(jnp.float32), nq // nkv, axis=2)
+    logits = jnp.einsum("bnd,bsnd->bns", q, k, precision=lax.Precision.HIGHEST) * args.scale
+    cap = args.logits_soft_cap
+    if cap is not None:
+      logits = cap * jnp.tanh(logits / cap)
+    valid = jnp.arange(s)[None, :] < args.lengths[:, None]  # [B, S]
+    logits = jnp.where(valid[:, None, :], logits, -jnp.inf)
+    has_key = jnp.any(valid, axis=-1)[:, None, None]
+    probs = jnp.where(has_key, jax.nn.softmax(jnp.where(has_key, logits, 0.0), axis=-1), 0.0)
+    out = jnp.einsum("bns,bsnd->bnd", probs, v, precision=lax.Precision.HIGHEST)
+    if args.head_indices is not None:
+      group_of_head = jnp.arange(nq) // (nq // nkv)  # [Nq]
+      keep = jnp.any(args.head_indices[:, :, None] == group_of_head, axis=1)  # [B, Nq]
+      out = jnp.where(keep[:, :, None], out, 0.0)
+    return out.astype(args.query.dtype)
 
 
 decode_reference = Reference()
