@@ -25,16 +25,12 @@ IMPLEMENTATIONS = ("pallas_triton", "pallas_mosaic_gpu", "peer:jax_nn_cudnn", "p
                    "peer:pallas_triton_mha", "peer:torch_sdpa", "peer:torch_flex")
 
 # (name, batch, q_len, head_dim, mask, mode, doc_len, window)
-_DENSE = (
-    ("B4-T4k", 4, 4096, 128, "dense", "fwd", 512, 1024),
-    ("B4-T4k", 4, 4096, 128, "causal", "fwd", 512, 1024),
-    ("B1-T16k", 1, 16384, 128, "dense", "fwd", 512, 1024),
-    ("B1-T16k", 1, 16384, 128, "causal", "fwd", 512, 1024),
-    ("B8-T2k-D64", 8, 2048, 64, "dense", "fwd", 512, 1024),
-    ("B8-T2k-D64", 8, 2048, 64, "causal", "fwd", 512, 1024),
-    ("B4-T4k", 4, 4096, 128, "dense", "fwd_bwd", 512, 1024),
-    ("B4-T4k", 4, 4096, 128, "causal", "fwd_bwd", 512, 1024),
-)
+_DENSE_SHAPES = {"B4-T4k": (4, 4096, 128), "B1-T16k": (1, 16384, 128),
+                 "B8-T2k-D64": (8, 2048, 64)}
+_DENSE = tuple((name, *_DENSE_SHAPES[name], mask, mode, 512, 1024)
+               for name, mode in (("B4-T4k", "fwd"), ("B1-T16k", "fwd"), ("B8-T2k-D64", "fwd"),
+                                  ("B4-T4k", "fwd_bwd"))
+               for mask in ("dense", "causal"))
 _MASKED = (
     ("B2-T8k-doc512", 2, 8192, 128, "document", "fwd", 512, 1024),
     ("B2-T8k-doc2048", 2, 8192, 128, "document", "fwd", 2048, 1024),
