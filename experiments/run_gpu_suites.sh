@@ -12,6 +12,9 @@
 # suites are compile-bound; ~10-30 s of start-up a file). On an H100 with 8 xdist workers
 # ~140 of the Mosaic file's 199 tests ran in 110 s (pytest-xdist and execnet were installed there
 # from wheels carried with the tree: the machine had none).
+# On an H100 all eight files passed (commit 9d86c38); test_partially_fused_gpu.py did not finish
+# in 80 s under 12 workers (Triton compiles contend) and passed in 129 s in one process: if it
+# is cut, run it with PYTEST_ADDOPTS="-p no:xdist".
 set -u
 out=${1:?usage: $0 OUT_DIR [FILE:SECONDS ...]}
 shift
@@ -26,7 +29,7 @@ if [ ${#suites[@]} -eq 0 ]; then
           tests/ops/sparse_mlp/test_sparse_mlp_gpu.py:120
           tests/ops/attention/test_pallas_triton_gpu.py:120
           tests/ops/attention/test_pallas_triton_dispatch.py:60
-          tests/ops/attention/test_partially_fused_gpu.py:90
+          tests/ops/attention/test_partially_fused_gpu.py:150
           tests/ops/attention/test_pallas_mosaic_gpu_gpu.py:300)
 fi
 : > "$out/summary.txt"
