@@ -288,6 +288,16 @@ def block_specs(steps: Callable[..., Step], ops: MaskOperands, block_q: int, blo
   return specs, arrays, mask_specs, flags
 
 
+def step_mask(masked: bool, refs: dict, band, st, block_q: int, block_kv: int,
+              cfg: TpuParams) -> jax.Array | None:
+  """`partial_mask` of list step `st`'s tile when `masked` (a PARTIAL tile), else None (a
+  FULL tile needs no mask)."""
+  if not masked:
+    return None
+  return partial_mask(refs, band, st.q_block * block_q, st.kv_block * block_kv, block_q,
+                      block_kv, cfg)
+
+
 def partial_mask(refs: dict, band, q_start, kv_start, block_q: int, block_kv: int,
                  cfg: TpuParams) -> jax.Array:
   """Element mask of a PARTIAL tile: rule AND stored tile AND bounds.
@@ -368,9 +378,8 @@ def _fwd_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, *
 
   def step(masked: bool):
     s = scaled_logits(q_ref[...], k_ref[...], cfg)
-    if masked:
-      mask = partial_mask(opt, band, st.q_block * block_q, st.kv_block * block_kv, block_q,
-                          block_kv, cfg)
+    mask = step_mask(masked, opt, band, st, block_q, block_kv, cfg)
+    if mask is not None:
       s = jnp.where(mask, s, -jnp.inf)
     m_prev = m_ref[...]                                            # [bq, 128]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))

@@ -95,10 +95,7 @@ def _dkv_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, d
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
   def step(masked: bool):
-    mask = None
-    if masked:
-      mask = common.partial_mask(opt, band, st.q_block * block_q, st.kv_block * block_kv,
-                                 block_q, block_kv, cfg)
+    mask = common.step_mask(masked, opt, band, st, block_q, block_kv, cfg)
     q, do = q_ref[...], do_ref[...]
     p, ds = _dlogits(q, k_ref[...], v_ref[...], do, lse_ref[...][:, :1],
                      delta_ref[...][:, :1], mask, cfg)
@@ -128,10 +125,7 @@ def _dq_kernel(count_ref, block_ref, kind_ref, tile_ref, q_ref, k_ref, v_ref, do
     dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
 
   def step(masked: bool):
-    mask = None
-    if masked:
-      mask = common.partial_mask(opt, band, st.q_block * block_q, st.kv_block * block_kv,
-                                 block_q, block_kv, cfg)
+    mask = common.step_mask(masked, opt, band, st, block_q, block_kv, cfg)
     k = k_ref[...]
     _, ds = _dlogits(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...][:, :1],
                      delta_ref[...][:, :1], mask, cfg)
