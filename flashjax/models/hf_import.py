@@ -125,14 +125,22 @@ def _attention_params(c: TransformerConfig, t: Callable[[str], np.ndarray], pref
   return params
 
 
-def _llama_params(c: TransformerConfig, t: Callable[[str], np.ndarray]) -> dict[tuple, Any]:
-  params = {("embed", "embedding"): t("model.embed_tokens.weight"),
-            ("final_norm", "scale"): t("model.norm.weight")}
+def _model_params(c: TransformerConfig, t: Callable[[str], np.ndarray], top: dict[tuple, Any],
+                  layer_params: Callable[[int], dict[tuple, Any]]) -> dict[tuple, Any]:
+  """`top` (embeddings, final norm), the untied lm_head and layer i's `layer_params(i)` under
+  ("layers", i)."""
+  params = dict(top)
   if not c.tie_embeddings:
     params[("lm_head",)] = t("lm_head.weight").T
   for i in range(c.num_layers):
+    params.update({("layers", i) + key: value for key, value in layer_params(i).items()})
+  return params
+
+
+def _llama_params(c: TransformerConfig, t: Callable[[str], np.ndarray]) -> dict[tuple, Any]:
+  def layer(i):
     p = f"model.layers.{i}."
-    layer = {
+    return {
         ("attn_norm", "scale"): t(p + "input_layernorm.weight"),
         ("mlp_norm", "scale"): t(p + "post_attention_layernorm.weight"),
         ("mlp", "gate"): t(p + "mlp.gate_proj.weight").T,
@@ -140,22 +148,17 @@ def _llama_params(c: TransformerConfig, t: Callable[[str], np.ndarray]) -> dict[
         ("mlp", "down"): t(p + "mlp.down_proj.weight").T,
         **_attention_params(c, t, p + "self_attn.", "o_proj"),
     }
-    params.update({("layers", i) + key: value for key, value in layer.items()})
-  return params
+
+  return _model_params(c, t, {("embed", "embedding"): t("model.embed_tokens.weight"),
+                              ("final_norm", "scale"): t("model.norm.weight")}, layer)
 
 
 def _opt_params(c: TransformerConfig, t: Callable[[str], np.ndarray]) -> dict[tuple, Any]:
   d = "model.decoder."
-  positions = t(d + "embed_positions.weight")[_OPT_POSITION_OFFSET:]
-  params = {("embed", "embedding"): t(d + "embed_tokens.weight"),
-            ("positions", "embedding"): positions[:c.max_len],
-            ("final_norm", "scale"): t(d + "final_layer_norm.weight"),
-            ("final_norm", "bias"): t(d + "final_layer_norm.bias")}
-  if not c.tie_embeddings:
-    params[("lm_head",)] = t("lm_head.weight").T
-  for i in range(c.num_layers):
+
+  def layer(i):
     p = f"{d}layers.{i}."
-    layer = {
+    params = {
         ("attn_norm", "scale"): t(p + "self_attn_layer_norm.weight"),
         ("attn_norm", "bias"): t(p + "self_attn_layer_norm.bias"),
         ("mlp_norm", "scale"): t(p + "final_layer_norm.weight"),
@@ -165,10 +168,16 @@ def _opt_params(c: TransformerConfig, t: Callable[[str], np.ndarray]) -> dict[tu
         **_attention_params(c, t, p + "self_attn.", "out_proj"),
     }
     if c.use_bias:
-      layer.update({("mlp", "fc1_bias"): t(p + "fc1.bias"),
-                    ("mlp", "fc2_bias"): t(p + "fc2.bias")})
-    params.update({("layers", i) + key: value for key, value in layer.items()})
-  return params
+      params.update({("mlp", "fc1_bias"): t(p + "fc1.bias"),
+                     ("mlp", "fc2_bias"): t(p + "fc2.bias")})
+    return params
+
+  positions = t(d + "embed_positions.weight")[_OPT_POSITION_OFFSET:]
+  top = {("embed", "embedding"): t(d + "embed_tokens.weight"),
+         ("positions", "embedding"): positions[:c.max_len],
+         ("final_norm", "scale"): t(d + "final_layer_norm.weight"),
+         ("final_norm", "bias"): t(d + "final_layer_norm.bias")}
+  return _model_params(c, t, top, layer)
 
 
 def load_tensors(path: str) -> dict[str, np.ndarray]:
