@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import flashjax
 from flashjax.layers import rotary
-from flashjax.ops.decode.api import DECODE_BACKENDS
+from flashjax.ops.attention.api import dot_product_attention
+from flashjax.ops.decode.api import DECODE_BACKENDS, decode_attention
 
 # Model-level names of jax.nn.dot_product_attention's implementations.
 JAX_NN_IMPLEMENTATIONS = {"jax_nn_cudnn": "cudnn", "jax_nn_xla": "xla"}
@@ -90,7 +90,7 @@ def causal_self_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     return jax.nn.dot_product_attention(
         query, key, value, mask=mask, is_causal=True,
         implementation=JAX_NN_IMPLEMENTATIONS[implementation])
-  return flashjax.dot_product_attention(
+  return dot_product_attention(
       query, key, value, is_causal=True, segment_ids=segment_ids, block_sizes=block_sizes,
       implementation=implementation, interpret=interpret)
 
@@ -129,9 +129,8 @@ def cached_decode_attention(query: jax.Array, key_cache: jax.Array, value_cache:
       keep = _selected_heads(head_indices, key_cache.shape[2], query.shape[1])
       out = jnp.where(keep[:, :, None], out, jnp.zeros_like(out))
     return out
-  return flashjax.decode_attention(query, key_cache, value_cache, lengths,
-                                   head_indices=head_indices, implementation=implementation,
-                                   interpret=interpret)
+  return decode_attention(query, key_cache, value_cache, lengths, head_indices=head_indices,
+                          implementation=implementation, interpret=interpret)
 
 
 # How Attention layers call their attention op (causal_self_attention / cached_decode_attention):

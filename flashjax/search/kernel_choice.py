@@ -27,8 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 
-import flashjax
 from flashjax import masks
+from flashjax.ops.attention.api import dot_product_attention
 from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.search import latency
 from flashjax.search import predictor as predictor_lib
@@ -209,7 +209,7 @@ def measure_kernel(shape: AttentionShape, density: float, config: KernelCandidat
   q = jax.random.normal(keys[0], (s.batch, s.q_len, s.num_heads, s.head_dim), dtype)
   k = jax.random.normal(keys[1], (s.batch, s.kv_len, s.num_heads, s.head_dim), dtype)
   v = jax.random.normal(keys[2], (s.batch, s.kv_len, s.num_heads, s.head_dim), dtype)
-  fn = jax.jit(lambda q, k, v: flashjax.dot_product_attention(
+  fn = jax.jit(lambda q, k, v: dot_product_attention(
       q, k, v, mask=mask, implementation=implementation, block_sizes=config.block_sizes(),
       interpret=interpret))
   return latency.measure(fn, q, k, v, warmup=warmup, repeats=repeats)["mean_ms"]
