@@ -211,6 +211,7 @@ def attention_base(small: bool) -> ml_collections.ConfigDict:
   c.seed = 0
   c.interpret = ml_collections.FieldReference(None, field_type=bool)
   c.check = True
+  c.torch_keep_alive = True
   return c
 
 

@@ -17,6 +17,11 @@ Config fields read by `run_point` (configs/quickstart.py sets all of them):
                    timing as median_ms etc., the wall timing beside it as wall_median_ms etc.)
   warmup, iters, input_sets, seed
   interpret        None: Pallas backends in interpret mode exactly when running on CPU
+  torch_keep_alive optional (default True): the torch peers (peer:torch_sdpa,
+                   peer:torch_flex) run in one long-lived child process
+                   (third_party.torch_peers), ended when the next in-process point starts so
+                   that JAX gets its memory back; False: a new child per point (pays torch's
+                   import, CUDA start-up and inductor's import every point)
   check            compare the output (and gradients) with the float32 reference
   check_budget_gb  optional: device memory the reference check may use (None or absent:
                    half of what the device has free, DEFAULT_CHECK_BUDGET_BYTES on a CPU)
@@ -81,6 +86,7 @@ from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.reference import mha_reference
 from flashjax.ops.attention.tuning import store as tuning_store
 import third_party
+from third_party import torch_peers
 
 # Families whose flashjax BlockMask is Reverse Cuthill-McKee reordered (peers: unsupported),
 # and the library family (flashjax.masks.families) each one reorders.
@@ -89,6 +95,7 @@ _BASE_FAMILY = {"random_banded_rcm": "random_banded"}
 MASK_FAMILIES = (*families.FAMILIES, *RCM_FAMILIES)
 TOLERANCES = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 PEER_PREFIX = "peer:"
+_TORCH_PEERS = tuple(PEER_PREFIX + name for name in torch_peers.ATTENTION)
 # Config fields passed to flashjax.masks.families.build under their own names (a config
 # without one gets build's default; block_density_target is build's block_density).
 _MASK_PARAMS = ("batch", "window", "window_right", "doc_len", "doc_len_dist", "tree_span",
@@ -522,7 +529,8 @@ def _run_peer(config, mask, sets) -> dict[str, Any]:
     raise NotImplementedError(f"peer {name} is not available: {availability.reason}")
   peer_mask = third_party.PeerMask.from_mask(mask, config.q_len, config.kv_len)
   if isinstance(peer, third_party.TorchPeer):
-    metrics = peer.run(*_torch_case(config, peer_mask))  # CUDA events on a GPU
+    metrics = peer.run(*_torch_case(config, peer_mask),  # CUDA events on a GPU
+                       keep_alive=config.get("torch_keep_alive", True))
     metrics["timing_method"] = metrics.get("timing")
     # The torch child compares the forward output only, on every row (its own reference).
     err = metrics.get("max_abs_err")
@@ -638,6 +646,8 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
   del point
   if config.mode not in ("fwd", "fwd_bwd"):
     raise ValueError(f"{config.mode=} must be 'fwd' or 'fwd_bwd'")
+  if config.implementation not in _TORCH_PEERS:
+    torch_peers.close_child()  # a kept-alive torch child would hold device memory
   rng = np.random.default_rng(config.seed)
   start = time.perf_counter()
   mask = build_mask(config, rng)

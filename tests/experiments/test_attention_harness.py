@@ -12,6 +12,8 @@ from configs import quickstart
 from experiments import attention_bench
 from experiments import report
 from flashjax.ops.attention import pallas_triton
+import third_party
+from third_party import torch_peers
 
 _BIG_GB = 100.0  # a budget every small case fits whole
 
@@ -250,6 +252,45 @@ class TimingTest(parameterized.TestCase):
     config.timing = "events"
     with self.assertRaisesRegex(ValueError, "'events'"):
       attention_bench.time_point(config, fn, sets)
+
+
+class _RecordingTorchPeer(third_party.TorchPeer):
+  """Stands in for the torch child: records keep_alive, returns a canned result."""
+
+  def __init__(self):
+    super().__init__("torch_sdpa", "attention")
+    self.keep_alive = []
+
+  def available(self):
+    return third_party.Availability(True)
+
+  def run(self, case, arrays, timeout_s=900, keep_alive=False):
+    del case, arrays, timeout_s
+    self.keep_alive.append(keep_alive)
+    return {"compile_s": 0.1, "median_ms": 0.5, "timing": "cuda_events",
+            "max_abs_err": 1e-6}
+
+
+class TorchChildTest(absltest.TestCase):
+  """Torch peers share one kept-alive child; an in-process point ends it first."""
+
+  def _run(self, peer, **overrides):
+    with mock.patch.object(third_party, "attention_peers",
+                           return_value={"torch_sdpa": peer}), \
+        mock.patch.object(torch_peers, "close_child") as close_child:
+      metrics = attention_bench.run_point(_config(**overrides), {})
+    return metrics, close_child.call_count
+
+  def test_torch_points_keep_the_child_and_kernel_points_end_it(self):
+    peer = _RecordingTorchPeer()
+    metrics, closed = self._run(peer, implementation="peer:torch_sdpa")
+    self.assertEqual((peer.keep_alive, closed), ([True], 0))
+    self.assertTrue(metrics["within_tol"])
+    self.assertEqual(self._run(peer, implementation="peer:torch_sdpa",
+                               torch_keep_alive=False)[1], 0)
+    self.assertEqual(peer.keep_alive, [True, False])
+    self.assertEqual(self._run(peer, implementation="xla")[1], 1)
+    self.assertEqual(peer.keep_alive, [True, False])  # the xla point did not call the peer
 
 
 if __name__ == "__main__":
