@@ -79,10 +79,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_heads = c.num_kv_heads = 4 if small else 16
   c.head_dim = 64 if small else 128
   c.dtype = "float32" if small else "bfloat16"
-  # Tiles of the Pallas backends (and of the reported block density); pallas_tpu needs
-  # multiples of 128 along kv.
-  c.block_q = 128
-  c.block_kv = 128 if small else 64
+  # Tiles of the Pallas backends. GPU / TPU: None, each backend's defaults (its tuning table
+  # where one matches the device, else its heuristics: what a user gets; rows record the
+  # tiles that ran as fwd_tiles / tiles_from, and the block density is at those tiles). CPU:
+  # 128 x 128 for every backend (pallas_tpu needs multiples of 128 along kv).
+  c.block_q = ml_collections.FieldReference(128 if small else None, field_type=int)
+  c.block_kv = ml_collections.FieldReference(128 if small else None, field_type=int)
   c.mode = "fwd"
 
   # Mask family parameters (sliding window / dilated / global: window; document and
