@@ -52,12 +52,14 @@ def _candidates(config: ml_collections.ConfigDict) -> list[BlockSizes]:
   return [tuning_store.block_sizes_from_dict(dict(c)) for c in config.candidates]
 
 
-def _heuristic_sizes(config: ml_collections.ConfigDict, interpret: bool) -> BlockSizes:
-  """The backend's default BlockSizes at this shape (what block_sizes=None resolves to)."""
+def _heuristic_sizes(config: ml_collections.ConfigDict, interpret: bool,
+                     kernel_mask: Any) -> BlockSizes:
+  """The backend's default BlockSizes at this shape and mask (what block_sizes=None resolves
+  to; the mask families pass no is_causal or segment ids, so a full mask is mask None)."""
   backend = importlib.import_module(f"flashjax.ops.attention.{config.implementation}")
   with tuning_store.disabled():
     return backend.default_block_sizes(config.head_dim, config.q_len, config.kv_len,
-                                       interpret=interpret)
+                                       interpret=interpret, full_mask=kernel_mask is None)
 
 
 def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +114,7 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
   winner, winner_sizes, winner_ms = "candidate", best, best_ms
   if heuristic_ms is not None and heuristic_ms <= best_ms:
     winner, winner_ms = "heuristic", heuristic_ms
-    winner_sizes = _heuristic_sizes(config, interpret)
+    winner_sizes = _heuristic_sizes(config, interpret, kernel_mask)
 
   metrics = {"tuning_key": tuning_keys.key_string(key), "causal": causal,
              "density_bucket": key["density"], "winner": winner,

@@ -84,7 +84,7 @@ from flashjax.ops.attention.tuning import store as tuning_store
 from flashjax.ops.tiling import pow2_ceil
 
 def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
-                        interpret: bool = False) -> BlockSizes:
+                        interpret: bool = False, full_mask: bool = False) -> BlockSizes:
   """Heuristic tiling by head dim (see the module docstring), shrunk to the sequence.
 
   Args:
@@ -92,11 +92,14 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
     q_len: T.
     kv_len: S.
     interpret: True for Pallas interpret mode (CPU tests): small 32x32 tiles.
+    full_mask: whether every pair is allowed (the backends' common signature; the Triton
+      tiles do not depend on it).
 
   Returns:
     BlockSizes with forward (also dQ) and dK/dV tiles; num_warps and num_stages are left None
     so that each kernel picks its own (`pallas_gpu_common.launch_params`).
   """
+  del full_mask
   if interpret:
     sizes = BlockSizes(32, 32)
   elif head_dim <= 128:

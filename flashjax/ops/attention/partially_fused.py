@@ -78,11 +78,12 @@ class Params:
 
 
 def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
-                        interpret: bool = False) -> BlockSizes:
+                        interpret: bool = False, full_mask: bool = False) -> BlockSizes:
   """128 x 64 tiles on GPU (pallas_triton's forward tiles for D <= 128), 32 x 32 in interpret
   mode (small CPU tests still see several tiles); shrunk to the sequence (power of two >= 16).
+  `full_mask` (the backends' common signature) does not change them.
   """
-  del head_dim
+  del head_dim, full_mask
   bq, bk = (32, 32) if interpret else (128, 64)
   return BlockSizes(min(bq, max(16, pow2_ceil(q_len))), min(bk, max(16, pow2_ceil(kv_len))))
 

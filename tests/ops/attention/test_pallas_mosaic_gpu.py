@@ -23,6 +23,7 @@ from flashjax.ops.attention import pallas_mosaic_gpu
 from flashjax.ops.attention import pallas_mosaic_gpu_common
 from flashjax.ops.attention import reference
 from flashjax.ops.attention.block_sizes import BlockSizes
+from flashjax.ops.attention.tuning import store as tuning_store
 from tests import oracle
 from tests.ops.attention import attention_suite
 
@@ -275,6 +276,42 @@ class PallasMosaicGpuTest(parameterized.TestCase):
   def test_default_block_sizes(self, head_dim, kv_len, interpret, expected):
     sizes = pallas_mosaic_gpu.default_block_sizes(head_dim, 4096, kv_len, interpret=interpret)
     self.assertEqual((sizes.block_q, sizes.block_kv), expected)
+    self.assertFalse(sizes.persistent)
+
+  @parameterized.named_parameters(
+      (f"{head_dim=}_{full_mask=}", head_dim, full_mask, expected)
+      for head_dim, full_mask, expected in (
+          (128, True, (128, 128, 2, True)), (96, True, (128, 128, 2, True)),
+          (64, True, (128, 128, 3, None)), (256, True, (128, 64, None, None)),
+          (128, False, (128, 128, None, None)), (64, False, (128, 128, None, None))))
+  def test_full_mask_defaults(self, head_dim, full_mask, expected):
+    """The tuning study's dense picks: persistent grid at padded D = 128, 3 stages at 64."""
+    sizes = pallas_mosaic_gpu.default_block_sizes(head_dim, 4096, 4096, full_mask=full_mask)
+    self.assertEqual((sizes.block_q, sizes.block_kv, sizes.num_stages, sizes.persistent),
+                     expected)
+
+  @parameterized.named_parameters(
+      ("no_mask", {}, True), ("is_causal", {"is_causal": True}, False),
+      ("segment_ids", {"segment_ids": "ids"}, False), ("mask", {"mask": "causal"}, False))
+  def test_plan_asks_for_full_mask_defaults_exactly_without_a_mask(self, kwargs, full):
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 128, 2, 64), jnp.bfloat16)
+               for i in range(3))
+    if kwargs.get("segment_ids") == "ids":
+      kwargs = {"segment_ids": jnp.zeros((1, 128), jnp.int32)}
+    if kwargs.get("mask") == "causal":
+      kwargs = {"mask": flashjax.masks.causal(128, 128)}
+    real = pallas_mosaic_gpu.default_block_sizes
+    seen = []
+
+    def recording(*args, **kw):
+      seen.append(kw.get("full_mask"))
+      return real(*args, **kw)
+
+    with mock.patch.object(pallas_mosaic_gpu, "default_block_sizes", recording), \
+        tuning_store.disabled():
+      flashjax.dot_product_attention(q, k, v, implementation="pallas_mosaic_gpu",
+                                     interpret=True, **kwargs)
+    self.assertEqual(seen, [full])
 
 
 if __name__ == "__main__":
