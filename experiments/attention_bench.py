@@ -181,12 +181,17 @@ def kernel_mask(config: ml_collections.ConfigDict, mask: Any) -> Any:
   return masks.BlockMask.from_mask(mask, *_tiles(config), reorder="rcm")
 
 
+def _interpretable(implementation: str) -> bool:
+  """Whether the backend has an interpret mode (the Pallas ones: api.PLATFORM_NEEDS)."""
+  return attention_api.PLATFORM_NEEDS.get(implementation, (None, False))[1]
+
+
 def _flashjax_kwargs(config, mask) -> dict[str, Any]:
   """Keyword arguments of the point's flashjax.dot_product_attention call."""
   implementation = config.implementation
   block_sizes = None if implementation.startswith("xla") else _block_sizes(config)
   return dict(mask=mask, implementation=implementation, block_sizes=block_sizes,
-              interpret=interpret_mode(config) and implementation.startswith("pallas"))
+              interpret=interpret_mode(config) and _interpretable(implementation))
 
 
 def _flashjax_fn(config, mask):

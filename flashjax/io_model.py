@@ -248,8 +248,10 @@ def implementation_algorithm(implementation: str) -> str:
   """The algorithm an attention implementation runs, for the model columns of benchmarks.
 
   flashjax Pallas backends and FlexAttention skip empty tiles ("flash_skip"); the XLA
-  backends and the XLA peer materialise scores ("naive"); the other peers (cuDNN, torch
-  SDPA, Pallas Triton mha) are FlashAttention on the full mask ("flash").
+  backends and the XLA peer materialise scores ("naive"); the "partially_fused" backend is
+  "partial_fused" (modelled on the full mask: its causal calls also skip the tiles above the
+  diagonal, which the model does not count); the other peers (cuDNN, torch SDPA, Pallas
+  Triton mha) are FlashAttention on the full mask ("flash").
 
   Args:
     implementation: a flashjax backend name or "peer:NAME".
@@ -257,6 +259,8 @@ def implementation_algorithm(implementation: str) -> str:
   Returns:
     One of ALGORITHMS.
   """
+  if implementation == "partially_fused":
+    return "partial_fused"
   if implementation.startswith("pallas") or implementation == "peer:torch_flex":
     return "flash_skip"
   if implementation in ("xla", "peer:jax_nn_xla"):

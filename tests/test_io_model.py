@@ -98,7 +98,8 @@ class IOModelTest(parameterized.TestCase):
       (f"{impl=}", impl, want) for impl, want in (
           ("pallas_triton", "flash_skip"), ("pallas_mosaic_gpu", "flash_skip"),
           ("peer:torch_flex", "flash_skip"), ("xla", "naive"), ("peer:jax_nn_xla", "naive"),
-          ("peer:jax_nn_cudnn", "flash"), ("peer:torch_sdpa", "flash")))
+          ("peer:jax_nn_cudnn", "flash"), ("peer:torch_sdpa", "flash"),
+          ("partially_fused", "partial_fused")))
   def test_implementation_algorithm(self, impl, want):
     self.assertEqual(io_model.implementation_algorithm(impl), want)
 

@@ -24,8 +24,9 @@ re-read K (scores kernel) and V (P @ V kernel) once per query block, as FlashAtt
 FLOPs are the model's 4 * T * S * D per head (two matmuls). `io_model.prefer_partially_fused`
 is the (unmeasured) rule for when this should beat FlashAttention and unfused XLA.
 
-Supported: no mask or `is_causal` (top-left aligned; key tiles above the diagonal are neither
-computed, stored nor read), GQA (query head h reads kv head h // (Nq // Nkv) through the
+Supported: no mask or `is_causal` (top-left aligned, or a Mask that is exactly
+`flashjax.masks.causal(T, S)`; key tiles above the diagonal are neither computed, stored nor
+read), GQA (query head h reads kv head h // (Nq // Nkv) through the
 BlockSpec index maps), float32 / bfloat16 / float16, any static scale, head dim <= 128
 (zero-padded to a power of two >= 16), any T and S (zero-padded to whole tiles; padded keys
 are masked by a bounds check, padded rows sliced off). Everything else (mask arrays, Mask
@@ -56,6 +57,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
+from flashjax.masks import masks as masks_lib
+from flashjax.masks.rule import Band
 from flashjax.ops.attention import base
 from flashjax.ops.attention import xla
 from flashjax.ops.attention.block_sizes import BlockSizes, padded_head_dim
@@ -236,6 +239,18 @@ def _attention_bwd(params, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _causal_mask_as_flag(args: base.AttentionArgs) -> base.AttentionArgs:
+  """A Mask that is exactly top-left causal (`flashjax.masks.causal(T, S)`: band j <= i, no
+  segments, [T, S]) runs as is_causal=True; every other mask is left for check_supported."""
+  mask = args.mask
+  if not isinstance(mask, masks_lib.Mask) or mask.shape != (args.q_len, args.kv_len):
+    return args
+  rule = mask.rule()
+  if rule is None or rule.has_segments or rule.band != Band(None, 0):
+    return args
+  return dataclasses.replace(args, mask=None, is_causal=True)
+
+
 class PartiallyFused(base.AttentionBackend):
   """Backend "partially_fused": scores kernel + P @ V kernel (module docstring)."""
 
@@ -270,6 +285,7 @@ class PartiallyFused(base.AttentionBackend):
     if options:
       raise NotImplementedError(f"{self.name}: unsupported options {sorted(options)} "
                                 "(return_residual: use the xla backend)")
+    args = _causal_mask_as_flag(args)
     self.check_supported(args)
     sizes = args.block_sizes or default_block_sizes(
         args.head_dim, args.q_len, args.kv_len, interpret=bool(args.interpret))

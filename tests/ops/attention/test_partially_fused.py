@@ -90,11 +90,18 @@ class PartiallyFusedTest(parameterized.TestCase):
     ref = reference.mha_reference(q, k, v, is_causal=True)
     self.assertLess(_max_err(fn(q, k, v), ref), 2e-5)
 
+  def test_causal_mask_object_runs_as_is_causal(self):
+    q, k, v, _ = _inputs(19, 1, 40, 56, 2, 1, 32)
+    got = _kernel(q, k, v, mask=masks.causal(40, 56))
+    ref = reference.mha_reference(q, k, v, is_causal=True)
+    self.assertLess(_max_err(got, ref), 2e-5)
+    self.assertLess(_max_err(got, _kernel(q, k, v, is_causal=True)), 1e-6)
+
   def test_unsupported_arguments_raise(self):
     q, k, v, _ = _inputs(17, 1, 32, 32, 2, 2, 16)
     cases = {
         "mask": dict(mask=jnp.ones((32, 32), bool)),
-        "Mask": dict(mask=masks.causal(32, 32)),
+        "Mask": dict(mask=masks.causal(32, 32, offset=1)),  # not top-left causal
         "segment ids": dict(q_segment_ids=jnp.zeros((1, 32), jnp.int32),
                             kv_segment_ids=jnp.zeros((1, 32), jnp.int32)),
         "logits_soft_cap": dict(logits_soft_cap=5.0),
