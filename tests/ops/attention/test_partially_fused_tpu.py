@@ -8,12 +8,15 @@ cases with T != S check the top-left diagonal and the skipped tiles above it.
 from __future__ import annotations
 
 import zlib
+from unittest import mock
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from flashjax.ops.attention import partially_fused_tpu, reference
 
@@ -64,6 +67,41 @@ class PartiallyFusedTpuTest(parameterized.TestCase):
     out = partially_fused_tpu.forward(q, k, v, scale=0.05, is_causal=True, block_q=8,
                                       block_kv=128, interpret=True)
     ref = reference.mha_reference(q, k, v, is_causal=True, scale=0.05)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=0)
+
+  def test_causal_skips_tiles_above_diagonal(self):
+    # The TPU interpreter leaves unwritten memory NaN: the scores kernel must leave exactly the
+    # key tiles above each query block's diagonal unwritten, and the P @ V kernel must not
+    # let them into the output.
+    q, k, v = self.qkv(1, 256, 384, 2, 1, 64)
+    block_q, block_kv = 64, 128
+    outputs = []
+    real_pallas_call = pl.pallas_call
+
+    def spy(*args, **kwargs):
+      call = real_pallas_call(*args, **kwargs)
+
+      def run(*operands):
+        outputs.append(call(*operands))
+        return outputs[-1]
+      return run
+
+    with mock.patch.object(partially_fused_tpu.pl, "pallas_call", spy):
+      out = partially_fused_tpu.forward(q, k, v, scale=0.2, is_causal=True, block_q=block_q,
+                                        block_kv=block_kv, interpret=pltpu.InterpretParams())
+    probs, row_max, row_sum = outputs[0]
+    tiles = np.asarray(probs).reshape(2, 4, block_q, 3, block_kv)
+    for i in range(4):
+      for j in range(3):
+        written = j * block_kv <= (i + 1) * block_q - 1
+        nan = np.isnan(tiles[:, i, :, j])
+        self.assertEqual(bool(nan.any()), not written, f"query block {i}, key tile {j}")
+        self.assertEqual(bool(nan.all()), not written, f"query block {i}, key tile {j}")
+        rows = slice(i * block_q, (i + 1) * block_q)
+        if not written:  # statistics of skipped tiles keep their initial values
+          self.assertTrue(np.all(np.asarray(row_max)[:, rows, j] == -np.inf))
+          self.assertTrue(np.all(np.asarray(row_sum)[:, rows, j] == 0))
+    ref = reference.mha_reference(q, k, v, is_causal=True, scale=0.2)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=0)
 
   @parameterized.product(dtype=("float32", "bfloat16"), causal=(False, True))
