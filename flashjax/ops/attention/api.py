@@ -75,14 +75,14 @@ _KERNEL_RESIDUAL: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "flashjax_kernel_residual", default=False)
 # Backends that take a traced `scale`; the others get the query multiplied by it and 1.0.
 TRACED_SCALE_BACKENDS = frozenset({"xla", "xla_chunked", "jax_nn"})
-# Backend name -> (platform it compiles for, whether interpret=True runs it anywhere).
-# "gpu_sm90" is a GPU of compute capability 9.x (Hopper: wgmma).
+# Backend name -> (platforms it compiles for, comma-separated, whether interpret=True runs it
+# anywhere). "gpu_sm90" is a GPU of compute capability 9.x (Hopper: wgmma).
 PLATFORM_NEEDS: dict[str, tuple[str, bool]] = {
     "pallas_triton": ("gpu", True),
     "pallas_tpu": ("tpu", True),
     "pallas_mosaic_gpu": ("gpu_sm90", True),
     "cudnn": ("gpu", False),
-    "partially_fused": ("gpu", True),
+    "partially_fused": ("gpu,tpu", True),
 }
 
 logger = logging.getLogger("flashjax")
@@ -179,9 +179,10 @@ def check_platform(name: str, needs: tuple[str, bool] | None, interpret: bool) -
       return
     wanted = "an NVIDIA Hopper GPU (compute capability 9.x)"
   else:
-    if here == platform:
+    if here in platform.split(","):
       return
-    wanted = {"gpu": "a GPU", "tpu": "a TPU"}.get(platform, platform)
+    wanted = " or ".join({"gpu": "a GPU", "tpu": "a TPU"}.get(p, p)
+                         for p in platform.split(","))
   if here == "gpu":
     capability = getattr(jax.devices()[0], "compute_capability", "?")
     here = f"gpu (compute capability {capability})"

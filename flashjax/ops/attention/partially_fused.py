@@ -41,9 +41,14 @@ Backward: a `jax.custom_vjp` whose backward pass is the XLA backend's
 (flashjax.ops.attention.xla, jax autodiff of its dense path on recomputed scores); the
 residuals are q, k, v only. There is no Pallas backward kernel.
 
-GPU speed is unmeasured: the kernels are written for the Triton lowering (power-of-two tiles,
-`pallas_gpu_common.LaunchParams`) and tested in interpret mode on CPU;
-tests/ops/attention/test_partially_fused_gpu.py compiles them on a GPU.
+Platforms: on a GPU (and in interpret mode on a CPU) the two kernels below run, written for
+the Triton lowering (power-of-two tiles, `pallas_gpu_common.LaunchParams`); on a TPU
+(`on_tpu()`) the same algorithm runs as the grid-driven Mosaic TPU kernels of
+flashjax.ops.attention.partially_fused_tpu (block_kv a multiple of 128, block_q of 8 / 16
+sublanes, D <= 256; default 128 x 128). The Triton kernels are tested in interpret mode on
+CPU and compiled on an H100 (tests/ops/attention/test_partially_fused_gpu.py); the TPU
+kernels in interpret mode and by their Mosaic TPU lowering on CPU (no TPU was available).
+GPU and TPU speed are unmeasured.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ import jax.numpy as jnp
 from flashjax.masks import masks as masks_lib
 from flashjax.masks.rule import Band
 from flashjax.ops.attention import base
+from flashjax.ops.attention import partially_fused_tpu
 from flashjax.ops.attention import xla
 from flashjax.ops.attention.block_sizes import BlockSizes, padded_head_dim
 from flashjax.ops.attention.pallas_gpu_common import LOG2E, TRITON_DTYPES, LaunchParams, pad_to
@@ -78,6 +84,7 @@ class Params:
   block_kv: int
   interpret: bool
   launch: LaunchParams = LaunchParams()
+  tpu: bool = False  # the Mosaic TPU kernels (partially_fused_tpu) instead of the Triton ones
 
 
 def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
@@ -217,17 +224,26 @@ def _forward(q, k, v, params: Params):
   return out[:, :q_len, :, :head_dim]
 
 
+def _forward_any(q, k, v, params: Params):
+  """The forward on the kernels of the platform the call was planned for."""
+  if params.tpu:
+    return partially_fused_tpu.forward(q, k, v, scale=params.scale, is_causal=params.is_causal,
+                                       block_q=params.block_q, block_kv=params.block_kv,
+                                       interpret=params.interpret)
+  return _forward(q, k, v, params)
+
+
 def _xla_reference(q, k, v, params: Params):
   return xla.dot_product_attention(q, k, v, is_causal=params.is_causal, scale=params.scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _attention(q, k, v, params: Params):
-  return _forward(q, k, v, params)
+  return _forward_any(q, k, v, params)
 
 
 def _attention_fwd(q, k, v, params):
-  return _forward(q, k, v, params), (q, k, v)
+  return _forward_any(q, k, v, params), (q, k, v)
 
 
 def _attention_bwd(params, residuals, d_out):
@@ -251,6 +267,12 @@ def _causal_mask_as_flag(args: base.AttentionArgs) -> base.AttentionArgs:
   return dataclasses.replace(args, mask=None, is_causal=True)
 
 
+def on_tpu() -> bool:
+  """Whether calls run the Mosaic TPU kernels: JAX's default backend is a TPU. Elsewhere (a
+  GPU, or interpret mode on a CPU) the Triton-flavoured kernels above run."""
+  return jax.default_backend() == "tpu"
+
+
 class PartiallyFused(base.AttentionBackend):
   """Backend "partially_fused": scores kernel + P @ V kernel (module docstring)."""
 
@@ -263,9 +285,10 @@ class PartiallyFused(base.AttentionBackend):
       supported = ", ".join(jnp.dtype(d).name for d in TRITON_DTYPES)
       raise NotImplementedError(
           f"{self.name}: query.dtype={args.query.dtype} is not supported ({supported})")
-    if args.head_dim > MAX_HEAD_DIM:
+    limit = partially_fused_tpu.MAX_HEAD_DIM if on_tpu() else MAX_HEAD_DIM
+    if args.head_dim > limit:
       raise NotImplementedError(
-          f"{self.name}: head_dim={args.head_dim} > {MAX_HEAD_DIM} is not supported")
+          f"{self.name}: head_dim={args.head_dim} > {limit} is not supported here")
     if args.mask is not None:
       kind = type(args.mask).__name__
       raise NotImplementedError(
@@ -287,6 +310,13 @@ class PartiallyFused(base.AttentionBackend):
                                 "(return_residual: use the xla backend)")
     args = _causal_mask_as_flag(args)
     self.check_supported(args)
+    if on_tpu():
+      sizes = args.block_sizes or partially_fused_tpu.DEFAULT_BLOCK_SIZES
+      partially_fused_tpu.check_block_sizes(sizes.block_q, sizes.block_kv, args.query.dtype)
+      params = Params(scale=float(args.scale), is_causal=args.is_causal,
+                      block_q=sizes.block_q, block_kv=sizes.block_kv,
+                      interpret=bool(args.interpret), tpu=True)
+      return _attention(args.query, args.key, args.value, params)
     sizes = args.block_sizes or default_block_sizes(
         args.head_dim, args.q_len, args.kv_len, interpret=bool(args.interpret))
     for name in ("block_q", "block_kv"):

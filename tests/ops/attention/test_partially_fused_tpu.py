@@ -18,7 +18,8 @@ from absl.testing import absltest, parameterized
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from flashjax.ops.attention import partially_fused_tpu, reference
+from flashjax.ops.attention import api, partially_fused, partially_fused_tpu, reference
+from flashjax.ops.attention.block_sizes import BlockSizes
 
 
 class PartiallyFusedTpuTest(parameterized.TestCase):
@@ -131,6 +132,54 @@ class PartiallyFusedTpuTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "block_kv=64"):
       partially_fused_tpu.forward(q, k, v, scale=1.0, is_causal=False, block_kv=64,
                                   interpret=True)
+
+
+class BackendOnTpuTest(parameterized.TestCase):
+  """implementation="partially_fused" picks these kernels where JAX runs on a TPU (faked here
+  by patching partially_fused.on_tpu; the TPU kernels then run in interpret mode)."""
+
+  def setUp(self):
+    super().setUp()
+    patcher = mock.patch.object(partially_fused, "on_tpu", return_value=True)
+    patcher.start()
+    self.addCleanup(patcher.stop)
+    rng = np.random.default_rng(7)
+    self.q, self.k, self.v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+                              for shape in ((1, 40, 4, 32), (1, 136, 2, 32), (1, 136, 2, 32)))
+
+  def test_forward_and_gradients_through_the_api(self):
+    attend = lambda q, k, v: api.dot_product_attention(
+        q, k, v, is_causal=True, implementation="partially_fused", interpret=True,
+        block_sizes=BlockSizes(16, 128))
+    ref_fn = lambda q, k, v: reference.mha_reference(q, k, v, is_causal=True)
+    with mock.patch.object(partially_fused_tpu, "forward",
+                           wraps=partially_fused_tpu.forward) as tpu_forward:
+      out = jax.jit(attend)(self.q, self.k, self.v)
+      self.assertEqual(tpu_forward.call_count, 1)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_fn(self.q, self.k, self.v)),
+                               atol=2e-5, rtol=0)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    grads = jax.grad(loss(attend), argnums=(0, 1, 2))(self.q, self.k, self.v)
+    ref_grads = jax.grad(loss(ref_fn), argnums=(0, 1, 2))(self.q, self.k, self.v)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(rg), atol=2e-5, rtol=0,
+                                 err_msg=f"d{name}")
+
+  def test_tpu_tiling_rules_and_head_dim(self):
+    with self.assertRaisesRegex(ValueError, "block_kv=64"):
+      api.dot_product_attention(self.q, self.k, self.v, implementation="partially_fused",
+                                interpret=True, block_sizes=BlockSizes(16, 64))
+    q = jnp.ones((1, 8, 1, 384), jnp.float32)
+    with self.assertRaisesRegex(NotImplementedError, "head_dim=384 > 256"):
+      api.dot_product_attention(q, q, q, implementation="partially_fused", interpret=True)
+
+  def test_lowers_for_tpu_through_the_api(self):
+    q, k, v = (x.astype(jnp.bfloat16) for x in (self.q, self.k, self.v))
+    fn = lambda q, k, v: api.dot_product_attention(q, k, v, implementation="partially_fused",
+                                                   block_sizes=BlockSizes(16, 128))
+    with mock.patch.object(api, "check_platform"):  # the host is a CPU
+      text = jax.jit(fn).trace(q, k, v).lower(lowering_platforms=("tpu",)).as_text()
+    self.assertEqual(text.count("tpu_custom_call"), 2)
 
 
 if __name__ == "__main__":
