@@ -19,7 +19,6 @@ and with the float64 oracle of tests/oracle.py, whose masks come from their defi
 from __future__ import annotations
 
 import fnmatch
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +32,7 @@ import flashjax
 from flashjax import masks
 from flashjax.ops.attention import reference
 from tests import oracle
+from tests.ops.attention import random_inputs
 
 ALL_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -42,7 +42,7 @@ def _named(name: str, values) -> list[dict[str, Any]]:
   return [{"testcase_name": f"{name}={v!r}", name: v} for v in values]
 
 
-class AttentionSuite(parameterized.TestCase):
+class AttentionSuite(random_inputs.RandomInputs, parameterized.TestCase):
   """Cases every attention backend must pass; configure through the class attributes.
 
   Attributes:
@@ -95,24 +95,10 @@ class AttentionSuite(parameterized.TestCase):
 
   # Helpers.
 
-  def rng(self) -> np.random.Generator:
-    """A generator seeded by the test id: fresh inputs per case, reproducible runs."""
-    if not hasattr(self, "_rng"):
-      self._rng = np.random.default_rng(zlib.crc32(self.id().encode()))
-    return self._rng
-
   def skip_unless_dtype(self, dtype: str) -> None:
     if dtype not in self.DTYPES:
       self.skipTest(f"{self.IMPLEMENTATION} does not test {dtype=}")
 
-  def normal(self, shape, dtype: str = "float32", scale: float = 1.0) -> jax.Array:
-    return jnp.asarray(self.rng().standard_normal(shape) * scale, dtype=dtype)
-
-  def qkv(self, batch: int, q_len: int, kv_len: int, q_heads: int, kv_heads: int,
-          head_dim: int, dtype: str = "float32", scale: float = 1.0):
-    return (self.normal((batch, q_len, q_heads, head_dim), dtype, scale),
-            self.normal((batch, kv_len, kv_heads, head_dim), dtype, scale),
-            self.normal((batch, kv_len, kv_heads, head_dim), dtype))
 
   def attention(self, query, key, value, **kwargs) -> jax.Array:
     """flashjax.dot_product_attention with this backend's settings."""

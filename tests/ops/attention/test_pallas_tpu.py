@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import zlib
 from unittest import mock
 
 import chex
@@ -28,6 +27,7 @@ from flashjax.masks import builders
 from flashjax.ops.attention import pallas_tpu, pallas_tpu_common, pallas_tpu_vjp, reference
 from flashjax.ops.attention.block_sizes import BlockSizes
 from tests.ops.attention import attention_suite
+from tests.ops.attention import random_inputs
 
 
 class TestPallasTpu(attention_suite.AttentionSuite):
@@ -50,17 +50,7 @@ def _backend_kwargs(**kwargs):
   return out
 
 
-class PallasTpuKernelTest(parameterized.TestCase):
-
-  def rng(self) -> np.random.Generator:
-    if not hasattr(self, "_rng"):
-      self._rng = np.random.default_rng(zlib.crc32(self.id().encode()))
-    return self._rng
-
-  def qkv(self, batch, q_len, kv_len, q_heads, kv_heads, head_dim, dtype="float32"):
-    normal = lambda *shape: jnp.asarray(self.rng().standard_normal(shape), dtype)
-    return (normal(batch, q_len, q_heads, head_dim), normal(batch, kv_len, kv_heads, head_dim),
-            normal(batch, kv_len, kv_heads, head_dim))
+class PallasTpuKernelTest(random_inputs.RandomInputs, parameterized.TestCase):
 
   def check_fwd_and_grads(self, q, k, v, atol=5e-5, grad_atol=2e-4, **kwargs):
     kwargs = _backend_kwargs(**kwargs)

@@ -7,7 +7,6 @@ cases with T != S check the top-left diagonal and the skipped tiles above it.
 
 from __future__ import annotations
 
-import zlib
 from unittest import mock
 
 import chex
@@ -20,19 +19,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from flashjax.ops.attention import api, partially_fused, partially_fused_tpu, reference
 from flashjax.ops.attention.block_sizes import BlockSizes
+from tests.ops.attention import random_inputs
 
 
-class PartiallyFusedTpuTest(parameterized.TestCase):
-
-  def rng(self) -> np.random.Generator:
-    if not hasattr(self, "_rng"):
-      self._rng = np.random.default_rng(zlib.crc32(self.id().encode()))
-    return self._rng
-
-  def qkv(self, batch, q_len, kv_len, q_heads, kv_heads, head_dim, dtype="float32"):
-    normal = lambda *shape: jnp.asarray(self.rng().standard_normal(shape), dtype)
-    return (normal(batch, q_len, q_heads, head_dim), normal(batch, kv_len, kv_heads, head_dim),
-            normal(batch, kv_len, kv_heads, head_dim))
+class PartiallyFusedTpuTest(random_inputs.RandomInputs, parameterized.TestCase):
 
   @parameterized.named_parameters(
       {"testcase_name": f"{dtype}_T{q_len}_S{kv_len}_bq{block_q}_{causal=}", "dtype": dtype,
