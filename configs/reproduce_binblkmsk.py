@@ -34,13 +34,17 @@ create_symmetric_sparse_matrix, benchmarking_codes/*.py), written again on flash
                      max(0.5 exp(-0.3 |i - j|), 2e-4), diagonal always (masks.random_banded;
                      the authors' matrix is also symmetrised).
   rcm                the same mask, Reverse Cuthill-McKee reordered (BlockMask reorder="rcm").
+  permuted_band      not in the paper: the band |i - j| <= PERMUTED_BAND_WINDOW with both axes
+                     relabelled by one random permutation (families.permuted_band): nearly
+                     every tile non-empty, a band in disguise, where RCM should help.
+  permuted_band_rcm  the same mask, RCM reordered.
   dense, causal      the FlashAttention baselines.
 
 B=4, 32 heads, D=64, fp16, the backend's default tiles; modes fwd and fwd_bwd (the backward
 time is fwd_bwd minus fwd of the same point). Baselines run on our kernel (dense / causal
 masks) and on peers from third_party: torch SDPA (FlashAttention, "peer:torch_sdpa"), cuDNN
 through jax.nn ("peer:jax_nn_cudnn"); FlexAttention ("peer:torch_flex") runs every mask but
-rcm as a second mask-aware implementation. Experiment kind: attention_bench, with
+the two RCM-reordered ones as a second mask-aware implementation. Experiment kind: attention_bench, with
 `rcm_report` on: every square single-row mask gets RCM's density, bandwidth and tile density
 before / after (rcm_* fields), and every row its host preprocessing apart from the kernel
 time (mask_build_ms, block_mask_ms: mask -> BlockMask at the forward tiles, the RCM ordering
@@ -52,22 +56,22 @@ run cut by a time limit loses the last entries' cases, not whole N.
 
 Variants (no GPU run of this grid exists yet: the times below are estimates):
 
-  "gpu": 10 cases on pallas_triton, dense / causal on cuDNN, and the flag-loop ablation
+  "gpu": 12 cases on pallas_triton, dense / causal on cuDNN, and the flag-loop ablation
       (pallas_triton with dispatch lists / flags on causal and longformer_window) x {N=1024
-      fwd (checked), N=8192 fwd, N=8192 fwd_bwd} = 48 points; estimate (from the earlier grid
+      fwd (checked), N=8192 fwd, N=8192 fwd_bwd} = 54 points; estimate (from the earlier grid
       of this study on an H200, jax 0.11.2) 2.5-3.5 s per point, ~6 s of reference compiles
-      and ~15 s of start-up: about 165 s, over the 140 s budget of
+      and ~15 s of start-up: about 185 s, over the 140 s budget of
       experiments/run_gpu_studies.sh: a cut run loses the last ablation points of N=8192
       fwd_bwd first. Torch SDPA and FlexAttention (child processes) are left to "full".
   "full" (default on a GPU host): N in {256, ..., 16384} x {fwd, fwd_bwd}, checked up to N =
-      2048; pallas_triton on the 10 cases, torch SDPA and cuDNN on dense / causal,
-      FlexAttention on 9 cases, the flag-loop ablation (lists / flags on causal, alpaca_full,
-      longformer_window, random_banded): 31 x 14 = 434 points; the FlexAttention children
+      2048; pallas_triton on the 12 cases, torch SDPA and cuDNN on dense / causal,
+      FlexAttention on 10 cases, the flag-loop ablation (lists / flags on causal, alpaca_full,
+      longformer_window, random_banded): 34 x 14 = 476 points; the FlexAttention children
       (~25 s each) dominate: about an hour.
   "cpu": B=1, 2 heads, D=32, float32, 32 x 32 tiles, {N=64 fwd, N=64 fwd_bwd, N=128 fwd},
-      all checked, pallas_triton in interpret mode on the 10 cases and the XLA peer on dense
+      all checked, pallas_triton in interpret mode on the 12 cases and the XLA peer on dense
       / causal, and causal with dispatch flags (its lists side: the main causal points at
-      the same tiles): 39 points (the numbers only show that everything runs).
+      the same tiles): 45 points (the numbers only show that everything runs).
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
       --config=configs/reproduce_binblkmsk.py:gpu --workdir=/tmp/fj_binblkmsk
@@ -117,6 +121,9 @@ ALPACA_PROMPT_FRAC = 0.4
 MEDUSA_TOPK = 3
 LONGFORMER_WINDOW = 4  # keys on each side (the authors' window_size 8)
 LONGFORMER_DILATION = 2
+# Half width of the permuted band: LongFormer's window, so that after RCM the mask is about
+# the longformer_window case and their times can be compared.
+PERMUTED_BAND_WINDOW = 4
 # The synthetic mask: P(allowed) = max(peak * exp(-decay |i - j|), floor).
 BAND_PEAK, BAND_DECAY, BAND_FLOOR = 0.5, 0.3, 2e-4
 
@@ -133,6 +140,10 @@ CASES = (
     ("longformer_global", "longformer_global", _W, 0, _D, None),
     ("random_banded", "random_banded", _W, 0, _D, None),
     ("rcm", "random_banded_rcm", _W, 0, _D, None),
+    # Not in the paper: a band scrambled by one random permutation of both axes, where RCM
+    # should help (its ordering recovers the band): window = the band's half width.
+    ("permuted_band", "permuted_band", PERMUTED_BAND_WINDOW, 0, _D, None),
+    ("permuted_band_rcm", "permuted_band_rcm", PERMUTED_BAND_WINDOW, 0, _D, None),
 )
 CASE_NAMES = tuple(row[0] for row in CASES)
 
@@ -223,19 +234,19 @@ DISPATCH_ABLATION = {
 _IMPLEMENTATIONS = {
     "gpu": {"pallas_triton": None, _CUDNN: BASELINES},
     "full": {"pallas_triton": None, _SDPA: BASELINES, _CUDNN: BASELINES,
-             _FLEX: tuple(c for c in CASE_NAMES if c != "rcm")},
+             _FLEX: tuple(c for c in CASE_NAMES if c not in ("rcm", "permuted_band_rcm"))},
     "cpu": {"pallas_triton": None, _XLA: BASELINES},
 }
 
 VARIANTS = {
-    "gpu": common.Variant("10 mask cases on pallas_triton, dense / causal on cuDNN, the "
+    "gpu": common.Variant("12 mask cases on pallas_triton, dense / causal on cuDNN, the "
                           "flag-loop ablation on 2 cases x {N=1024 fwd, N=8192 fwd, N=8192 "
-                          "fwd_bwd}, B=4 32 heads D=64 fp16: 48 points, ~165 s (estimate)"),
+                          "fwd_bwd}, B=4 32 heads D=64 fp16: 54 points, ~185 s (estimate)"),
     "full": common.Variant("the paper's grid, N 256..16384 x 2 modes, pallas_triton, SDPA, "
-                           "cuDNN and FlexAttention, the flag-loop ablation: 434 points, ~1 h "
+                           "cuDNN and FlexAttention, the flag-loop ablation: 476 points, ~1 h "
                            "(estimate; default on a GPU host)"),
     "cpu": common.Variant("B=1 N=2 heads D=32 float32, N = 64 and 128, pallas_triton in "
-                          "interpret mode, the XLA peer, one flags point per N: 39 points "
+                          "interpret mode, the XLA peer, one flags point per N: 45 points "
                           "(default on a CPU host)",
                           cpu=True),
 }

@@ -90,8 +90,8 @@ from third_party import torch_peers
 
 # Families whose flashjax BlockMask is Reverse Cuthill-McKee reordered (peers: unsupported),
 # and the library family (flashjax.masks.families) each one reorders.
-RCM_FAMILIES = ("random_banded_rcm",)
-_BASE_FAMILY = {"random_banded_rcm": "random_banded"}
+RCM_FAMILIES = ("random_banded_rcm", "permuted_band_rcm")
+_BASE_FAMILY = {"random_banded_rcm": "random_banded", "permuted_band_rcm": "permuted_band"}
 MASK_FAMILIES = (*families.FAMILIES, *RCM_FAMILIES)
 TOLERANCES = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 PEER_PREFIX = "peer:"

@@ -22,10 +22,10 @@ from flashjax.masks import masks
 
 FAMILIES = ("dense", "causal", "sliding_window", "document", "prefix_lm", "tree",
             "random_banded", "dilated", "global", "document_full", "random_blocks", "medusa",
-            "medusa_padded", "longformer_global")
+            "medusa_padded", "longformer_global", "permuted_band")
 # Families defined on a square (T == S) sequence.
 SQUARE_FAMILIES = ("document", "document_full", "prefix_lm", "tree", "medusa",
-                   "medusa_padded", "longformer_global")
+                   "medusa_padded", "longformer_global", "permuted_band")
 DOC_LEN_DISTS = ("uniform", "lognormal")
 
 
@@ -229,6 +229,29 @@ def random_tree(length: int, span: int, rng: np.random.Generator) -> masks.Mask:
   return masks.tree(parents)
 
 
+def permuted_band(length: int, window: int, rng: np.random.Generator) -> masks.Mask:
+  """A symmetric band |i - j| <= window with both axes relabelled by one random permutation.
+
+  Query p(a) may attend key p(b) exactly when |a - b| <= window, for a random permutation p
+  of 0..length-1: the band's pairs, scattered over the whole T x S grid, so nearly every tile
+  is non-empty. The mask is a band in disguise, the case Reverse Cuthill-McKee reordering
+  should undo (its ordering recovers a bandwidth near `window`, and the tile density falls
+  to about a band's). Every row keeps its diagonal.
+
+  Args:
+    length: T = S.
+    window: half width of the band (>= 0).
+    rng: numpy generator of the permutation.
+  """
+  if window < 0:
+    raise ValueError(f"{window=} must be >= 0")
+  perm = rng.permutation(length)
+  a = np.repeat(np.arange(length), 2 * window + 1)
+  b = a + np.tile(np.arange(-window, window + 1), length)
+  keep = (b >= 0) & (b < length)
+  return masks.CoordinateMask(length, length, perm[a[keep]], perm[b[keep]])
+
+
 def random_global_tokens(q_len: int, kv_len: int, window: int, num_global: int,
                          rng: np.random.Generator) -> masks.Mask:
   """`masks.global_tokens` with `num_global` distinct random global positions below q_len."""
@@ -253,7 +276,8 @@ def build(family: str, q_len: int, kv_len: int, rng: np.random.Generator, *,
     kv_len: S (== T for SQUARE_FAMILIES).
     rng: numpy generator for the random families (left untouched by the others).
     batch: B of the families with a batch axis ("document", "document_full", "prefix_lm").
-    window: left window of "sliding_window", "dilated" and "global".
+    window: left window of "sliding_window", "dilated" and "global"; the band's half width
+      of "permuted_band".
     window_right: right window of "sliding_window".
     doc_len: mean document length ("document", "document_full", "prefix_lm"); prefix-LM
       prefixes are uniform in [0, doc_len) unless `prefix_frac` is set.
@@ -310,4 +334,6 @@ def build(family: str, q_len: int, kv_len: int, rng: np.random.Generator, *,
                                decay=band_decay, floor=band_floor)
   if family == "dilated":
     return masks.dilated(t, s, window, dilation)
+  if family == "permuted_band":
+    return permuted_band(t, window, rng)
   return random_global_tokens(t, s, window, num_global, rng)

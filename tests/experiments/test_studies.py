@@ -33,7 +33,7 @@ _STUDIES = {"ablate_block_size": ablate_block_size, "ablate_mask_density": ablat
 _SCRIPT = os.path.join(_REPO, "experiments", "run_gpu_studies.sh")
 # Points of each study's "gpu" grid (the configs' docstrings estimate their time from these).
 _GPU_POINTS = {"ablate_block_size": 32, "ablate_mask_density": 34, "ablate_batch_size": 24,
-               "reproduce_binblkmsk": 48}
+               "reproduce_binblkmsk": 54}
 
 
 def _launch_cmd(study, workdir, *overrides):
@@ -228,7 +228,7 @@ class ConfigTest(parameterized.TestCase):
                      (0.5, 0.3, 2e-4))
     self.assertTrue(config.rcm_report)
     points = launch.expand_sweep(config.sweep)
-    self.assertLen(points, 14 * 31)  # 23 cases x implementations, 8 flag-loop ablation
+    self.assertLen(points, 14 * 34)  # 26 cases x implementations, 8 flag-loop ablation
     by_impl = {}
     for p in points:
       by_impl.setdefault(p["implementation"], set()).add(p["case"])
@@ -236,7 +236,8 @@ class ConfigTest(parameterized.TestCase):
     self.assertEqual(by_impl["pallas_triton"], set(reproduce_binblkmsk.CASE_NAMES))
     self.assertEqual(by_impl["peer:torch_sdpa"], baselines)
     self.assertEqual(by_impl["peer:jax_nn_cudnn"], baselines)
-    self.assertEqual(by_impl["peer:torch_flex"], set(reproduce_binblkmsk.CASE_NAMES) - {"rcm"})
+    self.assertEqual(by_impl["peer:torch_flex"],
+                     set(reproduce_binblkmsk.CASE_NAMES) - {"rcm", "permuted_band_rcm"})
     first = points[:7]  # every baseline point comes before the masked cases
     self.assertTrue(all(p["case"] in baselines for p in first))
     masks_by_case = {p["case"]: p["mask"] for p in points}
@@ -374,12 +375,12 @@ class LauncherTest(absltest.TestCase):
       proc.send_signal(signal.SIGKILL)
       proc.wait()
     killed_at = len(_rows(self.workdir))
-    self.assertBetween(killed_at, 3, 25)
+    self.assertBetween(killed_at, 3, 29)
     rows = self._run("reproduce_binblkmsk", *one_length)
     keys = [r["key"] for r in rows]
-    self.assertLen(set(keys), 26)
-    self.assertLen(keys, 26)  # no finished point ran twice
-    self._assert_ok(rows, 26)
+    self.assertLen(set(keys), 30)
+    self.assertLen(keys, 30)  # no finished point ran twice
+    self._assert_ok(rows, 30)
     statuses = {(r["point"]["implementation"], r["point"]["case"], r["status"]) for r in rows}
     self.assertNotIn("unsupported", {s for impl, _, s in statuses if impl == "pallas_triton"},
                      statuses)
@@ -391,6 +392,10 @@ class LauncherTest(absltest.TestCase):
       if row["point"]["case"] in ("random_banded", "rcm", "longformer_window", "medusa"):
         self.assertEqual(m["rcm_status"], "ok", row["point"])
         self.assertLessEqual(m["rcm_bandwidth_after"], 63)
+      if row["point"]["case"] == "permuted_band":  # RCM undoes the scrambling
+        window = reproduce_binblkmsk.PERMUTED_BAND_WINDOW
+        self.assertGreater(m["rcm_bandwidth_before"], 4 * window)
+        self.assertLessEqual(m["rcm_bandwidth_after"], 2 * window)
     text = reproduce_binblkmsk.write_speedups(self.workdir)
     for case in ("medusa", "alpaca_prefix", "longformer_global", "rcm"):
       line = next(l for l in text.splitlines() if l.startswith(f"| {case} | 64 |"))
@@ -410,7 +415,14 @@ class LauncherTest(absltest.TestCase):
   def test_reproduction_cpu_variant_is_quick(self):
     start = time.monotonic()
     rows = self._run("reproduce_binblkmsk")
-    self._assert_ok(rows, 39)
+    self._assert_ok(rows, 45)
+    # At N = 128 (4 x 4 tiles of 32) RCM brings the scrambled band's tiles down.
+    band = [r["metrics"] for r in rows
+            if r["point"]["case"] == "permuted_band" and r["point"]["q_len"] == 128]
+    self.assertNotEmpty(band)
+    for m in band:
+      self.assertEqual(m["rcm_block_density_before"], 1.0)
+      self.assertLess(m["rcm_block_density_after"], 0.7)
     self.assertLess(time.monotonic() - start, 120)  # ~35-50 s on 2 cores; a loaded host
 
 class ScriptTest(absltest.TestCase):

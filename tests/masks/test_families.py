@@ -84,6 +84,20 @@ class PiecesTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "span=0"):
       families.random_tree(8, 0, np.random.default_rng(0))
 
+  def test_permuted_band_is_a_relabelled_band(self):
+    rng = np.random.default_rng(5)
+    n, window = 96, 3
+    got = _dense(families.permuted_band(n, window, rng))
+    perm = np.random.default_rng(5).permutation(n)  # the permutation the family drew
+    band = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :]) <= window
+    want = np.zeros((n, n), bool)
+    want[np.ix_(perm, perm)] = band  # query perm[a] attends key perm[b] iff |a - b| <= w
+    np.testing.assert_array_equal(got, want)
+    self.assertTrue(np.all(np.diag(got)) and np.array_equal(got, got.T))
+    self.assertFalse(np.array_equal(got, band))  # scrambled, not the band itself
+    with self.assertRaisesRegex(ValueError, "window=-1"):
+      families.permuted_band(n, -1, rng)
+
   def test_random_global_tokens(self):
     rng = np.random.default_rng(5)
     mask = families.random_global_tokens(64, 64, 3, 6, rng)
