@@ -281,6 +281,16 @@ class TorchChildTest(absltest.TestCase):
       metrics = attention_bench.run_point(_config(**overrides), {})
     return metrics, close_child.call_count
 
+  def test_torch_out_of_memory_is_a_skip_with_the_reason(self):
+    peer = _RecordingTorchPeer()
+    peer.run = mock.Mock(side_effect=RuntimeError(
+        "torch_sdpa: OutOfMemoryError: CUDA out of memory. Tried to allocate 32.00 GiB"))
+    with self.assertRaisesRegex(NotImplementedError, "does not fit.*Tried to allocate 32"):
+      self._run(peer, implementation="peer:torch_sdpa")
+    peer.run = mock.Mock(side_effect=RuntimeError("torch_sdpa: ValueError: bad case"))
+    with self.assertRaisesRegex(RuntimeError, "bad case"):  # other failures stay errors
+      self._run(peer, implementation="peer:torch_sdpa")
+
   def test_torch_points_keep_the_child_and_kernel_points_end_it(self):
     peer = _RecordingTorchPeer()
     metrics, closed = self._run(peer, implementation="peer:torch_sdpa")
