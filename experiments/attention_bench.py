@@ -22,8 +22,8 @@ Config fields read by `run_point` (configs/quickstart.py sets all of them):
                    (third_party.torch_peers), ended when the next in-process point starts so
                    that JAX gets its memory back; False: a new child per point (pays torch's
                    import, CUDA start-up and inductor's import every point). A torch point
-                   that runs out of device memory is "unsupported" with the reason (JAX's
-                   process holds most of the device), not an error
+                   that runs out of device memory is "unsupported" with the reason (the
+                   JAX process holds its share of the device), not an error
   check            compare the output (and gradients) with the float32 reference
   check_budget_gb  optional: device memory the reference check may use (None or absent:
                    half of what the device has free, DEFAULT_CHECK_BUDGET_BYTES on a CPU)
@@ -544,8 +544,8 @@ def _run_peer(config, mask, sets) -> dict[str, Any]:
         raise
       # A recorded skip with the reason (status "unsupported"), not an error row.
       raise NotImplementedError(
-          f"{name} does not fit the device memory its child process had at this shape "
-          f"(JAX's process holds the rest): {str(e)[-300:]}") from e
+          f"{name} does not fit the device memory left to its child process at this shape "
+          f"(the benchmark's JAX process holds its own share): {str(e)[-300:]}") from e
     metrics["timing_method"] = metrics.get("timing")
     # The torch child compares the forward output only, on every row (its own reference).
     err = metrics.get("max_abs_err")
