@@ -31,8 +31,9 @@ create_symmetric_sparse_matrix, benchmarking_codes/*.py), written again on flash
   longformer_global  the window plus global tokens: the first two and log2(N) - 2 random
                      others (families.longformer_global).
   random_banded      the synthetic mask: key j allowed with probability
-                     max(0.5 exp(-0.3 |i - j|), 2e-4), diagonal always (masks.random_banded;
-                     the authors' matrix is also symmetrised).
+                     max(0.5 exp(-0.3 |i - j|), 2e-4), diagonal always, symmetric as the
+                     authors' (each pair j > i drawn once and mirrored:
+                     masks.random_banded(symmetric=True)).
   rcm                the same mask, Reverse Cuthill-McKee reordered (BlockMask reorder="rcm").
   permuted_band      not in the paper: the band |i - j| <= PERMUTED_BAND_WINDOW with both axes
                      relabelled by one random permutation (families.permuted_band): nearly
@@ -294,6 +295,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.doc_len = ALPACA_MEAN_LEN
   c.doc_len_dist = "lognormal"
   c.band_peak, c.band_decay, c.band_floor = BAND_PEAK, BAND_DECAY, BAND_FLOOR
+  c.band_symmetric = True  # as the authors' matrix: upper triangle drawn, then mirrored
   c.medusa_heads = ml_collections.FieldReference(None, field_type=int)  # deepest that fits
   c.medusa_topk = MEDUSA_TOPK
   c.prefix_frac = ml_collections.FieldReference(None, field_type=float)

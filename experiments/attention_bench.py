@@ -30,7 +30,7 @@ Config fields read by `run_point` (configs/quickstart.py sets all of them):
   check_rows       optional: None (absent) check every batch row the budget allows, n: at
                    most n rows spread over the batch
   mask parameters  window, window_right, doc_len, tree_span, band_peak, band_decay,
-                   band_floor, dilation, num_global, doc_len_dist ("uniform" or
+                   band_floor, band_symmetric, dilation, num_global, doc_len_dist ("uniform" or
                    "lognormal"), block_density_target and mask_block (random_blocks),
                    medusa_heads and medusa_topk (medusa, medusa_padded), prefix_frac
                    (prefix_lm): the arguments of flashjax.masks.families.build (its
@@ -101,7 +101,8 @@ _TORCH_PEERS = tuple(PEER_PREFIX + name for name in torch_peers.ATTENTION)
 # Config fields passed to flashjax.masks.families.build under their own names (a config
 # without one gets build's default; block_density_target is build's block_density).
 _MASK_PARAMS = ("batch", "window", "window_right", "doc_len", "doc_len_dist", "tree_span",
-                "band_peak", "band_decay", "band_floor", "dilation", "num_global",
+                "band_peak", "band_decay", "band_floor", "band_symmetric", "dilation",
+                "num_global",
                 "medusa_heads", "medusa_topk", "prefix_frac")
 
 

@@ -264,7 +264,8 @@ def random_global_tokens(q_len: int, kv_len: int, window: int, num_global: int,
 def build(family: str, q_len: int, kv_len: int, rng: np.random.Generator, *,
           batch: int = 1, window: int = 128, window_right: int = 0, doc_len: int = 128,
           doc_len_dist: str = "uniform", tree_span: int = 16, band_peak: float = 0.5,
-          band_decay: float = 0.01, band_floor: float = 2e-4, dilation: int = 2,
+          band_decay: float = 0.01, band_floor: float = 2e-4, band_symmetric: bool = False,
+          dilation: int = 2,
           num_global: int = 4, block_q: int = 128, block_kv: int = 128,
           block_density: float = 0.25, medusa_heads: int | None = 4,
           medusa_topk: int = 3, prefix_frac: float | None = None) -> masks.Mask | None:
@@ -283,7 +284,8 @@ def build(family: str, q_len: int, kv_len: int, rng: np.random.Generator, *,
       prefixes are uniform in [0, doc_len) unless `prefix_frac` is set.
     doc_len_dist: "uniform" or "lognormal" (see `document_ids`).
     tree_span: "tree": how far back a parent may be.
-    band_peak, band_decay, band_floor: "random_banded" (`masks.random_banded`).
+    band_peak, band_decay, band_floor, band_symmetric: "random_banded"
+      (`masks.random_banded`'s peak, decay, floor, symmetric).
     dilation: "dilated".
     num_global: "global": random global tokens.
     block_q, block_kv: "random_blocks": tiles of the pattern.
@@ -331,7 +333,7 @@ def build(family: str, q_len: int, kv_len: int, rng: np.random.Generator, *,
     return random_blocks(t, s, block_q, block_kv, block_density, rng)
   if family == "random_banded":
     return masks.random_banded(t, s, seed=int(rng.integers(2**31)), peak=band_peak,
-                               decay=band_decay, floor=band_floor)
+                               decay=band_decay, floor=band_floor, symmetric=band_symmetric)
   if family == "dilated":
     return masks.dilated(t, s, window, dilation)
   if family == "permuted_band":

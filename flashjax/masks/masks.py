@@ -1167,7 +1167,7 @@ def global_tokens(q_len: int, kv_len: int, window: int, global_ids: Any) -> Mask
 
 
 def random_banded(q_len: int, kv_len: int, seed: int = 0, *, peak: float = 0.5,
-                  decay: float = 0.3, floor: float = 2e-4) -> Mask:
+                  decay: float = 0.3, floor: float = 2e-4, symmetric: bool = False) -> Mask:
   """Synthetic banded-random mask (Sharma & Geiping 2024).
 
   Key j is allowed for query i with probability max(peak * exp(-decay * |i - j|), floor),
@@ -1177,6 +1177,11 @@ def random_banded(q_len: int, kv_len: int, seed: int = 0, *, peak: float = 0.5,
   the background is marginally sparser than `floor`). Deterministic for a given seed, and
   built in O(T * band + floor * T * S) time and memory.
 
+  With `symmetric` (T == S), as the paper's synthetic RCM matrix: only the pairs j > i are
+  drawn, each with the probability above, and mirrored, so (i, j) and (j, i) are allowed
+  together with probability p (not 1 - (1 - p)^2) and the mask equals its transpose (the
+  undirected graph Reverse Cuthill-McKee orders).
+
   Args:
     q_len: T.
     kv_len: S.
@@ -1184,6 +1189,7 @@ def random_banded(q_len: int, kv_len: int, seed: int = 0, *, peak: float = 0.5,
     peak: probability on the diagonal before the floor, in (0, 1].
     decay: exponential decay per position of distance (> 0).
     floor: background probability, in (0, peak].
+    symmetric: draw the upper triangle and mirror it (needs T == S).
   """
   q_len, kv_len = _check_int("q_len", q_len, 1), _check_int("kv_len", kv_len, 1)
   seed = _check_int("seed", seed, 0)
@@ -1191,25 +1197,32 @@ def random_banded(q_len: int, kv_len: int, seed: int = 0, *, peak: float = 0.5,
     raise ValueError(f"need 0 < {floor=} <= {peak=} <= 1")
   if not decay > 0:
     raise ValueError(f"{decay=} must be > 0")
+  if symmetric and q_len != kv_len:
+    raise ValueError(f"symmetric=True needs q_len == kv_len: {q_len=}, {kv_len=}")
   rng = np.random.default_rng(seed)
   reach = min(int(math.log(peak / floor) / decay), max(q_len, kv_len))
-  offsets = np.arange(-reach, reach + 1)
+  # Symmetric: offsets j - i >= 1 only (the upper triangle); the diagonal is added below.
+  offsets = np.arange(1 if symmetric else -reach, reach + 1)
   prob = np.maximum(peak * np.exp(-decay * np.abs(offsets)), floor)
   rows_band, which = np.nonzero(rng.random((q_len, offsets.size)) < prob)
   cols_band = rows_band + offsets[which]
   keep = (cols_band >= 0) & (cols_band < kv_len)
   rows = np.arange(q_len, dtype=np.int64)
-  lo = np.clip(rows - reach, 0, kv_len)
+  # Background columns: outside [lo, lo + width) (the band), and for `symmetric` only the
+  # columns right of it (j > i + reach).
+  lo = np.clip(rows - reach, 0, kv_len) if not symmetric else np.zeros_like(rows)
   width = np.clip(rows + reach + 1, 0, kv_len) - lo
   outside = kv_len - width
   count = rng.binomial(outside, floor)
   rows_bg = np.repeat(rows, count)
   u = rng.integers(0, np.maximum(outside[rows_bg], 1))
   cols_bg = np.where(u < lo[rows_bg], u, u + width[rows_bg])
-  return CoordinateMask(
-      q_len, kv_len,
-      np.concatenate([rows_band[keep], rows_bg, rows]),
-      np.concatenate([cols_band[keep], cols_bg, np.minimum(rows, kv_len - 1)]))
+  r = np.concatenate([rows_band[keep], rows_bg])
+  c = np.concatenate([cols_band[keep], cols_bg])
+  if symmetric:
+    r, c = np.concatenate([r, c]), np.concatenate([c, r])
+  return CoordinateMask(q_len, kv_len, np.concatenate([r, rows]),
+                        np.concatenate([c, np.minimum(rows, kv_len - 1)]))
 
 
 def from_dense(array: Any) -> Mask:

@@ -224,8 +224,8 @@ class ConfigTest(parameterized.TestCase):
                             for mode in ("fwd", "fwd_bwd")})
     self.assertEqual((config.batch, config.num_heads, config.head_dim, config.dtype),
                      (4, 32, 64, "float16"))
-    self.assertEqual((config.band_peak, config.band_decay, config.band_floor),
-                     (0.5, 0.3, 2e-4))
+    self.assertEqual((config.band_peak, config.band_decay, config.band_floor,
+                      config.band_symmetric), (0.5, 0.3, 2e-4, True))
     self.assertTrue(config.rcm_report)
     points = launch.expand_sweep(config.sweep)
     self.assertLen(points, 14 * 34)  # 26 cases x implementations, 8 flag-loop ablation

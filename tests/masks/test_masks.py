@@ -203,6 +203,24 @@ class MaskConstructorTest(parameterized.TestCase):
                                  np.maximum(0, np.arange(size) - 40))
     self.assertAlmostEqual(far.sum() / cells, 2e-4, delta=0.3e-4)
 
+  def test_random_banded_symmetric_statistics(self):
+    size = 2048
+    mask = masks.random_banded(size, size, seed=4, symmetric=True)
+    dense = mask.to_dense()
+    np.testing.assert_array_equal(dense, dense.T)
+    self.assertTrue(np.all(np.diag(dense)))
+    rows, cols = mask.nonzero()
+    dist = np.abs(rows - cols)
+    for d in (1, 3):  # each pair drawn once: probability p, not 1 - (1 - p)^2
+      frac = np.sum(dist == d) / (2 * (size - d))
+      self.assertAlmostEqual(frac, 0.5 * np.exp(-0.3 * d), delta=0.03)
+    far = dist > 40
+    cells = size * size - np.sum(np.minimum(size, np.arange(size) + 41) -
+                                 np.maximum(0, np.arange(size) - 40))
+    self.assertAlmostEqual(far.sum() / cells, 2e-4, delta=0.4e-4)
+    with self.assertRaisesRegex(ValueError, "kv_len=200"):
+      masks.random_banded(300, 200, symmetric=True)
+
   def test_random_banded_deterministic(self):
     a = masks.random_banded(300, 200, seed=7).to_dense()
     chex.assert_trees_all_equal(a, masks.random_banded(300, 200, seed=7).to_dense())
