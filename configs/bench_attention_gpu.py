@@ -1,4 +1,4 @@
-r"""Side-by-side attention benchmark on a GPU: flashjax kernels against cuDNN, XLA, Pallas and torch.
+r"""Side-by-side attention benchmark on a GPU: flashjax kernels vs cuDNN, XLA, Pallas and torch.
 
 The cases of the Pallas-kernel issues (bf16, N=32): dense causal and non-causal forward at
 B=4 T=4k and B=1 T=16k (D=128) and B=8 T=2k (D=64); forward+backward at B=4 T=4k; causal

@@ -45,11 +45,11 @@ B=4, 32 heads, D=64, fp16, the backend's default tiles; modes fwd and fwd_bwd (t
 time is fwd_bwd minus fwd of the same point). Baselines run on our kernel (dense / causal
 masks) and on peers from third_party: torch SDPA (FlashAttention, "peer:torch_sdpa"), cuDNN
 through jax.nn ("peer:jax_nn_cudnn"); FlexAttention ("peer:torch_flex") runs every mask but
-the two RCM-reordered ones as a second mask-aware implementation. Experiment kind: attention_bench, with
-`rcm_report` on: every square single-row mask gets RCM's density, bandwidth and tile density
-before / after (rcm_* fields), and every row its host preprocessing apart from the kernel
-time (mask_build_ms, block_mask_ms: mask -> BlockMask at the forward tiles, the RCM ordering
-included for rcm).
+the two RCM-reordered ones as a second mask-aware implementation. Experiment kind:
+attention_bench, with `rcm_report` on: every square single-row mask gets RCM's density,
+bandwidth and tile density before / after (rcm_* fields), and every row its host preprocessing
+apart from the kernel time (mask_build_ms, block_mask_ms: mask -> BlockMask at the forward
+tiles, the RCM ordering included for rcm).
 
 The sequence axis zips `seq_lens`, `modes` and `checks`: entry i runs N = seq_lens[i] in
 modes[i], checked against the float32 reference when checks[i]. It is the outer axis, so a
@@ -64,12 +64,12 @@ Variants (no GPU run of this grid exists yet: the times below are estimates):
       and ~15 s of start-up: about 185 s, over the 140 s budget of
       experiments/run_gpu_studies.sh: a cut run loses the last ablation points of N=8192
       fwd_bwd first. Torch SDPA and FlexAttention (child processes) are left to "full".
-  "full" (default on a GPU host): N in {256, ..., 16384} x {fwd, fwd_bwd}, every point
-      checked (the harness sizes the float32 reference to the device's memory: query
-      chunks, then batch-row subsets, recorded in `check`); pallas_triton on the 12 cases, torch SDPA and cuDNN on dense / causal,
-      FlexAttention on 10 cases, the flag-loop ablation (lists / flags on causal, alpaca_full,
-      longformer_window, random_banded): 34 x 14 = 476 points; the FlexAttention children
-      (~25 s each) dominate: about an hour.
+  "full" (default on a GPU host): N in {256, ..., 16384} x {fwd, fwd_bwd}, every point checked
+      (the harness sizes the float32 reference to the device's memory: query chunks, then
+      batch-row subsets, recorded in `check`); pallas_triton on the 12 cases, torch SDPA and
+      cuDNN on dense / causal, FlexAttention on 10 cases, the flag-loop ablation (lists / flags
+      on causal, alpaca_full, longformer_window, random_banded): 34 x 14 = 476 points; the
+      FlexAttention children (~25 s each) dominate: about an hour.
   "cpu": B=1, 2 heads, D=32, float32, 32 x 32 tiles, {N=64 fwd, N=64 fwd_bwd, N=128 fwd},
       all checked, pallas_triton in interpret mode on the 12 cases and the XLA peer on dense
       / causal, and causal with dispatch flags (its lists side: the main causal points at

@@ -4,12 +4,12 @@ q, k and v arrive sharded along the sequence over the mesh axis `axis_name` (P d
 every device computes the output rows of the queries it holds. Two strategies:
 
   ring       P steps: the local queries attend the K/V shard held now (with
-             `flashjax.ops.attention.api.attention_with_lse`, which also returns the row log-sum-exp), the
-             partial results are merged by the log-sum-exp rule, and K/V (with their segment
-             ids) move to the next device (`lax.ppermute`). Shard pairs the mask leaves empty
-             are skipped (a static schedule built host-side from the Mask); the ring still
-             passes K/V. The backward is a custom VJP running the same ring: dQ stays, dK/dV
-             travel with K/V and a last ppermute returns them to their owners.
+             `flashjax.ops.attention.api.attention_with_lse`, which also returns the row
+             log-sum-exp), the partial results are merged by the log-sum-exp rule, and K/V (with
+             their segment ids) move to the next device (`lax.ppermute`). Shard pairs the mask
+             leaves empty are skipped (a static schedule built host-side from the Mask); the
+             ring still passes K/V. The backward is a custom VJP running the same ring: dQ
+             stays, dK/dV travel with K/V and a last ppermute returns them to their owners.
   allgather  K/V (and kv segment ids) are all-gathered, then one local call per query chunk;
              gradients by autodiff (the all-gather transposes to a reduce-scatter). Any
              backend works here, Pallas included.

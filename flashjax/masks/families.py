@@ -3,10 +3,12 @@
 A family is a named way to draw a (T, S) mask: "causal", "sliding_window", "document"
 (random packed documents), "prefix_lm", "tree" (random parents), "medusa" (MEDUSA candidate
 trees), "medusa_padded" (one parent-only tree padded, as the binary block masking paper sets
-it), "longformer_global" (window plus the paper's global tokens), "random_blocks" (whole random tiles at a target block density), ... `build(family,
-...)` draws one; the random families take a numpy generator, and the same generator state
-gives the same mask. The pieces behind them (`document_ids`, `random_blocks`, `medusa_tree`,
-`random_tree`, `random_global_tokens`) are usable on their own.
+it), "longformer_global" (window plus the paper's global tokens), "random_blocks" (whole
+random tiles at a target block density), "permuted_band" (a band relabelled by one random
+permutation, for RCM), ... `build(family, ...)` draws one; the random families take a numpy
+generator, and the same generator state gives the same mask. The pieces behind them
+(`document_ids`, `random_blocks`, `medusa_tree`, `random_tree`, `random_global_tokens`,
+`permuted_band`) are usable on their own.
 
 This module sits after `builders` in the layering of flashjax.masks (it imports only the
 public `flashjax.masks.masks` constructors).

@@ -1,9 +1,10 @@
 """What the two Pallas GPU attention backends (Triton and Mosaic GPU) share.
 
 Both consume the same BlockMask operands (`MaskLayout`, `mask_operands` with the FULL slots
-of every list first; `flag_operands` for pallas_triton's flag-loop forward ablation), the same zero-padding of [B, L, N, D] inputs (`pad_to`, `pad_rows`),
-the same capability and BlockMask checks (`check_supported`, `check_block_mask`) and the
-same construction of the forward / backward BlockMasks (`block_masks`). The Triton kernels' static parameters
+of every list first; `flag_operands` for pallas_triton's flag-loop forward ablation), the
+same zero-padding of [B, L, N, D] inputs (`pad_to`, `pad_rows`), the same capability and
+BlockMask checks (`check_supported`, `check_block_mask`) and the same construction of the
+forward / backward BlockMasks (`block_masks`). The Triton kernels' static parameters
 (`TritonParams`, with per-kernel `LaunchParams` from `launch_params`) live here too, because
 the Mosaic GPU backend runs pallas_triton's backward kernels where its own cannot run.
 Nothing here builds a kernel; neither backend module is imported.

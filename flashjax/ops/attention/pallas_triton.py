@@ -51,9 +51,9 @@ Block sizes (`default_block_sizes`): on GPU 128x64 forward (and dQ) tiles and 64
 for head dim <= 128, 64x32 / 32x32 for head dim 256; in interpret mode 32x32 so that small CPU
 tests still see many tiles. Defaults shrink to the sequence (power of two >= 16). Warps and
 stages default per kernel (`pallas_gpu_common.launch_params`); a `BlockSizes` with num_warps /
-num_stages set applies them to all three kernels. A caller's `BlockSizes` is used as given. A BlockMask fixes
-the tiling of both passes: `block_sizes` whose forward tiles disagree with it is a ValueError,
-its backward tiles are then ignored (only num_warps / num_stages apply).
+num_stages set applies them to all three kernels. A caller's `BlockSizes` is used as given.
+A BlockMask fixes the tiling of both passes: `block_sizes` whose forward tiles disagree with
+it is a ValueError, its backward tiles are then ignored (only num_warps / num_stages apply).
 
 Measured numbers, side by side with cuDNN, torch SDPA, FlexAttention and the jax Pallas
 examples, and the effect of the two-loop change: docs/performance.md. D=256 is untuned
