@@ -71,7 +71,7 @@ class TritonParams:
 
   fwd_dispatch: how the forward kernel finds its kv tiles, "lists" (compacted lists of
   non-empty tiles) or "flags" (every kv tile, EMPTY ones skipped by their kind); from
-  `BlockSizes.dispatch` (`fwd_dispatch`). The dQ and dK/dV kernels always walk the lists.
+  `BlockSizes.dispatch` (None: "lists"). The dQ and dK/dV kernels always walk the lists.
   """
 
   scale: float
@@ -86,11 +86,6 @@ class TritonParams:
     if self.fwd_dispatch not in DISPATCHES:
       raise ValueError(f"TritonParams.fwd_dispatch={self.fwd_dispatch!r} must be one of "
                        f"{DISPATCHES}")
-
-
-def fwd_dispatch(sizes: BlockSizes) -> str:
-  """The forward dispatch form of `sizes` ("lists" unless BlockSizes.dispatch says "flags")."""
-  return sizes.dispatch or "lists"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -616,7 +616,7 @@ class PallasTriton(base.BlockSparseBackend):
     params = TritonParams(scale=float(args.scale), soft_cap=args.logits_soft_cap,
                           interpret=bool(args.interpret), fwd_launch=fwd_launch,
                           dq_launch=dq_launch, dkdv_launch=dkdv_launch,
-                          fwd_dispatch=gpu_common.fwd_dispatch(sizes))
+                          fwd_dispatch=sizes.dispatch or "lists")
     return _Plan(fwd_mask, bwd_mask, params)
 
   def kernel(self, query, key, value, plan):
