@@ -139,20 +139,7 @@ class ShardedDecodeTest(parameterized.TestCase):
   def test_decode_matches_single_device(self, variant, spec, cache_spec):
     config = TransformerConfig(variant=variant, vocab_size=64, d_model=32, num_layers=2,
                                num_heads=4, num_kv_heads=2, d_ff=64, max_len=32)
-    prompts = jnp.asarray(np.random.default_rng(1).integers(0, 64, (4, 6)), jnp.int32)
-    lengths = jnp.array([6, 3, 5, 1], jnp.int32)
-    model = Transformer(config, rngs=nnx.Rngs(0))
-    logits, cache = model.prefill(prompts, model.init_cache(4, 16), lengths)
-    decoder = distributed.ShardedDecoder(Transformer(config, rngs=nnx.Rngs(0)), _mesh(spec))
-    sharded_logits, sharded_cache = decoder.prefill(prompts, decoder.init_cache(4, 16),
-                                                    lengths)
-    np.testing.assert_allclose(sharded_logits, logits, atol=1e-5, rtol=0)
-    tokens = jnp.argmax(logits[jnp.arange(4), lengths - 1], axis=-1).astype(jnp.int32)
-    for _ in range(3):
-      logits, cache = model.decode_step(tokens, cache)
-      sharded_logits, sharded_cache = decoder.decode_step(tokens, sharded_cache)
-      np.testing.assert_allclose(sharded_logits, logits, atol=1e-5, rtol=0)
-      tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    cache, sharded_cache = _decode_both(config, _mesh(spec), steps=3)
     self.assertEqual(sharded_cache.keys[0].sharding.spec, cache_spec)
     np.testing.assert_allclose(sharded_cache.values[1], cache.values[1], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(sharded_cache.lengths, cache.lengths)
@@ -215,6 +202,25 @@ class ShardedCheckpointTest(parameterized.TestCase):
       ckpt.close()
 
 
+def _decode_both(config, mesh, *, steps):
+  """Prefill 4 ragged prompts, then greedy-decode `steps` tokens on one device and with a
+  ShardedDecoder on `mesh`, asserting equal logits at every step; (cache, sharded cache)."""
+  prompts = jnp.asarray(np.random.default_rng(1).integers(0, 64, (4, 6)), jnp.int32)
+  lengths = jnp.array([6, 3, 5, 1], jnp.int32)
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  logits, cache = model.prefill(prompts, model.init_cache(4, 16), lengths)
+  decoder = distributed.ShardedDecoder(Transformer(config, rngs=nnx.Rngs(0)), mesh)
+  sharded_logits, sharded_cache = decoder.prefill(prompts, decoder.init_cache(4, 16), lengths)
+  np.testing.assert_allclose(sharded_logits, logits, atol=1e-5, rtol=0)
+  tokens = jnp.argmax(logits[jnp.arange(4), lengths - 1], axis=-1).astype(jnp.int32)
+  for _ in range(steps):
+    logits, cache = model.decode_step(tokens, cache)
+    sharded_logits, sharded_cache = decoder.decode_step(tokens, sharded_cache)
+    np.testing.assert_allclose(sharded_logits, logits, atol=1e-5, rtol=0)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return cache, sharded_cache
+
+
 def _recording(calls):
   """mock.patch.object targets recording the query shape of the layers' attention ops."""
   def wrap(name):
@@ -253,24 +259,10 @@ class ShardedPallasTest(parameterized.TestCase):
     config = TransformerConfig(vocab_size=64, d_model=64, num_layers=1, num_heads=4,
                                num_kv_heads=2, d_ff=64, max_len=32,
                                attention_impl="pallas_triton", interpret=True)
-    prompts = jnp.asarray(np.random.default_rng(1).integers(0, 64, (4, 6)), jnp.int32)
-    lengths = jnp.array([6, 3, 5, 1], jnp.int32)
-    model = Transformer(config, rngs=nnx.Rngs(0))
-    logits, cache = model.prefill(prompts, model.init_cache(4, 16), lengths)
     calls = []
-    decoder = distributed.ShardedDecoder(Transformer(config, rngs=nnx.Rngs(0)),
-                                         _mesh("data:2,model:2"))
     patches = _recording(calls)
     with patches[0], patches[1]:
-      sharded_logits, sharded_cache = decoder.prefill(prompts, decoder.init_cache(4, 16),
-                                                      lengths)
-      np.testing.assert_allclose(sharded_logits, logits, atol=1e-5, rtol=0)
-      tokens = jnp.argmax(logits[jnp.arange(4), lengths - 1], axis=-1).astype(jnp.int32)
-      for _ in range(2):
-        logits, cache = model.decode_step(tokens, cache)
-        sharded_logits, sharded_cache = decoder.decode_step(tokens, sharded_cache)
-        np.testing.assert_allclose(sharded_logits, logits, atol=1e-5, rtol=0)
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      _, sharded_cache = _decode_both(config, _mesh("data:2,model:2"), steps=2)
     self.assertIn(("causal_self_attention", (2, 6, 2, 16)), calls)
     self.assertIn(("cached_decode_attention", (2, 2, 16)), calls)
     self.assertEqual(sharded_cache.keys[0].sharding.spec, PartitionSpec("data", None, "model"))

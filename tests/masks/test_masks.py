@@ -189,19 +189,24 @@ class MaskConstructorTest(parameterized.TestCase):
       expected = expected.reshape((1,) * (4 - expected.ndim) + expected.shape)
       chex.assert_trees_all_equal(np.broadcast_to(dense, expected.shape), expected)
 
-  def test_random_banded_statistics(self):
-    size = 2048
-    mask = masks.random_banded(size, size, seed=3)
+  def _check_band_probabilities(self, mask, size, far_delta):
+    """Allowed fraction at distance 1 and 3 (0.5 exp(-0.3 d)) and beyond 40 (the floor)."""
     rows, cols = mask.nonzero()
     dist = np.abs(rows - cols)
-    self.assertTrue(np.all(np.bincount(rows[dist == 0], minlength=size) == 1))
     for d in (1, 3):
       frac = np.sum(dist == d) / (2 * (size - d))
       self.assertAlmostEqual(frac, 0.5 * np.exp(-0.3 * d), delta=0.03)
     far = dist > 40
     cells = size * size - np.sum(np.minimum(size, np.arange(size) + 41) -
                                  np.maximum(0, np.arange(size) - 40))
-    self.assertAlmostEqual(far.sum() / cells, 2e-4, delta=0.3e-4)
+    self.assertAlmostEqual(far.sum() / cells, 2e-4, delta=far_delta)
+    return rows, dist
+
+  def test_random_banded_statistics(self):
+    size = 2048
+    mask = masks.random_banded(size, size, seed=3)
+    rows, dist = self._check_band_probabilities(mask, size, far_delta=0.3e-4)
+    self.assertTrue(np.all(np.bincount(rows[dist == 0], minlength=size) == 1))
 
   def test_random_banded_symmetric_statistics(self):
     size = 2048
@@ -209,15 +214,8 @@ class MaskConstructorTest(parameterized.TestCase):
     dense = mask.to_dense()
     np.testing.assert_array_equal(dense, dense.T)
     self.assertTrue(np.all(np.diag(dense)))
-    rows, cols = mask.nonzero()
-    dist = np.abs(rows - cols)
-    for d in (1, 3):  # each pair drawn once: probability p, not 1 - (1 - p)^2
-      frac = np.sum(dist == d) / (2 * (size - d))
-      self.assertAlmostEqual(frac, 0.5 * np.exp(-0.3 * d), delta=0.03)
-    far = dist > 40
-    cells = size * size - np.sum(np.minimum(size, np.arange(size) + 41) -
-                                 np.maximum(0, np.arange(size) - 40))
-    self.assertAlmostEqual(far.sum() / cells, 2e-4, delta=0.4e-4)
+    # Each pair drawn once: probability p, not 1 - (1 - p)^2.
+    self._check_band_probabilities(mask, size, far_delta=0.4e-4)
     with self.assertRaisesRegex(ValueError, "kv_len=200"):
       masks.random_banded(300, 200, symmetric=True)
 
