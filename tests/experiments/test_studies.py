@@ -358,9 +358,10 @@ class LauncherTest(absltest.TestCase):
     self.assertTrue(os.path.exists(os.path.join(self.workdir, ablate_mask_density.PLOT_FILE)))
 
   def test_reproduction_kill_and_resume(self):
-    one_length = ("--config.seq_lens=(64, 64)", "--config.modes=('fwd', 'fwd_bwd')",
-                  "--config.checks=(True, True)")
-    cmd = _launch_cmd("reproduce_binblkmsk", self.workdir, *one_length)
+    # The whole :cpu grid (45 points), killed after 3 rows and resumed: one run of the study's
+    # cost (~40-55 s on 2 cores) checks the resume, the rows and the time bound together.
+    start = time.monotonic()
+    cmd = _launch_cmd("reproduce_binblkmsk", self.workdir)
     results = os.path.join(self.workdir, "results.jsonl")
     proc = subprocess.Popen(cmd, cwd=_REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -375,12 +376,13 @@ class LauncherTest(absltest.TestCase):
       proc.send_signal(signal.SIGKILL)
       proc.wait()
     killed_at = len(_rows(self.workdir))
-    self.assertBetween(killed_at, 3, 29)
-    rows = self._run("reproduce_binblkmsk", *one_length)
+    self.assertBetween(killed_at, 3, 44)
+    rows = self._run("reproduce_binblkmsk")
     keys = [r["key"] for r in rows]
-    self.assertLen(set(keys), 30)
-    self.assertLen(keys, 30)  # no finished point ran twice
-    self._assert_ok(rows, 30)
+    self.assertLen(set(keys), 45)
+    self.assertLen(keys, 45)  # no finished point ran twice
+    self._assert_ok(rows, 45)
+    self.assertLess(time.monotonic() - start, 150)  # a loaded host: up to ~2x
     statuses = {(r["point"]["implementation"], r["point"]["case"], r["status"]) for r in rows}
     self.assertNotIn("unsupported", {s for impl, _, s in statuses if impl == "pallas_triton"},
                      statuses)
@@ -391,11 +393,13 @@ class LauncherTest(absltest.TestCase):
         self.assertGreaterEqual(m["block_mask_ms"], 0)
       if row["point"]["case"] in ("random_banded", "rcm", "longformer_window", "medusa"):
         self.assertEqual(m["rcm_status"], "ok", row["point"])
-        self.assertLessEqual(m["rcm_bandwidth_after"], 63)
       if row["point"]["case"] == "permuted_band":  # RCM undoes the scrambling
         window = reproduce_binblkmsk.PERMUTED_BAND_WINDOW
         self.assertGreater(m["rcm_bandwidth_before"], 4 * window)
         self.assertLessEqual(m["rcm_bandwidth_after"], 2 * window)
+        if row["point"]["q_len"] == 128:  # 4 x 4 tiles of 32: RCM brings the tiles down
+          self.assertEqual(m["rcm_block_density_before"], 1.0)
+          self.assertLess(m["rcm_block_density_after"], 0.7)
     text = reproduce_binblkmsk.write_speedups(self.workdir)
     for case in ("medusa", "alpaca_prefix", "longformer_global", "rcm"):
       line = next(l for l in text.splitlines() if l.startswith(f"| {case} | 64 |"))
@@ -412,18 +416,6 @@ class LauncherTest(absltest.TestCase):
     for mode in ("fwd", "fwd_bwd"):
       self.assertIn(f"| causal | 64 | {mode} | 32x32 |", ablation)
 
-  def test_reproduction_cpu_variant_is_quick(self):
-    start = time.monotonic()
-    rows = self._run("reproduce_binblkmsk")
-    self._assert_ok(rows, 45)
-    # At N = 128 (4 x 4 tiles of 32) RCM brings the scrambled band's tiles down.
-    band = [r["metrics"] for r in rows
-            if r["point"]["case"] == "permuted_band" and r["point"]["q_len"] == 128]
-    self.assertNotEmpty(band)
-    for m in band:
-      self.assertEqual(m["rcm_block_density_before"], 1.0)
-      self.assertLess(m["rcm_block_density_after"], 0.7)
-    self.assertLess(time.monotonic() - start, 120)  # ~35-50 s on 2 cores; a loaded host
 
 class ScriptTest(absltest.TestCase):
 
