@@ -10,7 +10,8 @@ skips finished points; a failed stage is retried) redoes nothing that finished:
   latency    measures `latency_samples` sampled SubTransformers (weight-shared) on this
              device through the model's kernels: prefill of `prefill_tokens` tokens and
              `decode_tokens` cached decode steps at batch `latency_batch`
-             (flashjax.search.latency; JSONL, resumable per sample)
+             (flashjax.search.latency; JSONL, resumable per sample); it does not need the
+             supernet trained (latency does not depend on the weights)
   predictor  per target (prefill_ms, decode_ms): the MLP predictor on normalised
              architecture features and the linear baseline on FLOP / byte / layer counts,
              trained on a random split and scored (RMSE, MAPE, R^2) on the held-out part
@@ -195,7 +196,9 @@ def stage_supernet(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def stage_latency(config: ml_collections.ConfigDict) -> dict[str, Any]:
   directory = _stage_dir(config, "latency")
-  _require(config, "supernet")
+  # No supernet requirement: latency does not depend on the weights, so this stage runs
+  # on whatever the supernet holds (its latest checkpoint, else the initial weights), e.g.
+  # in a device session of its own before the supernet is trained.
   t = trainer(config)
   start = time.perf_counter()
   rows = latency.collect_dataset(

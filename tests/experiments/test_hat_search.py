@@ -91,29 +91,34 @@ class HatSearchStudyTest(absltest.TestCase):
 
     with mock.patch.object(supernet_lib.SuperTrainer, "train_step", dies_at_fifth):
       rows = launch.run(config, self.workdir, progress=False)
-    # Every stage that needs the supernet fails; the kernel stage does not need it.
-    self.assertEqual([r["status"] for r in rows], ["error"] * 5 + ["ok"])
+    # The search and the retraining need the trained supernet and fail; latency, the
+    # predictor and the kernel stage do not need it.
+    self.assertEqual([r["status"] for r in rows],
+                     ["error", "ok", "ok", "error", "error", "ok"])
     self.assertIn("killed", rows[0]["error"])
-    self.assertIn("has not finished", rows[1]["error"])
+    self.assertIn("stage 'supernet' has not finished", rows[3]["error"])
+    self.assertEqual(rows[1]["metrics"]["samples"], 5)
 
-    # 2. A new process: the supernet resumes from step 3; the predictor stage fails.
+    # 2. A new process: the supernet resumes from step 3; the search stage fails.
     hat_search._TRAINERS.clear()
-    with mock.patch.object(predictor_lib, "fit_mlp", side_effect=RuntimeError("no mlp")):
+    with mock.patch.object(predictor_lib.MLPPredictor, "load",
+                           side_effect=RuntimeError("no mlp")):
       rows = launch.run(config, self.workdir, progress=False)
-    self.assertEqual([r["status"] for r in rows], ["ok", "ok"] + ["error"] * 3 + ["ok"])
+    self.assertEqual([r["status"] for r in rows], ["ok"] * 3 + ["error"] * 2 + ["ok"])
     self.assertEqual(rows[0]["metrics"]["resumed_from_step"], 3)
     self.assertEqual(rows[0]["metrics"]["steps"], 6)
-    self.assertEqual(rows[1]["metrics"]["samples"], 5)
+    self.assertIn("no mlp", rows[3]["error"])
 
     # 3. Again: the finished stages are not redone, the rest completes.
     hat_search._TRAINERS.clear()
     forbidden = AssertionError("a finished stage ran again")
     with mock.patch.object(supernet_lib, "train_supernet", side_effect=forbidden), \
-         mock.patch.object(latency, "collect_dataset", side_effect=forbidden):
+         mock.patch.object(latency, "collect_dataset", side_effect=forbidden), \
+         mock.patch.object(predictor_lib, "fit_mlp", side_effect=forbidden):
       rows = launch.run(config, self.workdir, progress=False)
     for row in rows:
       self.assertEqual(row["status"], "ok", row.get("traceback"))
-    self.assertLen(_rows(self.workdir), 6 + 5 + 3)  # no finished stage ran twice
+    self.assertLen(_rows(self.workdir), 6 + 3 + 2)  # no finished stage ran twice
     metrics = {r["point"]["stage"]: r["metrics"] for r in rows}
     self.assertBetween(metrics["predictor"]["decode_ms_mlp_mape"], 0, 1e4)
     self.assertIn("decode_ms_linear_r2", metrics["predictor"])
