@@ -61,6 +61,8 @@ class SummaryTest(absltest.TestCase):
         _row("partially_fused", "causal", 4096, 4096, 0.1, within_tol=False),
         _row("pallas_triton", "causal", 4096, 4096, 0.5),
         _row("xla", "causal", 4096, 4096, 1.5),
+        # One algorithm measured (a cut run): no winner.
+        _row("partially_fused", "causal", 8192, 8192, 0.6),
     ]
     self.assertTrue(io_model.prefer_partially_fused(512, 65536, 128, "bfloat16", _H100,
                                                     num_heads=8, block_q=16))
@@ -74,6 +76,8 @@ class SummaryTest(absltest.TestCase):
     self.assertTrue(square.endswith("| partially_fused | pallas_triton | no |"), square)
     causal = lines[("| causal", "128", "4096", "4096")]
     self.assertTrue(causal.endswith("| - | 0.5 | 1.5 | pallas_triton | - | - |"), causal)
+    alone = lines[("| causal", "128", "8192", "8192")]
+    self.assertTrue(alone.endswith("| 0.6 | - | - | - | - | - |"), alone)
     self.assertIn("agrees with the measurement on 1 of 2 dense shapes", text)
     self.assertNotIn("not a test of the model", text)  # predicted for the device that ran
 
