@@ -68,8 +68,10 @@ Variants (no GPU run of this grid exists yet: the times below are estimates):
       (the harness sizes the float32 reference to the device's memory: query chunks, then
       batch-row subsets, recorded in `check`); pallas_triton on the 12 cases, torch SDPA and
       cuDNN on dense / causal, FlexAttention on 10 cases, the flag-loop ablation (lists / flags
-      on causal, alpaca_full, longformer_window, random_banded): 34 x 14 = 476 points; the
-      FlexAttention children (~25 s each) dominate: about an hour.
+      on causal, alpaca_full, longformer_window, random_banded): 34 x 14 = 476 points; about
+      30-40 minutes (estimate: 3-5 s a checked point; FlexAttention runs in the kept-alive
+      torch child, 1-3 s of compile a point in the H200 quickstart), so three or four
+      device calls resumed in one workdir.
   "cpu": B=1, 2 heads, D=32, float32, 32 x 32 tiles, {N=64 fwd, N=64 fwd_bwd, N=128 fwd},
       all checked, pallas_triton in interpret mode on the 12 cases and the XLA peer on dense
       / causal, and causal with dispatch flags (its lists side: the main causal points at
@@ -244,8 +246,8 @@ VARIANTS = {
                           "flag-loop ablation on 2 cases x {N=1024 fwd, N=8192 fwd, N=8192 "
                           "fwd_bwd}, B=4 32 heads D=64 fp16: 54 points, ~185 s (estimate)"),
     "full": common.Variant("the paper's grid, N 256..16384 x 2 modes, pallas_triton, SDPA, "
-                           "cuDNN and FlexAttention, the flag-loop ablation: 476 points, ~1 h "
-                           "(estimate; default on a GPU host)"),
+                           "cuDNN and FlexAttention, the flag-loop ablation: 476 points, "
+                           "~30-40 min (estimate; default on a GPU host)"),
     "cpu": common.Variant("B=1 N=2 heads D=32 float32, N = 64 and 128, pallas_triton in "
                           "interpret mode, the XLA peer, one flags point per N: 45 points "
                           "(default on a CPU host)",

@@ -102,8 +102,7 @@ _TORCH_PEERS = tuple(PEER_PREFIX + name for name in torch_peers.ATTENTION)
 # without one gets build's default; block_density_target is build's block_density).
 _MASK_PARAMS = ("batch", "window", "window_right", "doc_len", "doc_len_dist", "tree_span",
                 "band_peak", "band_decay", "band_floor", "band_symmetric", "dilation",
-                "num_global",
-                "medusa_heads", "medusa_topk", "prefix_frac")
+                "num_global", "medusa_heads", "medusa_topk", "prefix_frac")
 
 
 def build_mask(config: ml_collections.ConfigDict, rng: np.random.Generator) -> Any:

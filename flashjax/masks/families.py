@@ -267,8 +267,7 @@ def build(family: str, q_len: int, kv_len: int, rng: np.random.Generator, *,
           batch: int = 1, window: int = 128, window_right: int = 0, doc_len: int = 128,
           doc_len_dist: str = "uniform", tree_span: int = 16, band_peak: float = 0.5,
           band_decay: float = 0.01, band_floor: float = 2e-4, band_symmetric: bool = False,
-          dilation: int = 2,
-          num_global: int = 4, block_q: int = 128, block_kv: int = 128,
+          dilation: int = 2, num_global: int = 4, block_q: int = 128, block_kv: int = 128,
           block_density: float = 0.25, medusa_heads: int | None = 4,
           medusa_topk: int = 3, prefix_frac: float | None = None) -> masks.Mask | None:
   """One mask of `family` at (T, S) (None for "dense"), drawn with `rng`.

@@ -99,7 +99,6 @@ class AttentionSuite(random_inputs.RandomInputs, parameterized.TestCase):
     if dtype not in self.DTYPES:
       self.skipTest(f"{self.IMPLEMENTATION} does not test {dtype=}")
 
-
   def attention(self, query, key, value, **kwargs) -> jax.Array:
     """flashjax.dot_product_attention with this backend's settings."""
     kwargs.setdefault("block_sizes", self.BLOCK_SIZES)
