@@ -173,11 +173,18 @@ def _sweep_fields(config: ml_collections.ConfigDict) -> set[str]:
           if isinstance(values, ml_collections.FieldReference)]
   names = set()
 
+  def is_swept(node, name):
+    try:
+      field = node.get_ref(name)
+    except ValueError:  # a plain None field (get_ref refuses it): no axis references it
+      return False
+    return any(field is ref for ref in refs)
+
   def visit(node, prefix):
     for name in list(node.keys()):
       if isinstance(node[name], ml_collections.ConfigDict):
         visit(node[name], f"{prefix}{name}.")
-      elif any(node.get_ref(name) is ref for ref in refs):
+      elif is_swept(node, name):
         names.add(prefix + name)
 
   visit(probe, "")

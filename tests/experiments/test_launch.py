@@ -207,6 +207,18 @@ class LaunchTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"different config \(fields \['fail_x'\]\)"):
       launch.run(config, self.workdir, progress=False)
 
+  def test_resume_with_a_none_field(self):
+    # A config holding a None field (e.g. partially_fused's prediction_device on a GPU)
+    # resumed in a workdir with results: the config check must not trip over the None.
+    config = self.config()
+    with config.unlocked():
+      config.unused = None
+    launch.run(config, self.workdir, progress=False)
+    os.remove(self.call_log)
+    config.modes = ("a", "b", "d")
+    launch.run(config, self.workdir, progress=False, retry_failed=False)
+    self.assertEqual({p["mode"] for p in self.calls()}, {"d"})
+
   def test_command_line(self):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([self.dir, _REPO]), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
