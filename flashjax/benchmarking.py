@@ -73,6 +73,8 @@ class DeviceSpec:
     source: the datasheet the two peaks come from.
     measured_flops_per_s: dense bf16 matmul measured on this model (None: not measured).
     measured_hbm_bytes_per_s: achieved copy bandwidth measured here (None: not measured).
+    l2_bytes: L2 cache capacity (every Hopper part listed: 50 MB, NVIDIA Hopper architecture
+      whitepaper).
   """
 
   name: str
@@ -81,6 +83,7 @@ class DeviceSpec:
   source: str
   measured_flops_per_s: float | None = None
   measured_hbm_bytes_per_s: float | None = None
+  l2_bytes: float = 50e6
 
 
 # Vendor datasheet peaks, dense bf16 / fp16 tensor-core FLOP/s (the datasheets print the 2:4
@@ -536,7 +539,7 @@ def device_ceilings(device_kind: str | None,
 
   Returns:
     {"device": canonical name, "hbm_bytes_per_s", "hbm_source",
-    "datasheet_hbm_bytes_per_s", "source" (the datasheet), and for bf16 / fp16
+    "datasheet_hbm_bytes_per_s", "source" (the datasheet), "l2_bytes", and for bf16 / fp16
     "flops_per_s", "flops_source", "datasheet_flops_per_s"} or None.
   """
   spec = device_spec(device_kind)
@@ -547,7 +550,8 @@ def device_ceilings(device_kind: str | None,
       "device": spec.name, "source": spec.source,
       "hbm_bytes_per_s": measured_hbm or spec.datasheet_hbm_bytes_per_s,
       "hbm_source": MEASURED if measured_hbm else DATASHEET,
-      "datasheet_hbm_bytes_per_s": spec.datasheet_hbm_bytes_per_s}
+      "datasheet_hbm_bytes_per_s": spec.datasheet_hbm_bytes_per_s,
+      "l2_bytes": spec.l2_bytes}
   if np.dtype(dtype) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
     measured = spec.measured_flops_per_s
     ceilings.update(flops_per_s=measured or spec.datasheet_flops_per_s,

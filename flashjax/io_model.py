@@ -269,9 +269,6 @@ def implementation_algorithm(implementation: str) -> str:
 
 
 # ------------------------------------------------- rule for the "partially_fused" backend
-# L2 capacity of the Hopper parts in benchmarking.DEVICE_SPECS (H100 / H200 / GH200: 50 MB,
-# NVIDIA Hopper architecture whitepaper). Kinds without an entry raise in the rule.
-L2_BYTES = {"H100": 50e6, "H200": 50e6, "GH200": 50e6}
 # Assumed fixed cost per kernel launch (not measured here): flash 1 kernel, the partially
 # fused backend 2, unfused XLA 3 (QK^T, softmax, P @ V).
 LAUNCH_MS = 0.004
@@ -320,8 +317,9 @@ def predict_partially_fused(t: int, s: int, head_dim: int, dtype: Any, device_ki
 
     time = max(FLOPs / matmul peak, HBM bytes / bandwidth) + kernels * LAUNCH_MS
 
-  with two cache credits, both from L2_BYTES of the device: when the scores of all heads
-  (B*N*T*S items) fit in L2, score-sized *reads* are served from L2 (writes still reach HBM):
+  with two cache credits, both from the device's L2 capacity (the ceilings' `l2_bytes`): when
+  the scores of all heads (B*N*T*S items) fit in L2, score-sized *reads* are served from L2
+  (writes still reach HBM):
   "partial_fused" keeps 1 of its 3 score transfers, "naive" 2 of 4; when K and V of all heads
   fit, FlashAttention's re-reads of K/V after the first are served from L2. float32 has no
   matmul ceiling in benchmarking.device_ceilings, so float32 compares bytes and launches only.
@@ -343,12 +341,11 @@ def predict_partially_fused(t: int, s: int, head_dim: int, dtype: Any, device_ki
   """
   itemsize = np.dtype(dtype).itemsize
   ceilings = benchmarking.device_ceilings(device_kind, dtype)
-  model = None if ceilings is None else ceilings["device"].split()[1]
-  if ceilings is None or model not in L2_BYTES:
+  if ceilings is None:
     raise ValueError(f"no ceilings / L2 size for {device_kind=}; known kinds: "
                      f"{[spec.name for spec in benchmarking.DEVICE_SPECS]}")
   shape = Shape(batch, t, s, num_heads, head_dim, itemsize, num_kv_heads)
-  l2 = L2_BYTES[model]
+  l2 = ceilings["l2_bytes"]
   score_bytes = float(shape.score_bytes * batch * num_heads * t * s)
   scores_in_l2 = score_bytes <= l2
   kv_in_l2 = 2 * itemsize * batch * shape.kv_heads * s * head_dim <= l2

@@ -83,6 +83,7 @@ class CountersTest(parameterized.TestCase):
     self.assertEqual(h200["datasheet_hbm_bytes_per_s"], 4.8e12)
     self.assertEqual(h200["device"], "NVIDIA H200")
     self.assertIn("H200", h200["source"])
+    self.assertEqual(h200["l2_bytes"], 50e6)  # io_model's L2 credits read it from here
     self.assertNotIn("flops_per_s", benchmarking.device_ceilings("NVIDIA H200", np.float32))
     self.assertEqual(benchmarking.device_ceilings("NVIDIA H200", jnp.float16)["flops_per_s"],
                      benchmarking.H200_BF16_MATMUL_FLOPS_PER_S)
