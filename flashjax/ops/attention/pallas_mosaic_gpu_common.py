@@ -13,6 +13,7 @@ import this module; it imports neither.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -307,3 +308,18 @@ def launch(kernel, out_type, scratch, grid, grid_names, consumers: int, interpre
       num_threads=consumers + 1, thread_name="wg",
       compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
       interpret=interpret_params() if interpret else None)
+
+
+def launch_with_refs(kernel, out_type, scratch, grid, grid_names, consumers: int):
+  """As `launch` (compiled only), through `pl.kernel` so that mutable JAX Refs passed after
+  the operands are aliased in and out of the kernel (plgpu.kernel's vmap wrapper rejects
+  them). The scratch is allocated as plgpu.kernel does: one run_scoped over all warpgroups."""
+  mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=consumers + 1,
+                    thread_name="wg")
+
+  def body(*refs):
+    pl.run_scoped(functools.partial(kernel, *refs), *scratch, collective_axes="wg")
+
+  body.__name__ = getattr(kernel, "__name__", "kernel")
+  return pl.kernel(body, out_type=out_type, mesh=mesh,
+                   compiler_params=plgpu.CompilerParams(approx_math=True))

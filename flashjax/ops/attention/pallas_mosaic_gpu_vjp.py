@@ -49,8 +49,8 @@ from flashjax.masks.block_mask import BlockMask
 from flashjax.ops.attention.pallas_gpu_common import LOG2E, pad_to, tiling
 from flashjax.ops.attention.pallas_mosaic_gpu_common import (
     ROWS, KernelOps, MaskParts, MosaicParams, for_each_item, grid_and_order, keep_mask,
-    launch, longest_first, mask_parts, mask_scratch, query_item, query_item_order,
-    run_warpgroups, swizzled_smem)
+    launch, launch_with_refs, longest_first, mask_parts, mask_scratch, query_item,
+    query_item_order, run_warpgroups, swizzled_smem)
 
 
 def _probs(s, lse, config: MosaicParams, *, lse_dim: int, keep, tile):
@@ -226,12 +226,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Mo
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: MosaicParams,
                  num_kv_heads: int, group: int, head_dim: int, consumers: int,
-                 present: tuple[bool, ...], num_outer: int, num_programs: int):
+                 present: tuple[bool, ...], num_outer: int, num_programs: int,
+                 fused_dq: bool = False):
   """dK, dV of one kv block (consumers x 64 keys) of one (batch, kv head), summed over the
-  kv head's `group` query heads.
+  kv head's `group` query heads; with `fused_dq` also every slot's dQ contribution.
 
   Operands as `_dq_kernel` (interpret: Q^T and dO^T [B, Nq, Dp, T_pad] after do), mask parts
-  of the backward lists; outputs dk, dv [B, S_pad, Nkv, Dp].
+  of the backward lists; outputs dk, dv [B, S_pad, Nkv, Dp]. Fused: compiled, the float32
+  dQ accumulator [B, T_pad, Nq, Dp] (a zero-initialised Ref after the mask parts) takes each
+  consumer's partial dS K by TMA reduce-add; interpret, each (kv block, consumer) writes its
+  partials to its own slice of an extra output [nk * consumers, B, T_pad, Nq, Dp] (see
+  `dkdv_dq`).
   """
   stages, bq = config.stages, layout.block_q
   it = iter(refs)
@@ -240,7 +245,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
   if config.interpret:
     qt_ref, dot_ref = next(it), next(it)
   parts = MaskParts(*(next(it) if p else None for p in present))
+  dq_acc_ref = next(it) if fused_dq and not config.interpret else None
   dk_ref, dv_ref = next(it), next(it)
+  dq_parts_ref = next(it) if fused_dq and config.interpret else None
   (k_smem, v_smem, meta_smem, row_bars, q_smem, do_smem, stats_smem, q_bars, do_bars,
    stats_bars, free) = (next(it) for _ in range(11))
   seg_smem = seg_bars = tile_smem = tile_bars = None
@@ -251,6 +258,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
   qt_smem = dot_smem = qt_bars = dot_bars = a_smem = None
   if config.interpret:
     qt_smem, dot_smem, qt_bars, dot_bars, a_smem = (next(it) for _ in range(5))
+  ds_smem = dq_smem = None
+  if fused_dq:
+    ds_smem, dq_smem = next(it), next(it)
 
   wg = lax.axis_index("wg")
   num_heads = num_kv_heads * group
@@ -360,8 +370,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
         dv = ops.mma(dv, p_t.astype(do_smem.dtype), do_smem.at[buf])
         dp_t = ops.mm_t(v_smem.at[wg], do_smem.at[buf], dot, (ROWS, bq))
         ds_t = _dscores(p_t, dp_t, delta, t, delta_dim=1)
-        dk = ops.mma(dk, ds_t.astype(q_smem.dtype), q_smem.at[buf])
+        ds16 = ds_t.astype(q_smem.dtype)
+        dk = ops.mma(dk, ds16, q_smem.at[buf])
         plgpu.barrier_arrive(free.at[buf])
+        if fused_dq:
+          emit_dq(ops, ds16, j, slot)
         return dk, dv
 
       n_full, count = head_n_full(j), head_count(j)
@@ -369,6 +382,34 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
       if layout.has_partial:
         dk, dv = lax.fori_loop(n_full, count, functools.partial(body, partial=True), (dk, dv))
       return dk, dv, step0 + count
+
+    def emit_dq(ops, ds16, j, slot):
+      """This consumer's dQ contribution to the slot's 64 query rows: dS K_wg [64, Dp]
+      (unscaled, float32), staged in SMEM and reduce-added into the accumulator (interpret:
+      stored to this (kv block, consumer)'s slice of the partials)."""
+      head = kv_head * group + j
+      rows_q = pl.ds(q_start(j, slot), bq)
+      if ops.compiled:
+        ds_smem.at[wg][...] = ds16
+        plgpu.commit_smem()
+
+        def run(acc_ref):
+          plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_smem.at[wg], (1, 0)), k_smem.at[wg])
+          return acc_ref[...]
+
+        part = pl.run_scoped(run, plgpu.ACC((bq, head_dim), jnp.float32))
+      else:
+        part = ops.mma(ops.zeros((bq, head_dim)), ds16.T, k_smem.at[wg])
+      # The previous slot's store has read dq_smem before it is overwritten.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      dq_smem.at[wg][...] = part
+      plgpu.commit_smem()
+      if ops.compiled:
+        plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_acc_ref.at[batch, rows_q, head],
+                                reduction_op="add")
+      else:
+        plgpu.copy_smem_to_gmem(dq_smem.at[wg],
+                                dq_parts_ref.at[kj * consumers + wg, batch, rows_q, head])
 
     zeros = ops.zeros((ROWS, head_dim))
     dk, dv, _ = lax.fori_loop(0, group, head_loop, (zeros, zeros, jnp.int32(0)))
@@ -463,6 +504,38 @@ def dq(q, k, v, do, stats, bm: BlockMask, config: MosaicParams) -> jax.Array:
 def dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams) -> tuple[jax.Array, jax.Array]:
   """dK, dV [B, S, Nkv, D] over the backward lists of `bm` (block_q 64, block_kv 64 or 128);
   arguments as `dq`."""
+  return _dkdv(q, k, v, do, stats, bm, config, fused_dq=False)[1:]
+
+
+def dkdv_dq(q, k, v, do, stats, bm: BlockMask,
+            config: MosaicParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """dQ, dK, dV in one kernel over the backward lists of `bm` (block_q 64, block_kv 64 or
+  128): 5 tile matmuls per slot instead of the two kernels' 7; arguments as `dq`.
+
+  Each consumer adds dS K of its 64 keys to the slot's 64 query rows of a float32 dQ
+  accumulator: compiled, by TMA reduce-add into a zero-initialised mutable Ref passed to
+  `pl.kernel` (the order of the float32 adds varies from run to run); in interpret mode (no
+  TMA reduction, no Refs in the interpreter) each (kv block, consumer) stores its partials
+  to its own slice of an extra output, and XLA sums the slices over the tiles the backward
+  lists visited (the rest of each slice is never written).
+  """
+  return _dkdv(q, k, v, do, stats, bm, config, fused_dq=True)
+
+
+def _visited(bm: BlockMask, batch: int, num_heads: int) -> jax.Array:
+  """bool [nk, B, nq, Nq]: which 64-row query tiles the backward list of each kv block
+  holds, per batch row and query head."""
+  count, block = bm.bwd_count, bm.bwd_block  # [Bm, Nm, nk], [Bm, Nm, nk, L]
+  nq = bm.num_q_blocks
+  slots = jnp.arange(block.shape[-1]) < count[..., None]
+  hit = jax.nn.one_hot(jnp.where(slots, block, nq), nq + 1, dtype=jnp.int32)[..., :nq]
+  visited = hit.sum(axis=-2) > 0  # [Bm, Nm, nk, nq]
+  visited = jnp.broadcast_to(visited, (batch, num_heads) + visited.shape[2:])
+  return visited.transpose(2, 0, 3, 1)
+
+
+def _dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams, *, fused_dq: bool):
+  """dkdv / dkdv_dq: (dq or None, dk, dv)."""
   (batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, group, layout, bq, bk, q_pad, kv_pad,
    dp) = tiling(q, k, bm)
   stages = config.stages
@@ -482,8 +555,8 @@ def dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams) -> tuple[jax.A
   kernel = functools.partial(_dkdv_kernel, layout=layout, config=config,
                              num_kv_heads=num_kv_heads, group=group, head_dim=dp,
                              consumers=consumers, present=present, num_outer=nk,
-                             num_programs=programs)
-  kernel.__name__ = "flashjax_mosaic_gpu_dkdv"
+                             num_programs=programs, fused_dq=fused_dq)
+  kernel.__name__ = "flashjax_mosaic_gpu_dkdv_dq" if fused_dq else "flashjax_mosaic_gpu_dkdv"
   dtype = q.dtype
   scratch = [
       swizzled_smem((consumers, ROWS, dp), dtype),  # K, then dK
@@ -503,11 +576,35 @@ def dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams) -> tuple[jax.A
                           dtype=dtype)
   qp, dop = pad_to(q, q_pad, dp), pad_to(do, q_pad, dp)
   extra = _interpret_extras(config, qp, dop, bq, scratch, consumers)
+  if fused_dq:
+    scratch += [swizzled_smem((consumers, ROWS, bq), dtype),         # dS^T
+                swizzled_smem((consumers, bq, dp), jnp.float32)]     # dQ partial
   out = jax.ShapeDtypeStruct((batch, kv_pad, num_kv_heads, dp), dtype)
-  dk, dv = launch(kernel, [out, out], scratch, grid, grid_names, consumers, config.interpret)(
-      qp, pad_to(k, kv_pad, dp), pad_to(v, kv_pad, dp), dop, _pad_stats(stats, q_pad),
-      *order, *extra, *(x for x in parts if x is not None))
-  return dk[:, :kv_len, :, :head_dim], dv[:, :kv_len, :, :head_dim]
+  operands = (qp, pad_to(k, kv_pad, dp), pad_to(v, kv_pad, dp), dop, _pad_stats(stats, q_pad),
+              *order, *extra, *(x for x in parts if x is not None))
+  dq = None
+  if not fused_dq:
+    dk, dv = launch(kernel, [out, out], scratch, grid, grid_names, consumers,
+                    config.interpret)(*operands)
+  elif config.interpret:
+    parts_type = jax.ShapeDtypeStruct((nk * consumers, batch, q_pad, num_heads, dp),
+                                      jnp.float32)
+    dk, dv, dq_parts = launch(kernel, [out, out, parts_type], scratch, grid, grid_names,
+                              consumers, config.interpret)(*operands)
+    # Slices hold partials only at the query tiles their kv block's lists visit (NaN,
+    # never written, elsewhere).
+    visited = jnp.repeat(_visited(bm, batch, num_heads), consumers, axis=0)
+    dq_parts = dq_parts.reshape(nk * consumers, batch, q_pad // bq, bq, num_heads, dp)
+    dq = jnp.where(visited[:, :, :, None, :, None], dq_parts, 0.0).sum(axis=0)
+    dq = dq.reshape(batch, q_pad, num_heads, dp)
+  else:
+    dq_acc = jax.new_ref(jnp.zeros((batch, q_pad, num_heads, dp), jnp.float32))
+    dk, dv = launch_with_refs(kernel, [out, out], scratch, grid, grid_names, consumers)(
+        *operands, dq_acc)
+    dq = dq_acc[...]
+  if dq is not None:
+    dq = (dq[:, :q_len, :, :head_dim] * config.scale).astype(dtype)
+  return dq, dk[:, :kv_len, :, :head_dim], dv[:, :kv_len, :, :head_dim]
 
 
 def _pad_stats(stats: jax.Array, length: int) -> jax.Array:
@@ -521,7 +618,8 @@ def _pad_stats(stats: jax.Array, length: int) -> jax.Array:
 
 
 def backward(q, k, v, out, lse, do, dq_mask: BlockMask, dkdv_mask: BlockMask,
-             config: MosaicParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+             config: MosaicParams, *, fused: bool = False
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """dQ, dK, dV of block-sparse attention from the forward's residuals.
 
   Args:
@@ -534,6 +632,8 @@ def backward(q, k, v, out, lse, do, dq_mask: BlockMask, dkdv_mask: BlockMask,
     dq_mask: BlockMask with block_kv 64 (its forward lists drive dQ).
     dkdv_mask: BlockMask with block_q 64 (its backward lists drive dK / dV).
     config: static parameters.
+    fused: one kernel for dQ, dK and dV (`dkdv_dq`, over dkdv_mask's lists; dq_mask unused)
+      instead of the dQ and dK/dV kernels.
 
   Returns:
     dq, dk, dv in the dtypes of q, k, v.
@@ -544,5 +644,7 @@ def backward(q, k, v, out, lse, do, dq_mask: BlockMask, dkdv_mask: BlockMask,
   delta = delta.transpose(0, 2, 1).reshape(batch * num_heads, q_len)
   stats = jnp.stack([lse, delta], axis=1)
   do = do.astype(q.dtype)
+  if fused:
+    return dkdv_dq(q, k, v, do, stats, dkdv_mask, config)
   dk, dv = dkdv(q, k, v, do, stats, dkdv_mask, config)
   return dq(q, k, v, do, stats, dq_mask, config), dk, dv

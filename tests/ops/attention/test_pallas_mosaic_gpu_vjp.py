@@ -6,6 +6,7 @@ rest are `slow`; the compiled kernels run every suite gradient case in
 test_pallas_mosaic_gpu_gpu.py.
 """
 
+import functools
 import zlib
 from unittest import mock
 
@@ -79,10 +80,10 @@ class MosaicGpuBackwardTest(parameterized.TestCase):
           128, 64, block_q_bwd=64, block_kv_bwd=128)), dict(is_causal=True)
     raise ValueError(f"unknown {name=}")
 
-  def _check(self, name):
+  def _check(self, name, fused=False):
     q, k, v, do, kwargs, ref_kwargs = self._case(name)
     f32 = lambda x: x.astype(jnp.float32)
-    backward = pallas_mosaic_gpu_vjp.backward
+    backward = functools.partial(pallas_mosaic_gpu_vjp.backward, fused=fused)
     with mock.patch.object(pallas_mosaic_gpu_vjp, "backward", wraps=backward) as spy:
       grads = jax.vjp(lambda q, k, v: _attention(q, k, v, **kwargs), q, k, v)[1](do)
     self.assertEqual(spy.call_count, 1)
@@ -105,6 +106,20 @@ class MosaicGpuBackwardTest(parameterized.TestCase):
   @pytest.mark.slow
   def test_gradients_slow(self, name):
     self._check(name)
+
+  @parameterized.named_parameters(
+      (f"{name=}", name) for name in ("causal_gqa_odd", "document_gqa", "persistent_gqa"))
+  def test_fused_gradients(self, name):
+    """The one-kernel backward (dkdv_dq): interpret mode sums per-kv-block dQ partials in
+    XLA where compiled code reduce-adds them; everything else is the compiled kernel."""
+    self._check(name, fused=True)
+
+  @parameterized.named_parameters(
+      (f"{name=}", name) for name in ("tree_tiles", "prefix_soft_cap", "window_cross",
+                                      "two_consumers"))
+  @pytest.mark.slow
+  def test_fused_gradients_slow(self, name):
+    self._check(name, fused=True)
 
   @parameterized.named_parameters(
       ("head_dim_256", 256, None, False),
