@@ -45,6 +45,9 @@ class BlockSizes:
       "flags": the binary block masking paper's form, loop over every kv tile and skip the
       EMPTY ones by their kind flag (an ablation). The backward kernels always use the lists.
       Other backends ignore it.
+    fused_backward: Mosaic GPU backward: dQ, dK and dV in one kernel over the dK/dV lists
+      (True: 5 tile matmuls per slot, dQ reduce-added in float32 in a run-dependent order),
+      or the dQ and dK/dV kernels (False / None, the default). Other backends ignore it.
   """
 
   block_q: int = 128
@@ -55,6 +58,7 @@ class BlockSizes:
   num_stages: int | None = None
   persistent: bool | None = None
   dispatch: str | None = None
+  fused_backward: bool | None = None
 
   def __post_init__(self):
     for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
@@ -67,8 +71,10 @@ class BlockSizes:
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"BlockSizes.{name}={value!r} must be a positive int or None")
-    if self.persistent is not None and not isinstance(self.persistent, bool):
-      raise ValueError(f"BlockSizes.persistent={self.persistent!r} must be a bool or None")
+    for name in ("persistent", "fused_backward"):
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, bool):
+        raise ValueError(f"BlockSizes.{name}={value!r} must be a bool or None")
     if self.dispatch is not None and self.dispatch not in DISPATCHES:
       raise ValueError(f"BlockSizes.dispatch={self.dispatch!r} must be one of {DISPATCHES} "
                        "or None")

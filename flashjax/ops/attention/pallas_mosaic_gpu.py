@@ -467,7 +467,8 @@ def _attention_bwd(config, bwd_params, residuals, cotangents):
   do = cotangents[0]
   q, k, v, out, lse, dq_mask, dkdv_mask = residuals
   if isinstance(bwd_params, MosaicParams):
-    grads = pallas_mosaic_gpu_vjp.backward(q, k, v, out, lse, do, dq_mask, dkdv_mask, bwd_params)
+    grads = pallas_mosaic_gpu_vjp.backward(q, k, v, out, lse, do, dq_mask, dkdv_mask, bwd_params,
+                                           fused=bwd_params.fused_backward)
     return grads + (None, None, None)
   # pallas_triton's backward takes exactly these residuals (same lse2 layout): its dQ kernel
   # walks the forward lists of dq_mask, its dK/dV kernel the backward lists of dkdv_mask.
@@ -516,7 +517,21 @@ def _backward_plan(mask, query, key, fwd_mask: BlockMask, block_sizes, build,
   masks = _mosaic_backward_masks(mask, query, key, fwd_mask, block_sizes, build,
                                  config.interpret)
   if masks is not None:
-    return (*masks, dataclasses.replace(config, stages=2))
+    fused = bool(block_sizes is not None and block_sizes.fused_backward)
+    if fused:
+      smem = pallas_mosaic_gpu_vjp.fused_smem_bytes(masks[1], query.shape[3],
+                                                    query.dtype.itemsize)
+      if smem > SMEM_LIMIT:
+        raise ValueError(
+            f"pallas_mosaic_gpu: fused_backward=True at dK/dV tiles {masks[1].block_q} x "
+            f"{masks[1].block_kv} with head_dim={query.shape[3]} needs {smem} bytes of shared "
+            f"memory > {SMEM_LIMIT}; use block_kv_bwd=64 or the two-kernel backward")
+    return (*masks, dataclasses.replace(config, stages=2, fused_backward=fused))
+  if block_sizes is not None and block_sizes.fused_backward:
+    raise NotImplementedError(
+        "pallas_mosaic_gpu: fused_backward=True needs the Mosaic GPU backward (head_dim <= "
+        f"{mosaic_common.BWD_MAX_HEAD_DIM}, dK/dV tiles 64 x {{64, 128}}, a caller's "
+        f"BlockMask of 64 x 64); got head_dim={query.shape[3]}")
   if isinstance(mask, BlockMask) or fwd_mask.q_perm is not None:
     # One permutation for both passes: the forward's BlockMask is used as is.
     dq_mask = dkdv_mask = fwd_mask

@@ -41,6 +41,7 @@ class MosaicParams:
   interpret: bool
   stages: int = 2
   persistent: bool = False  # one program per SM over the work items, longest list first
+  fused_backward: bool = False  # backward: dQ, dK, dV in one kernel (vjp.dkdv_dq)
 
 
 class MaskParts(NamedTuple):

@@ -46,7 +46,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from flashjax.masks.block_mask import BlockMask
-from flashjax.ops.attention.pallas_gpu_common import LOG2E, pad_to, tiling
+from flashjax.ops.attention.block_sizes import padded_head_dim
+from flashjax.ops.attention.pallas_gpu_common import LOG2E, MaskLayout, pad_to, tiling
 from flashjax.ops.attention.pallas_mosaic_gpu_common import (
     ROWS, KernelOps, MaskParts, MosaicParams, for_each_item, grid_and_order, keep_mask,
     launch, launch_with_refs, longest_first, mask_parts, mask_scratch, query_item,
@@ -520,6 +521,24 @@ def dkdv_dq(q, k, v, do, stats, bm: BlockMask,
   lists visited (the rest of each slice is never written).
   """
   return _dkdv(q, k, v, do, stats, bm, config, fused_dq=True)
+
+
+def fused_smem_bytes(bm: BlockMask, head_dim: int, itemsize: int) -> int:
+  """Shared memory of `dkdv_dq` at the dK/dV tiles of `bm` (2-stage rings, padded head_dim;
+  plus slack for barriers and alignment)."""
+  layout = MaskLayout.of(bm)
+  consumers, bq, dp, stages = layout.block_kv // ROWS, layout.block_q, padded_head_dim(
+      head_dim), 2
+  total = (2 * consumers * ROWS * dp * itemsize        # resident K, V (then dK, dV)
+           + 2 * stages * bq * dp * itemsize           # Q and dO rings
+           + stages * 2 * bq * 4                       # (lse2, delta) ring
+           + consumers * ROWS * bq * itemsize          # dS^T
+           + consumers * bq * dp * 4)                  # float32 dQ partial
+  if layout.has_segments:
+    total += consumers * ROWS * 4 + stages * bq * 4
+  if layout.has_tiles:
+    total += stages * layout.block_kv * bq * itemsize
+  return total + 4096
 
 
 def _visited(bm: BlockMask, batch: int, num_heads: int) -> jax.Array:

@@ -149,6 +149,41 @@ class MosaicGpuBackwardTest(parameterized.TestCase):
     self.assertIsInstance(params, pallas_mosaic_gpu_common.MosaicParams if mosaic else
                           pallas_gpu_common.TritonParams)
 
+  def test_fused_backward_through_block_sizes(self):
+    """BlockSizes(fused_backward=True) reaches the backward; where it cannot run it says so."""
+    q, k, v, do = self._qkv_do(1, 128, 128, 2, 1, 32)
+    calls = []
+    backward = pallas_mosaic_gpu_vjp.backward
+
+    def spy(*args, **kwargs):
+      calls.append(kwargs.get("fused"))
+      return backward(*args, **kwargs)
+
+    sizes = BlockSizes(64, 64, fused_backward=True)
+    with mock.patch.object(pallas_mosaic_gpu_vjp, "backward", side_effect=spy):
+      jax.eval_shape(lambda q, k, v: jax.vjp(
+          lambda *a: _attention(*a, is_causal=True, block_sizes=sizes), q, k, v)[1](do),
+          q, k, v)
+    self.assertEqual(calls, [True])
+    big = self._qkv_do(1, 128, 128, 1, 1, 256)
+    with self.assertRaisesRegex(NotImplementedError, "fused_backward=True.*head_dim=256"):
+      jax.eval_shape(lambda q, k, v: jax.vjp(
+          lambda *a: _attention(*a, is_causal=True, block_sizes=sizes), q, k, v)[1](big[3]),
+          *big[:3])
+    with self.assertRaisesRegex(ValueError, "fused_backward=1 must be a bool"):
+      BlockSizes(fused_backward=1)
+
+  def test_fused_smem_budget(self):
+    """Two consumers at D = 128 fit (~213 KiB); stored tiles on top do not."""
+    causal = flashjax.masks.BlockMask.from_mask(flashjax.masks.causal(256, 256), 64, 128)
+    self.assertLess(pallas_mosaic_gpu_vjp.fused_smem_bytes(causal, 128, 2),
+                    pallas_mosaic_gpu_common.SMEM_LIMIT)
+    tree = flashjax.masks.BlockMask.from_mask(
+        flashjax.masks.tree(np.concatenate([[-1], np.arange(255)])), 64, 128)
+    self.assertIsNotNone(tree.tiles)
+    self.assertGreater(pallas_mosaic_gpu_vjp.fused_smem_bytes(tree, 128, 2),
+                       pallas_mosaic_gpu_common.SMEM_LIMIT)
+
   def test_kernel_tiles_validated(self):
     q, k, v, do = self._qkv_do(1, 128, 128, 1, 1, 32)
     stats = jnp.zeros((1, 2, 128), jnp.float32) + 1.0
