@@ -54,6 +54,56 @@ class TestPallasMosaicGpuCompiledPersistent(TestPallasMosaicGpuCompiled):
                                     persistent=True)
 
 
+class TestPallasMosaicGpuCompiledFusedBackward(TestPallasMosaicGpuCompiled):
+  """The suite's gradient cases with the one-kernel backward (BlockSizes.fused_backward:
+  dkdv_dq, dQ reduce-added by TMA) at the suite's 64 x 64 tiles (one consumer)."""
+
+  BLOCK_SIZES = dataclasses.replace(test_pallas_mosaic_gpu.MosaicGpuSuite.BLOCK_SIZES,
+                                    fused_backward=True)
+  SKIP_CASES = {"test_[!g]*": "forward case: the other suites run it",
+                "test_gqa*": "forward case: the other suites run it"}
+
+
+class FusedBackwardTest(parameterized.TestCase):
+  """dkdv_dq at the default dK/dV tiles (64 x 128: two consumers reduce-adding into the same
+  dQ rows) on shapes with many kv blocks per query tile, against the float32 reference and
+  the two-kernel backward."""
+
+  @parameterized.named_parameters(
+      dict(testcase_name=f"{name=}_{head_dim=}_{persistent=}", name=name, head_dim=head_dim,
+           persistent=persistent)
+      for name, head_dim, persistent in (("dense", 128, False), ("causal", 128, True),
+                                         ("causal", 64, False), ("document", 128, False),
+                                         ("window", 128, True)))
+  def test_gradients(self, name, head_dim, persistent):
+    rng = np.random.default_rng(zlib.crc32(self.id().encode()))
+    batch, length, heads = 2, 1100, (8, 2)
+    normal = lambda shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    q = normal((batch, length, heads[0], head_dim))
+    k, v = (normal((batch, length, heads[1], head_dim)) for _ in range(2))
+    do = normal(q.shape)
+    grid_test = PersistentGridTest()
+    grid_test.rng = rng
+    kwargs, ref_kwargs = grid_test._case(name, batch, length, heads[0])  # pylint: disable=protected-access
+    f32 = lambda x: x.astype(jnp.float32)
+
+    def grads(fused):
+      sizes = BlockSizes(128, 128, persistent=persistent, fused_backward=fused)
+      attention = lambda q, k, v: flashjax.dot_product_attention(
+          q, k, v, implementation="pallas_mosaic_gpu", block_sizes=sizes, **kwargs)
+      return jax.jit(lambda *x: jax.vjp(attention, *x)[1](do))(q, k, v)
+
+    fused, two_kernels = grads(True), grads(False)
+    expected = jax.vjp(lambda q, k, v: reference.mha_reference(q, k, v, **ref_kwargs),
+                       f32(q), f32(k), f32(v))[1](f32(do))
+    for what, g, g2, e in zip("qkv", fused, two_kernels, expected):
+      chex.assert_tree_all_finite(g)
+      chex.assert_trees_all_close(f32(g), e, atol=5e-2, rtol=2e-2, custom_message=f"d{what}")
+      # Same math; dQ differs only in the order of the float32 adds (and one bf16 rounding).
+      chex.assert_trees_all_close(f32(g), f32(g2), atol=2e-2, rtol=1e-2,
+                                  custom_message=f"d{what} vs two kernels")
+
+
 def _segment_ids(rng, batch, length, num_segments):
   """Sorted (packed documents) int32 [batch, length] ids with random boundaries."""
   cuts = [np.sort(rng.choice(np.arange(1, length), num_segments - 1, replace=False))
