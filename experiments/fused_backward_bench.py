@@ -5,7 +5,8 @@
 
 bf16, N = 32 query and KV heads; (B, T, D) in {(4, 4096, 128), (1, 16384, 128),
 (8, 2048, 64)}; dense and causal; forward tiles 128 x 128 (persistent for dense, as the
-tuned tables), backward at the default tiles (dQ 128 x 64, dK/dV 64 x 128). Each time is
+tuned tables), backward at the default tiles (dQ 128 x 64, dK/dV 64 x 128); at D = 128 the
+fused kernel also runs without the split of dQ's columns (SPLIT_DQ = False). Each time is
 the median per call of `benchmarking.time_in_loop` (grad of sum(out * do) in a device loop);
 the fused gradients are checked against the two-kernel ones first.
 """
@@ -21,6 +22,7 @@ import numpy as np
 
 import flashjax
 from flashjax import benchmarking
+from flashjax.ops.attention import pallas_mosaic_gpu_vjp
 from flashjax.ops.attention.block_sizes import BlockSizes
 
 SHAPES = ((4, 4096, 128), (1, 16384, 128), (8, 2048, 64))
@@ -45,11 +47,25 @@ def bench(batch: int, length: int, head_dim: int, causal: bool) -> dict:
 
   fused = jax.jit(grads_fn(True))(q, k, v)
   two = jax.jit(grads_fn(False))(q, k, v)
-  row["max_abs_diff"] = {n: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(
-      jnp.float32)))) for n, a, b in zip(("dq", "dk", "dv"), fused, two)}
+  diff = lambda x, y: {n: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(
+      jnp.float32)))) for n, a, b in zip(("dq", "dk", "dv"), x, y)}
+  row["max_abs_diff"] = diff(fused, two)
+  if pallas_mosaic_gpu_vjp.uses_split_dq(2, head_dim):
+    pallas_mosaic_gpu_vjp.SPLIT_DQ = False
+    try:
+      row["max_abs_diff_unsplit"] = diff(jax.jit(grads_fn(True))(q, k, v), two)
+    finally:
+      pallas_mosaic_gpu_vjp.SPLIT_DQ = True
   flops = 4 * batch * 32 * length * length * head_dim * (0.5 if causal else 1.0) * 3.5
-  for name, fused_flag in (("two_kernels", False), ("fused", True)):
-    timing = benchmarking.time_in_loop(grads_fn(fused_flag), q, k, v, iters=10, repeats=5)
+  for name, fused_flag, split in (("two_kernels", False, True), ("fused", True, True),
+                                  ("fused_unsplit", True, False)):
+    if name == "fused_unsplit" and not pallas_mosaic_gpu_vjp.uses_split_dq(2, head_dim):
+      continue  # D = 64: the fused kernel does not split anyway
+    pallas_mosaic_gpu_vjp.SPLIT_DQ = split  # read when the kernel is traced
+    try:
+      timing = benchmarking.time_in_loop(grads_fn(fused_flag), q, k, v, iters=10, repeats=5)
+    finally:
+      pallas_mosaic_gpu_vjp.SPLIT_DQ = True
     ms = float(np.median(timing.times_s)) * 1e3
     row[f"{name}_ms"] = round(ms, 3)
     row[f"{name}_tflops"] = round(flops / ms / 1e9, 1)

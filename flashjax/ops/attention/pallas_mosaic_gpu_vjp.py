@@ -228,7 +228,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Mo
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: MosaicParams,
                  num_kv_heads: int, group: int, head_dim: int, consumers: int,
                  present: tuple[bool, ...], num_outer: int, num_programs: int,
-                 fused_dq: bool = False):
+                 fused_dq: bool = False, split_dq: bool = False):
   """dK, dV of one kv block (consumers x 64 keys) of one (batch, kv head), summed over the
   kv head's `group` query heads; with `fused_dq` also every slot's dQ contribution.
 
@@ -259,12 +259,19 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
   qt_smem = dot_smem = qt_bars = dot_bars = a_smem = None
   if config.interpret:
     qt_smem, dot_smem, qt_bars, dot_bars, a_smem = (next(it) for _ in range(5))
-  ds_smem = dq_smem = None
+  ds_smem = dq_smem = ds_ready = a2_smem = None
   if fused_dq:
     ds_smem, dq_smem = next(it), next(it)
+    if split_dq:
+      ds_ready = next(it)
+      if config.interpret:
+        a2_smem = next(it)
 
   wg = lax.axis_index("wg")
   num_heads = num_kv_heads * group
+  # split_dq: K of all consumers is one [consumers * 64, Dp] block (the dQ product reads it
+  # whole); else one [64, Dp] block per consumer.
+  k_wg = k_smem.at[pl.ds(wg * ROWS, ROWS)] if split_dq else k_smem.at[wg]
 
   def item_of(kj, bh):
     batch, kv_head = lax.div(bh, num_kv_heads), lax.rem(bh, num_kv_heads)
@@ -326,7 +333,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
     ops = KernelOps(config.interpret, None if a_smem is None else a_smem.at[wg])
     kv_start = kj * layout.block_kv + wg * ROWS
     rows = pl.ds(kv_start, ROWS)
-    plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[wg], row_bars.at[3 * wg])
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_wg, row_bars.at[3 * wg])
     plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[wg], row_bars.at[3 * wg + 1])
     kv_meta = None
     if layout.has_segments:
@@ -364,7 +371,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
           plgpu.barrier_wait(qt_bars.at[buf])
           plgpu.barrier_wait(dot_bars.at[buf])
           qt, dot = qt_smem.at[buf], dot_smem.at[buf]
-        s_t = ops.mm_t(k_smem.at[wg], q_smem.at[buf], qt, (ROWS, bq))
+        s_t = ops.mm_t(k_wg, q_smem.at[buf], qt, (ROWS, bq))
         lse = ops.load(stats_smem.at[buf, 0], ops.cols)
         delta = ops.load(stats_smem.at[buf, 1], ops.cols)
         p_t, t = _probs(s_t, lse, config, lse_dim=1, keep=keep, tile=tile)
@@ -375,7 +382,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
         dk = ops.mma(dk, ds16, q_smem.at[buf])
         plgpu.barrier_arrive(free.at[buf])
         if fused_dq:
-          emit_dq(ops, ds16, j, slot)
+          (emit_dq_split if split_dq else emit_dq)(ops, ds16, j, slot, step)
         return dk, dv
 
       n_full, count = head_n_full(j), head_count(j)
@@ -384,7 +391,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
         dk, dv = lax.fori_loop(n_full, count, functools.partial(body, partial=True), (dk, dv))
       return dk, dv, step0 + count
 
-    def emit_dq(ops, ds16, j, slot):
+    def emit_dq(ops, ds16, j, slot, step):
       """This consumer's dQ contribution to the slot's 64 query rows: dS K_wg [64, Dp]
       (unscaled, float32), staged in SMEM and reduce-added into the accumulator (interpret:
       stored to this (kv block, consumer)'s slice of the partials)."""
@@ -395,12 +402,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
         plgpu.commit_smem()
 
         def run(acc_ref):
-          plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_smem.at[wg], (1, 0)), k_smem.at[wg])
+          plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_smem.at[wg], (1, 0)), k_wg)
           return acc_ref[...]
 
         part = pl.run_scoped(run, plgpu.ACC((bq, head_dim), jnp.float32))
       else:
-        part = ops.mma(ops.zeros((bq, head_dim)), ds16.T, k_smem.at[wg])
+        part = ops.mma(ops.zeros((bq, head_dim)), ds16.T, k_wg)
       # The previous slot's store has read dq_smem before it is overwritten.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       dq_smem.at[wg][...] = part
@@ -412,12 +419,55 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
         plgpu.copy_smem_to_gmem(dq_smem.at[wg],
                                 dq_parts_ref.at[kj * consumers + wg, batch, rows_q, head])
 
+    def emit_dq_split(ops, ds16, j, slot, step):
+      """FlashAttention-3's split: the consumers share their dS^T tiles through SMEM, then
+      each computes dQ for its 1 / consumers of the head dim over all consumers x 64 keys
+      (half the reduce-add traffic of `emit_dq` with two consumers). dS^T is double-buffered
+      by step parity: a consumer rewrites a buffer only after the other has passed the next
+      slot's barrier, i.e. finished reading it."""
+      head = kv_head * group + j
+      rows_q = pl.ds(q_start(j, slot), bq)
+      cols = pl.ds(wg * (head_dim // consumers), head_dim // consumers)
+      ds_buf = ds_smem.at[lax.rem(step, 2)]  # [consumers * 64 keys, bq]
+      ds_buf.at[pl.ds(wg * ROWS, ROWS)][...] = ds16
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(ds_ready.at[0])
+      plgpu.barrier_wait(ds_ready.at[0])
+      shape = (bq, head_dim // consumers)
+      if ops.compiled:
+        def run(acc_ref):
+          plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_buf, (1, 0)), k_smem.at[:, cols])
+          return acc_ref[...]
+
+        part = pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+      else:
+        a2_smem.at[wg][...] = ds_buf[...].T
+        plgpu.commit_smem()
+
+        def run_interpret(acc_ref):
+          plgpu.wgmma(acc_ref, a2_smem.at[wg], k_smem.at[:, cols])
+          return plgpu.wgmma_accumulator_load(acc_ref)
+
+        part = pl.run_scoped(run_interpret, plgpu.ACC(shape, jnp.float32))
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      dq_smem.at[wg][...] = part
+      plgpu.commit_smem()
+      if ops.compiled:
+        plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_acc_ref.at[batch, rows_q, head, cols],
+                                reduction_op="add")
+      else:
+        plgpu.copy_smem_to_gmem(dq_smem.at[wg], dq_parts_ref.at[kj, batch, rows_q, head, cols])
+
     zeros = ops.zeros((ROWS, head_dim))
     dk, dv, _ = lax.fori_loop(0, group, head_loop, (zeros, zeros, jnp.int32(0)))
-    k_smem.at[wg][...] = (dk * config.scale).astype(k_smem.dtype)
+    if split_dq:
+      # The other consumers' last dQ products have read all of K before dK overwrites it.
+      plgpu.barrier_arrive(ds_ready.at[0])
+      plgpu.barrier_wait(ds_ready.at[0])
+    k_wg[...] = (dk * config.scale).astype(k_smem.dtype)
     v_smem.at[wg][...] = dv.astype(v_smem.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[batch, rows, kv_head])
+    plgpu.copy_smem_to_gmem(k_wg, dk_ref.at[batch, rows, kv_head])
     plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[batch, rows, kv_head])
     # The next item's K and V land in k_smem / v_smem once these stores have read them.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -523,6 +573,18 @@ def dkdv_dq(q, k, v, do, stats, bm: BlockMask,
   return _dkdv(q, k, v, do, stats, bm, config, fused_dq=True)
 
 
+# dkdv_dq with two consumers at padded D = 128 shares dS^T between them and splits dQ's
+# columns (`uses_split_dq`); False keeps one full-width dQ partial per consumer (the A/B
+# switch of experiments/fused_backward_bench.py).
+SPLIT_DQ = True
+
+
+def uses_split_dq(consumers: int, head_dim_padded: int) -> bool:
+  """Whether dkdv_dq splits dQ's columns over the consumers: two of them and >= 64 columns
+  each (a column slice of K must be whole 128-byte swizzle rows)."""
+  return SPLIT_DQ and consumers == 2 and head_dim_padded // consumers >= 64
+
+
 def fused_smem_bytes(bm: BlockMask, head_dim: int, itemsize: int) -> int:
   """Shared memory of `dkdv_dq` at the dK/dV tiles of `bm` (2-stage rings, padded head_dim;
   plus slack for barriers and alignment)."""
@@ -532,8 +594,10 @@ def fused_smem_bytes(bm: BlockMask, head_dim: int, itemsize: int) -> int:
   total = (2 * consumers * ROWS * dp * itemsize        # resident K, V (then dK, dV)
            + 2 * stages * bq * dp * itemsize           # Q and dO rings
            + stages * 2 * bq * 4                       # (lse2, delta) ring
-           + consumers * ROWS * bq * itemsize          # dS^T
-           + consumers * bq * dp * 4)                  # float32 dQ partial
+           + consumers * ROWS * bq * itemsize          # dS^T (split: twice, double-buffered)
+           * (2 if uses_split_dq(consumers, dp) else 1)
+           + consumers * bq * dp * 4                   # float32 dQ partial (split: half)
+           // (consumers if uses_split_dq(consumers, dp) else 1))
   if layout.has_segments:
     total += consumers * ROWS * 4 + stages * bq * 4
   if layout.has_tiles:
@@ -571,14 +635,16 @@ def _dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams, *, fused_dq: 
 
   order, grid, grid_names, programs = grid_and_order(
       config, nk, batch * num_kv_heads, lambda: longest_first(lengths()), "kv")
+  split = fused_dq and uses_split_dq(consumers, dp)
   kernel = functools.partial(_dkdv_kernel, layout=layout, config=config,
                              num_kv_heads=num_kv_heads, group=group, head_dim=dp,
                              consumers=consumers, present=present, num_outer=nk,
-                             num_programs=programs, fused_dq=fused_dq)
+                             num_programs=programs, fused_dq=fused_dq, split_dq=split)
   kernel.__name__ = "flashjax_mosaic_gpu_dkdv_dq" if fused_dq else "flashjax_mosaic_gpu_dkdv"
   dtype = q.dtype
   scratch = [
-      swizzled_smem((consumers, ROWS, dp), dtype),  # K, then dK
+      # K, then dK (split: one [consumers * 64, Dp] block, as the dQ product reads it)
+      swizzled_smem((consumers * ROWS, dp) if split else (consumers, ROWS, dp), dtype),
       swizzled_smem((consumers, ROWS, dp), dtype),  # V, then dV
       plgpu.SMEM((consumers, ROWS), jnp.int32),     # kv segment ids / prefix flags
       plgpu.Barrier(num_arrivals=1, num_barriers=3 * consumers),
@@ -595,7 +661,13 @@ def _dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams, *, fused_dq: 
                           dtype=dtype)
   qp, dop = pad_to(q, q_pad, dp), pad_to(do, q_pad, dp)
   extra = _interpret_extras(config, qp, dop, bq, scratch, consumers)
-  if fused_dq:
+  if split:
+    scratch += [swizzled_smem((2, consumers * ROWS, bq), dtype),                # dS^T x 2
+                swizzled_smem((consumers, bq, dp // consumers), jnp.float32),  # dQ partial
+                plgpu.Barrier(num_arrivals=consumers, num_barriers=1)]          # dS^T ready
+    if config.interpret:
+      scratch += [swizzled_smem((consumers, bq, consumers * ROWS), dtype)]     # dS staging
+  elif fused_dq:
     scratch += [swizzled_smem((consumers, ROWS, bq), dtype),         # dS^T
                 swizzled_smem((consumers, bq, dp), jnp.float32)]     # dQ partial
   out = jax.ShapeDtypeStruct((batch, kv_pad, num_kv_heads, dp), dtype)
@@ -606,14 +678,14 @@ def _dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams, *, fused_dq: 
     dk, dv = launch(kernel, [out, out], scratch, grid, grid_names, consumers,
                     config.interpret)(*operands)
   elif config.interpret:
-    parts_type = jax.ShapeDtypeStruct((nk * consumers, batch, q_pad, num_heads, dp),
-                                      jnp.float32)
+    slices = nk if split else nk * consumers  # split: the consumers fill one slice's columns
+    parts_type = jax.ShapeDtypeStruct((slices, batch, q_pad, num_heads, dp), jnp.float32)
     dk, dv, dq_parts = launch(kernel, [out, out, parts_type], scratch, grid, grid_names,
                               consumers, config.interpret)(*operands)
     # Slices hold partials only at the query tiles their kv block's lists visit (NaN,
     # never written, elsewhere).
-    visited = jnp.repeat(_visited(bm, batch, num_heads), consumers, axis=0)
-    dq_parts = dq_parts.reshape(nk * consumers, batch, q_pad // bq, bq, num_heads, dp)
+    visited = jnp.repeat(_visited(bm, batch, num_heads), slices // nk, axis=0)
+    dq_parts = dq_parts.reshape(slices, batch, q_pad // bq, bq, num_heads, dp)
     dq = jnp.where(visited[:, :, :, None, :, None], dq_parts, 0.0).sum(axis=0)
     dq = dq.reshape(batch, q_pad, num_heads, dp)
   else:

@@ -6,7 +6,7 @@ rest are `slow`; the compiled kernels run every suite gradient case in
 test_pallas_mosaic_gpu_gpu.py.
 """
 
-import functools
+import dataclasses
 import zlib
 from unittest import mock
 
@@ -78,15 +78,24 @@ class MosaicGpuBackwardTest(parameterized.TestCase):
       q, k, v, do = self._qkv_do(1, 256, 256, 2, 1, 32)
       return q, k, v, do, dict(is_causal=True, block_sizes=BlockSizes(
           128, 64, block_q_bwd=64, block_kv_bwd=128)), dict(is_causal=True)
+    if name == "two_consumers_d128":  # fused: dS^T shared, dQ columns split over the two
+      q, k, v, do = self._qkv_do(1, 192, 192, 2, 1, 128)
+      return q, k, v, do, dict(is_causal=True, block_sizes=BlockSizes(
+          128, 64, block_q_bwd=64, block_kv_bwd=128)), dict(is_causal=True)
     raise ValueError(f"unknown {name=}")
 
   def _check(self, name, fused=False):
     q, k, v, do, kwargs, ref_kwargs = self._case(name)
     f32 = lambda x: x.astype(jnp.float32)
-    backward = functools.partial(pallas_mosaic_gpu_vjp.backward, fused=fused)
-    with mock.patch.object(pallas_mosaic_gpu_vjp, "backward", wraps=backward) as spy:
+    if fused:
+      kwargs["block_sizes"] = dataclasses.replace(
+          kwargs.get("block_sizes") or BlockSizes(64, 64), fused_backward=True)
+    backward, one_kernel = pallas_mosaic_gpu_vjp.backward, pallas_mosaic_gpu_vjp.dkdv_dq
+    with mock.patch.object(pallas_mosaic_gpu_vjp, "backward", wraps=backward) as spy, \
+         mock.patch.object(pallas_mosaic_gpu_vjp, "dkdv_dq", wraps=one_kernel) as fused_spy:
       grads = jax.vjp(lambda q, k, v: _attention(q, k, v, **kwargs), q, k, v)[1](do)
     self.assertEqual(spy.call_count, 1)
+    self.assertEqual(fused_spy.call_count, int(fused))
     sizes = kwargs.get("block_sizes")
     self.assertEqual(spy.call_args.args[-1].persistent, bool(sizes and sizes.persistent))
     expected = jax.vjp(lambda q, k, v: reference.mha_reference(q, k, v, **ref_kwargs),
@@ -108,7 +117,8 @@ class MosaicGpuBackwardTest(parameterized.TestCase):
     self._check(name)
 
   @parameterized.named_parameters(
-      (f"{name=}", name) for name in ("causal_gqa_odd", "document_gqa", "persistent_gqa"))
+      (f"{name=}", name) for name in ("causal_gqa_odd", "document_gqa", "persistent_gqa",
+                                      "two_consumers_d128"))
   def test_fused_gradients(self, name):
     """The one-kernel backward (dkdv_dq): interpret mode sums per-kv-block dQ partials in
     XLA where compiled code reduce-adds them; everything else is the compiled kernel."""
