@@ -105,7 +105,7 @@ def mask_scratch(layout, *, stages: int, streamed_len: int, tile_shape: tuple[in
     scratch += [plgpu.SMEM((stages, streamed_len), jnp.int32),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
   if layout.has_tiles:
-    scratch += [plgpu.SMEM((stages, *tile_shape), dtype),
+    scratch += [swizzled_smem((stages, *tile_shape), dtype),
                 plgpu.Barrier(num_arrivals=1, num_barriers=stages)]
   return scratch
 
@@ -321,6 +321,5 @@ def launch_with_refs(kernel, out_type, scratch, grid, grid_names, consumers: int
   def body(*refs):
     pl.run_scoped(functools.partial(kernel, *refs), *scratch, collective_axes="wg")
 
-  body.__name__ = getattr(kernel, "__name__", "kernel")
-  return pl.kernel(body, out_type=out_type, mesh=mesh,
+  return pl.kernel(body, out_type=out_type, mesh=mesh, name=getattr(kernel, "__name__", None),
                    compiler_params=plgpu.CompilerParams(approx_math=True))
