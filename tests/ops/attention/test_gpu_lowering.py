@@ -1,14 +1,12 @@
-"""pallas_mosaic_gpu's compiled kernels lowered for CUDA on a CPU host.
+"""The GPU attention backends' kernels lowered for CUDA on a CPU host (tests/gpu_lowering.py).
 
-`jax.export(..., platforms=["cuda"])` runs the Pallas -> Mosaic GPU lowering of every kernel a
-call needs (forward, dQ and dK/dV, or the fused backward) without a GPU, so the compiled code
-paths, which interpret mode does not take (register layouts, transposed SMEM views, register
-wgmma operands, TMA reductions, Refs through pl.kernel), are at least lowered in CI. What it
-cannot check: the Mosaic GPU -> PTX compilation and the run itself (test_pallas_mosaic_gpu_gpu.py
-on a GPU). The backend's platform check is bypassed: on a CPU host it refuses the call.
+For pallas_mosaic_gpu this lowers the compiled code paths that interpret mode does not take
+(register layouts, transposed SMEM views, register wgmma operands, TMA reductions, Refs
+through pl.kernel): forward, dQ and dK/dV, or the fused backward. pallas_triton and
+partially_fused lower to Triton IR. What this cannot check: the PTX compilation and the
+run (the *_gpu.py suites on a GPU).
 """
 
-import re
 from unittest import mock
 
 import jax
@@ -18,26 +16,45 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 import flashjax
-from flashjax.ops.attention import api
 from flashjax.ops.attention import pallas_mosaic_gpu_vjp
 from flashjax.ops.attention.block_sizes import BlockSizes
+from tests import gpu_lowering
 
-_KERNEL_NAMES = re.compile(r"flashjax_mosaic_gpu_\w+|flashjax_triton_\w+")
 
-
-def _lowered_kernels(head_dim=128, q_heads=4, kv_heads=2, length=512, **kwargs) -> set[str]:
-  """Exports forward + backward of one call for CUDA; returns the kernel names in the module."""
+def _lowered_kernels(head_dim=128, q_heads=4, kv_heads=2, length=512,
+                     implementation="pallas_mosaic_gpu", grad=True, **kwargs) -> set[str]:
+  """Exports forward + backward (grad=False: forward only) of one call for CUDA; returns the
+  kernel names in the module."""
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.standard_normal((2, length, q_heads, head_dim)), jnp.bfloat16)
   k = jnp.asarray(rng.standard_normal((2, length, kv_heads, head_dim)), jnp.bfloat16)
 
   def attention(q, k, v):
-    return flashjax.dot_product_attention(q, k, v, implementation="pallas_mosaic_gpu", **kwargs)
+    return flashjax.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
 
-  fwd_bwd = jax.jit(lambda q, k, v: jax.vjp(attention, q, k, v)[1](q))
-  with mock.patch.object(api, "check_platform"):
-    exported = jax.export.export(fwd_bwd, platforms=["cuda"])(q, k, k)
-  return set(_KERNEL_NAMES.findall(exported.mlir_module()))
+  fn = (lambda q, k, v: jax.vjp(attention, q, k, v)[1](q)) if grad else attention
+  text = gpu_lowering.export_for_cuda(fn, q, k, k)
+  return gpu_lowering.kernel_names(text)
+
+
+class TritonLoweringTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("causal_gqa", dict(is_causal=True), 64),
+      ("documents_d128", dict(segment_ids=jnp.asarray(np.repeat(np.arange(4), 128)[None]
+                                                      .repeat(2, 0).astype(np.int32))), 128),
+      ("flags_dispatch", dict(is_causal=True, block_sizes=BlockSizes(64, 64,
+                                                                     dispatch="flags")), 64),
+  )
+  def test_pallas_triton(self, kwargs, head_dim):
+    names = _lowered_kernels(head_dim, implementation="pallas_triton", **kwargs)
+    self.assertTrue({"flashjax_triton_fwd", "flashjax_triton_dq", "flashjax_triton_dkdv"}
+                    <= names, names)
+
+  def test_partially_fused(self):  # forward only: its backward is XLA's
+    names = _lowered_kernels(64, 4, 4, implementation="partially_fused", grad=False,
+                             is_causal=True)
+    self.assertTrue({"partially_fused_scores", "partially_fused_pv"} <= names, names)
 
 
 class MosaicGpuLoweringTest(parameterized.TestCase):
