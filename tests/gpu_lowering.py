@@ -8,6 +8,7 @@ GPU backend on a CPU host) are bypassed for the export.
 """
 
 import contextlib
+import importlib
 import re
 from unittest import mock
 
@@ -23,6 +24,10 @@ _TRITON_CALL = "__gpu$xla.gpu.triton"
 
 def export_for_cuda(fn, *args) -> str:
   """The StableHLO text of `fn(*args)` lowered for CUDA (raises what the lowering raises)."""
+  # Import the modules first: one imported while attention.api's check is patched would bind
+  # the mock as its own `check_platform` and keep it after the patches are undone.
+  for target in _PLATFORM_CHECKS:
+    importlib.import_module(target.rsplit(".", 1)[0])
   with contextlib.ExitStack() as stack:
     for target in _PLATFORM_CHECKS:
       stack.enter_context(mock.patch(target))

@@ -7,6 +7,8 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 import flashjax
+from flashjax.ops.attention import api as attention_api
+from flashjax.ops.sparse_mlp import pallas_triton as sparse_pallas_triton
 from tests import gpu_lowering
 
 
@@ -28,6 +30,10 @@ class SparseMlpLoweringTest(parameterized.TestCase):
 
     names = gpu_lowering.kernel_names(gpu_lowering.export_for_cuda(mlp, x, w1, w2, ids))
     self.assertTrue({"flashjax_sparse_mlp_fc1", "flashjax_sparse_mlp_fc2"} <= names, names)
+    # The export leaves the real platform check behind (a CPU call must still be refused).
+    self.assertIs(sparse_pallas_triton.check_platform, attention_api.check_platform)
+    with self.assertRaises(attention_api.BackendUnavailableError):
+      mlp(x, w1, w2, ids)
 
 
 if __name__ == "__main__":
