@@ -11,6 +11,10 @@ blocks never loaded), with a producer warpgroup that TMA-loads the streamed oper
   BlockMask with 64-query tiles, for each of the kv head's `group` query heads in turn (GQA
   sums in registers, K/V never repeated). Per slot: S^T = K Q^T, P^T = exp2(S'^T - lse2),
   dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+* Fused (opt-in, `dkdv_dq`, `BlockSizes(fused_backward=True)`): the dK / dV kernel also adds
+  each slot's dS K into a float32 dQ accumulator by TMA reduce-add (5 tile matmuls per slot
+  instead of 7); with two consumers at D = 128 they share dS^T and split dQ's columns.
+  Interpret-checked and lowered for CUDA; not yet run on a GPU (docs/mosaic_gpu.md).
 
 S' is the base-2 logit: scale * log2(e) * S, or cap * log2(e) * tanh(scale * S / cap) with a
 soft cap (then dS also takes the factor 1 - tanh^2). lse2 [B * Nq, T] is the forward's
