@@ -117,16 +117,15 @@ class MosaicGpuBackwardTest(parameterized.TestCase):
     self._check(name)
 
   @parameterized.named_parameters(
-      (f"{name=}", name) for name in ("causal_gqa_odd", "document_gqa", "persistent_gqa",
-                                      "two_consumers_d128"))
+      (f"{name=}", name) for name in ("causal_gqa_odd", "document_gqa", "two_consumers_d128"))
   def test_fused_gradients(self, name):
     """The one-kernel backward (dkdv_dq): interpret mode sums per-kv-block dQ partials in
     XLA where compiled code reduce-adds them; everything else is the compiled kernel."""
     self._check(name, fused=True)
 
   @parameterized.named_parameters(
-      (f"{name=}", name) for name in ("tree_tiles", "prefix_soft_cap", "window_cross",
-                                      "two_consumers"))
+      (f"{name=}", name) for name in ("persistent_gqa", "tree_tiles", "prefix_soft_cap",
+                                      "window_cross", "two_consumers"))
   @pytest.mark.slow
   def test_fused_gradients_slow(self, name):
     self._check(name, fused=True)
