@@ -82,9 +82,7 @@ class FusedBackwardTest(parameterized.TestCase):
     q = normal((batch, length, heads[0], head_dim))
     k, v = (normal((batch, length, heads[1], head_dim)) for _ in range(2))
     do = normal(q.shape)
-    grid_test = PersistentGridTest()
-    grid_test.rng = rng
-    kwargs, ref_kwargs = grid_test._case(name, batch, length, heads[0])  # pylint: disable=protected-access
+    kwargs, ref_kwargs = _mask_case(rng, name, batch, length, heads[0])
     f32 = lambda x: x.astype(jnp.float32)
 
     def grads(fused):
@@ -111,6 +109,33 @@ def _segment_ids(rng, batch, length, num_segments):
   return np.stack([np.searchsorted(c, np.arange(length), side="right") for c in cuts])
 
 
+def _mask_case(rng, name, batch, length, q_heads):
+  """(attention kwargs, reference kwargs) of a mask case over [batch, q_heads, T, T]."""
+  if name == "dense":
+    return {}, {}
+  if name == "causal":
+    return dict(is_causal=True), dict(is_causal=True)
+  if name == "document":
+    ids = _segment_ids(rng, batch, length, 7)
+    return (dict(segment_ids=jnp.asarray(ids), is_causal=True),
+            dict(q_segment_ids=ids, kv_segment_ids=ids, is_causal=True))
+  if name == "window":
+    mask = flashjax.masks.sliding_window(length, length, 300, 20)
+    return dict(mask=mask), dict(mask=jnp.asarray(mask.to_dense()))
+  if name == "tree_tiles":
+    parents = np.concatenate([[-1], rng.integers(0, np.arange(1, length))])
+    mask = flashjax.masks.tree(parents)
+    return dict(mask=mask), dict(mask=jnp.asarray(mask.to_dense()))
+  if name == "zero_rows":
+    # Per head: random density, whole query blocks and single rows with no allowed key.
+    dense = rng.random((batch, q_heads, length, length)) < rng.random(
+        (batch, q_heads, 1, 1)) * 0.3
+    dense[:, 1, :300] = False
+    dense[0, :, 700] = False
+    return dict(mask=jnp.asarray(dense)), dict(mask=jnp.asarray(dense))
+  raise ValueError(f"unknown {name=}")
+
+
 class PersistentGridTest(parameterized.TestCase):
   """persistent=True with more work items than SMs (several items per program, skewed list
   lengths), against the float32 reference and bit-equal to the per-item grid."""
@@ -124,32 +149,6 @@ class PersistentGridTest(parameterized.TestCase):
     return (normal((batch, length, q_heads, head_dim)),
             normal((batch, length, kv_heads, head_dim)),
             normal((batch, length, kv_heads, head_dim)))
-
-  def _case(self, name, batch, length, q_heads):
-    """(attention kwargs, reference kwargs) of a mask case over [batch, q_heads, T, T]."""
-    if name == "dense":
-      return {}, {}
-    if name == "causal":
-      return dict(is_causal=True), dict(is_causal=True)
-    if name == "document":
-      ids = _segment_ids(self.rng, batch, length, 7)
-      return (dict(segment_ids=jnp.asarray(ids), is_causal=True),
-              dict(q_segment_ids=ids, kv_segment_ids=ids, is_causal=True))
-    if name == "window":
-      mask = flashjax.masks.sliding_window(length, length, 300, 20)
-      return dict(mask=mask), dict(mask=jnp.asarray(mask.to_dense()))
-    if name == "tree_tiles":
-      parents = np.concatenate([[-1], self.rng.integers(0, np.arange(1, length))])
-      mask = flashjax.masks.tree(parents)
-      return dict(mask=mask), dict(mask=jnp.asarray(mask.to_dense()))
-    if name == "zero_rows":
-      # Per head: random density, whole query blocks and single rows with no allowed key.
-      dense = self.rng.random((batch, q_heads, length, length)) < self.rng.random(
-          (batch, q_heads, 1, 1)) * 0.3
-      dense[:, 1, :300] = False
-      dense[0, :, 700] = False
-      return dict(mask=jnp.asarray(dense)), dict(mask=jnp.asarray(dense))
-    raise ValueError(f"unknown {name=}")
 
   @parameterized.named_parameters(
       dict(testcase_name=f"{name=}_{length=}_{heads=}_{head_dim=}_{block_q=}", name=name,
@@ -166,7 +165,7 @@ class PersistentGridTest(parameterized.TestCase):
   def test_forward(self, name, length, heads, head_dim, block_q):
     batch = 2
     q, k, v = self._qkv(batch, length, *heads, head_dim)
-    kwargs, ref_kwargs = self._case(name, batch, length, heads[0])
+    kwargs, ref_kwargs = _mask_case(self.rng, name, batch, length, heads[0])
     n_items = batch * heads[0] * -(-length // block_q)
     self.assertGreater(n_items, pallas_mosaic_gpu_common.num_programs(n_items, False),
                        msg="fewer work items than programs: each program runs one")
@@ -194,7 +193,7 @@ class PersistentGridTest(parameterized.TestCase):
     """The pallas_triton backward on this forward's residuals (persistent grid)."""
     batch, length, heads = 2, 1200, (8, 2)
     q, k, v = self._qkv(batch, length, *heads, 64)
-    kwargs, ref_kwargs = self._case(name, batch, length, heads[0])
+    kwargs, ref_kwargs = _mask_case(self.rng, name, batch, length, heads[0])
     do = jnp.asarray(self.rng.standard_normal(q.shape), q.dtype)
     f32 = lambda x: x.astype(jnp.float32)
 
