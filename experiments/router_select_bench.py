@@ -38,14 +38,14 @@ D_MODEL, D_FF, RANK = 1024, 4096, 128
 def _select_threshold(logits: jax.Array, k: int) -> jax.Array:
   """The k-th largest batch score as a threshold, then the ids at or above it in index
   order (one sort for the threshold, a compaction instead of the second sort)."""
-  scores = jnp.sum(jax.nn.relu(logits.astype(jnp.float32)), axis=0)
+  scores = routers.union_scores(logits)
   kth = jax.lax.top_k(scores, k)[0][k - 1]
   return jnp.nonzero(scores >= kth, size=k)[0].astype(jnp.int32)
 
 
 def _select_top_k_unsorted(logits: jax.Array, k: int) -> jax.Array:
   """top_k without the index sort (what the sort alone costs)."""
-  scores = jnp.sum(jax.nn.relu(logits.astype(jnp.float32)), axis=0)
+  scores = routers.union_scores(logits)
   return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
 
 

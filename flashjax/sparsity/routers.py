@@ -74,6 +74,11 @@ def select_heads(logits: jax.Array, k: int) -> jax.Array:
   return jax.lax.top_k(logits, k)[1].astype(jnp.int32)
 
 
+def union_scores(logits: jax.Array) -> jax.Array:
+  """[B, F] neuron-router scores -> [F] float32 batch score sum_b relu(logits[b])."""
+  return jnp.sum(jax.nn.relu(logits.astype(jnp.float32)), axis=0)
+
+
 def select_neurons(logits: jax.Array, k: int) -> jax.Array:
   """Batch union: the k units with the largest sum over the batch of relu(scores).
 
@@ -87,5 +92,4 @@ def select_neurons(logits: jax.Array, k: int) -> jax.Array:
   """
   if not 1 <= k <= logits.shape[-1]:
     raise ValueError(f"{k=} must be in [1, F={logits.shape[-1]}]")
-  scores = jnp.sum(jax.nn.relu(logits.astype(jnp.float32)), axis=0)
-  return jnp.sort(jax.lax.top_k(scores, k)[1]).astype(jnp.int32)
+  return jnp.sort(jax.lax.top_k(union_scores(logits), k)[1]).astype(jnp.int32)
