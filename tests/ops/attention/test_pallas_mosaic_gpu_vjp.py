@@ -53,8 +53,8 @@ class MosaicGpuBackwardTest(parameterized.TestCase):
       q, k, v, do = self._qkv_do(1, 100, 100, 2, 1, 32)
       return q, k, v, do, dict(is_causal=True), dict(is_causal=True)
     if name == "document_gqa":  # segment ids per query (dK/dV side) and per key (dQ side)
-      q, k, v, do = self._qkv_do(2, 128, 128, 2, 1, 32)
-      ids = np.sort(self.rng.integers(0, 3, (2, 128)), axis=1).astype(np.int32)
+      q, k, v, do = self._qkv_do(1, 128, 128, 2, 1, 32)
+      ids = np.sort(self.rng.integers(0, 3, (1, 128)), axis=1).astype(np.int32)
       return q, k, v, do, dict(segment_ids=jnp.asarray(ids), is_causal=True), dict(
           q_segment_ids=ids, kv_segment_ids=ids, is_causal=True)
     if name == "tree_tiles":  # stored tiles, transposed for the dK/dV kernel
