@@ -5,7 +5,8 @@ Static parameters (`MosaicParams`), the BlockMask operands regrouped for TMA (`M
 (`QueryItem`), the persistent-grid machinery (`num_programs`, `longest_first`,
 `query_item_order`, `for_each_item`, `grid_and_order`), the warpgroup split
 (`run_warpgroups`), the compiled / interpreted register forms (`KernelOps`), SMEM layouts
-(`swizzled_smem`) and the launcher (`launch`), plus the Hopper limits both passes plan with.
+(`swizzled_smem`) and the launchers (`launch`; `launch_with_refs` with `batched_by_loop`
+for kernels that take mutable Refs), plus the Hopper limits both passes plan with.
 The forward kernel (pallas_mosaic_gpu.py) and the backward kernels (pallas_mosaic_gpu_vjp.py)
 import this module; it imports neither.
 """
@@ -309,6 +310,27 @@ def launch(kernel, out_type, scratch, grid, grid_names, consumers: int, interpre
       num_threads=consumers + 1, thread_name="wg",
       compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
       interpret=interpret_params() if interpret else None)
+
+
+def batched_by_loop(fn):
+  """fn(*arrays) with a vmap rule that loops over the mapped axis (lax.map). For launches
+  through `pl.kernel` with mutable Refs (`launch_with_refs`), which have no batching rule
+  of their own; the arguments that are not mapped are passed whole to every iteration."""
+  wrapped = jax.custom_batching.custom_vmap(fn)
+
+  @wrapped.def_vmap
+  def _(axis_size, in_batched, *args):
+    del axis_size
+    mapped = [x for x, batched in zip(args, in_batched) if batched]
+
+    def one(xs):
+      it = iter(xs)
+      return wrapped(*(next(it) if batched else x for x, batched in zip(args, in_batched)))
+
+    outs = lax.map(one, mapped)
+    return outs, jax.tree.map(lambda _: True, outs)
+
+  return wrapped
 
 
 def launch_with_refs(kernel, out_type, scratch, grid, grid_names, consumers: int):

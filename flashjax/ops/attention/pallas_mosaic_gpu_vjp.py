@@ -53,8 +53,8 @@ from flashjax.masks.block_mask import BlockMask
 from flashjax.ops.attention.block_sizes import padded_head_dim
 from flashjax.ops.attention.pallas_gpu_common import LOG2E, MaskLayout, pad_to, tiling
 from flashjax.ops.attention.pallas_mosaic_gpu_common import (
-    ROWS, KernelOps, MaskParts, MosaicParams, for_each_item, grid_and_order, keep_mask,
-    launch, launch_with_refs, longest_first, mask_parts, mask_scratch, query_item,
+    ROWS, KernelOps, MaskParts, MosaicParams, batched_by_loop, for_each_item, grid_and_order,
+    keep_mask, launch, launch_with_refs, longest_first, mask_parts, mask_scratch, query_item,
     query_item_order, run_warpgroups, swizzled_smem)
 
 
@@ -692,10 +692,16 @@ def _dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams, *, fused_dq: 
     dq = jnp.where(visited[:, :, :, None, :, None], dq_parts, 0.0).sum(axis=0)
     dq = dq.reshape(batch, q_pad, num_heads, dp)
   else:
-    dq_acc = jax.new_ref(jnp.zeros((batch, q_pad, num_heads, dp), jnp.float32))
-    dk, dv = launch_with_refs(kernel, [out, out], scratch, grid, grid_names, consumers)(
-        *operands, dq_acc)
-    dq = dq_acc[...]
+    @batched_by_loop
+    def run(*operands):
+      # dQ (zeroed: the kernel reduce-adds into it), dK and dV as Refs of one run_state.
+      def body(refs):
+        launch_with_refs(kernel, [], scratch, grid, grid_names, consumers)(*operands, *refs)
+
+      return pl.run_state(body)((jnp.zeros((batch, q_pad, num_heads, dp), jnp.float32),
+                                 jnp.zeros(out.shape, dtype), jnp.zeros(out.shape, dtype)))
+
+    dq, dk, dv = run(*operands)
   if dq is not None:
     dq = (dq[:, :q_len, :, :head_dim] * config.scale).astype(dtype)
   return dq, dk[:, :kv_len, :, :head_dim], dv[:, :kv_len, :, :head_dim]

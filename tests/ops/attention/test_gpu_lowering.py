@@ -93,6 +93,25 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
     self.assertIn("flashjax_mosaic_gpu_dkdv_dq", names)
     self.assertNotIn("flashjax_mosaic_gpu_dq", names)
 
+  @parameterized.parameters(False, True)
+  def test_backward_under_vmap(self, fused):
+    """vmap over the gradient: the two-kernel backward batches through plgpu.kernel; the
+    fused one (pl.kernel with Refs, no batching rule) loops over the mapped axis."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((3, 1, 256, 4, 64)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((3, 1, 256, 2, 64)), jnp.bfloat16)
+
+    def attention(q, k, v):
+      return flashjax.dot_product_attention(
+          q, k, v, implementation="pallas_mosaic_gpu", is_causal=True,
+          block_sizes=BlockSizes(128, 128, fused_backward=fused))
+
+    grads = jax.vmap(lambda q, k, v: jax.vjp(attention, q, k, v)[1](q))
+    text = gpu_lowering.export_for_cuda(grads, q, k, k)
+    self.assertIn("mosaic_gpu", text)
+    if fused:
+      self.assertIn("flashjax_mosaic_gpu_dkdv_dq", gpu_lowering.kernel_names(text))
+
   def test_lowering_errors_surface(self):
     """The export really lowers the kernel bodies: an op without a Mosaic GPU lowering rule
     inside the backward fails it."""
