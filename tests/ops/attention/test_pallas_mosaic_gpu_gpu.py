@@ -120,6 +120,22 @@ class FusedBackwardTest(parameterized.TestCase):
       chex.assert_trees_all_close(g.astype(jnp.float32), g2.astype(jnp.float32), atol=2e-2,
                                   rtol=1e-2, custom_message=f"d{what}")
 
+  def test_two_kernel_backward_repeats_its_bits(self):
+    """The deterministic choice (docs/mosaic_gpu.md): fused_backward off gives the same bits
+    on every run; the fused kernel's float32 reduce-adds need not."""
+    rng = np.random.default_rng(zlib.crc32(self.id().encode()))
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 1100, 8, 128)), jnp.bfloat16)
+               for _ in range(3))
+    attention = lambda q, k, v: flashjax.dot_product_attention(
+        q, k, v, implementation="pallas_mosaic_gpu", is_causal=True,
+        block_sizes=BlockSizes(128, 128, fused_backward=False))
+    grads = jax.jit(lambda *x: jax.vjp(attention, *x)[1](x[0]))
+    first = grads(q, k, v)
+    for _ in range(3):
+      for what, a, b in zip("qkv", first, grads(q, k, v)):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                      np.asarray(b.astype(jnp.float32)), err_msg=f"d{what}")
+
 
 def _segment_ids(rng, batch, length, num_segments):
   """Sorted (packed documents) int32 [batch, length] ids with random boundaries."""
