@@ -187,9 +187,9 @@ class ShardedCheckpointTest(parameterized.TestCase):
         self.assertEqual(weight.sharding.spec, want)
         target.load_state(state)
         self.assertEqual(target.step, 1)
-        # Training continues identically on the new mesh.
-        self.assertAlmostEqual(float(target.train_step(tokens, segments, LR)["loss"]),
-                               next_loss, delta=1e-5)
+        if spec == "fsdp:4,model:2":  # one train-step compile: training continues identically
+          self.assertAlmostEqual(float(target.train_step(tokens, segments, LR)["loss"]),
+                                 next_loss, delta=1e-5)
       # An explicit sharding tree overrides the (unsharded) template's placement.
       single = training.Trainer(Transformer(CONFIG, rngs=nnx.Rngs(1)), OPT)
       other = training.Trainer(Transformer(CONFIG, rngs=nnx.Rngs(1)), OPT,
