@@ -32,11 +32,11 @@ SHAPES = ((4, 4096, 128), (1, 16384, 128), (8, 2048, 64))
 @contextlib.contextmanager
 def _split_dq(split: bool):
   """Sets pallas_mosaic_gpu_vjp.SPLIT_DQ (read when a kernel is traced) for the block."""
-  pallas_mosaic_gpu_vjp.SPLIT_DQ = split
+  previous, pallas_mosaic_gpu_vjp.SPLIT_DQ = pallas_mosaic_gpu_vjp.SPLIT_DQ, split
   try:
     yield
   finally:
-    pallas_mosaic_gpu_vjp.SPLIT_DQ = True
+    pallas_mosaic_gpu_vjp.SPLIT_DQ = previous
 
 
 def bench(batch: int, length: int, head_dim: int, causal: bool) -> dict:

@@ -395,17 +395,15 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
         dk, dv = lax.fori_loop(n_full, count, functools.partial(body, partial=True), (dk, dv))
       return dk, dv, step0 + count
 
-    def add_partial(ops, part, acc_dst, parts_dst):
-      """Stages a float32 dQ partial in this consumer's SMEM and reduce-adds it into the
-      accumulator view `acc_dst` (interpret: stores it to the partials' view `parts_dst`)."""
+    def add_partial(ops, part, dst):
+      """Stages a float32 dQ partial in this consumer's SMEM, then reduce-adds it into `dst`,
+      a view of the accumulator (interpret: stores it to `dst`, a view of the partials)."""
       # The previous slot's store has read dq_smem before it is overwritten.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       dq_smem.at[wg][...] = part
       plgpu.commit_smem()
-      if ops.compiled:
-        plgpu.copy_smem_to_gmem(dq_smem.at[wg], acc_dst(), reduction_op="add")
-      else:
-        plgpu.copy_smem_to_gmem(dq_smem.at[wg], parts_dst())
+      plgpu.copy_smem_to_gmem(dq_smem.at[wg], dst,
+                              reduction_op="add" if ops.compiled else None)
 
     def emit_dq(ops, ds16, j, slot, step):
       """This consumer's dQ contribution to the slot's 64 query rows: dS K_wg [64, Dp]
@@ -425,8 +423,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
         part = pl.run_scoped(run, plgpu.ACC((bq, head_dim), jnp.float32))
       else:
         part = ops.mma(ops.zeros((bq, head_dim)), ds16.T, k_wg)
-      add_partial(ops, part, lambda: dq_acc_ref.at[batch, rows_q, head],
-                  lambda: dq_parts_ref.at[kj * consumers + wg, batch, rows_q, head])
+      add_partial(ops, part, dq_acc_ref.at[batch, rows_q, head] if ops.compiled else
+                  dq_parts_ref.at[kj * consumers + wg, batch, rows_q, head])
 
     def emit_dq_split(ops, ds16, j, slot, step):
       """FlashAttention-3's split: the consumers share their dS^T tiles through SMEM, then
@@ -458,8 +456,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
           return plgpu.wgmma_accumulator_load(acc_ref)
 
         part = pl.run_scoped(run_interpret, plgpu.ACC(shape, jnp.float32))
-      add_partial(ops, part, lambda: dq_acc_ref.at[batch, rows_q, head, cols],
-                  lambda: dq_parts_ref.at[kj, batch, rows_q, head, cols])
+      add_partial(ops, part, dq_acc_ref.at[batch, rows_q, head, cols] if ops.compiled else
+                  dq_parts_ref.at[kj, batch, rows_q, head, cols])
 
     zeros = ops.zeros((ROWS, head_dim))
     dk, dv, _ = lax.fori_loop(0, group, head_loop, (zeros, zeros, jnp.int32(0)))
