@@ -3,7 +3,7 @@
 Static parameters (`MosaicParams`), the BlockMask operands regrouped for TMA (`MaskParts`,
 `mask_parts`), the partial-tile rule (`keep_mask`), one query work item of a kernel
 (`QueryItem`), the persistent-grid machinery (`num_programs`, `longest_first`,
-`query_item_order`, `for_each_item`, `grid_and_order`), the warpgroup split
+`query_item_order`, `loop_items`, `for_each_item`, `grid_and_order`), the warpgroup split
 (`run_warpgroups`), the compiled / interpreted register forms (`KernelOps`), SMEM layouts
 (`swizzled_smem`) and the launchers (`launch`; `launch_with_refs` with `batched_by_loop`
 for kernels that take mutable Refs), plus the Hopper limits both passes plan with.
@@ -257,39 +257,69 @@ def query_item_order(count: jax.Array, batch: int, num_heads: int) -> jax.Array:
   return longest_first(jnp.broadcast_to(count, (batch, num_heads, count.shape[-1])).reshape(-1))
 
 
-def for_each_item(order_ref, outer_axis: str, num_outer: int, programs: int):
-  """`run(fn)` calling fn(outer, bh) for this program's work items: its grid indices, or,
-  with a persistent order (item id = bh * num_outer + outer), every `programs`-th item from
-  the program index on."""
-  def run(fn):
-    if order_ref is None:
-      fn(lax.axis_index(outer_axis), lax.axis_index("bh"))
-      return
+class ItemRef(NamedTuple):
+  """A work item as the grid or the persistent order names it (traced scalars)."""
 
-    @pl.loop(lax.axis_index("p"), order_ref.shape[0], step=programs)
-    def _(i):
-      item = order_ref[i]
-      fn(lax.rem(item, num_outer), lax.div(item, num_outer))
+  outer: Any  # query block (forward, dQ) or kv block (dK / dV)
+  bh: Any     # batch * heads + head
+  valid: Any  # bool: False past the program's last item (outer / bh then repeat the last)
+
+
+def loop_items(order_ref, outer_axis: str, num_outer: int, programs: int, fn, init):
+  """carry = fn(k, item, next_item, carry) for this program's work items in order.
+
+  k is the program's item counter (0, 1, ...); item an ItemRef; next_item the ItemRef this
+  program runs after `item` (None on the per-item grid, where a program runs one item).
+  Items are the grid indices, or, with a persistent order (item id = bh * num_outer + outer),
+  every `programs`-th entry of the order from the program index on. Returns the last carry.
+  """
+  if order_ref is None:
+    item = ItemRef(lax.axis_index(outer_axis), lax.axis_index("bh"), True)
+    return fn(jnp.int32(0), item, None, init)
+  total = order_ref.shape[0]
+  first = lax.axis_index("p")
+
+  def ref(i):
+    item_id = order_ref[jnp.minimum(i, total - 1)]
+    return ItemRef(lax.rem(item_id, num_outer), lax.div(item_id, num_outer), i < total)
+
+  def body(k, carry):
+    i = first + k * programs
+    return fn(k, ref(i), ref(i + programs), carry)
+
+  return lax.fori_loop(0, lax.div(total - first + programs - 1, programs), body, init)
+
+
+def for_each_item(order_ref, outer_axis: str, num_outer: int, programs: int):
+  """`run(fn)` calling fn(outer, bh) for this program's work items (`loop_items`)."""
+  def run(fn):
+    def step(k, item, next_item, carry):
+      del k, next_item
+      fn(item.outer, item.bh)
+      return carry
+
+    loop_items(order_ref, outer_axis, num_outer, programs, step, ())
 
   return run
 
 
-def run_warpgroups(consumers: int, interpret: bool, produce, consume, items) -> None:
-  """produce(item) on the producer warpgroup (index `consumers`) and consume(item) on the
-  consumer warpgroups, for every item; the consumers then wait for their last stores."""
+def run_warpgroups(consumers: int, interpret: bool, producer, consumer) -> None:
+  """producer() on the producer warpgroup (index `consumers`) and consumer() on the consumer
+  warpgroups (each runs all of the program's items); the consumers then wait for their last
+  stores."""
   wg = lax.axis_index("wg")
 
   @pl.when(wg == consumers)
   def _():
     if not interpret:
       plgpu.set_max_registers(40, action="decrease")
-    items(produce)
+    producer()
 
   @pl.when(wg < consumers)
   def _():
     if not interpret:
       plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
-    items(consume)
+    consumer()
     plgpu.wait_smem_to_gmem(0)
 
 

@@ -222,8 +222,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Mo
     # The next item's Q lands in q_smem once this store has read it.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  run_warpgroups(consumers, config.interpret, produce, consume,
-              for_each_item(order_ref, "q", num_outer, num_programs))
+  items = for_each_item(order_ref, "q", num_outer, num_programs)
+  run_warpgroups(consumers, config.interpret, lambda: items(produce), lambda: items(consume))
 
 
 # ------------------------------------------------------------------------------ dK / dV
@@ -473,8 +473,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
     # The next item's K and V land in k_smem / v_smem once these stores have read them.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  run_warpgroups(consumers, config.interpret, produce, consume,
-              for_each_item(order_ref, "kv", num_outer, num_programs))
+  items = for_each_item(order_ref, "kv", num_outer, num_programs)
+  run_warpgroups(consumers, config.interpret, lambda: items(produce), lambda: items(consume))
 
 
 # ---------------------------------------------------------------------------- launchers
