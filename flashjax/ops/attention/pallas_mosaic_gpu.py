@@ -18,9 +18,10 @@ Design (docs/architecture.md ideas 1 and 2; the BlockMask lists pallas_triton co
   XLA by kv list length, longest first (ties in item order), and program p runs items
   p, p + G, ... of that order, so skewed masks (causal, documents) spread over the SMs.
   Producer and consumers walk the same items with the same per-item code as the grid
-  above; the producer's end-of-list drain and the consumers' one wait per TMA keep every
-  barrier's phases in step from item to item, and Q SMEM is refilled only after the
-  previous item's output store has read it. The backward kernels take the same flag.
+  above; the K/V rings run on across items (the producer loads the next item's first
+  tiles while the consumers finish the current one) and, where SMEM allows, each
+  consumer prefetches the next item's Q into a second buffer. The backward kernels take
+  the same flag and the same run-on rings.
 * Consumers: S = Q K^T by wgmma from SMEM (K read through a transposed view), online
   softmax in f32 base 2 (scale folded into the exponent), O += P V by wgmma with P in
   registers. FULL slots run a loop without mask code; PARTIAL slots AND the band (causal,
@@ -245,13 +246,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
     return base + item.count
 
   def drain(end):
-    """Observes the rings' last releases, so every phase of the free barriers is awaited
-    once (the interpreter checks this)."""
-    @pl.loop(jnp.maximum(end - stages, 0), end)
-    def _(pos):
-      buf = lax.rem(pos, stages)
-      plgpu.barrier_wait(k_free.at[buf])
-      plgpu.barrier_wait(v_free.at[buf])
+    mosaic_common.drain_ring(k_free, stages, end)
+    mosaic_common.drain_ring(v_free, stages, end)
 
   def load_q(qi, bh, buffer):
     """TMA-loads this warpgroup's 64 query rows of item (qi, bh) (and their segment ids)

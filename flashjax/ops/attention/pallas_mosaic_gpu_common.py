@@ -3,10 +3,11 @@
 Static parameters (`MosaicParams`), the BlockMask operands regrouped for TMA (`MaskParts`,
 `mask_parts`), the partial-tile rule (`keep_mask`), one query work item of a kernel
 (`QueryItem`), the persistent-grid machinery (`num_programs`, `longest_first`,
-`query_item_order`, `loop_items`, `for_each_item`, `grid_and_order`), the warpgroup split
-(`run_warpgroups`), the compiled / interpreted register forms (`KernelOps`), SMEM layouts
-(`swizzled_smem`) and the launchers (`launch`; `launch_with_refs` with `batched_by_loop`
-for kernels that take mutable Refs), plus the Hopper limits both passes plan with.
+`query_item_order`, `loop_items`, `ring_items`, `drain_ring`, `grid_and_order`), the
+warpgroup split (`run_warpgroups`), the compiled / interpreted register forms
+(`KernelOps`), SMEM layouts (`swizzled_smem`) and the launchers (`launch`;
+`launch_with_refs` with `batched_by_loop` for kernels that take mutable Refs), plus the
+Hopper limits both passes plan with.
 The forward kernel (pallas_mosaic_gpu.py) and the backward kernels (pallas_mosaic_gpu_vjp.py)
 import this module; it imports neither.
 """
@@ -290,17 +291,25 @@ def loop_items(order_ref, outer_axis: str, num_outer: int, programs: int, fn, in
   return lax.fori_loop(0, lax.div(total - first + programs - 1, programs), body, init)
 
 
-def for_each_item(order_ref, outer_axis: str, num_outer: int, programs: int):
-  """`run(fn)` calling fn(outer, bh) for this program's work items (`loop_items`)."""
+def ring_items(order_ref, outer_axis: str, num_outer: int, programs: int):
+  """`run(fn)`: pos = fn(outer, bh, pos) over this program's work items (`loop_items`) from
+  ring position 0, returning the last. A kernel's streamed SMEM rings run on across its
+  items: slot s of an item uses ring position pos + s (buffer (pos + s) % stages), so the
+  producer fills the next item's first slots while the consumers finish the current one."""
   def run(fn):
-    def step(k, item, next_item, carry):
-      del k, next_item
-      fn(item.outer, item.bh)
-      return carry
-
-    loop_items(order_ref, outer_axis, num_outer, programs, step, ())
+    return loop_items(order_ref, outer_axis, num_outer, programs,
+                      lambda k, item, next_item, pos: fn(item.outer, item.bh, pos),
+                      jnp.int32(0))
 
   return run
+
+
+def drain_ring(free, stages: int, end):
+  """Waits for a ring's releases at the last `stages` positions before `end`, so every
+  phase of its "free" barriers is observed (the interpreter checks this)."""
+  @pl.loop(jnp.maximum(end - stages, 0), end)
+  def _(pos):
+    plgpu.barrier_wait(free.at[lax.rem(pos, stages)])
 
 
 def run_warpgroups(consumers: int, interpret: bool, producer, consumer) -> None:
