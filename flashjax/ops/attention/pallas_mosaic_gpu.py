@@ -264,7 +264,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
     stores output and lse2; returns the ring position after the item."""
     count, n_full = item.count, item.n_full
     q_start = item.qi * layout.block_q + wg * _WGMMA_M
-    q_buffer = lax.rem(k, q_buffers) * consumers + wg
+    q_buffer = mosaic_common.static_rem(k, q_buffers) * consumers + wg
     q_smem = qo_smem.at[q_buffer]
     if q_buffers == 1:
       load_q(item.qi, item.bh, q_buffer)
@@ -374,7 +374,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
 
     @pl.when(count > 0)
     def _():
-      plgpu.barrier_wait(k_bars.at[lax.rem(base, stages)])
+      plgpu.barrier_wait(k_bars.at[mosaic_common.static_rem(base, stages)])
 
     if schedule is not None:
       pl.when(wg == 1)(ping_pong)
@@ -402,8 +402,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
       item = mosaic_common.query_item(ref.outer, ref.bh, parts, layout, num_heads, group)
       return fn(k, item, next_ref, base)
 
-    return mosaic_common.loop_items(order_ref, "q", num_q_blocks, num_programs, step,
-                                    jnp.int32(0))
+    return mosaic_common.loop_items(order_ref, "q", num_q_blocks, num_programs, step, 0)
 
   mosaic_common.run_warpgroups(
       consumers, config.interpret,

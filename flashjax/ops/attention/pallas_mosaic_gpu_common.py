@@ -273,10 +273,14 @@ def loop_items(order_ref, outer_axis: str, num_outer: int, programs: int, fn, in
   program runs after `item` (None on the per-item grid, where a program runs one item).
   Items are the grid indices, or, with a persistent order (item id = bh * num_outer + outer),
   every `programs`-th entry of the order from the program index on. Returns the last carry.
+
+  On the per-item grid k and the carry stay Python ints (use `static_rem`): a concrete
+  array captured by a `run_state` body (wgmma with a register operand) does not lower.
   """
   if order_ref is None:
     item = ItemRef(lax.axis_index(outer_axis), lax.axis_index("bh"), True)
-    return fn(jnp.int32(0), item, None, init)
+    return fn(0, item, None, init)
+  init = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32) if isinstance(x, int) else x, init)
   total = order_ref.shape[0]
   first = lax.axis_index("p")
 
@@ -298,10 +302,14 @@ def ring_items(order_ref, outer_axis: str, num_outer: int, programs: int):
   producer fills the next item's first slots while the consumers finish the current one."""
   def run(fn):
     return loop_items(order_ref, outer_axis, num_outer, programs,
-                      lambda k, item, next_item, pos: fn(item.outer, item.bh, pos),
-                      jnp.int32(0))
+                      lambda k, item, next_item, pos: fn(item.outer, item.bh, pos), 0)
 
   return run
+
+
+def static_rem(x, n: int):
+  """x % n: a Python int for a Python int x (per-item grid), else lax.rem."""
+  return x % n if isinstance(x, int) else lax.rem(x, n)
 
 
 def drain_ring(free, stages: int, end):
