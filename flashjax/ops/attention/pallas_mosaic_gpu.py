@@ -18,10 +18,9 @@ Design (docs/architecture.md ideas 1 and 2; the BlockMask lists pallas_triton co
   XLA by kv list length, longest first (ties in item order), and program p runs items
   p, p + G, ... of that order, so skewed masks (causal, documents) spread over the SMs.
   Producer and consumers walk the same items with the same per-item code as the grid
-  above; the K/V rings run on across items (the producer loads the next item's first
-  tiles while the consumers finish the current one) and, where SMEM allows, each
-  consumer prefetches the next item's Q into a second buffer. The backward kernels take
-  the same flag and the same run-on rings.
+  above; the producer's end-of-list drain and the consumers' one wait per TMA keep every
+  barrier's phases in step from item to item, and Q SMEM is refilled only after the
+  previous item's output store has read it. The backward kernels take the same flag.
 * Consumers: S = Q K^T by wgmma from SMEM (K read through a transposed view), online
   softmax in f32 base 2 (scale folded into the exponent), O += P V by wgmma with P in
   registers. FULL slots run a loop without mask code; PARTIAL slots AND the band (causal,
@@ -150,13 +149,12 @@ def _check_tiling(sizes: BlockSizes | None, block_q: int, block_kv: int) -> None
     raise ValueError(f"pallas_mosaic_gpu: num_stages={stages} must be >= 2 (K/V ring depth)")
 
 
-def _smem_bytes(layout: MaskLayout, head_dim_padded: int, stages: int, itemsize: int,
-                q_buffers: int = 1) -> int:
+def _smem_bytes(layout: MaskLayout, head_dim_padded: int, stages: int, itemsize: int) -> int:
   """Shared memory the forward kernel allocates (plus slack for barriers and alignment)."""
   bq, bk, dp = layout.block_q, layout.block_kv, head_dim_padded
-  total = q_buffers * bq * dp * itemsize + 2 * stages * bk * dp * itemsize + bq * 4
+  total = bq * dp * itemsize + 2 * stages * bk * dp * itemsize + bq * 4
   if layout.has_segments:
-    total += q_buffers * bq * 4 + stages * bk * 4
+    total += bq * 4 + stages * bk * 4
   if layout.has_tiles:
     total += stages * bq * bk * itemsize
   return total + 4096
@@ -164,8 +162,7 @@ def _smem_bytes(layout: MaskLayout, head_dim_padded: int, stages: int, itemsize:
 
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, num_heads: int,
                     group: int, head_dim: int, consumers: int, stages: int,
-                    present: tuple[bool, ...], num_q_blocks: int, num_programs: int,
-                    q_buffers: int):
+                    present: tuple[bool, ...], num_q_blocks: int, num_programs: int):
   """BlockMask query blocks of (batch, query head) pairs: one per program, or, persistent,
   a strided share of the sorted work items per program.
 
@@ -175,12 +172,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
   refilled once every consumer has arrived on its "free" barrier. With two consumers a
   schedule barrier makes them alternate (FlashAttention-3 ping-pong): one runs softmax while
   the other's matmuls use the tensor cores. Producer and consumers run the same per-item
-  code on the same item sequence, and the K/V rings run on across items (ring position =
-  slots of the program's earlier items + slot), so the producer loads the next item's first
-  tiles while the consumers finish the current one; every barrier completes and is awaited
-  equally often, so the phases carry over from item to item. With q_buffers = 2
-  (persistent, when SMEM allows) each consumer's Q tile (and query segment ids) is
-  double-buffered: item k + 1's are loaded while item k runs.
+  code on the same item sequence; every barrier completes and is awaited equally often per
+  item, so the phases carry over from one item to the next.
   """
   compiled = not config.interpret
   it = iter(refs)
@@ -211,15 +204,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
       plgpu.barrier_arrive(schedule)
       plgpu.barrier_wait(schedule)
 
-  def produce(item: mosaic_common.QueryItem, base):
-    """TMA-loads the item's kv list into the rings from ring position `base` on; returns the
-    position after it."""
+  def produce(item: mosaic_common.QueryItem):
+    """TMA-loads the item's kv list into the rings, then awaits the ring's last releases."""
     @pl.loop(0, item.count)
     def _(slot):
-      buf = lax.rem(base + slot, stages)
+      buf = lax.rem(slot, stages)
       rows = pl.ds(kv_start(item, slot), bk)
 
-      @pl.when(base + slot >= stages)
+      @pl.when(slot >= stages)
       def _():
         plgpu.barrier_wait(k_free.at[buf])
 
@@ -236,48 +228,36 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
           plgpu.copy_gmem_to_smem(parts.tiles.at[parts.tile[item.index + (slot,)]],
                                   tile_smem.at[buf], tile_bars.at[buf])
 
-      @pl.when(base + slot >= stages)
+      @pl.when(slot >= stages)
       def _():
         plgpu.barrier_wait(v_free.at[buf])
 
       plgpu.copy_gmem_to_smem(v_ref.at[item.batch, rows, item.kv_head], v_smem.at[buf],
                               v_bars.at[buf])
 
-    return base + item.count
+    # Observe the ring's last releases too, so every phase of the free barriers is awaited
+    # once (the interpreter checks this) and the next item starts on an empty ring.
+    @pl.loop(jnp.maximum(item.count - stages, 0), item.count)
+    def _(slot):
+      buf = lax.rem(slot, stages)
+      plgpu.barrier_wait(k_free.at[buf])
+      plgpu.barrier_wait(v_free.at[buf])
 
-  def drain(end):
-    mosaic_common.drain_ring(k_free, stages, end)
-    mosaic_common.drain_ring(v_free, stages, end)
-
-  def load_q(qi, bh, buffer):
-    """TMA-loads this warpgroup's 64 query rows of item (qi, bh) (and their segment ids)
-    into Q buffer `buffer`; its previous output store has read it (wait at item end)."""
-    batch, head = lax.div(bh, num_heads), lax.rem(bh, num_heads)
-    rows = pl.ds(qi * layout.block_q + wg * _WGMMA_M, _WGMMA_M)
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], qo_smem.at[buffer], q_bars.at[buffer])
-    if qseg_smem is not None:
-      plgpu.copy_gmem_to_smem(parts.q_seg.at[0 if layout.rule_batch_bcast else batch, rows],
-                              qseg_smem.at[buffer], qseg_bars.at[buffer])
-
-  def consume(k, item: mosaic_common.QueryItem, next_item, base):
-    """Attends the item's 64 query rows of this warpgroup from ring position `base` on and
-    stores output and lse2; returns the ring position after the item."""
+  def consume(item: mosaic_common.QueryItem):
+    """Attends the item's 64 query rows of this warpgroup and stores output and lse2."""
     count, n_full = item.count, item.n_full
     q_start = item.qi * layout.block_q + wg * _WGMMA_M
-    q_buffer = mosaic_common.static_rem(k, q_buffers) * consumers + wg
-    q_smem = qo_smem.at[q_buffer]
-    if q_buffers == 1:
-      load_q(item.qi, item.bh, q_buffer)
-    else:  # items after the first were prefetched by the item before them
-      pl.when(k == 0)(lambda: load_q(item.qi, item.bh, q_buffer))
+    q_smem = qo_smem.at[wg]
+    # The previous item's output store has left q_smem (read-only wait at its end).
+    plgpu.copy_gmem_to_smem(q_ref.at[item.batch, pl.ds(q_start, _WGMMA_M), item.head], q_smem,
+                            q_bars.at[wg])
     q_seg = None
     if qseg_smem is not None:
-      plgpu.barrier_wait(qseg_bars.at[q_buffer])
-      q_seg = ops.load(qseg_smem.at[q_buffer], row_layout)
-    plgpu.barrier_wait(q_bars.at[q_buffer])
-    if q_buffers == 2:
-      pl.when(next_item.valid)(lambda: load_q(
-          next_item.outer, next_item.bh, lax.rem(k + 1, 2) * consumers + wg))
+      plgpu.copy_gmem_to_smem(parts.q_seg.at[item.rule_batch, pl.ds(q_start, _WGMMA_M)],
+                              qseg_smem.at[wg], qseg_bars.at[wg])
+      plgpu.barrier_wait(qseg_bars.at[wg])
+      q_seg = ops.load(qseg_smem.at[wg], row_layout)
+    plgpu.barrier_wait(q_bars.at[wg])
 
     def keep_mask(slot, buf):
       """Allowed [64, bk] for a PARTIAL slot: rule AND stored tile AND key bounds; returns
@@ -304,7 +284,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
 
     def body(slot, carry, *, partial):
       acc, row_max, row_sum = carry
-      buf = lax.rem(base + slot, stages)
+      buf = lax.rem(slot, stages)
       keep, tile = keep_mask(slot, buf) if partial else (None, None)
 
       def qk(acc_ref):
@@ -345,7 +325,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
         # the loops, so every slot's K is awaited exactly once, across both loops).
         @pl.when(slot + 1 < count)
         def _():
-          plgpu.barrier_wait(k_bars.at[lax.rem(base + slot + 1, stages)])
+          plgpu.barrier_wait(k_bars.at[lax.rem(slot + 1, stages)])
 
       if compiled:
         def pv(acc_ref):
@@ -374,7 +354,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
 
     @pl.when(count > 0)
     def _():
-      plgpu.barrier_wait(k_bars.at[mosaic_common.static_rem(base, stages)])
+      plgpu.barrier_wait(k_bars.at[0])
 
     if schedule is not None:
       pl.when(wg == 1)(ping_pong)
@@ -391,23 +371,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, o_ref.at[item.batch, pl.ds(q_start, _WGMMA_M), item.head])
     plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[item.bh, pl.ds(q_start, _WGMMA_M)])
-    # q_smem and lse_smem are rewritten by later items once the stores have read them.
+    # q_smem and lse_smem are rewritten by the next item once the stores have read them.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    return base + count
 
-  def each_item(fn):
-    """fn(k, QueryItem, next ItemRef, ring position) over the program's items from ring
-    position 0; returns the ring position after the last."""
-    def step(k, ref, next_ref, base):
-      item = mosaic_common.query_item(ref.outer, ref.bh, parts, layout, num_heads, group)
-      return fn(k, item, next_ref, base)
-
-    return mosaic_common.loop_items(order_ref, "q", num_q_blocks, num_programs, step, 0)
+  def per_item(fn):
+    return lambda qi, bh: fn(mosaic_common.query_item(qi, bh, parts, layout, num_heads, group))
 
   mosaic_common.run_warpgroups(
-      consumers, config.interpret,
-      lambda: drain(each_item(lambda k, item, next_ref, base: produce(item, base))),
-      lambda: each_item(consume))
+      consumers, config.interpret, per_item(produce), per_item(consume),
+      mosaic_common.for_each_item(order_ref, "q", num_q_blocks, num_programs))
 
 
 def _forward(q, k, v, bm: BlockMask, config: MosaicParams):
@@ -437,24 +409,18 @@ def _forward(q, k, v, bm: BlockMask, config: MosaicParams):
       config, nq, batch * num_heads,
       lambda: mosaic_common.query_item_order(parts.count, batch, num_heads), "q")
   operands = order + [x for x in parts if x is not None]
-  # A persistent program double-buffers Q where shared memory allows (not at D = 256).
-  q_buffers = 2 if config.persistent and _smem_bytes(
-      layout, dp, stages, q.dtype.itemsize, q_buffers=2) <= SMEM_LIMIT else 1
   kernel = functools.partial(_forward_kernel, layout=layout, config=config,
                              num_heads=num_heads, group=num_heads // num_kv_heads,
                              head_dim=dp, consumers=consumers, stages=stages,
-                             present=present, num_q_blocks=nq, num_programs=programs,
-                             q_buffers=q_buffers)
+                             present=present, num_q_blocks=nq, num_programs=programs)
   kernel.__name__ = "flashjax_mosaic_gpu_fwd"  # plgpu.kernel names the kernel after its body
   scratch = [
-      # Q (and, after the item's loop, its output) per Q buffer and consumer: [buffer *
-      # consumers + warpgroup].
-      mosaic_common.swizzled_smem((q_buffers * consumers, _WGMMA_M, dp), q.dtype),
+      mosaic_common.swizzled_smem((consumers, _WGMMA_M, dp), q.dtype),
       mosaic_common.swizzled_smem((stages, dp, bk) if config.interpret else (stages, bk, dp),
                                   q.dtype),
       mosaic_common.swizzled_smem((stages, bk, dp), q.dtype),
       plgpu.SMEM((consumers, _WGMMA_M), jnp.float32),
-      plgpu.Barrier(num_arrivals=1, num_barriers=q_buffers * consumers),
+      plgpu.Barrier(num_arrivals=1, num_barriers=consumers),
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),
       plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
@@ -464,7 +430,7 @@ def _forward(q, k, v, bm: BlockMask, config: MosaicParams):
     scratch.append(plgpu.Barrier(num_arrivals=2))
   scratch += mosaic_common.mask_scratch(layout, stages=stages, streamed_len=bk,
                                        tile_shape=(bq, bk), dtype=q.dtype,
-                                       resident=(q_buffers * consumers, _WGMMA_M))
+                                       resident=(consumers, _WGMMA_M))
   k_in = pad_to(k, nk * bk, dp)
   if config.interpret:
     # The interpreter cannot read a transposed SMEM view: K^T comes from XLA, P via SMEM.

@@ -3,11 +3,10 @@
 Static parameters (`MosaicParams`), the BlockMask operands regrouped for TMA (`MaskParts`,
 `mask_parts`), the partial-tile rule (`keep_mask`), one query work item of a kernel
 (`QueryItem`), the persistent-grid machinery (`num_programs`, `longest_first`,
-`query_item_order`, `loop_items`, `ring_items`, `drain_ring`, `grid_and_order`), the
-warpgroup split (`run_warpgroups`), the compiled / interpreted register forms
-(`KernelOps`), SMEM layouts (`swizzled_smem`) and the launchers (`launch`;
-`launch_with_refs` with `batched_by_loop` for kernels that take mutable Refs), plus the
-Hopper limits both passes plan with.
+`query_item_order`, `for_each_item`, `grid_and_order`), the warpgroup split
+(`run_warpgroups`), the compiled / interpreted register forms (`KernelOps`), SMEM layouts
+(`swizzled_smem`) and the launchers (`launch`; `launch_with_refs` with `batched_by_loop`
+for kernels that take mutable Refs), plus the Hopper limits both passes plan with.
 The forward kernel (pallas_mosaic_gpu.py) and the backward kernels (pallas_mosaic_gpu_vjp.py)
 import this module; it imports neither.
 """
@@ -258,85 +257,39 @@ def query_item_order(count: jax.Array, batch: int, num_heads: int) -> jax.Array:
   return longest_first(jnp.broadcast_to(count, (batch, num_heads, count.shape[-1])).reshape(-1))
 
 
-class ItemRef(NamedTuple):
-  """A work item as the grid or the persistent order names it (traced scalars)."""
-
-  outer: Any  # query block (forward, dQ) or kv block (dK / dV)
-  bh: Any     # batch * heads + head
-  valid: Any  # bool: False past the program's last item (outer / bh then repeat the last)
-
-
-def loop_items(order_ref, outer_axis: str, num_outer: int, programs: int, fn, init):
-  """carry = fn(k, item, next_item, carry) for this program's work items in order.
-
-  k is the program's item counter (0, 1, ...); item an ItemRef; next_item the ItemRef this
-  program runs after `item` (None on the per-item grid, where a program runs one item).
-  Items are the grid indices, or, with a persistent order (item id = bh * num_outer + outer),
-  every `programs`-th entry of the order from the program index on. Returns the last carry.
-
-  On the per-item grid k and the carry stay Python ints (use `static_rem`): a concrete
-  array captured by a `run_state` body (wgmma with a register operand) does not lower.
-  """
-  if order_ref is None:
-    item = ItemRef(lax.axis_index(outer_axis), lax.axis_index("bh"), True)
-    return fn(0, item, None, init)
-  init = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32) if isinstance(x, int) else x, init)
-  total = order_ref.shape[0]
-  first = lax.axis_index("p")
-
-  def ref(i):
-    item_id = order_ref[jnp.minimum(i, total - 1)]
-    return ItemRef(lax.rem(item_id, num_outer), lax.div(item_id, num_outer), i < total)
-
-  def body(k, carry):
-    i = first + k * programs
-    return fn(k, ref(i), ref(i + programs), carry)
-
-  return lax.fori_loop(0, lax.div(total - first + programs - 1, programs), body, init)
-
-
-def ring_items(order_ref, outer_axis: str, num_outer: int, programs: int):
-  """`run(fn)`: pos = fn(outer, bh, pos) over this program's work items (`loop_items`) from
-  ring position 0, returning the last. A kernel's streamed SMEM rings run on across its
-  items: slot s of an item uses ring position pos + s (buffer (pos + s) % stages), so the
-  producer fills the next item's first slots while the consumers finish the current one."""
+def for_each_item(order_ref, outer_axis: str, num_outer: int, programs: int):
+  """`run(fn)` calling fn(outer, bh) for this program's work items: its grid indices, or,
+  with a persistent order (item id = bh * num_outer + outer), every `programs`-th item from
+  the program index on."""
   def run(fn):
-    return loop_items(order_ref, outer_axis, num_outer, programs,
-                      lambda k, item, next_item, pos: fn(item.outer, item.bh, pos), 0)
+    if order_ref is None:
+      fn(lax.axis_index(outer_axis), lax.axis_index("bh"))
+      return
+
+    @pl.loop(lax.axis_index("p"), order_ref.shape[0], step=programs)
+    def _(i):
+      item = order_ref[i]
+      fn(lax.rem(item, num_outer), lax.div(item, num_outer))
 
   return run
 
 
-def static_rem(x, n: int):
-  """x % n: a Python int for a Python int x (per-item grid), else lax.rem."""
-  return x % n if isinstance(x, int) else lax.rem(x, n)
-
-
-def drain_ring(free, stages: int, end):
-  """Waits for a ring's releases at the last `stages` positions before `end`, so every
-  phase of its "free" barriers is observed (the interpreter checks this)."""
-  @pl.loop(jnp.maximum(end - stages, 0), end)
-  def _(pos):
-    plgpu.barrier_wait(free.at[lax.rem(pos, stages)])
-
-
-def run_warpgroups(consumers: int, interpret: bool, producer, consumer) -> None:
-  """producer() on the producer warpgroup (index `consumers`) and consumer() on the consumer
-  warpgroups (each runs all of the program's items); the consumers then wait for their last
-  stores."""
+def run_warpgroups(consumers: int, interpret: bool, produce, consume, items) -> None:
+  """produce(item) on the producer warpgroup (index `consumers`) and consume(item) on the
+  consumer warpgroups, for every item; the consumers then wait for their last stores."""
   wg = lax.axis_index("wg")
 
   @pl.when(wg == consumers)
   def _():
     if not interpret:
       plgpu.set_max_registers(40, action="decrease")
-    producer()
+    items(produce)
 
   @pl.when(wg < consumers)
   def _():
     if not interpret:
       plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
-    consumer()
+    items(consume)
     plgpu.wait_smem_to_gmem(0)
 
 

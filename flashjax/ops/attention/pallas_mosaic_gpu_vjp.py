@@ -53,9 +53,9 @@ from flashjax.masks.block_mask import BlockMask
 from flashjax.ops.attention.block_sizes import padded_head_dim
 from flashjax.ops.attention.pallas_gpu_common import LOG2E, MaskLayout, pad_to, tiling
 from flashjax.ops.attention.pallas_mosaic_gpu_common import (
-    ROWS, KernelOps, MaskParts, MosaicParams, batched_by_loop, drain_ring, grid_and_order,
+    ROWS, KernelOps, MaskParts, MosaicParams, batched_by_loop, for_each_item, grid_and_order,
     keep_mask, launch, launch_with_refs, longest_first, mask_parts, mask_scratch, query_item,
-    query_item_order, ring_items, run_warpgroups, swizzled_smem)
+    query_item_order, run_warpgroups, swizzled_smem)
 
 
 def _probs(s, lse, config: MosaicParams, *, lse_dim: int, keep, tile):
@@ -80,6 +80,13 @@ def _dscores(p, dp, delta, t, *, delta_dim: int):
   """dS = P (dP - delta) (times 1 - t^2 under a soft cap), f32."""
   ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [delta_dim]))
   return ds if t is None else ds * (1.0 - t * t)
+
+
+def _drain(free, stages: int, total):
+  """Waits for the last `stages` releases of a ring, so every barrier phase is observed."""
+  @pl.loop(jnp.maximum(total - stages, 0), total)
+  def _(step):
+    plgpu.barrier_wait(free.at[lax.rem(step, stages)])
 
 
 # ---------------------------------------------------------------------------------- dQ
@@ -121,15 +128,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Mo
     return (item.batch, item.head, item.kv_head, item.index, item.rule_batch, item.count,
             item.n_full, kv_start)
 
-  def produce(qi, bh, pos):
+  def produce(qi, bh):
     batch, _, kv_head, index, rule_batch, count, n_full, kv_start = item_of(qi, bh)
 
     @pl.loop(0, count)
     def _(slot):
-      buf = lax.rem(pos + slot, stages)
+      buf = lax.rem(slot, stages)
       rows = pl.ds(kv_start(slot), bk)
 
-      @pl.when(pos + slot >= stages)
+      @pl.when(slot >= stages)
       def _():
         plgpu.barrier_wait(free.at[buf])
 
@@ -152,9 +159,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Mo
           plgpu.copy_gmem_to_smem(parts.tiles.at[parts.tile[index + (slot,)]],
                                   tile_smem.at[buf], tile_bars.at[buf])
 
-    return pos + count
+    _drain(free, stages, count)
 
-  def consume(qi, bh, pos):
+  def consume(qi, bh):
     batch, head, _, index, rule_batch, count, n_full, kv_start = item_of(qi, bh)
     ops = KernelOps(config.interpret, None if a_smem is None else a_smem.at[wg])
     q_start = qi * layout.block_q + wg * ROWS
@@ -175,7 +182,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Mo
     delta = ops.load(stats_smem.at[wg, 1], ops.rows)
 
     def body(slot, dq, *, partial):
-      buf = lax.rem(pos + slot, stages)
+      buf = lax.rem(slot, stages)
       keep = tile = None
       if partial:
         kv_meta = None
@@ -214,11 +221,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Mo
     plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[batch, rows, head])
     # The next item's Q lands in q_smem once this store has read it.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    return pos + count
 
-  items = ring_items(order_ref, "q", num_outer, num_programs)
-  run_warpgroups(consumers, config.interpret, lambda: drain_ring(free, stages, items(produce)),
-                 lambda: items(consume))
+  run_warpgroups(consumers, config.interpret, produce, consume,
+              for_each_item(order_ref, "q", num_outer, num_programs))
 
 
 # ------------------------------------------------------------------------------ dK / dV
@@ -286,7 +291,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
     return (batch, kv_head, 0 if layout.rule_batch_bcast else batch, list_index, head_count,
             head_n_full, q_start)
 
-  def produce(kj, bh, pos):
+  def produce(kj, bh):
     batch, kv_head, rule_batch, list_index, head_count, head_n_full, q_start = item_of(kj, bh)
 
     def head_loop(j, step0):
@@ -325,9 +330,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
 
       return step0 + head_count(j)
 
-    return lax.fori_loop(0, group, head_loop, pos)
+    _drain(free, stages, lax.fori_loop(0, group, head_loop, jnp.int32(0)))
 
-  def consume(kj, bh, pos):
+  def consume(kj, bh):
     batch, kv_head, rule_batch, _, head_count, head_n_full, q_start = item_of(kj, bh)
     ops = KernelOps(config.interpret, None if a_smem is None else a_smem.at[wg])
     kv_start = kj * layout.block_kv + wg * ROWS
@@ -455,7 +460,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
                   dq_parts_ref.at[kj, batch, rows_q, head, cols])
 
     zeros = ops.zeros((ROWS, head_dim))
-    dk, dv, end = lax.fori_loop(0, group, head_loop, (zeros, zeros, pos))
+    dk, dv, _ = lax.fori_loop(0, group, head_loop, (zeros, zeros, jnp.int32(0)))
     if split_dq:
       # The other consumers' last dQ products have read all of K before dK overwrites it.
       plgpu.barrier_arrive(ds_ready.at[0])
@@ -467,11 +472,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
     plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[batch, rows, kv_head])
     # The next item's K and V land in k_smem / v_smem once these stores have read them.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    return end
 
-  items = ring_items(order_ref, "kv", num_outer, num_programs)
-  run_warpgroups(consumers, config.interpret, lambda: drain_ring(free, stages, items(produce)),
-                 lambda: items(consume))
+  run_warpgroups(consumers, config.interpret, produce, consume,
+              for_each_item(order_ref, "kv", num_outer, num_programs))
 
 
 # ---------------------------------------------------------------------------- launchers

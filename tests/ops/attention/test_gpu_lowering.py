@@ -16,7 +16,6 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 import flashjax
-from flashjax.ops.attention import pallas_mosaic_gpu
 from flashjax.ops.attention import pallas_mosaic_gpu_vjp
 from flashjax.ops.attention.block_sizes import BlockSizes
 from tests import gpu_lowering
@@ -79,22 +78,6 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
     ids = np.sort(np.random.default_rng(2).integers(0, 5, (2, 512)), axis=1).astype(np.int32)
     names = _lowered_kernels(segment_ids=jnp.asarray(ids), is_causal=True)
     self.assertIn("flashjax_mosaic_gpu_dkdv", names)
-
-  @parameterized.named_parameters(
-      ("documents", 128, 128, 2, dict(segment_ids=jnp.asarray(
-          np.repeat(np.arange(4), 128)[None].repeat(2, 0).astype(np.int32)), is_causal=True)),
-      ("stored_tiles", 128, 64, 2, dict(mask=flashjax.masks.tree(
-          np.concatenate([[-1], np.random.default_rng(3).integers(0, np.arange(1, 512))])))),
-      ("d256_one_q_buffer", 256, 64, 1, dict(is_causal=True)),
-  )
-  def test_persistent_forward(self, head_dim, block_kv, q_buffers, kwargs):
-    """The persistent forward double-buffers Q (and query segment ids) where SMEM allows."""
-    kernel = pallas_mosaic_gpu._forward_kernel
-    with mock.patch.object(pallas_mosaic_gpu, "_forward_kernel", wraps=kernel) as spy:
-      names = _lowered_kernels(head_dim, grad=False, block_sizes=BlockSizes(
-          128, block_kv, persistent=True), **kwargs)
-    self.assertIn("flashjax_mosaic_gpu_fwd", names)
-    self.assertEqual(spy.call_args.kwargs["q_buffers"], q_buffers)
 
   @parameterized.named_parameters(
       ("split_d128", 128, True, dict(is_causal=True)),

@@ -219,20 +219,6 @@ class PallasMosaicGpuTest(parameterized.TestCase):
   def test_persistent_window_soft_cap(self):
     self._check_persistent("window_soft_cap")
 
-  def test_persistent_one_q_buffer(self):
-    """Where a second Q buffer does not fit SMEM (D = 256 on a GPU), the persistent programs
-    load each item's Q (and query segment ids) after the previous item's output store."""
-    smem = pallas_mosaic_gpu._smem_bytes
-
-    def second_q_buffer_overflows(*args, q_buffers=1, **kwargs):
-      return smem(*args, **kwargs) if q_buffers == 1 else pallas_mosaic_gpu.SMEM_LIMIT + 1
-
-    kernel = pallas_mosaic_gpu._forward_kernel
-    with mock.patch.object(pallas_mosaic_gpu, "_smem_bytes", second_q_buffer_overflows), \
-         mock.patch.object(pallas_mosaic_gpu, "_forward_kernel", wraps=kernel) as spy:
-      self._check_persistent("document_gqa")
-    self.assertEqual(spy.call_args.kwargs["q_buffers"], 1)
-
   def _check_persistent(self, name):
     q, k, v, sizes, kwargs, ref_kwargs = self._persistent_case(name)
     forward = pallas_mosaic_gpu._forward
