@@ -226,7 +226,7 @@ class PersistentGridTest(parameterized.TestCase):
       dict(testcase_name=f"{name=}", name=name) for name in ("causal", "document"))
   def test_gradients(self, name):
     """Forward and the Mosaic GPU backward kernels on the persistent grid (several items
-    per program, rings running on across them)."""
+    per program)."""
     batch, length, heads = 2, 1200, (8, 2)
     q, k, v = self._qkv(batch, length, *heads, 64)
     kwargs, ref_kwargs = _mask_case(self.rng, name, batch, length, heads[0])
