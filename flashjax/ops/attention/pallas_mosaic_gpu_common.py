@@ -5,7 +5,7 @@ Static parameters (`MosaicParams`), the BlockMask operands regrouped for TMA (`M
 (`QueryItem`), the persistent-grid machinery (`num_programs`, `longest_first`,
 `query_item_order`, `for_each_item`, `grid_and_order`), the warpgroup split
 (`run_warpgroups`), the compiled / interpreted register forms (`KernelOps`), SMEM layouts
-(`swizzled_smem`) and the launchers (`launch`; `launch_with_refs` with `batched_by_loop`
+(`swizzled_smem`) and the launchers (`launch`; `launch_with_refs` with `refuse_vmap`
 for kernels that take mutable Refs), plus the Hopper limits both passes plan with.
 The forward kernel (pallas_mosaic_gpu.py) and the backward kernels (pallas_mosaic_gpu_vjp.py)
 import this module; it imports neither.
@@ -312,23 +312,18 @@ def launch(kernel, out_type, scratch, grid, grid_names, consumers: int, interpre
       interpret=interpret_params() if interpret else None)
 
 
-def batched_by_loop(fn):
-  """fn(*arrays) with a vmap rule that loops over the mapped axis (lax.map). For launches
-  through `pl.kernel` with mutable Refs (`launch_with_refs`), which have no batching rule
-  of their own; the arguments that are not mapped are passed whole to every iteration."""
+def refuse_vmap(fn, message: str):
+  """fn(*arrays) whose vmap raises NotImplementedError(message) at trace time. For launches
+  through `pl.kernel` with mutable Refs (`launch_with_refs`), which have no batching rule of
+  their own: looping over the mapped axis (lax.map) was tried and, on an H100 with jax 0.11.2,
+  returned a zero dQ from the fused backward (docs/mosaic_gpu.md), so vmap is refused rather
+  than risked."""
   wrapped = jax.custom_batching.custom_vmap(fn)
 
   @wrapped.def_vmap
   def _(axis_size, in_batched, *args):
-    del axis_size
-    mapped = [x for x, batched in zip(args, in_batched) if batched]
-
-    def one(xs):
-      it = iter(xs)
-      return wrapped(*(next(it) if batched else x for x, batched in zip(args, in_batched)))
-
-    outs = lax.map(one, mapped)
-    return outs, jax.tree.map(lambda _: True, outs)
+    del axis_size, in_batched, args
+    raise NotImplementedError(message)
 
   return wrapped
 

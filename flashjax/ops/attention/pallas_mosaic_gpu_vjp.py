@@ -53,9 +53,9 @@ from flashjax.masks.block_mask import BlockMask
 from flashjax.ops.attention.block_sizes import padded_head_dim
 from flashjax.ops.attention.pallas_gpu_common import LOG2E, MaskLayout, pad_to, tiling
 from flashjax.ops.attention.pallas_mosaic_gpu_common import (
-    ROWS, KernelOps, MaskParts, MosaicParams, batched_by_loop, for_each_item, grid_and_order,
+    ROWS, KernelOps, MaskParts, MosaicParams, for_each_item, grid_and_order,
     keep_mask, launch, launch_with_refs, longest_first, mask_parts, mask_scratch, query_item,
-    query_item_order, run_warpgroups, swizzled_smem)
+    query_item_order, refuse_vmap, run_warpgroups, swizzled_smem)
 
 
 def _probs(s, lse, config: MosaicParams, *, lse_dim: int, keep, tile):
@@ -580,6 +580,25 @@ def dkdv_dq(q, k, v, do, stats, bm: BlockMask,
 SPLIT_DQ = True
 
 
+# dkdv_dq pads D to at least 64: its dQ product reads K (at padded D = 32, 64-byte swizzle)
+# against dS^T (64 queries: 128-byte swizzle), which Mosaic GPU refuses ("WGMMA rhs swizzle
+# must match lhs swizzle" on jax 0.10.2; layout inference fails on jax 0.11.2, measured on an
+# H100). Zero columns add nothing to Q K^T and are sliced off dQ, dK and dV.
+FUSED_MIN_HEAD_DIM = 64
+
+
+def fused_head_dim(head_dim: int) -> int:
+  """The padded D that dkdv_dq runs at."""
+  return max(padded_head_dim(head_dim), FUSED_MIN_HEAD_DIM)
+
+
+_FUSED_VMAP_MESSAGE = (
+    "pallas_mosaic_gpu: the fused backward (BlockSizes(fused_backward=True)) does not run "
+    "under jax.vmap: its kernel takes mutable Refs, which have no batching rule, and looping "
+    "over the mapped axis gave a wrong dQ on an H100 (jax 0.11.2). Use "
+    "BlockSizes(fused_backward=False), the default two-kernel backward, which batches.")
+
+
 def uses_split_dq(consumers: int, head_dim_padded: int) -> bool:
   """Whether dkdv_dq splits dQ's columns over the consumers: two of them and >= 64 columns
   each (a column slice of K must be whole 128-byte swizzle rows)."""
@@ -590,7 +609,7 @@ def fused_smem_bytes(bm: BlockMask, head_dim: int, itemsize: int) -> int:
   """Shared memory of `dkdv_dq` at the dK/dV tiles of `bm` (2-stage rings, padded head_dim;
   plus slack for barriers and alignment)."""
   layout = MaskLayout.of(bm)
-  consumers, bq, dp, stages = layout.block_kv // ROWS, layout.block_q, padded_head_dim(
+  consumers, bq, dp, stages = layout.block_kv // ROWS, layout.block_q, fused_head_dim(
       head_dim), 2
   total = (2 * consumers * ROWS * dp * itemsize        # resident K, V (then dK, dV)
            + 2 * stages * bq * dp * itemsize           # Q and dO rings
@@ -623,6 +642,8 @@ def _dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams, *, fused_dq: 
   (batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, group, layout, bq, bk, q_pad, kv_pad,
    dp) = tiling(q, k, bm)
   stages = config.stages
+  if fused_dq:
+    dp = fused_head_dim(head_dim)
   if bq != ROWS:
     raise ValueError(f"pallas_mosaic_gpu dK/dV: block_q={bq} must be {ROWS}")
   consumers = _consumers(bk, "block_kv")
@@ -690,7 +711,6 @@ def _dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams, *, fused_dq: 
     dq = jnp.where(visited[:, :, :, None, :, None], dq_parts, 0.0).sum(axis=0)
     dq = dq.reshape(batch, q_pad, num_heads, dp)
   else:
-    @batched_by_loop
     def run(*operands):
       # dQ (zeroed: the kernel reduce-adds into it), dK and dV as Refs of one run_state.
       def body(refs):
@@ -699,7 +719,7 @@ def _dkdv(q, k, v, do, stats, bm: BlockMask, config: MosaicParams, *, fused_dq: 
       return pl.run_state(body)((jnp.zeros((batch, q_pad, num_heads, dp), jnp.float32),
                                  jnp.zeros(out.shape, dtype), jnp.zeros(out.shape, dtype)))
 
-    dq, dk, dv = run(*operands)
+    dq, dk, dv = refuse_vmap(run, _FUSED_VMAP_MESSAGE)(*operands)
   if dq is not None:
     dq = (dq[:, :q_len, :, :head_dim] * config.scale).astype(dtype)
   return dq, dk[:, :kv_len, :, :head_dim], dv[:, :kv_len, :, :head_dim]
