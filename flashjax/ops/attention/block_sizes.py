@@ -46,8 +46,9 @@ class BlockSizes:
       EMPTY ones by their kind flag (an ablation). The backward kernels always use the lists.
       Other backends ignore it.
     fused_backward: Mosaic GPU backward: dQ, dK and dV in one kernel over the dK/dV lists
-      (True: 5 tile matmuls per slot, dQ reduce-added in float32 in a run-dependent order),
-      or the dQ and dK/dV kernels (False / None, the default). Other backends ignore it.
+      (True: 5 tile matmuls per slot, dQ reduce-added in float32 in a run-dependent order;
+      slower than the two kernels on an H100 and refused under jax.vmap), or the dQ and
+      dK/dV kernels (False / None, the default). Other backends ignore it.
   """
 
   block_q: int = 128
