@@ -82,16 +82,20 @@ _MIN_BLOCK_KV = 64
 
 
 def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
-                        interpret: bool = False, full_mask: bool = False) -> BlockSizes:
+                        interpret: bool = False, full_mask: bool = False,
+                        causal_only: bool = False) -> BlockSizes:
   """128 x 128 tiles (two consumer warpgroups of 64 rows), 128 x 64 for D > 128; with a full
-  mask, the tuning study's dense picks.
+  or plain causal mask, the tuning studies' picks.
 
   The dense picks (`full_mask`: no mask, not causal, no segment ids): padded D = 128 runs
-  the persistent grid (won every dense D = 128 shape of the H200 tuning table, 11-17% over
-  the per-item grid at T = 4k and 16k, and 35% on an H100 80GB at B4 T4k N32: 1.94 against
-  2.98 ms); D <= 64 keeps the per-item grid with a 3-deep K/V ring (the D = 64 dense
-  winner, 9% on the H200). Masked calls keep the per-item grid and 2 stages (causal at
-  T = 4k and the document shapes were won by the per-item grid).
+  the persistent grid (won every dense D = 128 shape of the H200 and H100 tuning tables,
+  5-37% over the per-item grid); D <= 64 keeps the per-item grid with a 3-deep K/V ring (the
+  D = 64 dense winner on the H200). Plain causal calls (`causal_only`: is_causal with no
+  mask and no segment ids) at padded D = 128 run the persistent grid too (on the H100 12%
+  faster at T = 4k and 27% at T = 16k than the per-item grid, on the H200 3.5% at T = 16k;
+  the H200's T = 4k row is within its noise, 2% slower). Other masked calls keep the
+  per-item grid and 2 stages (the document shapes' winners differ between the cards by
+  less than the run-to-run spread).
 
   Args:
     head_dim: D; above 128 the K/V ring slots halve to fit SMEM.
@@ -99,10 +103,12 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
     kv_len: S; block_kv shrinks to it (not below 64).
     interpret: True for interpret mode (CPU tests): 64 x 64 tiles, one consumer.
     full_mask: every (query, key) pair is allowed (the dense picks above).
+    causal_only: the mask is is_causal alone (the causal pick above).
 
   Returns:
-    BlockSizes of the forward only: the backward (pallas_triton) runs at Triton's own
-    default tiles unless a caller's BlockSizes names *_bwd tiles.
+    BlockSizes of the forward only: the Mosaic GPU backward picks its own tiles (dQ 128 x 64,
+    dK/dV 64 x 128) and pallas_triton's, where it runs the backward, are Triton's defaults,
+    unless a caller's BlockSizes names *_bwd tiles.
   """
   del q_len
   if interpret:
@@ -111,7 +117,7 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
   block_kv = 128 if dp <= 128 else 64
   block_kv = max(_MIN_BLOCK_KV, min(block_kv, pow2_ceil(kv_len)))
   sizes = BlockSizes(2 * _WGMMA_M, block_kv)
-  if full_mask and dp == 128:
+  if (full_mask or causal_only) and dp == 128:
     return dataclasses.replace(sizes, num_stages=2, persistent=True)
   if full_mask and dp <= 64:
     return dataclasses.replace(sizes, num_stages=3)
@@ -591,7 +597,8 @@ class PallasMosaicGpu(base.BlockSparseBackend):
           "pallas_mosaic_gpu", query, key, mask=mask, is_causal=is_causal,
           q_segment_ids=q_segment_ids, interpret=interpret) or default_block_sizes(
               query.shape[3], query.shape[1], key.shape[1], interpret=interpret,
-              full_mask=mask is None and not is_causal and q_segment_ids is None)
+              full_mask=mask is None and not is_causal and q_segment_ids is None,
+              causal_only=mask is None and bool(is_causal) and q_segment_ids is None)
     build = functools.partial(
         gpu_common.block_masks, mask, query, key, is_causal=is_causal,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)

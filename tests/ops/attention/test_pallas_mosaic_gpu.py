@@ -279,39 +279,47 @@ class PallasMosaicGpuTest(parameterized.TestCase):
     self.assertFalse(sizes.persistent)
 
   @parameterized.named_parameters(
-      (f"{head_dim=}_{full_mask=}", head_dim, full_mask, expected)
-      for head_dim, full_mask, expected in (
-          (128, True, (128, 128, 2, True)), (96, True, (128, 128, 2, True)),
-          (64, True, (128, 128, 3, None)), (256, True, (128, 64, None, None)),
-          (128, False, (128, 128, None, None)), (64, False, (128, 128, None, None))))
-  def test_full_mask_defaults(self, head_dim, full_mask, expected):
-    """The tuning study's dense picks: persistent grid at padded D = 128, 3 stages at 64."""
-    sizes = pallas_mosaic_gpu.default_block_sizes(head_dim, 4096, 4096, full_mask=full_mask)
+      (f"{head_dim=}_{mask=}", head_dim, mask, expected)
+      for head_dim, mask, expected in (
+          (128, "full", (128, 128, 2, True)), (96, "full", (128, 128, 2, True)),
+          (64, "full", (128, 128, 3, None)), (256, "full", (128, 64, None, None)),
+          (128, "causal", (128, 128, 2, True)), (64, "causal", (128, 128, None, None)),
+          (256, "causal", (128, 64, None, None)),
+          (128, "other", (128, 128, None, None)), (64, "other", (128, 128, None, None))))
+  def test_full_and_causal_defaults(self, head_dim, mask, expected):
+    """The tuning studies' picks: persistent grid at padded D = 128 for full and plain causal
+    masks, 3 stages at D = 64 for full ones."""
+    sizes = pallas_mosaic_gpu.default_block_sizes(
+        head_dim, 4096, 4096, full_mask=mask == "full", causal_only=mask == "causal")
     self.assertEqual((sizes.block_q, sizes.block_kv, sizes.num_stages, sizes.persistent),
                      expected)
 
   @parameterized.named_parameters(
-      ("no_mask", {}, True), ("is_causal", {"is_causal": True}, False),
-      ("segment_ids", {"segment_ids": "ids"}, False), ("mask", {"mask": "causal"}, False))
-  def test_plan_asks_for_full_mask_defaults_exactly_without_a_mask(self, kwargs, full):
+      ("no_mask", {}, (True, False)), ("is_causal", {"is_causal": True}, (False, True)),
+      ("segment_ids", {"segment_ids": "ids"}, (False, False)),
+      ("causal_segment_ids", {"segment_ids": "ids", "is_causal": True}, (False, False)),
+      ("mask", {"mask": "causal"}, (False, False)))
+  def test_plan_names_the_mask_class_exactly(self, kwargs, expected):
+    """full_mask only without any mask, causal_only only for is_causal alone (a causal Mask
+    object counts as a general mask)."""
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 128, 2, 64), jnp.bfloat16)
                for i in range(3))
     if kwargs.get("segment_ids") == "ids":
-      kwargs = {"segment_ids": jnp.zeros((1, 128), jnp.int32)}
+      kwargs = dict(kwargs, segment_ids=jnp.zeros((1, 128), jnp.int32))
     if kwargs.get("mask") == "causal":
       kwargs = {"mask": flashjax.masks.causal(128, 128)}
     real = pallas_mosaic_gpu.default_block_sizes
     seen = []
 
     def recording(*args, **kw):
-      seen.append(kw.get("full_mask"))
+      seen.append((kw.get("full_mask"), kw.get("causal_only")))
       return real(*args, **kw)
 
     with mock.patch.object(pallas_mosaic_gpu, "default_block_sizes", recording), \
         tuning_store.disabled():
       flashjax.dot_product_attention(q, k, v, implementation="pallas_mosaic_gpu",
                                      interpret=True, **kwargs)
-    self.assertEqual(seen, [full])
+    self.assertEqual(seen, [expected])
 
 
 if __name__ == "__main__":
