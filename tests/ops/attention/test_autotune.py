@@ -392,7 +392,8 @@ class _FakeGpu:
 
 
 class PackagedFallbackTest(parameterized.TestCase):
-  """The shipped H200 table serves other Hopper parts (values read from nvidia_h200.json)."""
+  """The shipped H100 and H200 tables serve their own cards and the other Hopper parts
+  (values read from nvidia_h100_80gb_hbm3.json and nvidia_h200.json)."""
 
   def setUp(self):
     super().setUp()
@@ -411,15 +412,19 @@ class PackagedFallbackTest(parameterized.TestCase):
     return store.lookup_source("pallas_mosaic_gpu", **fields)
 
   @parameterized.named_parameters(
-      ("h100_sxm", _H100, None), ("h100_nvl", "NVIDIA H100 NVL", None),
-      ("unknown_name_sm90", "NVIDIA Hopper Sample", "9.0"))
-  def test_hopper_parts_use_the_h200_table(self, device_kind, capability):
-    packaged = str(store.PACKAGED_DIR / "nvidia_h200.json")
+      ("h100_sxm", _H100, None, _H100, ""), ("h200", "NVIDIA H200", None, "NVIDIA H200", ""),
+      ("h100_nvl", "NVIDIA H100 NVL", None, _H100, "architecture-"),
+      ("h100_pcie", "NVIDIA H100 PCIe", None, _H100, "architecture-"),
+      # An sm90 part no table knows: the two shipped tables are equally close; the tie goes
+      # to the first device kind by name.
+      ("unknown_name_sm90", "NVIDIA Hopper Sample", "9.0", _H100, "architecture-"))
+  def test_hopper_parts_get_a_tuned_entry(self, device_kind, capability, table, match):
+    packaged = str(store.PACKAGED_DIR / f"{keys.device_slug(table)}.json")
     documents = self._source(device_kind, compute_capability=capability)
     self.assertEqual(documents.block_sizes,
                      BlockSizes(128, 64, num_stages=2, persistent=False))
     self.assertEqual((documents.path, documents.device_kind, documents.match),
-                     (packaged, "NVIDIA H200", "architecture-exact"))
+                     (packaged, table, match + "exact"))
     dense = self._source(device_kind, compute_capability=capability, causal=False,
                          density=1.0, q_len=16384, kv_len=16384)
     self.assertEqual(dense.block_sizes, BlockSizes(128, 128, num_stages=2, persistent=True))
@@ -427,11 +432,12 @@ class PackagedFallbackTest(parameterized.TestCase):
     causal = self._source(device_kind, compute_capability=capability, density=0.5,
                           q_len=16384, kv_len=8192)
     self.assertEqual((causal.block_sizes, causal.match),
-                     (BlockSizes(128, 128, num_stages=2, persistent=True),
-                      "architecture-nearest"))
+                     (BlockSizes(128, 128, num_stages=2, persistent=True), match + "nearest"))
+    # The two cards' tables differ here: the H100 runs dense D = 64 on the persistent grid.
     d64 = self._source(device_kind, compute_capability=capability, head_dim=64,
                        causal=False, density=1.0, q_len=2048, kv_len=2048)
-    self.assertEqual(d64.block_sizes, BlockSizes(128, 128, num_stages=3, persistent=False))
+    self.assertEqual(d64.block_sizes,
+                     BlockSizes(128, 128, num_stages=3, persistent=table == _H100))
 
   def test_non_hopper_and_unknown_devices_get_none(self):
     self.assertIsNone(self._source("NVIDIA A100-SXM4-80GB"))
@@ -448,10 +454,11 @@ class PackagedFallbackTest(parameterized.TestCase):
     source = self._source(_H100)
     self.assertEqual((source.block_sizes, source.match, source.path),
                      (BlockSizes(64, 64, num_stages=3), "exact", str(store.user_file(_H100))))
-    # Other keys still come from the H200 table.
-    self.assertEqual(self._source(_H100, causal=False, density=1.0, q_len=16384,
-                                  kv_len=16384).block_sizes,
-                     BlockSizes(128, 128, num_stages=2, persistent=True))
+    # Other keys still come from the shipped H100 table.
+    other = self._source(_H100, causal=False, density=1.0, q_len=16384, kv_len=16384)
+    self.assertEqual((other.block_sizes, other.path),
+                     (BlockSizes(128, 128, num_stages=2, persistent=True),
+                      str(store.PACKAGED_DIR / "nvidia_h100_80gb_hbm3.json")))
 
   def test_disabled(self):
     with store.disabled():
@@ -472,9 +479,15 @@ class PackagedFallbackTest(parameterized.TestCase):
         self.assertIsNone(store.tuned_block_sizes("pallas_mosaic_gpu", q, k))
     self.assertEqual(sizes, BlockSizes(128, 128, num_stages=2, persistent=True))
     self.assertEqual((source.block_sizes, source.device_kind, source.match),
-                     (sizes, "NVIDIA H200", "architecture-exact"))
-    # The device's compute capability decides, not the name.
-    ampere = _FakeGpu(_H100, "8.0", 108)
+                     (sizes, _H100, "exact"))
+    # Another Hopper part with fewer SMs falls back to a shipped table of its architecture.
+    h20 = _FakeGpu("NVIDIA H20", "9.0", 78)
+    with mock.patch.object(jax, "devices", return_value=[h20]):
+      other = store.tuned_source("pallas_mosaic_gpu", q, k, mask=None, is_causal=False)
+    self.assertEqual((other.block_sizes, other.match), (sizes, "architecture-exact"))
+    # The device's compute capability decides the fallback, not the name (a device kind
+    # with a table of its own reads it whatever its capability).
+    ampere = _FakeGpu("NVIDIA H100 NVL", "8.0", 108)
     with mock.patch.object(jax, "devices", return_value=[ampere]):
       self.assertIsNone(store.tuned_block_sizes("pallas_mosaic_gpu", q, k))
 
