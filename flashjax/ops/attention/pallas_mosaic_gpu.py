@@ -89,13 +89,13 @@ def default_block_sizes(head_dim: int, q_len: int, kv_len: int, *,
 
   The dense picks (`full_mask`: no mask, not causal, no segment ids): padded D = 128 runs
   the persistent grid (won every dense D = 128 shape of the H200 and H100 tuning tables,
-  5-57% faster than the best per-item tiles); D <= 64 keeps the per-item grid with a 3-deep K/V ring (the
-  D = 64 dense winner on the H200). Plain causal calls (`causal_only`: is_causal with no
-  mask and no segment ids) at padded D = 128 run the persistent grid too (on the H100 12%
-  faster at T = 4k and 22% at T = 16k than the best per-item tiles, on the H200 3.5% at T = 16k;
-  the H200's T = 4k row is within its noise, 2% slower). Other masked calls keep the
-  per-item grid and 2 stages (the document shapes' winners differ between the cards by
-  less than the run-to-run spread).
+  5-57% faster than the best per-item tiles); D <= 64 keeps the per-item grid with a 3-deep
+  K/V ring (the D = 64 dense winner on the H200). Plain causal calls (`causal_only`:
+  is_causal with no mask and no segment ids) at padded D = 128 run the persistent grid too
+  (on the H100 12% faster at T = 4k and 22% at T = 16k than the best per-item tiles, on the
+  H200 3.5% at T = 16k; the H200's T = 4k row is within its noise, 2% slower). Other masked
+  calls keep the per-item grid and 2 stages (the document shapes' winners differ between the
+  cards by less than the run-to-run spread).
 
   Args:
     head_dim: D; above 128 the K/V ring slots halve to fit SMEM.
