@@ -6,6 +6,8 @@ table.
   pred = fit_kernel_predictor(rows)          # ranks the configurations of a problem
   best = choose_candidate(pred, shape, density, candidates)           # a KernelCandidate
   evaluate_choices(pred, rows)   # per held-out (shape, density): pick vs measured best
+  leave_one_problem_out(rows)    # the same, each problem predicted by a fit without it
+  samples_from_tuning_rows(results_rows, num_heads)   # configs/tune_attention.py's rows
 
 Features (`kernel_features`): log2 of B, T, S, heads, head dim, block_q, block_kv and of
 the number of tiles (T / block_q) * (S / block_kv) * density, the density itself,
@@ -20,6 +22,7 @@ MLP (log latency).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -169,6 +172,69 @@ def evaluate_choices(pred: Any, samples: Sequence[KernelSample], tolerance: floa
                  "slowdown": measured[pick] / best - 1})
   if not rows:
     raise ValueError("samples is empty")
+  slow = np.asarray([r["slowdown"] for r in rows])
+  return {"problems": len(rows), "within_tolerance": float(np.mean(slow <= tolerance)),
+          "mean_slowdown": float(slow.mean()), "rows": rows}
+
+
+def candidate_from_label(label: str) -> KernelCandidate:
+  """The KernelCandidate of a tuning-study candidate label: "BQxBK[ sN][ persistent|grid]"
+  (flashjax.ops.attention.tuning.search.describe; "grid" is the per-item grid)."""
+  parts = label.split()
+  try:
+    block_q, block_kv = (int(x) for x in parts[0].split("x"))
+    stages, persistent = 0, False
+    for part in parts[1:]:
+      if part in ("persistent", "grid"):
+        persistent = part == "persistent"
+      elif part.startswith("s"):
+        stages = int(part[1:])
+      else:
+        raise ValueError(part)
+  except (ValueError, IndexError) as error:
+    raise ValueError(f"{label=} is not a candidate label like '128x64 s2 persistent'"
+                     ) from error
+  return KernelCandidate(block_q, block_kv, stages, persistent)
+
+
+def samples_from_tuning_rows(rows: Sequence[dict[str, Any]], num_heads: int
+                             ) -> list[KernelSample]:
+  """KernelSamples of configs/tune_attention.py results rows (status ok; the candidates
+  that failed, e.g. by shared memory, are left out): one problem per row, at the row's
+  density bucket, one sample per timed candidate.
+
+  Args:
+    rows: results.jsonl rows of the tuning study.
+    num_heads: the study's query heads (its config's num_heads; not in the rows).
+  """
+  samples = []
+  for row in rows:
+    if row.get("status") != "ok":
+      continue
+    point, metrics = row["point"], row["metrics"]
+    shape = AttentionShape(int(point["batch"]), int(point["q_len"]), int(point["kv_len"]),
+                           num_heads, int(point["head_dim"]))
+    density = float(metrics["density_bucket"])
+    for candidate in json.loads(metrics["candidates"]):
+      if candidate.get("ms") is not None:
+        samples.append(KernelSample(shape, density, candidate_from_label(candidate["label"]),
+                                    float(candidate["ms"])))
+  return samples
+
+
+def leave_one_problem_out(samples: Sequence[KernelSample], tolerance: float = 0.05,
+                          **mlp_kwargs: Any) -> dict[str, Any]:
+  """evaluate_choices with every (shape, density) held out in turn: the predictor that
+  picks for a problem was fitted on the other problems only (mlp_kwargs to
+  fit_kernel_predictor). Same return value as evaluate_choices."""
+  groups = group_by_problem(samples)
+  if len(groups) < 2:
+    raise ValueError(f"need at least 2 problems, got {len(groups)}")
+  rows = []
+  for problem, held in groups.items():
+    train = [r for key, group in groups.items() if key != problem for r in group]
+    pred = fit_kernel_predictor(train, **mlp_kwargs)
+    rows += evaluate_choices(pred, held, tolerance)["rows"]
   slow = np.asarray([r["slowdown"] for r in rows])
   return {"problems": len(rows), "within_tolerance": float(np.mean(slow <= tolerance)),
           "mean_slowdown": float(slow.mean()), "rows": rows}
