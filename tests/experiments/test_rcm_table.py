@@ -1,8 +1,8 @@
 """experiments/rcm_table.py: the reproduction's masks through rcm_report, on the host."""
 
 import json
-import tempfile
 import pathlib
+import tempfile
 
 from absl.testing import absltest
 
