@@ -16,7 +16,9 @@ grid and on the persistent grid (longest item first) at 128 x 128 tiles, 2 stage
 
 bf16, N = 32 query and KV heads, D = 128, (B, T) in {(4, 4096), (2, 8192)}; forward only;
 median per call of `benchmarking.time_in_loop`; TFLOP/s over the allowed pairs
-(4 B N D x pairs).
+(4 B N D x pairs). Every row runs twice, without and with the experimental intra-warpgroup
+overlap (`pallas_mosaic_gpu.INTRA_WG_OVERLAP`, the `overlap` field), in the same process;
+the overlapped row's `max_abs_diff` is against the output without it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 import flashjax
 from flashjax import benchmarking
+from flashjax.ops.attention import pallas_mosaic_gpu
 from flashjax.ops.attention.block_sizes import BlockSizes
 
 SHAPES = ((4, 4096), (2, 8192))
@@ -55,20 +58,30 @@ def bench(batch: int, length: int) -> list[dict]:
   for persistent in (False, True):
     sizes = BlockSizes(TILE, TILE, num_stages=2, persistent=persistent)
     for name, (kwargs, pairs) in cases.items():
-      fn = lambda q, k, v, kwargs=kwargs: flashjax.dot_product_attention(
-          q, k, v, implementation="pallas_mosaic_gpu", block_sizes=sizes, **kwargs)
-      row = {"batch": batch, "seq_len": length, "mask": name,
-             "persistent": persistent, "pairs": pairs,
-             "device": jax.devices()[0].device_kind, "jax": jax.__version__}
-      try:
-        timing = benchmarking.time_in_loop(fn, q, k, v, iters=20, repeats=5)
-        ms = float(np.median(timing.times_s)) * 1e3
-        row.update(ms=round(ms, 4),
-                   tflops=round(4 * batch * HEADS * HEAD_DIM * pairs / ms / 1e9, 1))
-      except Exception as e:  # pylint: disable=broad-except
-        row["error"] = f"{type(e).__name__}: {e}"[:2000]
-      rows.append(row)
-      print(json.dumps(row), flush=True)
+      baseline = None
+      for overlap in (False, True):
+        pallas_mosaic_gpu.INTRA_WG_OVERLAP = overlap  # read when the call is planned
+        fn = jax.jit(lambda q, k, v, kwargs=kwargs: flashjax.dot_product_attention(
+            q, k, v, implementation="pallas_mosaic_gpu", block_sizes=sizes, **kwargs))
+        row = {"batch": batch, "seq_len": length, "mask": name, "persistent": persistent,
+               "overlap": overlap, "pairs": pairs,
+               "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+        try:
+          out = fn(q, k, v).astype(jnp.float32)
+          if baseline is None:
+            baseline = out
+          else:
+            row["max_abs_diff"] = float(jnp.max(jnp.abs(out - baseline)))
+          timing = benchmarking.time_in_loop(fn, q, k, v, iters=20, repeats=5)
+          ms = float(np.median(timing.times_s)) * 1e3
+          row.update(ms=round(ms, 4),
+                     tflops=round(4 * batch * HEADS * HEAD_DIM * pairs / ms / 1e9, 1))
+        except Exception as e:  # pylint: disable=broad-except
+          row["error"] = f"{type(e).__name__}: {e}"[:2000]
+        finally:
+          pallas_mosaic_gpu.INTRA_WG_OVERLAP = False
+        rows.append(row)
+        print(json.dumps(row), flush=True)
   return rows
 
 

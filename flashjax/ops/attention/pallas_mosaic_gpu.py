@@ -79,6 +79,10 @@ from flashjax.ops.tiling import pow2_ceil
 
 _DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma takes 16-bit operands only
 _WGMMA_M = ROWS
+# Experimental, off: the forward's intra-warpgroup overlap of softmax and the next products
+# (`overlapped` in the kernel), for padded D <= 128. Checked in interpret mode and lowered;
+# its speed is to be measured (docs/mosaic_gpu.md).
+INTRA_WG_OVERLAP = False
 _MIN_BLOCK_KV = 64
 
 
@@ -289,19 +293,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
     # already yields base-2 logits.
     logit_scale = config.scale * LOG2E if config.soft_cap is None else 1.0
 
-    def body(slot, carry, *, partial):
-      acc, row_max, row_sum = carry
-      buf = lax.rem(slot, stages)
-      keep, tile = keep_mask(slot, buf) if partial else (None, None)
+    def k_transposed(buf):
+      return plgpu.transpose_ref(k_smem.at[buf], (1, 0)) if compiled else k_smem.at[buf]
 
-      def qk(acc_ref):
-        k_t = plgpu.transpose_ref(k_smem.at[buf], (1, 0)) if compiled else k_smem.at[buf]
-        plgpu.wgmma(acc_ref, q_smem, k_t)
+    def qk(buf):
+      """S = Q K^T of ring slot `buf` (ping-pong between issue and read)."""
+      def run(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_transposed(buf))
         ping_pong()
         return acc_ref[...]
 
-      s = pl.run_scoped(qk, plgpu.ACC((_WGMMA_M, bk), jnp.float32))
-      plgpu.barrier_arrive(k_free.at[buf])
+      return pl.run_scoped(run, plgpu.ACC((_WGMMA_M, bk), jnp.float32))
+
+    def online_softmax(s, row_max, keep, tile, partial):
+      """Masks S of a slot (soft cap, stored tile `tile`, allowed `keep`; both None for a
+      FULL slot) and returns (P, alpha, new row max): P = exp2 of the logits against the new
+      max, alpha rescales the old state."""
       if config.soft_cap is not None:
         s = jnp.tanh(s * (config.scale / config.soft_cap)) * (config.soft_cap * LOG2E)
       if tile is not None:
@@ -315,6 +322,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
         shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
       alpha = jnp.exp2(row_max - shift)
       p = jnp.exp2(s * logit_scale - lax.broadcast_in_dim(shift, s.shape, [0]))
+      return p, alpha, new_max
+
+    def body(slot, carry, *, partial):
+      acc, row_max, row_sum = carry
+      buf = lax.rem(slot, stages)
+      keep, tile = keep_mask(slot, buf) if partial else (None, None)
+      s = qk(buf)
+      plgpu.barrier_arrive(k_free.at[buf])
+      p, alpha, new_max = online_softmax(s, row_max, keep, tile, partial)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
       row_sum = row_sum * alpha + p.sum(axis=1)
       p16 = p.astype(v_ref.dtype)
@@ -359,15 +375,101 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
             ops.cast(jnp.full((_WGMMA_M,), -jnp.inf, jnp.float32), row_layout),
             ops.cast(jnp.zeros((_WGMMA_M,), jnp.float32), row_layout))
 
-    @pl.when(count > 0)
-    def _():
+    def pv_into(acc, p16, buf):
+      """acc + P V of ring slot `buf` (compiled: P from registers; interpret: through SMEM)."""
+      if compiled:
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
+
+        return pl.run_state(pv)(plgpu.ACC.init(acc))
+      p_smem.at[wg][...] = p16
+      plgpu.commit_smem()
+
+      def pv_interpret(acc_ref):
+        plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[buf])
+        return plgpu.wgmma_accumulator_load(acc_ref)
+
+      return acc + pl.run_scoped(pv_interpret, plgpu.ACC((_WGMMA_M, head_dim), jnp.float32))
+
+    def overlapped(carry):
+      """Intra-warpgroup overlap (FlashAttention-3), for an item with count > 0: step j
+      issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back and runs the softmax of
+      S_j while the P V product is in flight; O is rescaled once it has landed. Every K and
+      V slot is awaited and released once, as in `body`; one ping-pong per step."""
+      acc, row_max, row_sum = carry
       plgpu.barrier_wait(k_bars.at[0])
 
-    if schedule is not None:
-      pl.when(wg == 1)(ping_pong)
-    carry = lax.fori_loop(0, n_full, functools.partial(body, partial=False), init)
-    if layout.has_partial:
-      carry = lax.fori_loop(n_full, count, functools.partial(body, partial=True), carry)
+      def first(partial):
+        keep, tile = keep_mask(0, 0) if partial else (None, None)
+        s = qk(0)
+        plgpu.barrier_arrive(k_free.at[0])
+        p, alpha, new_max = online_softmax(s, row_max, keep, tile, partial)
+        return p.astype(v_ref.dtype), new_max, row_sum * alpha + p.sum(axis=1)
+
+      if layout.has_partial:
+        p16, row_max, row_sum = lax.cond(n_full > 0, lambda: first(False),
+                                         lambda: first(True))
+      else:
+        p16, row_max, row_sum = first(False)
+
+      def step(slot, carry, *, partial):
+        acc, p16, row_max, row_sum = carry
+        buf, prev = lax.rem(slot, stages), lax.rem(slot - 1, stages)
+        keep, tile = keep_mask(slot, buf) if partial else (None, None)
+        plgpu.barrier_wait(k_bars.at[buf])
+        plgpu.barrier_wait(v_bars.at[prev])
+        if compiled:
+          def products_and_softmax(refs):
+            s_ref, o_ref, p_ref, alpha_ref, max_ref, sum_ref = refs
+            plgpu.wgmma(s_ref, q_smem, k_transposed(buf))  # S_j (onto zeros)
+            plgpu.wgmma(o_ref, p16, v_smem.at[prev])  # O += P_{j-1} V_{j-1}
+            ping_pong()
+            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j; P V still running
+            plgpu.barrier_arrive(k_free.at[buf])
+            p, alpha, new_max = online_softmax(s, row_max, keep, tile, partial)
+            p_ref[...] = p.astype(v_ref.dtype)
+            alpha_ref[...] = alpha
+            max_ref[...] = new_max
+            sum_ref[...] = row_sum * alpha + p.sum(axis=1)
+
+          _, acc, p16, alpha, row_max, row_sum = pl.run_state(products_and_softmax)(
+              (plgpu.ACC.init(ops.zeros((_WGMMA_M, bk))), plgpu.ACC.init(acc), p16, row_max,
+               row_max, row_sum))
+        else:  # the interpreter runs each product at once: same barriers, same math
+          s = qk(buf)
+          plgpu.barrier_arrive(k_free.at[buf])
+          acc = pv_into(acc, p16, prev)
+          p, alpha, row_max = online_softmax(s, row_max, keep, tile, partial)
+          p16, row_sum = p.astype(v_ref.dtype), row_sum * alpha + p.sum(axis=1)
+        plgpu.barrier_arrive(v_free.at[prev])
+        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), p16, row_max, row_sum
+
+      carry = (acc, p16, row_max, row_sum)
+      carry = lax.fori_loop(1, n_full, functools.partial(step, partial=False), carry)
+      if layout.has_partial:
+        carry = lax.fori_loop(jnp.maximum(n_full, 1), count,
+                              functools.partial(step, partial=True), carry)
+      acc, p16, row_max, row_sum = carry
+      last = lax.rem(count - 1, stages)
+      plgpu.barrier_wait(v_bars.at[last])
+      acc = pv_into(acc, p16, last)
+      plgpu.barrier_arrive(v_free.at[last])
+      return acc, row_max, row_sum
+
+    if config.overlap:
+      if schedule is not None:
+        pl.when(wg == 1)(ping_pong)
+      carry = lax.cond(count > 0, overlapped, lambda c: c, init)
+    else:
+      @pl.when(count > 0)
+      def _():
+        plgpu.barrier_wait(k_bars.at[0])
+
+      if schedule is not None:
+        pl.when(wg == 1)(ping_pong)
+      carry = lax.fori_loop(0, n_full, functools.partial(body, partial=False), init)
+      if layout.has_partial:
+        carry = lax.fori_loop(n_full, count, functools.partial(body, partial=True), carry)
     if schedule is not None:
       pl.when(wg == 0)(ping_pong)
     acc, row_max, row_sum = carry
@@ -622,7 +724,8 @@ class PallasMosaicGpu(base.BlockSparseBackend):
     # persistent=None means off (the defaults above turn it on for full masks).
     config = MosaicParams(scale=float(args.scale), soft_cap=args.logits_soft_cap,
                           interpret=bool(interpret), stages=sizes.num_stages or 2,
-                          persistent=bool(sizes.persistent))
+                          persistent=bool(sizes.persistent),
+                          overlap=INTRA_WG_OVERLAP and padded_head_dim(query.shape[3]) <= 128)
     dq_mask, dkdv_mask, bwd_params = _backward_plan(
         mask, query, key, fwd_mask, block_sizes, build, config)
     for bm in (fwd_mask, dq_mask, dkdv_mask):

@@ -43,6 +43,7 @@ class MosaicParams:
   stages: int = 2
   persistent: bool = False  # one program per SM over the work items, longest list first
   fused_backward: bool = False  # backward: dQ, dK, dV in one kernel (vjp.dkdv_dq)
+  overlap: bool = False  # forward: intra-warpgroup overlap of softmax and products
 
 
 class MaskParts(NamedTuple):

@@ -16,6 +16,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 import flashjax
+from flashjax.ops.attention import pallas_mosaic_gpu
 from flashjax.ops.attention import pallas_mosaic_gpu_vjp
 from flashjax.ops.attention.block_sizes import BlockSizes
 from tests import gpu_lowering
@@ -73,6 +74,22 @@ class MosaicGpuLoweringTest(parameterized.TestCase):
     names = _lowered_kernels(head_dim, **kwargs)
     self.assertTrue({"flashjax_mosaic_gpu_fwd", "flashjax_mosaic_gpu_dq",
                      "flashjax_mosaic_gpu_dkdv"} <= names, names)
+
+  @parameterized.named_parameters(
+      ("dense_persistent", {}, 128),
+      ("causal_per_item", dict(is_causal=True, block_sizes=BlockSizes(128, 128)), 128),
+      ("documents_d64", dict(segment_ids=jnp.asarray(np.repeat(np.arange(4), 128)[None]
+                                                     .repeat(2, 0).astype(np.int32))), 64),
+      ("stored_tiles_soft_cap", dict(mask=flashjax.masks.tree(
+          np.concatenate([[-1], np.random.default_rng(3).integers(0, np.arange(1, 512))])),
+                                     logits_soft_cap=5.0), 128),
+  )
+  def test_intra_warpgroup_overlap_forward(self, kwargs, head_dim):
+    """The experimental overlapped forward (INTRA_WG_OVERLAP) lowers: S and P V products
+    of one run_state, the softmax between the S wait and the P V wait."""
+    with mock.patch.object(pallas_mosaic_gpu, "INTRA_WG_OVERLAP", True):
+      names = _lowered_kernels(head_dim, grad=False, **kwargs)
+    self.assertIn("flashjax_mosaic_gpu_fwd", names)
 
   def test_documents(self):
     ids = np.sort(np.random.default_rng(2).integers(0, 5, (2, 512)), axis=1).astype(np.int32)

@@ -229,6 +229,35 @@ class PallasMosaicGpuTest(parameterized.TestCase):
     expected = reference.mha_reference(q, k, v, **ref_kwargs)
     chex.assert_trees_all_close(out.astype(jnp.float32), expected, atol=5e-3)
 
+  @parameterized.named_parameters(
+      (f"{name=}_{persistent=}", name, persistent)
+      for name, persistent in (("causal_gqa_two_consumers", False),
+                               ("causal_gqa_two_consumers", True), ("document_gqa", False),
+                               ("tree_tiles", True), ("dense_odd", False)))
+  def test_intra_warpgroup_overlap(self, name, persistent):
+    """INTRA_WG_OVERLAP: S_j and P_{j-1} V_{j-1} issued together, softmax in between; the
+    interpreter checks the barrier phases (one wait and one release per slot) and the math."""
+    q, k, v, sizes, kwargs, ref_kwargs = self._persistent_case(name)
+    forward = pallas_mosaic_gpu._forward
+    with mock.patch.object(pallas_mosaic_gpu, "INTRA_WG_OVERLAP", True), \
+        mock.patch.object(pallas_mosaic_gpu, "_forward", wraps=forward) as spy:
+      out = _attention(q, k, v, block_sizes=dataclasses.replace(sizes, persistent=persistent),
+                       **kwargs)
+    self.assertTrue(spy.call_args.args[4].overlap)
+    expected = reference.mha_reference(q, k, v, **ref_kwargs)
+    chex.assert_trees_all_close(out.astype(jnp.float32), expected, atol=5e-3)
+
+  def test_intra_warpgroup_overlap_empty_blocks(self):
+    """Query blocks with no kv tile (count 0) skip the overlapped pipeline: zero rows."""
+    q, k, v = self._qkv(1, 256, 256, 2, 1, 32)
+    allowed = np.tril(np.ones((256, 256), bool))
+    allowed[:128] = False  # the first two-consumer query block has an empty list
+    with mock.patch.object(pallas_mosaic_gpu, "INTRA_WG_OVERLAP", True):
+      out = _attention(q, k, v, mask=jnp.asarray(allowed), block_sizes=BlockSizes(128, 64))
+    expected = reference.mha_reference(q, k, v, mask=jnp.asarray(allowed))
+    chex.assert_trees_all_close(out.astype(jnp.float32), expected, atol=5e-3)
+    chex.assert_trees_all_equal(np.asarray(out[:, :128]), np.zeros_like(out[:, :128]))
+
   def test_item_order(self):
     """Longest kv list first, ties in item id order; ids are (b * Nq + h) * nq + qi."""
     count = jnp.asarray([[[1, 3, 3]], [[0, 3, 2]]], jnp.int32)  # [B=2, Nm=1, nq=3]

@@ -10,6 +10,7 @@ suite's 64 x 64 tiles and at the backend's default tiles (128 x 128 forward, 128
 
 import dataclasses
 import zlib
+from unittest import mock
 
 import chex
 import jax
@@ -62,6 +63,17 @@ class TestPallasMosaicGpuCompiledFusedBackward(TestPallasMosaicGpuCompiled):
                                     fused_backward=True)
   SKIP_CASES = {"test_[!g]*": "forward case: the other suites run it",
                 "test_gqa*": "forward case: the other suites run it"}
+
+
+class TestPallasMosaicGpuCompiledOverlap(TestPallasMosaicGpuCompiledDefaultTiles):
+  """The suite's forward cases at the default tiles (two consumers) with the experimental
+  intra-warpgroup overlap (pallas_mosaic_gpu.INTRA_WG_OVERLAP) switched on."""
+
+  SKIP_CASES = {"test_grad*": "the backward does not change with the flag"}
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(mock.patch.object(pallas_mosaic_gpu, "INTRA_WG_OVERLAP", True))
 
 
 class FusedBackwardTest(parameterized.TestCase):
