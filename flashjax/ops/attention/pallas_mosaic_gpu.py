@@ -324,6 +324,28 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
       p = jnp.exp2(s * logit_scale - lax.broadcast_in_dim(shift, s.shape, [0]))
       return p, alpha, new_max
 
+    def pv_into(acc, p16, buf, during=None):
+      """acc + P V of ring slot `buf`, `during()` issued while the product runs. Compiled, P
+      comes from registers; the interpreter takes neither a register wgmma operand nor
+      run_state: P goes through SMEM and the product is added to the accumulator."""
+      if compiled:
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
+          if during is not None:
+            during()
+
+        return pl.run_state(pv)(plgpu.ACC.init(acc))
+      p_smem.at[wg][...] = p16
+      plgpu.commit_smem()
+
+      def pv_interpret(acc_ref):
+        plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[buf])
+        if during is not None:
+          during()
+        return plgpu.wgmma_accumulator_load(acc_ref)
+
+      return acc + pl.run_scoped(pv_interpret, plgpu.ACC((_WGMMA_M, head_dim), jnp.float32))
+
     def body(slot, carry, *, partial):
       acc, row_max, row_sum = carry
       buf = lax.rem(slot, stages)
@@ -350,46 +372,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
         def _():
           plgpu.barrier_wait(k_bars.at[lax.rem(slot + 1, stages)])
 
-      if compiled:
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
-          wait_next_k()
-
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      else:
-        # The interpreter takes neither a register wgmma operand nor run_state: P goes
-        # through SMEM and the product is added to the accumulator.
-        p_smem.at[wg][...] = p16
-        plgpu.commit_smem()
-
-        def pv_interpret(acc_ref):
-          plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[buf])
-          wait_next_k()
-          return plgpu.wgmma_accumulator_load(acc_ref)
-
-        acc = acc + pl.run_scoped(pv_interpret, plgpu.ACC((_WGMMA_M, head_dim), jnp.float32))
+      acc = pv_into(acc, p16, buf, during=wait_next_k)
       plgpu.barrier_arrive(v_free.at[buf])
       return acc, new_max, row_sum
 
     init = (ops.zeros((_WGMMA_M, head_dim)),
             ops.cast(jnp.full((_WGMMA_M,), -jnp.inf, jnp.float32), row_layout),
             ops.cast(jnp.zeros((_WGMMA_M,), jnp.float32), row_layout))
-
-    def pv_into(acc, p16, buf):
-      """acc + P V of ring slot `buf` (compiled: P from registers; interpret: through SMEM)."""
-      if compiled:
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[buf])
-
-        return pl.run_state(pv)(plgpu.ACC.init(acc))
-      p_smem.at[wg][...] = p16
-      plgpu.commit_smem()
-
-      def pv_interpret(acc_ref):
-        plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[buf])
-        return plgpu.wgmma_accumulator_load(acc_ref)
-
-      return acc + pl.run_scoped(pv_interpret, plgpu.ACC((_WGMMA_M, head_dim), jnp.float32))
 
     def overlapped(carry):
       """Intra-warpgroup overlap (FlashAttention-3), for an item with count > 0: step j
