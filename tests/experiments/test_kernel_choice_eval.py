@@ -78,7 +78,7 @@ class KernelChoiceEvalTest(absltest.TestCase):
     other = self._write(root, "b", _tuning_rows(1.5))  # persistent 1.5x slower on b
     tables = {"a": kernel_choice_eval.load_table(same),
               "b": kernel_choice_eval.load_table(other)}
-    with mock.patch.dict(kernel_choice_eval.MLP, steps=200):
+    with mock.patch.dict(kernel_choice_eval.MLP, steps=100, hidden=(16,)):
       result = kernel_choice_eval.evaluate(tables)
     self.assertEqual(set(result["a"]), {"predictor, held out", "predictor, b", "table of b",
                                         "heuristic"})
