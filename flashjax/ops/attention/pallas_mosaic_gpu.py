@@ -421,6 +421,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, layout, config: MosaicParams, nu
             max_ref[...] = new_max
             sum_ref[...] = row_sum * alpha + p.sum(axis=1)
 
+          # Initial values: S zeros; O; then P, alpha, max, sum (row_max only gives alpha
+          # its shape and layout: the body overwrites every one of them).
           _, acc, p16, alpha, row_max, row_sum = pl.run_state(products_and_softmax)(
               (plgpu.ACC.init(ops.zeros((_WGMMA_M, bk))), plgpu.ACC.init(acc), p16, row_max,
                row_max, row_sum))

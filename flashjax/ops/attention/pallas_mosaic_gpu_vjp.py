@@ -223,7 +223,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: Mo
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   run_warpgroups(consumers, config.interpret, produce, consume,
-              for_each_item(order_ref, "q", num_outer, num_programs))
+                 for_each_item(order_ref, "q", num_outer, num_programs))
 
 
 # ------------------------------------------------------------------------------ dK / dV
@@ -474,7 +474,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, *refs, layout, config: 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   run_warpgroups(consumers, config.interpret, produce, consume,
-              for_each_item(order_ref, "kv", num_outer, num_programs))
+                 for_each_item(order_ref, "kv", num_outer, num_programs))
 
 
 # ---------------------------------------------------------------------------- launchers
