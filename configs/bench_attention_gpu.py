@@ -13,6 +13,12 @@ flashjax row names the backend and tiles that ran.
 
 `--config.implementations="('pallas_triton', 'peer:jax_nn_cudnn')"` narrows the columns;
 `--config.case_set=masked` runs only the masked cases (`dense`, `masked`, `all`).
+
+Run time: on an H100 80GB the 16 cases with four implementations (pallas_mosaic_gpu, cuDNN,
+torch SDPA, FlexAttention: 64 points) took ~620 s, more than one 10-minute device command;
+run it under `timeout` and run the same command again with the same workdir, which resumes
+at the first unfinished point (the v5 table in docs/performance.md ran that way, 56 + 8
+points on one warm machine). All seven implementations take about twice as long.
 """
 
 from __future__ import annotations
