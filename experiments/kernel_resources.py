@@ -14,9 +14,12 @@ registers spills accumulator fragments to local memory, which a timing alone can
 apart from a slow schedule (the intra-warpgroup overlap's loss in docs/performance.md).
 
 Variants: the forward at D = 128 with 128 x 128 tiles and 2 stages, per-item and persistent
-grids, each without and with `pallas_mosaic_gpu.INTRA_WG_OVERLAP`; the forward at D = 64; the
-two-kernel backward (dQ, dK/dV) and the fused one at D = 128. Shapes are small (the
-resources do not depend on T or B, only on tiles, head dim and the kernel's code path).
+grids, each without and with `pallas_mosaic_gpu.INTRA_WG_OVERLAP`, and causal (persistent);
+the forward at D = 64; the two-kernel backward (dQ, dK/dV) and the fused one at D = 128, with
+and without the split dQ (`pallas_mosaic_gpu_vjp.SPLIT_DQ`). The fused backward holds dK, dV,
+S^T, dP^T and a dQ partial at once, so spills are a candidate cause of its measured loss too.
+Shapes are small (the resources do not depend on T or B, only on tiles, head dim and the
+kernel's code path).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 import flashjax
-from flashjax.ops.attention import pallas_mosaic_gpu
+from flashjax.ops.attention import pallas_mosaic_gpu, pallas_mosaic_gpu_vjp
 from flashjax.ops.attention.block_sizes import BlockSizes
 
 DUMP_ENV = ("MOSAIC_GPU_DUMP_TO", "MOSAIC_GPU_DUMP_PTX", "MOSAIC_GPU_DUMP_PTXAS")
@@ -150,55 +153,76 @@ def dumping_to(directory: pathlib.Path) -> Iterator[None]:
         os.environ[k] = v
 
 
-def variants() -> dict[str, Callable[[], Any]]:
-  """name -> a function that lowers and compiles that variant."""
+@contextlib.contextmanager
+def switched(module: Any, name: str, value: Any) -> Iterator[None]:
+  """A module-level kernel switch set to `value` for the block, then restored."""
+  previous = getattr(module, name)
+  setattr(module, name, value)
+  try:
+    yield
+  finally:
+    setattr(module, name, previous)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A function to compile on its inputs, with module switches set while it is traced."""
+  fn: Callable[..., Any]
+  args: tuple[Any, ...]
+  switches: tuple[tuple[Any, str, Any], ...] = ()
+
+  def compile(self) -> Any:
+    with contextlib.ExitStack() as stack:
+      for module, name, value in self.switches:
+        stack.enter_context(switched(module, name, value))
+      return jax.jit(self.fn).lower(*self.args).compile()
+
+
+def variants() -> dict[str, Variant]:
+  """The variants of the module docstring by name."""
+
   def inputs(head_dim):
     keys = jax.random.split(jax.random.key(head_dim), 3)
-    return [jax.random.normal(k, (1, 1024, 2, head_dim), jnp.bfloat16) for k in keys]
+    return tuple(jax.random.normal(k, (1, 1024, 2, head_dim), jnp.bfloat16) for k in keys)
 
-  def forward(head_dim, persistent, overlap):
-    def compile_it():
-      sizes = BlockSizes(128, 128, num_stages=2, persistent=persistent)
-      fn = jax.jit(lambda q, k, v: flashjax.dot_product_attention(
-          q, k, v, implementation="pallas_mosaic_gpu", block_sizes=sizes))
-      previous, pallas_mosaic_gpu.INTRA_WG_OVERLAP = pallas_mosaic_gpu.INTRA_WG_OVERLAP, overlap
-      try:  # the switch is read when the call is traced
-        return fn.lower(*inputs(head_dim)).compile()
-      finally:
-        pallas_mosaic_gpu.INTRA_WG_OVERLAP = previous
-    return compile_it
+  def forward(head_dim, persistent, overlap, causal=False):
+    sizes = BlockSizes(128, 128, num_stages=2, persistent=persistent)
+    fn = lambda q, k, v: flashjax.dot_product_attention(
+        q, k, v, implementation="pallas_mosaic_gpu", block_sizes=sizes, is_causal=causal)
+    return Variant(fn, inputs(head_dim), ((pallas_mosaic_gpu, "INTRA_WG_OVERLAP", overlap),))
 
-  def backward(fused):
-    def compile_it():
-      sizes = BlockSizes(128, 128, num_stages=2, fused_backward=fused)
+  def backward(fused, split_dq=True):
+    sizes = BlockSizes(128, 128, num_stages=2, fused_backward=fused)
 
-      def loss(q, k, v):
-        out = flashjax.dot_product_attention(q, k, v, implementation="pallas_mosaic_gpu",
-                                             block_sizes=sizes)
-        return jnp.sum(out.astype(jnp.float32))
-      return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*inputs(128)).compile()
-    return compile_it
+    def loss(q, k, v):
+      out = flashjax.dot_product_attention(q, k, v, implementation="pallas_mosaic_gpu",
+                                           block_sizes=sizes)
+      return jnp.sum(out.astype(jnp.float32))
+    return Variant(jax.grad(loss, argnums=(0, 1, 2)), inputs(128),
+                   ((pallas_mosaic_gpu_vjp, "SPLIT_DQ", split_dq),))
 
   table = {}
   for persistent in (False, True):
     grid = "persistent" if persistent else "per_item"
     for overlap in (False, True):
       table[f"fwd_d128_{grid}{'_overlap' if overlap else ''}"] = forward(128, persistent, overlap)
+  table["fwd_d128_persistent_causal"] = forward(128, True, False, causal=True)
   table["fwd_d64_persistent"] = forward(64, True, False)
   table["bwd_d128_two_kernels"] = backward(False)
   table["bwd_d128_fused"] = backward(True)
+  table["bwd_d128_fused_unsplit_dq"] = backward(True, split_dq=False)
   return table
 
 
 def run_on_gpu(out_dir: pathlib.Path, names: Sequence[str] | None = None) -> list[dict]:
   """Compiles each variant with the dumps on; rows from the dumped ptxas reports."""
   rows = []
-  for name, compile_it in variants().items():
+  for name, variant in variants().items():
     if names and name not in names:
       continue
     with dumping_to(out_dir / name):
       try:
-        compile_it()
+        variant.compile()
       except Exception as e:  # pylint: disable=broad-except
         rows.append({"variant": name, "error": f"{type(e).__name__}: {e}"[:2000]})
         continue

@@ -1,6 +1,7 @@
 """experiments/kernel_resources.py on CPU: the ptxas report parser, the dump reading, and the
 re-assembly of PTX with a local ptxas where one is installed (the compile needs a GPU)."""
 
+import contextlib
 import json
 import os
 
@@ -85,8 +86,16 @@ def test_dumping_to_sets_and_restores_the_switches(tmp_path, monkeypatch):
 def test_variant_names():
   assert sorted(kernel_resources.variants()) == sorted([
       "fwd_d128_per_item", "fwd_d128_per_item_overlap", "fwd_d128_persistent",
-      "fwd_d128_persistent_overlap", "fwd_d64_persistent", "bwd_d128_two_kernels",
-      "bwd_d128_fused"])
+      "fwd_d128_persistent_overlap", "fwd_d128_persistent_causal", "fwd_d64_persistent",
+      "bwd_d128_two_kernels", "bwd_d128_fused", "bwd_d128_fused_unsplit_dq"])
+
+
+def test_switched_restores_the_module_switch():
+  class Module:
+    FLAG = False
+  with kernel_resources.switched(Module, "FLAG", True):
+    assert Module.FLAG is True
+  assert Module.FLAG is False
 
 
 @pytest.mark.skipif(kernel_resources.find_ptxas() is None, reason="no ptxas on this machine")
@@ -97,3 +106,15 @@ def test_local_ptxas_reassembles_dumped_ptx(tmp_path):
   rows = json.loads((tmp_path / "resources_local_ptxas.json").read_text())
   assert len(rows) == 1 and rows[0]["variant"] == "fwd" and rows[0]["kernel"] == "tiny"
   assert rows[0]["registers"] > 0 and rows[0]["spill_store_bytes"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(kernel_resources.variants()))
+def test_every_variant_lowers_for_cuda(name):
+  from tests import gpu_lowering  # pylint: disable=import-outside-toplevel
+  variant = kernel_resources.variants()[name]
+  with contextlib.ExitStack() as stack:
+    for module, switch, value in variant.switches:
+      stack.enter_context(kernel_resources.switched(module, switch, value))
+    text = gpu_lowering.export_for_cuda(variant.fn, *variant.args)
+  assert gpu_lowering.kernel_names(text)
