@@ -14,7 +14,9 @@ registers spills accumulator fragments to local memory, which a timing alone can
 apart from a slow schedule (the intra-warpgroup overlap's loss in docs/performance.md).
 
 Variants: the forward at D = 128 with 128 x 128 tiles and 2 stages, per-item and persistent
-grids, each without and with `pallas_mosaic_gpu.INTRA_WG_OVERLAP`, and causal (persistent);
+grids, each without and with `pallas_mosaic_gpu.INTRA_WG_OVERLAP`, the persistent pair again
+with FlashAttention-3's register split (`pallas_mosaic_gpu_common.REGISTERS_TWO_CONSUMERS` =
+(24, 240) instead of (40, 232)), and causal (persistent);
 the forward at D = 64; the two-kernel backward (dQ, dK/dV) and the fused one at D = 128, with
 and without the split dQ (`pallas_mosaic_gpu_vjp.SPLIT_DQ`). The fused backward holds dK, dV,
 S^T, dP^T and a dQ partial at once, so spills are a candidate cause of its measured loss too.
@@ -40,7 +42,8 @@ import jax
 import jax.numpy as jnp
 
 import flashjax
-from flashjax.ops.attention import pallas_mosaic_gpu, pallas_mosaic_gpu_vjp
+from flashjax.ops.attention import (pallas_mosaic_gpu, pallas_mosaic_gpu_common,
+                                     pallas_mosaic_gpu_vjp)
 from flashjax.ops.attention.block_sizes import BlockSizes
 
 DUMP_ENV = ("MOSAIC_GPU_DUMP_TO", "MOSAIC_GPU_DUMP_PTX", "MOSAIC_GPU_DUMP_PTXAS")
@@ -185,11 +188,14 @@ def variants() -> dict[str, Variant]:
     keys = jax.random.split(jax.random.key(head_dim), 3)
     return tuple(jax.random.normal(k, (1, 1024, 2, head_dim), jnp.bfloat16) for k in keys)
 
-  def forward(head_dim, persistent, overlap, causal=False):
+  def forward(head_dim, persistent, overlap, causal=False, registers=None):
     sizes = BlockSizes(128, 128, num_stages=2, persistent=persistent)
     fn = lambda q, k, v: flashjax.dot_product_attention(
         q, k, v, implementation="pallas_mosaic_gpu", block_sizes=sizes, is_causal=causal)
-    return Variant(fn, inputs(head_dim), ((pallas_mosaic_gpu, "INTRA_WG_OVERLAP", overlap),))
+    switches = ((pallas_mosaic_gpu, "INTRA_WG_OVERLAP", overlap),)
+    if registers is not None:
+      switches += ((pallas_mosaic_gpu_common, "REGISTERS_TWO_CONSUMERS", registers),)
+    return Variant(fn, inputs(head_dim), switches)
 
   def backward(fused, split_dq=True):
     sizes = BlockSizes(128, 128, num_stages=2, fused_backward=fused)
@@ -206,6 +212,9 @@ def variants() -> dict[str, Variant]:
     grid = "persistent" if persistent else "per_item"
     for overlap in (False, True):
       table[f"fwd_d128_{grid}{'_overlap' if overlap else ''}"] = forward(128, persistent, overlap)
+  for overlap in (False, True):
+    table[f"fwd_d128_persistent{'_overlap' if overlap else ''}_regs_24_240"] = forward(
+        128, True, overlap, registers=(24, 240))
   table["fwd_d128_persistent_causal"] = forward(128, True, False, causal=True)
   table["fwd_d64_persistent"] = forward(64, True, False)
   table["bwd_d128_two_kernels"] = backward(False)

@@ -86,7 +86,9 @@ def test_dumping_to_sets_and_restores_the_switches(tmp_path, monkeypatch):
 def test_variant_names():
   assert sorted(kernel_resources.variants()) == sorted([
       "fwd_d128_per_item", "fwd_d128_per_item_overlap", "fwd_d128_persistent",
-      "fwd_d128_persistent_overlap", "fwd_d128_persistent_causal", "fwd_d64_persistent",
+      "fwd_d128_persistent_overlap", "fwd_d128_persistent_regs_24_240",
+      "fwd_d128_persistent_overlap_regs_24_240", "fwd_d128_persistent_causal",
+      "fwd_d64_persistent",
       "bwd_d128_two_kernels", "bwd_d128_fused", "bwd_d128_fused_unsplit_dq"])
 
 

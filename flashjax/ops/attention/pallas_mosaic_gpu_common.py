@@ -31,6 +31,24 @@ BWD_MAX_HEAD_DIM = 128  # padded D of the backward kernels (dK + dV accumulators
 SMEM_LIMIT = 232448  # bytes of shared memory per block on Hopper (227 KiB)
 HOPPER_SMS = 132  # SMs of an H100 / H200 SXM
 INTERPRET_PROGRAMS = 3  # persistent programs in interpret mode
+# setmaxnreg registers per thread of (the producer, each consumer) with two consumer
+# warpgroups: a 384-thread block launches with 168 a thread, which the warpgroups re-split
+# (40 + 2 x 232 = 504 = 3 x 168). FlashAttention-3 gives its consumers 240 (24 + 2 x 240);
+# (24, 240) is kept as an experiment (`experiments.kernel_resources` compiles both) until a
+# GPU run says which is faster. One consumer always takes (40, 240).
+REGISTERS_TWO_CONSUMERS = (40, 232)
+
+
+def register_split(consumers: int) -> tuple[int, int]:
+  """(producer, consumer) setmaxnreg counts; refuses a split setmaxnreg cannot take."""
+  split = REGISTERS_TWO_CONSUMERS if consumers == 2 else (40, 240)
+  producer, consumer = split
+  if (any(r % 8 or not 24 <= r <= 256 for r in split)
+      or producer + consumers * consumer > 504):
+    raise ValueError(f"register split {split!r} for {consumers} consumer warpgroups: each count "
+                     "must be a multiple of 8 in [24, 256] and producer + consumers x consumer "
+                     "<= 504 (3 warpgroups x 168 at launch)")
+  return producer, consumer
 
 @dataclasses.dataclass(frozen=True)
 class MosaicParams:
@@ -279,17 +297,18 @@ def run_warpgroups(consumers: int, interpret: bool, produce, consume, items) -> 
   """produce(item) on the producer warpgroup (index `consumers`) and consume(item) on the
   consumer warpgroups, for every item; the consumers then wait for their last stores."""
   wg = lax.axis_index("wg")
+  producer_registers, consumer_registers = register_split(consumers)
 
   @pl.when(wg == consumers)
   def _():
     if not interpret:
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(producer_registers, action="decrease")
     items(produce)
 
   @pl.when(wg < consumers)
   def _():
     if not interpret:
-      plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
+      plgpu.set_max_registers(consumer_registers, action="increase")
     items(consume)
     plgpu.wait_smem_to_gmem(0)
 

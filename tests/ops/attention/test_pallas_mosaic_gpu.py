@@ -289,6 +289,18 @@ class PallasMosaicGpuTest(parameterized.TestCase):
   def test_num_programs(self, n_items, interpret, expected):
     self.assertEqual(pallas_mosaic_gpu_common.num_programs(n_items, interpret), expected)
 
+  def test_register_split(self):
+    """setmaxnreg counts: the default and FlashAttention-3's split pass, others are refused."""
+    common = pallas_mosaic_gpu_common
+    self.assertEqual(common.register_split(2), (40, 232))
+    self.assertEqual(common.register_split(1), (40, 240))
+    with mock.patch.object(common, "REGISTERS_TWO_CONSUMERS", (24, 240)):
+      self.assertEqual(common.register_split(2), (24, 240))
+    for bad in ((40, 240), (20, 240), (40, 230)):  # over 504; under 24; not a multiple of 8
+      with mock.patch.object(common, "REGISTERS_TWO_CONSUMERS", bad), \
+           self.assertRaisesRegex(ValueError, "register split"):
+        common.register_split(2)
+
   def test_gradients(self):
     """The backward (Mosaic GPU kernels) takes this forward's lse2 residual."""
     q, k, v = self._qkv(1, 64, 64, 2, 1, 32)
