@@ -1,6 +1,10 @@
 """Where the causal forward of pallas_mosaic_gpu loses time: masking or scheduling.
 
-  python -m experiments.causal_schedule_bench OUT.json
+  python -m experiments.causal_schedule_bench OUT.json [PRODUCER,CONSUMER]
+
+The optional second argument sets the setmaxnreg split of the two-consumer kernels
+(`pallas_mosaic_gpu_common.REGISTERS_TWO_CONSUMERS`, default 40,232; e.g. 24,240) for the
+whole run; every row records the split it ran with.
 
 The causal forward runs at a lower fraction of peak than the dense one. Two causes are
 separable by masks with the same shapes and tiles:
@@ -32,7 +36,7 @@ import numpy as np
 
 import flashjax
 from flashjax import benchmarking
-from flashjax.ops.attention import pallas_mosaic_gpu
+from flashjax.ops.attention import pallas_mosaic_gpu, pallas_mosaic_gpu_common
 from flashjax.ops.attention.block_sizes import BlockSizes
 
 SHAPES = ((4, 4096), (2, 8192))
@@ -65,6 +69,7 @@ def bench(batch: int, length: int) -> list[dict]:
             q, k, v, implementation="pallas_mosaic_gpu", block_sizes=sizes, **kwargs))
         row = {"batch": batch, "seq_len": length, "mask": name, "persistent": persistent,
                "overlap": overlap, "pairs": pairs,
+               "registers": list(pallas_mosaic_gpu_common.REGISTERS_TWO_CONSUMERS),
                "device": jax.devices()[0].device_kind, "jax": jax.__version__}
         try:
           out = fn(q, k, v).astype(jnp.float32)
@@ -86,8 +91,12 @@ def bench(batch: int, length: int) -> list[dict]:
 
 
 def main(argv):
-  if len(argv) != 2:
+  if len(argv) not in (2, 3):
     raise SystemExit(__doc__)
+  if len(argv) == 3:
+    split = tuple(int(x) for x in argv[2].split(","))
+    pallas_mosaic_gpu_common.REGISTERS_TWO_CONSUMERS = split
+    pallas_mosaic_gpu_common.register_split(2)  # refuses a split setmaxnreg cannot take
   rows = []
   for batch, length in SHAPES:
     rows += bench(batch, length)

@@ -1,9 +1,13 @@
 """experiments/causal_schedule_bench.py on CPU: its masks (the timing needs a GPU)."""
 
+from unittest import mock
+
 import numpy as np
+import pytest
 
 import flashjax
 from experiments import causal_schedule_bench
+from flashjax.ops.attention import pallas_mosaic_gpu_common
 
 
 def test_block_causal_has_causal_work_lists_without_partial_tiles():
@@ -22,3 +26,11 @@ def test_block_causal_has_causal_work_lists_without_partial_tiles():
   kinds = np.asarray(staircase.kinds)
   assert (kinds != flashjax.masks.PARTIAL).all() and (np.asarray(causal.kinds)
                                                       == flashjax.masks.PARTIAL).sum() == 4
+
+
+def test_a_register_split_setmaxnreg_cannot_take_is_refused_before_any_run(tmp_path):
+  out = tmp_path / "rows.json"
+  with mock.patch.object(pallas_mosaic_gpu_common, "REGISTERS_TWO_CONSUMERS", (40, 232)):
+    with pytest.raises(ValueError, match="register split"):
+      causal_schedule_bench.main(["causal_schedule_bench", str(out), "40,240"])
+  assert not out.exists()
