@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flashjax
+from experiments import common
 from flashjax import benchmarking
 from flashjax.ops.attention import pallas_mosaic_gpu, pallas_mosaic_gpu_common
 from flashjax.ops.attention.block_sizes import BlockSizes
@@ -97,11 +98,7 @@ def main(argv):
     split = tuple(int(x) for x in argv[2].split(","))
     pallas_mosaic_gpu_common.REGISTERS_TWO_CONSUMERS = split
     pallas_mosaic_gpu_common.register_split(2)  # refuses a split setmaxnreg cannot take
-  rows = []
-  for batch, length in SHAPES:
-    rows += bench(batch, length)
-    with open(argv[1], "w") as f:
-      json.dump(rows, f, indent=1)
+  common.rows_per_shape(argv[1], SHAPES, bench)
 
 
 if __name__ == "__main__":

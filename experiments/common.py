@@ -36,6 +36,16 @@ def write_json(path: str, value: Any) -> None:
   os.replace(path + ".tmp", path)
 
 
+def rows_per_shape(path: str, shapes: Any, bench: Any) -> list[dict[str, Any]]:
+  """rows = bench(*shape) for each shape in turn, all rows so far rewritten to `path` (JSON)
+  after each shape, so a cut run keeps its finished shapes."""
+  rows: list[dict[str, Any]] = []
+  for shape in shapes:
+    rows += bench(*shape)
+    write_json(path, rows)
+  return rows
+
+
 def read_json(path: str) -> Any:
   with open(path) as f:
     return json.load(f)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flashjax
+from experiments import common
 from flashjax import benchmarking
 from flashjax.ops.attention.tuning import store
 
@@ -53,11 +54,7 @@ def bench(batch: int, length: int) -> list[dict]:
 def main(argv):
   if len(argv) != 2:
     raise SystemExit(__doc__)
-  rows = []
-  for batch, length in SHAPES:
-    rows += bench(batch, length)
-    with open(argv[1], "w") as f:
-      json.dump(rows, f, indent=1)
+  common.rows_per_shape(argv[1], SHAPES, bench)
 
 
 if __name__ == "__main__":
