@@ -9,11 +9,13 @@ Public API:
                           attention with the sequence sharded over a mesh axis (ring or
                           all-gather K/V; flashjax.distributed has its plan and layouts)
   masks                   host-side mask library; masks.BlockMask is what kernels consume
+  BlockSizes              dot_product_attention's tiles, stages, grid and backward options
 """
 
 from flashjax import masks
 from flashjax.masks import BlockMask
 from flashjax.ops.attention.api import dot_product_attention
+from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.api import resolve_implementation
 from flashjax.ops.decode.api import decode_attention
 from flashjax.ops.sparse_mlp.api import sparse_mlp
@@ -22,7 +24,7 @@ from flashjax.distributed import context_parallel_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockMask", "context_parallel_attention", "decode_attention", "distributed",
+__all__ = ["BlockMask", "BlockSizes", "context_parallel_attention", "decode_attention", "distributed",
            "dot_product_attention", "layers", "masks", "models", "resolve_implementation",
            "sparse_mlp"]
 

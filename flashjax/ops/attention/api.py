@@ -202,8 +202,8 @@ def dispatch_named(implementation: Any, registry: Mapping[str, tuple[str, str]],
   """Calls `call(name, backend_fn)` for the requested backends until one runs.
 
   The backend that ran is logged at DEBUG level (logger "flashjax", with the reasons of the
-  ones skipped before it) and reported to `resolve_implementation`. Under jit this happens
-  once per trace: the choice is made while tracing.
+  ones skipped before it), or, under `resolve_implementation`, only reported to it (nothing
+  ran). Under jit this happens once per trace: the choice is made while tracing.
 
   Args:
     implementation: as in `resolve_implementations`.
@@ -224,12 +224,13 @@ def dispatch_named(implementation: Any, registry: Mapping[str, tuple[str, str]],
         raise
       reasons.append(f"{name}: {e}")
       continue
-    skipped = f"; skipped {'; '.join(reasons)}" if reasons else ""
-    logger.debug("flashjax %s: backend %r ran (implementation=%r%s)", what, name,
-                 implementation, skipped)
     record = _RECORD.get()
-    if record is not None:
+    if record is not None:  # resolve_implementation: traced abstractly, nothing ran
       record.append((what, name))
+    else:
+      skipped = f"; skipped {'; '.join(reasons)}" if reasons else ""
+      logger.debug("flashjax %s: backend %r ran (implementation=%r%s)", what, name,
+                    implementation, skipped)
     return name, result
   raise NotImplementedError(f"no {what} backend ran these inputs ({implementation=}, tried "
                             f"{list(names)}): " + "; ".join(reasons))
