@@ -48,6 +48,9 @@ def document_ids(rng: np.random.Generator, batch: int, length: int, mean_len: in
   """
   if dist not in DOC_LEN_DISTS:
     raise ValueError(f"{dist=} must be 'uniform' or 'lognormal'")
+  for name, value in (("batch", batch), ("length", length), ("doc_len (mean_len)", mean_len)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name}={value!r} must be an int >= 1")
   ids = np.empty((batch, length), np.int32)
   for b in range(batch):
     if dist == "uniform":

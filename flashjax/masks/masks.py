@@ -42,9 +42,32 @@ def _cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
+_TRACED = ("; it is traced under jax.jit, and masks are built on the host from concrete "
+           "values: build the mask outside jit, or pass the value as a static argument")
+
+
+def _is_traced(value: Any) -> bool:
+  """True for a jax value with no concrete host value (an argument traced under jit)."""
+  if not isinstance(value, jax.Array):
+    return False
+  try:
+    np.asarray(value)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return True
+  return False
+
+
+def _host_array(name: str, value: Any) -> np.ndarray:
+  """np.asarray(value), refusing a traced jax value with an error that names `name`."""
+  if _is_traced(value):
+    raise ValueError(f"{name} (shape {value.shape}, dtype {value.dtype}) has no concrete value"
+                     + _TRACED)
+  return np.asarray(value)
+
+
 def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{name}={value!r} must be an int")
+    raise ValueError(f"{name}={value!r} must be an int" + (_TRACED if _is_traced(value) else ""))
   if minimum is not None and value < minimum:
     raise ValueError(f"{name}={value!r} must be >= {minimum}")
   return int(value)
@@ -951,7 +974,7 @@ class OrMask(_Combined):
 
 def _as_ids(name: str, value: Any) -> np.ndarray:
   """Integer id array of rank 1 or 2 as int32."""
-  arr = np.asarray(value)
+  arr = _host_array(name, value)
   if arr.ndim not in (1, 2) or arr.shape[-1] == 0 or arr.size == 0:
     raise ValueError(f"{name}.shape={arr.shape} must be [T] or [B, T] with T, B >= 1")
   if not np.issubdtype(arr.dtype, np.integer):
@@ -1042,7 +1065,7 @@ def _prefix_table(prefix_lengths: Any, batch: int, max_id: int) -> np.ndarray:
       if seg <= max_id:
         table[0, seg] = length
     return table
-  arr = np.asarray(prefix_lengths)
+  arr = _host_array("prefix_lengths", prefix_lengths)
   if not np.issubdtype(arr.dtype, np.integer) or arr.ndim not in (1, 2):
     raise ValueError(f"prefix_lengths (dtype {arr.dtype}, shape {arr.shape}) must be an int, "
                      "a dict, or an int array [num_ids] or [B, num_ids]")
@@ -1112,7 +1135,7 @@ def tree(parents: Any) -> Mask:
   Args:
     parents: int [T] or [B, T]: parent index of each node, -1 for a root; values in [-1, T).
   """
-  arr = np.asarray(parents)
+  arr = _host_array("parents", parents)
   if arr.ndim not in (1, 2) or arr.shape[-1] == 0 or arr.size == 0:
     raise ValueError(f"parents.shape={arr.shape} must be [T] or [B, T] with T, B >= 1")
   if not np.issubdtype(arr.dtype, np.integer):
@@ -1156,7 +1179,7 @@ def global_tokens(q_len: int, kv_len: int, window: int, global_ids: Any) -> Mask
   """
   q_len, kv_len = _check_int("q_len", q_len, 1), _check_int("kv_len", kv_len, 1)
   window = _check_int("window", window, 0)
-  ids = np.asarray(global_ids)
+  ids = _host_array("global_ids", global_ids)
   if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
     raise ValueError(f"global_ids (shape {ids.shape}, dtype {ids.dtype}) must be a 1-D int "
                      "array")
@@ -1231,7 +1254,7 @@ def from_dense(array: Any) -> Mask:
   Args:
     array: bool [T, S] or [B|1, N|1, T, S] (numpy or a concrete jax array).
   """
-  arr = np.asarray(array)
+  arr = _host_array("array", array)
   if arr.dtype != np.bool_:
     raise ValueError(f"{arr.dtype=} must be bool")
   if arr.ndim not in (2, 4) or 0 in arr.shape:

@@ -61,6 +61,10 @@ class PiecesTest(parameterized.TestCase):
     self.assertGreater(float(np.mean(lengths)), float(np.median(lengths)))  # right skew
     with self.assertRaisesRegex(ValueError, "dist="):
       families.document_ids(rng, 1, 16, 4, "zipf")
+    with self.assertRaisesRegex(ValueError, r"doc_len \(mean_len\)=0 must be an int >= 1"):
+      families.build("document", 64, 64, rng, doc_len=0)
+    with self.assertRaisesRegex(ValueError, r"batch=0 must be"):
+      families.document_ids(rng, 0, 16, 4)
 
   def test_uniform_document_ids_count_up_from_zero(self):
     ids = families.document_ids(np.random.default_rng(1), 3, 5000, 10)

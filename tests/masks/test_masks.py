@@ -5,6 +5,8 @@ from __future__ import annotations
 import zlib
 
 import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
@@ -201,6 +203,15 @@ class MaskConstructorTest(parameterized.TestCase):
                                  np.maximum(0, np.arange(size) - 40))
     self.assertAlmostEqual(far.sum() / cells, 2e-4, delta=far_delta)
     return rows, dist
+
+  def test_traced_builder_arguments_say_masks_are_built_on_the_host(self):
+    note = r"traced under jax.jit, and masks are built on the host"
+    for build, arg in ((lambda n: masks.causal(n, 8), jnp.int32(8)),
+                       (masks.document, jnp.zeros(8, jnp.int32)),
+                       (masks.from_dense, jnp.ones((8, 8), bool)),
+                       (masks.tree, jnp.full(8, -1, jnp.int32))):
+      with self.assertRaisesRegex(ValueError, note):
+        jax.jit(build)(arg)
 
   def test_random_banded_statistics(self):
     size = 2048

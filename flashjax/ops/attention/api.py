@@ -377,6 +377,15 @@ def _check_segment_ids(segment_ids: Any, batch: int, q_len: int,
   return out[0], out[1]
 
 
+def traced_note(value: Any) -> str:
+  """The end of an error message about an argument that must be static, when `value` is a
+  jax value traced under jit (else "")."""
+  if _is_array(value) and concrete(value) is None:
+    return ("; it is traced under jax.jit: pass a Python value (a static argument, e.g. "
+            "jax.jit(f, static_argnames=...), or a closure constant)")
+  return ""
+
+
 def check_positive(name: str, value: Any) -> float | None:
   """None, or value as a positive finite float (ValueError naming it otherwise)."""
   if value is None:
@@ -384,7 +393,7 @@ def check_positive(name: str, value: Any) -> float | None:
   try:
     value = float(value)
   except (TypeError, ValueError, jax.errors.ConcretizationTypeError) as e:
-    raise ValueError(f"{name}={value!r} must be a concrete number") from e
+    raise ValueError(f"{name}={value!r} must be a concrete number" + traced_note(value)) from e
   if not value > 0 or not math.isfinite(value):
     raise ValueError(f"{name}={value} must be positive and finite")
   return value
@@ -426,7 +435,7 @@ def _check_window(local_window_size: Any) -> tuple[int, int] | None:
       for w in window)
   if not ok:
     raise ValueError(f"{local_window_size=} must be None, an int >= 0 or a pair "
-                     "(left, right) of ints >= 0")
+                     "(left, right) of ints >= 0" + traced_note(local_window_size))
   return int(window[0]), int(window[1])
 
 
@@ -598,7 +607,7 @@ def dot_product_attention(
   for name, flag in (("is_causal", is_causal), ("interpret", interpret),
                      ("return_residual", return_residual)):
     if not isinstance(flag, (bool, np.bool_)):
-      raise ValueError(f"{name}={flag!r} must be a bool")
+      raise ValueError(f"{name}={flag!r} must be a bool" + traced_note(flag))
   is_causal, interpret = bool(is_causal), bool(interpret)
   return_residual = bool(return_residual)
 

@@ -101,8 +101,9 @@ def decode_attention(
     lengths: int [B], 0 <= lengths[b] <= S_max (out-of-range policy above).
     head_indices: None (all groups) or int [B, K], 1 <= K <= Nkv, ids in [0, Nkv)
       (out-of-range policy above).
-    scale: logit scale, default 1 / sqrt(D).
-    logits_soft_cap: optional positive cap: logits = cap * tanh(logits / cap).
+    scale: logit scale, a positive Python number (static: not traced under jit; the kernels
+      are specialised on it), default 1 / sqrt(D).
+    logits_soft_cap: optional positive cap: logits = cap * tanh(logits / cap); static too.
     block_sizes: None (heuristics) or a `flashjax.ops.decode.block_sizes.DecodeBlockSizes` for the
       Pallas backends: tile length, number of splits (e.g. DecodeBlockSizes(num_splits=8)),
       warps, stages; "xla" ignores it. A split count above the cache's tiles raises

@@ -224,6 +224,19 @@ class TestJaxNnArgumentValidation(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, pattern):
       flashjax.dot_product_attention(**call)
 
+  @parameterized.named_parameters(
+      ("window", "local_window_size", jnp.int32(2)),
+      ("is_causal", "is_causal", jnp.bool_(True)),
+      ("soft_cap", "logits_soft_cap", jnp.float32(5.0)))
+  def test_static_arguments_traced_under_jit_say_so(self, name, value):
+    q, k, v = _qkv(_rng(self))
+    with self.assertRaisesRegex(ValueError, rf"{name}=.*traced under jax.jit: pass a Python "
+                                r"value"):
+      jax.jit(lambda x: flashjax.dot_product_attention(q, k, v, **{name: x}))(value)
+    with self.assertRaisesRegex(ValueError, r"scale=.*traced under jax.jit"):
+      jax.jit(lambda s: flashjax.decode_attention(q[:, 0], k, v, jnp.array([S, S]), scale=s))(
+          jnp.float32(0.5))
+
   def test_traced_scale_must_be_scalar(self):
     q, k, v = _qkv(_rng(self))
     with self.assertRaisesRegex(ValueError, r"traced scale must be a real scalar, got "
