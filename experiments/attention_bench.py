@@ -648,6 +648,37 @@ def rcm_fields(mask: Any, tiles: tuple[int, int]) -> dict[str, Any]:
                                  for k, v in report.items()}}
 
 
+_POSITIVE_FIELDS = ("batch", "q_len", "kv_len", "num_heads", "num_kv_heads", "head_dim",
+                    "iters", "input_sets")
+
+
+def check_point(config: ml_collections.ConfigDict) -> None:
+  """Refuses a point that cannot run, naming the field (the launcher checks every point of
+  the sweep this way before it runs any)."""
+  for name in _POSITIVE_FIELDS:
+    value = config.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 1):
+      raise ValueError(f"config.{name}={value!r} must be an int >= 1")
+  if config.num_heads % config.num_kv_heads:
+    raise ValueError(f"config.num_heads={config.num_heads} must be a multiple of "
+                     f"config.num_kv_heads={config.num_kv_heads}")
+  if config.mode not in ("fwd", "fwd_bwd"):
+    raise ValueError(f"config.mode={config.mode!r} must be 'fwd' or 'fwd_bwd'")
+  if config.dtype not in TOLERANCES:
+    raise ValueError(f"config.dtype={config.dtype!r} must be one of {sorted(TOLERANCES)}")
+  if config.mask not in MASK_FAMILIES:
+    raise ValueError(f"config.mask={config.mask!r} is not a mask family; known: "
+                     f"{MASK_FAMILIES}")
+  implementation = config.implementation
+  if implementation.startswith(PEER_PREFIX):
+    known = sorted(PEER_PREFIX + name for name in third_party.attention_peers())
+  else:
+    known = sorted(attention_api.ATTENTION_BACKENDS)
+  if implementation not in known:
+    raise ValueError(f"config.implementation={implementation!r} is not one of {known}")
+
+
 def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[str, Any]:
   """Times one (implementation, mask, shape) point; see the module docstring.
 
@@ -659,8 +690,7 @@ def run_point(config: ml_collections.ConfigDict, point: dict[str, Any]) -> dict[
     Metrics: timing summary, TFLOP/s, % of ceiling (when known), densities, errors.
   """
   del point
-  if config.mode not in ("fwd", "fwd_bwd"):
-    raise ValueError(f"{config.mode=} must be 'fwd' or 'fwd_bwd'")
+  check_point(config)
   if config.implementation not in _TORCH_PEERS:
     torch_peers.close_child()  # a kept-alive torch child would hold device memory
   rng = np.random.default_rng(config.seed)

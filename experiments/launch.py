@@ -16,10 +16,15 @@ DIR/results.jsonl (so a re-run after a crash resumes), calls run_point with the 
 the point's fields are set, appends one row per point (flush + fsync; a failing point is
 recorded with its error and the sweep goes on; NotImplementedError gives status
 "unsupported", which a re-run does not retry), and renders DIR/report.md and plots.
+An experiment module may define `check_point(config)`: the launcher calls it on every point
+still to run before it runs any, so a bad value (e.g. --config.batch=-1) stops the study at
+once with an error naming it. The exit status is 1 when a point of the sweep ended in
+"error" (after the report is written), or when the config cannot run; 0 otherwise.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import datetime
 import importlib
@@ -247,6 +252,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool =
   done = {key for key, row in latest.items()
           if row["status"] != "error" or not retry_failed}
   todo = [p for p in points if point_key(p) not in done]
+  check_point = getattr(experiment, "check_point", None)
+  if check_point is not None:  # refuse a bad point before any point runs
+    for point in todo:
+      try:
+        check_point(apply_point(config, point))
+      except ValueError as e:
+        raise ValueError(f"point {point_key(point)}: {e}") from None
   logging.info("%d points, %d already done, %d to run", len(points), len(points) - len(todo),
                len(todo))
   env = benchmarking.environment_info()
@@ -366,7 +378,30 @@ def main(argv: Sequence[str]) -> None:
   line = variant_line(_CONFIG.value, spec)
   if line:
     print(line, flush=True)
-  run(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
+  try:
+    rows = run(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
+  except ValueError as e:  # a config or workdir the study cannot run: no traceback
+    raise SystemExit(f"error: {e}") from None
+  failed = [row for row in rows if row["status"] == "error"]
+  if failed:
+    raise SystemExit(f"error: {len(failed)} of {len(rows)} points failed (status 'error' in "
+                     f"{os.path.join(_WORKDIR.value, RESULTS_FILE)}; a re-run retries them)")
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with a --config.FIELD override that names no config field turned
+  into one line (ml_collections raises it as an AttributeError, quoted twice) and exit 1."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    text = str(e)
+    try:  # the message of a KeyError, as its repr
+      text = ast.literal_eval(text) if text[:1] in "'\"" else text
+    except (ValueError, SyntaxError):
+      pass
+    sys.stderr.write(f"FATAL Flags parsing error: a --config override names no field of the "
+                     f"config: {' '.join(str(text).split())}\n")
+    sys.exit(1)
 
 
 def run_main(argv: Sequence[str] | None = None) -> None:
@@ -376,7 +411,7 @@ def run_main(argv: Sequence[str] | None = None) -> None:
     # absl prints the __main__ module's docstring as the usage text.
     sys.modules["__main__"].__doc__ = usage()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, argv=argv)
+  app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

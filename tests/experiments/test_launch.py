@@ -36,6 +36,10 @@ _EXPERIMENT = textwrap.dedent("""\
       if config.x == config.fail_x and config.mode == "c":
         raise NotImplementedError("mode c cannot do x=%d" % config.x)
       return {"y": config.x * config.nested.scale + len(config.mode), "mode_len": 1}
+
+    def check_point(config):
+      if config.mode not in ("a", "b", "c", "d"):
+        raise ValueError("config.mode=%r is not a mode" % config.mode)
     """)
 
 _CONFIG = textwrap.dedent("""\
@@ -207,6 +211,15 @@ class LaunchTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"different config \(fields \['fail_x'\]\)"):
       launch.run(config, self.workdir, progress=False)
 
+  def test_check_point_refuses_a_bad_point_before_any_point_runs(self):
+    config = self.config()
+    config.modes = ("a", "zz")
+    with self.assertRaisesRegex(ValueError, r'point \{"mode": "zz", "nested.scale": 1.0, '
+                                r'"x": 1\}: config.mode=\'zz\' is not a mode'):
+      launch.run(config, self.workdir, progress=False)
+    self.assertEqual(self.calls(), [])
+    self.assertFalse(os.path.exists(os.path.join(self.workdir, launch.RESULTS_FILE)))
+
   def test_resume_with_a_none_field(self):
     # A config holding a None field (e.g. partially_fused's prediction_device on a GPU)
     # resumed in a workdir with results: the config check must not trip over the None.
@@ -234,6 +247,24 @@ class LaunchTest(parameterized.TestCase):
         capture_output=True, text=True, cwd=_REPO, env=env, timeout=120, check=False)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertTrue(os.path.exists(os.path.join(self.workdir, report.REPORT_FILE)))
+    # A sweep with a failed point exits 1 after writing its report; a bad value exits 1
+    # before any point runs, both with one line naming the problem.
+    for mode, message in (("b", "1 of 3 points failed"), ("zz", "config.mode='zz' is not")):
+      proc = subprocess.run(
+          [sys.executable, "-m", "experiments.launch", f"--config={self.config_path}",
+           f"--workdir={os.path.join(self.dir, 'work_' + mode)}", f"--config.modes=('{mode}',)"],
+          capture_output=True, text=True, cwd=_REPO, env=env, timeout=120, check=False)
+      self.assertEqual(proc.returncode, 1, proc.stderr[-3000:])
+      self.assertIn(message, proc.stderr.strip().splitlines()[-1])
+    proc = subprocess.run(  # a misspelt override: one line, not a traceback
+        [sys.executable, "-m", "experiments.launch", f"--config={self.config_path}",
+         f"--workdir={self.workdir}", "--config.modez=('a',)"],
+        capture_output=True, text=True, cwd=_REPO, env=env, timeout=120, check=False)
+    self.assertEqual(proc.returncode, 1, proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    self.assertLen(lines, 1, proc.stderr[-3000:])
+    self.assertStartsWith(lines[0], "FATAL Flags parsing error: a --config override names no "
+                          "field of the config: 'modez'")
 
 
 class AttentionBenchTest(parameterized.TestCase):
@@ -271,8 +302,18 @@ class AttentionBenchTest(parameterized.TestCase):
     config = self.config(implementation="peer:pallas_triton_mha", mask="sliding_window")
     with self.assertRaises(NotImplementedError):
       attention_bench.run_point(config, {})
-    with self.assertRaisesRegex(ValueError, "family='nope'"):
+    with self.assertRaisesRegex(ValueError, "config.mask='nope' is not a mask family"):
       attention_bench.run_point(self.config(mask="nope"), {})
+
+  @parameterized.named_parameters(
+      ("batch", dict(batch=-1), r"config.batch=-1 must be an int >= 1"),
+      ("heads", dict(num_heads=3, num_kv_heads=2), r"num_heads=3 must be a multiple"),
+      ("dtype", dict(dtype="int8"), r"config.dtype='int8' must be one of"),
+      ("implementation", dict(implementation="nope"), r"implementation='nope' is not one"),
+      ("peer", dict(implementation="peer:nope"), r"implementation='peer:nope' is not one"))
+  def test_check_point_names_the_bad_field(self, fields, pattern):
+    with self.assertRaisesRegex(ValueError, pattern):
+      attention_bench.check_point(self.config(**fields))
 
   @parameterized.named_parameters((f"{arg=}", arg) for arg in ("cpu", "gpu"))
   def test_quickstart_points_are_valid(self, arg):

@@ -281,6 +281,10 @@ def block_masks(mask, query, key, *, is_causal, q_segment_ids, kv_segment_ids,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   if isinstance(mask, BlockMask):
     tiling = (mask.block_q, mask.block_kv)
+    if any(t < 16 or t & (t - 1) for t in tiling):
+      # The mask is fine ("xla" runs any tiling); these kernels cannot: lists move on.
+      raise NotImplementedError(f"a BlockMask with tiles {tiling[0]} x {tiling[1]}: the GPU "
+                                "kernels take tiles that are powers of two >= 16")
     if block_sizes is not None and (block_sizes.block_q, block_sizes.block_kv) != tiling:
       raise ValueError(f"{block_sizes=} disagrees with the BlockMask tiling "
                        f"block_q={mask.block_q}, block_kv={mask.block_kv}")

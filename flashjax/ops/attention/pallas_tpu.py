@@ -34,12 +34,14 @@ def min_block_q(dtype) -> int:
 
 
 def validate_block_shape(block_q: int, block_kv: int, dtype, what: str = "") -> None:
-  """Raises ValueError unless (block_q, block_kv) fits the TPU (8, 128) tiling for `dtype`."""
+  """NotImplementedError unless (block_q, block_kv) fits the TPU (8, 128) tiling for `dtype`:
+  the tiles are fine for other backends, so lists of names move on."""
   if block_kv % LANES:
-    raise ValueError(f"pallas_tpu{what}: {block_kv=} must be a multiple of {LANES} (TPU lanes)")
+    raise NotImplementedError(
+        f"pallas_tpu{what}: {block_kv=} must be a multiple of {LANES} (TPU lanes)")
   need = min_block_q(dtype)
   if block_q % need:
-    raise ValueError(
+    raise NotImplementedError(
         f"pallas_tpu{what}: {block_q=} must be a multiple of {need} for {jnp.dtype(dtype).name}")
 
 

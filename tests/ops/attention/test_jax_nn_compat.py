@@ -237,6 +237,21 @@ class TestJaxNnArgumentValidation(parameterized.TestCase):
       jax.jit(lambda s: flashjax.decode_attention(q[:, 0], k, v, jnp.array([S, S]), scale=s))(
           jnp.float32(0.5))
 
+  @parameterized.named_parameters(
+      ("gpu_odd_tiles", ("pallas_triton", "pallas_mosaic_gpu"), 24, 16, "powers of two"),
+      ("tpu_narrow_kv", ("pallas_tpu",), 16, 16, "multiple of 128"))
+  def test_block_mask_tiles_a_kernel_cannot_take_fall_through(self, names, bq, bk, reason):
+    """A BlockMask the kernels cannot tile is NotImplementedError: lists move on to "xla"."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(_rng(self)))  # a dtype all of them take
+    bm = masks.BlockMask.from_mask(masks.causal(T, S), bq, bk)
+    for name in names:
+      self.assertEqual(flashjax.resolve_implementation(
+          flashjax.dot_product_attention, q, k, v, mask=bm, interpret=True,
+          implementation=[name, "xla"]), "xla")
+      with self.assertRaisesRegex(NotImplementedError, reason):
+        flashjax.resolve_implementation(flashjax.dot_product_attention, q, k, v, mask=bm,
+                                        interpret=True, implementation=name)
+
   def test_traced_scale_must_be_scalar(self):
     q, k, v = _qkv(_rng(self))
     with self.assertRaisesRegex(ValueError, r"traced scale must be a real scalar, got "
