@@ -224,6 +224,10 @@ def _check_config(workdir: str, config: ml_collections.ConfigDict,
                      "use a new workdir")
 
 
+class ConfigError(ValueError):
+  """A config the study cannot run (sweep, workdir, or a point's values), before any point."""
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool = True,
         progress: bool = True) -> list[dict[str, Any]]:
   """Runs the sweep of `config` in `workdir` (see the module docstring).
@@ -236,14 +240,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool =
 
   Returns:
     The latest row of every point of the sweep that has one.
+
+  Raises:
+    ConfigError: a misspelt sweep field, a config that differs from the workdir's, or a point
+      the experiment's `check_point` refuses; raised before any point runs.
   """
   experiment = load_experiment(config.experiment)
-  points = expand_sweep(config.get("sweep"))
-  for point in points[:1]:
-    apply_point(config, point)  # fails early on a misspelt sweep field
-  os.makedirs(workdir, exist_ok=True)
-  config_json = json.loads(config.to_json_best_effort())
-  _check_config(workdir, config, config_json)
+  try:
+    points = expand_sweep(config.get("sweep"))
+    for point in points[:1]:
+      apply_point(config, point)  # fails early on a misspelt sweep field
+    os.makedirs(workdir, exist_ok=True)
+    config_json = json.loads(config.to_json_best_effort())
+    _check_config(workdir, config, config_json)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     json.dump(config_json, f, indent=2)
   results = os.path.join(workdir, RESULTS_FILE)
@@ -258,7 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool =
       try:
         check_point(apply_point(config, point))
       except ValueError as e:
-        raise ValueError(f"point {point_key(point)}: {e}") from None
+        raise ConfigError(f"point {point_key(point)}: {e}") from e
   logging.info("%d points, %d already done, %d to run", len(points), len(points) - len(todo),
                len(todo))
   env = benchmarking.environment_info()
@@ -380,7 +391,7 @@ def main(argv: Sequence[str]) -> None:
     print(line, flush=True)
   try:
     rows = run(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
-  except ValueError as e:  # a config or workdir the study cannot run: no traceback
+  except ConfigError as e:  # a config or workdir the study cannot run: no traceback
     raise SystemExit(f"error: {e}") from None
   failed = [row for row in rows if row["status"] == "error"]
   if failed:

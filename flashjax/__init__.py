@@ -15,8 +15,8 @@ Public API:
 from flashjax import masks
 from flashjax.masks import BlockMask
 from flashjax.ops.attention.api import dot_product_attention
-from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.attention.api import resolve_implementation
+from flashjax.ops.attention.block_sizes import BlockSizes
 from flashjax.ops.decode.api import decode_attention
 from flashjax.ops.sparse_mlp.api import sparse_mlp
 from flashjax import distributed
@@ -24,9 +24,9 @@ from flashjax.distributed import context_parallel_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockMask", "BlockSizes", "context_parallel_attention", "decode_attention", "distributed",
-           "dot_product_attention", "layers", "masks", "models", "resolve_implementation",
-           "sparse_mlp"]
+__all__ = ["BlockMask", "BlockSizes", "context_parallel_attention", "decode_attention",
+           "distributed", "dot_product_attention", "layers", "masks", "models",
+           "resolve_implementation", "sparse_mlp"]
 
 
 def __getattr__(name: str):

@@ -50,6 +50,7 @@ def register_split(consumers: int) -> tuple[int, int]:
                      "<= 504 (3 warpgroups x 168 at launch)")
   return producer, consumer
 
+
 @dataclasses.dataclass(frozen=True)
 class MosaicParams:
   """Static parameters of the forward and backward kernels (stages: K/V ring depth of the
