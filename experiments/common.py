@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from absl import flags
@@ -44,6 +46,18 @@ def rows_per_shape(path: str, shapes: Any, bench: Any) -> list[dict[str, Any]]:
     rows += bench(*shape)
     write_json(path, rows)
   return rows
+
+
+@contextlib.contextmanager
+def switched(module: Any, name: str, value: Any) -> Iterator[None]:
+  """A module-level kernel switch (e.g. pallas_mosaic_gpu.INTRA_WG_OVERLAP, read when a call
+  is traced) set to `value` for the block, then restored."""
+  previous = getattr(module, name)
+  setattr(module, name, value)
+  try:
+    yield
+  finally:
+    setattr(module, name, previous)
 
 
 def read_json(path: str) -> Any:

@@ -13,7 +13,6 @@ the fused gradients are checked against the two-kernel ones first.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 
@@ -22,21 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import flashjax
+from experiments import common
 from flashjax import benchmarking
 from flashjax.ops.attention import pallas_mosaic_gpu_vjp
 from flashjax.ops.attention.block_sizes import BlockSizes
 
 SHAPES = ((4, 4096, 128), (1, 16384, 128), (8, 2048, 64))
-
-
-@contextlib.contextmanager
-def _split_dq(split: bool):
-  """Sets pallas_mosaic_gpu_vjp.SPLIT_DQ (read when a kernel is traced) for the block."""
-  previous, pallas_mosaic_gpu_vjp.SPLIT_DQ = pallas_mosaic_gpu_vjp.SPLIT_DQ, split
-  try:
-    yield
-  finally:
-    pallas_mosaic_gpu_vjp.SPLIT_DQ = previous
 
 
 def bench(batch: int, length: int, head_dim: int, causal: bool) -> dict:
@@ -62,14 +52,14 @@ def bench(batch: int, length: int, head_dim: int, causal: bool) -> dict:
       jnp.float32)))) for n, a, b in zip(("dq", "dk", "dv"), x, y)}
   row["max_abs_diff"] = diff(fused, two)
   if pallas_mosaic_gpu_vjp.uses_split_dq(2, head_dim):
-    with _split_dq(False):
+    with common.switched(pallas_mosaic_gpu_vjp, "SPLIT_DQ", False):
       row["max_abs_diff_unsplit"] = diff(jax.jit(grads_fn(True))(q, k, v), two)
   flops = 4 * batch * 32 * length * length * head_dim * (0.5 if causal else 1.0) * 3.5
   for name, fused_flag, split in (("two_kernels", False, True), ("fused", True, True),
                                   ("fused_unsplit", True, False)):
     if name == "fused_unsplit" and not pallas_mosaic_gpu_vjp.uses_split_dq(2, head_dim):
       continue  # D = 64: the fused kernel does not split anyway
-    with _split_dq(split):
+    with common.switched(pallas_mosaic_gpu_vjp, "SPLIT_DQ", split):
       timing = benchmarking.time_in_loop(grads_fn(fused_flag), q, k, v, iters=10, repeats=5)
     ms = float(np.median(timing.times_s)) * 1e3
     row[f"{name}_ms"] = round(ms, 3)

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 import flashjax
+from experiments import common
 from flashjax.ops.attention import (pallas_mosaic_gpu, pallas_mosaic_gpu_common,
                                      pallas_mosaic_gpu_vjp)
 from flashjax.ops.attention.block_sizes import BlockSizes
@@ -156,17 +157,6 @@ def dumping_to(directory: pathlib.Path) -> Iterator[None]:
         os.environ[k] = v
 
 
-@contextlib.contextmanager
-def switched(module: Any, name: str, value: Any) -> Iterator[None]:
-  """A module-level kernel switch set to `value` for the block, then restored."""
-  previous = getattr(module, name)
-  setattr(module, name, value)
-  try:
-    yield
-  finally:
-    setattr(module, name, previous)
-
-
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """A function to compile on its inputs, with module switches set while it is traced."""
@@ -177,7 +167,7 @@ class Variant:
   def compile(self) -> Any:
     with contextlib.ExitStack() as stack:
       for module, name, value in self.switches:
-        stack.enter_context(switched(module, name, value))
+        stack.enter_context(common.switched(module, name, value))
       return jax.jit(self.fn).lower(*self.args).compile()
 
 

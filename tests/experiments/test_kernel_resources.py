@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from experiments import common
 from experiments import kernel_resources
 
 # Two entries as `ptxas -v -arch=sm_90a` (CUDA 13.0) prints them: one without spills, one
@@ -95,7 +96,7 @@ def test_variant_names():
 def test_switched_restores_the_module_switch():
   class Module:
     FLAG = False
-  with kernel_resources.switched(Module, "FLAG", True):
+  with common.switched(Module, "FLAG", True):
     assert Module.FLAG is True
   assert Module.FLAG is False
 
@@ -117,6 +118,6 @@ def test_every_variant_lowers_for_cuda(name):
   variant = kernel_resources.variants()[name]
   with contextlib.ExitStack() as stack:
     for module, switch, value in variant.switches:
-      stack.enter_context(kernel_resources.switched(module, switch, value))
+      stack.enter_context(common.switched(module, switch, value))
     text = gpu_lowering.export_for_cuda(variant.fn, *variant.args)
   assert gpu_lowering.kernel_names(text)

@@ -80,8 +80,8 @@ from flashjax.ops.tiling import pow2_ceil
 _DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma takes 16-bit operands only
 _WGMMA_M = ROWS
 # Experimental, off: the forward's intra-warpgroup overlap of softmax and the next products
-# (`overlapped` in the kernel), for padded D <= 128. Checked in interpret mode and lowered;
-# its speed is to be measured (docs/mosaic_gpu.md).
+# (`overlapped` in the kernel), for padded D <= 128. Correct on an H100 but 13-21% slower
+# there on the persistent grid (docs/mosaic_gpu.md, docs/performance.md "v5").
 INTRA_WG_OVERLAP = False
 _MIN_BLOCK_KV = 64
 
