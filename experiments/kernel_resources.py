@@ -164,10 +164,16 @@ class Variant:
   args: tuple[Any, ...]
   switches: tuple[tuple[Any, str, Any], ...] = ()
 
-  def compile(self) -> Any:
+  @contextlib.contextmanager
+  def switched(self) -> Iterator[None]:
+    """The variant's module switches set for the block (trace inside it)."""
     with contextlib.ExitStack() as stack:
       for module, name, value in self.switches:
         stack.enter_context(common.switched(module, name, value))
+      yield
+
+  def compile(self) -> Any:
+    with self.switched():
       return jax.jit(self.fn).lower(*self.args).compile()
 
 

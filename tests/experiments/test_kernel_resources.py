@@ -1,7 +1,6 @@
 """experiments/kernel_resources.py on CPU: the ptxas report parser, the dump reading, and the
 re-assembly of PTX with a local ptxas where one is installed (the compile needs a GPU)."""
 
-import contextlib
 import json
 import os
 
@@ -116,8 +115,6 @@ def test_local_ptxas_reassembles_dumped_ptx(tmp_path):
 def test_every_variant_lowers_for_cuda(name):
   from tests import gpu_lowering  # pylint: disable=import-outside-toplevel
   variant = kernel_resources.variants()[name]
-  with contextlib.ExitStack() as stack:
-    for module, switch, value in variant.switches:
-      stack.enter_context(common.switched(module, switch, value))
+  with variant.switched():
     text = gpu_lowering.export_for_cuda(variant.fn, *variant.args)
   assert gpu_lowering.kernel_names(text)
