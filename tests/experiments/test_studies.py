@@ -382,7 +382,9 @@ class LauncherTest(absltest.TestCase):
     self.assertLen(set(keys), 45)
     self.assertLen(keys, 45)  # no finished point ran twice
     self._assert_ok(rows, 45)
-    self.assertLess(time.monotonic() - start, 150)  # a loaded host: up to ~2x
+    # ~40-55 s on an idle 2-core host; 128-158 s were seen on a slower one under `-n 2`
+    # (2026-12-07), so the bound catches a several-fold regression, not host speed.
+    self.assertLess(time.monotonic() - start, 300)
     statuses = {(r["point"]["implementation"], r["point"]["case"], r["status"]) for r in rows}
     self.assertNotIn("unsupported", {s for impl, _, s in statuses if impl == "pallas_triton"},
                      statuses)
