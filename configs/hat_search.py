@@ -100,6 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup = 2 if small else 5
   c.repeats = 10 if small else 50
   c.trim = 0.1
+  # Samples (latency) and kernel configurations (kernel) compiled at once in threads before
+  # they are timed one by one (flashjax.search.latency.collect_dataset).
+  c.compile_workers = 1 if small else 8
 
   # Predictor.
   c.predictor_hidden = (64, 64, 64) if small else (400, 400, 400)

@@ -34,6 +34,7 @@ stage from what exists.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -67,6 +68,14 @@ TARGETS = ("prefill_ms", "decode_ms")
 # Per process: {setup dir: SuperTrainer} and {(row_len, max_bytes, val_fraction): Corpus}.
 _TRAINERS: dict[str, supernet_lib.SuperTrainer] = {}
 _CORPORA: dict[tuple[Any, ...], data.Corpus] = {}
+
+
+def check_point(config: ml_collections.ConfigDict) -> None:
+  """Refuses a config the stages cannot run, naming the field (checked before any stage)."""
+  for name in ("compile_workers", "latency_samples", "super_steps", "retrain_steps"):
+    value = config.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{name}={value!r} must be an int >= 1")
 
 
 def setup_dir(config: ml_collections.ConfigDict) -> str:
@@ -206,7 +215,7 @@ def stage_latency(config: ml_collections.ConfigDict) -> dict[str, Any]:
       num_samples=config.latency_samples, batch=config.latency_batch,
       prefill_tokens=config.prefill_tokens, decode_tokens=config.decode_tokens,
       vocab_size=data.VOCAB_SIZE, warmup=config.warmup, repeats=config.repeats,
-      trim=config.trim, seed=config.seed,
+      trim=config.trim, seed=config.seed, compile_workers=config.compile_workers,
       progress=lambda i, row: logging.info("hat_search latency %d %s prefill %.3f ms decode "
                                            "%.3f ms", i, row["name"], row["prefill_ms"],
                                            row["decode_ms"]))
@@ -428,23 +437,43 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
   rows = latency.read_jsonl(path)
   problems = _kernel_problems(config)
   start = time.perf_counter()
-  for index in range(len(rows), len(problems) * len(configs)):
+
+  def compiled(index):
     (shape, density), cfg = problems[index // len(configs)], configs[index % len(configs)]
-    if k.source == "synthetic":
-      ms = kc.synthetic_latency(shape, density, cfg)
-    else:
-      try:
-        ms = kc.measure_kernel(shape, density, cfg, implementation=k.implementation,
-                               dtype=k.dtype, warmup=config.warmup, repeats=config.repeats,
-                               interpret=_interpret(config), seed=index)
-      except Exception as e:  # a configuration the backend refuses (e.g. shared memory)
-        logging.warning("kernel config %s on %s failed: %s", cfg, shape, e)
-        ms = None
-    row = {"index": index, "shape": dataclasses.asdict(shape), "density": density,
-           "config": dataclasses.asdict(cfg), "latency_ms": ms, "source": k.source,
-           **latency.device_info()}
-    latency.append_jsonl(path, row)
-    rows.append(row)
+    try:
+      return kc.compile_kernel(shape, density, cfg, implementation=k.implementation,
+                               dtype=k.dtype, interpret=_interpret(config), seed=index)
+    except Exception as e:  # a configuration the backend refuses (e.g. shared memory)
+      logging.warning("kernel config %s on %s failed: %s", cfg, shape, e)
+      return None
+
+  total, workers = len(problems) * len(configs), config.compile_workers
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for first in range(len(rows), total, workers):
+      group = range(first, min(first + workers, total))
+      # Measured configurations compile together, then run one at a time.
+      built = (list(pool.map(compiled, group)) if k.source == "measured" and workers > 1
+               else None)
+      for slot, index in enumerate(group):
+        (shape, density), cfg = problems[index // len(configs)], configs[index % len(configs)]
+        compile_s = None
+        if k.source == "synthetic":
+          ms = kc.synthetic_latency(shape, density, cfg)
+        else:
+          kernel = built[slot] if built is not None else compiled(index)
+          ms = None
+          if kernel is not None:
+            compile_s = round(kernel.compile_s, 3)
+            try:
+              ms = latency.measure(kernel.fn, *kernel.args, warmup=config.warmup,
+                                   repeats=config.repeats)["mean_ms"]
+            except Exception as e:  # a failure at run time
+              logging.warning("kernel config %s on %s failed to run: %s", cfg, shape, e)
+        row = {"index": index, "shape": dataclasses.asdict(shape), "density": density,
+               "config": dataclasses.asdict(cfg), "latency_ms": ms, "source": k.source,
+               "compile_s": compile_s, **latency.device_info()}
+        latency.append_jsonl(path, row)
+        rows.append(row)
   samples = [kc.KernelSample(kc.AttentionShape(**r["shape"]), r["density"],
                              kc.KernelCandidate(**r["config"]), r["latency_ms"])
              for r in rows if r["latency_ms"] is not None]

@@ -16,7 +16,8 @@ persistent (0 / 1), and log2 of three products that set the cost of a tiled kern
 tiles over batch and heads, programs (row blocks x batch x heads; occupancy) and the tile's
 work block_q x block_kv x head dim (registers). The predictor is flashjax.search.predictor's
 MLP (log latency).
-`measure_kernel` times `flashjax.dot_product_attention` with a BlockSizes on the device.
+`measure_kernel` times `flashjax.dot_product_attention` with a BlockSizes on the device
+(`compile_kernel` compiles it ahead of time, so many can compile at once in threads).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -258,12 +260,20 @@ def synthetic_latency(shape: AttentionShape, density: float, config: KernelCandi
   return (work + overhead) * occupancy * register * stages * persistent + 5e-3
 
 
-def measure_kernel(shape: AttentionShape, density: float, config: KernelCandidate, *,
+@dataclasses.dataclass
+class CompiledKernel:
+  """One (problem, configuration) compiled ahead of time (`compile_kernel`)."""
+  fn: Any               # compiled (q, k, v) -> attention output
+  args: tuple[Any, ...]  # q, k, v
+  compile_s: float      # seconds spent building the mask, lowering and compiling
+
+
+def compile_kernel(shape: AttentionShape, density: float, config: KernelCandidate, *,
                    implementation: str = "pallas_triton", dtype: Any = "bfloat16",
-                   warmup: int = 3, repeats: int = 20, interpret: bool = False,
-                   seed: int = 0) -> float:
-  """Trimmed-mean latency (ms; flashjax.search.latency.measure) of block-sparse attention
-  with `config`: a random block mask of the given tile density at the config's tiles."""
+                   interpret: bool = False, seed: int = 0) -> CompiledKernel:
+  """Compiles block-sparse attention with `config` on a random block mask of the given tile
+  density at the config's tiles (one tile per query row at least)."""
+  start = time.perf_counter()
   s = shape
   rng = np.random.default_rng(seed)
   tq, tk = math.ceil(s.q_len / config.block_q), math.ceil(s.kv_len / config.block_kv)
@@ -278,4 +288,16 @@ def measure_kernel(shape: AttentionShape, density: float, config: KernelCandidat
   fn = jax.jit(lambda q, k, v: dot_product_attention(
       q, k, v, mask=mask, implementation=implementation, block_sizes=config.block_sizes(),
       interpret=interpret))
-  return latency.measure(fn, q, k, v, warmup=warmup, repeats=repeats)["mean_ms"]
+  compiled = fn.lower(q, k, v).compile()
+  return CompiledKernel(compiled, (q, k, v), time.perf_counter() - start)
+
+
+def measure_kernel(shape: AttentionShape, density: float, config: KernelCandidate, *,
+                   implementation: str = "pallas_triton", dtype: Any = "bfloat16",
+                   warmup: int = 3, repeats: int = 20, interpret: bool = False,
+                   seed: int = 0) -> float:
+  """Trimmed-mean latency (ms; flashjax.search.latency.measure) of `compile_kernel`'s
+  function."""
+  c = compile_kernel(shape, density, config, implementation=implementation, dtype=dtype,
+                     interpret=interpret, seed=seed)
+  return latency.measure(c.fn, *c.args, warmup=warmup, repeats=repeats)["mean_ms"]

@@ -1,11 +1,12 @@
 """Latency of SubTransformers on the current device: protocol, cost counts, JSONL dataset.
 
-Protocol (`measure`): `warmup` untimed calls (the first also compiles), then `repeats` timed
+Protocol (`measure`): `warmup` untimed calls (the first also compiles a plain jitted
+function; the tasks below are compiled ahead of time), then `repeats` timed
 calls, each ended by `block_until_ready`; the top and bottom `trim` (10 %) of the sorted
 times are dropped and the rest averaged (`trimmed_mean`).
 
-Tasks (`subnet_latency`), through the model's own kernels (its `attention_impl` for prefill,
-`decode_impl` for the cached decode step):
+Tasks (`subnet_latency` = `compile_tasks` then `time_tasks`), through the model's own
+kernels (its `attention_impl` for prefill, `decode_impl` for the cached decode step):
 
   prefill_ms   prefill of `prefill_tokens` tokens at batch B into an empty KV cache
   decode_ms    `decode_tokens` cached decode steps at batch B after a prefill of
@@ -13,11 +14,14 @@ Tasks (`subnet_latency`), through the model's own kernels (its `attention_impl` 
 
 `collect_dataset` measures SubTransformers sampled with a generator seeded by (seed, index)
 and appends one JSON line per finished sample (flushed and fsynced), so a killed collection
-loses no finished sample and a re-run continues at the next index.
+loses no finished sample and a re-run continues at the next index. With `compile_workers` > 1
+it compiles that many samples at once in threads, then times them one by one.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import json
 import os
 import time
@@ -100,10 +104,19 @@ def arch_cost(arch: Arch, space: SearchSpace, *, vocab_size: int, batch: int,
           "decode_bytes": float(decode_bytes), "num_layers": float(n_layers)}
 
 
-def subnet_latency(model: nnx.Module, arch: Arch, head_dim: int, *, batch: int,
-                   prefill_tokens: int, decode_tokens: int, warmup: int = 3,
-                   repeats: int = 20, trim: float = 0.1, seed: int = 0) -> dict[str, Any]:
-  """Measured prefill and decode latency of a SubTransformer (module docstring).
+@dataclasses.dataclass
+class CompiledTasks:
+  """The two tasks of one SubTransformer, compiled ahead of time (`compile_tasks`)."""
+  prefill: Any          # compiled (state, prompt) -> (last logits, cache)
+  decode: Any           # compiled (state, cache, first tokens) -> (tokens, cache)
+  state: Any            # the model's nnx state
+  prompt: jax.Array     # [B, T] int32
+  compile_s: float      # seconds spent lowering and compiling both
+
+
+def compile_tasks(model: nnx.Module, arch: Arch, head_dim: int, *, batch: int,
+                  prefill_tokens: int, decode_tokens: int, seed: int = 0) -> CompiledTasks:
+  """Lowers and compiles the prefill and decode tasks of a SubTransformer (module docstring).
 
   Args:
     model: the SubTransformer as a flashjax Transformer (e.g. SuperTrainer.sub_model(arch)).
@@ -112,11 +125,7 @@ def subnet_latency(model: nnx.Module, arch: Arch, head_dim: int, *, batch: int,
     batch: sequences B.
     prefill_tokens: prompt tokens T.
     decode_tokens: decode steps n after the prompt.
-    warmup, repeats, trim: the protocol.
     seed: the random prompt.
-
-  Returns:
-    {"prefill": measure(...), "decode": measure(...)}.
   """
   for name, value in (("batch", batch), ("prefill_tokens", prefill_tokens),
                       ("decode_tokens", decode_tokens)):
@@ -127,19 +136,16 @@ def subnet_latency(model: nnx.Module, arch: Arch, head_dim: int, *, batch: int,
   if slots > config.max_len:
     raise ValueError(f"prefill_tokens + decode_tokens = {slots} exceeds "
                      f"max_len={config.max_len}")
+  start = time.perf_counter()
   graphdef, state = nnx.split(model)
   prompt = jax.random.randint(jax.random.key(seed), (batch, prefill_tokens), 0,
                               config.vocab_size, jnp.int32)
 
-  def empty_cache():
-    return init_sub_cache(arch, head_dim, batch, slots, config.compute_dtype)
-
-  @jax.jit
   def prefill(state, prompt):
-    logits, cache = nnx.merge(graphdef, state).prefill(prompt, empty_cache())
+    empty = init_sub_cache(arch, head_dim, batch, slots, config.compute_dtype)
+    logits, cache = nnx.merge(graphdef, state).prefill(prompt, empty)
     return logits[:, -1], cache
 
-  @jax.jit
   def decode(state, cache, first):
     model = nnx.merge(graphdef, state)
 
@@ -150,12 +156,33 @@ def subnet_latency(model: nnx.Module, arch: Arch, head_dim: int, *, batch: int,
 
     return jax.lax.fori_loop(0, decode_tokens, body, (first, cache))
 
+  prefill_lowered = jax.jit(prefill).lower(state, prompt)
+  _, cache_shape = jax.eval_shape(prefill, state, prompt)
+  first_shape = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  decode_lowered = jax.jit(decode).lower(state, cache_shape, first_shape)
+  return CompiledTasks(prefill_lowered.compile(), decode_lowered.compile(), state, prompt,
+                       time.perf_counter() - start)
+
+
+def time_tasks(tasks: CompiledTasks, *, warmup: int = 3, repeats: int = 20,
+               trim: float = 0.1) -> dict[str, Any]:
+  """Times compiled tasks with the protocol: {"prefill": measure(...), "decode": ...}."""
   protocol = {"warmup": warmup, "repeats": repeats, "trim": trim}
-  prefill_timing = measure(prefill, state, prompt, **protocol)
-  last, cache = prefill(state, prompt)
+  prefill_timing = measure(tasks.prefill, tasks.state, tasks.prompt, **protocol)
+  last, cache = tasks.prefill(tasks.state, tasks.prompt)
   first = jnp.argmax(last, axis=-1).astype(jnp.int32)
-  decode_timing = measure(decode, state, cache, first, **protocol)
+  decode_timing = measure(tasks.decode, tasks.state, cache, first, **protocol)
   return {"prefill": prefill_timing, "decode": decode_timing}
+
+
+def subnet_latency(model: nnx.Module, arch: Arch, head_dim: int, *, batch: int,
+                   prefill_tokens: int, decode_tokens: int, warmup: int = 3,
+                   repeats: int = 20, trim: float = 0.1, seed: int = 0) -> dict[str, Any]:
+  """Measured prefill and decode latency of a SubTransformer: `compile_tasks` (arguments
+  there) then `time_tasks` (warmup, repeats, trim: the protocol)."""
+  tasks = compile_tasks(model, arch, head_dim, batch=batch, prefill_tokens=prefill_tokens,
+                        decode_tokens=decode_tokens, seed=seed)
+  return time_tasks(tasks, warmup=warmup, repeats=repeats, trim=trim)
 
 
 def device_info() -> dict[str, Any]:
@@ -207,7 +234,8 @@ def sample_arch(space: SearchSpace, seed: int, index: int) -> Arch:
 def collect_dataset(path: str, space: SearchSpace, model_for: Callable[[Arch], nnx.Module],
                     *, num_samples: int, batch: int, prefill_tokens: int, decode_tokens: int,
                     vocab_size: int, warmup: int = 3, repeats: int = 20, trim: float = 0.1,
-                    seed: int = 0, progress: Callable[[int, dict[str, Any]], None] | None = None
+                    seed: int = 0, compile_workers: int = 1,
+                    progress: Callable[[int, dict[str, Any]], None] | None = None
                     ) -> list[dict[str, Any]]:
   """Measures `num_samples` sampled SubTransformers into the JSONL file `path` (resumable).
 
@@ -221,6 +249,9 @@ def collect_dataset(path: str, space: SearchSpace, model_for: Callable[[Arch], n
     vocab_size: for the cost counts.
     warmup, repeats, trim: the protocol.
     seed: architecture sampling seed.
+    compile_workers: samples compiled at once in threads (XLA compiles without the GIL);
+      every compile of a group ends before its samples are timed one by one, so timing never
+      overlaps compilation. 1: compile and time each sample in turn.
     progress: called with (index, row) after each new row.
 
   Returns:
@@ -228,24 +259,39 @@ def collect_dataset(path: str, space: SearchSpace, model_for: Callable[[Arch], n
   """
   if not isinstance(num_samples, int) or num_samples < 1:
     raise ValueError(f"{num_samples=} must be a positive int")
+  if not isinstance(compile_workers, int) or compile_workers < 1:
+    raise ValueError(f"{compile_workers=} must be a positive int")
   _drop_torn_tail(path)
   rows = read_jsonl(path)
   info = device_info()
-  for index in range(len(rows), num_samples):
-    arch = sample_arch(space, seed, index)
-    timing = subnet_latency(model_for(arch), arch, space.head_dim, batch=batch,
-                            prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
-                            warmup=warmup, repeats=repeats, trim=trim, seed=index)
-    row = {"index": index, "arch": arch.to_dict(), "name": arch.name(),
-           "features": [float(v) for v in space.features(arch)],
-           "prefill_ms": timing["prefill"]["mean_ms"], "decode_ms": timing["decode"]["mean_ms"],
-           "prefill_timing": timing["prefill"], "decode_timing": timing["decode"],
-           "cost": arch_cost(arch, space, vocab_size=vocab_size, batch=batch,
-                             prefill_tokens=prefill_tokens, decode_tokens=decode_tokens),
-           "task": {"batch": batch, "prefill_tokens": prefill_tokens,
-                    "decode_tokens": decode_tokens}, **info}
-    append_jsonl(path, row)
-    rows.append(row)
-    if progress is not None:
-      progress(index, row)
+
+  def compiled(item):
+    index, arch, model = item
+    return compile_tasks(model, arch, space.head_dim, batch=batch,
+                         prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
+                         seed=index)
+
+  with concurrent.futures.ThreadPoolExecutor(compile_workers) as pool:
+    for first in range(len(rows), num_samples, compile_workers):
+      group = [(i, sample_arch(space, seed, i)) for i in
+               range(first, min(first + compile_workers, num_samples))]
+      items = [(i, arch, model_for(arch)) for i, arch in group]
+      tasks = list(pool.map(compiled, items)) if compile_workers > 1 else None
+      for slot, (index, arch, _) in enumerate(items):
+        task = tasks[slot] if tasks is not None else compiled(items[slot])
+        timing = time_tasks(task, warmup=warmup, repeats=repeats, trim=trim)
+        row = {"index": index, "arch": arch.to_dict(), "name": arch.name(),
+               "features": [float(v) for v in space.features(arch)],
+               "prefill_ms": timing["prefill"]["mean_ms"],
+               "decode_ms": timing["decode"]["mean_ms"],
+               "prefill_timing": timing["prefill"], "decode_timing": timing["decode"],
+               "compile_s": round(task.compile_s, 3), "compile_workers": compile_workers,
+               "cost": arch_cost(arch, space, vocab_size=vocab_size, batch=batch,
+                                 prefill_tokens=prefill_tokens, decode_tokens=decode_tokens),
+               "task": {"batch": batch, "prefill_tokens": prefill_tokens,
+                        "decode_tokens": decode_tokens}, **info}
+        append_jsonl(path, row)
+        rows.append(row)
+        if progress is not None:
+          progress(index, row)
   return rows

@@ -77,6 +77,26 @@ class HatSearchStudyTest(absltest.TestCase):
       c.stage = "nope"
       hat_search.run_point(c, {})
 
+  def test_measured_kernel_stage_compiles_in_threads(self):
+    config = _tiny_config(self.workdir)
+    config.stages = ("kernel",)
+    config.compile_workers = 3
+    k = config.kernel
+    k.source, k.problems, k.test_fraction = "measured", 2, 0.5
+    k.lengths, k.batches, k.heads, k.head_dims = (64,), (1,), (1,), (16,)
+    k.block_qs, k.block_kvs = (32,), (32, 64)
+    rows = launch.run(config, self.workdir, progress=False)
+    self.assertEqual(rows[0]["status"], "ok", rows[0].get("traceback"))
+    kernel_rows = latency.read_jsonl(os.path.join(config.setup_dir, "kernel", "kernel.jsonl"))
+    self.assertEqual([r["index"] for r in kernel_rows], [0, 1, 2, 3])  # groups {0,1,2}, {3}
+    for row in kernel_rows:
+      self.assertGreater(row["latency_ms"], 0)
+      self.assertGreater(row["compile_s"], 0)
+    self.assertEqual(rows[0]["metrics"]["kernel_samples"], 4)
+    config.compile_workers = 0
+    with self.assertRaisesRegex(Exception, "compile_workers=0"):
+      launch.run(config, tempfile.mkdtemp(dir=self.workdir), progress=False)
+
   def test_study_runs_and_resumes_after_kills(self):
     config = _tiny_config(self.workdir)
     # 1. Killed inside the supernet training at its 5th step (a checkpoint exists at 3).

@@ -60,7 +60,7 @@ class DatasetTest(absltest.TestCase):
     path = os.path.join(tempfile.mkdtemp(), "latency.jsonl")
     kwargs = dict(num_samples=3, batch=1, prefill_tokens=4, decode_tokens=2, vocab_size=40,
                   warmup=1, repeats=3, seed=5)
-    real = latency.subnet_latency
+    real = latency.time_tasks
     calls = []
 
     def dies_on_third(*args, **kw):
@@ -69,13 +69,13 @@ class DatasetTest(absltest.TestCase):
         raise KeyboardInterrupt("killed")
       return real(*args, **kw)
 
-    with mock.patch.object(latency, "subnet_latency", side_effect=dies_on_third):
+    with mock.patch.object(latency, "time_tasks", side_effect=dies_on_third):
       with self.assertRaises(KeyboardInterrupt):
         latency.collect_dataset(path, SPACE, trainer.sub_model, **kwargs)
     with open(path, "a") as f:
       f.write('{"index": 2, "torn')  # a half-written line
     self.assertLen(latency.read_jsonl(path), 2)
-    with mock.patch.object(latency, "subnet_latency", side_effect=real) as again:
+    with mock.patch.object(latency, "time_tasks", side_effect=real) as again:
       rows = latency.collect_dataset(path, SPACE, trainer.sub_model, **kwargs)
     self.assertEqual(again.call_count, 1)  # only the missing sample
     self.assertEqual([r["index"] for r in rows], [0, 1, 2])
@@ -87,6 +87,43 @@ class DatasetTest(absltest.TestCase):
       self.assertEqual(row["device_kind"], latency.device_info()["device_kind"])
       self.assertEqual(row["arch"], latency.sample_arch(SPACE, 5, row["index"]).to_dict())
       self.assertLen(row["prefill_timing"]["samples_ms"], 3)
+      self.assertGreater(row["compile_s"], 0)
+
+  def test_threaded_compiles_measure_the_same_samples(self):
+    trainer = sn.SuperTrainer(sn.SuperTransformer(SPACE, BASE, rngs=nnx.Rngs(0)),
+                              __import__("flashjax.models.training",
+                                         fromlist=["x"]).OptimizerConfig())
+    kwargs = dict(num_samples=3, batch=1, prefill_tokens=4, decode_tokens=2, vocab_size=40,
+                  warmup=1, repeats=2, seed=5)
+    root = tempfile.mkdtemp()
+    serial = latency.collect_dataset(os.path.join(root, "a.jsonl"), SPACE, trainer.sub_model,
+                                     **kwargs)
+    compiled_at = []
+    real_time = latency.time_tasks
+
+    def timing(tasks, **kw):  # all compiles of a group end before its first timing
+      compiled_at.append(len(compile_calls))
+      return real_time(tasks, **kw)
+
+    compile_calls = []
+    real_compile = latency.compile_tasks
+
+    def compiling(*args, **kw):
+      compile_calls.append(1)
+      return real_compile(*args, **kw)
+
+    with mock.patch.object(latency, "time_tasks", side_effect=timing), \
+         mock.patch.object(latency, "compile_tasks", side_effect=compiling):
+      threaded = latency.collect_dataset(os.path.join(root, "b.jsonl"), SPACE,
+                                         trainer.sub_model, compile_workers=2, **kwargs)
+    self.assertEqual(compiled_at, [2, 2, 3])  # groups {0, 1} and {2}
+    self.assertEqual([r["arch"] for r in threaded], [r["arch"] for r in serial])
+    self.assertEqual([r["compile_workers"] for r in threaded], [2, 2, 2])
+    for row in threaded:
+      self.assertGreater(row["decode_ms"], 0)
+    with self.assertRaisesRegex(ValueError, "compile_workers=0"):
+      latency.collect_dataset(os.path.join(root, "c.jsonl"), SPACE, trainer.sub_model,
+                              compile_workers=0, **kwargs)
 
 
 def _synthetic_dataset(n, seed=0):
