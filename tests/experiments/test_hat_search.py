@@ -38,6 +38,7 @@ def _tiny_config(workdir):
   c.test_fraction = 0.4
   c.population, c.parents, c.mutations, c.crossovers, c.generations = 3, 1, 1, 1, 1
   c.retrain_steps = 2
+  c.compile_workers = 2  # the threaded compiles of every stage
   c.kernel.problems = 8
   c.kernel.block_qs = (32, 64)
   c.kernel.block_kvs = (32, 64)

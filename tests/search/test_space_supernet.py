@@ -34,6 +34,19 @@ def _flat(tree):
   return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+_COMPILE_LISTENERS = []  # callables given the name of every function XLA compiles
+
+
+def _on_event(event, seconds, **kwargs):
+  del seconds
+  if event == "/jax/core/compile/backend_compile_duration":
+    for listener in _COMPILE_LISTENERS:
+      listener(kwargs.get("fun_name", ""))
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
 class SpaceTest(absltest.TestCase):
 
   def test_encode_decode_features(self):
@@ -148,6 +161,28 @@ class WeightSharingTest(absltest.TestCase):
     self.assertLessEqual(len(trainer.shapes), len(SPACE.embed_dims) * len(SPACE.layer_counts))
     for arch in trainer.shapes:
       self.assertEqual(arch.ffn_dims, (64,) * arch.num_layers)
+
+  def test_precompiled_steps_are_reused(self):
+    rows = np.asarray(_batch(2)[0])
+    segments = np.zeros_like(rows)
+    trainer = sn.SuperTrainer(sn.SuperTransformer(SPACE, BASE, rngs=nnx.Rngs(2)),
+                              training.OptimizerConfig())
+    seconds = trainer.precompile(rows.shape[1], batch_size=2, eval_batch_size=1, workers=3)
+    self.assertLen(seconds, 2 * len(SPACE.embed_dims) * len(SPACE.layer_counts))
+    compiled = []
+    _COMPILE_LISTENERS.append(compiled.append)
+    try:
+      for step in range(6):  # every bucket shape was compiled: no step compiles again
+        arch = sn.arch_for_step(SPACE, 0, step)
+        trainer.train_step(arch, rows, segments, 1e-3)
+        trainer.evaluate(arch, rows, segments, 1)
+      self.assertEmpty([name for name in compiled if "_step" in name])
+      trainer.train_step(arch, rows[:1], segments[:1], 1e-3)  # a batch size not precompiled
+      self.assertIn("jit(_train_step)", compiled)
+    finally:
+      _COMPILE_LISTENERS.remove(compiled.append)
+    with self.assertRaisesRegex(ValueError, "workers=0"):
+      trainer.precompile(rows.shape[1], batch_size=2, workers=0)
 
   def test_train_supernet_resumes_exactly_from_a_checkpoint(self):
     split = data.pack_documents([np.arange(1, 30), np.arange(3, 50)], 17)
