@@ -253,7 +253,16 @@ def _cost_columns(row: dict[str, Any], target: str) -> list[float]:
 
 def stage_predictor(config: ml_collections.ConfigDict) -> dict[str, Any]:
   directory = _stage_dir(config, "predictor")
-  rows = _dataset(config)
+  done = fit_predictors(config, _dataset(config), directory)
+  _write_json(os.path.join(directory, DONE_FILE), done)
+  return done
+
+
+def fit_predictors(config: ml_collections.ConfigDict, rows: list[dict[str, Any]],
+                   directory: str) -> dict[str, Any]:
+  """Fits the MLP and the linear cost baseline per target on a random split of latency
+  rows, saves the MLPs under `directory` and returns the held-out metrics (usable on a
+  partial dataset: `latency.read_jsonl` of an unfinished collection)."""
   train, test = predictor_lib.split_indices(len(rows), config.test_fraction, config.seed)
   x = np.asarray([r["features"] for r in rows], np.float32)
   done: dict[str, Any] = {"train_samples": len(train), "test_samples": len(test)}
@@ -268,7 +277,6 @@ def stage_predictor(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for name, pred in (("mlp", mlp.predict(x[test])), ("linear", linear.predict(cost[test]))):
       for metric, value in predictor_lib.metrics(y[test], pred).items():
         done[f"{target}_{name}_{metric}"] = value
-  _write_json(os.path.join(directory, DONE_FILE), done)
   return done
 
 
