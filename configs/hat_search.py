@@ -24,9 +24,9 @@ Variants:
       layers {4, 6, 8}, FFN {1024, 2048, 3072} and heads {4, 8, 12} per layer (head dim
       64), bf16, the device's default attention / decode kernels, 20k supernet steps of
       32 x 512 tokens, 200 latency samples (prefill 512 tokens and 64 decode steps at
-      batch 8), HAT's defaults (125 = 25 + 50 + 50, p 0.3, 30 generations), three budgets, 4000 retraining steps, measured
-      pallas_triton kernel latencies over 60 problems x 27 configurations
-      (block_q, block_kv in {32, 64, 128}, stages {default, 2, 3}).
+      batch 8), HAT's defaults (125 = 25 + 50 + 50, p 0.3, 30 generations), three budgets,
+      4000 retraining steps, measured pallas_triton kernel latencies over 60 problems x 27
+      configurations (block_q, block_kv in {32, 64, 128}, stages {default, 2, 3}).
 
   python -m experiments.launch --config=configs/hat_search.py:cpu --workdir=/tmp/fj_hat_cpu
   XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.launch \
