@@ -7,13 +7,16 @@ import tempfile
 from unittest import mock
 
 from absl.testing import absltest
+import numpy as np
 
 from configs import hat_search as study_config
+from experiments import hat_predictor_cv
 from experiments import hat_search
 from experiments import launch
 from flashjax.search import latency
 from flashjax.search import predictor as predictor_lib
 from flashjax.search import supernet as supernet_lib
+from flashjax.search.space import SearchSpace
 
 
 def _tiny_config(workdir):
@@ -77,6 +80,29 @@ class HatSearchStudyTest(absltest.TestCase):
       c = study_config.get_config("cpu")
       c.stage = "nope"
       hat_search.run_point(c, {})
+
+  def test_predictor_cross_validation(self):
+    space = SearchSpace(embed_dims=(16, 32), layer_counts=(1, 2), ffn_dims=(32, 64),
+                        head_counts=(1, 2), head_dim=8)
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(12):
+      arch = space.sample(rng)
+      cost = latency.arch_cost(arch, space, vocab_size=40, batch=1, prefill_tokens=8,
+                               decode_tokens=4)
+      rows.append({"features": [float(v) for v in space.features(arch)], "cost": cost,
+                   # exactly linear in the linear baseline's columns
+                   "prefill_ms": 0.1 + 1e-6 * cost["prefill_flops"] + 0.2 * cost["num_layers"],
+                   "decode_ms": 0.3 + 1e-5 * cost["decode_bytes"] + 0.1 * cost["num_layers"]})
+    config = study_config.get_config("cpu")
+    config.predictor_hidden, config.predictor_steps = (8,), 20
+    result = hat_predictor_cv.cross_validate(rows, 4, config)
+    for target in hat_search.TARGETS:
+      self.assertEqual(set(result[target]), {"mlp", "linear", "mlp_with_costs"})
+      self.assertGreater(result[target]["linear"]["r2"], 0.999)
+      self.assertLess(result[target]["linear"]["mape"], 0.1)
+    with self.assertRaisesRegex(ValueError, "folds=13"):
+      hat_predictor_cv.cross_validate(rows, 13, config)
 
   def test_measured_kernel_stage_compiles_in_threads(self):
     config = _tiny_config(self.workdir)
