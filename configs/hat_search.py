@@ -110,6 +110,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.predictor_steps = 800 if small else 5000
   c.predictor_lr = 3e-3 if small else 1e-3
   c.test_fraction = 0.25 if small else 0.2
+  # The predictor the search's latency constraint (and the retrain rows) use: "mlp" (HAT's),
+  # "linear" (least squares on FLOPs, bytes, layers) or "best" (lower held-out MAPE).
+  c.search_predictor = "best"
 
   # Search.
   c.latency_target = "decode_ms"
@@ -142,7 +145,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.report = ml_collections.ConfigDict({
       "columns": ["steps", "val_loss_largest", "val_loss_smallest", "compiled_shapes",
                   "samples", "device_kind", "decode_ms_mlp_mape", "decode_ms_mlp_r2",
-                  "decode_ms_linear_mape", "decode_ms_linear_r2", "prefill_ms_mlp_mape",
+                  "decode_ms_linear_mape", "decode_ms_linear_r2", "decode_ms_search_predictor",
+                  "prefill_ms_mlp_mape",
                   "prefill_ms_mlp_r2", "budget0_arch", "budget0_val_loss", "evaluated",
                   "baseline_val_loss", "baseline_decode_ms", "budget0_speedup",
                   "budget0_loss_delta", "kernel_pick_within_tolerance"],

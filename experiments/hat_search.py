@@ -39,7 +39,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -76,6 +76,9 @@ def check_point(config: ml_collections.ConfigDict) -> None:
     value = config.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"config.{name}={value!r} must be an int >= 1")
+  if config.search_predictor not in ("mlp", "linear", "best"):
+    raise ValueError(f"config.search_predictor={config.search_predictor!r} must be 'mlp', "
+                     "'linear' or 'best'")
 
 
 def setup_dir(config: ml_collections.ConfigDict) -> str:
@@ -274,16 +277,38 @@ def fit_predictors(config: ml_collections.ConfigDict, rows: list[dict[str, Any]]
     mlp.save(os.path.join(directory, f"mlp_{target}.json"))
     cost = np.asarray([_cost_columns(r, target) for r in rows])
     linear = predictor_lib.fit_linear(cost[train], y[train])
+    linear.save(os.path.join(directory, f"linear_{target}.json"))
     for name, pred in (("mlp", mlp.predict(x[test])), ("linear", linear.predict(cost[test]))):
       for metric, value in predictor_lib.metrics(y[test], pred).items():
         done[f"{target}_{name}_{metric}"] = value
+    choice = config.search_predictor
+    if choice == "best":  # the lower held-out MAPE; the MLP on a tie
+      choice = ("mlp" if done[f"{target}_mlp_mape"] <= done[f"{target}_linear_mape"]
+                else "linear")
+    done[f"{target}_search_predictor"] = choice
   return done
 
 
-def _predictor(config: ml_collections.ConfigDict) -> predictor_lib.MLPPredictor:
-  _require(config, "predictor")
-  return predictor_lib.MLPPredictor.load(
-      os.path.join(setup_dir(config), "predictor", f"mlp_{config.latency_target}.json"))
+def _predictor(config: ml_collections.ConfigDict) -> Callable[[Arch], float]:
+  """arch -> predicted `latency_target` (ms) from the predictor the predictor stage chose
+  (`search_predictor`): the MLP on HAT's features or the linear model on cost counts."""
+  done = _require(config, "predictor")
+  target = config.latency_target
+  choice = done[f"{target}_search_predictor"]
+  path = os.path.join(setup_dir(config), "predictor", f"{choice}_{target}.json")
+  s = space(config)
+  if choice == "mlp":
+    mlp = predictor_lib.MLPPredictor.load(path)
+    return lambda arch: float(mlp.predict(s.features(arch)))
+  linear = predictor_lib.LinearPredictor.load(path)
+  return lambda arch: float(linear.predict(np.asarray(_cost_columns(
+      {"cost": _arch_cost(config, arch)}, target))))
+
+
+def _arch_cost(config: ml_collections.ConfigDict, arch: Arch) -> dict[str, float]:
+  return latency.arch_cost(arch, space(config), vocab_size=data.VOCAB_SIZE,
+                           batch=config.latency_batch, prefill_tokens=config.prefill_tokens,
+                           decode_tokens=config.decode_tokens)
 
 
 def budgets(config: ml_collections.ConfigDict) -> list[float]:
@@ -317,7 +342,7 @@ def stage_search(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   def predicted_ms(genes):
     if genes not in predicted:
-      predicted[genes] = float(pred.predict(s.features(s.decode(genes))))
+      predicted[genes] = pred(s.decode(genes))
     return predicted[genes]
 
   done: dict[str, Any] = {"budgets_ms": budgets(config)}
@@ -410,7 +435,6 @@ def _retrain_one(config: ml_collections.ConfigDict, arch: Arch) -> dict[str, Any
 def stage_retrain(config: ml_collections.ConfigDict) -> dict[str, Any]:
   directory = _stage_dir(config, "retrain")
   search = _require(config, "search")
-  s = space(config)
   candidates = {"baseline": baseline_arch(config)}
   for i in range(len(search["budgets_ms"])):
     result = _read_json(os.path.join(setup_dir(config), "search", f"search_{i}.json"))
@@ -421,7 +445,7 @@ def stage_retrain(config: ml_collections.ConfigDict) -> dict[str, Any]:
     path = os.path.join(directory, f"{name}.json")
     if not os.path.exists(path):
       row = _retrain_one(config, arch)
-      row["predicted_ms"] = float(pred.predict(s.features(arch)))
+      row["predicted_ms"] = pred(arch)
       _write_json(path, row)
     row = _read_json(path)
     for key in ("val_loss", "params_m", "prefill_ms", "decode_ms", "predicted_ms"):

@@ -168,6 +168,16 @@ class LinearPredictor:
     out = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1) @ self.coef
     return out[0] if single else out
 
+  def save(self, path: str) -> None:
+    with open(path + ".tmp", "w") as f:
+      json.dump({"coef": self.coef.tolist()}, f)
+    os.replace(path + ".tmp", path)
+
+  @classmethod
+  def load(cls, path: str) -> "LinearPredictor":
+    with open(path) as f:
+      return cls(np.asarray(json.load(f)["coef"], np.float64))
+
 
 def fit_linear(x: Any, y: Any) -> LinearPredictor:
   """The analytic baseline: latency ~ x @ a + b by least squares (x: cost counts [N, F])."""

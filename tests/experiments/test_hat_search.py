@@ -16,6 +16,7 @@ from experiments import launch
 from flashjax.search import latency
 from flashjax.search import predictor as predictor_lib
 from flashjax.search import supernet as supernet_lib
+from flashjax.search.space import Arch
 from flashjax.search.space import SearchSpace
 
 
@@ -149,6 +150,8 @@ class HatSearchStudyTest(absltest.TestCase):
     # 2. A new process: the supernet resumes from step 3; the search stage fails.
     hat_search._TRAINERS.clear()
     with mock.patch.object(predictor_lib.MLPPredictor, "load",
+                           side_effect=RuntimeError("no mlp")), \
+         mock.patch.object(predictor_lib.LinearPredictor, "load",
                            side_effect=RuntimeError("no mlp")):
       rows = launch.run(config, self.workdir, progress=False)
     self.assertEqual([r["status"] for r in rows], ["ok"] * 3 + ["error"] * 2 + ["ok"])
@@ -169,8 +172,26 @@ class HatSearchStudyTest(absltest.TestCase):
     metrics = {r["point"]["stage"]: r["metrics"] for r in rows}
     self.assertBetween(metrics["predictor"]["decode_ms_mlp_mape"], 0, 1e4)
     self.assertIn("decode_ms_linear_r2", metrics["predictor"])
+    pred = metrics["predictor"]
+    best = "mlp" if pred["decode_ms_mlp_mape"] <= pred["decode_ms_linear_mape"] else "linear"
+    self.assertEqual(pred["decode_ms_search_predictor"], best)
     search = metrics["search"]
     self.assertLen(search["budgets_ms"], 2)
+    with open(os.path.join(config.setup_dir, "search", "search_0.json")) as f:
+      winner = Arch.from_dict(json.load(f)["arch"])
+    # The search's constraint used the chosen predictor.
+    self.assertAlmostEqual(hat_search._predictor(config)(winner),
+                           search["budget0_predicted_ms"], places=5)
+    rows_ = latency.read_jsonl(os.path.join(config.setup_dir, "latency", "latency.jsonl"))
+    for forced in ("mlp", "linear"):
+      config.search_predictor = forced
+      fitted = hat_search.fit_predictors(config, rows_, tempfile.mkdtemp(dir=self.workdir))
+      self.assertEqual(fitted["decode_ms_search_predictor"], forced)
+    config.search_predictor = "best"
+    with self.assertRaisesRegex(Exception, "search_predictor='knn'"):
+      config.search_predictor = "knn"
+      launch.run(config, tempfile.mkdtemp(dir=self.workdir), progress=False)
+    config.search_predictor = "best"
     for i in range(2):
       self.assertLessEqual(search[f"budget{i}_predicted_ms"], search[f"budget{i}_ms"])
     retrain = metrics["retrain"]
