@@ -67,7 +67,7 @@ def _kernel_pass(config, workers):
     if isinstance(kernel, Exception):
       row["error"] = f"{type(kernel).__name__}: {str(kernel)[:200]}"
     else:
-      row["compile_s"] = kernel.compile_s
+      row["compile_s"], row["lower_s"] = kernel.compile_s, kernel.lower_s
       row["ms"] = latency.measure(kernel.fn, *kernel.args, warmup=config.warmup,
                                   repeats=config.repeats)["mean_ms"]
     rows.append(row)
@@ -94,6 +94,7 @@ def main(argv):
                                samples, w)
     result[f"latency_{name}"] = {
         "wall_s": wall, "compile_s": [r["compile_s"] for r in rows],
+        "lower_s": [r["lower_s"] for r in rows],
         "prefill_ms": [r["prefill_ms"] for r in rows],
         "decode_ms": [r["decode_ms"] for r in rows], "names": [r["name"] for r in rows]}
     print(name, "latency pass", round(wall, 1), "s", flush=True)

@@ -502,14 +502,14 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
                else None)
       for slot, index in enumerate(group):
         (shape, density), cfg = problems[index // len(configs)], configs[index % len(configs)]
-        compile_s = None
+        compile_s = lower_s = None
         if k.source == "synthetic":
           ms = kc.synthetic_latency(shape, density, cfg)
         else:
           kernel = built[slot] if built is not None else compiled(index)
           ms = None
           if kernel is not None:
-            compile_s = round(kernel.compile_s, 3)
+            compile_s, lower_s = round(kernel.compile_s, 3), round(kernel.lower_s, 3)
             try:
               ms = latency.measure(kernel.fn, *kernel.args, warmup=config.warmup,
                                    repeats=config.repeats)["mean_ms"]
@@ -517,7 +517,7 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
               logging.warning("kernel config %s on %s failed to run: %s", cfg, shape, e)
         row = {"index": index, "shape": dataclasses.asdict(shape), "density": density,
                "config": dataclasses.asdict(cfg), "latency_ms": ms, "source": k.source,
-               "compile_s": compile_s, **latency.device_info()}
+               "compile_s": compile_s, "lower_s": lower_s, **latency.device_info()}
         latency.append_jsonl(path, row)
         rows.append(row)
   samples = [kc.KernelSample(kc.AttentionShape(**r["shape"]), r["density"],

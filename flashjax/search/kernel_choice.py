@@ -266,6 +266,7 @@ class CompiledKernel:
   fn: Any               # compiled (q, k, v) -> attention output
   args: tuple[Any, ...]  # q, k, v
   compile_s: float      # seconds spent building the mask, lowering and compiling
+  lower_s: float        # of them, building the mask, tracing and lowering (holds the GIL)
 
 
 def compile_kernel(shape: AttentionShape, density: float, config: KernelCandidate, *,
@@ -288,8 +289,9 @@ def compile_kernel(shape: AttentionShape, density: float, config: KernelCandidat
   fn = jax.jit(lambda q, k, v: dot_product_attention(
       q, k, v, mask=mask, implementation=implementation, block_sizes=config.block_sizes(),
       interpret=interpret))
-  compiled = fn.lower(q, k, v).compile()
-  return CompiledKernel(compiled, (q, k, v), time.perf_counter() - start)
+  lowered = fn.lower(q, k, v)
+  lower_s = time.perf_counter() - start
+  return CompiledKernel(lowered.compile(), (q, k, v), time.perf_counter() - start, lower_s)
 
 
 def measure_kernel(shape: AttentionShape, density: float, config: KernelCandidate, *,

@@ -112,6 +112,7 @@ class CompiledTasks:
   state: Any            # the model's nnx state
   prompt: jax.Array     # [B, T] int32
   compile_s: float      # seconds spent lowering and compiling both
+  lower_s: float        # of them, tracing and lowering (Python; holds the GIL)
 
 
 def compile_tasks(model: nnx.Module, arch: Arch, head_dim: int, *, batch: int,
@@ -160,8 +161,9 @@ def compile_tasks(model: nnx.Module, arch: Arch, head_dim: int, *, batch: int,
   _, cache_shape = jax.eval_shape(prefill, state, prompt)
   first_shape = jax.ShapeDtypeStruct((batch,), jnp.int32)
   decode_lowered = jax.jit(decode).lower(state, cache_shape, first_shape)
+  lower_s = time.perf_counter() - start
   return CompiledTasks(prefill_lowered.compile(), decode_lowered.compile(), state, prompt,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, lower_s)
 
 
 def time_tasks(tasks: CompiledTasks, *, warmup: int = 3, repeats: int = 20,
@@ -285,7 +287,8 @@ def collect_dataset(path: str, space: SearchSpace, model_for: Callable[[Arch], n
                "prefill_ms": timing["prefill"]["mean_ms"],
                "decode_ms": timing["decode"]["mean_ms"],
                "prefill_timing": timing["prefill"], "decode_timing": timing["decode"],
-               "compile_s": round(task.compile_s, 3), "compile_workers": compile_workers,
+               "compile_s": round(task.compile_s, 3), "lower_s": round(task.lower_s, 3),
+               "compile_workers": compile_workers,
                "cost": arch_cost(arch, space, vocab_size=vocab_size, batch=batch,
                                  prefill_tokens=prefill_tokens, decode_tokens=decode_tokens),
                "task": {"batch": batch, "prefill_tokens": prefill_tokens,

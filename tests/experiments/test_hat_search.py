@@ -119,7 +119,8 @@ class HatSearchStudyTest(absltest.TestCase):
     self.assertEqual([r["index"] for r in kernel_rows], [0, 1, 2, 3])  # groups {0,1,2}, {3}
     for row in kernel_rows:
       self.assertGreater(row["latency_ms"], 0)
-      self.assertGreater(row["compile_s"], 0)
+      self.assertGreater(row["compile_s"], row["lower_s"])
+      self.assertGreater(row["lower_s"], 0)
     self.assertEqual(rows[0]["metrics"]["kernel_samples"], 4)
     config.compile_workers = 0
     with self.assertRaisesRegex(Exception, "compile_workers=0"):
