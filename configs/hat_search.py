@@ -146,8 +146,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "columns": ["steps", "val_loss_largest", "val_loss_smallest", "compiled_shapes",
                   "samples", "device_kind", "decode_ms_mlp_mape", "decode_ms_mlp_r2",
                   "decode_ms_linear_mape", "decode_ms_linear_r2", "decode_ms_search_predictor",
-                  "prefill_ms_mlp_mape",
-                  "prefill_ms_mlp_r2", "budget0_arch", "budget0_val_loss", "evaluated",
+                  "prefill_ms_mlp_mape", "prefill_ms_mlp_r2", "budget0_arch", "budget0_val_loss", "evaluated",
                   "baseline_val_loss", "baseline_decode_ms", "budget0_speedup",
                   "budget0_loss_delta", "kernel_pick_within_tolerance"],
       "plots": []})

@@ -34,7 +34,6 @@ stage from what exists.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import os
@@ -484,8 +483,13 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
   problems = _kernel_problems(config)
   start = time.perf_counter()
 
+  def case(index):
+    return problems[index // len(configs)], configs[index % len(configs)]
+
   def compiled(index):
-    (shape, density), cfg = problems[index // len(configs)], configs[index % len(configs)]
+    if k.source == "synthetic":
+      return None
+    (shape, density), cfg = case(index)
     try:
       return kc.compile_kernel(shape, density, cfg, implementation=k.implementation,
                                dtype=k.dtype, interpret=_interpret(config), seed=index)
@@ -493,33 +497,25 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
       logging.warning("kernel config %s on %s failed: %s", cfg, shape, e)
       return None
 
-  total, workers = len(problems) * len(configs), config.compile_workers
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    for first in range(len(rows), total, workers):
-      group = range(first, min(first + workers, total))
-      # Measured configurations compile together, then run one at a time.
-      built = (list(pool.map(compiled, group)) if k.source == "measured" and workers > 1
-               else None)
-      for slot, index in enumerate(group):
-        (shape, density), cfg = problems[index // len(configs)], configs[index % len(configs)]
-        compile_s = lower_s = None
-        if k.source == "synthetic":
-          ms = kc.synthetic_latency(shape, density, cfg)
-        else:
-          kernel = built[slot] if built is not None else compiled(index)
-          ms = None
-          if kernel is not None:
-            compile_s, lower_s = round(kernel.compile_s, 3), round(kernel.lower_s, 3)
-            try:
-              ms = latency.measure(kernel.fn, *kernel.args, warmup=config.warmup,
-                                   repeats=config.repeats)["mean_ms"]
-            except Exception as e:  # a failure at run time
-              logging.warning("kernel config %s on %s failed to run: %s", cfg, shape, e)
-        row = {"index": index, "shape": dataclasses.asdict(shape), "density": density,
-               "config": dataclasses.asdict(cfg), "latency_ms": ms, "source": k.source,
-               "compile_s": compile_s, "lower_s": lower_s, **latency.device_info()}
-        latency.append_jsonl(path, row)
-        rows.append(row)
+  indices = range(len(rows), len(problems) * len(configs))
+  # Measured configurations compile together in threads, then run one at a time.
+  for index, kernel in latency.compiled_in_groups(indices, compiled, config.compile_workers):
+    (shape, density), cfg = case(index)
+    ms = compile_s = lower_s = None
+    if k.source == "synthetic":
+      ms = kc.synthetic_latency(shape, density, cfg)
+    elif kernel is not None:
+      compile_s, lower_s = round(kernel.compile_s, 3), round(kernel.lower_s, 3)
+      try:
+        ms = latency.measure(kernel.fn, *kernel.args, warmup=config.warmup,
+                             repeats=config.repeats)["mean_ms"]
+      except Exception as e:  # a failure at run time
+        logging.warning("kernel config %s on %s failed to run: %s", cfg, shape, e)
+    row = {"index": index, "shape": dataclasses.asdict(shape), "density": density,
+           "config": dataclasses.asdict(cfg), "latency_ms": ms, "source": k.source,
+           "compile_s": compile_s, "lower_s": lower_s, **latency.device_info()}
+    latency.append_jsonl(path, row)
+    rows.append(row)
   samples = [kc.KernelSample(kc.AttentionShape(**r["shape"]), r["density"],
                              kc.KernelCandidate(**r["config"]), r["latency_ms"])
              for r in rows if r["latency_ms"] is not None]

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Callable
 
 import jax
@@ -233,6 +234,20 @@ def sample_arch(space: SearchSpace, seed: int, index: int) -> Arch:
   return space.sample(np.random.default_rng([seed, index, 11]))
 
 
+def compiled_in_groups(items: Iterable[Any], build: Callable[[Any], Any], workers: int
+                       ) -> Iterator[tuple[Any, Any]]:
+  """Yields (item, build(item)) in order, building `workers` items at once in threads; a
+  group is yielded only once all of its builds finished, so whatever the caller times
+  between them never overlaps a build (a compile). `items` is consumed a group at a time.
+  """
+  if not isinstance(workers, int) or workers < 1:
+    raise ValueError(f"{workers=} must be a positive int")
+  pending = iter(items)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    while group := list(itertools.islice(pending, workers)):
+      yield from zip(group, list(pool.map(build, group)))
+
+
 def collect_dataset(path: str, space: SearchSpace, model_for: Callable[[Arch], nnx.Module],
                     *, num_samples: int, batch: int, prefill_tokens: int, decode_tokens: int,
                     vocab_size: int, warmup: int = 3, repeats: int = 20, trim: float = 0.1,
@@ -273,28 +288,23 @@ def collect_dataset(path: str, space: SearchSpace, model_for: Callable[[Arch], n
                          prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                          seed=index)
 
-  with concurrent.futures.ThreadPoolExecutor(compile_workers) as pool:
-    for first in range(len(rows), num_samples, compile_workers):
-      group = [(i, sample_arch(space, seed, i)) for i in
-               range(first, min(first + compile_workers, num_samples))]
-      items = [(i, arch, model_for(arch)) for i, arch in group]
-      tasks = list(pool.map(compiled, items)) if compile_workers > 1 else None
-      for slot, (index, arch, _) in enumerate(items):
-        task = tasks[slot] if tasks is not None else compiled(items[slot])
-        timing = time_tasks(task, warmup=warmup, repeats=repeats, trim=trim)
-        row = {"index": index, "arch": arch.to_dict(), "name": arch.name(),
-               "features": [float(v) for v in space.features(arch)],
-               "prefill_ms": timing["prefill"]["mean_ms"],
-               "decode_ms": timing["decode"]["mean_ms"],
-               "prefill_timing": timing["prefill"], "decode_timing": timing["decode"],
-               "compile_s": round(task.compile_s, 3), "lower_s": round(task.lower_s, 3),
-               "compile_workers": compile_workers,
-               "cost": arch_cost(arch, space, vocab_size=vocab_size, batch=batch,
-                                 prefill_tokens=prefill_tokens, decode_tokens=decode_tokens),
-               "task": {"batch": batch, "prefill_tokens": prefill_tokens,
-                        "decode_tokens": decode_tokens}, **info}
-        append_jsonl(path, row)
-        rows.append(row)
-        if progress is not None:
-          progress(index, row)
+  items = ((i, sample_arch(space, seed, i)) for i in range(len(rows), num_samples))
+  models = ((i, arch, model_for(arch)) for i, arch in items)  # built in this thread
+  for (index, arch, _), task in compiled_in_groups(models, compiled, compile_workers):
+    timing = time_tasks(task, warmup=warmup, repeats=repeats, trim=trim)
+    row = {"index": index, "arch": arch.to_dict(), "name": arch.name(),
+           "features": [float(v) for v in space.features(arch)],
+           "prefill_ms": timing["prefill"]["mean_ms"],
+           "decode_ms": timing["decode"]["mean_ms"],
+           "prefill_timing": timing["prefill"], "decode_timing": timing["decode"],
+           "compile_s": round(task.compile_s, 3), "lower_s": round(task.lower_s, 3),
+           "compile_workers": compile_workers,
+           "cost": arch_cost(arch, space, vocab_size=vocab_size, batch=batch,
+                             prefill_tokens=prefill_tokens, decode_tokens=decode_tokens),
+           "task": {"batch": batch, "prefill_tokens": prefill_tokens,
+                    "decode_tokens": decode_tokens}, **info}
+    append_jsonl(path, row)
+    rows.append(row)
+    if progress is not None:
+      progress(index, row)
   return rows

@@ -90,6 +90,21 @@ class DatasetTest(absltest.TestCase):
       self.assertGreater(row["compile_s"], row["lower_s"])
       self.assertGreater(row["lower_s"], 0)
 
+  def test_compiled_in_groups_keeps_order_and_finishes_a_group_first(self):
+    built = []
+
+    def build(item):
+      built.append(item)
+      return item * 10
+
+    seen = []
+    for item, value in latency.compiled_in_groups(iter(range(5)), build, 2):
+      seen.append((item, value, len(built)))
+    # Items 0-1 built before 0 is yielded, 2-3 before 2, 4 before 4.
+    self.assertEqual(seen, [(0, 0, 2), (1, 10, 2), (2, 20, 4), (3, 30, 4), (4, 40, 5)])
+    with self.assertRaisesRegex(ValueError, "workers=0"):
+      list(latency.compiled_in_groups([1], build, 0))
+
   def test_threaded_compiles_measure_the_same_samples(self):
     trainer = sn.SuperTrainer(sn.SuperTransformer(SPACE, BASE, rngs=nnx.Rngs(0)),
                               __import__("flashjax.models.training",
