@@ -124,8 +124,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mutate_prob = 0.3
   c.generations = 4 if small else 30
 
-  # Retraining from scratch.
+  # Retraining from scratch; the retrained models' decode tokens/s is also measured at these
+  # batches (speed-ups over the baseline at B = 1 and B = 32 on the GPU).
   c.retrain_steps = 60 if small else 4000
+  c.retrain_decode_batches = (1, 4) if small else (1, 32)
 
   # Kernel configurations.
   c.kernel = ml_collections.ConfigDict({
@@ -148,7 +150,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   "decode_ms_linear_mape", "decode_ms_linear_r2", "decode_ms_search_predictor",
                   "prefill_ms_mlp_mape", "prefill_ms_mlp_r2", "budget0_arch", "budget0_val_loss", "evaluated",
                   "baseline_val_loss", "baseline_decode_ms", "budget0_speedup",
-                  "budget0_loss_delta", "kernel_pick_within_tolerance"],
+                  "budget0_loss_delta", "budget0_speedup_b1",
+                  f"budget0_speedup_b{c.retrain_decode_batches[-1]}",
+                  "kernel_pick_within_tolerance"],
       "plots": []})
   common.tag(c, arg, VARIANTS)
   return c

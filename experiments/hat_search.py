@@ -22,7 +22,9 @@ skips finished points; a failed stage is retried) redoes nothing that finished:
              architecture (predicted latency vs loss), pareto.png, trajectory.png
   retrain    every budget's winner and the hand-designed `baseline` (the same family),
              trained from scratch for `retrain_steps`, then their true latency (the same
-             protocol), parameters and validation loss; one JSON file per architecture
+             protocol) at `latency_batch` and their decode tokens/s at each
+             `retrain_decode_batches` batch, parameters and validation loss; one JSON file
+             per architecture
   kernel     block-size choice for Pallas attention: latencies of `kernel_candidates` over
              random problems (shape, tile density), measured with `kernel_impl`
              (`kernel_source="measured"`) or synthetic (`"synthetic"`, the CPU variant), the
@@ -75,6 +77,10 @@ def check_point(config: ml_collections.ConfigDict) -> None:
     value = config.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"config.{name}={value!r} must be an int >= 1")
+  batches = config.get("retrain_decode_batches")
+  if (not isinstance(batches, (tuple, list)) or
+      not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batches)):
+    raise ValueError(f"config.retrain_decode_batches={batches!r} must be a tuple of ints >= 1")
   if config.search_predictor not in ("mlp", "linear", "best"):
     raise ValueError(f"config.search_predictor={config.search_predictor!r} must be 'mlp', "
                      "'linear' or 'best'")
@@ -420,15 +426,30 @@ def _retrain_one(config: ml_collections.ConfigDict, arch: Arch) -> dict[str, Any
   train_s = time.perf_counter() - start
   tokens, segments = _val_rows(config)
   val_loss = t.evaluate(tokens, segments, config.eval_batch_size)
-  timing = latency.subnet_latency(t.model(), arch, s.head_dim, batch=config.latency_batch,
-                                  prefill_tokens=config.prefill_tokens,
-                                  decode_tokens=config.decode_tokens, warmup=config.warmup,
-                                  repeats=config.repeats, trim=config.trim)
+  # The search's batch first, then every `retrain_decode_batches` batch (decode tokens/s).
+  batches = [config.latency_batch] + [b for b in config.retrain_decode_batches
+                                      if b != config.latency_batch]
+  model = t.model()
+
+  def build(batch: int) -> latency.CompiledTasks:
+    return latency.compile_tasks(model, arch, s.head_dim, batch=batch,
+                                 prefill_tokens=config.prefill_tokens,
+                                 decode_tokens=config.decode_tokens)
+
+  timings = {batch: latency.time_tasks(tasks, warmup=config.warmup, repeats=config.repeats,
+                                       trim=config.trim)
+             for batch, tasks in latency.compiled_in_groups(batches, build,
+                                                            config.compile_workers)}
   params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(t.params))
-  return {"arch": arch.to_dict(), "name": arch.name(), "val_loss": val_loss,
-          "params_m": params / 1e6, "prefill_ms": timing["prefill"]["mean_ms"],
-          "decode_ms": timing["decode"]["mean_ms"], "train_s": round(train_s, 2),
-          **latency.device_info()}
+  row = {"arch": arch.to_dict(), "name": arch.name(), "val_loss": val_loss,
+         "params_m": params / 1e6, "prefill_ms": timings[batches[0]]["prefill"]["mean_ms"],
+         "decode_ms": timings[batches[0]]["decode"]["mean_ms"], "train_s": round(train_s, 2),
+         **latency.device_info()}
+  for batch in config.retrain_decode_batches:
+    decode_ms = timings[batch]["decode"]["mean_ms"]
+    row[f"decode_ms_b{batch}"] = decode_ms
+    row[f"decode_tok_s_b{batch}"] = batch * config.decode_tokens / (decode_ms / 1e3)
+  return row
 
 
 def stage_retrain(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -450,11 +471,16 @@ def stage_retrain(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for key in ("val_loss", "params_m", "prefill_ms", "decode_ms", "predicted_ms"):
       done[f"{name}_{key}"] = row[key]
     done[f"{name}_arch"] = row["name"]
+    for batch in config.retrain_decode_batches:
+      done[f"{name}_decode_tok_s_b{batch}"] = row[f"decode_tok_s_b{batch}"]
   base = done[f"baseline_{config.latency_target}"]
   for name in candidates:
     if name != "baseline":
       done[f"{name}_speedup"] = base / done[f"{name}_{config.latency_target}"]
       done[f"{name}_loss_delta"] = done[f"{name}_val_loss"] - done["baseline_val_loss"]
+      for batch in config.retrain_decode_batches:
+        key = f"decode_tok_s_b{batch}"
+        done[f"{name}_speedup_b{batch}"] = done[f"{name}_{key}"] / done[f"baseline_{key}"]
   _write_json(os.path.join(directory, DONE_FILE), done)
   return done
 
@@ -582,16 +608,23 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> str:
               f"![Search trajectory]({os.path.join(relative, 'trajectory.png')})", ""]
   retrain = _done(config, "retrain")
   if retrain:
+    batches = list(config.retrain_decode_batches)
     lines += ["## Retrained from scratch", "",
+              f"Prefill and decode ms at batch {config.latency_batch} (the search's target); "
+              "decode tokens/s and their speed-up over the baseline at each batch B.", "",
               "| model | arch | params (M) | val loss | prefill ms | decode ms | predicted ms | "
-              f"speed-up ({config.latency_target}) vs baseline |",
-              "|---|---|---|---|---|---|---|---|"]
+              f"speed-up ({config.latency_target}) vs baseline | " +
+              "".join(f"tok/s B={b} | speed-up B={b} | " for b in batches),
+              "|---|---|---|---|---|---|---|---|" + "---|---|" * len(batches)]
     names = ["baseline"] + [f"budget{i}" for i in range(len(search["budgets_ms"]))]
     for name in names:
+      per_batch = "".join(f" {_fmt(retrain.get(f'{name}_decode_tok_s_b{b}'))} |"
+                          f" {_fmt(retrain.get(f'{name}_speedup_b{b}', 1.0))} |"
+                          for b in batches)
       lines.append(f"| {name} | {retrain[name + '_arch']} | " + " | ".join(
           _fmt(retrain[f"{name}_{k}"]) for k in ("params_m", "val_loss", "prefill_ms",
                                                  "decode_ms", "predicted_ms")) +
-          f" | {_fmt(retrain.get(name + '_speedup', 1.0))} |")
+          f" | {_fmt(retrain.get(name + '_speedup', 1.0))} |" + per_batch)
     lines.append("")
   kernel = _done(config, "kernel")
   if kernel:

@@ -42,6 +42,7 @@ def _tiny_config(workdir):
   c.test_fraction = 0.4
   c.population, c.parents, c.mutations, c.crossovers, c.generations = 3, 1, 1, 1, 1
   c.retrain_steps = 2
+  c.retrain_decode_batches = (1, 3)  # one batch besides the search's (latency_batch 2)
   c.compile_workers = 2  # the threaded compiles of every stage
   c.kernel.problems = 8
   c.kernel.block_qs = (32, 64)
@@ -125,6 +126,10 @@ class HatSearchStudyTest(absltest.TestCase):
     config.compile_workers = 0
     with self.assertRaisesRegex(Exception, "compile_workers=0"):
       launch.run(config, tempfile.mkdtemp(dir=self.workdir), progress=False)
+    config.compile_workers = 2
+    config.retrain_decode_batches = (1, 0)
+    with self.assertRaisesRegex(ValueError, r"retrain_decode_batches=\(1, 0\)"):
+      hat_search.check_point(config)
 
   def test_study_runs_and_resumes_after_kills(self):
     config = _tiny_config(self.workdir)
@@ -200,6 +205,15 @@ class HatSearchStudyTest(absltest.TestCase):
       self.assertGreater(retrain[f"{name}_decode_ms"], 0)
       self.assertGreater(retrain[f"{name}_params_m"], 0)
     self.assertIn("budget0_speedup", retrain)
+    with open(os.path.join(config.setup_dir, "retrain", "budget0.json")) as f:
+      row = json.load(f)
+    for batch in (1, 3):
+      # tokens/s is batch x decode steps over the measured decode time at that batch
+      self.assertAlmostEqual(row[f"decode_tok_s_b{batch}"],
+                             batch * config.decode_tokens / row[f"decode_ms_b{batch}"] * 1e3)
+      self.assertAlmostEqual(
+          retrain[f"budget0_speedup_b{batch}"],
+          retrain[f"budget0_decode_tok_s_b{batch}"] / retrain[f"baseline_decode_tok_s_b{batch}"])
     self.assertBetween(metrics["kernel"]["kernel_pick_within_tolerance"], 0, 1)
     stages = config.setup_dir
     for name in ("search/pareto.png", "search/trajectory.png", "search/pareto.json",
@@ -207,7 +221,7 @@ class HatSearchStudyTest(absltest.TestCase):
       self.assertTrue(os.path.exists(os.path.join(stages, name)), name)
     with open(os.path.join(self.workdir, hat_search.REPORT_FILE)) as f:
       report = f.read()
-    for heading in ("Latency predictor", "Search", "Retrained from scratch",
+    for heading in ("Latency predictor", "Search", "Retrained from scratch", "tok/s B=3",
                     "Kernel configurations", "search/pareto.png"):
       self.assertIn(heading, report)
 
