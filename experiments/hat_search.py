@@ -506,6 +506,10 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
              for st in k.stages for ps in k.persistent]
   path = os.path.join(directory, "kernel.jsonl")
   rows = latency.read_jsonl(path)
+  info = latency.device_info()
+  latency.check_resume(path, rows, {"source": k.source, **(
+      {"backend": info["backend"], "device_kind": info["device_kind"]}
+      if k.source == "measured" else {})})
   problems = _kernel_problems(config)
   start = time.perf_counter()
 

@@ -229,6 +229,18 @@ def _drop_torn_tail(path: str) -> None:
       f.truncate(keep)
 
 
+def check_resume(path: str, rows: list[dict[str, Any]], expected: dict[str, Any]) -> None:
+  """Refuses to extend a dataset whose finished rows differ from `expected` in any of its
+  keys (e.g. measured on another device kind, or another task): one file holds one setting.
+  """
+  for row in rows:
+    differ = {k: (row.get(k), v) for k, v in expected.items() if row.get(k) != v}
+    if differ:
+      found = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items())
+      raise ValueError(f"{path} row {row.get('index')} has {found}: one dataset holds one "
+                       "device and task; resume it where it was made or use a new file")
+
+
 def sample_arch(space: SearchSpace, seed: int, index: int) -> Arch:
   """The `index`-th SubTransformer of a latency collection (seeded by (seed, index))."""
   return space.sample(np.random.default_rng([seed, index, 11]))
@@ -281,6 +293,9 @@ def collect_dataset(path: str, space: SearchSpace, model_for: Callable[[Arch], n
   _drop_torn_tail(path)
   rows = read_jsonl(path)
   info = device_info()
+  spec = {"batch": batch, "prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens}
+  check_resume(path, rows, {"backend": info["backend"], "device_kind": info["device_kind"],
+                            "task": spec})
 
   def compiled(item):
     index, arch, model = item
@@ -301,8 +316,7 @@ def collect_dataset(path: str, space: SearchSpace, model_for: Callable[[Arch], n
            "compile_workers": compile_workers,
            "cost": arch_cost(arch, space, vocab_size=vocab_size, batch=batch,
                              prefill_tokens=prefill_tokens, decode_tokens=decode_tokens),
-           "task": {"batch": batch, "prefill_tokens": prefill_tokens,
-                    "decode_tokens": decode_tokens}, **info}
+           "task": spec, **info}
     append_jsonl(path, row)
     rows.append(row)
     if progress is not None:

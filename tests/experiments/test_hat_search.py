@@ -123,6 +123,11 @@ class HatSearchStudyTest(absltest.TestCase):
       self.assertGreater(row["compile_s"], row["lower_s"])
       self.assertGreater(row["lower_s"], 0)
     self.assertEqual(rows[0]["metrics"]["kernel_samples"], 4)
+    # Measured rows of another device are never extended (nor mixed into one predictor).
+    with mock.patch.object(latency, "device_info", return_value={
+        "backend": "gpu", "device_kind": "NVIDIA H200", "jax_version": "x"}):
+      with self.assertRaisesRegex(ValueError, "device_kind='cpu' \\(now 'NVIDIA H200'\\)"):
+        hat_search.stage_kernel(config)
     config.compile_workers = 0
     with self.assertRaisesRegex(Exception, "compile_workers=0"):
       launch.run(config, tempfile.mkdtemp(dir=self.workdir), progress=False)

@@ -89,6 +89,16 @@ class DatasetTest(absltest.TestCase):
       self.assertLen(row["prefill_timing"]["samples_ms"], 3)
       self.assertGreater(row["compile_s"], row["lower_s"])
       self.assertGreater(row["lower_s"], 0)
+    # A file measured on another device, or for another task, is not extended.
+    kwargs["num_samples"] = 4
+    with mock.patch.object(latency, "device_info", return_value={
+        "backend": "gpu", "device_kind": "NVIDIA H200", "jax_version": "x"}):
+      with self.assertRaisesRegex(ValueError, r"row 0 has backend='cpu' \(now 'gpu'\), "
+                                  r"device_kind='cpu' \(now 'NVIDIA H200'\)"):
+        latency.collect_dataset(path, SPACE, trainer.sub_model, **kwargs)
+    with self.assertRaisesRegex(ValueError, "task=.*'decode_tokens': 2.*now.*'decode_tokens': 3"):
+      latency.collect_dataset(path, SPACE, trainer.sub_model, **{**kwargs, "decode_tokens": 3})
+    self.assertLen(latency.read_jsonl(path), 3)
 
   def test_compiled_in_groups_keeps_order_and_finishes_a_group_first(self):
     built = []
