@@ -152,7 +152,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   "baseline_val_loss", "baseline_decode_ms", "budget0_speedup",
                   "budget0_loss_delta", "budget0_speedup_b1",
                   f"budget0_speedup_b{c.retrain_decode_batches[-1]}",
-                  "kernel_pick_within_tolerance"],
+                  "kernel_pick_within_tolerance", "kernel_ranking_within_tolerance"],
       "plots": []})
   common.tag(c, arg, VARIANTS)
   return c

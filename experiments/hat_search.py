@@ -28,7 +28,9 @@ skips finished points; a failed stage is retried) redoes nothing that finished:
   kernel     block-size choice for Pallas attention: latencies of `kernel_candidates` over
              random problems (shape, tile density), measured with `kernel_impl`
              (`kernel_source="measured"`) or synthetic (`"synthetic"`, the CPU variant), the
-             predictor trained on the training problems and its picks scored on held-out ones
+             predictor trained on the training problems and its picks scored on held-out ones,
+             beside the baseline of one ranking of the configurations for every problem
+             (the training problems' best on average, kernel_choice.fit_ranking)
 
 `hat_report.md` in `report_dir` (default: the launcher's workdir) is rewritten after every
 stage from what exists.
@@ -555,11 +557,17 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
   pred = kc.fit_kernel_predictor(train, hidden=tuple(k.hidden), steps=k.steps, lr=k.lr,
                                  seed=config.seed)
   result = kc.evaluate_choices(pred, test, k.tolerance)
-  _write_json(os.path.join(directory, "choices.json"), result)
+  # The baseline: the training problems' single best order of configurations.
+  ranking = kc.fit_ranking(train)
+  fixed = kc.evaluate_picks(kc.ranking_picker(ranking), test, k.tolerance)
+  _write_json(os.path.join(directory, "choices.json"), {**result, "ranking": {
+      **fixed, "order": [dataclasses.asdict(c) for c in ranking]}})
   done = {"kernel_source": k.source, "kernel_samples": len(samples),
           "kernel_problems": len(problems), "kernel_test_problems": result["problems"],
           "kernel_pick_within_tolerance": result["within_tolerance"],
           "kernel_mean_slowdown": result["mean_slowdown"],
+          "kernel_ranking_within_tolerance": fixed["within_tolerance"],
+          "kernel_ranking_mean_slowdown": fixed["mean_slowdown"],
           "kernel_s": round(time.perf_counter() - start, 2)}
   _write_json(os.path.join(directory, DONE_FILE), done)
   return done

@@ -5,12 +5,15 @@ table.
 
 Each NAME=path is the results.jsonl of one configs/tune_attention.py run on one device (its
 config.json beside it gives the head count); every row is a problem (shape, mask density)
-with all candidates timed. Per device, four ways to pick a candidate are scored against the
+with all candidates timed. Per device, five ways to pick a candidate are scored against the
 measured best of each problem (slowdown = picked ms / best ms - 1; "within 5%" is the share
 of problems picked within 5% of the best):
 
   predictor, held out   flashjax.search.kernel_choice's MLP fitted on this device's other
                         problems (`leave_one_problem_out`): a new shape on a tuned device
+  ranking, held out     one order of the configurations for every problem, fitted on this
+                        device's other problems (kernel_choice.fit_ranking): the baseline
+                        the predictor must beat
   predictor, <other>    the MLP fitted on all of another device's problems: a device with
                         no table of its own, with another card's measurements
   table of <other>      the other device's winner for the same problem (what the tuning
@@ -91,6 +94,9 @@ def evaluate(tables: dict[str, tuple[list[dict[str, Any]], int]]) -> dict[str, A
     lopo = kc.leave_one_problem_out(samples[name], TOLERANCE, **MLP)
     methods["predictor, held out"] = {**_summary([r["slowdown"] for r in lopo["rows"]]),
                                       "rows": lopo["rows"]}
+    fixed = kc.leave_one_problem_out(samples[name], TOLERANCE, method="ranking")
+    methods["ranking, held out"] = {**_summary([r["slowdown"] for r in fixed["rows"]]),
+                                    "rows": fixed["rows"]}
     for other in tables:
       if other == name:
         continue

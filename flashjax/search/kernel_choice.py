@@ -6,7 +6,9 @@ table.
   pred = fit_kernel_predictor(rows)          # ranks the configurations of a problem
   best = choose_candidate(pred, shape, density, candidates)           # a KernelCandidate
   evaluate_choices(pred, rows)   # per held-out (shape, density): pick vs measured best
-  leave_one_problem_out(rows)    # the same, each problem predicted by a fit without it
+  ranking = fit_ranking(rows)    # the baseline: one order of configurations for every problem
+  evaluate_picks(ranking_picker(ranking), rows)
+  leave_one_problem_out(rows)    # the same, each problem picked by a fit without it
   samples_from_tuning_rows(results_rows, num_heads)   # configs/tune_attention.py's rows
 
 Features (`kernel_features`): log2 of B, T, S, heads, head dim, block_q, block_kv and of
@@ -26,7 +28,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -155,10 +157,52 @@ def group_by_problem(samples: Sequence[KernelSample]
   return groups
 
 
+Picker = Callable[[AttentionShape, float, Sequence[KernelCandidate]], KernelCandidate]
+
+
+def predictor_picker(pred: Any) -> Picker:
+  """Picks the candidate `pred` predicts fastest (`choose_candidate`)."""
+  return lambda shape, density, candidates: choose_candidate(pred, shape, density, candidates)
+
+
+def fit_ranking(samples: Sequence[KernelSample]) -> list[KernelCandidate]:
+  """The configurations ordered by their mean log relative latency over the problems of
+  `samples` (a configuration that did not run on a problem, e.g. out of shared memory,
+  counts as that problem's slowest): the one-size-fits-all baseline of the predictor."""
+  groups = group_by_problem(relative_latencies(samples))
+  configs = sorted({r.config for r in samples}, key=lambda c: dataclasses.astuple(c))
+  if not configs:
+    raise ValueError("samples is empty")
+  score = dict.fromkeys(configs, 0.0)
+  for group in groups.values():
+    measured = {r.config: math.log(r.latency_ms) for r in group}
+    worst = max(measured.values())
+    for c in configs:
+      score[c] += measured.get(c, worst)
+  return sorted(configs, key=lambda c: score[c])
+
+
+def ranking_picker(ranking: Sequence[KernelCandidate]) -> Picker:
+  """Picks the first configuration of `ranking` among a problem's candidates."""
+  def pick(shape, density, candidates):
+    del shape, density
+    for c in ranking:
+      if c in candidates:
+        return c
+    raise ValueError(f"none of the {len(candidates)} candidates is in the ranking")
+  return pick
+
+
 def evaluate_choices(pred: Any, samples: Sequence[KernelSample], tolerance: float = 0.05
                      ) -> dict[str, Any]:
-  """For every (shape, density) of `samples` (measured at several configs): the predicted
-  pick's measured latency against the measured best.
+  """`evaluate_picks` of the predictor's picks (`predictor_picker`)."""
+  return evaluate_picks(predictor_picker(pred), samples, tolerance)
+
+
+def evaluate_picks(pick: Picker, samples: Sequence[KernelSample], tolerance: float = 0.05
+                   ) -> dict[str, Any]:
+  """For every (shape, density) of `samples` (measured at several configs): the pick's
+  measured latency against the measured best.
 
   Returns:
     {"problems": count, "within_tolerance": fraction whose pick is within `tolerance` of the
@@ -167,11 +211,11 @@ def evaluate_choices(pred: Any, samples: Sequence[KernelSample], tolerance: floa
   rows = []
   for (shape, density), group in group_by_problem(samples).items():
     measured = {r.config: r.latency_ms for r in group}
-    pick = choose_candidate(pred, shape, density, list(measured))
+    pick_ = pick(shape, density, list(measured))
     best = min(measured.values())
     rows.append({"shape": dataclasses.asdict(shape), "density": density,
-                 "pick": dataclasses.asdict(pick), "pick_ms": measured[pick], "best_ms": best,
-                 "slowdown": measured[pick] / best - 1})
+                 "pick": dataclasses.asdict(pick_), "pick_ms": measured[pick_],
+                 "best_ms": best, "slowdown": measured[pick_] / best - 1})
   if not rows:
     raise ValueError("samples is empty")
   slow = np.asarray([r["slowdown"] for r in rows])
@@ -225,18 +269,21 @@ def samples_from_tuning_rows(rows: Sequence[dict[str, Any]], num_heads: int
 
 
 def leave_one_problem_out(samples: Sequence[KernelSample], tolerance: float = 0.05,
-                          **mlp_kwargs: Any) -> dict[str, Any]:
-  """evaluate_choices with every (shape, density) held out in turn: the predictor that
-  picks for a problem was fitted on the other problems only (mlp_kwargs to
-  fit_kernel_predictor). Same return value as evaluate_choices."""
+                          method: str = "mlp", **mlp_kwargs: Any) -> dict[str, Any]:
+  """evaluate_picks with every (shape, density) held out in turn: what picks for a problem
+  was fitted on the other problems only: method "mlp" (fit_kernel_predictor, mlp_kwargs to
+  it) or "ranking" (fit_ranking). Same return value as evaluate_picks."""
+  if method not in ("mlp", "ranking"):
+    raise ValueError(f"{method=} must be 'mlp' or 'ranking'")
   groups = group_by_problem(samples)
   if len(groups) < 2:
     raise ValueError(f"need at least 2 problems, got {len(groups)}")
   rows = []
   for problem, held in groups.items():
     train = [r for key, group in groups.items() if key != problem for r in group]
-    pred = fit_kernel_predictor(train, **mlp_kwargs)
-    rows += evaluate_choices(pred, held, tolerance)["rows"]
+    pick = (predictor_picker(fit_kernel_predictor(train, **mlp_kwargs)) if method == "mlp"
+            else ranking_picker(fit_ranking(train)))
+    rows += evaluate_picks(pick, held, tolerance)["rows"]
   slow = np.asarray([r["slowdown"] for r in rows])
   return {"problems": len(rows), "within_tolerance": float(np.mean(slow <= tolerance)),
           "mean_slowdown": float(slow.mean()), "rows": rows}

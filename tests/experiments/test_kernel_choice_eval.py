@@ -80,8 +80,8 @@ class KernelChoiceEvalTest(absltest.TestCase):
               "b": kernel_choice_eval.load_table(other)}
     with mock.patch.dict(kernel_choice_eval.MLP, steps=100, hidden=(16,)):
       result = kernel_choice_eval.evaluate(tables)
-    self.assertEqual(set(result["a"]), {"predictor, held out", "predictor, b", "table of b",
-                                        "heuristic"})
+    self.assertEqual(set(result["a"]), {"predictor, held out", "ranking, held out",
+                                        "predictor, b", "table of b", "heuristic"})
     for methods in result.values():
       for summary in methods.values():
         self.assertEqual(summary["problems"], 4)

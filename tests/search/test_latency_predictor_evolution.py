@@ -260,6 +260,28 @@ class KernelCandidateTest(absltest.TestCase):
     self.assertIn(pick, configs)
     self.assertEqual(pick.block_sizes().block_q, pick.block_q)
 
+  def test_ranking_baseline(self):
+    shape = kc.AttentionShape(1, 64, 64, 1, 16)
+    a, b, c = kc.KernelCandidate(32, 32), kc.KernelCandidate(64, 64), kc.KernelCandidate(16, 16)
+    # a is best on problem 0.5, b on 1.0; c did not run on 1.0 (counts as its slowest, 4 ms)
+    ms = {(0.5, a): 1.0, (0.5, b): 1.1, (0.5, c): 1.05, (1.0, a): 3.0, (1.0, b): 2.0,
+          (1.0, c): None}
+    samples = [kc.KernelSample(shape, d, cfg, v) for (d, cfg), v in ms.items() if v]
+    # sums of log(latency / the problem's best): b log 1.1 = 0.095, a log 1.5 = 0.405,
+    # c log 1.05 + log 1.5 = 0.454 -> b, a, c
+    self.assertEqual(kc.fit_ranking(samples), [b, a, c])
+    picked = kc.evaluate_picks(kc.ranking_picker([b, a, c]), samples)
+    self.assertEqual(picked["problems"], 2)
+    self.assertAlmostEqual(picked["mean_slowdown"], (1.1 / 1.0 - 1) / 2)
+    self.assertEqual(picked["within_tolerance"], 0.5)
+    with self.assertRaisesRegex(ValueError, "in the ranking"):
+      kc.ranking_picker([c])(shape, 1.0, [a, b])
+    lopo = kc.leave_one_problem_out(samples, method="ranking")
+    # held out 0.5: fitted on 1.0 alone -> b first (1.1 on 0.5); held out 1.0: a first (3.0)
+    self.assertAlmostEqual(lopo["mean_slowdown"], (0.1 + 0.5) / 2)
+    with self.assertRaisesRegex(ValueError, "method='knn'"):
+      kc.leave_one_problem_out(samples, method="knn")
+
   def test_bad_values(self):
     with self.assertRaisesRegex(ValueError, "block_q=48"):
       kc.KernelCandidate(48, 64)
