@@ -19,8 +19,8 @@ Variants:
       budgets, 60 retraining steps, synthetic kernel latencies. Measured: 1 min 46 s for the
       whole command on a 2-core machine shared with other jobs (load average 6-8; jax
       0.10.2), 2 min 39 s at load 9-10 (docs/search.md). The numbers only show that everything runs.
-  "gpu": the real run (not finished: 64 of its 200 latency samples measured on an H100,
-      ~8.5 s a sample with 8 threaded compiles; docs/search.md): embed {512, 640, 768},
+  "gpu": the real run (not finished: 152 of its 200 latency samples measured on an H100,
+      ~8-8.5 s a sample with 8-12 threaded compiles; docs/search.md): embed {512, 640, 768},
       layers {4, 6, 8}, FFN {1024, 2048, 3072} and heads {4, 8, 12} per layer (head dim
       64), bf16, the device's default attention / decode kernels, 20k supernet steps of
       32 x 512 tokens, 200 latency samples (prefill 512 tokens and 64 decode steps at
