@@ -30,8 +30,7 @@ def cross_validate(rows, folds: int, config) -> dict[str, dict[str, dict[str, fl
     raise ValueError(f"folds={folds} must lie in [2, {len(rows)}] (the rows)")
   order = np.random.default_rng(config.seed).permutation(len(rows))
   x = np.asarray([r["features"] for r in rows], np.float32)
-  mlp = dict(hidden=tuple(config.predictor_hidden), steps=config.predictor_steps,
-             lr=config.predictor_lr, seed=config.seed)
+  mlp = hat_search.mlp_settings(config)
   result = {}
   for target in hat_search.TARGETS:
     y = np.asarray([r[target] for r in rows])

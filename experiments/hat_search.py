@@ -13,7 +13,8 @@ skips finished points; a failed stage is retried) redoes nothing that finished:
              (flashjax.search.latency; JSONL, resumable per sample); it does not need the
              supernet trained (latency does not depend on the weights)
   predictor  per target (prefill_ms, decode_ms): the MLP predictor on normalised
-             architecture features and the linear baseline on FLOP / byte / layer counts,
+             architecture features (AdamW with `predictor_weight_decay`) and the linear
+             baseline on FLOP / byte / layer counts,
              trained on a random split and scored (RMSE, MAPE, R^2) on the held-out part
   search     per latency budget (`budget_quantiles` of the measured `latency_target`
              values): evolutionary search, constraint predicted latency <= budget, fitness the
@@ -83,6 +84,9 @@ def check_point(config: ml_collections.ConfigDict) -> None:
   if (not isinstance(batches, (tuple, list)) or
       not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batches)):
     raise ValueError(f"config.retrain_decode_batches={batches!r} must be a tuple of ints >= 1")
+  decay = config.get("predictor_weight_decay")
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0:
+    raise ValueError(f"config.predictor_weight_decay={decay!r} must be a number >= 0")
   if config.search_predictor not in ("mlp", "linear", "best"):
     raise ValueError(f"config.search_predictor={config.search_predictor!r} must be 'mlp', "
                      "'linear' or 'best'")
@@ -268,6 +272,13 @@ def stage_predictor(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return done
 
 
+def mlp_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The latency MLP's predictor.fit_mlp keyword arguments from the config."""
+  return {"hidden": tuple(config.predictor_hidden), "steps": config.predictor_steps,
+          "lr": config.predictor_lr, "weight_decay": config.predictor_weight_decay,
+          "seed": config.seed}
+
+
 def fit_predictors(config: ml_collections.ConfigDict, rows: list[dict[str, Any]],
                    directory: str) -> dict[str, Any]:
   """Fits the MLP and the linear cost baseline per target on a random split of latency
@@ -278,9 +289,7 @@ def fit_predictors(config: ml_collections.ConfigDict, rows: list[dict[str, Any]]
   done: dict[str, Any] = {"train_samples": len(train), "test_samples": len(test)}
   for target in TARGETS:
     y = np.asarray([r[target] for r in rows])
-    mlp = predictor_lib.fit_mlp(x[train], y[train], hidden=tuple(config.predictor_hidden),
-                                steps=config.predictor_steps, lr=config.predictor_lr,
-                                seed=config.seed)
+    mlp = predictor_lib.fit_mlp(x[train], y[train], **mlp_settings(config))
     mlp.save(os.path.join(directory, f"mlp_{target}.json"))
     cost = np.asarray([_cost_columns(r, target) for r in rows])
     linear = predictor_lib.fit_linear(cost[train], y[train])

@@ -121,7 +121,9 @@ def fit_mlp(x: Any, y: Any, *, hidden: Sequence[int] = (400, 400, 400), steps: i
     hidden: hidden widths (HAT: 3 x 400).
     steps: full-batch Adam steps.
     lr: Adam learning rate (cosine-decayed to 0).
-    weight_decay: AdamW decay.
+    weight_decay: AdamW's decoupled decay (scaled by the learning-rate schedule); on the
+      H100 latency rows it is what keeps HAT's 3 x 400 MLP from overfitting
+      (docs/search.md).
     seed: initialisation.
   """
   x, y = _check_xy(x, y)
@@ -129,6 +131,8 @@ def fit_mlp(x: Any, y: Any, *, hidden: Sequence[int] = (400, 400, 400), steps: i
     raise ValueError(f"hidden={hidden!r} must be a non-empty sequence of positive ints")
   if not isinstance(steps, int) or steps < 1:
     raise ValueError(f"{steps=} must be a positive int")
+  if not weight_decay >= 0:
+    raise ValueError(f"{weight_decay=} must be >= 0")
   x_mean, x_std = x.mean(0), x.std(0)
   x_std = np.where(x_std > 0, x_std, 1.0).astype(np.float32)
   log_y = np.log(y)

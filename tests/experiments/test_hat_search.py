@@ -135,6 +135,10 @@ class HatSearchStudyTest(absltest.TestCase):
     config.retrain_decode_batches = (1, 0)
     with self.assertRaisesRegex(ValueError, r"retrain_decode_batches=\(1, 0\)"):
       hat_search.check_point(config)
+    config.retrain_decode_batches = (1,)
+    config.predictor_weight_decay = -1.0
+    with self.assertRaisesRegex(ValueError, "predictor_weight_decay=-1.0"):
+      hat_search.check_point(config)
 
   def test_study_runs_and_resumes_after_kills(self):
     config = _tiny_config(self.workdir)

@@ -190,6 +190,8 @@ class PredictorTest(absltest.TestCase):
       predictor.fit_mlp(np.ones((4, 2)), np.ones(4), steps=0)
     with self.assertRaisesRegex(ValueError, "positive"):
       predictor.fit_mlp(np.ones((4, 2)), -np.ones(4))
+    with self.assertRaisesRegex(ValueError, "weight_decay=-0.1"):
+      predictor.fit_mlp(np.ones((4, 2)), np.ones(4), weight_decay=-0.1)
 
 
 class EvolutionTest(absltest.TestCase):
