@@ -440,17 +440,10 @@ def _retrain_one(config: ml_collections.ConfigDict, arch: Arch) -> dict[str, Any
   # The search's batch first, then every `retrain_decode_batches` batch (decode tokens/s).
   batches = [config.latency_batch] + [b for b in config.retrain_decode_batches
                                       if b != config.latency_batch]
-  model = t.model()
-
-  def build(batch: int) -> latency.CompiledTasks:
-    return latency.compile_tasks(model, arch, s.head_dim, batch=batch,
-                                 prefill_tokens=config.prefill_tokens,
-                                 decode_tokens=config.decode_tokens)
-
-  timings = {batch: latency.time_tasks(tasks, warmup=config.warmup, repeats=config.repeats,
-                                       trim=config.trim)
-             for batch, tasks in latency.compiled_in_groups(batches, build,
-                                                            config.compile_workers)}
+  timings = latency.subnet_latencies(
+      t.model(), arch, s.head_dim, batches=batches, prefill_tokens=config.prefill_tokens,
+      decode_tokens=config.decode_tokens, warmup=config.warmup, repeats=config.repeats,
+      trim=config.trim, compile_workers=config.compile_workers)
   params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(t.params))
   row = {"arch": arch.to_dict(), "name": arch.name(), "val_loss": val_loss,
          "params_m": params / 1e6, "prefill_ms": timings[batches[0]]["prefill"]["mean_ms"],

@@ -5,7 +5,7 @@ function; the tasks below are compiled ahead of time), then `repeats` timed
 calls, each ended by `block_until_ready`; the top and bottom `trim` (10 %) of the sorted
 times are dropped and the rest averaged (`trimmed_mean`).
 
-Tasks (`subnet_latency` = `compile_tasks` then `time_tasks`), through the model's own
+Tasks (`subnet_latencies` = `compile_tasks` then `time_tasks`, per batch size), through the model's own
 kernels (its `attention_impl` for prefill, `decode_impl` for the cached decode step):
 
   prefill_ms   prefill of `prefill_tokens` tokens at batch B into an empty KV cache
@@ -178,14 +178,20 @@ def time_tasks(tasks: CompiledTasks, *, warmup: int = 3, repeats: int = 20,
   return {"prefill": prefill_timing, "decode": decode_timing}
 
 
-def subnet_latency(model: nnx.Module, arch: Arch, head_dim: int, *, batch: int,
-                   prefill_tokens: int, decode_tokens: int, warmup: int = 3,
-                   repeats: int = 20, trim: float = 0.1, seed: int = 0) -> dict[str, Any]:
-  """Measured prefill and decode latency of a SubTransformer: `compile_tasks` (arguments
-  there) then `time_tasks` (warmup, repeats, trim: the protocol)."""
-  tasks = compile_tasks(model, arch, head_dim, batch=batch, prefill_tokens=prefill_tokens,
-                        decode_tokens=decode_tokens, seed=seed)
-  return time_tasks(tasks, warmup=warmup, repeats=repeats, trim=trim)
+def subnet_latencies(model: nnx.Module, arch: Arch, head_dim: int, *, batches: Sequence[int],
+                     prefill_tokens: int, decode_tokens: int, warmup: int = 3,
+                     repeats: int = 20, trim: float = 0.1, seed: int = 0,
+                     compile_workers: int = 1) -> dict[int, dict[str, Any]]:
+  """Measured prefill and decode latency of a SubTransformer at each batch size:
+  {batch: time_tasks(...)}. The batches' `compile_tasks` (arguments there) run
+  `compile_workers` at once in threads (`compiled_in_groups`), then each is timed with the
+  protocol (warmup, repeats, trim) alone."""
+  def build(batch: int) -> CompiledTasks:
+    return compile_tasks(model, arch, head_dim, batch=batch, prefill_tokens=prefill_tokens,
+                         decode_tokens=decode_tokens, seed=seed)
+
+  return {batch: time_tasks(tasks, warmup=warmup, repeats=repeats, trim=trim)
+          for batch, tasks in compiled_in_groups(batches, build, compile_workers)}
 
 
 def device_info() -> dict[str, Any]:
