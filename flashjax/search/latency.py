@@ -5,8 +5,9 @@ function; the tasks below are compiled ahead of time), then `repeats` timed
 calls, each ended by `block_until_ready`; the top and bottom `trim` (10 %) of the sorted
 times are dropped and the rest averaged (`trimmed_mean`).
 
-Tasks (`subnet_latencies` = `compile_tasks` then `time_tasks`, per batch size), through the model's own
-kernels (its `attention_impl` for prefill, `decode_impl` for the cached decode step):
+Tasks (`subnet_latencies` = `compile_tasks` then `time_tasks`, per batch size), through the
+model's own kernels (its `attention_impl` for prefill, `decode_impl` for the cached decode
+step):
 
   prefill_ms   prefill of `prefill_tokens` tokens at batch B into an empty KV cache
   decode_ms    `decode_tokens` cached decode steps at batch B after a prefill of
