@@ -138,6 +138,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "source": "synthetic" if small else "measured",
       "implementation": "pallas_triton", "dtype": "bfloat16",
       "problems": 40 if small else 60, "test_fraction": 0.25,
+      # A problem's mask: random mask_block x mask_block tiles at its density, the same
+      # mask and inputs for all its configurations; measured configurations are timed in
+      # `rounds` rounds over the problem (their mean; two rounds also give the noise floor,
+      # kernel_round_agreement).
+      "mask_block": 128, "rounds": 1 if small else 2,
       "lengths": (512, 1024, 2048, 4096, 8192), "batches": (1, 2, 4, 8),
       "heads": (8, 16, 32), "head_dims": (64, 128), "min_density": 0.1,
       "block_qs": (32, 64, 128), "block_kvs": (32, 64, 128), "stages": (0, 2, 3),
@@ -157,7 +162,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   "baseline_val_loss", "baseline_decode_ms", "budget0_speedup",
                   "budget0_loss_delta", "budget0_speedup_b1",
                   f"budget0_speedup_b{c.retrain_decode_batches[-1]}",
-                  "kernel_pick_within_tolerance", "kernel_ranking_within_tolerance"],
+                  "kernel_pick_within_tolerance", "kernel_ranking_within_tolerance",
+                  "kernel_round_agreement"],
       "plots": []})
   common.tag(c, arg, VARIANTS)
   return c

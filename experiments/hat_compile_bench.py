@@ -50,10 +50,11 @@ def _kernel_pass(config, workers):
   configs = [kc.KernelCandidate(bq, bk, st, ps) for bq in k.block_qs for bk in k.block_kvs
              for st in k.stages for ps in k.persistent]
 
+  problem = kc.make_problem(shape, density, mask_block=k.mask_block, dtype=k.dtype, seed=0)
+
   def build(cfg):
     try:
-      return kc.compile_kernel(shape, density, cfg, implementation=k.implementation,
-                               dtype=k.dtype, seed=0)
+      return kc.compile_kernel(problem, cfg, implementation=k.implementation)
     except Exception as e:  # noqa: BLE001 - a refused configuration is a row
       return e
 

@@ -26,12 +26,16 @@ skips finished points; a failed stage is retried) redoes nothing that finished:
              protocol) at `latency_batch` and their decode tokens/s at each
              `retrain_decode_batches` batch, parameters and validation loss; one JSON file
              per architecture
-  kernel     block-size choice for Pallas attention: latencies of `kernel_candidates` over
-             random problems (shape, tile density), measured with `kernel_impl`
-             (`kernel_source="measured"`) or synthetic (`"synthetic"`, the CPU variant), the
+  kernel     block-size choice for Pallas attention: latencies of the `kernel`
+             configurations over random problems (shape, density of a random mask of
+             `mask_block` tiles, the same mask and inputs for every configuration of a
+             problem), measured (`kernel.source="measured"`, `rounds` timing rounds over a
+             problem's configurations) or synthetic (`"synthetic"`, the CPU variant), the
              predictor trained on the training problems and its picks scored on held-out ones,
              beside the baseline of one ranking of the configurations for every problem
-             (the training problems' best on average, kernel_choice.fit_ranking)
+             (the training problems' best on average, kernel_choice.fit_ranking) and the
+             noise floor (`kernel_round_agreement`: how often the first round's fastest is
+             within tolerance of the second round's)
 
 `hat_report.md` in `report_dir` (default: the launcher's workdir) is rewritten after every
 stage from what exists.
@@ -90,6 +94,15 @@ def check_point(config: ml_collections.ConfigDict) -> None:
   if config.search_predictor not in ("mlp", "linear", "best"):
     raise ValueError(f"config.search_predictor={config.search_predictor!r} must be 'mlp', "
                      "'linear' or 'best'")
+  k = config.kernel
+  if isinstance(k.rounds, bool) or not isinstance(k.rounds, int) or k.rounds < 1:
+    raise ValueError(f"config.kernel.rounds={k.rounds!r} must be an int >= 1")
+  blocks = tuple(k.block_qs) + tuple(k.block_kvs)
+  if (not isinstance(k.mask_block, int) or k.mask_block < 1 or
+      any(k.mask_block % b for b in blocks)):
+    raise ValueError(f"config.kernel.mask_block={k.mask_block!r} must be a multiple of every "
+                     f"block_qs / block_kvs {blocks} (each configuration then visits the "
+                     "problem's density)")
 
 
 def setup_dir(config: ml_collections.ConfigDict) -> str:
@@ -501,6 +514,68 @@ def _kernel_problems(config: ml_collections.ConfigDict) -> list[tuple[kc.Attenti
   return problems
 
 
+def _measure_problem(config: ml_collections.ConfigDict, index: int,
+                     configs: list[kc.KernelCandidate]) -> list[dict[str, Any]]:
+  """One problem's rows: every configuration compiled (in threads) on the same mask and
+  inputs, then timed in `kernel.rounds` rounds over all of them (alternate rounds in
+  reverse order), so slow drift of the device hits every configuration alike; a row's
+  latency is the mean of its rounds' trimmed means."""
+  k = config.kernel
+  shape, density = _kernel_problems(config)[index]
+  problem = kc.make_problem(shape, density, mask_block=k.mask_block, dtype=k.dtype,
+                            seed=index)
+
+  def compiled(cfg):
+    try:
+      return kc.compile_kernel(problem, cfg, implementation=k.implementation,
+                               interpret=_interpret(config))
+    except Exception as e:  # a configuration the backend refuses (e.g. shared memory)
+      logging.warning("kernel config %s on %s failed: %s", cfg, shape, e)
+      return None
+
+  kernels = dict(latency.compiled_in_groups(configs, compiled, config.compile_workers))
+  rounds: dict[kc.KernelCandidate, list[float]] = {c: [] for c in configs if kernels[c]}
+  for r in range(k.rounds):
+    for cfg in (configs if r % 2 == 0 else configs[::-1]):
+      if cfg not in rounds:
+        continue
+      try:
+        rounds[cfg].append(latency.measure(kernels[cfg].fn, *kernels[cfg].args,
+                                           warmup=config.warmup,
+                                           repeats=config.repeats)["mean_ms"])
+      except Exception as e:  # a failure at run time
+        logging.warning("kernel config %s on %s failed to run: %s", cfg, shape, e)
+        del rounds[cfg]
+  rows = []
+  for cfg in configs:
+    kernel, times = kernels[cfg], rounds.get(cfg)
+    rows.append({"problem": index, "shape": dataclasses.asdict(shape), "density": density,
+                 "config": dataclasses.asdict(cfg),
+                 "latency_ms": float(np.mean(times)) if times else None,
+                 "round_ms": times, "compile_s": round(kernel.compile_s, 3) if kernel else None,
+                 "lower_s": round(kernel.lower_s, 3) if kernel else None})
+  return rows
+
+
+def _round_agreement(rows: list[dict[str, Any]], tolerance: float) -> float | None:
+  """The noise floor of the pick target: the fraction of problems whose fastest
+  configuration in the first timing round is within `tolerance` of the fastest in the
+  second (None with fewer than two rounds)."""
+  timed = [r for r in rows if r["latency_ms"] is not None and len(r["round_ms"] or ()) > 1]
+  if not timed:
+    return None
+  first = {(r["problem"], kc.KernelCandidate(**r["config"])): r["round_ms"][0] for r in timed}
+  second = [kc.KernelSample(kc.AttentionShape(**r["shape"]), r["density"],
+                            kc.KernelCandidate(**r["config"]), r["round_ms"][1])
+            for r in timed]
+  problem_of = {(kc.AttentionShape(**r["shape"]), r["density"]): r["problem"] for r in timed}
+
+  def first_round_best(shape, density, candidates):
+    p = problem_of[(shape, density)]
+    return min(candidates, key=lambda c: first[(p, c)])
+  return kc.evaluate_picks(first_round_best, second, tolerance)["within_tolerance"]
+
+
 def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
   directory = _stage_dir(config, "kernel")
   k = config.kernel
@@ -510,46 +585,31 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
              for st in k.stages for ps in k.persistent]
   path = os.path.join(directory, "kernel.jsonl")
   rows = latency.read_jsonl(path)
-  info = latency.device_info()
-  latency.check_resume(path, rows, {"source": k.source, **(
-      {"backend": info["backend"], "device_kind": info["device_kind"]}
-      if k.source == "measured" else {})})
+  protocol = {"source": k.source, "mask_block": k.mask_block, "rounds": k.rounds}
+  if k.source == "measured":
+    info = latency.device_info()
+    protocol.update(backend=info["backend"], device_kind=info["device_kind"])
+  latency.check_resume(path, rows, protocol)
   problems = _kernel_problems(config)
   start = time.perf_counter()
-
-  def case(index):
-    return problems[index // len(configs)], configs[index % len(configs)]
-
-  def compiled(index):
+  finished = {r["problem"] for r in rows}
+  # A problem's rows are appended together once all its rounds are timed, so a killed
+  # stage loses at most the problem it was timing.
+  for index, (shape, density) in enumerate(problems):
+    if index in finished:
+      continue
     if k.source == "synthetic":
-      return None
-    (shape, density), cfg = case(index)
-    try:
-      return kc.compile_kernel(shape, density, cfg, implementation=k.implementation,
-                               dtype=k.dtype, interpret=_interpret(config), seed=index)
-    except Exception as e:  # a configuration the backend refuses (e.g. shared memory)
-      logging.warning("kernel config %s on %s failed: %s", cfg, shape, e)
-      return None
-
-  indices = range(len(rows), len(problems) * len(configs))
-  # Measured configurations compile together in threads, then run one at a time.
-  for index, kernel in latency.compiled_in_groups(indices, compiled, config.compile_workers):
-    (shape, density), cfg = case(index)
-    ms = compile_s = lower_s = None
-    if k.source == "synthetic":
-      ms = kc.synthetic_latency(shape, density, cfg)
-    elif kernel is not None:
-      compile_s, lower_s = round(kernel.compile_s, 3), round(kernel.lower_s, 3)
-      try:
-        ms = latency.measure(kernel.fn, *kernel.args, warmup=config.warmup,
-                             repeats=config.repeats)["mean_ms"]
-      except Exception as e:  # a failure at run time
-        logging.warning("kernel config %s on %s failed to run: %s", cfg, shape, e)
-    row = {"index": index, "shape": dataclasses.asdict(shape), "density": density,
-           "config": dataclasses.asdict(cfg), "latency_ms": ms, "source": k.source,
-           "compile_s": compile_s, "lower_s": lower_s, **latency.device_info()}
-    latency.append_jsonl(path, row)
-    rows.append(row)
+      new = [{"problem": index, "shape": dataclasses.asdict(shape), "density": density,
+              "config": dataclasses.asdict(cfg),
+              "latency_ms": kc.synthetic_latency(shape, density, cfg), "round_ms": None}
+             for cfg in configs]
+    else:
+      new = _measure_problem(config, index, configs)
+    for row in new:
+      row = {**row, "mask_block": k.mask_block, "rounds": k.rounds, "source": k.source,
+             **latency.device_info()}
+      latency.append_jsonl(path, row)
+      rows.append(row)
   samples = [kc.KernelSample(kc.AttentionShape(**r["shape"]), r["density"],
                              kc.KernelCandidate(**r["config"]), r["latency_ms"])
              for r in rows if r["latency_ms"] is not None]
@@ -570,6 +630,10 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "kernel_mean_slowdown": result["mean_slowdown"],
           "kernel_ranking_within_tolerance": fixed["within_tolerance"],
           "kernel_ranking_mean_slowdown": fixed["mean_slowdown"],
+          # every problem held out in turn (the 25 % split above is few problems)
+          "kernel_ranking_lopo_within_tolerance": kc.leave_one_problem_out(
+              samples, k.tolerance, method="ranking")["within_tolerance"],
+          "kernel_round_agreement": _round_agreement(rows, k.tolerance),
           "kernel_s": round(time.perf_counter() - start, 2)}
   _write_json(os.path.join(directory, DONE_FILE), done)
   return done

@@ -19,7 +19,9 @@ tiles over batch and heads, programs (row blocks x batch x heads; occupancy) and
 work block_q x block_kv x head dim (registers). The predictor is flashjax.search.predictor's
 MLP (log latency).
 `measure_kernel` times `flashjax.dot_product_attention` with a BlockSizes on the device
-(`compile_kernel` compiles it ahead of time, so many can compile at once in threads).
+(`make_problem` draws one problem's mask and inputs, shared by all its configurations;
+`compile_kernel` compiles one configuration ahead of time, so many can compile at once in
+threads).
 """
 
 from __future__ import annotations
@@ -307,46 +309,78 @@ def synthetic_latency(shape: AttentionShape, density: float, config: KernelCandi
   return (work + overhead) * occupancy * register * stages * persistent + 5e-3
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelProblem:
+  """One attention problem, the same for every configuration timed on it (`make_problem`):
+  a random mask of `mask_block` x `mask_block` tiles at the given density and the inputs."""
+  shape: AttentionShape
+  density: float
+  mask_block: int
+  mask: Any              # flashjax element mask (masks.from_dense)
+  args: tuple[Any, ...]  # q, k, v
+
+
+def make_problem(shape: AttentionShape, density: float, *, mask_block: int = 128,
+                 dtype: Any = "bfloat16", seed: int = 0) -> KernelProblem:
+  """A random block-sparse problem: each `mask_block` x `mask_block` tile of the mask is on
+  with probability `density` (one tile per query row at least) and q, k, v are normal.
+
+  Every configuration of a problem then runs the same mask on the same inputs, so their
+  latencies differ only by the configuration (and timing noise). Configurations whose
+  tiles divide `mask_block` visit the same tile density (`compile_kernel` checks it), the
+  density `kernel_features` is given.
+  """
+  if not 0 < density <= 1:
+    raise ValueError(f"{density=} must lie in (0, 1]")
+  if not isinstance(mask_block, int) or mask_block < 1 or mask_block & (mask_block - 1):
+    raise ValueError(f"{mask_block=} must be a positive power of two")
+  s = shape
+  rng = np.random.default_rng(seed)
+  tq, tk = math.ceil(s.q_len / mask_block), math.ceil(s.kv_len / mask_block)
+  tiles = rng.random((tq, tk)) < density
+  tiles[np.arange(tq), rng.integers(0, tk, tq)] = True  # one tile per row at least
+  dense = np.repeat(np.repeat(tiles, mask_block, 0), mask_block, 1)
+  keys = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(keys[0], (s.batch, s.q_len, s.num_heads, s.head_dim), dtype)
+  k = jax.random.normal(keys[1], (s.batch, s.kv_len, s.num_heads, s.head_dim), dtype)
+  v = jax.random.normal(keys[2], (s.batch, s.kv_len, s.num_heads, s.head_dim), dtype)
+  return KernelProblem(shape, density, mask_block,
+                       masks.from_dense(dense[:s.q_len, :s.kv_len]), (q, k, v))
+
+
 @dataclasses.dataclass
 class CompiledKernel:
   """One (problem, configuration) compiled ahead of time (`compile_kernel`)."""
   fn: Any               # compiled (q, k, v) -> attention output
   args: tuple[Any, ...]  # q, k, v
-  compile_s: float      # seconds spent building the mask, lowering and compiling
-  lower_s: float        # of them, building the mask, tracing and lowering (holds the GIL)
+  compile_s: float      # seconds spent lowering and compiling
+  lower_s: float        # of them, tracing and lowering (holds the GIL)
 
 
-def compile_kernel(shape: AttentionShape, density: float, config: KernelCandidate, *,
-                   implementation: str = "pallas_triton", dtype: Any = "bfloat16",
-                   interpret: bool = False, seed: int = 0) -> CompiledKernel:
-  """Compiles block-sparse attention with `config` on a random block mask of the given tile
-  density at the config's tiles (one tile per query row at least)."""
+def compile_kernel(problem: KernelProblem, config: KernelCandidate, *,
+                   implementation: str = "pallas_triton", interpret: bool = False
+                   ) -> CompiledKernel:
+  """Compiles block-sparse attention of `problem` with `config` (thread-safe, so many
+  configurations can compile at once)."""
+  for name in ("block_q", "block_kv"):
+    if problem.mask_block % getattr(config, name):
+      raise ValueError(f"{name}={getattr(config, name)} must divide the problem's "
+                       f"mask_block={problem.mask_block} (else its tile density differs)")
   start = time.perf_counter()
-  s = shape
-  rng = np.random.default_rng(seed)
-  tq, tk = math.ceil(s.q_len / config.block_q), math.ceil(s.kv_len / config.block_kv)
-  tiles = rng.random((tq, tk)) < density
-  tiles[np.arange(tq), rng.integers(0, tk, tq)] = True  # one tile per row at least
-  dense = np.repeat(np.repeat(tiles, config.block_q, 0), config.block_kv, 1)
-  mask = masks.from_dense(dense[:s.q_len, :s.kv_len])
-  keys = jax.random.split(jax.random.key(seed), 3)
-  q = jax.random.normal(keys[0], (s.batch, s.q_len, s.num_heads, s.head_dim), dtype)
-  k = jax.random.normal(keys[1], (s.batch, s.kv_len, s.num_heads, s.head_dim), dtype)
-  v = jax.random.normal(keys[2], (s.batch, s.kv_len, s.num_heads, s.head_dim), dtype)
   fn = jax.jit(lambda q, k, v: dot_product_attention(
-      q, k, v, mask=mask, implementation=implementation, block_sizes=config.block_sizes(),
-      interpret=interpret))
-  lowered = fn.lower(q, k, v)
+      q, k, v, mask=problem.mask, implementation=implementation,
+      block_sizes=config.block_sizes(), interpret=interpret))
+  lowered = fn.lower(*problem.args)
   lower_s = time.perf_counter() - start
-  return CompiledKernel(lowered.compile(), (q, k, v), time.perf_counter() - start, lower_s)
+  return CompiledKernel(lowered.compile(), problem.args, time.perf_counter() - start, lower_s)
 
 
 def measure_kernel(shape: AttentionShape, density: float, config: KernelCandidate, *,
                    implementation: str = "pallas_triton", dtype: Any = "bfloat16",
                    warmup: int = 3, repeats: int = 20, interpret: bool = False,
-                   seed: int = 0) -> float:
-  """Trimmed-mean latency (ms; flashjax.search.latency.measure) of `compile_kernel`'s
-  function."""
-  c = compile_kernel(shape, density, config, implementation=implementation, dtype=dtype,
-                     interpret=interpret, seed=seed)
+                   seed: int = 0, mask_block: int = 128) -> float:
+  """Trimmed-mean latency (ms; flashjax.search.latency.measure) of one configuration on
+  `make_problem(shape, density, ...)`."""
+  problem = make_problem(shape, density, mask_block=mask_block, dtype=dtype, seed=seed)
+  c = compile_kernel(problem, config, implementation=implementation, interpret=interpret)
   return latency.measure(c.fn, *c.args, warmup=warmup, repeats=repeats)["mean_ms"]

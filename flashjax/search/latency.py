@@ -240,11 +240,11 @@ def check_resume(path: str, rows: list[dict[str, Any]], expected: dict[str, Any]
   """Refuses to extend a dataset whose finished rows differ from `expected` in any of its
   keys (e.g. measured on another device kind, or another task): one file holds one setting.
   """
-  for row in rows:
+  for line, row in enumerate(rows, 1):
     differ = {k: (row.get(k), v) for k, v in expected.items() if row.get(k) != v}
     if differ:
       found = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in differ.items())
-      raise ValueError(f"{path} row {row.get('index')} has {found}: one dataset holds one "
+      raise ValueError(f"{path} line {line} has {found}: one dataset holds one "
                        "device and task; resume it where it was made or use a new file")
 
 

@@ -106,23 +106,53 @@ class HatSearchStudyTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "folds=13"):
       hat_predictor_cv.cross_validate(rows, 13, config)
 
-  def test_measured_kernel_stage_compiles_in_threads(self):
+  def test_measured_kernel_stage_times_problems_in_rounds(self):
     config = _tiny_config(self.workdir)
     config.stages = ("kernel",)
     config.compile_workers = 3
     k = config.kernel
-    k.source, k.problems, k.test_fraction = "measured", 2, 0.5
-    k.lengths, k.batches, k.heads, k.head_dims = (64,), (1,), (1,), (16,)
+    k.source, k.problems, k.test_fraction, k.rounds, k.mask_block = "measured", 2, 0.5, 2, 64
+    k.lengths, k.batches, k.heads, k.head_dims = (128,), (1,), (1,), (16,)
     k.block_qs, k.block_kvs = (32,), (32, 64)
-    rows = launch.run(config, self.workdir, progress=False)
+    real_measure_problem = hat_search._measure_problem
+    measured, kill_at = [], [1]
+
+    def measure_problem(config_, index, configs):
+      measured.append(index)
+      if index in kill_at:
+        raise RuntimeError("killed")
+      return real_measure_problem(config_, index, configs)
+
+    path = os.path.join(config.setup_dir, "kernel", "kernel.jsonl")
+    with mock.patch.object(hat_search, "_measure_problem", measure_problem):
+      rows = launch.run(config, self.workdir, progress=False)
+      self.assertEqual(rows[0]["status"], "error")
+      first = latency.read_jsonl(path)  # the finished problem's rows only
+      self.assertEqual([r["problem"] for r in first], [0, 0])
+      measured.clear()
+      kill_at.clear()
+      rows = launch.run(config, self.workdir, progress=False)
     self.assertEqual(rows[0]["status"], "ok", rows[0].get("traceback"))
-    kernel_rows = latency.read_jsonl(os.path.join(config.setup_dir, "kernel", "kernel.jsonl"))
-    self.assertEqual([r["index"] for r in kernel_rows], [0, 1, 2, 3])  # groups {0,1,2}, {3}
+    self.assertEqual(measured, [1])  # problem 0 was not timed again
+    kernel_rows = latency.read_jsonl(path)
+    self.assertEqual(kernel_rows[:2], first)
+    self.assertEqual([(r["problem"], r["config"]["block_kv"]) for r in kernel_rows],
+                     [(0, 32), (0, 64), (1, 32), (1, 64)])
     for row in kernel_rows:
-      self.assertGreater(row["latency_ms"], 0)
+      self.assertEqual((row["mask_block"], row["rounds"], len(row["round_ms"])), (64, 2, 2))
+      self.assertAlmostEqual(row["latency_ms"], np.mean(row["round_ms"]))
       self.assertGreater(row["compile_s"], row["lower_s"])
       self.assertGreater(row["lower_s"], 0)
-    self.assertEqual(rows[0]["metrics"]["kernel_samples"], 4)
+    metrics = rows[0]["metrics"]
+    self.assertEqual(metrics["kernel_samples"], 4)
+    self.assertIn(metrics["kernel_round_agreement"], (0.0, 0.5, 1.0))  # of 2 problems
+    # Rows of the earlier protocol (a mask per configuration, one round) are not extended.
+    with open(path, "w") as f:
+      f.write(json.dumps({**kernel_rows[0], "mask_block": None, "rounds": None}) + "\n")
+    with self.assertRaisesRegex(ValueError, "line 1 has mask_block=None \\(now 64\\)"):
+      hat_search.stage_kernel(config)
+    with open(path, "w") as f:
+      f.write(json.dumps(kernel_rows[0]) + "\n")
     # Measured rows of another device are never extended (nor mixed into one predictor).
     with mock.patch.object(latency, "device_info", return_value={
         "backend": "gpu", "device_kind": "NVIDIA H200", "jax_version": "x"}):
@@ -138,6 +168,13 @@ class HatSearchStudyTest(absltest.TestCase):
     config.retrain_decode_batches = (1,)
     config.predictor_weight_decay = -1.0
     with self.assertRaisesRegex(ValueError, "predictor_weight_decay=-1.0"):
+      hat_search.check_point(config)
+    config.predictor_weight_decay = 0.0
+    config.kernel.mask_block = 32  # the 64-wide configurations would visit another density
+    with self.assertRaisesRegex(ValueError, r"mask_block=32 must be a multiple .*\(32, 32, 64\)"):
+      hat_search.check_point(config)
+    config.kernel.mask_block, config.kernel.rounds = 64, 0
+    with self.assertRaisesRegex(ValueError, "kernel.rounds=0"):
       hat_search.check_point(config)
 
   def test_study_runs_and_resumes_after_kills(self):

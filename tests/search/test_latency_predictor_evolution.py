@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from flashjax.models import TransformerConfig
+from flashjax.ops.attention.api import dot_product_attention
 from flashjax.search import evolution
 from flashjax.search import kernel_choice as kc
 from flashjax.search import latency
@@ -93,7 +94,7 @@ class DatasetTest(absltest.TestCase):
     kwargs["num_samples"] = 4
     with mock.patch.object(latency, "device_info", return_value={
         "backend": "gpu", "device_kind": "NVIDIA H200", "jax_version": "x"}):
-      with self.assertRaisesRegex(ValueError, r"row 0 has backend='cpu' \(now 'gpu'\), "
+      with self.assertRaisesRegex(ValueError, r"line 1 has backend='cpu' \(now 'gpu'\), "
                                   r"device_kind='cpu' \(now 'NVIDIA H200'\)"):
         latency.collect_dataset(path, SPACE, trainer.sub_model, **kwargs)
     with self.assertRaisesRegex(ValueError, "task=.*'decode_tokens': 2.*now.*'decode_tokens': 3"):
@@ -291,6 +292,31 @@ class KernelCandidateTest(absltest.TestCase):
       kc.kernel_features(kc.AttentionShape(1, 8, 8, 1, 8), 0, kc.KernelCandidate(8, 8))
     with self.assertRaisesRegex(ValueError, "q_len=0"):
       kc.AttentionShape(1, 0, 8, 1, 8)
+
+  def test_problem_is_shared_by_its_configurations(self):
+    problem = kc.make_problem(kc.AttentionShape(1, 256, 192, 2, 16), 0.4, mask_block=64,
+                              dtype="float32", seed=3)
+    dense = np.asarray(problem.mask.to_dense()).reshape(256, 192)
+    tiles = dense.reshape(4, 64, 3, 64)
+    # whole 64 x 64 tiles, at least one a query row, not all on
+    self.assertTrue(np.all(tiles == tiles[:, :1, :, :1]))
+    self.assertTrue(tiles[:, 0, :, 0].any(axis=1).all())
+    self.assertFalse(dense.all())
+    q, k, v = problem.args
+    self.assertGreater(float(np.abs(np.asarray(q)).mean()), 0.5)  # random, not zeros
+    reference = dot_product_attention(q, k, v, mask=problem.mask, implementation="xla")
+    for config in (kc.KernelCandidate(32, 32), kc.KernelCandidate(64, 32)):
+      compiled = kc.compile_kernel(problem, config, interpret=True)
+      self.assertIs(compiled.args, problem.args)
+      np.testing.assert_allclose(np.asarray(compiled.fn(*compiled.args)), reference,
+                                 atol=2e-5, rtol=2e-5)
+      self.assertGreater(compiled.compile_s, compiled.lower_s)
+    with self.assertRaisesRegex(ValueError, "block_q=128 must divide .* mask_block=64"):
+      kc.compile_kernel(problem, kc.KernelCandidate(128, 32), interpret=True)
+    with self.assertRaisesRegex(ValueError, "mask_block=48"):
+      kc.make_problem(problem.shape, 0.4, mask_block=48)
+    with self.assertRaisesRegex(ValueError, "density=1.5"):
+      kc.make_problem(problem.shape, 1.5)
 
   def test_measure_kernel_runs_in_interpret_mode(self):
     ms = kc.measure_kernel(kc.AttentionShape(1, 64, 64, 1, 16), 0.5, kc.KernelCandidate(32, 32),
