@@ -32,8 +32,9 @@ skips finished points; a failed stage is retried) redoes nothing that finished:
              problem), measured (`kernel.source="measured"`, `rounds` timing rounds over a
              problem's configurations) or synthetic (`"synthetic"`, the CPU variant), the
              predictor trained on the training problems and its picks scored on held-out ones,
-             beside the baseline of one ranking of the configurations for every problem
-             (the training problems' best on average, kernel_choice.fit_ranking) and the
+             beside the baselines of one ranking of the configurations for every problem
+             (the training problems' best on average, kernel_choice.fit_ranking) and of one
+             ranking per head dim (kernel_choice.head_dim_ranking_picker), and the
              noise floor (`kernel_round_agreement`: how often the first round's fastest is
              within tolerance of the second round's)
 
@@ -617,22 +618,28 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
   train = [r for r in samples if (r.shape, r.density) not in held]
   test = [r for r in samples if (r.shape, r.density) in held]
   pred = kc.fit_kernel_predictor(train, hidden=tuple(k.hidden), steps=k.steps, lr=k.lr,
-                                 seed=config.seed)
+                                 weight_decay=k.weight_decay, seed=config.seed)
   result = kc.evaluate_choices(pred, test, k.tolerance)
-  # The baseline: the training problems' single best order of configurations.
+  # The baselines: the training problems' single best order of configurations, and one
+  # order per head dim.
   ranking = kc.fit_ranking(train)
   fixed = kc.evaluate_picks(kc.ranking_picker(ranking), test, k.tolerance)
-  _write_json(os.path.join(directory, "choices.json"), {**result, "ranking": {
-      **fixed, "order": [dataclasses.asdict(c) for c in ranking]}})
+  by_head_dim = kc.evaluate_picks(kc.head_dim_ranking_picker(train), test, k.tolerance)
+  _write_json(os.path.join(directory, "choices.json"), {
+      **result, "ranking": {**fixed, "order": [dataclasses.asdict(c) for c in ranking]},
+      "head_dim_ranking": by_head_dim})
   done = {"kernel_source": k.source, "kernel_samples": len(samples),
           "kernel_problems": len(problems), "kernel_test_problems": result["problems"],
           "kernel_pick_within_tolerance": result["within_tolerance"],
           "kernel_mean_slowdown": result["mean_slowdown"],
           "kernel_ranking_within_tolerance": fixed["within_tolerance"],
           "kernel_ranking_mean_slowdown": fixed["mean_slowdown"],
+          "kernel_head_dim_ranking_within_tolerance": by_head_dim["within_tolerance"],
+          "kernel_head_dim_ranking_mean_slowdown": by_head_dim["mean_slowdown"],
           # every problem held out in turn (the 25 % split above is few problems)
-          "kernel_ranking_lopo_within_tolerance": kc.leave_one_problem_out(
-              samples, k.tolerance, method="ranking")["within_tolerance"],
+          **{f"kernel_{method}_lopo_within_tolerance": kc.leave_one_problem_out(
+              samples, k.tolerance, method=method)["within_tolerance"]
+             for method in ("ranking", "head_dim_ranking")},
           "kernel_round_agreement": _round_agreement(rows, k.tolerance),
           "kernel_s": round(time.perf_counter() - start, 2)}
   _write_json(os.path.join(directory, DONE_FILE), done)

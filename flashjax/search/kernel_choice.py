@@ -8,6 +8,7 @@ table.
   evaluate_choices(pred, rows)   # per held-out (shape, density): pick vs measured best
   ranking = fit_ranking(rows)    # the baseline: one order of configurations for every problem
   evaluate_picks(ranking_picker(ranking), rows)
+  evaluate_picks(head_dim_ranking_picker(rows), rows)   # one order per head dim
   leave_one_problem_out(rows)    # the same, each problem picked by a fit without it
   samples_from_tuning_rows(results_rows, num_heads)   # configs/tune_attention.py's rows
 
@@ -195,6 +196,20 @@ def ranking_picker(ranking: Sequence[KernelCandidate]) -> Picker:
   return pick
 
 
+def head_dim_ranking_picker(samples: Sequence[KernelSample]) -> Picker:
+  """One `fit_ranking` per head dim of `samples`; a problem gets its head dim's ranking (the
+  overall one for a head dim `samples` lacks). The head dim sets a tile's register and
+  shared-memory footprint, which is what splits the winners: on the H100's 60 measured
+  problems 128 x 64 tiles won at D 128 and 64 x 128 at D 64 (docs/search.md)."""
+  overall = fit_ranking(samples)
+  by_head_dim = {d: fit_ranking([r for r in samples if r.shape.head_dim == d])
+                 for d in {r.shape.head_dim for r in samples}}
+
+  def pick(shape, density, candidates):
+    return ranking_picker(by_head_dim.get(shape.head_dim, overall))(shape, density, candidates)
+  return pick
+
+
 def evaluate_choices(pred: Any, samples: Sequence[KernelSample], tolerance: float = 0.05
                      ) -> dict[str, Any]:
   """`evaluate_picks` of the predictor's picks (`predictor_picker`)."""
@@ -274,18 +289,20 @@ def leave_one_problem_out(samples: Sequence[KernelSample], tolerance: float = 0.
                           method: str = "mlp", **mlp_kwargs: Any) -> dict[str, Any]:
   """evaluate_picks with every (shape, density) held out in turn: what picks for a problem
   was fitted on the other problems only: method "mlp" (fit_kernel_predictor, mlp_kwargs to
-  it) or "ranking" (fit_ranking). Same return value as evaluate_picks."""
-  if method not in ("mlp", "ranking"):
-    raise ValueError(f"{method=} must be 'mlp' or 'ranking'")
+  it), "ranking" (fit_ranking) or "head_dim_ranking" (head_dim_ranking_picker). Same return
+  value as evaluate_picks."""
+  pickers = {"mlp": lambda train: predictor_picker(fit_kernel_predictor(train, **mlp_kwargs)),
+             "ranking": lambda train: ranking_picker(fit_ranking(train)),
+             "head_dim_ranking": head_dim_ranking_picker}
+  if method not in pickers:
+    raise ValueError(f"{method=} must be one of {sorted(pickers)}")
   groups = group_by_problem(samples)
   if len(groups) < 2:
     raise ValueError(f"need at least 2 problems, got {len(groups)}")
   rows = []
   for problem, held in groups.items():
     train = [r for key, group in groups.items() if key != problem for r in group]
-    pick = (predictor_picker(fit_kernel_predictor(train, **mlp_kwargs)) if method == "mlp"
-            else ranking_picker(fit_ranking(train)))
-    rows += evaluate_picks(pick, held, tolerance)["rows"]
+    rows += evaluate_picks(pickers[method](train), held, tolerance)["rows"]
   slow = np.asarray([r["slowdown"] for r in rows])
   return {"problems": len(rows), "within_tolerance": float(np.mean(slow <= tolerance)),
           "mean_slowdown": float(slow.mean()), "rows": rows}

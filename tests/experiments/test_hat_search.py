@@ -146,6 +146,9 @@ class HatSearchStudyTest(absltest.TestCase):
     metrics = rows[0]["metrics"]
     self.assertEqual(metrics["kernel_samples"], 4)
     self.assertIn(metrics["kernel_round_agreement"], (0.0, 0.5, 1.0))  # of 2 problems
+    for key in ("kernel_head_dim_ranking_within_tolerance", "kernel_ranking_lopo_within_tolerance",
+                "kernel_head_dim_ranking_lopo_within_tolerance"):
+      self.assertBetween(metrics[key], 0, 1)
     # Rows of the earlier protocol (a mask per configuration, one round) are not extended.
     with open(path, "w") as f:
       f.write(json.dumps({**kernel_rows[0], "mask_block": None, "rounds": None}) + "\n")

@@ -285,6 +285,26 @@ class KernelCandidateTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "method='knn'"):
       kc.leave_one_problem_out(samples, method="knn")
 
+  def test_head_dim_ranking(self):
+    wide, tall = kc.KernelCandidate(128, 64), kc.KernelCandidate(64, 128)
+    samples = []
+    # D 128: `wide` wins on three problems, D 64: `tall` on two; more D 128 problems, so the
+    # overall ranking puts `wide` first.
+    for head_dim, lengths, winner in ((128, (512, 1024, 2048), wide), (64, (512, 1024), tall)):
+      for length in lengths:
+        shape = kc.AttentionShape(2, length, length, 8, head_dim)
+        for config in (wide, tall):
+          samples.append(kc.KernelSample(shape, 0.5, config, 1.0 if config == winner else 1.3))
+    pick = kc.head_dim_ranking_picker(samples)
+    for head_dim, expected in ((128, wide), (64, tall), (256, wide)):  # 256: the overall one
+      self.assertEqual(pick(kc.AttentionShape(1, 256, 256, 4, head_dim), 0.3, [tall, wide]),
+                       expected)
+    self.assertEqual(kc.evaluate_picks(pick, samples)["within_tolerance"], 1.0)
+    self.assertEqual(kc.evaluate_picks(kc.ranking_picker(kc.fit_ranking(samples)), samples)
+                     ["within_tolerance"], 0.6)
+    lopo = kc.leave_one_problem_out(samples, method="head_dim_ranking")
+    self.assertEqual(lopo["within_tolerance"], 1.0)  # each D keeps another problem
+
   def test_bad_values(self):
     with self.assertRaisesRegex(ValueError, "block_q=48"):
       kc.KernelCandidate(48, 64)
