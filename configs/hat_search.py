@@ -145,6 +145,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # `rounds` rounds over the problem (their mean; two rounds also give the noise floor,
       # kernel_round_agreement).
       "mask_block": 128, "rounds": 1 if small else 2,
+      # a timed run makes loop_calls + 1 attention calls, loop_calls of them in a device loop
+      # (per-call dispatch weighs on ~0.1 ms kernels); warmup and repeats are runs per round
+      "loop_calls": 4, "warmup": 2, "repeats": 3 if small else 10,
       "lengths": (512, 1024, 2048, 4096, 8192), "batches": (1, 2, 4, 8),
       "heads": (8, 16, 32), "head_dims": (64, 128), "min_density": 0.1,
       "block_qs": (32, 64, 128), "block_kvs": (32, 64, 128), "stages": (0, 2, 3),

@@ -96,8 +96,10 @@ def check_point(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.search_predictor={config.search_predictor!r} must be 'mlp', "
                      "'linear' or 'best'")
   k = config.kernel
-  if isinstance(k.rounds, bool) or not isinstance(k.rounds, int) or k.rounds < 1:
-    raise ValueError(f"config.kernel.rounds={k.rounds!r} must be an int >= 1")
+  for name, least in (("rounds", 1), ("warmup", 1), ("repeats", 1), ("loop_calls", 0)):
+    value = k.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise ValueError(f"config.kernel.{name}={value!r} must be an int >= {least}")
   blocks = tuple(k.block_qs) + tuple(k.block_kvs)
   if (not isinstance(k.mask_block, int) or k.mask_block < 1 or
       any(k.mask_block % b for b in blocks)):
@@ -519,8 +521,9 @@ def _measure_problem(config: ml_collections.ConfigDict, index: int,
                      configs: list[kc.KernelCandidate]) -> list[dict[str, Any]]:
   """One problem's rows: every configuration compiled (in threads) on the same mask and
   inputs, then timed in `kernel.rounds` rounds over all of them (alternate rounds in
-  reverse order), so slow drift of the device hits every configuration alike; a row's
-  latency is the mean of its rounds' trimmed means."""
+  reverse order), so slow drift of the device hits every configuration alike; a run makes
+  `kernel.loop_calls` + 1 calls (kernel_choice.compile_kernel), a round's time is the
+  trimmed mean of `kernel.repeats` runs a call, and a row's latency the mean of its rounds."""
   k = config.kernel
   shape, density = _kernel_problems(config)[index]
   problem = kc.make_problem(shape, density, mask_block=k.mask_block, dtype=k.dtype,
@@ -529,7 +532,7 @@ def _measure_problem(config: ml_collections.ConfigDict, index: int,
   def compiled(cfg):
     try:
       return kc.compile_kernel(problem, cfg, implementation=k.implementation,
-                               interpret=_interpret(config))
+                               interpret=_interpret(config), loop_calls=k.loop_calls)
     except Exception as e:  # a configuration the backend refuses (e.g. shared memory)
       logging.warning("kernel config %s on %s failed: %s", cfg, shape, e)
       return None
@@ -541,9 +544,9 @@ def _measure_problem(config: ml_collections.ConfigDict, index: int,
       if cfg not in rounds:
         continue
       try:
-        rounds[cfg].append(latency.measure(kernels[cfg].fn, *kernels[cfg].args,
-                                           warmup=config.warmup,
-                                           repeats=config.repeats)["mean_ms"])
+        run = latency.measure(kernels[cfg].fn, *kernels[cfg].args, warmup=k.warmup,
+                              repeats=k.repeats)
+        rounds[cfg].append(run["mean_ms"] / kernels[cfg].calls)
       except Exception as e:  # a failure at run time
         logging.warning("kernel config %s on %s failed to run: %s", cfg, shape, e)
         del rounds[cfg]

@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from flashjax import benchmarking
 from flashjax import masks
 from flashjax.ops.attention.api import dot_product_attention
 from flashjax.ops.attention.block_sizes import BlockSizes
@@ -367,37 +368,54 @@ def make_problem(shape: AttentionShape, density: float, *, mask_block: int = 128
 
 @dataclasses.dataclass
 class CompiledKernel:
-  """One (problem, configuration) compiled ahead of time (`compile_kernel`)."""
-  fn: Any               # compiled (q, k, v) -> attention output
-  args: tuple[Any, ...]  # q, k, v
+  """One (problem, configuration) compiled ahead of time (`compile_kernel`): one call of
+  `fn(*args)` runs the attention `calls` times."""
+  fn: Any               # compiled program
+  args: tuple[Any, ...]  # its arguments
+  calls: int            # attention calls per run of fn
   compile_s: float      # seconds spent lowering and compiling
   lower_s: float        # of them, tracing and lowering (holds the GIL)
 
 
 def compile_kernel(problem: KernelProblem, config: KernelCandidate, *,
-                   implementation: str = "pallas_triton", interpret: bool = False
-                   ) -> CompiledKernel:
+                   implementation: str = "pallas_triton", interpret: bool = False,
+                   loop_calls: int = 0) -> CompiledKernel:
   """Compiles block-sparse attention of `problem` with `config` (thread-safe, so many
-  configurations can compile at once)."""
+  configurations can compile at once).
+
+  loop_calls: 0 compiles one attention call; n >= 1 one program that makes n + 1 (one
+  whose output it returns, n in a device loop: `benchmarking.output_and_loop`), so a run
+  divided by `calls` is the kernel's time with the per-call dispatch and synchronisation
+  amortised, which otherwise weigh on kernels of ~0.1 ms.
+  """
   for name in ("block_q", "block_kv"):
     if problem.mask_block % getattr(config, name):
       raise ValueError(f"{name}={getattr(config, name)} must divide the problem's "
                        f"mask_block={problem.mask_block} (else its tile density differs)")
+  if isinstance(loop_calls, bool) or not isinstance(loop_calls, int) or loop_calls < 0:
+    raise ValueError(f"{loop_calls=} must be an int >= 0")
   start = time.perf_counter()
-  fn = jax.jit(lambda q, k, v: dot_product_attention(
+  attend = lambda q, k, v: dot_product_attention(
       q, k, v, mask=problem.mask, implementation=implementation,
-      block_sizes=config.block_sizes(), interpret=interpret))
-  lowered = fn.lower(*problem.args)
+      block_sizes=config.block_sizes(), interpret=interpret)
+  if loop_calls:
+    # the program takes a tuple of input sets: here one, the problem's (q, k, v)
+    fn, args = jax.jit(benchmarking.output_and_loop(attend, loop_calls)), ((problem.args,),)
+  else:
+    fn, args = jax.jit(attend), problem.args
+  lowered = fn.lower(*args)
   lower_s = time.perf_counter() - start
-  return CompiledKernel(lowered.compile(), problem.args, time.perf_counter() - start, lower_s)
+  return CompiledKernel(lowered.compile(), args, loop_calls + 1 if loop_calls else 1,
+                        time.perf_counter() - start, lower_s)
 
 
 def measure_kernel(shape: AttentionShape, density: float, config: KernelCandidate, *,
                    implementation: str = "pallas_triton", dtype: Any = "bfloat16",
                    warmup: int = 3, repeats: int = 20, interpret: bool = False,
-                   seed: int = 0, mask_block: int = 128) -> float:
-  """Trimmed-mean latency (ms; flashjax.search.latency.measure) of one configuration on
-  `make_problem(shape, density, ...)`."""
+                   seed: int = 0, mask_block: int = 128, loop_calls: int = 0) -> float:
+  """Trimmed-mean latency (ms a call; flashjax.search.latency.measure) of one configuration
+  on `make_problem(shape, density, ...)` (`loop_calls`: `compile_kernel`)."""
   problem = make_problem(shape, density, mask_block=mask_block, dtype=dtype, seed=seed)
-  c = compile_kernel(problem, config, implementation=implementation, interpret=interpret)
-  return latency.measure(c.fn, *c.args, warmup=warmup, repeats=repeats)["mean_ms"]
+  c = compile_kernel(problem, config, implementation=implementation, interpret=interpret,
+                     loop_calls=loop_calls)
+  return latency.measure(c.fn, *c.args, warmup=warmup, repeats=repeats)["mean_ms"] / c.calls

@@ -112,6 +112,7 @@ class HatSearchStudyTest(absltest.TestCase):
     config.compile_workers = 3
     k = config.kernel
     k.source, k.problems, k.test_fraction, k.rounds, k.mask_block = "measured", 2, 0.5, 2, 64
+    k.loop_calls, k.warmup, k.repeats = 1, 1, 2
     k.lengths, k.batches, k.heads, k.head_dims = (128,), (1,), (1,), (16,)
     k.block_qs, k.block_kvs = (32,), (32, 64)
     real_measure_problem = hat_search._measure_problem
@@ -178,6 +179,9 @@ class HatSearchStudyTest(absltest.TestCase):
       hat_search.check_point(config)
     config.kernel.mask_block, config.kernel.rounds = 64, 0
     with self.assertRaisesRegex(ValueError, "kernel.rounds=0"):
+      hat_search.check_point(config)
+    config.kernel.rounds, config.kernel.loop_calls = 2, -1
+    with self.assertRaisesRegex(ValueError, "kernel.loop_calls=-1 must be an int >= 0"):
       hat_search.check_point(config)
 
   def test_study_runs_and_resumes_after_kills(self):

@@ -328,9 +328,19 @@ class KernelCandidateTest(absltest.TestCase):
     for config in (kc.KernelCandidate(32, 32), kc.KernelCandidate(64, 32)):
       compiled = kc.compile_kernel(problem, config, interpret=True)
       self.assertIs(compiled.args, problem.args)
+      self.assertEqual(compiled.calls, 1)
       np.testing.assert_allclose(np.asarray(compiled.fn(*compiled.args)), reference,
                                  atol=2e-5, rtol=2e-5)
       self.assertGreater(compiled.compile_s, compiled.lower_s)
+    # 1 + 2 calls a run: the first's output returned, two more in a loop (their sum)
+    looped = kc.compile_kernel(problem, kc.KernelCandidate(32, 64), interpret=True,
+                               loop_calls=2)
+    self.assertEqual(looped.calls, 3)
+    out, checksum = looped.fn(*looped.args)
+    np.testing.assert_allclose(np.asarray(out), reference, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(float(checksum), 2 * float(np.sum(reference)), rtol=1e-4)
+    with self.assertRaisesRegex(ValueError, "loop_calls=-1"):
+      kc.compile_kernel(problem, kc.KernelCandidate(32, 32), loop_calls=-1)
     with self.assertRaisesRegex(ValueError, "block_q=128 must divide .* mask_block=64"):
       kc.compile_kernel(problem, kc.KernelCandidate(128, 32), interpret=True)
     with self.assertRaisesRegex(ValueError, "mask_block=48"):
