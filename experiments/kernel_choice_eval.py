@@ -1,19 +1,24 @@
-"""Kernel-configuration picks on measured tuning tables: predictor, heuristic, another card's
-table.
+"""Kernel-configuration picks on measured tables: predictor, rankings, heuristic, another
+card's table.
 
   python -m experiments.kernel_choice_eval OUT_DIR NAME=TUNE_RESULTS.jsonl [NAME=...]
+  python -m experiments.kernel_choice_eval OUT_DIR NAME=.../stages/kernel/kernel.jsonl
 
-Each NAME=path is the results.jsonl of one configs/tune_attention.py run on one device (its
-config.json beside it gives the head count); every row is a problem (shape, mask density)
-with all candidates timed. Per device, five ways to pick a candidate are scored against the
+Each NAME=path is either the results.jsonl of one configs/tune_attention.py run on one
+device (its config.json beside it gives the head count; every row is a problem (shape, mask
+density) with all candidates timed) or the kernel.jsonl of a hat_search kernel stage (a row
+per problem and configuration). Per device, ways to pick a candidate are scored against the
 measured best of each problem (slowdown = picked ms / best ms - 1; "within 5%" is the share
-of problems picked within 5% of the best):
+of problems picked within 5% of the best); a kernel.jsonl gets the four held-out ones:
 
   predictor, held out   flashjax.search.kernel_choice's MLP fitted on this device's other
                         problems (`leave_one_problem_out`): a new shape on a tuned device
+  predictor (decay), held out   the same with AdamW decay 1.0 (the :gpu kernel stage's)
   ranking, held out     one order of the configurations for every problem, fitted on this
                         device's other problems (kernel_choice.fit_ranking): the baseline
                         the predictor must beat
+  ranking per head dim, held out   one such order per head dim
+                        (kernel_choice.head_dim_ranking_picker)
   predictor, <other>    the MLP fitted on all of another device's problems: a device with
                         no table of its own, with another card's measurements
   table of <other>      the other device's winner for the same problem (what the tuning
@@ -82,21 +87,41 @@ def _summary(slowdowns: Sequence[float]) -> dict[str, Any]:
           "mean_slowdown": float(slow.mean()), "max_slowdown": float(slow.max())}
 
 
-def evaluate(tables: dict[str, tuple[list[dict[str, Any]], int]]) -> dict[str, Any]:
-  """{device: {method: summary + per-problem slowdowns}} (module docstring)."""
+def load_kernel_rows(path: pathlib.Path) -> list[kc.KernelSample]:
+  """The timed rows of a hat_search kernel stage's kernel.jsonl as KernelSamples."""
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  samples = [kc.KernelSample(kc.AttentionShape(**r["shape"]), r["density"],
+                             kc.KernelCandidate(**r["config"]), r["latency_ms"])
+             for r in rows if r.get("latency_ms") is not None]
+  if not samples:
+    raise ValueError(f"{path} has no timed rows")
+  return samples
+
+
+def held_out(samples: Sequence[kc.KernelSample]) -> dict[str, Any]:
+  """The held-out methods (module docstring) on one device's samples."""
+  methods = {"predictor, held out": {"method": "mlp", **MLP},
+             "predictor (decay), held out": {"method": "mlp", **MLP, "weight_decay": 1.0},
+             "ranking, held out": {"method": "ranking"},
+             "ranking per head dim, held out": {"method": "head_dim_ranking"}}
+  out = {}
+  for label, kwargs in methods.items():
+    rows = kc.leave_one_problem_out(samples, TOLERANCE, **kwargs)["rows"]
+    out[label] = {**_summary([r["slowdown"] for r in rows]), "rows": rows}
+  return out
+
+
+def evaluate(tables: dict[str, tuple[list[dict[str, Any]], int]],
+             kernel_rows: dict[str, list[kc.KernelSample]] | None = None) -> dict[str, Any]:
+  """{device: {method: summary + per-problem slowdowns}} (module docstring): every method
+  for the tuning `tables`, the held-out ones for the `kernel_rows` sets."""
   samples = {name: kc.samples_from_tuning_rows(rows, heads)
              for name, (rows, heads) in tables.items()}
   winners = {name: {_problem(r): winner_candidate(r) for r in rows}
              for name, (rows, _) in tables.items()}
-  out: dict[str, Any] = {}
+  out: dict[str, Any] = {name: held_out(rows) for name, rows in (kernel_rows or {}).items()}
   for name, (rows, _) in tables.items():
-    methods: dict[str, Any] = {}
-    lopo = kc.leave_one_problem_out(samples[name], TOLERANCE, **MLP)
-    methods["predictor, held out"] = {**_summary([r["slowdown"] for r in lopo["rows"]]),
-                                      "rows": lopo["rows"]}
-    fixed = kc.leave_one_problem_out(samples[name], TOLERANCE, method="ranking")
-    methods["ranking, held out"] = {**_summary([r["slowdown"] for r in fixed["rows"]]),
-                                    "rows": fixed["rows"]}
+    methods = held_out(samples[name])
     for other in tables:
       if other == name:
         continue
@@ -141,13 +166,16 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) < 3 or any("=" not in a for a in argv[2:]):
     raise app.UsageError("usage: python -m experiments.kernel_choice_eval OUT_DIR "
-                         "NAME=TUNE_RESULTS.jsonl NAME=TUNE_RESULTS.jsonl ...")
+                         "NAME=TUNE_RESULTS.jsonl|NAME=.../kernel.jsonl ...")
   out = pathlib.Path(argv[1])
-  tables = {}
+  tables, kernel_rows = {}, {}
   for arg in argv[2:]:
     name, path = arg.split("=", 1)
-    tables[name] = load_table(pathlib.Path(path))
-  result = evaluate(tables)
+    if pathlib.Path(path).name == "kernel.jsonl":
+      kernel_rows[name] = load_kernel_rows(pathlib.Path(path))
+    else:
+      tables[name] = load_table(pathlib.Path(path))
+  result = evaluate(tables, kernel_rows)
   out.mkdir(parents=True, exist_ok=True)
   (out / "kernel_choice.json").write_text(json.dumps(result, indent=1, default=str))
   (out / "kernel_choice.md").write_text(markdown(result))

@@ -1,5 +1,6 @@
 """experiments/kernel_choice_eval.py and the tuning-table helpers of kernel_choice."""
 
+import dataclasses
 import json
 import pathlib
 import tempfile
@@ -80,8 +81,9 @@ class KernelChoiceEvalTest(absltest.TestCase):
               "b": kernel_choice_eval.load_table(other)}
     with mock.patch.dict(kernel_choice_eval.MLP, steps=100, hidden=(16,)):
       result = kernel_choice_eval.evaluate(tables)
-    self.assertEqual(set(result["a"]), {"predictor, held out", "ranking, held out",
-                                        "predictor, b", "table of b", "heuristic"})
+    held_out = {"predictor, held out", "predictor (decay), held out", "ranking, held out",
+                "ranking per head dim, held out"}
+    self.assertEqual(set(result["a"]), held_out | {"predictor, b", "table of b", "heuristic"})
     for methods in result.values():
       for summary in methods.values():
         self.assertEqual(summary["problems"], 4)
@@ -99,6 +101,32 @@ class KernelChoiceEvalTest(absltest.TestCase):
         self.assertAlmostEqual(pick["slowdown"], 0.0)
     text = kernel_choice_eval.markdown(result)
     self.assertIn("| a | table of b | 4 |", text)
+
+  def test_kernel_stage_rows(self):
+    # A hat_search kernel.jsonl: two head dims whose synthetic winners differ; an untimed row.
+    wide, tall = kc.KernelCandidate(128, 64), kc.KernelCandidate(64, 128)
+    rows = []
+    for problem, (head_dim, length) in enumerate(((128, 1024), (128, 2048), (64, 1024),
+                                                  (64, 2048))):
+      shape = kc.AttentionShape(2, length, length, 8, head_dim)
+      for config in (wide, tall):
+        ms = 1.0 if (config == wide) == (head_dim == 128) else 1.3
+        rows.append({"problem": problem, "shape": dataclasses.asdict(shape), "density": 0.5,
+                     "config": dataclasses.asdict(config), "latency_ms": ms})
+    rows.append({**rows[0], "latency_ms": None})
+    path = pathlib.Path(tempfile.mkdtemp()) / "kernel.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    samples = kernel_choice_eval.load_kernel_rows(path)
+    self.assertLen(samples, 8)
+    with mock.patch.dict(kernel_choice_eval.MLP, steps=100, hidden=(16,)):
+      result = kernel_choice_eval.evaluate({}, {"h100": samples})
+    methods = result["h100"]
+    self.assertLen(methods, 4)
+    self.assertEqual(methods["ranking per head dim, held out"]["within_tolerance"], 1.0)
+    self.assertEqual(methods["ranking, held out"]["problems"], 4)
+    path.write_text(json.dumps({**rows[0], "latency_ms": None}))
+    with self.assertRaisesRegex(ValueError, "no timed rows"):
+      kernel_choice_eval.load_kernel_rows(path)
 
   def test_missing_config_is_named(self):
     root = pathlib.Path(tempfile.mkdtemp())
