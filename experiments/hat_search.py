@@ -565,19 +565,15 @@ def _round_agreement(rows: list[dict[str, Any]], tolerance: float) -> float | No
   """The noise floor of the pick target: the fraction of problems whose fastest
   configuration in the first timing round is within `tolerance` of the fastest in the
   second (None with fewer than two rounds)."""
-  timed = [r for r in rows if r["latency_ms"] is not None and len(r["round_ms"] or ()) > 1]
-  if not timed:
+  by_problem: dict[int, list[list[float]]] = {}
+  for r in rows:
+    if r["latency_ms"] is not None and len(r["round_ms"] or ()) > 1:
+      by_problem.setdefault(r["problem"], []).append(r["round_ms"][:2])
+  if not by_problem:
     return None
-  first = {(r["problem"], kc.KernelCandidate(**r["config"])): r["round_ms"][0] for r in timed}
-  second = [kc.KernelSample(kc.AttentionShape(**r["shape"]), r["density"],
-                            kc.KernelCandidate(**r["config"]), r["round_ms"][1])
-            for r in timed]
-  problem_of = {(kc.AttentionShape(**r["shape"]), r["density"]): r["problem"] for r in timed}
-
-  def first_round_best(shape, density, candidates):
-    p = problem_of[(shape, density)]
-    return min(candidates, key=lambda c: first[(p, c)])
-  return kc.evaluate_picks(first_round_best, second, tolerance)["within_tolerance"]
+  agree = [second[int(np.argmin(first))] <= (1 + tolerance) * min(second)
+           for first, second in (zip(*times) for times in by_problem.values())]
+  return float(np.mean(agree))
 
 
 def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
