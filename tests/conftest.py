@@ -11,9 +11,14 @@ installed); the GPU tests skip themselves when JAX finds no GPU. A run selects t
 tests when its `-m` expression accepts a test marked `gpu` and rejects an unmarked one
 ("gpu", "gpu and not slow", "gpu or slow"); the default run ("not slow") stays on CPU.
 
-A CPU run also gets 8 fake host devices (XLA_FLAGS --xla_force_host_platform_device_count=8,
-read when JAX starts its backends, after this hook) for the sharding tests of
-tests/distributed; a caller's own device count flag is kept.
+A CPU run also gets XLA_FLAGS (read when JAX starts its backends, after this hook): 8 fake
+host devices (--xla_force_host_platform_device_count=8) for the sharding tests of
+tests/distributed, and XLA's CPU code generated without LLVM's optimisations
+(--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true): the tests
+compile many small programs and run each a few times, so compile time dominates; on 2 cores
+this cut the suite's time by about a third (tests/models/test_transformer.py 67 -> 42 s).
+HLO-level passes (fusion, layout) still run, so every test's program has the same structure.
+A flag the caller's XLA_FLAGS already sets keeps the caller's value.
 """
 
 from __future__ import annotations
@@ -59,9 +64,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 CPU_DEVICE_COUNT = 8
 
+# XLA flags of a CPU test run (see the module docstring); a flag the caller sets is kept.
+CPU_XLA_FLAGS = {
+    "xla_force_host_platform_device_count": str(CPU_DEVICE_COUNT),
+    "xla_backend_optimization_level": "0",
+    "xla_llvm_disable_expensive_passes": "true",
+}
+
 
 def xla_flags(flags: str) -> str:
-  """flags with CPU_DEVICE_COUNT fake host devices unless they already set a count."""
-  if "xla_force_host_platform_device_count" in flags:
-    return flags
-  return f"{flags} --xla_force_host_platform_device_count={CPU_DEVICE_COUNT}".strip()
+  """flags with CPU_XLA_FLAGS added, except those the caller's flags already set."""
+  added = [f"--{name}={value}" for name, value in CPU_XLA_FLAGS.items()
+           if f"--{name}=" not in flags]
+  return " ".join([flags.strip(), *added]).strip()
