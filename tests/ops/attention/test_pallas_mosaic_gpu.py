@@ -368,8 +368,9 @@ class PallasMosaicGpuTest(parameterized.TestCase):
 
     with mock.patch.object(pallas_mosaic_gpu, "default_block_sizes", recording), \
         tuning_store.disabled():
-      flashjax.dot_product_attention(q, k, v, implementation="pallas_mosaic_gpu",
-                                     interpret=True, **kwargs)
+      # The plan is made while tracing: shapes only, no interpreted kernel run.
+      jax.eval_shape(lambda q, k, v: flashjax.dot_product_attention(
+          q, k, v, implementation="pallas_mosaic_gpu", interpret=True, **kwargs), q, k, v)
     self.assertEqual(seen, [expected])
 
 
