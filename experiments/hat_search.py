@@ -610,9 +610,7 @@ def stage_kernel(config: ml_collections.ConfigDict) -> dict[str, Any]:
              **latency.device_info()}
       latency.append_jsonl(path, row)
       rows.append(row)
-  samples = [kc.KernelSample(kc.AttentionShape(**r["shape"]), r["density"],
-                             kc.KernelCandidate(**r["config"]), r["latency_ms"])
-             for r in rows if r["latency_ms"] is not None]
+  samples = kc.samples_from_kernel_rows(rows)
   held = {(s, d) for s, d in problems[:max(1, round(k.test_fraction * len(problems)))]}
   train = [r for r in samples if (r.shape, r.density) not in held]
   test = [r for r in samples if (r.shape, r.density) in held]

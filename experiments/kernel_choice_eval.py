@@ -90,9 +90,7 @@ def _summary(slowdowns: Sequence[float]) -> dict[str, Any]:
 def load_kernel_rows(path: pathlib.Path) -> list[kc.KernelSample]:
   """The timed rows of a hat_search kernel stage's kernel.jsonl as KernelSamples."""
   rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  samples = [kc.KernelSample(kc.AttentionShape(**r["shape"]), r["density"],
-                             kc.KernelCandidate(**r["config"]), r["latency_ms"])
-             for r in rows if r.get("latency_ms") is not None]
+  samples = kc.samples_from_kernel_rows(rows)
   if not samples:
     raise ValueError(f"{path} has no timed rows")
   return samples

@@ -286,6 +286,15 @@ def samples_from_tuning_rows(rows: Sequence[dict[str, Any]], num_heads: int
   return samples
 
 
+def samples_from_kernel_rows(rows: Sequence[dict[str, Any]]) -> list[KernelSample]:
+  """KernelSamples of the rows of a hat_search kernel stage (kernel.jsonl: one row per problem
+  and configuration, with "shape", "density", "config", "latency_ms"); untimed rows
+  (latency_ms None) are left out."""
+  return [KernelSample(AttentionShape(**r["shape"]), r["density"],
+                       KernelCandidate(**r["config"]), r["latency_ms"])
+          for r in rows if r["latency_ms"] is not None]
+
+
 def leave_one_problem_out(samples: Sequence[KernelSample], tolerance: float = 0.05,
                           method: str = "mlp", **mlp_kwargs: Any) -> dict[str, Any]:
   """evaluate_picks with every (shape, density) held out in turn: what picks for a problem
